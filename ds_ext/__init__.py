@@ -1,0 +1,31 @@
+"""ds_ext: communication-efficient data-parallel training methods as DeepSpeed plug-ins.
+
+Public API::
+
+    recipe = ds_ext.load_recipe("recipes/quickstart.yaml", overrides=["train.epochs=2"])
+    engine, attachment, schedule = ds_ext.initialize(recipe, model, steps_per_epoch)
+    # or, with your own deepspeed.initialize(...) and loop:
+    attachment = ds_ext.attach(engine, {"reducer": {"name": "allreduce", "bucket_mb": 25}})
+
+Registries (``REDUCERS``, ``SYNCS``, ``ORDERS``, ``MODELS``, ``DATASETS``, ``OPTIMIZERS``) map
+recipe names to implementations. Importing ds_ext does not import deepspeed.
+"""
+__version__ = "0.1.0"
+
+from .registry import DATASETS, MODELS, OPTIMIZERS, ORDERS, REDUCERS, SYNCS, load_builtin  # noqa: F401
+from .recipe import Recipe, RecipeError, load_recipe  # noqa: F401
+
+
+def initialize(recipe, model, steps_per_epoch, meter=None):
+    from .engine import initialize as _initialize
+
+    return _initialize(recipe, model, steps_per_epoch, meter)
+
+
+def attach(engine, method=None, meter=None, group=None, check_every=0):
+    from .engine import attach as _attach
+
+    return _attach(engine, method, meter=meter, group=group, check_every=check_every)
+
+
+load_builtin()

@@ -1,0 +1,174 @@
+"""The one place that touches DeepSpeed engine internals.
+
+``attach(engine, method)`` plugs a reducer / synchronizer / order into an existing
+``DeepSpeedEngine``:
+
+* ``engine.enable_backward_allreduce = False`` when the reducer replaces DeepSpeed's allreduce
+  (the switch DeepSpeed's own 1-bit Adam uses);
+* ``register_post_accumulate_grad_hook`` on every trainable parameter, forwarding to the reducer
+  only when ``engine.is_gradient_accumulation_boundary()`` (the last micro-batch of the window);
+* ``engine.step`` is wrapped on the instance: at a boundary the reducer's ``finish()`` writes the
+  averaged gradients before DeepSpeed's step, and the synchronizer, the communication meter and the
+  optional cross-rank consistency check run after it.
+
+So a user loop of ``loss = engine(x); engine.backward(loss); engine.step()`` is unchanged.
+``initialize(recipe, model, ...)`` builds the optimizer, schedule and DeepSpeed config from a recipe,
+calls ``deepspeed.initialize`` and attaches the recipe's methods.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Union
+
+import torch
+import torch.distributed as dist
+
+from .metrics import CommMeter
+from .registry import OPTIMIZERS, REDUCERS, SYNCS, load_builtin
+
+
+class DesyncError(RuntimeError):
+    """Ranks that must hold identical parameters do not."""
+
+
+def parameter_fingerprint(module: torch.nn.Module) -> torch.Tensor:
+    """Per-parameter (sum, sum of squares, first element) in float64: equal iff ranks agree (in practice)."""
+    rows = []
+    for p in module.parameters():
+        d = p.detach().reshape(-1).double()
+        rows.append(torch.stack([d.sum(), (d * d).sum(), d[0]]))
+    return torch.stack(rows).cpu()
+
+
+def check_consistency(module: torch.nn.Module, group=None, step: Optional[int] = None) -> None:
+    """Raise ``DesyncError`` naming the first parameter whose value differs between ranks."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return
+    fp = parameter_fingerprint(module)
+    gathered = [torch.empty_like(fp) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, fp, group=group)
+    names = [n for n, _ in module.named_parameters()]
+    for r, other in enumerate(gathered[1:], start=1):
+        if not torch.equal(other, gathered[0]):
+            bad = (other != gathered[0]).any(1).nonzero()[0].item()
+            raise DesyncError(f"parameters differ between rank 0 and rank {r} at step {step}: first at "
+                              f"{names[bad]!r} (sum {gathered[0][bad, 0].item():.9g} vs {other[bad, 0].item():.9g})")
+
+
+def _block(spec, default: str):
+    """(name, options dict or Options) from a recipe NamedBlock, a dict or a plain name."""
+    if spec is None:
+        return default, {}
+    if isinstance(spec, str):
+        return spec, {}
+    if isinstance(spec, dict):
+        spec = dict(spec)
+        return spec.pop("name", default), spec
+    opts = spec._options if getattr(spec, "_options", None) is not None else spec.params
+    return spec.name, opts
+
+
+class Attachment:
+    """The methods attached to one engine; hold on to it (it owns the hooks)."""
+
+    def __init__(self, engine, reducer, sync, meter: CommMeter, group=None, check_every: int = 0):
+        self.engine, self.reducer, self.sync, self.meter = engine, reducer, sync, meter
+        self.group = group
+        self.check_every = check_every
+        self.steps = 0
+        self.last_step_communicated = False
+        self._handles = []
+        self._orig_step = engine.step
+        self._orig_allreduce_flag = engine.enable_backward_allreduce
+        if reducer.replaces_engine_allreduce:
+            engine.enable_backward_allreduce = False
+        for p in reducer.params:
+            self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
+        engine.step = self.step  # instance attribute shadows DeepSpeedEngine.step
+
+    def _hook(self, p):
+        if self.engine.is_gradient_accumulation_boundary():
+            self.reducer.grad_ready(p)
+
+    def step(self, *args, **kwargs):
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        if boundary:
+            self.reducer.finish()
+        out = self._orig_step(*args, **kwargs)
+        if boundary:
+            self.last_step_communicated = bool(self.sync.after_step())
+            self.meter.end_step()
+            self.steps += 1
+            if self.check_every and self.steps % self.check_every == 0:
+                check_consistency(self.engine.module, self.group, self.engine.global_steps)
+        return out
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.engine.enable_backward_allreduce = self._orig_allreduce_flag
+        self.engine.step = self._orig_step
+
+    def state_dict(self) -> dict:
+        return {"reducer": self.reducer.state_dict(), "sync": self.sync.state_dict(),
+                "meter": self.meter.state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reducer.load_state_dict(state["reducer"])
+        self.sync.load_state_dict(state["sync"])
+        self.meter.load_state_dict(state["meter"])
+        self.steps = int(state["steps"])
+
+
+def attach(engine, method: Union[None, Dict[str, Any], Any] = None, meter: Optional[CommMeter] = None,
+           group=None, check_every: int = 0) -> Attachment:
+    """Attach a reducer and a synchronizer to a DeepSpeed engine.
+
+    ``method`` is the recipe's ``method`` section or a dict such as
+    ``{"reducer": {"name": "allreduce", "bucket_mb": 25}, "sync": "none"}``.
+    """
+    load_builtin()
+    if engine.zero_optimization_stage() != 0:
+        r = _block(getattr(method, "reducer", None) if not isinstance(method, dict) else method.get("reducer"),
+                   "allreduce")[0]
+        if r != "deepspeed":
+            raise ValueError(f"reducer {r!r} needs ZeRO stage 0 (engine has stage {engine.zero_optimization_stage()})")
+    meter = meter or CommMeter()
+    get = (lambda k: method.get(k)) if isinstance(method, dict) else (lambda k: getattr(method, k, None))
+    named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    rname, ropts = _block(get("reducer") if method is not None else None, "allreduce")
+    sname, sopts = _block(get("sync") if method is not None else None, "none")
+    kw = dict(group=group, meter=meter, engine=engine)
+    reducer = REDUCERS.build(rname, ropts, named, **kw)
+    sync = SYNCS.build(sname, sopts, named, **kw)
+    return Attachment(engine, reducer, sync, meter, group=group, check_every=check_every)
+
+
+def deepspeed_config(recipe, world_size: int) -> dict:
+    micro, gas = recipe.batch_plan(world_size)
+    cfg = {"steps_per_print": 10**12, "wall_clock_breakdown": False}
+    cfg.update(recipe.deepspeed)
+    cfg.update(train_batch_size=recipe.train.global_batch_size, train_micro_batch_size_per_gpu=micro,
+               gradient_accumulation_steps=gas)
+    return cfg
+
+
+def initialize(recipe, model: torch.nn.Module, steps_per_epoch: int, meter: Optional[CommMeter] = None):
+    """Build optimizer + LR schedule + DeepSpeed engine from a recipe and attach its methods.
+
+    Returns ``(engine, attachment, schedule)``. ``torch.distributed`` must already be initialised
+    (``deepspeed.init_distributed``)."""
+    import deepspeed
+
+    from .optim import LRSchedule
+
+    load_builtin()
+    world = dist.get_world_size()
+    opt_entry = OPTIMIZERS.get(recipe.optimizer.name)
+    optimizer = opt_entry.factory(model.parameters(), recipe.optimizer.options)
+    schedule = LRSchedule(optimizer, recipe.schedule, recipe.optimizer.options.lr, steps_per_epoch,
+                          recipe.train.epochs)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                           config=deepspeed_config(recipe, world))
+    attachment = attach(engine, recipe.method, meter=meter, check_every=recipe.train.check_consistency_every)
+    return engine, attachment, schedule

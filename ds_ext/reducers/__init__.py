@@ -1,0 +1,8 @@
+"""Gradient reducers (``method.reducer``): each owns gradient averaging across the data-parallel group.
+
+Built in: ``deepspeed`` (the engine's own allreduce, kept as the reference), ``allreduce`` (S-SGD:
+bucketed, asynchronous, overlapped with backward) and ``none`` (no gradient communication, for the
+local/parameter-averaging synchronizers).
+"""
+from .base import Reducer  # noqa: F401
+from . import allreduce, reference  # noqa: F401  (registration)

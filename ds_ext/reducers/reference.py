@@ -1,0 +1,37 @@
+"""Reference reducers: DeepSpeed's own allreduce, and no gradient communication at all."""
+from __future__ import annotations
+
+import torch
+
+from ..registry import REDUCERS
+from .base import Reducer
+
+
+@REDUCERS.register("deepspeed")
+class DeepSpeedReducer(Reducer):
+    """DeepSpeed's own gradient allreduce (engine.allreduce_gradients), kept as the reference.
+
+    Bytes are derived, not intercepted: DeepSpeed reduces every gradient present at the boundary in
+    ``engine.communication_data_type``; that count is added at ``finish()``."""
+
+    replaces_engine_allreduce = False
+
+    def finish(self):
+        if self.meter is None or self.world_size == 1:
+            return
+        dtype = getattr(self.engine, "communication_data_type", None) or torch.float32
+        size = torch.empty((), dtype=dtype).element_size()
+        self.meter.add("allreduce", sum(p.numel() for p in self.params if p.grad is not None) * size)
+
+
+@REDUCERS.register("none")
+class NoReducer(Reducer):
+    """No gradient communication: each rank steps on its own gradient (for parameter-averaging
+    synchronizers; alone, ranks diverge)."""
+
+    @classmethod
+    def check_recipe(cls, recipe) -> list:
+        if recipe.method.sync.name == "none":
+            return ["reducer 'none' with sync 'none' never communicates: ranks would train independent models; "
+                    "pick a gradient reducer or a parameter synchronizer"]
+        return []

@@ -1,0 +1,275 @@
+"""The trainer.
+
+    deepspeed [--hostfile H | --num_gpus N] --module ds_ext.train --recipe recipes/X.yaml [--set k=v ...]
+    python -m ds_ext.train --recipe recipes/X.yaml [--set k=v ...] --check [--world-size N]
+
+``--check`` validates the recipe (overrides, per-host file, method combination, batch arithmetic
+for ``--world-size``, default $WORLD_SIZE or 1) and exits 0, or 2 with one line per problem,
+without starting training.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import List, Optional
+
+EXIT_RECIPE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m ds_ext.train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--recipe", required=True, help="recipe YAML")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a recipe field, e.g. --set train.epochs=3 (repeatable)")
+    ap.add_argument("--host-config", default=None,
+                    help="per-host paths file (default: $DS_EXT_HOST_CONFIG or ./.config_<hostname>.yml)")
+    ap.add_argument("--check", action="store_true", help="validate the recipe and exit (0 ok, 2 errors)")
+    ap.add_argument("--world-size", type=int, default=None, help="world size assumed by --check")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return ap
+
+
+def check(recipe, world_size: int) -> int:
+    micro, gas = recipe.batch_plan(world_size)
+    names = recipe.method_names()
+    print(f"ok: {recipe.source}: model={recipe.model.name} data={recipe.data.name} "
+          f"reducer={names['reducer']} sync={names['sync']} order={names['order']} precision={recipe.precision()} "
+          f"zero={recipe.zero_stage()}; world {world_size}: micro batch {micro} x accumulation {gas} "
+          f"= global {recipe.train.global_batch_size}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from .recipe import RecipeError, load_recipe
+
+    args = build_parser().parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides, args.host_config)
+        if args.check:
+            world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+            return check(recipe, world)
+    except RecipeError as e:
+        print(f"recipe error:\n{e}", file=sys.stderr)
+        return EXIT_RECIPE
+    return train(recipe)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _seed_all(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    import numpy as np
+    import torch
+
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])
+
+
+def evaluate(engine, dataset, batch_size: int, rank: int, world: int) -> dict:
+    """Each rank scores a strided shard of the validation set; sums are all-reduced."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from .data.base import make_loader
+
+    module = engine.module
+    p0 = next(module.parameters())
+    was_training = module.training
+    module.eval()
+    stats = torch.zeros(3, dtype=torch.float64)
+    with torch.no_grad():
+        for x, y in make_loader(dataset, range(rank, len(dataset), world), batch_size, drop_last=False):
+            x = x.to(p0.device, dtype=p0.dtype if x.is_floating_point() else x.dtype)
+            out = module(x).float()
+            y = y.to(out.device)
+            stats[0] += F.cross_entropy(out, y, reduction="sum").item()
+            stats[1] += (out.argmax(1) == y).sum().item()
+            stats[2] += len(y)
+    dist.all_reduce(stats)
+    module.train(was_training)
+    n = max(stats[2].item(), 1.0)
+    return {"val_loss": stats[0].item() / n, "val_acc": stats[1].item() / n, "val_correct": int(stats[1].item()),
+            "val_total": int(stats[2].item())}
+
+
+def train(recipe) -> int:
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from . import checkpoint as ckpt
+    from .data.base import make_loader
+    from .engine import initialize
+    from .metrics import CommMeter, Progress, WandbLogger, human_bytes
+    from .recipe import RecipeError
+    from .registry import DATASETS, MODELS, ORDERS
+
+    deepspeed.init_distributed(timeout=timedelta(seconds=recipe.train.collective_timeout_s))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    is0 = rank == 0
+    try:
+        micro, gas = recipe.batch_plan(world)
+    except RecipeError as e:  # same verdict on every rank, so every rank exits
+        if is0:
+            print(f"recipe error:\n{e}", file=sys.stderr)
+        return EXIT_RECIPE
+
+    t = recipe.train
+    _seed_all(t.seed)  # identical model initialisation on every rank
+    bundle = DATASETS.build(recipe.data.name, recipe.data.options, root=recipe.data.root)
+    model = MODELS.build(recipe.model.name, recipe.model.options)
+    order = ORDERS.build(recipe.method.order.name, recipe.method.order.options, len(bundle.train), rank, world, t.seed)
+    micro_per_epoch = order.shard_size // micro
+    steps_per_epoch = micro_per_epoch // gas
+    if t.steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, t.steps_per_epoch)
+    if steps_per_epoch < 1:
+        if is0:
+            print(f"recipe error:\n{recipe.source}: train.global_batch_size: {t.global_batch_size} exceeds the "
+                  f"{order.shard_size * world} training examples usable on {world} ranks", file=sys.stderr)
+        return EXIT_RECIPE
+    total_steps = steps_per_epoch * t.epochs
+
+    meter = CommMeter()
+    engine, att, schedule = initialize(recipe, model, steps_per_epoch, meter)
+    _seed_all(t.seed + 1 + rank)  # per-rank stream for dropout / augmentation
+    p0 = next(engine.module.parameters())
+    names = recipe.method_names()
+    meta = {"world_size": world, "model": recipe.model.name, **names,
+            "global_batch_size": t.global_batch_size, "precision": recipe.precision()}
+
+    start_epoch, start_step = 0, 0
+    resume_path = ckpt.resolve(recipe.checkpoint.resume, recipe.checkpoint.dir)
+    if resume_path is not None:
+        ckpt.check_meta(resume_path, meta)
+        state = ckpt.load(engine, resume_path, rank)
+        att.load_state_dict(state["attachment"])
+        order.load_state_dict(state["order"])
+        _set_rng_state(state["rng"])
+        start_epoch, start_step = state["epoch"], state["step_in_epoch"]
+        if is0:
+            print(f"[ds_ext] resumed from {resume_path} at step {engine.global_steps} "
+                  f"(epoch {start_epoch}, step {start_step} of {steps_per_epoch})", file=sys.stderr)
+
+    run_dir = recipe.log.dir
+    if is0:
+        os.makedirs(run_dir, exist_ok=True)
+        print(f"[ds_ext] {recipe.source}: world {world}, micro batch {micro} x accumulation {gas} = global "
+              f"{t.global_batch_size}; {steps_per_epoch} steps/epoch x {t.epochs} epochs; "
+              f"reducer={names['reducer']} sync={names['sync']} order={names['order']} "
+              f"precision={recipe.precision()}; run dir {run_dir}", file=sys.stderr)
+    wb = WandbLogger(recipe.log.wandb, run_dir, recipe.model_dump(mode="json"), enabled=is0)
+    bar = Progress(total_steps, engine.global_steps, enabled=is0 and recipe.log.progress)
+
+    def save(epoch: int, step_in_epoch: int) -> None:
+        if step_in_epoch == steps_per_epoch:
+            epoch, step_in_epoch = epoch + 1, 0
+        st = {"rng": _rng_state(), "epoch": epoch, "step_in_epoch": step_in_epoch, "attachment": att.state_dict(),
+              "order": order.state_dict(), "global_step": engine.global_steps}
+        path = ckpt.save(engine, recipe.checkpoint.dir, f"step_{engine.global_steps:07d}", st, meta,
+                         keep=recipe.checkpoint.keep)
+        if is0:
+            bar.write(f"[ds_ext] checkpoint {path}")
+
+    smoothing = t.label_smoothing
+    history = []
+    last_eval = {}
+    t0 = time.perf_counter()
+    samples_done = 0
+    for epoch in range(start_epoch, t.epochs):
+        skip = start_step if epoch == start_epoch else 0
+        idx = order.epoch_indices(epoch)[: steps_per_epoch * gas * micro]
+        loader = make_loader(bundle.train, idx[skip * gas * micro:], micro, recipe.data.num_workers)
+        step_in_epoch, loss_acc, n_micro = skip, 0.0, 0
+        for x, y in loader:
+            x = x.to(p0.device, dtype=p0.dtype if x.is_floating_point() else x.dtype, non_blocking=True)
+            y = y.to(p0.device, non_blocking=True)
+            out = engine(x)
+            loss = F.cross_entropy(out.float(), y, label_smoothing=smoothing)
+            engine.backward(loss)
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            loss_acc += loss.item()
+            n_micro += 1
+            if not boundary:
+                continue
+            step_in_epoch += 1
+            samples_done += t.global_batch_size
+            gstep = engine.global_steps
+            step_loss = loss_acc / n_micro
+            loss_acc, n_micro = 0.0, 0
+            lr = schedule.get_last_lr()[0]
+            if gstep % recipe.log.every_steps == 0 or step_in_epoch == steps_per_epoch:
+                rec = {"train/loss": step_loss, "train/lr": lr, "comm/bytes_step": meter.last_step_bytes,
+                       "comm/bytes_total": meter.total_bytes, "epoch": epoch + step_in_epoch / steps_per_epoch}
+                wb.log(rec, step=gstep)
+                history.append({"step": gstep, **rec})
+            bar.update(1, loss=f"{step_loss:.4f}", lr=f"{lr:.3g}",
+                       sps=f"{samples_done / max(time.perf_counter() - t0, 1e-9):.0f}")
+            ce = recipe.checkpoint
+            if ce.every_steps and gstep % ce.every_steps == 0 and gstep < total_steps:
+                save(epoch, step_in_epoch)
+            if step_in_epoch == steps_per_epoch:
+                break
+        last_epoch = epoch + 1 == t.epochs
+        if (t.eval_every_epochs and (epoch + 1) % t.eval_every_epochs == 0) or last_epoch:
+            last_eval = evaluate(engine, bundle.val, recipe.data.eval_micro_batch_size or 2 * micro, rank, world)
+            wb.log({f"val/{k[4:]}": v for k, v in last_eval.items()}, step=engine.global_steps)
+            if is0:
+                bar.write(f"[ds_ext] epoch {epoch + 1}/{t.epochs} step {engine.global_steps}: "
+                          f"val acc {last_eval['val_acc']:.4f} loss {last_eval['val_loss']:.4f}")
+        ce = recipe.checkpoint
+        if (ce.every_epochs and (epoch + 1) % ce.every_epochs == 0) or (last_epoch and (ce.every_epochs or ce.every_steps)):
+            save(epoch, steps_per_epoch)
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    if not last_eval:
+        last_eval = evaluate(engine, bundle.val, recipe.data.eval_micro_batch_size or 2 * micro, rank, world)
+    summary = {"recipe": recipe.source, "world_size": world, "steps": engine.global_steps, "epochs": t.epochs,
+               **names, **last_eval, "comm_bytes_total": meter.total_bytes,
+               "comm_bytes_per_step": meter.total_bytes / max(meter.steps, 1), "train_seconds": elapsed}
+    wb.log({"summary/val_acc": last_eval.get("val_acc", 0.0), "summary/comm_bytes": meter.total_bytes},
+           step=engine.global_steps)
+    wb.finish()
+    if is0:
+        Path(run_dir, "summary.json").write_text(json.dumps({**summary, "history": history}, indent=1))
+        print(f"[ds_ext] final: val accuracy {last_eval['val_acc']:.4f} ({last_eval['val_correct']}/"
+              f"{last_eval['val_total']}), val loss {last_eval['val_loss']:.4f}, {engine.global_steps} steps")
+        print(f"[ds_ext] communicated {human_bytes(meter.total_bytes)} per rank over {meter.steps} steps "
+              f"({human_bytes(summary['comm_bytes_per_step'])}/step, reducer={names['reducer']}), "
+              f"train time {elapsed:.1f} s; summary {Path(run_dir, 'summary.json')}")
+    dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Install ds_ext into .venv (created if absent) and print the interpreter path on the last line.
+#
+#   bash run/setup.sh            # idempotent: re-installs only when setup.cfg / pyproject.toml changed
+#
+# Environment knobs:
+#   DS_EXT_VENV=path          venv location (default: <repo>/.venv)
+#   DS_EXT_PYTHON=python3     interpreter used to create the venv
+#   DS_EXT_TORCH="torch==X"   torch requirement used when no torch is importable
+#                             (default: torch==2.13.0 on a machine without a GPU, plain `torch` with one)
+# An already installed torch (CPU or CUDA build) is never replaced: when the creating interpreter
+# already imports torch, the venv is made with --system-site-packages so that build is reused.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${DS_EXT_VENV:-$ROOT/.venv}"
+BASE_PY="${DS_EXT_PYTHON:-python3}"
+log() { echo "[setup] $*" >&2; }
+
+if ! command -v "$BASE_PY" >/dev/null 2>&1; then
+  log "error: '$BASE_PY' not found; install Python >= 3.10 or set DS_EXT_PYTHON"; exit 1
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  opts=()
+  if "$BASE_PY" -c "import torch" >/dev/null 2>&1; then
+    log "reusing the torch already installed for $BASE_PY (venv with --system-site-packages)"
+    opts+=(--system-site-packages)
+  fi
+  log "creating $VENV"
+  "$BASE_PY" -m venv "${opts[@]}" "$VENV"
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip 2>&1 | grep -v "is ignored" >&2 || true
+fi
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
+
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    req="${DS_EXT_TORCH:-torch}"; log "GPU found: installing $req"
+  else
+    req="${DS_EXT_TORCH:-torch==2.13.0}"; log "no torch and no GPU: installing $req (CPU build where the index provides one)"
+  fi
+  "${PIP[@]}" "$req" 2>&1 | grep -v "is ignored" >&2 || true
+  "$PY" -c "import torch" || { log "error: torch did not install"; exit 1; }
+fi
+
+stamp="$VENV/.ds_ext-setup-stamp"
+want="$(cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
+if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ] || ! "$PY" -c "import ds_ext, deepspeed" >/dev/null 2>&1; then
+  log "installing ds_ext and its dependencies (pip install -e .[test])"
+  "${PIP[@]}" -e "$ROOT[test]" 2>&1 | grep -v "is ignored" >&2 || true
+  "$PY" -c "import ds_ext, deepspeed, torch" || { log "error: install failed"; exit 1; }
+  echo "$want" > "$stamp"
+fi
+log "$("$PY" -c 'import torch, deepspeed; print(f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, cuda {torch.cuda.is_available()}")' 2>/dev/null)"
+echo "$PY"
