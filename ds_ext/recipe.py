@@ -95,6 +95,9 @@ class TrainSection(Section):
     micro_batch_size: int = Field(..., ge=1)
     seed: int = 0
     steps_per_epoch: Optional[int] = Field(None, ge=1, description="cap on optimizer steps per epoch")
+    stop_at_step: Optional[int] = Field(None, ge=1, description=(
+        "end this invocation (after a checkpoint) once this global step is reached; the schedule still "
+        "spans train.epochs (time-limited cluster jobs)"))
     eval_every_epochs: int = Field(1, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     collective_timeout_s: float = Field(600.0, gt=0)
@@ -267,7 +270,9 @@ def _validate_named(recipe: Recipe) -> List[Tuple[str, str]]:
             for k, msg in _convert(e, entry.options, prefix=path):
                 if msg.startswith("unknown key"):
                     allowed = sorted(entry.options.model_fields)
-                    msg = f"unknown option for {registry.kind} {block.name!r}; allowed: {', '.join(allowed) or '(none)'}"
+                    msg = (f"unknown option for {registry.kind} {block.name!r}; allowed: {', '.join(allowed) or '(none)'}"
+                           f" (to switch {key} on the command line, replace the whole block: "
+                           f"--set '{key}={{name: {block.name}}}')")
                 problems.append((k, msg))
     return problems
 

@@ -208,7 +208,8 @@ def train(recipe) -> int:
     for epoch in range(start_epoch, t.epochs):
         skip = start_step if epoch == start_epoch else 0
         idx = order.epoch_indices(epoch)[: steps_per_epoch * gas * micro]
-        loader = make_loader(bundle.train, idx[skip * gas * micro:], micro, recipe.data.num_workers)
+        loader = make_loader(bundle.train, idx[skip * gas * micro:], micro, recipe.data.num_workers,
+                             seed=(t.seed * 1_000_003 + epoch) * 4099 + rank)
         step_in_epoch, loss_acc, n_micro = skip, 0.0, 0
         for x, y in loader:
             x = x.to(p0.device, dtype=p0.dtype if x.is_floating_point() else x.dtype, non_blocking=True)
@@ -236,8 +237,17 @@ def train(recipe) -> int:
             bar.update(1, loss=f"{step_loss:.4f}", lr=f"{lr:.3g}",
                        sps=f"{samples_done / max(time.perf_counter() - t0, 1e-9):.0f}")
             ce = recipe.checkpoint
-            if ce.every_steps and gstep % ce.every_steps == 0 and gstep < total_steps:
+            stopping = t.stop_at_step is not None and gstep >= t.stop_at_step and gstep < total_steps
+            if stopping or (ce.every_steps and gstep % ce.every_steps == 0 and gstep < total_steps):
                 save(epoch, step_in_epoch)
+            if stopping:
+                bar.close()
+                if is0:
+                    print(f"[ds_ext] stopped at step {gstep} (train.stop_at_step); resume with "
+                          f"--set checkpoint.resume=auto", file=sys.stderr)
+                wb.finish()
+                dist.barrier()
+                return 0
             if step_in_epoch == steps_per_epoch:
                 break
         last_epoch = epoch + 1 == t.epochs

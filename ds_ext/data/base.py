@@ -29,7 +29,9 @@ class IndexSampler(Sampler):
 
 
 def make_loader(dataset: Dataset, indices: Sequence[int], batch_size: int, num_workers: int = 0,
-                drop_last: bool = True) -> DataLoader:
+                drop_last: bool = True, seed: int = 0) -> DataLoader:
+    # An explicit generator: creating the iterator must not draw from the global RNG, or a resumed run
+    # (which creates its loader at a different point of the RNG stream) would not be bit-exact.
     return DataLoader(dataset, batch_size=batch_size, sampler=IndexSampler(indices), num_workers=num_workers,
-                      drop_last=drop_last, persistent_workers=False,
+                      drop_last=drop_last, persistent_workers=False, generator=torch.Generator().manual_seed(seed),
                       pin_memory=torch.cuda.is_available())

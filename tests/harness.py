@@ -1,0 +1,54 @@
+"""Run a function on N real processes joined by gloo through ``deepspeed.init_distributed``.
+
+``run(fn, world_size, **kw)`` spawns fresh interpreters, each setting RANK / WORLD_SIZE / MASTER_*
+and calling ``fn(rank, world_size, **kw)``; return values come back per rank. A rank that raises
+makes the whole call raise with that rank's traceback (the others are terminated); a run past
+``timeout`` seconds is terminated and raises ``TimeoutError``. Nothing sleeps: the parent blocks on
+the children's process sentinels.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, fn, world_size, port, outdir, kwargs):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=120))
+    try:
+        result = fn(rank, world_size, **kwargs)
+        torch.save(result, Path(outdir) / f"rank{rank}.pt")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(fn, world_size: int = 2, timeout: float = 300, **kwargs):
+    outdir = tempfile.mkdtemp(prefix="ds_ext_test_")
+    ctx = mp.start_processes(_entry, args=(fn, world_size, free_port(), outdir, kwargs), nprocs=world_size,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            raise TimeoutError(f"{fn.__name__} on {world_size} ranks did not finish within {timeout} s")
+    return [torch.load(Path(outdir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]

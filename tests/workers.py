@@ -1,0 +1,89 @@
+"""Functions executed inside the spawned ranks (see tests/harness.py)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 32), nn.ReLU(),
+                         nn.Linear(32, 10))
+
+
+def make_engine(precision: str = "fp32", gas: int = 1, micro: int = 8, world: int = 2, lr: float = 0.05):
+    import deepspeed
+
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    cfg = {"train_batch_size": micro * gas * world, "train_micro_batch_size_per_gpu": micro,
+           "gradient_accumulation_steps": gas, "steps_per_print": 10**12, "zero_optimization": {"stage": 0},
+           "bf16": {"enabled": precision == "bf16"}}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    return engine
+
+
+def rank_batches(rank: int, n: int, micro: int, dtype):
+    """Different data on every rank (seeded by rank)."""
+    g = torch.Generator().manual_seed(1000 + rank)
+    for _ in range(n):
+        yield torch.randn(micro, 1, 8, 8, generator=g).to(dtype), torch.randint(0, 10, (micro,), generator=g)
+
+
+def train_steps(engine, attachment, rank, steps, gas, micro, record=None):
+    dtype = next(engine.module.parameters()).dtype
+    for i, (x, y) in enumerate(rank_batches(rank, steps * gas, micro, dtype)):
+        loss = F.cross_entropy(engine(x).float(), y)
+        engine.backward(loss)
+        engine.step()
+        if record is not None and (i + 1) % gas == 0:
+            record.append(flat_params(engine))
+
+
+def flat_params(engine) -> torch.Tensor:
+    return torch.cat([p.detach().float().reshape(-1) for p in engine.module.parameters()]).clone()
+
+
+def compare_reducers(rank, world, configs, steps=10, bucket_mb=0.002):
+    """For each (precision, gas): train with DeepSpeed's own allreduce and with ours; return params."""
+    import ds_ext
+
+    out = {}
+    for precision, gas in configs:
+        for reducer in ("deepspeed", "allreduce"):
+            engine = make_engine(precision, gas, world=world)
+            spec = {"name": reducer, "bucket_mb": bucket_mb} if reducer == "allreduce" else {"name": reducer}
+            att = ds_ext.attach(engine, {"reducer": spec})
+            train_steps(engine, att, rank, steps, gas, 8)
+            out[(precision, gas, reducer)] = {"params": flat_params(engine), "bytes": att.meter.total_bytes,
+                                              "steps": att.meter.steps,
+                                              "buckets": len(getattr(att.reducer, "fusion", None).buckets)
+                                              if reducer == "allreduce" else 0}
+    return out
+
+
+def per_step_params(rank, world, reducer, steps=6, check_every=0):
+    """Parameters after every step with rank-specific data; also whether the runtime check fired."""
+    import ds_ext
+    from ds_ext.engine import DesyncError
+
+    engine = make_engine("fp32", 1, world=world)
+    att = ds_ext.attach(engine, {"reducer": {"name": reducer}}, check_every=check_every)
+    record = []
+    err = None
+    try:
+        train_steps(engine, att, rank, steps, 1, 8, record)
+    except DesyncError as e:
+        err = str(e)
+    return {"record": record, "desync": err}
+
+
+def run_trainer(rank, world, argv):
+    from ds_ext.train import main
+
+    return main(argv)
+
+
+def flat_params_of(model) -> torch.Tensor:
+    return torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
