@@ -28,10 +28,17 @@ if [ ! -x "$VENV/bin/python" ]; then
   fi
   log "creating $VENV"
   "$BASE_PY" -m venv "${opts[@]}" "$VENV"
-  "$VENV/bin/python" -m pip install --quiet --upgrade pip 2>&1 | grep -v "is ignored" >&2 || true
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || log "warning: could not upgrade pip (continuing)"
 fi
 PY="$VENV/bin/python"
-PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
+# pip's output is shown only when it fails
+pip_install() {
+  local out
+  out="$(mktemp)"
+  if "$PY" -m pip install --disable-pip-version-check "$@" >"$out" 2>&1; then rm -f "$out"; return 0; fi
+  grep -v "is ignored" "$out" >&2; rm -f "$out"
+  log "error: pip install $* failed (output above)"; return 1
+}
 
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
@@ -39,7 +46,7 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   else
     req="${DS_EXT_TORCH:-torch==2.13.0}"; log "no torch and no GPU: installing $req (CPU build where the index provides one)"
   fi
-  "${PIP[@]}" "$req" 2>&1 | grep -v "is ignored" >&2 || true
+  pip_install "$req"
   "$PY" -c "import torch" || { log "error: torch did not install"; exit 1; }
 fi
 
@@ -47,9 +54,9 @@ stamp="$VENV/.ds_ext-setup-stamp"
 want="$(cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ] || ! "$PY" -c "import ds_ext, deepspeed" >/dev/null 2>&1; then
   log "installing ds_ext and its dependencies (pip install -e .[test])"
-  "${PIP[@]}" -e "$ROOT[test]" 2>&1 | grep -v "is ignored" >&2 || true
-  "$PY" -c "import ds_ext, deepspeed, torch" || { log "error: install failed"; exit 1; }
+  pip_install -e "$ROOT[test]"
+  "$PY" -c "import ds_ext, deepspeed, torch" >/dev/null 2>&1 || { log "error: ds_ext does not import after install"; exit 1; }
   echo "$want" > "$stamp"
 fi
-log "$("$PY" -c 'import torch, deepspeed; print(f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, cuda {torch.cuda.is_available()}")' 2>/dev/null)"
+log "$("$PY" -c 'import torch, deepspeed; print(f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, cuda {torch.cuda.is_available()}")' 2>/dev/null | tail -n 1)"
 echo "$PY"

@@ -84,3 +84,27 @@ def test_rr_order_is_a_disjoint_per_epoch_permutation():
     e0, e1 = orders[0].epoch_indices(0), orders[0].epoch_indices(1)
     assert sorted(e0) == sorted(e1) == sorted(orders[0].shard) and e0 != e1
     assert RandomReshuffling(n, 0, world, seed=7).epoch_indices(1) == e1  # deterministic
+
+
+def test_checkpoint_latest_ignores_staging_and_refuses_mismatch(tmp_path):
+    import json
+
+    from ds_ext import checkpoint as ck
+
+    done = tmp_path / "step_0000010"
+    done.mkdir()
+    (done / ck.META).write_text(json.dumps({"world_size": 2, "reducer": "allreduce"}))
+    (tmp_path / "latest").write_text("step_0000010")
+    staging = tmp_path / ".staging-step_0000020" / "step_0000020"  # a save that died midway
+    staging.mkdir(parents=True)
+    (staging / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+    assert ck.latest(str(tmp_path)) == done
+    assert ck.resolve("auto", str(tmp_path)) == done
+    assert ck.resolve(False, str(tmp_path)) is None
+    with pytest.raises(ck.CheckpointError, match="world_size: checkpoint has 2, this run has 4"):
+        ck.check_meta(done, {"world_size": 4, "reducer": "allreduce"})
+    (tmp_path / "latest").write_text("step_0000020")
+    with pytest.raises(ck.CheckpointError, match="missing or incomplete"):
+        ck.latest(str(tmp_path))
+    with pytest.raises(ck.CheckpointError, match="not a complete ds_ext checkpoint"):
+        ck.resolve(str(staging), str(tmp_path))
