@@ -100,8 +100,8 @@ def save(engine, ckpt_dir: str, tag: str, rank_state: dict, meta: dict, keep: in
 
 
 def _prune(root: Path, keep: int, protect: str) -> None:
-    done = sorted((p for p in root.iterdir() if p.is_dir() and (p / META).is_file()), key=lambda p: p.stat().st_mtime)
-    for p in done[:-keep] if keep > 0 else []:
+    done = sorted(p for p in root.iterdir() if p.is_dir() and (p / META).is_file())  # step_<zero-padded>
+    for p in done[:-keep]:
         if p.name != protect:
             shutil.rmtree(p, ignore_errors=True)
 

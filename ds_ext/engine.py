@@ -128,16 +128,19 @@ def attach(engine, method: Union[None, Dict[str, Any], Any] = None, meter: Optio
     ``{"reducer": {"name": "allreduce", "bucket_mb": 25}, "sync": "none"}``.
     """
     load_builtin()
-    if engine.zero_optimization_stage() != 0:
-        r = _block(getattr(method, "reducer", None) if not isinstance(method, dict) else method.get("reducer"),
-                   "allreduce")[0]
-        if r != "deepspeed":
-            raise ValueError(f"reducer {r!r} needs ZeRO stage 0 (engine has stage {engine.zero_optimization_stage()})")
+    if isinstance(method, dict):
+        get = method.get
+    else:
+        def get(key):
+            return getattr(method, key, None)
+    rname, ropts = _block(get("reducer"), "allreduce")
+    sname, sopts = _block(get("sync"), "none")
+    stage = engine.zero_optimization_stage()
+    if stage != 0 and rname != "deepspeed":
+        raise ValueError(f"reducer {rname!r} needs ZeRO stage 0 (engine has stage {stage}); "
+                         "use reducer 'deepspeed' with ZeRO")
     meter = meter or CommMeter()
-    get = (lambda k: method.get(k)) if isinstance(method, dict) else (lambda k: getattr(method, k, None))
     named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
-    rname, ropts = _block(get("reducer") if method is not None else None, "allreduce")
-    sname, sopts = _block(get("sync") if method is not None else None, "none")
     kw = dict(group=group, meter=meter, engine=engine)
     reducer = REDUCERS.build(rname, ropts, named, **kw)
     sync = SYNCS.build(sname, sopts, named, **kw)

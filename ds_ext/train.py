@@ -200,6 +200,7 @@ def train(recipe) -> int:
         if is0:
             bar.write(f"[ds_ext] checkpoint {path}")
 
+    ce = recipe.checkpoint
     smoothing = t.label_smoothing
     history = []
     last_eval = {}
@@ -236,7 +237,6 @@ def train(recipe) -> int:
                 history.append({"step": gstep, **rec})
             bar.update(1, loss=f"{step_loss:.4f}", lr=f"{lr:.3g}",
                        sps=f"{samples_done / max(time.perf_counter() - t0, 1e-9):.0f}")
-            ce = recipe.checkpoint
             stopping = t.stop_at_step is not None and gstep >= t.stop_at_step and gstep < total_steps
             if stopping or (ce.every_steps and gstep % ce.every_steps == 0 and gstep < total_steps):
                 save(epoch, step_in_epoch)
@@ -257,7 +257,6 @@ def train(recipe) -> int:
             if is0:
                 bar.write(f"[ds_ext] epoch {epoch + 1}/{t.epochs} step {engine.global_steps}: "
                           f"val acc {last_eval['val_acc']:.4f} loss {last_eval['val_loss']:.4f}")
-        ce = recipe.checkpoint
         if (ce.every_epochs and (epoch + 1) % ce.every_epochs == 0) or (last_epoch and (ce.every_epochs or ce.every_steps)):
             save(epoch, steps_per_epoch)
     bar.close()

@@ -47,7 +47,7 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     req="${DS_EXT_TORCH:-torch==2.13.0}"; log "no torch and no GPU: installing $req (CPU build where the index provides one)"
   fi
   pip_install "$req"
-  "$PY" -c "import torch" || { log "error: torch did not install"; exit 1; }
+  "$PY" -c "import torch" >/dev/null 2>&1 || { log "error: torch did not install"; exit 1; }
 fi
 
 stamp="$VENV/.ds_ext-setup-stamp"

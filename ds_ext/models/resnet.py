@@ -71,11 +71,12 @@ class ResNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        if zero_init_residual:
+        if zero_init_residual:  # last BN of each residual branch starts at 0 (Goyal et al. 2017)
             for m in self.modules():
-                last = getattr(m, "bn3", None) if isinstance(m, Bottleneck) else getattr(m, "bn2", None)
-                if isinstance(m, (Bottleneck, BasicBlock)):
-                    nn.init.zeros_(last.weight)
+                if isinstance(m, Bottleneck):
+                    nn.init.zeros_(m.bn3.weight)
+                elif isinstance(m, BasicBlock):
+                    nn.init.zeros_(m.bn2.weight)
 
     def _make(self, block, planes, n, stride=1):
         down = None
