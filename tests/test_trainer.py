@@ -41,15 +41,26 @@ def assert_tree_equal(a, b, path="") -> None:
         assert a == b, path
 
 
-def test_resume_mid_epoch_is_bit_exact(tmp_path):
-    """44 steps straight vs 30 steps, stop, fresh processes resume from the checkpoint, run to 44.
-    Step 30 is mid-epoch (22 steps/epoch) inside a 2-micro-batch accumulation schedule, with dropout:
-    model, optimizer, LR schedule, RNG and meter state must all be bit-identical on CPU."""
+RESUME_CASES = {
+    "allreduce": ("{name: allreduce}", 30),
+    # stop right after a P-step (steps 1, 3, ..., 31 are P-steps)
+    "acpsgd": ("{name: acpsgd, rank: 2, fusion_threshold_mb: 0.05}", 31),
+    "powersgd": ("{name: powersgd, matrix_approximation_rank: 2, start_powerSGD_iter: 5}", 30),
+}
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_resume_mid_epoch_is_bit_exact(tmp_path, case):
+    """44 steps straight vs k steps, stop, fresh processes resume from the checkpoint, run to 44.
+    Step k is mid-epoch (22 steps/epoch) inside a 2-micro-batch accumulation schedule, with dropout:
+    model, optimizer, LR schedule, RNG, meter and reducer state must all be bit-identical on CPU."""
+    spec, k = RESUME_CASES[case]
     a, b = tmp_path / "a", tmp_path / "b"
-    assert harness.run(workers.run_trainer, 2, argv=argv(a)) == [0, 0]
-    assert harness.run(workers.run_trainer, 2, argv=argv(b, "--set", "train.stop_at_step=30")) == [0, 0]
-    assert (b / "checkpoints" / "latest").read_text() == "step_0000030"
-    assert harness.run(workers.run_trainer, 2, argv=argv(b, "--set", "checkpoint.resume=auto")) == [0, 0]
+    red = ("--set", f"method.reducer={spec}")
+    assert harness.run(workers.run_trainer, 2, argv=argv(a, *red)) == [0, 0]
+    assert harness.run(workers.run_trainer, 2, argv=argv(b, *red, "--set", f"train.stop_at_step={k}")) == [0, 0]
+    assert (b / "checkpoints" / "latest").read_text() == f"step_{k:07d}"
+    assert harness.run(workers.run_trainer, 2, argv=argv(b, *red, "--set", "checkpoint.resume=auto")) == [0, 0]
     sa, ra = load_ckpt(a, "step_0000044")
     sb, rb = load_ckpt(b, "step_0000044")
     assert sa["global_steps"] == sb["global_steps"] == 44
@@ -57,11 +68,12 @@ def test_resume_mid_epoch_is_bit_exact(tmp_path):
     assert_tree_equal(sa["optimizer"], sb["optimizer"], "optimizer")
     assert_tree_equal(sa["lr_scheduler"], sb["lr_scheduler"], "lr_scheduler")
     for x, y in zip(ra, rb):
+        assert_tree_equal(x["attachment"]["reducer"], y["attachment"]["reducer"], "reducer")
         assert torch.equal(x["rng"]["torch"], y["rng"]["torch"])
         assert x["attachment"]["meter"] == y["attachment"]["meter"]
         assert (x["epoch"], x["step_in_epoch"]) == (y["epoch"], y["step_in_epoch"]) == (2, 0)
     # and it is not vacuous: the interrupted run's step-30 model differs from the final one
-    s30, _ = load_ckpt(b, "step_0000030")
+    s30, _ = load_ckpt(b, f"step_{k:07d}")
     assert not torch.equal(s30["module"]["0.weight"], sb["module"]["0.weight"])
 
 

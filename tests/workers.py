@@ -87,3 +87,46 @@ def run_trainer(rank, world, argv):
 
 def flat_params_of(model) -> torch.Tensor:
     return torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
+
+
+LOWRANK_SHAPES = [(16, 8), (8, 16), (6,), (4, 3, 3, 3), (5, 5), (7,)]
+
+
+def lowrank_invariants(rank, world, reducer, options, steps=6, seed_per_rank=False):
+    """Drive a low-rank reducer directly with random per-rank gradients; record what it applies
+    and the exact mean gradient computed by a plain all_reduce next to it."""
+    import torch.distributed as dist
+
+    from ds_ext.metrics import CommMeter
+    from ds_ext.registry import REDUCERS
+
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in LOWRANK_SHAPES]
+    named = [(f"p{i}", p) for i, p in enumerate(params)]
+    opts = dict(options)
+    if seed_per_rank:
+        opts["seed"] = rank
+    meter = CommMeter()
+    red = REDUCERS.build(reducer, opts, named, meter=meter)
+    g = torch.Generator().manual_seed(500 + rank)
+    rec = {"applied": [], "mean": [], "bytes": [], "P": [], "Q": []}
+    for t in range(steps):
+        raw = [torch.randn(s, generator=g) for s in LOWRANK_SHAPES]
+        for p, r in zip(params, raw):
+            p.grad = r.clone()
+        for p in reversed(params):
+            red.grad_ready(p)
+        red.finish()
+        rec["bytes"].append(meter.end_step())
+        rec["applied"].append([p.grad.clone() for p in params])
+        mean = []
+        for r in raw:
+            m = r.clone()
+            dist.all_reduce(m)
+            mean.append(m / world)
+        rec["mean"].append(mean)
+        rec["P"].append({k: v.clone() for k, v in red.P.items()})
+        rec["Q"].append({k: v.clone() for k, v in red.Q.items()})
+    rec["E"] = {k: v.clone() for k, v in red.E.items()}
+    rec["compressed"] = [m.compressed for m in red.metas]
+    rec["r"] = [m.r for m in red.metas]
+    return rec

@@ -2,7 +2,7 @@
 
 Built in: ``deepspeed`` (the engine's own allreduce, kept as the reference), ``allreduce`` (S-SGD:
 bucketed, asynchronous, overlapped with backward) and ``none`` (no gradient communication, for the
-local/parameter-averaging synchronizers).
+local/parameter-averaging synchronizers), ``powersgd`` and ``acpsgd`` (low-rank compression).
 """
 from .base import Reducer  # noqa: F401
-from . import allreduce, reference  # noqa: F401  (registration)
+from . import allreduce, lowrank, reference  # noqa: F401  (registration)
