@@ -83,6 +83,14 @@ def _grad_matrix(meta: _Meta) -> torch.Tensor:
     return g.detach().reshape(meta.n, meta.m).float()
 
 
+def _flat_grad(meta: _Meta) -> torch.Tensor:
+    """The gradient as a flat fp32 vector (zeros when this rank produced none)."""
+    g = meta.p.grad
+    if g is None:
+        return torch.zeros(meta.p.numel(), device=meta.p.device)
+    return g.detach().reshape(-1).float()
+
+
 def _write_grad(meta: _Meta, value: torch.Tensor) -> None:
     p = meta.p
     v = value.reshape(p.shape).to(p.dtype)
@@ -222,9 +230,7 @@ class PowerSGDReducer(_LowRankBase):
                 _write_grad(m, approx[j])
 
     def _pack(self, factors: List[torch.Tensor], plain: List[_Meta]) -> torch.Tensor:
-        parts = [f.reshape(-1) for f in factors]
-        parts += [(m.p.grad.detach().reshape(-1).float() if m.p.grad is not None
-                   else torch.zeros(m.p.numel(), device=m.p.device)) for m in plain]
+        parts = [f.reshape(-1) for f in factors] + [_flat_grad(m) for m in plain]
         if not parts:
             return torch.zeros(0)
         return torch.cat(parts)
@@ -236,22 +242,17 @@ class PowerSGDReducer(_LowRankBase):
             off += t.numel()
         return out
 
-    def _unpack_plain(self, flat, off: int) -> None:
-        for m in self.plain:
+    def _unpack_plain(self, flat, off: int, metas: Optional[List[_Meta]] = None) -> None:
+        for m in self.plain if metas is None else metas:
             n = m.p.numel()
             _write_grad(m, flat[off:off + n])
             off += n
 
     def _plain_allreduce(self, metas: List[_Meta]) -> None:
-        flat = torch.cat([(m.p.grad.detach().reshape(-1).float() if m.p.grad is not None
-                           else torch.zeros(m.p.numel(), device=m.p.device)) for m in metas])
+        flat = torch.cat([_flat_grad(m) for m in metas])
         self._allreduce(flat, "allreduce")
         flat.div_(self.world_size)
-        off = 0
-        for m in metas:
-            n = m.p.numel()
-            _write_grad(m, flat[off:off + n])
-            off += n
+        self._unpack_plain(flat, 0, metas)
 
 
 class ACPSGDOptions(Options):
@@ -336,10 +337,7 @@ class ACPSGDReducer(_LowRankBase):
                 buf[offsets[m.index]:offsets[m.index] + send[j].numel()].copy_(send[j].reshape(-1))
         for m in group:
             if not m.compressed:
-                n = m.p.numel()
-                g = m.p.grad
-                buf[offsets[m.index]:offsets[m.index] + n].copy_(
-                    g.detach().reshape(-1) if g is not None else torch.zeros(n, device=buf.device))
+                buf[offsets[m.index]:offsets[m.index] + m.p.numel()].copy_(_flat_grad(m))
         return buf
 
     def finish(self):
