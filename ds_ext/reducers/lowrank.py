@@ -76,19 +76,16 @@ def _matrix_shape(p) -> tuple:
     return n, p.numel() // n
 
 
-def _grad_matrix(meta: _Meta) -> torch.Tensor:
-    g = meta.p.grad
-    if g is None:
-        return torch.zeros(meta.n, meta.m, device=meta.p.device)
-    return g.detach().reshape(meta.n, meta.m).float()
-
-
 def _flat_grad(meta: _Meta) -> torch.Tensor:
     """The gradient as a flat fp32 vector (zeros when this rank produced none)."""
     g = meta.p.grad
     if g is None:
         return torch.zeros(meta.p.numel(), device=meta.p.device)
     return g.detach().reshape(-1).float()
+
+
+def _grad_matrix(meta: _Meta) -> torch.Tensor:
+    return _flat_grad(meta).view(meta.n, meta.m)
 
 
 def _write_grad(meta: _Meta, value: torch.Tensor) -> None:
@@ -279,6 +276,7 @@ class ACPSGDReducer(_LowRankBase):
             False: greedy_groups(self.metas, size_q, cap * sum(size_q.values()) / total),
         }
         self.sizes = {True: size_p, False: size_q}
+        self.pindex = {id(p): i for i, p in enumerate(self.params)}
         self.where = {phase: {m.index: gi for gi, g in enumerate(gs) for m in g} for phase, gs in self.groups.items()}
         self._reset_round()
 
@@ -290,18 +288,13 @@ class ACPSGDReducer(_LowRankBase):
         self.pending: List[Optional[tuple]] = [None] * len(gs)
 
     def grad_ready(self, p):
-        idx = self._index_of(p)
+        idx = self.pindex[id(p)]
         if idx in self.seen:
             return
         self.seen.add(idx)
         gi = self.where[self.compute_p][idx]
         self.ready_count[gi] += 1
         self._launch_ready()
-
-    def _index_of(self, p) -> int:
-        if not hasattr(self, "_pindex"):
-            self._pindex = {id(q): i for i, q in enumerate(self.params)}
-        return self._pindex[id(p)]
 
     def _launch_ready(self, force: bool = False):
         gs = self.groups[self.compute_p]
