@@ -233,6 +233,8 @@ def train(recipe) -> int:
             if gstep % recipe.log.every_steps == 0 or step_in_epoch == steps_per_epoch:
                 rec = {"train/loss": step_loss, "train/lr": lr, "comm/bytes_step": meter.last_step_bytes,
                        "comm/bytes_total": meter.total_bytes, "epoch": epoch + step_in_epoch / steps_per_epoch}
+                rec.update({f"reducer/{k}": v for k, v in att.reducer.stats().items()})
+                rec.update({f"sync/{k}": v for k, v in att.sync.stats().items()})
                 wb.log(rec, step=gstep)
                 history.append({"step": gstep, **rec})
             bar.update(1, loss=f"{step_loss:.4f}", lr=f"{lr:.3g}",

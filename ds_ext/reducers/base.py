@@ -9,6 +9,8 @@
   communication and writes the averaged gradients into ``p.grad``.
 * Every byte handed to a collective is reported to the ``CommMeter``.
 * ``state_dict()`` / ``load_state_dict()`` hold all state needed to resume exactly.
+* ``stats()`` returns scalar diagnostics of the last step (e.g. achieved density); the trainer logs
+  them as ``reducer/<name>``.
 """
 from __future__ import annotations
 
@@ -41,6 +43,9 @@ class Reducer:
         pass
 
     def state_dict(self) -> dict:
+        return {}
+
+    def stats(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:

@@ -27,6 +27,10 @@ class Synchronizer:
     def state_dict(self) -> dict:
         return {}
 
+    def stats(self) -> dict:
+        """Scalar diagnostics of the last step (logged as ``sync/<name>``)."""
+        return {}
+
     def load_state_dict(self, state: dict) -> None:
         pass
 
