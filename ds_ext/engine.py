@@ -137,8 +137,9 @@ def attach(engine, method: Union[None, Dict[str, Any], Any] = None, meter: Optio
     sname, sopts = _block(get("sync"), "none")
     stage = engine.zero_optimization_stage()
     if stage != 0 and rname != "deepspeed":
-        raise ValueError(f"reducer {rname!r} needs ZeRO stage 0 (engine has stage {stage}); "
-                         "use reducer 'deepspeed' with ZeRO")
+        from .reducers.base import zero_stage_problem
+
+        raise ValueError(zero_stage_problem(rname, stage))
     meter = meter or CommMeter()
     named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
     kw = dict(group=group, meter=meter, engine=engine)

@@ -291,9 +291,9 @@ def check_combination(recipe: Recipe) -> List[Tuple[str, str]]:
         if check is not None:
             problems += [(f"method.{kind}", msg) for msg in check(recipe)]
     if names["reducer"] != "deepspeed" and stage != 0:
-        problems.append(("deepspeed.zero_optimization.stage",
-                         f"reducer {names['reducer']!r} needs ZeRO stage 0 (got {stage}): ZeRO stages >= 1 "
-                         "reduce gradients inside DeepSpeed's ZeRO optimizer; use reducer 'deepspeed' with ZeRO"))
+        from .reducers.base import zero_stage_problem
+
+        problems.append(("deepspeed.zero_optimization.stage", zero_stage_problem(names["reducer"], stage)))
     return problems
 
 

@@ -85,3 +85,34 @@ def test_powersgd_full_rank_is_exact_and_counts_bytes():
     pq = sum((s[0] + math.prod(s) // s[0]) * r for s, r, c in zip(SHAPES, a["r"], a["compressed"]) if c)
     assert a["bytes"][0] == 4 * total  # start_powerSGD_iter=1: plain allreduce first
     assert a["bytes"][1:] == [4 * (pq + one_d)] * 3
+
+
+@pytest.mark.parametrize("reducer,options", [("acpsgd", {"rank": 2}),
+                                             ("powersgd", {"matrix_approximation_rank": 2, "start_powerSGD_iter": 0})])
+def test_low_precision_gradients_match_fp32(reducer, options):
+    """fp16 / bf16 gradients: factors and error feedback stay fp32, so the applied gradient is the fp32
+    run's result (on the same rounded inputs) rounded once to the gradient dtype; ranks agree."""
+    runs = {}
+    for name, dt in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        runs[name] = dict(reducer=reducer, options=options, steps=4, dtype=dt, round_to=dt)
+        runs[name + "_ref"] = dict(reducer=reducer, options=options, steps=4, dtype=torch.float32, round_to=dt)
+    a, b = harness.run(workers.lowrank_dtypes, 2, runs=runs)
+    for name, dt in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        eps = torch.finfo(dt).eps
+        for t in range(4):
+            for i in range(len(SHAPES)):
+                got, ref = a[name]["applied"][t][i], a[name + "_ref"]["applied"][t][i]
+                assert got.dtype == dt and torch.equal(got, b[name]["applied"][t][i])
+                assert torch.isfinite(got).all()
+                assert torch.allclose(got.float(), ref, rtol=eps, atol=eps * ref.abs().max().item()), (name, t, i)
+
+
+def test_bf16_engine_and_zero1_refusal():
+    """Through DeepSpeed: bf16 training keeps ranks identical; a ZeRO-1 engine is refused with a reason."""
+    for reducer in ("acpsgd", "powersgd"):
+        a, b = harness.run(workers.per_step_params, 2, reducer=reducer, steps=4, precision="bf16",
+                           options={"start_powerSGD_iter": 1} if reducer == "powersgd" else {})
+        assert len(a["record"]) == 4 and all(torch.equal(x, y) for x, y in zip(a["record"], b["record"]))
+        assert all(torch.isfinite(x).all() for x in a["record"]) and not torch.equal(a["record"][0], a["record"][-1])
+    msg = harness.run(workers.zero1_refusal, 2, reducer="acpsgd")[0]
+    assert msg is not None and "needs ZeRO stage 0 (got 1)" in msg and "reduce-scatters" in msg

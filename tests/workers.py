@@ -12,13 +12,13 @@ def tiny_model() -> nn.Module:
                          nn.Linear(32, 10))
 
 
-def make_engine(precision: str = "fp32", gas: int = 1, micro: int = 8, world: int = 2, lr: float = 0.05):
+def make_engine(precision: str = "fp32", gas: int = 1, micro: int = 8, world: int = 2, lr: float = 0.05, zero: int = 0):
     import deepspeed
 
     model = tiny_model()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     cfg = {"train_batch_size": micro * gas * world, "train_micro_batch_size_per_gpu": micro,
-           "gradient_accumulation_steps": gas, "steps_per_print": 10**12, "zero_optimization": {"stage": 0},
+           "gradient_accumulation_steps": gas, "steps_per_print": 10**12, "zero_optimization": {"stage": zero}, "zero_allow_untested_optimizer": True,
            "bf16": {"enabled": precision == "bf16"}}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     return engine
@@ -63,13 +63,13 @@ def compare_reducers(rank, world, configs, steps=10, bucket_mb=0.002):
     return out
 
 
-def per_step_params(rank, world, reducer, steps=6, check_every=0):
+def per_step_params(rank, world, reducer, steps=6, check_every=0, precision="fp32", options=None):
     """Parameters after every step with rank-specific data; also whether the runtime check fired."""
     import ds_ext
     from ds_ext.engine import DesyncError
 
-    engine = make_engine("fp32", 1, world=world)
-    att = ds_ext.attach(engine, {"reducer": {"name": reducer}}, check_every=check_every)
+    engine = make_engine(precision, 1, world=world)
+    att = ds_ext.attach(engine, {"reducer": {"name": reducer, **(options or {})}}, check_every=check_every)
     record = []
     err = None
     try:
@@ -89,18 +89,21 @@ def flat_params_of(model) -> torch.Tensor:
     return torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
 
 
-LOWRANK_SHAPES = [(16, 8), (8, 16), (6,), (4, 3, 3, 3), (5, 5), (7,)]
+# non-square both ways, a conv kernel, square, 1-D, and degenerate shapes (one row, one column, 1 x 1)
+LOWRANK_SHAPES = [(16, 8), (8, 16), (6,), (4, 3, 3, 3), (5, 5), (7,), (1, 12), (12, 1, 1, 1), (1, 1)]
 
 
-def lowrank_invariants(rank, world, reducer, options, steps=6, seed_per_rank=False):
+def lowrank_invariants(rank, world, reducer, options, steps=6, seed_per_rank=False, dtype=torch.float32,
+                       round_to=None):
     """Drive a low-rank reducer directly with random per-rank gradients; record what it applies
-    and the exact mean gradient computed by a plain all_reduce next to it."""
+    and the exact mean gradient computed by a plain all_reduce next to it. Gradients are held in
+    ``dtype``; ``round_to`` first rounds the random gradients to that dtype (to compare runs)."""
     import torch.distributed as dist
 
     from ds_ext.metrics import CommMeter
     from ds_ext.registry import REDUCERS
 
-    params = [torch.nn.Parameter(torch.zeros(s)) for s in LOWRANK_SHAPES]
+    params = [torch.nn.Parameter(torch.zeros(s, dtype=dtype)) for s in LOWRANK_SHAPES]
     named = [(f"p{i}", p) for i, p in enumerate(params)]
     opts = dict(options)
     if seed_per_rank:
@@ -111,8 +114,10 @@ def lowrank_invariants(rank, world, reducer, options, steps=6, seed_per_rank=Fal
     rec = {"applied": [], "mean": [], "bytes": [], "P": [], "Q": []}
     for t in range(steps):
         raw = [torch.randn(s, generator=g) for s in LOWRANK_SHAPES]
+        if round_to is not None:
+            raw = [r.to(round_to).float() for r in raw]
         for p, r in zip(params, raw):
-            p.grad = r.clone()
+            p.grad = r.to(dtype, copy=True)
         for p in reversed(params):
             red.grad_ready(p)
         red.finish()
@@ -130,3 +135,20 @@ def lowrank_invariants(rank, world, reducer, options, steps=6, seed_per_rank=Fal
     rec["compressed"] = [m.compressed for m in red.metas]
     rec["r"] = [m.r for m in red.metas]
     return rec
+
+
+def lowrank_dtypes(rank, world, runs):
+    """Several ``lowrank_invariants`` runs in one set of processes: {name: record}."""
+    return {name: lowrank_invariants(rank, world, **kw) for name, kw in runs.items()}
+
+
+def zero1_refusal(rank, world, reducer):
+    """attach() on a ZeRO-1 engine: the error text (or None if it was accepted)."""
+    import ds_ext
+
+    engine = make_engine("fp32", 1, world=world, zero=1)
+    try:
+        ds_ext.attach(engine, {"reducer": {"name": reducer}})
+    except ValueError as e:
+        return str(e)
+    return None

@@ -22,6 +22,16 @@ import torch.distributed as dist
 from ..registry import NoOptions, Options
 
 
+def zero_stage_problem(reducer: str, stage: int) -> str:
+    """Why a reducer other than ``deepspeed`` refuses ZeRO stage >= 1 (shared by the recipe check and
+    ``attach``)."""
+    return (f"reducer {reducer!r} needs ZeRO stage 0 (got {stage}): from stage 1 on, DeepSpeed's ZeRO optimizer "
+            "reduce-scatters the full gradients itself, so a replacement reducer would be bypassed or followed by "
+            "a second, uncompressed reduction (DeepSpeed's own 1-bit optimizers refuse ZeRO for the same reason). "
+            "Set deepspeed.zero_optimization.stage=0 (optimizer state stays replicated), or use reducer 'deepspeed' "
+            "to keep ZeRO")
+
+
 class Reducer:
     Options = NoOptions
     replaces_engine_allreduce = True

@@ -22,7 +22,12 @@ Deliberate choices, named:
   (orthogonalisation in bf16/fp16 loses orthogonality); the result is cast back to the gradient dtype.
 * Initial factors come from a generator seeded by (``seed``, parameter index), identical on every rank
   and independent of the global RNG (the reference uses unseeded ``torch.randn``).
-* Same-shape matrices of one fused group are batched (``bmm``, batched QR) instead of a Python loop.
+* Same-shape matrices are batched (``bmm``, batched QR) instead of a Python loop: E, P and Q of all
+  matrices of one shape live in one [B, n, m] / [B, n, r] / [B, m, r] tensor (ordered by descending
+  parameter index, so every fused group covers a contiguous slice of each shape class). M + E is
+  accumulated in place into E (``_foreach_add_``), E -= P Q^T is one ``baddbmm_``, and on CPU the
+  decompressed gradient is written straight into ``p.grad`` (``mm(out=)``), so a step makes about
+  four passes over the gradient and no gradient-sized allocation.
 * ACP-SGD's per-group compression runs when the whole fused group's gradients are ready (at the
   accumulation boundary), then its allreduce is launched asynchronously -- the reference compresses
   per tensor in each hook and launches when the group is complete; results are identical.
@@ -65,10 +70,24 @@ def _seeded_randn(shape, seed: int, index: int, device) -> torch.Tensor:
 
 
 class _Meta:
-    __slots__ = ("index", "p", "compressed", "n", "m", "r")
+    __slots__ = ("index", "p", "compressed", "n", "m", "r", "key", "pos")
 
     def __init__(self, index, p, compressed, n, m, r):
         self.index, self.p, self.compressed, self.n, self.m, self.r = index, p, compressed, n, m, r
+        self.key, self.pos = None, -1
+
+
+class _ShapeClass:
+    """E, P, Q of every compressed matrix of one (n, m, r), batched; ``metas[j]`` owns row j."""
+
+    def __init__(self, key, metas: List[_Meta], seed: int, device):
+        n, m, r = key
+        self.key, self.metas = key, metas
+        self.E = torch.zeros(len(metas), n, m, device=device)
+        self.P = torch.stack([_seeded_randn((n, r), seed, 2 * mt.index, device) for mt in metas])
+        self.Q = torch.stack([_seeded_randn((m, r), seed, 2 * mt.index + 1, device) for mt in metas])
+        for j, mt in enumerate(metas):
+            mt.key, mt.pos = key, j
 
 
 def _matrix_shape(p) -> tuple:
@@ -85,7 +104,11 @@ def _flat_grad(meta: _Meta) -> torch.Tensor:
 
 
 def _grad_matrix(meta: _Meta) -> torch.Tensor:
-    return _flat_grad(meta).view(meta.n, meta.m)
+    """The gradient as an (n, m) matrix in its own dtype (a view when contiguous)."""
+    g = meta.p.grad
+    if g is None:
+        return torch.zeros(meta.n, meta.m, device=meta.p.device)
+    return g.detach().reshape(meta.n, meta.m)
 
 
 def _write_grad(meta: _Meta, value: torch.Tensor) -> None:
@@ -95,6 +118,34 @@ def _write_grad(meta: _Meta, value: torch.Tensor) -> None:
         p.grad = v.clone()
     else:
         p.grad.copy_(v)
+
+
+def _accumulate(E: torch.Tensor, metas: List[_Meta], error_feedback: bool = True) -> None:
+    """E[j] <- E[j] + grad_j (or grad_j alone), in place, for a batch slice E [B, n, m]."""
+    rows, grads = list(E.unbind(0)), [_grad_matrix(m) for m in metas]
+    if error_feedback:
+        torch._foreach_add_(rows, grads)
+    else:
+        torch._foreach_copy_(rows, grads)
+
+
+def _decompress(metas: List[_Meta], P: torch.Tensor, Q: torch.Tensor) -> None:
+    """p.grad <- P_j Q_j^T. On CPU straight into fp32 gradients (no temporary); on accelerators one
+    ``bmm`` and one multi-tensor copy (a few kernel launches instead of one per tensor)."""
+    if P.device.type == "cpu":
+        for j, m in enumerate(metas):
+            g = m.p.grad
+            if g is not None and g.dtype == torch.float32 and g.is_contiguous():
+                torch.mm(P[j], Q[j].T, out=g.view(m.n, m.m))
+            else:
+                _write_grad(m, P[j] @ Q[j].T)
+        return
+    approx = torch.bmm(P, Q.transpose(1, 2))
+    if all(m.p.grad is not None for m in metas):
+        torch._foreach_copy_([m.p.grad.view(m.n, m.m) for m in metas], list(approx.unbind(0)))
+    else:
+        for j, m in enumerate(metas):
+            _write_grad(m, approx[j])
 
 
 def greedy_groups(metas: List[_Meta], sizes: Dict[int, int], cap: float) -> List[List[_Meta]]:
@@ -112,14 +163,6 @@ def greedy_groups(metas: List[_Meta], sizes: Dict[int, int], cap: float) -> List
     return groups
 
 
-def _by_shape(metas: List[_Meta]) -> Dict[tuple, List[_Meta]]:
-    out: Dict[tuple, List[_Meta]] = defaultdict(list)
-    for m in metas:
-        if m.compressed:
-            out[(m.n, m.m, m.r)].append(m)
-    return out
-
-
 class _LowRankBase(Reducer):
     def _setup(self, rank: int, seed: int, compress_rule) -> None:
         self.metas: List[_Meta] = []
@@ -130,16 +173,33 @@ class _LowRankBase(Reducer):
                 self.metas.append(_Meta(i, p, compress_rule(n, m, r), n, m, r))
             else:
                 self.metas.append(_Meta(i, p, False, p.numel(), 1, 0))
+        by_key: Dict[tuple, List[_Meta]] = defaultdict(list)
+        for meta in reversed(self.metas):  # descending index: fused groups are contiguous slices
+            if meta.compressed:
+                by_key[(meta.n, meta.m, meta.r)].append(meta)
+        self.classes: Dict[tuple, _ShapeClass] = {
+            k: _ShapeClass(k, v, seed, v[0].p.device) for k, v in by_key.items()}
+        # per-parameter views into the batched state (state_dict keys, tests)
         self.E: Dict[int, torch.Tensor] = {}
         self.P: Dict[int, torch.Tensor] = {}
         self.Q: Dict[int, torch.Tensor] = {}
-        for meta in self.metas:
-            if meta.compressed:
-                dev = meta.p.device
-                self.E[meta.index] = torch.zeros(meta.n, meta.m, device=dev)
-                self.P[meta.index] = _seeded_randn((meta.n, meta.r), seed, 2 * meta.index, dev)
-                self.Q[meta.index] = _seeded_randn((meta.m, meta.r), seed, 2 * meta.index + 1, dev)
+        for c in self.classes.values():
+            for j, mt in enumerate(c.metas):
+                self.E[mt.index], self.P[mt.index], self.Q[mt.index] = c.E[j], c.P[j], c.Q[j]
         self.steps = 0
+
+    def _slices(self, group: List[_Meta]) -> List[tuple]:
+        """(shape class, a, b, metas) for the compressed members of a fused group: class rows a..b-1."""
+        out: Dict[tuple, List[_Meta]] = {}
+        for m in group:
+            if m.compressed:
+                out.setdefault(m.key, []).append(m)
+        res = []
+        for key, ms in out.items():
+            a, b = ms[0].pos, ms[-1].pos + 1
+            assert [m.pos for m in ms] == list(range(a, b)), "fused group is not a contiguous class slice"
+            res.append((self.classes[key], a, b, ms))
+        return res
 
     def _allreduce(self, buf: torch.Tensor, kind: str, async_op: bool = False):
         self._count(kind, buf)
@@ -158,6 +218,9 @@ class _LowRankBase(Reducer):
             if set(own) != set(state[name]):
                 raise ValueError(f"{type(self).__name__} state does not match this model's parameters")
             for k, v in state[name].items():
+                if own[k].shape != v.shape:
+                    raise ValueError(f"{type(self).__name__} state {name}[{k}] has shape {tuple(v.shape)}, "
+                                     f"this model needs {tuple(own[k].shape)}")
                 own[k].copy_(v)
         self.steps = int(state["steps"])
 
@@ -175,14 +238,13 @@ class PowerSGDOptions(Options):
 
 @REDUCERS.register("powersgd", PowerSGDOptions)
 class PowerSGDReducer(_LowRankBase):
-    """PowerSGD (Vogels et al. 2019): rank-r power iteration, error feedback, warm start."""
+    """PowerSGD (Vogels et al. 2019, Algorithm 1): rank-r power iteration, error feedback, warm start."""
 
     def __init__(self, named_params, options: PowerSGDOptions, **kw):
         super().__init__(named_params, options, **kw)
         rate = options.min_compression_rate
         self._setup(options.matrix_approximation_rank, options.seed,
                     lambda n, m, r: n * m >= rate * (n + m) * r)
-        self.shapes = _by_shape(self.metas)
         self.plain = [m for m in self.metas if not m.compressed]
 
     def finish(self):
@@ -191,53 +253,36 @@ class PowerSGDReducer(_LowRankBase):
         if self.steps <= o.start_powerSGD_iter:
             self._plain_allreduce(self.metas)
             return
-        Ms, Ps = {}, {}
-        for key, metas in self.shapes.items():
-            M = torch.stack([_grad_matrix(m) for m in metas])
-            if o.use_error_feedback:
-                M += torch.stack([self.E[m.index] for m in metas])
-            if o.warm_start:
-                Q = torch.stack([self.Q[m.index] for m in metas])
-            else:
-                Q = torch.stack([_seeded_randn((m.m, m.r), o.seed + self.steps, 2 * m.index + 1, M.device)
-                                 for m in metas])
-            Ms[key], Ps[key] = M, torch.bmm(M, Q)
+        cls = list(self.classes.values())
+        Ps = []
+        for c in cls:
+            _accumulate(c.E, c.metas, o.use_error_feedback)  # E now holds M (+ E)
+            if not o.warm_start:
+                c.Q.copy_(torch.stack([_seeded_randn((c.key[1], c.key[2]), o.seed + self.steps, 2 * m.index + 1,
+                                                     c.Q.device) for m in c.metas]))
+            Ps.append(torch.bmm(c.E, c.Q))
         # allreduce P together with the uncompressed tensors
-        flat_p = self._pack([Ps[k] for k in self.shapes], self.plain)
+        flat_p = torch.cat([x.reshape(-1) for x in Ps] + [_flat_grad(m) for m in self.plain]) \
+            if (Ps or self.plain) else torch.zeros(0)
         self._allreduce(flat_p, "powersgd_p")
         flat_p.div_(self.world_size)
-        Ps = self._unpack_factors(flat_p, Ps)
-        self._unpack_plain(flat_p, sum(v.numel() for v in Ps.values()))
-        Qs = {}
-        for key in self.shapes:
-            Ps[key] = orthogonalize(Ps[key], o.orthogonalization_epsilon)
-            Qs[key] = torch.bmm(Ms[key].transpose(1, 2), Ps[key])
-        flat_q = self._pack([Qs[k] for k in self.shapes], [])
-        if flat_q.numel():
+        off = 0
+        for c in cls:
+            c.P.copy_(orthogonalize(flat_p[off:off + c.P.numel()].view_as(c.P), o.orthogonalization_epsilon))
+            off += c.P.numel()
+        self._unpack_plain(flat_p, off)
+        if cls:
+            flat_q = torch.cat([torch.bmm(c.E.transpose(1, 2), c.P).reshape(-1) for c in cls])
             self._allreduce(flat_q, "powersgd_q")
             flat_q.div_(self.world_size)
-        Qs = self._unpack_factors(flat_q, Qs)
-        for key, metas in self.shapes.items():
-            approx = torch.bmm(Ps[key], Qs[key].transpose(1, 2))
-            for j, m in enumerate(metas):
-                if o.use_error_feedback:
-                    self.E[m.index].copy_(Ms[key][j] - approx[j])
-                self.P[m.index].copy_(Ps[key][j])
-                self.Q[m.index].copy_(Qs[key][j])
-                _write_grad(m, approx[j])
-
-    def _pack(self, factors: List[torch.Tensor], plain: List[_Meta]) -> torch.Tensor:
-        parts = [f.reshape(-1) for f in factors] + [_flat_grad(m) for m in plain]
-        if not parts:
-            return torch.zeros(0)
-        return torch.cat(parts)
-
-    def _unpack_factors(self, flat, like: Dict[tuple, torch.Tensor]) -> Dict[tuple, torch.Tensor]:
-        out, off = {}, 0
-        for key, t in like.items():
-            out[key] = flat[off:off + t.numel()].view_as(t)
-            off += t.numel()
-        return out
+            off = 0
+            for c in cls:
+                c.Q.copy_(flat_q[off:off + c.Q.numel()].view_as(c.Q))
+                off += c.Q.numel()
+        for c in cls:
+            if o.use_error_feedback:
+                c.E.baddbmm_(c.P, c.Q.transpose(1, 2), alpha=-1.0)  # E = M - P Q^T (aggregated)
+            _decompress(c.metas, c.P, c.Q)
 
     def _unpack_plain(self, flat, off: int, metas: Optional[List[_Meta]] = None) -> None:
         for m in self.plain if metas is None else metas:
@@ -276,9 +321,24 @@ class ACPSGDReducer(_LowRankBase):
             False: greedy_groups(self.metas, size_q, cap * sum(size_q.values()) / total),
         }
         self.sizes = {True: size_p, False: size_q}
+        # buffer layout of each fused group: class slices first (factor rows a..b-1), then 1-D tensors
+        self.layout = {phase: [self._layout(g, phase) for g in gs] for phase, gs in self.groups.items()}
         self.pindex = {id(p): i for i, p in enumerate(self.params)}
         self.where = {phase: {m.index: gi for gi, g in enumerate(gs) for m in g} for phase, gs in self.groups.items()}
         self._reset_round()
+
+    def _layout(self, group: List[_Meta], phase: bool):
+        slices, off = [], 0
+        for c, a, b, ms in self._slices(group):
+            rows = c.key[0] if phase else c.key[1]
+            slices.append((c, a, b, ms, off))
+            off += (b - a) * rows * c.key[2]
+        plain = []
+        for m in group:
+            if not m.compressed:
+                plain.append((m, off))
+                off += m.p.numel()
+        return slices, plain, off
 
     def _reset_round(self):
         gs = self.groups[self.compute_p]
@@ -300,63 +360,45 @@ class ACPSGDReducer(_LowRankBase):
         gs = self.groups[self.compute_p]
         while self.next_launch < len(gs) and (force or self.ready_count[self.next_launch] == len(gs[self.next_launch])):
             gi = self.next_launch
-            buf = self._compress_group(gs[gi])
+            buf = self._compress_group(gi)
             work = self._allreduce(buf, "acpsgd_p" if self.compute_p else "acpsgd_q", async_op=True)
             self.pending[gi] = (buf, work)
             self.next_launch += 1
 
-    def _compress_group(self, group: List[_Meta]) -> torch.Tensor:
+    def _compress_group(self, gi: int) -> torch.Tensor:
         phase = self.compute_p
-        sizes = self.sizes[phase]
-        offsets, off = {}, 0
-        for m in group:
-            offsets[m.index] = off
-            off += sizes[m.index]
-        buf = torch.empty(off, device=group[0].p.device, dtype=torch.float32)
-        for key, metas in _by_shape(group).items():
-            M = torch.stack([_grad_matrix(m) for m in metas]) + torch.stack([self.E[m.index] for m in metas])
+        slices, plain, total = self.layout[phase][gi]
+        buf = torch.empty(total, device=self.groups[phase][gi][0].p.device, dtype=torch.float32)
+        for c, a, b, ms, off in slices:
+            E, P, Q = c.E[a:b], c.P[a:b], c.Q[a:b]
+            _accumulate(E, ms)  # E <- M + E
             if phase:
-                Q = orthogonalize(torch.stack([self.Q[m.index] for m in metas]))
-                P = torch.bmm(M, Q)
+                Q.copy_(orthogonalize(Q))
+                torch.bmm(E, Q, out=P)
             else:
-                P = orthogonalize(torch.stack([self.P[m.index] for m in metas]))
-                Q = torch.bmm(M.transpose(1, 2), P)
-            E = M - torch.bmm(P, Q.transpose(1, 2))
+                P.copy_(orthogonalize(P))
+                torch.bmm(E.transpose(1, 2), P, out=Q)
+            E.baddbmm_(P, Q.transpose(1, 2), alpha=-1.0)  # local error feedback: (M + E) - P Q^T
             send = P if phase else Q
-            for j, m in enumerate(metas):
-                self.E[m.index].copy_(E[j])
-                self.P[m.index].copy_(P[j])
-                self.Q[m.index].copy_(Q[j])
-                buf[offsets[m.index]:offsets[m.index] + send[j].numel()].copy_(send[j].reshape(-1))
-        for m in group:
-            if not m.compressed:
-                buf[offsets[m.index]:offsets[m.index] + m.p.numel()].copy_(_flat_grad(m))
+            buf[off:off + send.numel()].copy_(send.reshape(-1))
+        for m, off in plain:
+            buf[off:off + m.p.numel()].copy_(_flat_grad(m))
         return buf
 
     def finish(self):
         self._launch_ready(force=True)
         phase = self.compute_p
-        for gi, group in enumerate(self.groups[phase]):
+        for gi in range(len(self.groups[phase])):
             buf, work = self.pending[gi]
             work.wait()
             buf.div_(self.world_size)
-            off = 0
-            for m in group:
-                n = self.sizes[phase][m.index]
-                part = buf[off:off + n]
-                off += n
-                if not m.compressed:
-                    _write_grad(m, part)
-                elif phase:
-                    self.P[m.index].copy_(part.view(m.n, m.r))
-                else:
-                    self.Q[m.index].copy_(part.view(m.m, m.r))
-            for key, metas in _by_shape(group).items():
-                P = torch.stack([self.P[m.index] for m in metas])
-                Q = torch.stack([self.Q[m.index] for m in metas])
-                approx = torch.bmm(P, Q.transpose(1, 2))
-                for j, m in enumerate(metas):
-                    _write_grad(m, approx[j])
+            slices, plain, _ = self.layout[phase][gi]
+            for m, off in plain:
+                _write_grad(m, buf[off:off + m.p.numel()])
+            for c, a, b, ms, off in slices:
+                got = c.P[a:b] if phase else c.Q[a:b]
+                got.copy_(buf[off:off + got.numel()].view_as(got))
+                _decompress(ms, c.P[a:b], c.Q[a:b])
         self.compute_p = not phase
         self.steps += 1
         self._reset_round()
