@@ -2,7 +2,8 @@
 
 Built in: ``deepspeed`` (the engine's own allreduce, kept as the reference), ``allreduce`` (S-SGD:
 bucketed, asynchronous, overlapped with backward) and ``none`` (no gradient communication, for the
-local/parameter-averaging synchronizers), ``powersgd`` and ``acpsgd`` (low-rank compression).
+local/parameter-averaging synchronizers), ``powersgd`` and ``acpsgd`` (low-rank compression), ``topk``
+and ``exdyna`` (sparsification with error feedback).
 """
 from .base import Reducer  # noqa: F401
-from . import allreduce, lowrank, reference  # noqa: F401  (registration)
+from . import allreduce, lowrank, reference, sparse  # noqa: F401  (registration)

@@ -1,0 +1,440 @@
+"""Gradient sparsification with error feedback: ``topk`` and ``exdyna``.
+
+Both reducers flatten every trainable parameter's gradient into one fp32 vector ``g`` of length N
+(all tensors, 1-D ones included, in registration order; a missing gradient counts as zeros), add
+the error-feedback memory ``e`` (``g = grad + e``), select coordinates, exchange them, write the
+averaged sparse gradient back into ``p.grad`` (cast to the parameter's dtype: fp32, fp16 or bf16),
+and keep what was not applied in ``e``:
+
+    e_r <- g_r with the coordinates counted as sent set to 0
+    sum_t applied_t + mean_r e_r  ==  sum_t mean_r grad_r,t      (error-feedback conservation)
+
+The work happens in ``finish()`` (the selection needs the whole vector); ``grad_ready`` does nothing.
+Memory per rank: two persistent N-element fp32 vectors (the residual, which doubles as the
+send buffer, and the dense output; a send buffer replaces the residual without error feedback).
+The inner loops go through ``ds_ext.ops`` (``threshold_select``, ``topk_select``,
+``scatter_add_``, ``zero_at_``), which a later issue backs with fused kernels.
+
+``topk``
+    Top-k sparsification with memory: Aji & Heafield, "Sparse Communication for Distributed Gradient
+    Descent", EMNLP 2017; Stich, Cordonnier & Jaggi, "Sparsified SGD with Memory", NeurIPS 2018,
+    Algorithm 1 (mem-SGD). Each rank selects its k = int(density * N) largest ``|g_r|``,
+    all_gathers (index, value) pairs, and the applied gradient is ``(1/n) sum_r scatter(I_r, v_r)``;
+    ``e_r`` keeps everything rank r did not send. The union of the n index sets can hold up to n*k
+    coordinates ("gradient build-up", the problem ExDyna removes); its size is reported.
+    ``exchange: union`` reproduces the seed's ``TopKReducer`` instead: all_gather the indices only,
+    all_reduce every rank's ``g_r`` at the union U, apply ``mean_r g_r[U]`` and zero ``e_r`` at U.
+
+``exdyna``
+    Yoon & Oh, "Preserving Near-Optimal Gradient Sparsification Cost for Scalable Distributed Deep
+    Learning", CCGrid 2024 (arXiv 2402.13781): the four components of the paper -- block-based
+    gradient vector partitioning, dynamic partition allocation, partition-wise exclusive gradient
+    selection, online threshold scaling -- with the semantics of the seed's code
+    (``kljp/exdyna@3295c70``, ``cnn-lstm/gradient_reducers.py: ExDynaReducer``), summarised in
+    ``ALGORITHMS.md`` section 3(a). (Equation numbers are not cited: the paper's full text was not
+    available; the behaviour below is the reference code's.)
+
+    1. Partitioning (once): block size ``sz = a - a % 32`` with ``a = N // 1024``; 1024 blocks;
+       the ``N - 1024 sz`` remainder elements are appended to the last partition; partition i gets
+       ``1024 // n`` blocks (+1 for i < 1024 % n).
+    2. Allocation (every step after the first): last step's per-rank counts are mapped back to the
+       partitions those ranks held (``tk[(t-1+i) % n] = ks[i]``); for each adjacent pair (i, i+1),
+       left to right, with ``d = tk / (k_prev // n)``: ``d_i > 1.05 and d_i+1 < 0.95238`` moves one
+       block from i to i+1, the mirror case moves one block from i+1 to i, unless the donor would
+       fall below ``min_blk = 1024 / (4n)``; ``tk`` is adjusted by ``int(sz * k_prev / N)`` after a
+       move so the next pair sees it.
+    3. Selection: rank r scans partition ``p = (t + r) % n`` (a rotation: exclusive across ranks),
+       selects ``|g| >= threshold`` there in one pass; an empty selection sends the single element
+       ``st + t % (en - st)``.
+    4. Threshold: ``1 / (2 sqrt(k))`` at t = 0, then multiplied by 1.005 if ``k_prev / k > 1.1``,
+       by 0.995 if ``k_prev / k <= 0.909``, and otherwise by 1.00125 (``threshold_rule: faithful``)
+       or 1 (``threshold_rule: hold``).
+    Communication, the seed's three collectives: all_gather of the per-rank counts (int64),
+    all_gather of the indices padded to the largest count (int64), all_reduce (sum) of every rank's
+    ``g_r`` at all gathered indices (fp32). The applied gradient is ``sum_r g_r[I] / n`` on I, and
+    ``e_r`` is zeroed at every globally selected coordinate. Logged load imbalance:
+    ``max_r k_r * n / sum_r k_r - 1``.
+
+Deliberate deviations from the reference code, named:
+
+* ``threshold_rule`` (exdyna): ``faithful`` (default) reproduces the reference, whose threshold
+  keeps growing by 0.125 % per step while the achieved count is on target (within (0.909, 1.1] of
+  k), so the achieved density saw-tooths down to the 0.909 edge; ``hold`` keeps the threshold in
+  that band, so the density settles inside it. The reference's dead ``else: 0.9987`` branch
+  (unreachable: ``k_prev >= 1``) is not reproduced.
+* Small vectors (exdyna): when ``N // 1024 < 32`` the reference's block size is 0 and its fallback
+  divides by zero. Here the block size becomes ``block_align`` (32) and the number of blocks
+  ``N // 32`` (or blocks of 1 element when ``N < 32 n``); layouts with ``N >= 32 * 1024`` are the
+  reference's, bit for bit. ``num_blocks`` and ``block_align`` are options (defaults 1024, 32).
+* ``k = max(1, int(density * N))`` (the reference takes the square root / top-k of 0 otherwise).
+* ``initial_threshold`` (exdyna, default: the seed's ``1/(2 sqrt(k))``) can set the first
+  threshold; ``0`` selects every coordinate, i.e. exact averaging.
+* Padding of the index all_gather is zeros (the reference pads with uninitialised memory); it is
+  never read.
+* One rank (no process group or world size 1): the same selection, no collectives (the reference
+  crashes there).
+* ``topk``: by default the (index, value) all_gather of the issue (the textbook exchange);
+  ``exchange: union`` is the seed's ``TopKReducer`` (see above).
+* Bytes reported are every tensor handed to a collective, the count all_gather included (the
+  reference reports only indices + values).
+* Recipes with fp16 dynamic loss scaling are refused (``check_recipe``): the residual would mix
+  gradients scaled differently and keep the inf of overflow steps. The seed trains in fp32; bf16
+  and fp16 gradients are otherwise handled (fp32 residual and arithmetic, result cast back).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Literal, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from pydantic import Field
+
+from .. import ops
+from ..registry import REDUCERS, Options
+from .base import Reducer
+
+# constants of the reference code, written as it writes them
+ALLOC_HI, ALLOC_LO = 1.05, 0.95238          # partition load bounds (1.05 and ~1/1.05)
+THRESH_HI, THRESH_LO = 1.1, 0.909           # k_prev / k bounds (1.1 and ~1/1.1)
+SF_UP, SF_ON_TARGET, SF_DOWN = 1.005, 1.00125, 0.995
+
+
+class _SparseBase(Reducer):
+    """Flat fp32 view of all gradients, error feedback, write-back; the collectives' wrappers."""
+
+    def __init__(self, named_params, options, **kw):
+        super().__init__(named_params, options, **kw)
+        if not self.params:
+            raise ValueError(f"{type(self).__name__}: no trainable parameters")
+        self.device = self.params[0].device
+        self.numels = [p.numel() for p in self.params]
+        self.numel = sum(self.numels)
+        self.k = max(1, int(options.density * self.numel))
+        self.rank = dist.get_rank(self.group) if dist.is_initialized() else 0
+        self.error = torch.zeros(self.numel, device=self.device) if options.error_feedback else None
+        # persistent work buffers (fresh N-element allocations cost page faults every step on the CPU)
+        self._send = None if options.error_feedback else torch.zeros(self.numel, device=self.device)
+        self._dense = torch.zeros(self.numel, device=self.device)
+        self.iteration = 0
+        self._stats: dict = {}
+        self.last: dict = {}  # the last step's selection, for diagnostics and tests
+
+    # -- gradients in and out --------------------------------------------------------------------
+    def _send_buffer(self) -> torch.Tensor:
+        """g = grad + e as one fp32 vector. With error feedback this *is* ``self.error`` (updated in
+        place: after the step it holds the new residual once the sent coordinates are zeroed)."""
+        if self.error is not None:
+            buf = self.error
+        else:
+            buf = self._send
+            buf.zero_()
+        off = 0
+        for p, n in zip(self.params, self.numels):
+            if p.grad is not None:
+                buf[off:off + n].add_(p.grad.detach().reshape(-1))
+            off += n
+        return buf
+
+    def _output(self) -> torch.Tensor:
+        """The zeroed dense fp32 output vector the averaged sparse gradient is scattered into."""
+        return self._dense.zero_()
+
+    def _write_back(self, dense: torch.Tensor) -> None:
+        off = 0
+        for p, n in zip(self.params, self.numels):
+            v = dense[off:off + n].view(p.shape)
+            if p.grad is None:
+                p.grad = v.to(p.dtype).clone()
+            else:
+                p.grad.copy_(v)
+            off += n
+
+    # -- collectives (every payload is counted) -------------------------------------------------
+    def _all_gather(self, t: torch.Tensor, kind: str) -> List[torch.Tensor]:
+        self._count(kind, t)
+        out = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(out, t, group=self.group)
+        return out
+
+    def _all_reduce(self, t: torch.Tensor, kind: str) -> torch.Tensor:
+        self._count(kind, t)
+        dist.all_reduce(t, group=self.group)
+        return t
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_initialized() and self.world_size > 1
+
+    def grad_ready(self, p) -> None:
+        pass  # the selection needs every gradient: all work is in finish()
+
+    def stats(self) -> dict:
+        return dict(self._stats)
+
+    @classmethod
+    def check_recipe(cls, recipe) -> list:
+        fp16 = recipe.deepspeed.get("fp16") or {}
+        if fp16.get("enabled", False) and not fp16.get("loss_scale"):
+            name = recipe.method.reducer.name
+            return [f"reducer {name!r} keeps an error-feedback residual of the gradients it sees, which under fp16 "
+                    "dynamic loss scaling are multiplied by a scale that changes between steps (and hold inf on "
+                    "overflow steps, which would poison the residual for good); use bf16, or a static "
+                    "deepspeed.fp16.loss_scale > 0"]
+        return []
+
+    def _base_state(self) -> dict:
+        return {"numel": self.numel, "world_size": self.world_size, "iteration": self.iteration,
+                "error": None if self.error is None else self.error.detach().cpu().clone()}
+
+    def _load_base_state(self, state: dict) -> None:
+        name = type(self).__name__
+        if state["numel"] != self.numel:
+            raise ValueError(f"{name} state is for {state['numel']} gradient elements, this model has {self.numel}")
+        if state["world_size"] != self.world_size:
+            raise ValueError(f"{name} state was saved with world size {state['world_size']}, "
+                             f"now {self.world_size}: error feedback and partitions are per rank")
+        if (state["error"] is None) != (self.error is None):
+            raise ValueError(f"{name} state and options disagree on error_feedback")
+        if self.error is not None:
+            self.error.copy_(state["error"])
+        self.iteration = int(state["iteration"])
+
+
+# ================================================================================================ topk
+class TopKOptions(Options):
+    density: float = Field(0.001, gt=0, le=1,
+                           description="fraction of the gradient each rank sends per step, k = density * N "
+                                       "(the seed's experiments use 0.001)")
+    exchange: Literal["allgather", "union"] = Field(
+        "allgather", description="'allgather': all_gather (index, value) of every rank's top-k; "
+                                 "'union': the seed's TopKReducer (all_gather indices, all_reduce values at the union)")
+    error_feedback: bool = Field(True, description="keep unsent coordinates in a residual added to the next "
+                                                   "gradient (the seed's optimizer_memory)")
+
+
+@REDUCERS.register("topk", TopKOptions)
+class TopKReducer(_SparseBase):
+    """Top-k sparsification with error feedback; reports the union size of the n top-k sets."""
+
+    def finish(self) -> None:
+        g = self._send_buffer()
+        idx, vals = ops.topk_select(g, self.k)
+        n = self.world_size
+        dense = self._output()
+        if not self.distributed:
+            union = idx
+            ops.scatter_add_(dense, idx, vals)
+            sent = idx
+        elif self.options.exchange == "allgather":
+            all_idx = torch.cat(self._all_gather(idx, "topk_indices"))
+            all_vals = torch.cat(self._all_gather(vals, "topk_values"))
+            ops.scatter_add_(dense, all_idx, all_vals)
+            dense.div_(n)
+            union = torch.unique(all_idx)
+            sent = idx
+        else:
+            union = torch.unique(torch.cat(self._all_gather(idx, "topk_indices")))
+            ops.scatter_add_(dense, union, self._all_reduce(g[union], "topk_values").div_(n))
+            sent = union
+        if self.error is not None:
+            ops.zero_at_(g, sent)
+        self._write_back(dense)
+        self.iteration += 1
+        u = union.numel()
+        self.last = {"indices": idx, "union": union}
+        self._stats = {"density": u / self.numel, "target_density": self.options.density,
+                       "union_size": u, "k": self.k, "buildup": u / self.k}
+
+    def state_dict(self) -> dict:
+        return self._base_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        self._load_base_state(state)
+
+
+# ============================================================================================== exdyna
+def block_layout(numel: int, world: int, num_blocks: int = 1024, align: int = 32) -> Tuple[int, int, int]:
+    """``(number of blocks, block size, remainder)`` with ``blocks * size + remainder == numel``.
+
+    The reference's rule (block size ``a - a % align``, ``a = numel // num_blocks``) whenever it gives
+    a non-empty block; for smaller vectors blocks of ``align`` elements (1 when ``numel < align *
+    world``), at most ``num_blocks`` of them (a documented deviation: the reference breaks there)."""
+    if numel < world:
+        raise ValueError(f"exdyna: the gradient has {numel} elements, fewer than the {world} ranks")
+    if num_blocks < world:
+        raise ValueError(f"exdyna: num_blocks={num_blocks} is smaller than the world size {world}")
+    a = numel // num_blocks
+    size = a - a % align
+    if size > 0:
+        return num_blocks, size, numel - size * num_blocks
+    size = align if numel >= align * world else 1
+    blocks = min(num_blocks, numel // size)
+    return blocks, size, numel - size * blocks
+
+
+def initial_partitions(num_blocks: int, world: int) -> Tuple[List[int], List[int]]:
+    """``(blocks per partition, first block of each partition)``: equal split, the first
+    ``num_blocks % world`` partitions one block larger."""
+    q, r = divmod(num_blocks, world)
+    part = [q + 1 if i < r else q for i in range(world)]
+    pos = [0] * world
+    for i in range(1, world):
+        pos[i] = pos[i - 1] + part[i - 1]
+    return part, pos
+
+
+def partition_loads(ks: Sequence[int], iteration: int) -> List[int]:
+    """Per-partition counts of step ``iteration`` from its per-rank counts (rank i held partition
+    ``(iteration + i) % n``)."""
+    n = len(ks)
+    tk = [0] * n
+    for i, k in enumerate(ks):
+        tk[(iteration % n + i) % n] = int(k)
+    return tk
+
+
+def reallocate(part: Sequence[int], pos: Sequence[int], loads: Sequence[int], k_prev: int, numel: int,
+               block_size: int, min_blocks: float) -> Tuple[List[int], List[int]]:
+    """Dynamic partition allocation: one pass over adjacent pairs, left to right, moving at most one
+    block across each boundary (ALGORITHMS.md 3(a) step 2). Returns new ``(part, pos)``."""
+    part, pos, tk = list(part), list(pos), [int(x) for x in loads]
+    n = len(part)
+    k_acc = int(k_prev) // n
+    if k_acc == 0:  # cannot happen when every rank sends >= 1 element (k_prev >= n); no division by 0
+        return part, pos
+    k_move = int(block_size * (k_prev / numel))
+    for i in range(n - 1):
+        d1, d2 = tk[i] / k_acc, tk[i + 1] / k_acc
+        if d1 > ALLOC_HI and d2 < ALLOC_LO:
+            if part[i] - 1 < min_blocks:
+                continue
+            part[i] -= 1
+            part[i + 1] += 1
+            pos[i + 1] -= 1
+            tk[i] -= k_move
+            tk[i + 1] += k_move
+        if d1 < ALLOC_LO and d2 > ALLOC_HI:
+            if part[i + 1] - 1 < min_blocks:
+                continue
+            part[i] += 1
+            part[i + 1] -= 1
+            pos[i + 1] += 1
+            tk[i] += k_move
+            tk[i + 1] -= k_move
+    return part, pos
+
+
+def partition_range(p: int, part: Sequence[int], pos: Sequence[int], block_size: int, remainder: int
+                    ) -> Tuple[int, int]:
+    """``[start, end)`` of partition ``p``; the last partition also holds the remainder elements."""
+    n = len(part)
+    start = pos[p] * block_size
+    end = (pos[p] + part[p]) * block_size + (remainder if p == n - 1 else 0)
+    return start, end
+
+
+def threshold_factor(ratio: float, rule: str = "faithful") -> float:
+    """Online threshold scaling factor from ``ratio = k_prev / k`` (achieved over target count)."""
+    if ratio > THRESH_HI:
+        return SF_UP
+    if ratio > THRESH_LO:
+        return SF_ON_TARGET if rule == "faithful" else 1.0
+    return SF_DOWN
+
+
+class ExDynaOptions(Options):
+    density: float = Field(0.001, gt=0, le=1,
+                           description="target fraction of the gradient selected per step over all ranks, "
+                                       "k = density * N (the seed's experiments use 0.001)")
+    threshold_rule: Literal["faithful", "hold"] = Field(
+        "faithful", description="'faithful': the reference (x1.00125 per step while on target, so the threshold "
+                                "creeps up); 'hold': keep the threshold while k_prev/k is in (0.909, 1.1]")
+    initial_threshold: Optional[float] = Field(
+        None, ge=0, description="first threshold; None = the seed's 1/(2 sqrt(k)); 0 selects everything")
+    num_blocks: int = Field(1024, ge=1, description="blocks the gradient vector is cut into (seed: 1024)")
+    block_align: int = Field(32, ge=1, description="block size is a multiple of this (seed: 32)")
+    error_feedback: bool = Field(True, description="keep unsent coordinates in a residual added to the next "
+                                                   "gradient (the seed's optimizer_memory)")
+
+
+@REDUCERS.register("exdyna", ExDynaOptions)
+class ExDynaReducer(_SparseBase):
+    """ExDyna (Yoon & Oh, CCGrid 2024): block partitions, dynamic allocation, exclusive
+    partition-wise threshold selection, online threshold scaling."""
+
+    def __init__(self, named_params, options: ExDynaOptions, **kw):
+        super().__init__(named_params, options, **kw)
+        n = self.world_size
+        self.num_blocks, self.block_size, self.remainder = block_layout(
+            self.numel, n, options.num_blocks, options.block_align)
+        self.min_blocks = self.num_blocks / (4 * n)
+        self.part, self.pos = initial_partitions(self.num_blocks, n)
+        self.threshold = 0.0
+        self.k_prev = 1
+        self.ks_prev: List[int] = []
+
+    def ranges(self) -> List[Tuple[int, int]]:
+        """``[start, end)`` of every partition under the current allocation."""
+        return [partition_range(p, self.part, self.pos, self.block_size, self.remainder)
+                for p in range(self.world_size)]
+
+    def finish(self) -> None:
+        t, n, o = self.iteration, self.world_size, self.options
+        if t > 0:
+            self.part, self.pos = reallocate(self.part, self.pos, partition_loads(self.ks_prev, t - 1),
+                                             self.k_prev, self.numel, self.block_size, self.min_blocks)
+        p = (t % n + self.rank) % n
+        st, en = partition_range(p, self.part, self.pos, self.block_size, self.remainder)
+        if t == 0:
+            self.threshold = (1.0 / (2.0 * math.sqrt(self.k)) if o.initial_threshold is None
+                              else float(o.initial_threshold))
+        else:
+            self.threshold *= threshold_factor(self.k_prev / self.k, o.threshold_rule)
+
+        g = self._send_buffer()
+        idx, _, count = ops.threshold_select(g, self.threshold, st, en)
+        fallback = count == 0
+        if fallback:
+            idx = torch.tensor([st + t % (en - st)], dtype=torch.int64, device=g.device)
+            count = 1
+        if self.distributed:
+            ks_t = self._all_gather(torch.tensor([count], dtype=torch.int64, device=g.device), "exdyna_counts")
+            ks = [int(x.item()) for x in ks_t]
+            padded = idx.new_zeros(max(ks))
+            padded[:count] = idx
+            gathered = self._all_gather(padded, "exdyna_indices")
+            union = torch.cat([gi[:k] for gi, k in zip(gathered, ks)])
+            vals = self._all_reduce(g[union], "exdyna_values").div_(n)
+        else:
+            ks, union, vals = [count], idx, g[idx]
+        dense = self._output()
+        ops.scatter_add_(dense, union, vals)
+        if self.error is not None:
+            ops.zero_at_(g, union)
+        self._write_back(dense)
+
+        total = sum(ks)
+        self.k_prev, self.ks_prev = total, ks
+        self.iteration += 1
+        self.last = {"indices": idx, "union": union, "partition": p, "range": (st, en), "ks": ks,
+                     "fallback": fallback}
+        self._stats = {"density": total / self.numel, "target_density": o.density, "union_size": total,
+                       "k_local": count, "imbalance": max(ks) * n / total - 1.0, "threshold": self.threshold,
+                       "partition": p}
+
+    def state_dict(self) -> dict:
+        return {**self._base_state(), "threshold": self.threshold, "k_prev": self.k_prev,
+                "ks_prev": list(self.ks_prev), "part": list(self.part), "pos": list(self.pos),
+                "layout": (self.num_blocks, self.block_size, self.remainder)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._load_base_state(state)
+        if tuple(state["layout"]) != (self.num_blocks, self.block_size, self.remainder):
+            raise ValueError(f"ExDynaReducer state has block layout {tuple(state['layout'])}, this model "
+                             f"{(self.num_blocks, self.block_size, self.remainder)}")
+        self.threshold = float(state["threshold"])
+        self.k_prev = int(state["k_prev"])
+        self.ks_prev = [int(k) for k in state["ks_prev"]]
+        self.part = [int(x) for x in state["part"]]
+        self.pos = [int(x) for x in state["pos"]]

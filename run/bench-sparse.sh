@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Sparse selection benchmark (not a test): selection time of a 25.6M-element fp32 gradient at density
+# 0.001 for torch.topk, the topk reducer, exdyna and a plain copy (ratios to the copy; CPU, and CUDA
+# when available), plus exdyna's achieved density vs iteration for both threshold rules (CSV, and a
+# PNG when matplotlib is importable) under runs/bench-sparse/.
+#   bash run/bench-sparse.sh                      # defaults
+#   bash run/bench-sparse.sh --reps 15 --devices cuda --out runs/bench-sparse-h100
+# The CPU rows use OMP_NUM_THREADS threads (run/env.sh sets 1 unless already set).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="$(bash "$ROOT/run/setup.sh" | tail -n 1)"
+cd "$ROOT"
+source "$ROOT/run/env.sh"
+exec "$PY" -m ds_ext.bench.sparse "$@"
