@@ -3,6 +3,10 @@
 A data set factory returns a ``DataBundle`` (train / val ``torch.utils.data.Dataset`` plus shape
 metadata). Which examples a rank visits, and in which order, is decided by the ``order`` method
 (``ds_ext.order``), not here.
+
+Readers of local files (nothing downloads; each module docstring gives the on-disk layout under
+``data.root`` and how to get the files, and a missing file raises FileNotFoundError saying so):
+``cifar`` (cifar10, cifar100), ``wikitext`` (wikitext2), ``movielens`` (ml20m), ``criteo`` (criteo).
 """
 from .base import DataBundle  # noqa: F401
-from . import digits  # noqa: F401  (registration)
+from . import digits, cifar, wikitext, movielens, criteo  # noqa: F401  (registration)
