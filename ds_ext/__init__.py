@@ -22,10 +22,10 @@ def initialize(recipe, model, steps_per_epoch, meter=None):
     return _initialize(recipe, model, steps_per_epoch, meter)
 
 
-def attach(engine, method=None, meter=None, group=None, check_every=0):
+def attach(engine, method=None, meter=None, group=None, check_every=0, total_steps=None):
     from .engine import attach as _attach
 
-    return _attach(engine, method, meter=meter, group=group, check_every=check_every)
+    return _attach(engine, method, meter=meter, group=group, check_every=check_every, total_steps=total_steps)
 
 
 load_builtin()

@@ -76,6 +76,7 @@ class Attachment:
         self.check_every = check_every
         self.steps = 0
         self.last_step_communicated = False
+        self._check_due = False
         self._handles = []
         self._orig_step = engine.step
         self._orig_allreduce_flag = engine.enable_backward_allreduce
@@ -86,20 +87,26 @@ class Attachment:
         engine.step = self.step  # instance attribute shadows DeepSpeedEngine.step
 
     def _hook(self, p):
-        if self.engine.is_gradient_accumulation_boundary():
+        if self.engine.is_gradient_accumulation_boundary() and self.sync.reduce_gradients_now():
             self.reducer.grad_ready(p)
 
     def step(self, *args, **kwargs):
         boundary = self.engine.is_gradient_accumulation_boundary()
         if boundary:
-            self.reducer.finish()
+            if self.sync.reduce_gradients_now():
+                self.reducer.finish()
+            self.sync.before_step()
         out = self._orig_step(*args, **kwargs)
         if boundary:
             self.last_step_communicated = bool(self.sync.after_step())
             self.meter.end_step()
             self.steps += 1
             if self.check_every and self.steps % self.check_every == 0:
+                self._check_due = True
+            # local methods: ranks agree only right after a global averaging, so check there
+            if self._check_due and self.sync.synced_globally:
                 check_consistency(self.engine.module, self.group, self.engine.global_steps)
+                self._check_due = False
         return out
 
     def detach(self) -> None:
@@ -121,11 +128,12 @@ class Attachment:
 
 
 def attach(engine, method: Union[None, Dict[str, Any], Any] = None, meter: Optional[CommMeter] = None,
-           group=None, check_every: int = 0) -> Attachment:
+           group=None, check_every: int = 0, total_steps: Optional[int] = None) -> Attachment:
     """Attach a reducer and a synchronizer to a DeepSpeed engine.
 
     ``method`` is the recipe's ``method`` section or a dict such as
-    ``{"reducer": {"name": "allreduce", "bucket_mb": 25}, "sync": "none"}``.
+    ``{"reducer": {"name": "allreduce", "bucket_mb": 25}, "sync": "none"}``. ``total_steps`` (the
+    run's optimizer steps) lets period schedules end their last round exactly at the last step.
     """
     load_builtin()
     if isinstance(method, dict):
@@ -144,13 +152,15 @@ def attach(engine, method: Union[None, Dict[str, Any], Any] = None, meter: Optio
     named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
     kw = dict(group=group, meter=meter, engine=engine)
     reducer = REDUCERS.build(rname, ropts, named, **kw)
-    sync = SYNCS.build(sname, sopts, named, **kw)
+    sync = SYNCS.build(sname, sopts, named, total_steps=total_steps, **kw)
     return Attachment(engine, reducer, sync, meter, group=group, check_every=check_every)
 
 
 def deepspeed_config(recipe, world_size: int) -> dict:
     micro, gas = recipe.batch_plan(world_size)
-    cfg = {"steps_per_print": 10**12, "wall_clock_breakdown": False}
+    # DeepSpeed clips at norm 1.0 unless told otherwise (GRADIENT_CLIPPING_DEFAULT), with one extra
+    # allreduce per step; a recipe clips only when its deepspeed block sets gradient_clipping.
+    cfg = {"steps_per_print": 10**12, "wall_clock_breakdown": False, "gradient_clipping": 0.0}
     cfg.update(recipe.deepspeed)
     cfg.update(train_batch_size=recipe.train.global_batch_size, train_micro_batch_size_per_gpu=micro,
                gradient_accumulation_steps=gas)
@@ -174,5 +184,7 @@ def initialize(recipe, model: torch.nn.Module, steps_per_epoch: int, meter: Opti
                           recipe.train.epochs)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                            config=deepspeed_config(recipe, world))
-    attachment = attach(engine, recipe.method, meter=meter, check_every=recipe.train.check_consistency_every)
+    total = steps_per_epoch * recipe.train.epochs
+    attachment = attach(engine, recipe.method, meter=meter, check_every=recipe.train.check_consistency_every,
+                        total_steps=total)
     return engine, attachment, schedule

@@ -15,7 +15,6 @@ import os
 import random
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import List, Optional
 
@@ -121,8 +120,6 @@ def evaluate(engine, dataset, batch_size: int, rank: int, world: int) -> dict:
 
 
 def train(recipe) -> int:
-    import deepspeed
-    import torch
     import torch.distributed as dist
     import torch.nn.functional as F
 
@@ -133,7 +130,9 @@ def train(recipe) -> int:
     from .recipe import RecipeError
     from .registry import DATASETS, MODELS, ORDERS
 
-    deepspeed.init_distributed(timeout=timedelta(seconds=recipe.train.collective_timeout_s))
+    from .distributed import init_distributed
+
+    init_distributed(recipe.train.collective_timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
     is0 = rank == 0
     try:
@@ -200,6 +199,15 @@ def train(recipe) -> int:
         if is0:
             bar.write(f"[ds_ext] checkpoint {path}")
 
+    def eval_now(epoch: int) -> dict:
+        # training batches for BatchNorm re-estimation (local methods with bn_batches > 0)
+        def train_batches():
+            return iter(make_loader(bundle.train, order.epoch_indices(epoch), micro, recipe.data.num_workers,
+                                    seed=epoch))
+
+        with att.sync.eval_view(engine.module, train_batches):
+            return evaluate(engine, bundle.val, recipe.data.eval_micro_batch_size or 2 * micro, rank, world)
+
     ce = recipe.checkpoint
     smoothing = t.label_smoothing
     history = []
@@ -254,7 +262,7 @@ def train(recipe) -> int:
                 break
         last_epoch = epoch + 1 == t.epochs
         if (t.eval_every_epochs and (epoch + 1) % t.eval_every_epochs == 0) or last_epoch:
-            last_eval = evaluate(engine, bundle.val, recipe.data.eval_micro_batch_size or 2 * micro, rank, world)
+            last_eval = eval_now(epoch)
             wb.log({f"val/{k[4:]}": v for k, v in last_eval.items()}, step=engine.global_steps)
             if is0:
                 bar.write(f"[ds_ext] epoch {epoch + 1}/{t.epochs} step {engine.global_steps}: "
@@ -264,7 +272,7 @@ def train(recipe) -> int:
     bar.close()
     elapsed = time.perf_counter() - t0
     if not last_eval:
-        last_eval = evaluate(engine, bundle.val, recipe.data.eval_micro_batch_size or 2 * micro, rank, world)
+        last_eval = eval_now(t.epochs - 1)
     summary = {"recipe": recipe.source, "world_size": world, "steps": engine.global_steps, "epochs": t.epochs,
                **names, **last_eval, "comm_bytes_total": meter.total_bytes,
                "comm_bytes_per_step": meter.total_bytes / max(meter.steps, 1), "train_seconds": elapsed}

@@ -12,7 +12,6 @@ import os
 import socket
 import tempfile
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -28,10 +27,11 @@ def free_port() -> int:
 def _entry(rank, fn, world_size, port, outdir, kwargs):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import deepspeed
     import torch.distributed as dist
 
-    deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=120))
+    from ds_ext.distributed import init_distributed
+
+    init_distributed(120, backend="gloo")
     try:
         result = fn(rank, world_size, **kwargs)
         torch.save(result, Path(outdir) / f"rank{rank}.pt")

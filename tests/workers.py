@@ -18,7 +18,7 @@ def make_engine(precision: str = "fp32", gas: int = 1, micro: int = 8, world: in
     model = tiny_model()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     cfg = {"train_batch_size": micro * gas * world, "train_micro_batch_size_per_gpu": micro,
-           "gradient_accumulation_steps": gas, "steps_per_print": 10**12, "zero_optimization": {"stage": zero}, "zero_allow_untested_optimizer": True,
+           "gradient_accumulation_steps": gas, "steps_per_print": 10**12, "zero_optimization": {"stage": zero}, "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0,
            "bf16": {"enabled": precision == "bf16"}}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     return engine

@@ -196,20 +196,4 @@ def suite(rank, world, cases):
     out = {}
     for name, (fn, kw) in cases.items():
         out[name] = globals()[fn](rank, world, **kw)
-    _unlink_deepspeed_shm(rank)
     return out
-
-
-def _unlink_deepspeed_shm(rank: int) -> None:
-    """DeepSpeed's CPU accelerator maps a ~66 MB /dev/shm segment per rank when LOCAL_SIZE equals the
-    world size and never unlinks it, so every spawned run would leak it. Once every rank is past
-    initialisation (the barrier) each rank unlinks its own; the mappings live until the process exits."""
-    import os
-
-    dist.barrier()
-    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
-    try:
-        os.unlink(name)
-    except FileNotFoundError:
-        pass

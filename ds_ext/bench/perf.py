@@ -91,14 +91,16 @@ def main(argv=None) -> int:
 
     import ds_ext
 
-    deepspeed.init_distributed()
+    from ..distributed import init_distributed
+
+    init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     spec = reducer_spec(args.opt, args.rank)
     torch.manual_seed(0)
     model, make_batch = build(args.dnn, args.seq_len, args.image_size)
     opt = torch.optim.SGD(model.parameters(), lr=0.01 * world)
     cfg = {"train_batch_size": args.bs * world, "train_micro_batch_size_per_gpu": args.bs,
-           "gradient_accumulation_steps": 1, "steps_per_print": 10**12, "zero_optimization": {"stage": 0},
+           "gradient_accumulation_steps": 1, "steps_per_print": 10**12, "zero_optimization": {"stage": 0}, "gradient_clipping": 0.0,
            "bf16": {"enabled": args.precision == "bf16"}, "fp16": {"enabled": args.precision == "fp16"}}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     att = ds_ext.attach(engine, {"reducer": spec})

@@ -1,7 +1,17 @@
-"""The synchronizer contract: ``after_step()`` runs right after every applied optimizer step and
-returns whether it communicated; its counters live in ``state_dict()``."""
+"""The synchronizer contract:
+
+* ``after_step()`` runs right after every optimizer step at an accumulation boundary and returns
+  whether it communicated;
+* ``reduce_gradients_now()`` says whether the gradient reducer runs for the coming step (post-local
+  SGD: data-parallel first, local later);
+* ``eval_view(module, train_batches)`` is a context manager the trainer evaluates inside (local
+  methods evaluate the averaged model);
+* its counters (and, for methods whose ranks diverge, each rank's own parameters and optimizer
+  state) live in ``state_dict()``.
+"""
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional, Tuple
 
 import torch
@@ -14,15 +24,32 @@ class Synchronizer:
     Options = NoOptions
 
     def __init__(self, named_params: List[Tuple[str, torch.nn.Parameter]], options: Options,
-                 group: Optional[dist.ProcessGroup] = None, meter=None, engine=None):
+                 group: Optional[dist.ProcessGroup] = None, meter=None, engine=None,
+                 total_steps: Optional[int] = None):
         self.named_params = named_params
         self.options = options
         self.group = group
         self.meter = meter
         self.engine = engine
+        self.total_steps = total_steps
 
     def after_step(self) -> bool:
         return False
+
+    def reduce_gradients_now(self) -> bool:
+        return True
+
+    def before_step(self) -> None:
+        """Right before the optimizer step at an accumulation boundary (after gradient reduction)."""
+
+    @property
+    def synced_globally(self) -> bool:
+        """True when every rank must now hold identical parameters (checked by ``check_consistency_every``)."""
+        return True
+
+    @contextlib.contextmanager
+    def eval_view(self, module, train_batches=None):
+        yield
 
     def state_dict(self) -> dict:
         return {}

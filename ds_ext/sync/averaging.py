@@ -1,0 +1,398 @@
+"""Parameter-averaging synchronizers: ``local`` (Local SGD / Local AdamW, constant H, QSR or post-local)
+and ``dssync`` (divide-and-shuffle groups). A period (``schedules.py``) decides *when* to average, a
+grouping decides *with whom*; both are small separate objects.
+
+``local`` -- Local SGD / Local AdamW as in the QSR paper (Gu et al., ICLR 2024, Algorithm 1 with the
+synchronisation period of eq. 3) and its reference (hmgxr128/QSR ``localopt.py: LocalOptimizer``):
+every rank steps its own optimizer on its own gradient (the gradient reducer is ``none``, the engine's
+allreduce is off); after H optimizer steps the parameters are averaged over the data-parallel group
+with one fused flat allreduce (optionally Adam's first / second moments: ``avg_m`` / ``avg_v``; for
+SGD ``avg_m`` averages the momentum buffer). BatchNorm buffers are not touched at a sync (as the
+reference); with ``bn_batches > 0`` they are re-estimated before each evaluation on that many training
+batches in total (``bn_batches / world`` per rank, cumulative average, then averaged over ranks), as
+the reference's ``estimate_BN_params``.
+
+``dssync`` -- DS-Sync (Wang et al., arXiv 2007.03298, "Divide-and-Shuffle Synchronization"): the
+world is divided into G groups of world/G ranks; at each sync every group averages its parameters
+(and BN running statistics) among its members only, dividing by the actual group size, with groups
+reshuffled each time by a permutation every rank draws from the same seeded generator
+(``grouping: shuffle``) or taken from a fixed cyclic list of patterns (``grouping: patterns``; the
+reference's 4-worker alternation {0,1}{2,3} / {0,3}{1,2} is the default for 4 ranks and 2 groups).
+It composes with any period: averaging in shuffled groups every H steps (``period: qsr``) is valid.
+
+Deliberate deviations from the reference code, named:
+* DS-Sync averages one fused flat buffer per sync (the reference: one allreduce per parameter tensor)
+  and divides by the group size (the reference divides by world/2, right only for 2 groups).
+* DS-Sync averages after the optimizer step (as the reference's SQuAD / DeepFM scripts; its CIFAR and
+  ImageNet scripts average before the forward pass -- the same sequence shifted by one step).
+* The shuffle permutation is drawn from a generator seeded by (seed, sync index), so a resumed run
+  continues the same sequence; process groups are created lazily the first time a member set is
+  needed -- by every rank, in the same order (``new_group`` is collective) -- and cached.
+* Evaluation between syncs (when local parameters differ) scores the *average* model: parameters are
+  averaged into the module for the evaluation (not counted as training traffic) and the local ones
+  restored afterwards. The reference only evaluates at sync points.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Dict, Iterable, List, Literal, Optional
+
+import torch
+import torch.distributed as dist
+from pydantic import Field, model_validator
+
+from ..registry import SYNCS, Options
+from .base import Synchronizer
+
+_PERIOD_FIELDS = {"constant": {"h"}, "qsr": {"alpha", "h_base", "power", "init_h", "warmup_steps"},
+                  "postlocal": {"switch_step", "h"}}
+
+
+class AveragingOptions(Options):
+    period: Literal["constant", "qsr", "postlocal"] = Field(
+        "constant", description="constant H, the QSR rule, or post-local SGD")
+    h: int = Field(4, ge=1, description="local steps per round (constant; post-local after the switch)")
+    alpha: Optional[float] = Field(None, ge=0, description="QSR alpha: H = max(h_base, floor((alpha/lr)^power))")
+    h_base: int = Field(4, ge=1, description="QSR minimum H")
+    power: float = Field(2.0, gt=0, description="QSR exponent (the paper's rule: 2)")
+    init_h: Optional[int] = Field(None, ge=1, description="QSR H during LR warm-up (default h_base)")
+    warmup_steps: Optional[int] = Field(None, ge=0, description="QSR warm-up length (default: the LR schedule's)")
+    switch_step: int = Field(0, ge=0, description="post-local: data-parallel before this optimizer step")
+    avg_m: bool = Field(False, description="also average Adam exp_avg (SGD: momentum_buffer)")
+    avg_v: bool = Field(False, description="also average Adam exp_avg_sq")
+    avg_buffers: bool = Field(False, description="also average BatchNorm running statistics at each sync")
+    bn_batches: int = Field(0, ge=0, description="re-estimate BatchNorm statistics on this many training "
+                                                  "batches (in total) before each evaluation; 0: off")
+    clip_grad_norm: Optional[float] = Field(None, gt=0, description="clip each rank's local gradient to this "
+                                                                    "L2 norm before its step (no communication)")
+
+    @model_validator(mode="after")
+    def _period_fields(self):
+        given = self.model_fields_set
+        other = set().union(*_PERIOD_FIELDS.values()) - _PERIOD_FIELDS[self.period]
+        stray = sorted(given & other)
+        if stray:
+            raise ValueError(f"{', '.join(stray)} do(es) not apply to period {self.period!r} (it uses: "
+                             f"{', '.join(sorted(_PERIOD_FIELDS[self.period]))})")
+        if self.period == "qsr" and self.alpha is None:
+            raise ValueError("period 'qsr' needs alpha (e.g. 0.0175 for the QSR paper's ViT-B recipe)")
+        if self.period == "postlocal" and "switch_step" not in given:
+            raise ValueError("period 'postlocal' needs switch_step (the optimizer step where local rounds start)")
+        return self
+
+
+class LocalOptions(AveragingOptions):
+    pass
+
+
+class DSSyncOptions(AveragingOptions):
+    h: int = Field(1, ge=1, description="steps between group averagings (the reference: every step)")
+    avg_buffers: bool = Field(True, description="average BatchNorm running statistics within the group (as the reference)")
+    groups: int = Field(2, ge=1, description="number of groups G (world size must be a multiple)")
+    grouping: Literal["shuffle", "patterns"] = Field("shuffle", description="seeded reshuffle at each sync, or "
+                                                                            "cycle through fixed patterns")
+    patterns: Optional[List[List[List[int]]]] = Field(
+        None, description="grouping 'patterns': list of patterns, each a list of G rank lists; default: "
+                          "contiguous blocks, then blocks shifted by one rank")
+    seed: int = Field(0, description="seed of the shared shuffle permutations")
+
+
+def _check_common(recipe, name: str) -> list:
+    problems = []
+    red = recipe.method.reducer.name
+    o = recipe.method.sync.options if recipe.method.sync._options is not None else None
+    period = getattr(o, "period", "constant")
+    if red == "deepspeed":
+        problems.append(f"sync {name!r} needs our reducers (the engine's own allreduce cannot be switched off per "
+                        f"step): use reducer 'none'" + (" or 'allreduce'" if period == "postlocal" else ""))
+    elif period == "postlocal" and red == "none":
+        problems.append("period 'postlocal' averages gradients before switch_step: set method.reducer to "
+                        "'allreduce' (or another gradient reducer)")
+    elif period != "postlocal" and red != "none":
+        problems.append(f"sync {name!r} with period {period!r} takes local steps: method.reducer must be 'none' "
+                        f"(got {red!r}, which would communicate gradients every step)")
+    if float(recipe.deepspeed.get("gradient_clipping", 0) or 0) > 0:
+        problems.append(f"sync {name!r}: deepspeed.gradient_clipping clips with a gradient norm averaged over all "
+                        f"ranks (one allreduce every step); use method.sync.clip_grad_norm, which clips each rank's "
+                        f"local gradient without communicating")
+    prec = recipe.precision()
+    if prec in ("bf16", "fp16"):
+        problems.append(f"sync {name!r} averages the module's parameters, but DeepSpeed {prec} keeps separate fp32 "
+                        f"master weights that would overwrite them: use fp32 parameters with mixed-precision "
+                        f"compute instead, deepspeed.torch_autocast: {{enabled: true, dtype: "
+                        f"{'bfloat16' if prec == 'bf16' else 'float16'}}}")
+    return problems
+
+
+class _Averaging(Synchronizer):
+    """Shared machinery: period, round counters, fused flat averaging, eval view, per-rank state."""
+
+    def __init__(self, named_params, options: AveragingOptions, group=None, meter=None, engine=None,
+                 total_steps: Optional[int] = None, lr_at: Optional[Callable[[int], float]] = None,
+                 warmup_steps: Optional[int] = None):
+        super().__init__(named_params, options, group=group, meter=meter, engine=engine, total_steps=total_steps)
+        self.params = [p for _, p in named_params]
+        self.world_size = dist.get_world_size(group) if dist.is_initialized() else 1
+        sched = getattr(engine, "lr_scheduler", None) if engine is not None else None
+        if lr_at is None and hasattr(sched, "lr_at"):
+            lr_at = sched.lr_at
+        if warmup_steps is None:
+            warmup_steps = options.warmup_steps if options.warmup_steps is not None else getattr(sched, "warmup", 0)
+        self._lr_at = lr_at
+        from .schedules import make_period  # not at import: `python -m ds_ext.sync.schedules` runs that module
+
+        self.period = make_period(options, warmup_steps, total_steps)
+        self.h = self.period.first_h()
+        self.step_ctr = 0  # optimizer steps done
+        self.local_steps = 0  # steps since the last averaging
+        self.rounds = 0  # averagings done
+        self.comm_steps = 0  # steps that communicated (averaging or data-parallel gradient steps)
+        clip = engine.gradient_clipping() if engine is not None and hasattr(engine, "gradient_clipping") else 0.0
+        if clip and clip > 0:
+            raise ValueError(f"{type(self).__name__}: the DeepSpeed config clips gradients (gradient_clipping={clip}) "
+                             "with a norm averaged over all ranks, one allreduce every step; set gradient_clipping "
+                             "to 0 and use the sync's clip_grad_norm option (local clipping)")
+        for p in self.params:
+            if p.dtype != torch.float32:
+                raise ValueError(f"{type(self).__name__} averages fp32 parameters; got {p.dtype} (use "
+                                 "deepspeed.torch_autocast for mixed precision)")
+
+    # -- what the engine asks ---------------------------------------------------------------------
+    def reduce_gradients_now(self) -> bool:
+        return self.period.data_parallel(self.step_ctr)
+
+    def before_step(self) -> None:
+        c = self.options.clip_grad_norm
+        if c is not None:
+            grads = [p for p in self.params if p.grad is not None]
+            if grads:
+                torch.nn.utils.clip_grad_norm_(grads, c)
+
+    def after_step(self) -> bool:
+        data_parallel = self.period.data_parallel(self.step_ctr)
+        self.step_ctr += 1
+        self.local_steps += 1
+        if data_parallel:  # gradients were averaged: parameters are already identical
+            self.comm_steps += 1
+            self.local_steps = 0
+            self.h = self.period.next_h(self.step_ctr, self._lr(self.step_ctr))
+            return True
+        if self.local_steps < self.h:
+            return False
+        self._average_now()
+        self.rounds += 1
+        self.comm_steps += 1
+        self.local_steps = 0
+        self.h = self.period.next_h(self.step_ctr, self._lr(self.step_ctr))
+        return True
+
+    def _lr(self, step: int) -> float:
+        if self._lr_at is not None:
+            return float(self._lr_at(step))
+        opt = self._optimizer()
+        return float(opt.param_groups[0]["lr"]) if opt is not None else 0.0
+
+    def _optimizer(self):
+        opt = getattr(self.engine, "optimizer", None) if self.engine is not None else None
+        if opt is not None and not hasattr(opt, "state") and hasattr(opt, "optimizer"):
+            opt = opt.optimizer
+        return opt
+
+    # -- averaging ---------------------------------------------------------------------------------
+    def _tensors(self, for_eval: bool = False) -> List[torch.Tensor]:
+        ts = [p.data for p in self.params]
+        if for_eval:
+            return ts
+        o = self.options
+        opt = self._optimizer()
+        if opt is not None and (o.avg_m or o.avg_v):
+            for p in self.params:
+                st = opt.state.get(p, {})
+                if o.avg_m:
+                    for key in ("exp_avg", "momentum_buffer"):
+                        if isinstance(st.get(key), torch.Tensor):
+                            ts.append(st[key])
+                if o.avg_v and isinstance(st.get("exp_avg_sq"), torch.Tensor):
+                    ts.append(st["exp_avg_sq"])
+        if o.avg_buffers:
+            ts += self._bn_buffers()
+        return ts
+
+    def _bn_buffers(self) -> List[torch.Tensor]:
+        module = getattr(self.engine, "module", None)
+        if module is None:
+            return []
+        return [b for n, b in module.named_buffers() if n.endswith(("running_mean", "running_var"))]
+
+    def _average(self, tensors: List[torch.Tensor], group, size: int, count: bool = True) -> None:
+        if not tensors or size == 1:
+            return
+        flat = torch.cat([t.reshape(-1).float() for t in tensors])
+        if count:
+            self._count("param_allreduce", flat)
+        dist.all_reduce(flat, group=group)
+        flat.div_(size)
+        views = [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+        torch._foreach_copy_(tensors, views)
+
+    def _count(self, kind: str, t: torch.Tensor) -> None:
+        if self.meter is not None:
+            self.meter.add(kind, t.numel() * t.element_size())
+
+    def _average_now(self) -> None:
+        raise NotImplementedError
+
+    # -- evaluation --------------------------------------------------------------------------------
+    @property
+    def in_sync(self) -> bool:
+        return self.local_steps == 0
+
+    @property
+    def synced_globally(self) -> bool:
+        return self.in_sync
+
+    @contextlib.contextmanager
+    def eval_view(self, module: torch.nn.Module, train_batches: Optional[Callable[[], Iterable]] = None):
+        """Evaluate the averaged model: average parameters in (if between syncs), re-estimate BN if
+        asked; restore the local parameters afterwards. Collective: every rank enters it."""
+        saved = None
+        if not self.in_sync and self.world_size > 1:
+            saved = [p.detach().clone() for p in self.params] + [b.clone() for b in self._bn_buffers()]
+            self._average(self._tensors(for_eval=True), self.group, self.world_size, count=False)
+        if self.options.bn_batches > 0 and train_batches is not None:
+            self._reestimate_bn(module, train_batches)
+        try:
+            yield
+        finally:
+            if saved is not None:
+                torch._foreach_copy_([p.data for p in self.params] + self._bn_buffers(), saved)
+
+    def _reestimate_bn(self, module, train_batches) -> None:
+        bns = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+               and m.track_running_stats]
+        if not bns:
+            return
+        per_rank = max(1, self.options.bn_batches // self.world_size)
+        momenta = [m.momentum for m in bns]
+        was_training = module.training
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average, the reference's momentum 1/(1+i)
+        module.train()
+        p0 = self.params[0]
+        with torch.no_grad():
+            for i, (x, _) in enumerate(train_batches()):
+                if i >= per_rank:
+                    break
+                module(x.to(p0.device, dtype=p0.dtype if x.is_floating_point() else x.dtype))
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        module.train(was_training)
+        stats = [t for m in bns for t in (m.running_mean, m.running_var)]
+        self._average(stats, self.group, self.world_size, count=False)
+
+    # -- state ----------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        return {"H": self.h, "rounds": self.rounds, "comm_fraction": self.comm_steps / max(self.step_ctr, 1)}
+
+    def state_dict(self) -> dict:
+        """Counters, H, and this rank's own parameters and optimizer state (ranks differ between syncs;
+        DeepSpeed's checkpoint keeps rank 0's only)."""
+        module = getattr(self.engine, "module", None)
+        opt = self._optimizer()
+        return {"h": self.h, "step_ctr": self.step_ctr, "local_steps": self.local_steps, "rounds": self.rounds,
+                "comm_steps": self.comm_steps,
+                "module": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if module else None,
+                "optimizer": opt.state_dict() if opt is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.h, self.step_ctr = int(state["h"]), int(state["step_ctr"])
+        self.local_steps, self.rounds = int(state["local_steps"]), int(state["rounds"])
+        self.comm_steps = int(state["comm_steps"])
+        module = getattr(self.engine, "module", None)
+        if module is not None and state.get("module") is not None:
+            module.load_state_dict(state["module"])
+        opt = self._optimizer()
+        if opt is not None and state.get("optimizer") is not None:
+            opt.load_state_dict(state["optimizer"])
+
+
+@SYNCS.register("local", LocalOptions)
+class LocalSync(_Averaging):
+    """Local SGD / Local AdamW: average over the whole data-parallel group every H steps (constant, QSR
+    or post-local)."""
+
+    def _average_now(self) -> None:
+        self._average(self._tensors(), self.group, self.world_size)
+
+    @classmethod
+    def check_recipe(cls, recipe) -> list:
+        return _check_common(recipe, "local")
+
+
+def default_patterns(world: int, groups: int) -> List[List[List[int]]]:
+    """Contiguous blocks, then the blocks shifted by one rank (for 4 ranks, 2 groups: the reference's
+    {0,1}{2,3} / {0,3}{1,2}, whose two averagings compose to the exact global mean)."""
+    size = world // groups
+    a = [list(range(k * size, (k + 1) * size)) for k in range(groups)]
+    if groups in (1, world):
+        return [a]
+    b = [sorted(((k * size + j - 1) % world) for j in range(size)) for k in range(groups)]
+    return [a, b]
+
+
+@SYNCS.register("dssync", DSSyncOptions)
+class DSSync(_Averaging):
+    """DS-Sync: at each sync, average parameters within G disjoint groups that change every time."""
+
+    def __init__(self, named_params, options: DSSyncOptions, **kw):
+        super().__init__(named_params, options, **kw)
+        if self.group is not None:
+            raise ValueError("dssync builds its own process groups over the default (world) group")
+        n, g = self.world_size, options.groups
+        if n % g:
+            raise ValueError(f"dssync: groups={g} does not divide the world size {n}")
+        self.group_size = n // g
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        if options.grouping == "patterns":
+            self.patterns = options.patterns or default_patterns(n, g)
+            for i, pat in enumerate(self.patterns):
+                flat = sorted(r for grp in pat for r in grp)
+                if flat != list(range(n)) or len(pat) != g or any(len(grp) != self.group_size for grp in pat):
+                    raise ValueError(f"dssync: patterns[{i}] = {pat} must split ranks 0..{n - 1} into {g} groups of "
+                                     f"{self.group_size}")
+        self._handles: Dict[tuple, object] = {}
+
+    @property
+    def synced_globally(self) -> bool:
+        return self.in_sync and (self.options.groups == 1 or self.period.data_parallel(self.step_ctr - 1))
+
+    def grouping(self, index: int) -> List[List[int]]:
+        """The groups of sync number ``index`` (identical on every rank)."""
+        o = self.options
+        n, g, s = self.world_size, o.groups, self.group_size
+        if o.grouping == "patterns":
+            return [sorted(grp) for grp in self.patterns[index % len(self.patterns)]]
+        gen = torch.Generator().manual_seed((o.seed * 1_000_003 + index) % 2**63)
+        perm = torch.randperm(n, generator=gen).tolist()
+        return [sorted(perm[k * s:(k + 1) * s]) for k in range(g)]
+
+    def _handle(self, members: tuple):
+        if members not in self._handles:
+            self._handles[members] = dist.new_group(list(members))
+        return self._handles[members]
+
+    def _average_now(self) -> None:
+        if self.group_size == 1:
+            return
+        groups = self.grouping(self.rounds)
+        mine = None
+        for grp in groups:  # every rank creates every new group, in the same order
+            h = self._handle(tuple(grp)) if self.group_size < self.world_size else None
+            if self.rank in grp:
+                mine = h
+        self._average(self._tensors(), mine, self.group_size)
+
+    @classmethod
+    def check_recipe(cls, recipe) -> list:
+        return _check_common(recipe, "dssync")

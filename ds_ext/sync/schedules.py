@@ -1,0 +1,233 @@
+"""Synchronisation periods: how many local optimizer steps H run between two parameter averagings.
+
+* ``constant``: H fixed.
+* ``qsr``: the Quadratic Synchronization Rule -- Gu, Lyu, Arora, Zhang, Huang, "A Quadratic
+  Synchronization Rule for Distributed Deep Learning", ICLR 2024, eq. (3):
+  H = max(H_base, floor((alpha / eta)^power)) with power = 2, where eta is the learning rate of the
+  first step of the new round. As the reference (hmgxr128/QSR ``localopt.py: adjust_h``) computes it:
+  after each averaging, from the learning rate already set for the next step; ``init_h`` while that
+  step is inside the LR warm-up; clamped to the remaining steps so the last round ends exactly at the
+  last step; ``int()`` = floor.
+* ``postlocal``: post-local SGD (Lin, Stich, Patel, Jaggi, "Don't Use Large Mini-Batches, Use Local
+  SGD", ICLR 2020): gradients are averaged every step (data-parallel) until ``switch_step``, then local
+  rounds of ``h`` steps.
+
+Every period clamps H to [1, remaining steps] when the total is known.
+
+    python -m ds_ext.sync.schedules --recipe R [--set k=v ...] [--world-size N] [--csv]
+
+prints a recipe's whole schedule without training: total steps, sync rounds, fraction of steps that
+communicate, and the H in force at 10 %, 20 %, ..., 100 % of training (``--csv``: every round).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import Callable, List, Optional, Tuple
+
+
+class Period:
+    """``first_h()`` before step 0; ``next_h(step, lr)`` right after an averaging that ended ``step``
+    optimizer steps (``lr`` = learning rate of step ``step``, the first of the new round);
+    ``data_parallel(step)``: whether step ``step`` averages gradients instead of stepping locally."""
+
+    name = "period"
+
+    def __init__(self, total_steps: Optional[int] = None):
+        self.total_steps = total_steps
+
+    def _clamp(self, h: int, step: int) -> int:
+        if self.total_steps is not None:
+            h = min(h, self.total_steps - step)
+        return max(int(h), 1)
+
+    def first_h(self) -> int:
+        return self._clamp(self._first(), 0)
+
+    def next_h(self, step: int, lr: float) -> int:
+        return self._clamp(self._next(step, lr), step)
+
+    def data_parallel(self, step: int) -> bool:
+        return False
+
+    def _first(self) -> int:
+        raise NotImplementedError
+
+    def _next(self, step: int, lr: float) -> int:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.name
+
+
+class Constant(Period):
+    name = "constant"
+
+    def __init__(self, h: int, total_steps: Optional[int] = None):
+        super().__init__(total_steps)
+        self.h = int(h)
+
+    def _first(self):
+        return self.h
+
+    def _next(self, step, lr):
+        return self.h
+
+    def describe(self):
+        return f"constant H={self.h}"
+
+
+class QSR(Period):
+    """H = max(H_base, floor((alpha / lr)^power)); ``init_h`` during warm-up (QSR eq. 3 + reference)."""
+
+    name = "qsr"
+
+    def __init__(self, alpha: float, h_base: int, power: float = 2.0, init_h: Optional[int] = None,
+                 warmup_steps: int = 0, total_steps: Optional[int] = None):
+        super().__init__(total_steps)
+        self.alpha, self.h_base, self.power = float(alpha), int(h_base), float(power)
+        self.init_h = int(init_h if init_h is not None else h_base)
+        self.warmup_steps = int(warmup_steps)
+
+    def rule(self, lr: float) -> int:
+        if self.alpha == 0:
+            return self.init_h
+        if lr <= 0:
+            return sys.maxsize  # lr 0: no reason to communicate; the clamp ends the round at the last step
+        return max(int((self.alpha / lr) ** self.power), self.h_base)
+
+    def _first(self):
+        return self.init_h
+
+    def _next(self, step, lr):
+        if step < self.warmup_steps or self.alpha == 0:
+            return self.init_h
+        return self.rule(lr)
+
+    def describe(self):
+        return (f"qsr alpha={self.alpha:g} H_base={self.h_base} power={self.power:g} init_h={self.init_h} "
+                f"(warm-up {self.warmup_steps} steps)")
+
+
+class PostLocal(Period):
+    """Data-parallel (gradient averaging) for steps < ``switch_step``, then rounds of ``h`` local steps."""
+
+    name = "postlocal"
+
+    def __init__(self, switch_step: int, h: int, total_steps: Optional[int] = None):
+        super().__init__(total_steps)
+        self.switch_step, self.h = int(switch_step), int(h)
+
+    def data_parallel(self, step):
+        return step < self.switch_step
+
+    def _first(self):
+        return 1 if self.switch_step > 0 else self.h
+
+    def _next(self, step, lr):
+        return 1 if step < self.switch_step else self.h
+
+    def describe(self):
+        return f"post-local: data-parallel until step {self.switch_step}, then H={self.h}"
+
+
+def make_period(options, warmup_steps: int = 0, total_steps: Optional[int] = None) -> Period:
+    """From a synchronizer's options (fields ``period``, ``h``, ``alpha``, ``h_base``, ``power``,
+    ``init_h``, ``switch_step``)."""
+    kind = options.period
+    if kind == "constant":
+        return Constant(options.h, total_steps)
+    if kind == "qsr":
+        return QSR(options.alpha, options.h_base, options.power, options.init_h, warmup_steps, total_steps)
+    if kind == "postlocal":
+        return PostLocal(options.switch_step, options.h, total_steps)
+    raise ValueError(f"unknown period {kind!r}; choose constant, qsr or postlocal")
+
+
+def simulate(period: Period, lr_at: Callable[[int], float], total_steps: int) -> List[Tuple[int, int, bool]]:
+    """Every round as (first step, H, data-parallel), exactly as the synchronizer walks them."""
+    rounds, step, h = [], 0, period.first_h()
+    while step < total_steps:
+        h = min(h, total_steps - step)
+        rounds.append((step, h, period.data_parallel(step)))
+        step += h
+        if step < total_steps:
+            h = period.next_h(step, lr_at(step))
+    return rounds
+
+
+def _recipe_schedule(recipe, world: int, steps_per_epoch: Optional[int]):
+    from ..optim import LRSchedule
+    from ..registry import DATASETS, ORDERS, load_builtin
+
+    load_builtin()
+    micro, gas = recipe.batch_plan(world)
+    if steps_per_epoch is None:
+        if recipe.train.steps_per_epoch:
+            steps_per_epoch = recipe.train.steps_per_epoch
+        else:
+            bundle = DATASETS.build(recipe.data.name, recipe.data.options, root=recipe.data.root)
+            order = ORDERS.build(recipe.method.order.name, recipe.method.order.options, len(bundle.train), 0, world,
+                                 recipe.train.seed)
+            steps_per_epoch = order.shard_size // micro // gas
+    total = int(steps_per_epoch * recipe.train.epochs)
+    lr = LRSchedule(None, recipe.schedule, recipe.optimizer.options.lr, steps_per_epoch, recipe.train.epochs)
+    return lr, total, steps_per_epoch
+
+
+def main(argv=None) -> int:
+    from ..recipe import RecipeError, load_recipe
+
+    ap = argparse.ArgumentParser(prog="python -m ds_ext.sync.schedules",
+                                 description="Print a recipe's synchronisation schedule without training.")
+    ap.add_argument("--recipe", required=True)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--host-config", default=None)
+    ap.add_argument("--world-size", type=int, default=None, help="default: $WORLD_SIZE or 1")
+    ap.add_argument("--steps-per-epoch", type=int, default=None,
+                    help="default: train.steps_per_epoch, else computed from the data set")
+    ap.add_argument("--csv", action="store_true", help="print every round: round,first_step,H,lr,data_parallel")
+    args = ap.parse_args(argv)
+    import os
+
+    world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        recipe = load_recipe(args.recipe, args.overrides, args.host_config)
+    except RecipeError as e:
+        print(f"recipe error:\n{e}", file=sys.stderr)
+        return 2
+    sync = recipe.method.sync
+    if sync.name not in ("local", "dssync"):
+        print(f"{recipe.source}: method.sync is {sync.name!r}: parameters are not averaged on a period "
+              f"(every step communicates through reducer {recipe.method.reducer.name!r})")
+        return 0
+    try:
+        lr, total, spe = _recipe_schedule(recipe, world, args.steps_per_epoch)
+    except (FileNotFoundError, RecipeError) as e:
+        print(f"cannot size the schedule: {e}\n(pass --steps-per-epoch N)", file=sys.stderr)
+        return 2
+    period = make_period(sync.options, lr.warmup, total)
+    rounds = simulate(period, lr.lr_at, total)
+    if args.csv:
+        print("round,first_step,H,lr,data_parallel")
+        for i, (s, h, dp) in enumerate(rounds):
+            print(f"{i},{s},{h},{lr.lr_at(s):.6g},{int(dp)}")
+        return 0
+    syncs = len(rounds)
+    print(f"{recipe.source}: sync={sync.name} period: {period.describe()}")
+    print(f"world {world}: {spe} steps/epoch x {recipe.train.epochs} epochs = {total} optimizer steps; "
+          f"{syncs} sync rounds; {syncs / max(total, 1):.2%} of steps communicate "
+          f"(data-parallel: 100%)")
+    print(f"{'progress':>9} {'step':>9} {'lr':>11} {'H':>7}")
+    k = 0
+    for pct in range(10, 101, 10):
+        step = min(total - 1, math.ceil(total * pct / 100) - 1)
+        while k + 1 < len(rounds) and rounds[k + 1][0] <= step:
+            k += 1
+        print(f"{pct:>8}% {step:>9} {lr.lr_at(step):>11.4g} {rounds[k][1]:>7}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
