@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import List, Optional
 
 EXIT_RECIPE = 2
+EXIT_DATA = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,7 +112,7 @@ def evaluate(engine, dataset, batch_size: int, rank: int, world: int) -> dict:
             y = y.to(out.device)
             stats[0] += F.cross_entropy(out, y, reduction="sum").item()
             stats[1] += (out.argmax(1) == y).sum().item()
-            stats[2] += len(y)
+            stats[2] += y.numel()  # tokens for a language model
     dist.all_reduce(stats)
     module.train(was_training)
     n = max(stats[2].item(), 1.0)
@@ -144,8 +145,13 @@ def train(recipe) -> int:
 
     t = recipe.train
     _seed_all(t.seed)  # identical model initialisation on every rank
-    bundle = DATASETS.build(recipe.data.name, recipe.data.options, root=recipe.data.root)
-    model = MODELS.build(recipe.model.name, recipe.model.options)
+    try:
+        bundle = DATASETS.build(recipe.data.name, recipe.data.options, root=recipe.data.root)
+    except FileNotFoundError as e:  # every rank sees the same files, so every rank exits here
+        if is0:
+            print(f"data error: {recipe.source}: data ({recipe.data.name}): {e}", file=sys.stderr)
+        return EXIT_DATA
+    model = MODELS.build(recipe.model.name, recipe.model.options, data=bundle)  # sizes from the data (vocab, fields)
     order = ORDERS.build(recipe.method.order.name, recipe.method.order.options, len(bundle.train), rank, world, t.seed)
     micro_per_epoch = order.shard_size // micro
     steps_per_epoch = micro_per_epoch // gas
@@ -216,6 +222,8 @@ def train(recipe) -> int:
     samples_done = 0
     for epoch in range(start_epoch, t.epochs):
         skip = start_step if epoch == start_epoch else 0
+        if hasattr(bundle.train, "set_epoch"):  # e.g. NCF draws fresh negatives every epoch
+            bundle.train.set_epoch(epoch)
         idx = order.epoch_indices(epoch)[: steps_per_epoch * gas * micro]
         loader = make_loader(bundle.train, idx[skip * gas * micro:], micro, recipe.data.num_workers,
                              seed=(t.seed * 1_000_003 + epoch) * 4099 + rank)
