@@ -11,4 +11,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="$(bash "$ROOT/run/setup.sh" | tail -n 1)"
 cd "$ROOT"
 source "$ROOT/run/env.sh"
+# the density plot needs matplotlib (the `bench` extra); install it on first use
+if ! "$PY" -c 'import matplotlib' 2>/dev/null; then
+  "$PY" -m pip install -q -e "$ROOT[bench]" >/dev/null 2>&1 || echo "[bench-sparse] could not install matplotlib: CSV only" >&2
+fi
 exec "$PY" -m ds_ext.bench.sparse "$@"
