@@ -9,7 +9,13 @@
   only when ``engine.is_gradient_accumulation_boundary()`` (the last micro-batch of the window);
 * ``engine.step`` is wrapped on the instance: at a boundary the reducer's ``finish()`` writes the
   averaged gradients before DeepSpeed's step, and the synchronizer, the communication meter and the
-  optional cross-rank consistency check run after it.
+  optional cross-rank consistency check run after it;
+* for a gradient-driven order (``order.observes_gradients``: D-GraB / CD-GraB), ``Tensor.register_hook``
+  on every trainable parameter copies each microbatch's gradient (as backward produces it, before
+  accumulation into ``.grad``) into one flat fp32 buffer; the wrapped ``engine.step`` (called after
+  every microbatch backward in the DeepSpeed loop) first hands that buffer to the order's
+  ``observe_microbatch`` (or to the reducer's ``microbatch`` when the reducer consumes it, ``cdgrab``)
+  and clears it.
 
 So a user loop of ``loss = engine(x); engine.backward(loss); engine.step()`` is unchanged.
 ``initialize(recipe, model, ...)`` builds the optimizer, schedule and DeepSpeed config from a recipe,
@@ -67,11 +73,19 @@ def _block(spec, default: str):
     return spec.name, opts
 
 
+def _copy_into(view: torch.Tensor):
+    def hook(grad: torch.Tensor) -> None:  # returns None: the gradient itself is left unchanged
+        view.copy_(grad)
+
+    return hook
+
+
 class Attachment:
     """The methods attached to one engine; hold on to it (it owns the hooks)."""
 
-    def __init__(self, engine, reducer, sync, meter: CommMeter, group=None, check_every: int = 0):
+    def __init__(self, engine, reducer, sync, meter: CommMeter, group=None, check_every: int = 0, order=None):
         self.engine, self.reducer, self.sync, self.meter = engine, reducer, sync, meter
+        self.order = order
         self.group = group
         self.check_every = check_every
         self.steps = 0
@@ -84,13 +98,36 @@ class Attachment:
             engine.enable_backward_allreduce = False
         for p in reducer.params:
             self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
+        self._flat, self._feed = None, None
+        if getattr(reducer, "observes_microbatches", False) and not getattr(order, "observes_gradients", False):
+            raise ValueError(f"reducer {type(reducer).__name__} needs the matching gradient-driven order")
+        if order is not None and order.observes_gradients:
+            self._watch_microbatch_gradients(order, reducer)
         engine.step = self.step  # instance attribute shadows DeepSpeedEngine.step
+
+    def _watch_microbatch_gradients(self, order, reducer) -> None:
+        params = reducer.params
+        self._flat = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=params[0].device)
+        off = 0
+        for p in params:
+            view = self._flat[off:off + p.numel()].view_as(p)
+            self._handles.append(p.register_hook(_copy_into(view)))
+            off += p.numel()
+        order.bind(group=self.group, meter=self.meter, numel=self._flat.numel(), device=self._flat.device)
+        if getattr(reducer, "observes_microbatches", False):
+            reducer.bind_order(order)
+            self._feed = reducer.microbatch
+        else:
+            self._feed = order.observe_microbatch
 
     def _hook(self, p):
         if self.engine.is_gradient_accumulation_boundary() and self.sync.reduce_gradients_now():
             self.reducer.grad_ready(p)
 
     def step(self, *args, **kwargs):
+        if self._flat is not None:  # one microbatch backward has run: the order sees its gradient
+            self._feed(self._flat)
+            self._flat.zero_()
         boundary = self.engine.is_gradient_accumulation_boundary()
         if boundary:
             if self.sync.reduce_gradients_now():
@@ -128,8 +165,11 @@ class Attachment:
 
 
 def attach(engine, method: Union[None, Dict[str, Any], Any] = None, meter: Optional[CommMeter] = None,
-           group=None, check_every: int = 0, total_steps: Optional[int] = None) -> Attachment:
-    """Attach a reducer and a synchronizer to a DeepSpeed engine.
+           group=None, check_every: int = 0, total_steps: Optional[int] = None, order=None) -> Attachment:
+    """Attach a reducer, a synchronizer and (optionally) a data order to a DeepSpeed engine.
+
+    ``order`` (an ``ds_ext.order.Order``) is only wired in when it observes gradients (D-GraB,
+    CD-GraB): it then sees every microbatch gradient through parameter hooks.
 
     ``method`` is the recipe's ``method`` section or a dict such as
     ``{"reducer": {"name": "allreduce", "bucket_mb": 25}, "sync": "none"}``. ``total_steps`` (the
@@ -153,7 +193,7 @@ def attach(engine, method: Union[None, Dict[str, Any], Any] = None, meter: Optio
     kw = dict(group=group, meter=meter, engine=engine)
     reducer = REDUCERS.build(rname, ropts, named, **kw)
     sync = SYNCS.build(sname, sopts, named, total_steps=total_steps, **kw)
-    return Attachment(engine, reducer, sync, meter, group=group, check_every=check_every)
+    return Attachment(engine, reducer, sync, meter, group=group, check_every=check_every, order=order)
 
 
 def deepspeed_config(recipe, world_size: int) -> dict:
@@ -167,7 +207,8 @@ def deepspeed_config(recipe, world_size: int) -> dict:
     return cfg
 
 
-def initialize(recipe, model: torch.nn.Module, steps_per_epoch: int, meter: Optional[CommMeter] = None):
+def initialize(recipe, model: torch.nn.Module, steps_per_epoch: int, meter: Optional[CommMeter] = None,
+               order=None):
     """Build optimizer + LR schedule + DeepSpeed engine from a recipe and attach its methods.
 
     Returns ``(engine, attachment, schedule)``. ``torch.distributed`` must already be initialised
@@ -186,5 +227,5 @@ def initialize(recipe, model: torch.nn.Module, steps_per_epoch: int, meter: Opti
                                            config=deepspeed_config(recipe, world))
     total = steps_per_epoch * recipe.train.epochs
     attachment = attach(engine, recipe.method, meter=meter, check_every=recipe.train.check_consistency_every,
-                        total_steps=total)
+                        total_steps=total, order=order)
     return engine, attachment, schedule

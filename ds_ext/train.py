@@ -157,6 +157,15 @@ def train(recipe) -> int:
     steps_per_epoch = micro_per_epoch // gas
     if t.steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, t.steps_per_epoch)
+    if steps_per_epoch >= 1:  # gradient-driven orders may need fewer (D-GraB: an even microbatch count)
+        try:
+            steps_per_epoch, note = order.plan(micro, gas, steps_per_epoch)
+        except ValueError as e:  # same verdict on every rank
+            if is0:
+                print(f"recipe error:\n{recipe.source}: method.order: {e}", file=sys.stderr)
+            return EXIT_RECIPE
+        if note and is0:
+            print(f"[ds_ext] {note}", file=sys.stderr)
     if steps_per_epoch < 1:
         if is0:
             print(f"recipe error:\n{recipe.source}: train.global_batch_size: {t.global_batch_size} exceeds the "
@@ -165,7 +174,7 @@ def train(recipe) -> int:
     total_steps = steps_per_epoch * t.epochs
 
     meter = CommMeter()
-    engine, att, schedule = initialize(recipe, model, steps_per_epoch, meter)
+    engine, att, schedule = initialize(recipe, model, steps_per_epoch, meter, order=order)
     _seed_all(t.seed + 1 + rank)  # per-rank stream for dropout / augmentation
     p0 = next(engine.module.parameters())
     names = recipe.method_names()

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -33,6 +33,22 @@ class Order:
 
     def epoch_indices(self, epoch: int) -> List[int]:
         raise NotImplementedError
+
+    # ---- gradient-driven orders (D-GraB); no-ops for the others -------------------------------
+    def plan(self, micro_batch_size: int, grad_acc: int, steps_per_epoch: int) -> Tuple[int, Optional[str]]:
+        """Called by the trainer before the engine is built, with the batch plan and the steps per
+        epoch it intends to run: returns the steps per epoch this order can serve (e.g. an even number
+        of microbatches for PairBalance) and a note for the log (None: nothing to say)."""
+        return steps_per_epoch, None
+
+    def bind(self, group=None, meter=None, numel: int = 0, device=None) -> None:
+        """Called by ``engine.attach`` when ``observes_gradients``: the process group, the
+        communication meter, and the size/device of the flat gradient it will observe."""
+
+    def observe_microbatch(self, flat_grad: torch.Tensor) -> None:
+        """Called by the engine after each microbatch backward, with that microbatch's gradient
+        (flat fp32, captured by per-parameter ``Tensor`` hooks before accumulation into ``.grad``)
+        when ``observes_gradients``; the buffer is reused afterwards (copy what you keep)."""
 
     def state_dict(self) -> dict:
         return {}

@@ -1,0 +1,315 @@
+"""D-GraB and CD-GraB: gradient-balanced data orders for distributed training.
+
+Papers: Guo, Pham, Lu, Yuan, Ruan, De Sa, "Scale up with Order: Finding Good Data Permutations for
+Distributed Training" (arXiv 2302.00845 v1, D-GraB) and its NeurIPS 2023 version "CD-GraB:
+Coordinating Distributed Example Orders for Provably Accelerated Training". Reference code:
+GarlGuo/D-GraB (``d_algo.py``: ``D_GraB_PairBalance`` at f8c4cae, ``CD_GraB`` at dc056f3).
+
+PairBalance (``PairBalance`` below, no communication inside): every rank holds the same table
+``orders[n, m]`` (worker j visits its local unit ``orders[j, t]`` at microbatch t of the epoch), an
+empty ``next_orders[n, m]``, ONE running sum ``s`` shared by all workers and two pointers
+``left = 0, right = m - 1``. For every pair of consecutive microbatches (2p, 2p+1) the gathered
+differences ``v_j = g_j(2p) - g_j(2p+1)`` are balanced in the fixed worker order j = 0..n-1::
+
+    if <s, v_j> <= 0:  next[j, left] = orders[j, 2p];   next[j, right] = orders[j, 2p+1];  s += v_j
+    else:              next[j, right] = orders[j, 2p];  next[j, left]  = orders[j, 2p+1];  s -= v_j
+    left += 1; right -= 1   (after the n workers)
+
+At the epoch boundary ``orders = next_orders``, ``s = 0``. Every rank runs the same deterministic loop
+on the same gathered data, so all ranks hold identical tables; a rank uses its own row.
+
+Registered orders:
+
+* ``dgrab`` (D-GraB v1): each rank keeps its microbatch gradient of the even position and, after the
+  odd one, ``all_gather``s the pair difference (d floats per rank every 2 microbatches, on top of the
+  reducer's gradient allreduce).
+* ``cdgrab`` (CD-GraB): the ``cdgrab`` reducer ``all_gather``s every microbatch gradient INSTEAD of
+  the gradient allreduce (the optimizer applies the mean of the gathered tensor) and hands the
+  gathered ``[n, d]`` tensor to this order, which forms the pair differences itself: ordering costs no
+  extra collective round. Both ``method.order`` and ``method.reducer`` must be ``cdgrab``.
+
+Decisions on the reference code's quirks (ALGORITHMS.md 1(a)):
+
+* Unit of ordering: v1 orders single examples (``--train_B 1``). Here the unit is a fixed group of
+  ``train.micro_batch_size`` examples of the local shard (unit u = shard[u*B:(u+1)*B]), which is the
+  v1 partition ``node_idx_map[n, m, B]``; set ``train.micro_batch_size=1`` for the per-example
+  algorithm of the paper. The units are fixed for the whole run; only their order changes.
+* Gradient accumulation: v1's ``batch > 0 and batch % grad_acc == 0`` makes the first optimizer step
+  of every epoch use ``grad_acc + 1`` microbatches. NOT reproduced: DeepSpeed's fixed accumulation
+  windows are kept (every step uses exactly ``grad_acc`` microbatches); the sorter is independent of
+  where the optimizer steps fall.
+* m even: the number of microbatches per epoch must be even (pairs). The trainer drops the last
+  optimizer step of the epoch when steps x grad_acc is odd (only possible with odd grad_acc) and says
+  so; the examples of the shard that do not fill the epoch's units are dropped and reported (v1:
+  ``last_even_num``). ``PairBalance`` itself refuses an odd m.
+* Epoch 0 uses the identity order of the (seeded, randomly drawn) shard, as v1 (its partition is a
+  random shuffle); CD-GraB's ``randperm`` initial order is not used.
+* Sign test: ``<s, v> <= 0`` (CD-GraB's form), equal to v1's ``||s+v|| <= ||s-v||`` in exact
+  arithmetic; a tie goes to the "+" branch in both (``sign_by_norm`` / ``sign_by_inner``).
+* The sorter sees the gradient DeepSpeed's ``backward`` produces for one microbatch, i.e. of
+  ``loss / grad_acc`` (a positive constant factor: no decision changes), through ``Tensor`` hooks on
+  the parameters (before accumulation into ``.grad``), not a second backward. v1's LSTM script clips
+  the microbatch gradient before the sorter; here the sorter sees it unclipped.
+* Deviation (option ``project_dim: k``, default 0 = off): balance a seeded CountSketch projection of
+  the gradient to k dims (each coordinate i goes to bucket h(i) with sign s(i), the same on every
+  rank; inner products are preserved in expectation). It cuts the gathered tensor from n x d to n x k
+  floats and the sequential balancing loop from d to k per worker. Not in the paper; its effect on the
+  herding bound and on training loss is measured by ``python -m ds_ext.order.herding --project-dim k``
+  and ``python -m ds_ext.bench.order``.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from pydantic import Field
+
+from ..registry import ORDERS, Options
+from .base import Order, seeded_generator
+
+
+def sign_by_norm(s: torch.Tensor, v: torch.Tensor) -> bool:
+    """v1's test: True ("+": even unit to the front, s += v) iff ||s + v|| <= ||s - v||."""
+    return bool(torch.linalg.vector_norm(s + v) <= torch.linalg.vector_norm(s - v))
+
+
+def sign_by_inner(s: torch.Tensor, v: torch.Tensor) -> bool:
+    """CD-GraB's test, the one used: True iff <s, v> <= 0 (equal to ``sign_by_norm``, ties included)."""
+    return bool(torch.dot(s, v) <= 0)
+
+
+class PairBalance:
+    """The replicated PairBalance state of all n workers (no communication; see the module doc)."""
+
+    def __init__(self, n: int, m: int):
+        if m % 2:
+            raise ValueError(f"PairBalance needs an even number of microbatches per epoch (pairs), got m={m}")
+        if m < 2:
+            raise ValueError(f"PairBalance needs at least 2 microbatches per epoch, got m={m}")
+        self.n, self.m = n, m
+        self.orders = torch.arange(m, dtype=torch.int64).repeat(n, 1)
+        self.next_orders = torch.full((n, m), -1, dtype=torch.int64)
+        self.run_sum: Optional[torch.Tensor] = None
+        self.left, self.right = 0, m - 1
+
+    @property
+    def complete(self) -> bool:
+        return self.left == self.m // 2 and self.right + 1 == self.m // 2
+
+    def step(self, diffs: torch.Tensor) -> None:
+        """Balance one pair position for all workers; ``diffs[j]`` = g_j(even) - g_j(odd)."""
+        if self.left >= self.m // 2:
+            raise RuntimeError(f"PairBalance: more than m={self.m} microbatches in one epoch")
+        if diffs.shape[0] != self.n:
+            raise ValueError(f"expected {self.n} gathered rows, got {diffs.shape[0]}")
+        if self.run_sum is None:
+            self.run_sum = torch.zeros(diffs.shape[1], dtype=diffs.dtype, device=diffs.device)
+        elif self.run_sum.device != diffs.device:  # restored from a checkpoint on CPU
+            self.run_sum = self.run_sum.to(diffs.device)
+        s, p, lo, hi = self.run_sum, self.left, self.left, self.right
+        even, odd = self.orders[:, 2 * p].tolist(), self.orders[:, 2 * p + 1].tolist()
+        for j in range(self.n):
+            v = diffs[j]
+            if sign_by_inner(s, v):
+                self.next_orders[j, lo], self.next_orders[j, hi] = even[j], odd[j]
+                s.add_(v)
+            else:
+                self.next_orders[j, hi], self.next_orders[j, lo] = even[j], odd[j]
+                s.sub_(v)
+        self.left += 1
+        self.right -= 1
+
+    def sort(self) -> None:
+        """Epoch boundary: the balanced table becomes the order; reset sum and pointers."""
+        if not self.complete:
+            raise RuntimeError(f"PairBalance: epoch ended after {2 * self.left} of m={self.m} microbatches; "
+                               "every microbatch of the epoch must be observed before the next order is taken")
+        self.orders, self.next_orders = self.next_orders, torch.full((self.n, self.m), -1, dtype=torch.int64)
+        self.run_sum = None
+        self.left, self.right = 0, self.m - 1
+
+    def state_dict(self) -> dict:
+        return {"n": self.n, "m": self.m, "orders": self.orders.clone(), "next_orders": self.next_orders.clone(),
+                "run_sum": None if self.run_sum is None else self.run_sum.detach().cpu().clone(),
+                "left": self.left, "right": self.right}
+
+    def load_state_dict(self, st: dict, device=None) -> None:
+        if (st["n"], st["m"]) != (self.n, self.m):
+            raise ValueError(f"sorter state is for n={st['n']}, m={st['m']}; this run has n={self.n}, m={self.m}")
+        self.orders, self.next_orders = st["orders"].clone(), st["next_orders"].clone()
+        rs = st["run_sum"]
+        self.run_sum = None if rs is None else rs.clone().to(device if device is not None else rs.device)
+        self.left, self.right = int(st["left"]), int(st["right"])
+
+
+class CountSketch:
+    """Seeded CountSketch projection R^d -> R^k (same on every rank): y[h(i)] += s(i) x[i]."""
+
+    def __init__(self, d: int, k: int, seed: int, device=None):
+        g = seeded_generator(seed, 0xC5, d, k)
+        self.d, self.k = d, k
+        self.bucket = torch.randint(0, k, (d,), generator=g).to(device)
+        self.sign = (torch.randint(0, 2, (d,), generator=g) * 2 - 1).float().to(device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Project the last dimension of ``x`` ([d] or [r, d])."""
+        xs = x.float() * self.sign
+        if xs.dim() == 1:
+            return torch.zeros(self.k, device=x.device).index_add_(0, self.bucket, xs)
+        return torch.zeros(xs.shape[0], self.k, device=x.device).index_add_(1, self.bucket, xs)
+
+
+class DGrabOptions(Options):
+    project_dim: int = Field(0, ge=0, description="balance a seeded CountSketch projection of the gradient to "
+                                                  "this many dims (0: the full gradient, as the paper)")
+
+
+def gather_rows(t: torch.Tensor, group=None) -> torch.Tensor:
+    """all_gather a 1-D tensor from every rank into [world, len]."""
+    world = dist.get_world_size(group)
+    out = torch.empty(world * t.numel(), dtype=t.dtype, device=t.device)
+    dist.all_gather_into_tensor(out, t.contiguous(), group=group)
+    return out.view(world, t.numel())
+
+
+@ORDERS.register("dgrab", DGrabOptions)
+class DGrab(Order):
+    """D-GraB PairBalance: all_gather of pair differences every 2 microbatches, one shared running sum."""
+
+    observes_gradients = True
+
+    def __init__(self, num_examples, rank, world_size, seed, options=None):
+        super().__init__(num_examples, rank, world_size, seed, options)
+        self.micro = 1
+        self.sorter: Optional[PairBalance] = None
+        self.epoch = 0
+        self.seen = 0  # microbatches observed in the current epoch
+        self.cache: Optional[torch.Tensor] = None
+        self.group, self.meter, self.sketch = None, None, None
+        self.dropped_examples = 0
+
+    # ---- planning (the trainer calls this before building the engine) -------------------------
+    def plan(self, micro_batch_size: int, grad_acc: int, steps_per_epoch: int) -> Tuple[int, Optional[str]]:
+        notes = []
+        if (steps_per_epoch * grad_acc) % 2:
+            notes.append(f"{steps_per_epoch} steps x {grad_acc} microbatches = {steps_per_epoch * grad_acc} "
+                         "microbatches per epoch is odd and PairBalance pairs consecutive microbatches: the last "
+                         f"step of every epoch is dropped ({steps_per_epoch - 1} steps per epoch)")
+            steps_per_epoch -= 1
+        m = steps_per_epoch * grad_acc
+        if m < 2:
+            raise ValueError(f"{self.name}: needs at least 2 microbatches per epoch per rank, got {m}")
+        self.micro = micro_batch_size
+        self.sorter = PairBalance(self.world, m)
+        self.dropped_examples = self.shard_size - m * micro_batch_size
+        notes.append(f"m={m} units of {micro_batch_size} example(s) per rank per epoch; {self.dropped_examples} of "
+                     f"the {self.shard_size} examples of each local shard are not used")
+        return steps_per_epoch, f"order {self.name}: " + "; ".join(notes)
+
+    def _ensure_plan(self) -> None:
+        if self.sorter is None:  # used without the trainer: per-example units, remainder dropped
+            m = self.shard_size - self.shard_size % 2
+            self.plan(1, 1, m)
+
+    @property
+    def name(self) -> str:
+        return "dgrab"
+
+    def bind(self, group=None, meter=None, numel: int = 0, device=None) -> None:
+        """Called by ``attach``: process group, communication meter, gradient size."""
+        self.group, self.meter = group, meter
+        if self.options.project_dim:
+            self.sketch = CountSketch(numel, self.options.project_dim, self.seed, device)
+
+    # ---- the order -----------------------------------------------------------------------------
+    def epoch_indices(self, epoch: int) -> List[int]:
+        self._ensure_plan()
+        if epoch == self.epoch + 1:
+            self.sorter.sort()
+            self.epoch, self.seen, self.cache = epoch, 0, None
+        elif epoch != self.epoch:
+            raise ValueError(f"{self.name}: asked for epoch {epoch} while at epoch {self.epoch}; a gradient-driven "
+                             "order can only move to the next epoch after seeing all of the current one")
+        B = self.micro
+        row = self.sorter.orders[self.rank].tolist()
+        return [self.shard[u * B + b] for u in row for b in range(B)]
+
+    def local_order(self) -> List[int]:
+        """This rank's current order of local units (row ``rank`` of the table)."""
+        self._ensure_plan()
+        return self.sorter.orders[self.rank].tolist()
+
+    def _project(self, g: torch.Tensor) -> torch.Tensor:
+        return self.sketch(g) if self.sketch is not None else g
+
+    def observe_microbatch(self, flat_grad: torch.Tensor) -> None:
+        """One microbatch gradient of this rank (flat, before accumulation)."""
+        self._ensure_plan()
+        g = self._project(flat_grad)
+        if self.seen % 2 == 0:
+            self.cache = g.detach().clone()
+        else:
+            diff = self.cache.to(g.device).sub_(g)
+            gathered = gather_rows(diff, self.group)
+            if self.meter is not None:
+                self.meter.add("all_gather", diff.numel() * diff.element_size())
+            self.sorter.step(gathered)
+            self.cache = None
+        self.seen += 1
+
+    # ---- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        self._ensure_plan()
+        return {"epoch": self.epoch, "seen": self.seen, "micro": self.micro, "sorter": self.sorter.state_dict(),
+                "cache": None if self.cache is None else self.cache.detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        self._ensure_plan()
+        if int(state["micro"]) != self.micro:
+            raise ValueError(f"{self.name}: checkpoint orders units of {state['micro']} examples, this run {self.micro}")
+        self.sorter.load_state_dict(state["sorter"])  # tensors move to the gradients' device on first use
+        self.epoch, self.seen = int(state["epoch"]), int(state["seen"])
+        self.cache = None if state["cache"] is None else state["cache"].clone()
+
+    @classmethod
+    def check_recipe(cls, recipe) -> list:
+        return []
+
+
+@ORDERS.register("cdgrab", DGrabOptions)
+class CDGrab(DGrab):
+    """CD-GraB: PairBalance on the gathered microbatch gradients that replace the gradient allreduce."""
+
+    @property
+    def name(self) -> str:
+        return "cdgrab"
+
+    def observe_microbatch(self, flat_grad):
+        raise RuntimeError("order 'cdgrab' is fed by the 'cdgrab' reducer (set method.reducer={name: cdgrab})")
+
+    def observe_gathered(self, gathered: torch.Tensor) -> None:
+        """The [n, d] microbatch gradients of all ranks (identical on every rank)."""
+        self._ensure_plan()
+        g = self._project(gathered)
+        if self.seen % 2 == 0:
+            self.cache = g.detach().clone()
+        else:
+            self.sorter.step(self.cache.to(g.device).sub_(g))
+            self.cache = None
+        self.seen += 1
+
+    @classmethod
+    def check_recipe(cls, recipe) -> list:
+        names = recipe.method_names()
+        problems = []
+        if names["reducer"] != "cdgrab":
+            problems.append(f"order 'cdgrab' is also the gradient reducer (its all_gather of microbatch gradients "
+                            f"replaces the allreduce); it cannot be combined with reducer {names['reducer']!r}: set "
+                            "method.reducer={name: cdgrab}")
+        if names["sync"] != "none":
+            problems.append(f"order 'cdgrab' averages gradients every step; it cannot be combined with sync "
+                            f"{names['sync']!r} (use method.sync={{name: none}}, or order dgrab)")
+        return problems
