@@ -1,2 +1,238 @@
-"""DeepSpeed OpBuilder subclasses for the compressed-allreduce kernels (not built yet: every method
-currently runs its torch implementation; see the README's status table)."""
+"""DeepSpeed op builders for the compressed-allreduce kernels (``ds_ext/csrc``).
+
+Two builders, subclasses of DeepSpeed's own (``deepspeed.ops.op_builder``):
+
+==================  ====================  =====================  ==================================
+builder             op name (unique)      build variable         sources
+==================  ====================  =====================  ==================================
+``CommCPUBuilder``  ``ds_ext_comm_cpu``   ``DS_BUILD_DS_EXT_COMM_CPU``   ``csrc/cpu/comm_kernels.cpp``
+``CommCUDABuilder`` ``ds_ext_comm_cuda``  ``DS_BUILD_DS_EXT_COMM_CUDA``  ``csrc/cuda/comm_kernels.cu`` + ``bindings.cpp``
+==================  ====================  =====================  ==================================
+
+Each op module exposes the same functions (``threshold_select``, ``scatter_add_``, ``sign_pack``,
+``sign_unpack``, ``pack_values``, ``torch_version``); ``ds_ext.ops`` picks the one for a tensor's device.
+
+Names start with ``ds_ext_``: DeepSpeed keeps one loaded-op cache for every builder
+(``OpBuilder._loaded_ops``, keyed by name) and one JIT build directory per name.
+
+Loading (``load()``), in order:
+
+1. already loaded in this process (DeepSpeed's cache);
+2. **prebuilt**: the module ``absolute_name()`` (``ds_ext.op_builder.<name>``) imports, i.e. it was
+   compiled at install time because ``DS_BUILD_OPS=1`` or the op's ``DS_BUILD_*`` variable was set (see
+   ``install_ext_modules``), and it was compiled against this torch (major.minor) -- otherwise it is
+   ignored and the reason kept in ``self.prebuilt_problem``;
+3. **JIT**: DeepSpeed's ``jit_load`` (torch ``cpp_extension.load`` with ninja, cached under
+   ``$TORCH_EXTENSIONS_DIR`` / ``~/.cache/torch_extensions``), after ``is_compatible()`` explains what is
+   missing.
+``ds_ext.ops`` turns a failure of both into the torch fallback with one warning naming the reason.
+
+DeepSpeed's own ``load()`` looks for prebuilt ops only in *its* install record
+(``deepspeed.git_version_info.installed_ops``), which never lists ds_ext ops; that is why ``load()`` is
+overridden here (the JIT part is DeepSpeed's, unchanged).
+
+``TORCH_CUDA_ARCH_LIST``: DeepSpeed's ``compute_capability_args()`` parses every entry as
+``int(major).int(minor)`` and raises on arch-specific suffixes such as ``9.0a`` (set by H100 images).
+``CommCUDABuilder`` normalises the list first (``normalize_arch_list``: ``9.0a`` -> ``9.0``,
+``sm_90`` -> ``9.0``, duplicates dropped); the kernels use no arch-specific (``sm_90a``) instructions.
+
+Importing this module needs no compiler, no CUDA and builds nothing.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+
+from deepspeed.ops.op_builder.builder import CUDAOpBuilder, OpBuilder, installed_cuda_version
+from deepspeed.ops.op_builder.cpu.builder import CPUOpBuilder
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+TORCH_VERSION = int(torch.__version__.split(".")[0]) * 100 + int(torch.__version__.split(".")[1])
+
+
+def build_requested(build_var: str, env=None) -> bool:
+    """DeepSpeed's convention: a per-op ``DS_BUILD_<OP>`` wins, else ``DS_BUILD_OPS``."""
+    env = os.environ if env is None else env
+    v = env.get(build_var)
+    if v is None:
+        v = env.get("DS_BUILD_OPS", "0")
+    return v.strip() not in ("", "0")
+
+
+class _DsExtOp:
+    """Shared by both builders: absolute sources, prebuilt-or-JIT loading, self-explaining checks."""
+    NAME = ""
+    BUILD_VAR = ""
+    DEVICE = ""
+    SOURCES: Tuple[str, ...] = ()
+
+    def __init__(self):
+        super().__init__(name=self.NAME)
+        self.loaded_from: Optional[str] = None     # "prebuilt" | "jit" | "cached" after load()
+        self.prebuilt_problem: Optional[str] = None
+
+    def absolute_name(self) -> str:
+        return f"ds_ext.op_builder.{self.NAME}"
+
+    def sources(self) -> List[str]:
+        return [str(CSRC / s) for s in self.SOURCES]
+
+    def include_paths(self) -> List[str]:
+        return []
+
+    # -- compatibility ------------------------------------------------------------------------------
+    def problems(self) -> List[str]:
+        """Why this op cannot be built here ([] when it can)."""
+        out = []
+        missing = [s for s in self.sources() if not os.path.exists(s)]
+        if missing:
+            out.append(f"sources missing: {', '.join(missing)}")
+        cxx = os.environ.get("CXX", "c++")
+        if not (shutil.which(cxx) or shutil.which("g++")):
+            out.append(f"no C++ compiler ({cxx!r} / 'g++' not on PATH)")
+        return out
+
+    def is_compatible(self, verbose=False) -> bool:
+        probs = self.problems()
+        if probs:
+            self.error_log = "; ".join(probs)
+            if verbose:
+                self.warning(f"{self.NAME} is not compatible: {self.error_log}")
+            return False
+        return super().is_compatible(verbose)
+
+    # -- loading ------------------------------------------------------------------------------------
+    def prebuilt_module(self):
+        """The install-time module, or None (reason in ``prebuilt_problem``)."""
+        try:
+            mod = importlib.import_module(self.absolute_name())
+        except ImportError as e:
+            self.prebuilt_problem = f"not prebuilt ({e})"
+            return None
+        built = int(mod.torch_version())
+        if built != TORCH_VERSION:
+            self.prebuilt_problem = (f"prebuilt against torch {built // 100}.{built % 100}, running torch "
+                                     f"{torch.__version__}: ignored, rebuilt JIT")
+            return None
+        self.prebuilt_problem = None
+        return mod
+
+    def load(self, verbose=False):
+        cache = OpBuilder._loaded_ops
+        if self.name in cache:
+            self.loaded_from = self.loaded_from or "cached"
+            return cache[self.name]
+        mod = self.prebuilt_module()
+        if mod is not None:
+            cache[self.name] = mod
+            self.loaded_from = "prebuilt"
+            return mod
+        mod = self.jit_load(verbose)
+        self.loaded_from = "jit"
+        return mod
+
+    def jit_cached(self) -> bool:
+        """A JIT build of this op is on disk (it may still be rebuilt if the sources changed)."""
+        from torch.utils.cpp_extension import _get_build_directory
+        d = Path(_get_build_directory(self.name, verbose=False))
+        return any(d.glob(f"{self.name}*.so"))
+
+
+class CommCPUBuilder(_DsExtOp, CPUOpBuilder):
+    NAME = "ds_ext_comm_cpu"
+    BUILD_VAR = "DS_BUILD_DS_EXT_COMM_CPU"
+    DEVICE = "cpu"
+    SOURCES = ("cpu/comm_kernels.cpp",)
+
+    def cxx_args(self):
+        args = ["-O3", "-fopenmp", "-Wno-reorder"]
+        # -march=native only for a JIT build (it runs where it was built); a prebuilt wheel stays portable
+        if self.jit_mode:
+            args += [a for a in (self.cpu_arch(), self.simd_width()) if a]
+        return args
+
+    def extra_ldflags(self):
+        return ["-fopenmp"]
+
+
+def normalize_arch_list(value: Optional[str]) -> Optional[str]:
+    """``TORCH_CUDA_ARCH_LIST`` in a form DeepSpeed's parser accepts: ``"9.0a;8.0 sm_86 9.0+PTX"`` ->
+    ``"8.0;8.6;9.0+PTX"`` (arch suffixes a/f dropped, ``sm_XY`` spelled ``X.Y``, duplicates merged with
+    ``+PTX`` kept, order by version). None / empty stays as is."""
+    if value is None or not value.strip():
+        return value
+    archs = {}
+    for tok in re.split(r"[;\s,]+", value.strip()):
+        if not tok:
+            continue
+        ptx = tok.upper().endswith("+PTX")
+        base = tok[:-4] if ptx else tok
+        m = re.fullmatch(r"(?:sm_|compute_)?(\d+)(?:\.(\d+))?([a-zA-Z]*)", base.strip())
+        if m is None:
+            raise ValueError(f"TORCH_CUDA_ARCH_LIST entry {tok!r} is not a compute capability (e.g. 8.0, 9.0a, 9.0+PTX)")
+        if m.group(2) is not None:
+            major, minor = int(m.group(1)), int(m.group(2))
+        else:  # sm_90 / 90
+            major, minor = divmod(int(m.group(1)), 10)
+        archs[(major, minor)] = archs.get((major, minor), False) or ptx
+    return ";".join(f"{a}.{b}{'+PTX' if p else ''}" for (a, b), p in sorted(archs.items()))
+
+
+class CommCUDABuilder(_DsExtOp, CUDAOpBuilder):
+    NAME = "ds_ext_comm_cuda"
+    BUILD_VAR = "DS_BUILD_DS_EXT_COMM_CUDA"
+    DEVICE = "cuda"
+    SOURCES = ("cuda/comm_kernels.cu", "cuda/bindings.cpp")
+
+    def problems(self) -> List[str]:
+        out = super().problems()
+        if torch.version.cuda is None:
+            out.append(f"torch {torch.__version__} is not a CUDA build")
+            return out
+        try:
+            installed_cuda_version(self.NAME)
+        except Exception as e:  # MissingCUDAException: no CUDA_HOME / nvcc
+            out.append(f"no CUDA toolkit: {e}")
+        return out
+
+    def compute_capability_args(self, cross_compile_archs=None):
+        raw = os.environ.get("TORCH_CUDA_ARCH_LIST")
+        if raw is not None:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = normalize_arch_list(raw)
+        if getattr(self, "_jit_arch_list", None):
+            self._jit_arch_list = normalize_arch_list(self._jit_arch_list)
+        return super().compute_capability_args(cross_compile_archs)
+
+    def nvcc_args(self):
+        args = super().nvcc_args()
+        # the kernels compare in fp32 exactly as the CPU path: no --use_fast_math
+        return [a for a in args if a != "--use_fast_math"]
+
+
+BUILDERS = {"cpu": CommCPUBuilder, "cuda": CommCUDABuilder}
+
+
+def install_ext_modules(env=None) -> list:
+    """Extensions for ``setup.py`` (``ext_modules=``): the ops whose ``DS_BUILD_*`` variable (or
+    ``DS_BUILD_OPS``) is set and that are compatible here; an incompatible requested op aborts the
+    install with the reason rather than silently installing without it."""
+    exts = []
+    for cls in BUILDERS.values():
+        b = cls()
+        if not build_requested(b.BUILD_VAR, env):
+            continue
+        if not b.is_compatible(verbose=True):
+            raise RuntimeError(f"{b.BUILD_VAR}/DS_BUILD_OPS asked for {b.NAME}, which cannot be built here: {b.error_log}")
+        if isinstance(b, CUDAOpBuilder):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = normalize_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST")) or ""
+            if not os.environ["TORCH_CUDA_ARCH_LIST"]:
+                os.environ.pop("TORCH_CUDA_ARCH_LIST")
+        exts.append(b.builder())
+    return exts

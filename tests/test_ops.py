@@ -1,0 +1,410 @@
+"""Compiled kernels (ds_ext/csrc via ds_ext/op_builder) against their torch references (ds_ext/ops.py).
+
+The CPU op is JIT-built once per session (module fixture ``cpu_op``; ~40-60 s on 2 cores the first
+time, ~1 s when the build cache is warm); if it cannot be built, every compiled-path test skips with
+the reason. CUDA cases run only with a GPU (and a CUDA toolkit); they skip otherwise.
+Each check runs the same call with ``DS_EXT_OPS=compiled`` and ``DS_EXT_OPS=torch`` and compares:
+exactly (indices, bits, values), except ``sign_pack``'s fp64-accumulated scale (``rtol=1e-6``) and
+CUDA ``scatter_add_`` with repeated indices (atomics; ``rtol=1e-6``).
+"""
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from ds_ext import ops
+from ds_ext.op_builder import (BUILDERS, CommCPUBuilder, CommCUDABuilder, build_requested, install_ext_modules,
+                               normalize_arch_list)
+
+ROOT = Path(__file__).resolve().parent.parent
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SIZES = [0, 1, 63, 64, 65, 4097, 100003]
+
+
+@contextlib.contextmanager
+def mode(m):
+    old = os.environ.get(ops.ENV)
+    os.environ[ops.ENV] = m
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ops.ENV, None)
+        else:
+            os.environ[ops.ENV] = old
+
+
+def both(fn):
+    with mode("compiled"):
+        a = fn()
+    with mode("torch"):
+        b = fn()
+    return a, b
+
+
+@pytest.fixture(scope="module")
+def cpu_op():
+    b = CommCPUBuilder()
+    if not b.is_compatible():
+        pytest.skip(f"{b.NAME} cannot be built here: {b.error_log}")
+    t = time.time()
+    try:
+        mod = b.load(verbose=False)
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"{b.NAME} failed to build: {e}")
+    print(f"\n[test_ops] {b.NAME} loaded ({b.loaded_from}) in {time.time() - t:.1f} s")
+    return mod
+
+
+def _cuda_ok():
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    b = CommCUDABuilder()
+    return None if b.is_compatible() else b.error_log
+
+
+@pytest.fixture(scope="module", params=["cpu", "cuda"])
+def dev(request, cpu_op):
+    if request.param == "cuda":
+        why = _cuda_ok()
+        if why:
+            pytest.skip(f"CUDA kernels: {why}")
+        try:
+            BUILDERS["cuda"]().load()
+        except Exception as e:  # noqa: BLE001
+            pytest.fail(f"CUDA op failed to build on a machine with a GPU: {e}")
+    return torch.device(request.param)
+
+
+def _rand(n, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=g).to(dtype).to(device)
+
+
+def _eq(a, b):
+    assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, b.dtype, a.shape, b.shape)
+    assert torch.equal(a.cpu(), b.cpu()) or torch.equal(a.cpu().isnan(), b.cpu().isnan()) and torch.equal(
+        a.cpu().nan_to_num(), b.cpu().nan_to_num())
+
+
+# ------------------------------------------------------------------------------- threshold_select
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ef", [False, True])
+def test_threshold_select(dev, dtype, ef):
+    for n in SIZES:
+        x = _rand(n, dtype, dev, n)
+        e = (_rand(n, torch.float32, dev, n + 1) * 0.5) if ef else None
+        if n > 10:
+            x[3] = float("nan")
+        ranges = [(0, -1), (0, 0), (n, n), (n // 3, n - n // 5), (1 if n else 0, n)]
+        for t in (0.0, 1.5, float("inf")):  # everything (but NaN), some, nothing
+            for st, en in ranges:
+                a, b = both(lambda: ops.threshold_select(x, t, st, en, error=e))
+                _eq(a[0], b[0])
+                _eq(a[1], b[1])
+                assert a[2] == b[2] == a[0].numel()
+                if t == float("inf"):
+                    assert a[2] == 0
+    # non-contiguous input, range cutting a 64-block
+    big = _rand(2 * 5000, dtype, dev, 7)[::2]
+    a, b = both(lambda: ops.threshold_select(big, 1.0, 37, 4001))
+    _eq(a[0], b[0]), _eq(a[1], b[1])
+    assert a[0].min() >= 37 and a[0].max() < 4001
+
+
+def test_threshold_select_range_boundaries_exact(cpu_op):
+    x = torch.zeros(200)
+    x[[0, 63, 64, 127, 128, 199]] = 5.0
+    with mode("compiled"):
+        idx, vals, c = ops.threshold_select(x, 5.0, 63, 128)
+    assert idx.tolist() == [63, 64, 127] and c == 3 and vals.tolist() == [5.0] * 3
+    with mode("compiled"):
+        idx, _, _ = ops.threshold_select(x, 5.0, 64, 199)
+    assert idx.tolist() == [64, 127, 128]
+
+
+# ------------------------------------------------------------------------------------ scatter_add_
+@pytest.mark.parametrize("dense_dtype", DTYPES)
+@pytest.mark.parametrize("val_dtype", DTYPES)
+def test_scatter_add_and_fused_zero(dev, dense_dtype, val_dtype):
+    for n, k in [(1, 0), (1, 5), (100, 300), (100003, 2000)]:
+        g = torch.Generator().manual_seed(n + k)
+        idx = torch.randint(0, n, (k,), generator=g).to(dev)  # repeated indices
+        vals = _rand(k, val_dtype, dev, k)
+        dense0 = _rand(n, dense_dtype, dev, 3)
+        err0 = _rand(n, torch.float32, dev, 4)
+
+        def run():
+            d, e = dense0.clone(), err0.clone()
+            ops.scatter_add_(d, idx, vals, zero_in=e)
+            return d, e
+
+        (da, ea), (db, eb) = both(run)
+        if dev.type == "cuda":
+            torch.testing.assert_close(da.float(), db.float(), rtol=1e-6 if dense_dtype == torch.float32 else 1e-2,
+                                       atol=1e-6)
+        else:
+            _eq(da, db)
+        _eq(ea, eb)
+        assert (ea[idx] == 0).all() if k else True
+    with pytest.raises((RuntimeError, IndexError)):
+        with mode("compiled"):
+            ops.scatter_add_(torch.zeros(4, device=dev), torch.tensor([4], device=dev), torch.ones(1, device=dev))
+
+
+# ------------------------------------------------------------------------------------------- signs
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sign_pack_unpack(dev, dtype):
+    for n in [0, 1, 7, 8, 9, 31, 33, 100003]:
+        x = _rand(n, dtype, dev, n)
+        if n >= 9:
+            x[0], x[1], x[2] = 0.0, -0.0, float("-inf")
+        res0 = torch.full((n,), 7.0, device=dev)
+
+        def run():
+            r = res0.clone()
+            p, s = ops.sign_pack(x, residual=r)
+            return p, s, r
+
+        (pa, sa, ra), (pb, sb, rb) = both(run)
+        _eq(pa, pb)
+        assert pa.numel() == (n + 7) // 8
+        torch.testing.assert_close(sa, sb, rtol=1e-6, atol=0)
+        if n and torch.isfinite(x).all():
+            torch.testing.assert_close(ra, rb, rtol=1e-6, atol=1e-6 * float(sb))
+        for acc in (False, True):
+            base = _rand(n, torch.float32, dev, 9).to(dtype)
+
+            def un():
+                out = base.clone()
+                return ops.sign_unpack(pa, sb, n, out=out, accumulate=acc)
+
+            ua, ub = both(un)
+            _eq(ua, ub)
+        if 0 < n and torch.isfinite(x).all():
+            signs = torch.where(x.float() >= 0, 1.0, -1.0)
+            with mode("compiled"):
+                u = ops.sign_unpack(pa, sa, n)
+            torch.testing.assert_close(u, signs * sa)
+
+
+def test_sign_pack_inplace_residual_and_bit_order(cpu_op):
+    x = torch.tensor([1.0, -2.0, 3.0, -4.0, 0.0, -0.0, 5.0, -6.0, 7.0])
+    for m in ("compiled", "torch"):
+        with mode(m):
+            y = x.clone()
+            p, s = ops.sign_pack(y, residual=y)  # aliasing: EF-SignSGD's e <- p - delta
+        assert p.tolist() == [0b01110101, 1] and abs(float(s) - 28 / 9) < 1e-6
+        torch.testing.assert_close(y, x - torch.where(x >= 0, s, -s))
+
+
+# ------------------------------------------------------------------------------------ value packing
+@pytest.mark.parametrize("src", DTYPES)
+@pytest.mark.parametrize("dst", DTYPES)
+def test_pack_values(dev, src, dst):
+    x = (_rand(70001, torch.float32, dev, 1) * 1e3)
+    x[:6] = torch.tensor([65520.0, -1e6, 1e-8, float("nan"), float("inf"), 3e-39])  # fp16 overflow, subnormals
+    x = x.to(src)
+    idx = torch.randint(0, x.numel(), (5003,), generator=torch.Generator().manual_seed(2)).to(dev)
+    for ix in (None, idx):
+        a, b = both(lambda: ops.pack_values(x, dst, indices=ix))
+        _eq(a, b)
+        ua, ub = both(lambda: ops.unpack_values(a))
+        _eq(ua, ub)
+        assert ua.dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------- the reducers
+def _drive(name, opts, steps=4, n=70_001, seed=0):
+    from ds_ext.registry import REDUCERS, load_builtin
+    load_builtin()
+    torch.manual_seed(seed)
+    ps = [torch.nn.Parameter(torch.zeros(n)), torch.nn.Parameter(torch.zeros(37, 11)),
+          torch.nn.Parameter(torch.zeros(5))]
+    red = REDUCERS.build(name, opts, [(f"p{i}", p) for i, p in enumerate(ps)])
+    out = []
+    for s in range(steps):
+        for p in ps:
+            p.grad = torch.randn_like(p) * (1 + s)
+        red.finish()
+        out.append([p.grad.clone() for p in ps])
+    return out, red.state_dict()
+
+
+@pytest.mark.parametrize("name,opts", [
+    ("exdyna", {"density": 0.01}), ("topk", {"density": 0.01}), ("signsgd", {}),
+    ("signsgd", {"scale": "global"}), ("signsgd", {"error_feedback": False})])
+def test_reducers_same_with_kernels_and_fallback(cpu_op, name, opts):
+    (ga, sa), (gb, sb) = both(lambda: _drive(name, opts))
+    tol = dict(rtol=1e-5, atol=1e-6) if name == "signsgd" else dict(rtol=0, atol=0)  # the scale: one ulp
+    for step_a, step_b in zip(ga, gb):
+        for a, b in zip(step_a, step_b):
+            torch.testing.assert_close(a, b, **tol)
+    if sa.get("error") is not None:
+        torch.testing.assert_close(sa["error"], sb["error"], **tol)
+    for k in ("threshold", "k_prev", "ks_prev", "part", "pos"):
+        assert sa.get(k) == sb.get(k)
+
+
+def _signsgd_worker(rank, world_size):
+    from ds_ext.registry import REDUCERS, load_builtin
+    load_builtin()
+    res = {}
+    for m in ("compiled", "torch"):
+        os.environ[ops.ENV] = m
+        torch.manual_seed(100 + rank)
+        p = torch.nn.Parameter(torch.zeros(10_007))
+        q = torch.nn.Parameter(torch.zeros(3, 5))
+        red = REDUCERS.build("signsgd", {}, [("p", p), ("q", q)])
+        grads = []
+        for s in range(3):
+            p.grad, q.grad = torch.randn_like(p), torch.randn_like(q)
+            red.finish()
+            grads.append(torch.cat([p.grad.reshape(-1), q.grad.reshape(-1)]).clone())
+        res[m] = (grads, red.buf.clone())
+    return res
+
+
+def test_signsgd_two_ranks_agree(cpu_op):
+    from tests import harness
+    r0, r1 = harness.run(_signsgd_worker, 2, timeout=180)
+    for m in ("compiled", "torch"):
+        for a, b in zip(r0[m][0], r1[m][0]):
+            assert torch.equal(a, b)  # every rank applies the same gradient
+    for r in (r0, r1):
+        for a, b in zip(r["compiled"][0], r["torch"][0]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r["compiled"][1], r["torch"][1], rtol=1e-5, atol=1e-6)
+    # error feedback: the residual is what was not applied; 1 bit + scale per tensor per rank
+    assert not torch.equal(r0["compiled"][1], r1["compiled"][1])
+
+
+# --------------------------------------------------------------------------- builders and loading
+def test_builders_names_sources_compat():
+    for cls in BUILDERS.values():
+        b = cls()
+        assert b.NAME.startswith("ds_ext_") and b.absolute_name() == f"ds_ext.op_builder.{b.NAME}"
+        assert all(os.path.isabs(s) and os.path.exists(s) for s in b.sources())
+        ok = b.is_compatible()
+        assert ok or b.error_log  # an incompatible op says why
+    cb = CommCUDABuilder()
+    if torch.version.cuda is None:
+        assert not cb.is_compatible() and "not a CUDA build" in cb.error_log
+
+
+def test_build_requested_convention():
+    assert not build_requested("DS_BUILD_DS_EXT_COMM_CPU", {})
+    assert build_requested("DS_BUILD_DS_EXT_COMM_CPU", {"DS_BUILD_OPS": "1"})
+    assert not build_requested("DS_BUILD_DS_EXT_COMM_CPU", {"DS_BUILD_OPS": "1", "DS_BUILD_DS_EXT_COMM_CPU": "0"})
+    assert build_requested("DS_BUILD_DS_EXT_COMM_CPU", {"DS_BUILD_DS_EXT_COMM_CPU": "1"})
+
+
+def test_install_ext_modules(monkeypatch):
+    env = {"DS_BUILD_DS_EXT_COMM_CPU": "1"}
+    exts = install_ext_modules(env)
+    assert [e.name for e in exts] == ["ds_ext.op_builder.ds_ext_comm_cpu"]
+    assert all(os.path.isabs(s) for s in exts[0].sources)
+    assert "-march=native" not in " ".join(exts[0].extra_compile_args["cxx"])  # portable prebuilt
+    if torch.version.cuda is None:
+        with pytest.raises(RuntimeError, match="cannot be built here"):
+            install_ext_modules({"DS_BUILD_OPS": "1"})
+
+
+def test_prebuilt_module_is_preferred(cpu_op, tmp_path, monkeypatch):
+    from deepspeed.ops.op_builder.builder import OpBuilder
+    so = Path(cpu_op.__file__)
+    pkg = tmp_path / "fake_prebuilt"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    shutil.copy(so, pkg / so.name)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(CommCPUBuilder, "absolute_name", lambda self: f"fake_prebuilt.{self.NAME}")
+    monkeypatch.delitem(OpBuilder._loaded_ops, CommCPUBuilder.NAME, raising=False)
+    b = CommCPUBuilder()
+    mod = b.load()
+    assert b.loaded_from == "prebuilt" and mod.__name__ == "fake_prebuilt.ds_ext_comm_cpu"
+    monkeypatch.setattr(CommCPUBuilder, "absolute_name", lambda self: "fake_prebuilt.nothing_here")
+    assert CommCPUBuilder().prebuilt_module() is None
+
+
+def test_arch_list_normalised(monkeypatch):
+    assert normalize_arch_list("9.0a") == "9.0"
+    assert normalize_arch_list("8.0 9.0a;9.0+PTX sm_86") == "8.0;8.6;9.0+PTX"
+    assert normalize_arch_list("10.0f;12.0a+PTX") == "10.0;12.0+PTX"
+    assert normalize_arch_list(None) is None
+    with pytest.raises(ValueError):
+        normalize_arch_list("hopper")
+    from deepspeed.ops.op_builder.builder import CUDAOpBuilder
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    with pytest.raises(ValueError):  # DeepSpeed's own parser: int('0a')
+        CUDAOpBuilder.compute_capability_args(CommCUDABuilder())
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    args = CommCUDABuilder().compute_capability_args()
+    assert args == ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+
+
+def test_modes_and_single_warning(cpu_op, monkeypatch):
+    x = torch.randn(1000)
+    with mode("bogus"), pytest.raises(ValueError):
+        ops.threshold_select(x, 1.0)
+    assert ops.status("cpu")["in_use"] == "compiled" or os.environ.get(ops.ENV) == "torch"
+    # a failing load: one warning naming the reason, then the torch code
+    monkeypatch.setattr(ops, "_load", lambda dev: (None, "RuntimeError: simulated build failure"))
+    ops._reset()
+    try:
+        with mode("auto"), warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            r1 = ops.threshold_select(x, 1.0)
+            ops.sign_pack(x)
+        assert len(w) == 1 and "simulated build failure" in str(w[0].message)
+        with mode("torch"):
+            r2 = ops.threshold_select(x, 1.0)
+        assert torch.equal(r1[0], r2[0])
+        with mode("compiled"), pytest.raises(RuntimeError, match="simulated build failure"):
+            ops.threshold_select(x, 1.0)
+    finally:
+        ops._reset()
+
+
+def test_import_needs_no_compiler(tmp_path):
+    """No compiler on PATH, an empty build cache: ds_ext imports and the ops fall back with one warning."""
+    code = ("import warnings, torch\n"
+            "import ds_ext, ds_ext.ops as ops, ds_ext.op_builder, ds_ext.reducers\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    i, v, c = ops.threshold_select(torch.tensor([0.5, 2.0, -3.0]), 1.0)\n"
+            "    ops.sign_pack(torch.ones(3))\n"
+            "assert i.tolist() == [1, 2], i\n"
+            "msgs = [str(x.message) for x in w if 'ds_ext.ops' in str(x.message)]\n"
+            "assert len(msgs) == 1, msgs\n"
+            "print(msgs[0])\n")
+    env = {**os.environ, "PATH": str(tmp_path), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "CXX": "no-such-cxx",
+           "DS_ACCELERATOR": "cpu"}
+    env.pop(ops.ENV, None)
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "no C++ compiler" in r.stdout
+
+
+def test_report(cpu_op, capsys):
+    from ds_ext import report
+    with mode("auto"):
+        assert report.main(["--load"]) == 0
+    out = capsys.readouterr().out
+    lines = {ln.split()[0]: ln for ln in out.splitlines() if ln.startswith("ds_ext_comm")}
+    assert set(lines) == {"ds_ext_comm_cpu", "ds_ext_comm_cuda"}
+    assert lines["ds_ext_comm_cpu"].split()[1:5] == ["yes", "no", "yes", "compiled"]
+    for key in ("torch version", "torch CUDA", "deepspeed version", "DS_EXT_OPS", "TORCH_CUDA_ARCH_LIST"):
+        assert key in out
+    if not torch.cuda.is_available():
+        assert "not a CUDA build" in out or "no cuda device" in out
+    with mode("torch"):
+        report.main([])
+    assert "torch fallback" in capsys.readouterr().out
