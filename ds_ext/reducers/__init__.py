@@ -8,4 +8,3 @@ and ``exdyna`` (sparsification with error feedback).
 from .base import Reducer  # noqa: F401
 from . import allreduce, cdgrab, lowrank, reference, sparse  # noqa: F401  (registration)
 from . import signsgd  # noqa: F401  (registration: 1-bit EF-SignSGD on the ds_ext.ops sign kernels)
-from . import signsgd  # noqa: F401  (registration: 1-bit EF-SignSGD on the ds_ext.ops sign kernels)
