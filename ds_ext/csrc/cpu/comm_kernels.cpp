@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -163,20 +164,34 @@ std::vector<at::Tensor> sign_pack(at::Tensor x, c10::optional<at::Tensor> residu
     uint8_t* pp = packed.data_ptr<uint8_t>();
     float* rp = res ? residual->data_ptr<float>() : nullptr;
     const float sc = scale;
-    at::parallel_for(0, nbytes, kChunk / 8, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        uint8_t byte = 0;
-        for (int64_t j = 0; j < 8; ++j) {
-          int64_t i = 8 * b + j;
-          if (i >= n) break;
-          float v = static_cast<float>(xp[i]);
-          bool pos = v >= 0.f;
-          byte |= static_cast<uint8_t>(pos) << j;
-          if (res) rp[i] = v - (pos ? sc : -sc);
+    const int64_t full = n / 8;  // bytes with 8 elements; the last partial byte below
+    auto pack = [&](auto with_res) {
+      at::parallel_for(0, full, kChunk / 8, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          const scalar_t* q = xp + 8 * b;
+          uint8_t byte = 0;
+          for (int j = 0; j < 8; ++j) {
+            const float v = static_cast<float>(q[j]);
+            const bool pos = v >= 0.f;
+            byte |= static_cast<uint8_t>(pos) << j;
+            if (decltype(with_res)::value) rp[8 * b + j] = v - (pos ? sc : -sc);
+          }
+          pp[b] = byte;
         }
-        pp[b] = byte;
+      });
+    };
+    if (res) pack(std::true_type{});
+    else pack(std::false_type{});
+    if (full < nbytes) {
+      uint8_t byte = 0;
+      for (int64_t i = 8 * full; i < n; ++i) {
+        const float v = static_cast<float>(xp[i]);
+        const bool pos = v >= 0.f;
+        byte |= static_cast<uint8_t>(pos) << (i - 8 * full);
+        if (res) rp[i] = v - (pos ? sc : -sc);
       }
-    });
+      pp[full] = byte;
+    }
   });
   return {packed, at::full({}, scale, x.options().dtype(at::kFloat))};
 }
@@ -194,12 +209,21 @@ at::Tensor sign_unpack(at::Tensor packed, double scale_d, at::Tensor out, bool a
   const float sc = static_cast<float>(scale_d);
   DS_EXT_DISPATCH(out.scalar_type(), "sign_unpack", [&] {
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, n, kChunk, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        float s = ((pp[i >> 3] >> (i & 7)) & 1) ? sc : -sc;
-        op[i] = accumulate ? static_cast<scalar_t>(static_cast<float>(op[i]) + s) : static_cast<scalar_t>(s);
-      }
-    });
+    auto unpack = [&](auto acc) {
+      at::parallel_for(0, (n + 7) / 8, kChunk / 8, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          const uint8_t byte = pp[b];
+          const int64_t i0 = 8 * b, m = std::min<int64_t>(8, n - i0);
+          scalar_t* q = op + i0;
+          for (int64_t j = 0; j < m; ++j) {
+            const float s = ((byte >> j) & 1) ? sc : -sc;
+            q[j] = decltype(acc)::value ? static_cast<scalar_t>(static_cast<float>(q[j]) + s) : static_cast<scalar_t>(s);
+          }
+        }
+      });
+    };
+    if (accumulate) unpack(std::true_type{});
+    else unpack(std::false_type{});
   });
   return out;
 }
