@@ -7,7 +7,9 @@ metadata). Which examples a rank visits, and in which order, is decided by the `
 Readers of local files (nothing downloads; each module docstring gives the on-disk layout under
 ``data.root`` and how to get the files, and a missing file raises FileNotFoundError saying so):
 ``cifar`` (cifar10, cifar100), ``wikitext`` (wikitext2), ``movielens`` (ml20m), ``criteo`` (criteo),
-``glue`` (glue_embeddings: frozen BERT-base pooled embeddings of QNLI / QQP).
+``glue`` (glue_embeddings: frozen BERT-base pooled embeddings of QNLI / QQP), ``ffcv_imagenet``
+(ImageNet as FFCV ``.beton`` files; ffcv is imported only when that data set is built, so registering it
+never needs ffcv, and using it without ffcv raises an ImportError saying what to install).
 """
 from .base import DataBundle  # noqa: F401
-from . import digits, cifar, wikitext, movielens, criteo, glue  # noqa: F401  (registration)
+from . import digits, cifar, wikitext, movielens, criteo, glue, ffcv_imagenet  # noqa: F401  (registration)

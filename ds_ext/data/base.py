@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence, Tuple
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -9,10 +9,32 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 @dataclass
 class DataBundle:
+    """What a data set factory returns.
+
+    ``train`` / ``val`` need ``__len__`` (orders shard ``range(len(train))``); they are indexable
+    ``Dataset``s unless ``loader_factory`` is set. ``loader_factory`` (optional) builds the loader for a
+    split itself, for pipelines that are not a map-style ``Dataset`` + torch ``DataLoader`` (FFCV:
+    ``ds_ext.data.ffcv_imagenet``); it is called as ``loader_factory(split, indices, batch_size,
+    num_workers=..., drop_last=..., seed=...)`` and must yield ``(x, y)`` batches visiting exactly
+    ``indices`` in that order. Callers use ``bundle.loader(...)``, which falls back to ``make_loader``.
+    """
+
     train: Dataset
     val: Dataset
     input_shape: Tuple[int, ...]
     num_classes: int
+    loader_factory: Optional[Callable[..., Iterable]] = None
+
+    def loader(self, split: str, indices: Sequence[int], batch_size: int, num_workers: int = 0,
+               drop_last: bool = True, seed: int = 0) -> Iterable:
+        """Batches of ``split`` ("train" or "val") visiting ``indices`` in the given order."""
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+        if self.loader_factory is not None:
+            return self.loader_factory(split, indices, batch_size, num_workers=num_workers, drop_last=drop_last,
+                                       seed=seed)
+        return make_loader(self.train if split == "train" else self.val, indices, batch_size, num_workers,
+                           drop_last=drop_last, seed=seed)
 
 
 class IndexSampler(Sampler):
