@@ -192,3 +192,13 @@ def test_dssync_one_group_is_global_averaging(ds4):
     for i in range(2):
         mean = sum(r["start"][i] for r in recs) / 4
         assert all(torch.allclose(r["params"][0][i], mean, atol=1e-6) for r in recs)
+
+
+def test_shipped_vit_recipe_schedule(capsys):
+    """The recipe carrying the QSR seed's ViT-B hyper-parameters prints the 9,711-round schedule."""
+    from tests.test_recipe import ROOT
+
+    rc = schedules.main(["--recipe", str(ROOT / "recipes" / "qsr-vit-b-localadamw.yaml"), "--world-size", "16"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "93600 optimizer steps; 9711 sync rounds" in out
+    assert out.strip().splitlines()[-1].split()[-1] == "8142"  # H of the last (clamped) round
