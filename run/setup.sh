@@ -8,6 +8,10 @@
 #   DS_EXT_PYTHON=python3     interpreter used to create the venv
 #   DS_EXT_TORCH="torch==X"   torch requirement used when no torch is importable
 #                             (default: torch==2.13.0 on a machine without a GPU, plain `torch` with one)
+#   DS_EXT_FFCV=0             skip ffcv (the FFCV ImageNet loaders); default 1
+# ffcv 1.0.2 (the `ffcv` extra) builds from source against Debian's libopencv-dev libturbojpeg0-dev
+# pkg-config. As root, missing ones are installed with apt-get; otherwise the script names them and the
+# command to install them, and installs everything else (ffcv_imagenet then raises an ImportError).
 # An already installed torch (CPU or CUDA build) is never replaced: when the creating interpreter
 # already imports torch, the venv is made with --system-site-packages so that build is reused.
 set -euo pipefail
@@ -50,12 +54,58 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "$PY" -c "import torch" >/dev/null 2>&1 || { log "error: torch did not install"; exit 1; }
 fi
 
+# --- system packages ffcv builds against (Debian names) ------------------------------------------
+FFCV_PKGS=(libopencv-dev libturbojpeg0-dev pkg-config)
+ffcv_missing() {  # prints the missing Debian packages (all of them when dpkg is absent)
+  local p
+  for p in "${FFCV_PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"
+  done
+}
+with_ffcv=0
+if [ "${DS_EXT_FFCV:-1}" != "0" ]; then
+  mapfile -t missing < <(ffcv_missing)
+  if [ "${#missing[@]}" -gt 0 ] && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing the packages ffcv builds against: ${missing[*]} (apt-get)"
+    out="$(mktemp)"
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >"$out" 2>&1; then
+      # a fresh machine may have no package lists yet
+      DEBIAN_FRONTEND=noninteractive apt-get update -q >>"$out" 2>&1 || true
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >>"$out" 2>&1 || cat "$out" >&2
+    fi
+    rm -f "$out"
+    mapfile -t missing < <(ffcv_missing)
+  fi
+  if [ "${#missing[@]}" -eq 0 ]; then
+    with_ffcv=1
+  else
+    log "warning: ffcv (FFCV ImageNet loaders) is not installed: missing Debian packages: ${missing[*]}"
+    log "  install them with:  sudo apt-get install -y ${missing[*]}   then re-run: bash run/setup.sh"
+    log "  (continuing without ffcv; everything else works, ffcv_imagenet raises an ImportError)"
+  fi
+fi
+
 stamp="$VENV/.ds_ext-setup-stamp"
-want="$(cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
-if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ] || ! "$PY" -c "import ds_ext, deepspeed" >/dev/null 2>&1; then
-  log "installing ds_ext and its dependencies (pip install -e .[test])"
-  pip_install -e "$ROOT[test]"
+want="$( (cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml"; echo "ffcv=$with_ffcv") | sha256sum | cut -c1-16)"
+check="import ds_ext, deepspeed"
+[ "$with_ffcv" = 1 ] && check="$check, importlib.util; assert importlib.util.find_spec('ffcv')"
+if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ] || ! "$PY" -c "$check" >/dev/null 2>&1; then
+  if [ "$with_ffcv" = 1 ]; then
+    log "installing ds_ext and its dependencies (pip install -e .[test,ffcv]; ffcv builds from source)"
+    if ! pip_install -e "$ROOT[test,ffcv]"; then
+      log "warning: the install with ffcv failed (output above); installing without it"
+      with_ffcv=0
+      want="$( (cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml"; echo "ffcv=0") | sha256sum | cut -c1-16)"
+      pip_install -e "$ROOT[test]"
+    fi
+  else
+    log "installing ds_ext and its dependencies (pip install -e .[test])"
+    pip_install -e "$ROOT[test]"
+  fi
   "$PY" -c "import ds_ext, deepspeed, torch" >/dev/null 2>&1 || { log "error: ds_ext does not import after install"; exit 1; }
+  if [ "$with_ffcv" = 1 ] && ! "$PY" -c "import ffcv.loader" >/dev/null 2>&1; then
+    log "warning: ffcv was installed but does not import: $("$PY" -c 'import ffcv.loader' 2>&1 | tail -n 1)"
+  fi
   echo "$want" > "$stamp"
 fi
 log "$("$PY" -c 'import torch, deepspeed; print(f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, cuda {torch.cuda.is_available()}")' 2>/dev/null | tail -n 1)"
