@@ -48,6 +48,10 @@ class Registry:
     def register(self, name: str, options: Optional[Type[Options]] = None):
         def deco(factory):
             if name in self._entries:
+                if getattr(factory, "__module__", None) == "__main__":
+                    # `python -m ds_ext.x.y` runs a second copy of a module the package import has
+                    # already registered: keep the package's entry
+                    return factory
                 raise ValueError(f"{self.kind} {name!r} registered twice")
             opts = options or getattr(factory, "Options", None) or NoOptions
             doc = (factory.__doc__ or "").strip().splitlines()

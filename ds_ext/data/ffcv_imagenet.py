@@ -376,6 +376,7 @@ class FFCVImageNetOptions(Options):
     write_compress_probability: float = 0.5
 
 
+@DATASETS.register("ffcv_imagenet", FFCVImageNetOptions)
 def ffcv_imagenet(options: FFCVImageNetOptions, root: Optional[str] = None, device=None) -> DataBundle:
     """ImageNet from FFCV .beton files (RRC + flip / centre crop, normalised on the device, channels-last)."""
     require_ffcv()
@@ -394,11 +395,6 @@ def ffcv_imagenet(options: FFCVImageNetOptions, root: Optional[str] = None, devi
     return DataBundle(splits["train"], splits["val"], (3, o.train_resolution, o.train_resolution), o.num_classes,
                       loader_factory=FFCVLoaders(splits, o, device=device))
 
-
-# Under ``python -m ds_ext.data.ffcv_imagenet`` the package import has already registered this module's
-# twin (``ds_ext.data.ffcv_imagenet``); registering the ``__main__`` copy again would be refused.
-if __name__ != "__main__":
-    DATASETS.register("ffcv_imagenet", options=FFCVImageNetOptions)(ffcv_imagenet)
 
 
 # ---------------------------------------------------------------------------------------------------
