@@ -92,13 +92,12 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state(st["cuda"])
 
 
-def evaluate(engine, dataset, batch_size: int, rank: int, world: int) -> dict:
+def evaluate(engine, bundle, batch_size: int, rank: int, world: int) -> dict:
     """Each rank scores a strided shard of the validation set; sums are all-reduced."""
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from .data.base import make_loader
 
     module = engine.module
     p0 = next(module.parameters())
@@ -106,7 +105,7 @@ def evaluate(engine, dataset, batch_size: int, rank: int, world: int) -> dict:
     module.eval()
     stats = torch.zeros(3, dtype=torch.float64)
     with torch.no_grad():
-        for x, y in make_loader(dataset, range(rank, len(dataset), world), batch_size, drop_last=False):
+        for x, y in bundle.loader("val", range(rank, len(bundle.val), world), batch_size, drop_last=False):
             x = x.to(p0.device, dtype=p0.dtype if x.is_floating_point() else x.dtype)
             out = module(x).float()
             y = y.to(out.device)
@@ -125,7 +124,6 @@ def train(recipe) -> int:
     import torch.nn.functional as F
 
     from . import checkpoint as ckpt
-    from .data.base import make_loader
     from .engine import initialize
     from .metrics import CommMeter, Progress, WandbLogger, human_bytes
     from .recipe import RecipeError
@@ -147,7 +145,7 @@ def train(recipe) -> int:
     _seed_all(t.seed)  # identical model initialisation on every rank
     try:
         bundle = DATASETS.build(recipe.data.name, recipe.data.options, root=recipe.data.root)
-    except FileNotFoundError as e:  # every rank sees the same files, so every rank exits here
+    except (FileNotFoundError, ImportError, ValueError) as e:  # same files on every rank: every rank exits
         if is0:
             print(f"data error: {recipe.source}: data ({recipe.data.name}): {e}", file=sys.stderr)
         return EXIT_DATA
@@ -217,11 +215,11 @@ def train(recipe) -> int:
     def eval_now(epoch: int) -> dict:
         # training batches for BatchNorm re-estimation (local methods with bn_batches > 0)
         def train_batches():
-            return iter(make_loader(bundle.train, order.epoch_indices(epoch), micro, recipe.data.num_workers,
-                                    seed=epoch))
+            return iter(bundle.loader("train", order.epoch_indices(epoch), micro, recipe.data.num_workers,
+                                      seed=epoch))
 
         with att.sync.eval_view(engine.module, train_batches):
-            return evaluate(engine, bundle.val, recipe.data.eval_micro_batch_size or 2 * micro, rank, world)
+            return evaluate(engine, bundle, recipe.data.eval_micro_batch_size or 2 * micro, rank, world)
 
     ce = recipe.checkpoint
     smoothing = t.label_smoothing
@@ -234,8 +232,8 @@ def train(recipe) -> int:
         if hasattr(bundle.train, "set_epoch"):  # e.g. NCF draws fresh negatives every epoch
             bundle.train.set_epoch(epoch)
         idx = order.epoch_indices(epoch)[: steps_per_epoch * gas * micro]
-        loader = make_loader(bundle.train, idx[skip * gas * micro:], micro, recipe.data.num_workers,
-                             seed=(t.seed * 1_000_003 + epoch) * 4099 + rank)
+        loader = bundle.loader("train", idx[skip * gas * micro:], micro, recipe.data.num_workers,
+                               seed=(t.seed * 1_000_003 + epoch) * 4099 + rank)
         step_in_epoch, loss_acc, n_micro = skip, 0.0, 0
         for x, y in loader:
             x = x.to(p0.device, dtype=p0.dtype if x.is_floating_point() else x.dtype, non_blocking=True)

@@ -178,3 +178,24 @@ def test_cli_reports_missing_source(tmp_path, capsys):
                   "--max-resolution", "64", "--jpeg-quality", "90"])
     assert rc == 2 and str(tmp_path / "none" / "train") in capsys.readouterr().err
     assert not (tmp_path / "t.beton").exists()
+
+
+@pytest.mark.slow  # ~60-100 s on 2 cores: a numba pipeline compile in every rank
+def test_trainer_runs_on_the_beton_files_on_two_ranks(data, tmp_path):
+    """The trainer end to end on the .beton files: 2 gloo ranks through DeepSpeed, FFCV loaders."""
+    from tests import harness, workers
+    from tests.test_trainer import QUICK
+
+    root = data["tmp"] / "root"
+    argv = ["--recipe", str(QUICK), "--set", f"log.dir={tmp_path}", "--set", "log.wandb.mode=disabled",
+            "--set", "log.progress=false", "--set", "checkpoint.every_epochs=0", "--set", "train.epochs=2",
+            "--set", "train.global_batch_size=8", "--set", "train.micro_batch_size=4",
+            "--set", "train.check_consistency_every=1",
+            "--set", f"data={{name: ffcv_imagenet, root: {root}, train_file: ffcv/train.beton, "
+                     f"val_file: ffcv/val.beton, num_classes: 3, train_resolution: {RES}, "
+                     f"val_resolution: {RES}, threads: 1}}",
+            "--set", f"model={{name: mlp, in_features: {3 * RES * RES}, hidden: [16], num_classes: 3}}"]
+    assert harness.run(workers.run_trainer, 2, argv=argv) == [0, 0]
+    import json
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["steps"] == 2 * (N_TRAIN // 2 // 4) and s["val_total"] == 6
