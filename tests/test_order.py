@@ -198,10 +198,8 @@ RESUME = {
     "dgrab_projected": (["method.order={name: dgrab, project_dim: 32}", "train.global_batch_size=96"], 19, 14),
     "cdgrab": (["method.order={name: cdgrab}", "method.reducer={name: cdgrab}"], 30, 22),
 }
-SLOW = pytest.mark.slow  # ~30 s each on 2 cores: the dgrab case runs by default, the others with -m slow
-
-
-@pytest.mark.parametrize("case", [c if c == "dgrab" else pytest.param(c, marks=SLOW) for c in RESUME])
+@pytest.mark.slow  # three trainer launches per case, ~70 s each on 2 cores: run with -m slow
+@pytest.mark.parametrize("case", list(RESUME))
 def test_resume_mid_epoch_same_orders_and_parameters(tmp_path, case):
     sets, k, spe = RESUME[case]
     a, b = tmp_path / "a", tmp_path / "b"
