@@ -16,16 +16,17 @@ from .registry import DATASETS, MODELS, OPTIMIZERS, ORDERS, REDUCERS, SYNCS, loa
 from .recipe import Recipe, RecipeError, load_recipe  # noqa: F401
 
 
-def initialize(recipe, model, steps_per_epoch, meter=None):
+def initialize(recipe, model, steps_per_epoch, meter=None, order=None):
     from .engine import initialize as _initialize
 
-    return _initialize(recipe, model, steps_per_epoch, meter)
+    return _initialize(recipe, model, steps_per_epoch, meter, order=order)
 
 
-def attach(engine, method=None, meter=None, group=None, check_every=0, total_steps=None):
+def attach(engine, method=None, meter=None, group=None, check_every=0, total_steps=None, order=None):
     from .engine import attach as _attach
 
-    return _attach(engine, method, meter=meter, group=group, check_every=check_every, total_steps=total_steps)
+    return _attach(engine, method, meter=meter, group=group, check_every=check_every, total_steps=total_steps,
+                   order=order)
 
 
 load_builtin()

@@ -57,7 +57,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     except RecipeError as e:
         print(f"recipe error:\n{e}", file=sys.stderr)
         return EXIT_RECIPE
-    return train(recipe)
+    try:
+        return train(recipe)
+    finally:
+        # tear the process group down before interpreter exit: leaving it to the c10d / gloo destructors
+        # at exit has ended a finished run with "terminate called without an active exception" (exit 250)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------
