@@ -222,23 +222,21 @@ class TopKReducer(_SparseBase):
         idx, vals = ops.topk_select(g, self.k)
         n = self.world_size
         dense = self._output()
+        ef = g if self.error is not None else None
         if not self.distributed:
             union = idx
-            ops.scatter_add_(dense, idx, vals)
-            sent = idx
+            ops.scatter_add_(dense, idx, vals, zero_in=ef)  # EF zeroing of what was sent, same pass
         elif self.options.exchange == "allgather":
             all_idx = torch.cat(self._all_gather(idx, "topk_indices"))
             all_vals = torch.cat(self._all_gather(vals, "topk_values"))
             ops.scatter_add_(dense, all_idx, all_vals)
             dense.div_(n)
             union = torch.unique(all_idx)
-            sent = idx
+            if ef is not None:
+                ops.zero_at_(g, idx)  # only this rank's own sent coordinates
         else:
             union = torch.unique(torch.cat(self._all_gather(idx, "topk_indices")))
-            ops.scatter_add_(dense, union, self._all_reduce(g[union], "topk_values").div_(n))
-            sent = union
-        if self.error is not None:
-            ops.zero_at_(g, sent)
+            ops.scatter_add_(dense, union, self._all_reduce(g[union], "topk_values").div_(n), zero_in=ef)
         self._write_back(dense)
         self.iteration += 1
         u = union.numel()
@@ -409,9 +407,8 @@ class ExDynaReducer(_SparseBase):
         else:
             ks, union, vals = [count], idx, g[idx]
         dense = self._output()
-        ops.scatter_add_(dense, union, vals)
-        if self.error is not None:
-            ops.zero_at_(g, union)
+        # error feedback zeroes every globally selected coordinate, fused into the scatter's pass
+        ops.scatter_add_(dense, union, vals, zero_in=g if self.error is not None else None)
         self._write_back(dense)
 
         total = sum(ks)
