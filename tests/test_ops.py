@@ -268,7 +268,7 @@ def _signsgd_worker(rank, world_size):
             p.grad, q.grad = torch.randn_like(p), torch.randn_like(q)
             red.finish()
             grads.append(torch.cat([p.grad.reshape(-1), q.grad.reshape(-1)]).clone())
-        res[m] = (grads, red.buf.clone())
+        res[m] = (grads, red.error.clone())  # the error-feedback residual
     return res
 
 

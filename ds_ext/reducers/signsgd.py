@@ -36,7 +36,7 @@ from pydantic import Field
 
 from .. import ops
 from ..registry import REDUCERS, Options
-from .base import Reducer
+from .flat import FlatReducer
 
 
 class SignSGDOptions(Options):
@@ -46,18 +46,11 @@ class SignSGDOptions(Options):
 
 
 @REDUCERS.register("signsgd", SignSGDOptions)
-class SignSGDReducer(Reducer):
+class SignSGDReducer(FlatReducer):
     """EF-SignSGD (Karimireddy et al. 2019) over signSGD's 1-bit sign compression (Bernstein et al. 2018)."""
 
     def __init__(self, named_params, options: SignSGDOptions, **kw):
         super().__init__(named_params, options, **kw)
-        if not self.params:
-            raise ValueError("SignSGDReducer: no trainable parameters")
-        self.device = self.params[0].device
-        self.numels = [p.numel() for p in self.params]
-        self.numel = sum(self.numels)
-        self.buf = torch.zeros(self.numel, device=self.device)  # p = grad + e; the residual after packing
-        self.out = torch.zeros(self.numel, device=self.device)
         if options.scale == "tensor":
             self.segments = []
             off = 0
@@ -67,22 +60,9 @@ class SignSGDReducer(Reducer):
         else:
             self.segments = [(0, self.numel)]
         self.nbytes = [(n + 7) // 8 for _, n in self.segments]
-        self.iteration = 0
-        self._stats: dict = {}
-
-    @property
-    def distributed(self) -> bool:
-        return dist.is_initialized() and self.world_size > 1
 
     def finish(self) -> None:
-        buf = self.buf
-        if not self.options.error_feedback:
-            buf.zero_()
-        off = 0
-        for p, n in zip(self.params, self.numels):
-            if p.grad is not None:
-                buf[off:off + n].add_(p.grad.detach().reshape(-1))
-            off += n
+        buf = self._send_buffer()  # p = grad + e; sign_pack leaves the residual in it
         packed: List[torch.Tensor] = []
         scales: List[torch.Tensor] = []
         for st, n in self.segments:
@@ -101,7 +81,7 @@ class SignSGDReducer(Reducer):
             dist.all_gather(all_s, scales_t, group=self.group)
         else:
             all_p, all_s = [packed_t], [scales_t]
-        out = self.out.zero_()
+        out = self._output()
         for pr, sr in zip(all_p, all_s):
             scales_host = sr.tolist()
             boff = 0
@@ -110,42 +90,13 @@ class SignSGDReducer(Reducer):
                 boff += nb
         if self.world_size > 1:
             out.div_(self.world_size)
-        off = 0
-        for p, n in zip(self.params, self.numels):
-            v = out[off:off + n].view(p.shape)
-            if p.grad is None:
-                p.grad = v.to(p.dtype).clone()
-            else:
-                p.grad.copy_(v)
-            off += n
-        if not self.options.error_feedback:
-            buf.zero_()
+        self._write_back(out)
         self.iteration += 1
         self._stats = {"bits_per_element": 8.0 * (packed_t.numel() + 4 * scales_t.numel()) / self.numel,
                        "mean_scale": float(scales_t.mean())}
 
-    def stats(self) -> dict:
-        return dict(self._stats)
-
-    @classmethod
-    def check_recipe(cls, recipe) -> list:
-        fp16 = recipe.deepspeed.get("fp16") or {}
-        if fp16.get("enabled", False) and not fp16.get("loss_scale"):
-            return ["reducer 'signsgd' keeps an error-feedback residual, which fp16 dynamic loss scaling would "
-                    "mix across changing scales (and poison with inf on overflow steps); use bf16 or a static "
-                    "deepspeed.fp16.loss_scale > 0"]
-        return []
-
     def state_dict(self) -> dict:
-        return {"numel": self.numel, "iteration": self.iteration, "world_size": self.world_size,
-                "error": self.buf.detach().cpu().clone() if self.options.error_feedback else None}
+        return self._base_state()
 
     def load_state_dict(self, state: dict) -> None:
-        if state["numel"] != self.numel:
-            raise ValueError(f"SignSGDReducer state is for {state['numel']} elements, this model has {self.numel}")
-        if state["world_size"] != self.world_size:
-            raise ValueError(f"SignSGDReducer state was saved with world size {state['world_size']}, now "
-                             f"{self.world_size}: the residual is per rank")
-        if state["error"] is not None and self.options.error_feedback:
-            self.buf.copy_(state["error"])
-        self.iteration = int(state["iteration"])
+        self._load_base_state(state)
