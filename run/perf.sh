@@ -12,10 +12,4 @@ cd "$ROOT"
 source "$ROOT/run/env.sh"
 opt="${opt:-acpsgd}"; rank="${rank:-4}"; dnn="${dnn:-resnet50}"; nworkers="${nworkers:-2}"
 case "$dnn" in resnet152|bert_base) bs="${bs:-32}" ;; bert_large) bs="${bs:-8}" ;; *) bs="${bs:-64}" ;; esac
-launcher=("$(dirname "$PY")/deepspeed" --master_port "$(ds_ext_free_port)")
-if [ -n "${hostfile:-}" ]; then
-  launcher+=(--hostfile "$hostfile")   # every slot of the hostfile runs a worker
-else
-  launcher+=(--num_gpus "$nworkers")
-fi
-exec "${launcher[@]}" --module ds_ext.bench.perf --opt "$opt" --rank "$rank" --dnn "$dnn" --bs "$bs" "$@"
+ds_ext_launch "$nworkers" --module ds_ext.bench.perf --opt "$opt" --rank "$rank" --dnn "$dnn" --bs "$bs" "$@"

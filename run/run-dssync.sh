@@ -22,6 +22,4 @@ case "$sync" in
   bsp) sets+=(--set "method.reducer={name: allreduce}" --set "method.sync={name: none}") ;;
   *) echo "sync=$sync: choose dssync or bsp" >&2; exit 2 ;;
 esac
-launcher=("$(dirname "$PY")/deepspeed" --master_port "$(ds_ext_free_port)")
-if [ -n "${hostfile:-}" ]; then launcher+=(--hostfile "$hostfile"); else launcher+=(--num_gpus "$nworkers"); fi
-exec "${launcher[@]}" --module ds_ext.train --recipe "$recipe" "${sets[@]}" "$@"
+ds_ext_launch "$nworkers" --module ds_ext.train --recipe "$recipe" "${sets[@]}" "$@"

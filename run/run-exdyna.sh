@@ -39,6 +39,4 @@ case "$reducer" in
   allreduce) sets+=(--set "method.reducer={name: allreduce}") ;;
   *) echo "reducer=$reducer: choose exdyna, topk or allreduce" >&2; exit 2 ;;
 esac
-launcher=("$(dirname "$PY")/deepspeed" --master_port "$(ds_ext_free_port)")
-if [ -n "${hostfile:-}" ]; then launcher+=(--hostfile "$hostfile"); else launcher+=(--num_gpus "$nworkers"); fi
-exec "${launcher[@]}" --module ds_ext.train --recipe "$recipe" "${sets[@]}" "$@"
+ds_ext_launch "$nworkers" --module ds_ext.train --recipe "$recipe" "${sets[@]}" "$@"

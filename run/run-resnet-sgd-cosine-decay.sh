@@ -10,9 +10,4 @@ PY="$(bash "$ROOT/run/setup.sh" | tail -n 1)"
 cd "$ROOT"
 source "$ROOT/run/env.sh"
 hostfile="${hostfile:-hostfile}"
-if [ ! -f "$hostfile" ]; then
-  echo "no hostfile at $hostfile: copy hostfile.example, one 'host slots=N' line per node (or set hostfile=PATH)" >&2
-  exit 2
-fi
-exec "$(dirname "$PY")/deepspeed" --hostfile "$hostfile" --master_port "$(ds_ext_free_port)" \
-  --module ds_ext.train --recipe recipes/qsr-resnet101-sgd.yaml "$@"
+ds_ext_launch 0 --module ds_ext.train --recipe recipes/qsr-resnet101-sgd.yaml "$@"
