@@ -9,9 +9,12 @@
 #   DS_EXT_TORCH="torch==X"   torch requirement used when no torch is importable
 #                             (default: torch==2.13.0 on a machine without a GPU, plain `torch` with one)
 #   DS_EXT_FFCV=0             skip ffcv (the FFCV ImageNet loaders); default 1
+#   DS_EXT_CLUSTER_TOOLS=0    skip openssh-server, pdsh, iproute2 (only run/cluster.sh needs them); default 1
 # ffcv 1.0.2 (the `ffcv` extra) builds from source against Debian's libopencv-dev libturbojpeg0-dev
 # pkg-config. As root, missing ones are installed with apt-get; otherwise the script names them and the
 # command to install them, and installs everything else (ffcv_imagenet then raises an ImportError).
+# The emulated cluster (run/cluster.sh) needs openssh-server, pdsh and iproute2: installed the same way
+# as root, named with the command otherwise (nothing else depends on them).
 # An already installed torch (CPU or CUDA build) is never replaced: when the creating interpreter
 # already imports torch, the venv is made with --system-site-packages so that build is reused.
 set -euo pipefail
@@ -54,19 +57,24 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "$PY" -c "import torch" >/dev/null 2>&1 || { log "error: torch did not install"; exit 1; }
 fi
 
-# --- system packages ffcv builds against (Debian names) ------------------------------------------
+# --- system packages (Debian names) ---------------------------------------------------------------
+# ffcv builds against FFCV_PKGS; run/cluster.sh (the emulated multi-host cluster) needs CLUSTER_PKGS:
+# sshd for each emulated host, pdsh (DeepSpeed's default multi-node runner), ip / tc.
 FFCV_PKGS=(libopencv-dev libturbojpeg0-dev pkg-config)
-ffcv_missing() {  # prints the missing Debian packages (all of them when dpkg is absent)
+CLUSTER_PKGS=(openssh-server pdsh iproute2)
+deb_missing() {  # prints those of the named Debian packages that are not installed (all when dpkg is absent)
   local p
-  for p in "${FFCV_PKGS[@]}"; do
+  for p in "$@"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"
   done
 }
-with_ffcv=0
-if [ "${DS_EXT_FFCV:-1}" != "0" ]; then
-  mapfile -t missing < <(ffcv_missing)
+wanted=()
+[ "${DS_EXT_FFCV:-1}" != "0" ] && wanted+=("${FFCV_PKGS[@]}")
+[ "${DS_EXT_CLUSTER_TOOLS:-1}" != "0" ] && wanted+=("${CLUSTER_PKGS[@]}")
+if [ "${#wanted[@]}" -gt 0 ]; then
+  mapfile -t missing < <(deb_missing "${wanted[@]}")
   if [ "${#missing[@]}" -gt 0 ] && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-    log "installing the packages ffcv builds against: ${missing[*]} (apt-get)"
+    log "installing Debian packages: ${missing[*]} (apt-get)"
     out="$(mktemp)"
     if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >"$out" 2>&1; then
       # a fresh machine may have no package lists yet
@@ -74,14 +82,24 @@ if [ "${DS_EXT_FFCV:-1}" != "0" ]; then
       DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >>"$out" 2>&1 || cat "$out" >&2
     fi
     rm -f "$out"
-    mapfile -t missing < <(ffcv_missing)
   fi
+fi
+with_ffcv=0
+if [ "${DS_EXT_FFCV:-1}" != "0" ]; then
+  mapfile -t missing < <(deb_missing "${FFCV_PKGS[@]}")
   if [ "${#missing[@]}" -eq 0 ]; then
     with_ffcv=1
   else
     log "warning: ffcv (FFCV ImageNet loaders) is not installed: missing Debian packages: ${missing[*]}"
     log "  install them with:  sudo apt-get install -y ${missing[*]}   then re-run: bash run/setup.sh"
     log "  (continuing without ffcv; everything else works, ffcv_imagenet raises an ImportError)"
+  fi
+fi
+if [ "${DS_EXT_CLUSTER_TOOLS:-1}" != "0" ]; then
+  mapfile -t missing < <(deb_missing "${CLUSTER_PKGS[@]}")
+  if [ "${#missing[@]}" -gt 0 ]; then
+    log "warning: the emulated cluster (run/cluster.sh, run/bench-cluster.sh) needs Debian packages: ${missing[*]}"
+    log "  install them with:  sudo apt-get install -y ${missing[*]}   (continuing: nothing else needs them)"
   fi
 fi
 
