@@ -22,11 +22,12 @@ def initialize(recipe, model, steps_per_epoch, meter=None, order=None):
     return _initialize(recipe, model, steps_per_epoch, meter, order=order)
 
 
-def attach(engine, method=None, meter=None, group=None, check_every=0, total_steps=None, order=None):
+def attach(engine, method=None, meter=None, group=None, check_every=0, total_steps=None, order=None,
+           nonfinite="skip"):
     from .engine import attach as _attach
 
     return _attach(engine, method, meter=meter, group=group, check_every=check_every, total_steps=total_steps,
-                   order=order)
+                   order=order, nonfinite=nonfinite)
 
 
 load_builtin()

@@ -23,6 +23,8 @@ calls ``deepspeed.initialize`` and attaches the recipe's methods.
 """
 from __future__ import annotations
 
+import hashlib
+import sys
 from typing import Any, Dict, Optional, Union
 
 import torch
@@ -36,17 +38,30 @@ class DesyncError(RuntimeError):
     """Ranks that must hold identical parameters do not."""
 
 
+class NonFiniteError(FloatingPointError):
+    """A non-finite gradient with ``nonfinite="raise"``, or a method that produced one from finite inputs."""
+
+
+NONFINITE_MODES = ("skip", "raise", "off")
+
+
 def parameter_fingerprint(module: torch.nn.Module) -> torch.Tensor:
-    """Per-parameter (sum, sum of squares, first element) in float64: equal iff ranks agree (in practice)."""
-    rows = []
+    """One 64-bit BLAKE2b digest of every parameter's bytes, ``[n_params]`` int64 on the CPU.
+
+    Two ranks agree iff their parameters are bit-identical (up to a 2**-64 collision chance): unlike
+    sums or norms, a digest also tells apart swapped elements and sign flips that cancel. Costs a
+    device-to-host copy and one hash pass over the parameters, which is why the check is optional
+    and periodic (``train.check_consistency_every``)."""
+    digests = []
     for p in module.parameters():
-        d = p.detach().reshape(-1).double()
-        rows.append(torch.stack([d.sum(), (d * d).sum(), d[0]]))
-    return torch.stack(rows).cpu()
+        raw = p.detach().reshape(-1).cpu().contiguous().view(torch.uint8).numpy()
+        digests.append(int.from_bytes(hashlib.blake2b(raw.data, digest_size=8).digest(), "little", signed=True))
+    return torch.tensor(digests, dtype=torch.int64)
 
 
 def check_consistency(module: torch.nn.Module, group=None, step: Optional[int] = None) -> None:
-    """Raise ``DesyncError`` naming the first parameter whose value differs between ranks."""
+    """Collective. Raise ``DesyncError`` on every rank, naming the first parameter (in
+    ``named_parameters`` order) whose bytes differ between rank 0 and some rank."""
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return
     fp = parameter_fingerprint(module)
@@ -55,9 +70,10 @@ def check_consistency(module: torch.nn.Module, group=None, step: Optional[int] =
     names = [n for n, _ in module.named_parameters()]
     for r, other in enumerate(gathered[1:], start=1):
         if not torch.equal(other, gathered[0]):
-            bad = (other != gathered[0]).any(1).nonzero()[0].item()
+            bad = (other != gathered[0]).nonzero()[0].item()
             raise DesyncError(f"parameters differ between rank 0 and rank {r} at step {step}: first at "
-                              f"{names[bad]!r} (sum {gathered[0][bad, 0].item():.9g} vs {other[bad, 0].item():.9g})")
+                              f"{names[bad]!r} (digest {gathered[0][bad].item() & (2**64 - 1):016x} vs "
+                              f"{other[bad].item() & (2**64 - 1):016x})")
 
 
 def _block(spec, default: str):
@@ -83,11 +99,20 @@ def _copy_into(view: torch.Tensor):
 class Attachment:
     """The methods attached to one engine; hold on to it (it owns the hooks)."""
 
-    def __init__(self, engine, reducer, sync, meter: CommMeter, group=None, check_every: int = 0, order=None):
+    def __init__(self, engine, reducer, sync, meter: CommMeter, group=None, check_every: int = 0, order=None,
+                 nonfinite: str = "skip"):
         self.engine, self.reducer, self.sync, self.meter = engine, reducer, sync, meter
         self.order = order
         self.group = group
         self.check_every = check_every
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+        if nonfinite != "off" and engine.zero_optimization_stage() != 0:
+            nonfinite = "off"  # ZeRO partitions gradients inside its own hooks: DeepSpeed's overflow handling applies
+        self.nonfinite = nonfinite
+        self._bad = None  # this rank saw a non-finite gradient in the current window (0-dim bool, on device)
+        self.skipped_steps = 0
+        self.nonfinite_events = []  # (optimizer step, ranks) of every skipped step, newest last
         self.steps = 0
         self.last_step_communicated = False
         self._check_due = False
@@ -122,18 +147,108 @@ class Attachment:
 
     def _hook(self, p):
         if self.engine.is_gradient_accumulation_boundary() and self.sync.reduce_gradients_now():
+            if self.nonfinite != "off" and p.grad is not None:
+                self._screen(p.grad)
             self.reducer.grad_ready(p)
+
+    # -- non-finite gradients --------------------------------------------------------------------
+    def _screen(self, g: torch.Tensor) -> None:
+        """Flag a non-finite ``g`` and zero it in place, before any reducer, order or error-feedback
+        buffer sees it. The test is one fp32 sum (NaN and inf propagate through it; a finite gradient
+        whose sum overflows fp32, |sum| > 3.4e38, is flagged too). On a GPU it never synchronises."""
+        bad = ~torch.isfinite(g.sum(dtype=torch.float32))
+        if g.device.type == "cpu":
+            if bad.item():
+                g.zero_()
+        else:
+            g.masked_fill_(bad, 0)
+        self._bad = bad if self._bad is None else (self._bad | bad)
+
+    def _grads_bad(self) -> bool:
+        grads = [p.grad for p in self.reducer.params if p.grad is not None]
+        if not grads:
+            return False
+        return not bool(torch.isfinite(torch.stack([g.sum(dtype=torch.float32) for g in grads]).sum()).item())
+
+    def _verdict(self, reduced: bool) -> bool:
+        """Whether this step's optimizer update is skipped. After a gradient reduction the verdict is
+        shared (one all_gather of two flags per rank), so every rank skips or none does; on a local step
+        (no gradient communication: Local SGD / DS-Sync between averagings) each rank decides alone,
+        which is safe because ranks hold different parameters there anyway and the step counters that
+        decide the next averaging still advance on every rank."""
+        if self.nonfinite == "off":
+            return False
+        if not reduced:  # local step: screen the local gradient now
+            for p in self.reducer.params:
+                if p.grad is not None:
+                    self._screen(p.grad)
+        inp = bool(self._bad.item()) if self._bad is not None else False
+        self._bad = None
+        step = self.engine.global_steps + 1
+        communicates = reduced and not getattr(self.reducer, "local_only", False) and dist.is_initialized() \
+            and dist.get_world_size(self.group) > 1
+        if not communicates:
+            if inp:
+                self._skip_event(step, [dist.get_rank() if dist.is_initialized() else 0], shared=False)
+            return inp
+        out = self._grads_bad()  # finite inputs everywhere but a non-finite result: the method itself failed
+        mine = torch.tensor([inp, out], dtype=torch.uint8)
+        flags = [torch.empty_like(mine) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(flags, mine, group=self.group)
+        bad_in = [r for r, f in enumerate(flags) if f[0]]
+        bad_out = [r for r, f in enumerate(flags) if f[1]]
+        if not bad_in and bad_out:
+            raise NonFiniteError(f"step {step}: reducer {type(self.reducer).__name__} produced a non-finite gradient on "
+                                 f"rank(s) {bad_out} from finite inputs on every rank")
+        if bad_in:
+            self._skip_event(step, bad_in, shared=True)
+            return True
+        return False
+
+    def _skip_event(self, step: int, ranks, shared: bool) -> None:
+        where = "on all ranks" if shared else "on this rank only (local step)"
+        if self.nonfinite == "raise":
+            raise NonFiniteError(f"step {step}: non-finite gradient on rank(s) {ranks} (train.nonfinite=raise)")
+        self.skipped_steps += 1
+        self.nonfinite_events.append((step, list(ranks)))
+        me = dist.get_rank() if dist.is_initialized() else 0
+        if me == (ranks[0] if not shared else 0):
+            print(f"[ds_ext] step {step}: non-finite gradient on rank(s) {list(ranks)}; optimizer step skipped "
+                  f"{where} (error-feedback and order state saw zeros instead)", file=sys.stderr, flush=True)
+
+    def _skipped_step(self, *args, **kwargs):
+        """Run DeepSpeed's step (counters, LR schedule, zeroing of gradients, loss-scale bookkeeping)
+        with the parameter update itself made a no-op."""
+        if self.engine.fp16_enabled():
+            # FP16_Optimizer: an inf makes it skip and lower the loss scale, as it does for an overflow
+            for p in self.reducer.params:
+                if p.grad is not None:
+                    p.grad.view(-1)[0] = float("inf")
+                    break
+            return self._orig_step(*args, **kwargs)
+        inner = getattr(self.engine, "basic_optimizer", None) or self.engine.optimizer
+        inner.step = lambda *a, **k: None  # instance attribute shadows the class's step for this call
+        try:
+            return self._orig_step(*args, **kwargs)
+        finally:
+            del inner.step
 
     def step(self, *args, **kwargs):
         if self._flat is not None:  # one microbatch backward has run: the order sees its gradient
+            if self.nonfinite != "off":
+                self._screen(self._flat)
             self._feed(self._flat)
             self._flat.zero_()
         boundary = self.engine.is_gradient_accumulation_boundary()
+        skip = False
         if boundary:
-            if self.sync.reduce_gradients_now():
+            reduced = self.sync.reduce_gradients_now()
+            if reduced:
                 self.reducer.finish()
-            self.sync.before_step()
-        out = self._orig_step(*args, **kwargs)
+            skip = self._verdict(reduced)
+            if not skip:
+                self.sync.before_step()
+        out = self._skipped_step(*args, **kwargs) if skip else self._orig_step(*args, **kwargs)
         if boundary:
             self.last_step_communicated = bool(self.sync.after_step())
             self.meter.end_step()
@@ -155,17 +270,19 @@ class Attachment:
 
     def state_dict(self) -> dict:
         return {"reducer": self.reducer.state_dict(), "sync": self.sync.state_dict(),
-                "meter": self.meter.state_dict(), "steps": self.steps}
+                "meter": self.meter.state_dict(), "steps": self.steps, "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.reducer.load_state_dict(state["reducer"])
         self.sync.load_state_dict(state["sync"])
         self.meter.load_state_dict(state["meter"])
         self.steps = int(state["steps"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
 
 
 def attach(engine, method: Union[None, Dict[str, Any], Any] = None, meter: Optional[CommMeter] = None,
-           group=None, check_every: int = 0, total_steps: Optional[int] = None, order=None) -> Attachment:
+           group=None, check_every: int = 0, total_steps: Optional[int] = None, order=None,
+           nonfinite: str = "skip") -> Attachment:
     """Attach a reducer, a synchronizer and (optionally) a data order to a DeepSpeed engine.
 
     ``order`` (an ``ds_ext.order.Order``) is only wired in when it observes gradients (D-GraB,
@@ -174,6 +291,12 @@ def attach(engine, method: Union[None, Dict[str, Any], Any] = None, meter: Optio
     ``method`` is the recipe's ``method`` section or a dict such as
     ``{"reducer": {"name": "allreduce", "bucket_mb": 25}, "sync": "none"}``. ``total_steps`` (the
     run's optimizer steps) lets period schedules end their last round exactly at the last step.
+
+    ``nonfinite`` (the recipe's ``train.nonfinite``) says what a NaN or inf in any rank's gradient does:
+    ``skip`` (default) zeroes it before any reducer, order or error-feedback buffer sees it and skips the
+    optimizer update on every rank (one extra 2-byte-per-rank all_gather per communicating step),
+    ``raise`` stops every rank with ``NonFiniteError``, ``off`` does neither (DeepSpeed's fp16 loss
+    scaler still skips overflowing steps). Under ZeRO (reducer ``deepspeed``) it is always ``off``.
     """
     load_builtin()
     if isinstance(method, dict):
@@ -193,7 +316,8 @@ def attach(engine, method: Union[None, Dict[str, Any], Any] = None, meter: Optio
     kw = dict(group=group, meter=meter, engine=engine)
     reducer = REDUCERS.build(rname, ropts, named, **kw)
     sync = SYNCS.build(sname, sopts, named, total_steps=total_steps, **kw)
-    return Attachment(engine, reducer, sync, meter, group=group, check_every=check_every, order=order)
+    return Attachment(engine, reducer, sync, meter, group=group, check_every=check_every, order=order,
+                      nonfinite=nonfinite)
 
 
 def deepspeed_config(recipe, world_size: int) -> dict:
@@ -227,5 +351,5 @@ def initialize(recipe, model: torch.nn.Module, steps_per_epoch: int, meter: Opti
                                            config=deepspeed_config(recipe, world))
     total = steps_per_epoch * recipe.train.epochs
     attachment = attach(engine, recipe.method, meter=meter, check_every=recipe.train.check_consistency_every,
-                        total_steps=total, order=order)
+                        total_steps=total, order=order, nonfinite=getattr(recipe.train, "nonfinite", "skip"))
     return engine, attachment, schedule

@@ -44,3 +44,12 @@ def test_ranks_stay_identical_only_with_a_reducer():
     assert caught[0]["desync"] is not None
     assert "differ between rank 0 and rank 1 at step 1" in caught[0]["desync"]
     assert "'0.weight'" in caught[0]["desync"] or "weight" in caught[0]["desync"]
+
+
+def test_consistency_check_catches_swapped_elements():
+    """A desync that sums and norms miss (two elements swapped on one rank) is named by the digest."""
+    from tests import workers_nonfinite
+
+    msgs = harness.run(workers_nonfinite.swapped_elements, 2)
+    for m in msgs:
+        assert m is not None and "differ between rank 0 and rank 1 at step 7" in m and "'3.weight'" in m
