@@ -11,13 +11,16 @@ what is allowed; ``python -m ds_ext.train --recipe R --check`` prints them and e
 """
 from __future__ import annotations
 
+import math
 import os
 import socket
+import types
+import typing
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator)
 
 from .registry import (DATASETS, MODELS, OPTIMIZERS, ORDERS, REDUCERS, SYNCS, Options, Registry,
                        UnknownName, load_builtin)
@@ -33,8 +36,34 @@ class RecipeError(ValueError):
         super().__init__("\n".join(lines))
 
 
+class DataPathError(RecipeError):
+    """A file or directory the run needs is missing (found before the process group starts). The
+    trainer prints it as ``data error:`` and exits 3, as it does for a data error found later."""
+
+
+def _numeric_annotation(ann) -> bool:
+    """True for ``int``, ``float`` and their ``Optional`` forms (not for unions that admit ``bool``)."""
+    args = typing.get_args(ann) if typing.get_origin(ann) in (Union, types.UnionType) else (ann,)
+    args = [a for a in args if a is not type(None)]
+    return bool(args) and all(a in (int, float) for a in args)
+
+
+_BOOL_FOR_NUMBER = "expected a number, got a boolean"
+
+
 class Section(BaseModel):
+    """A recipe section: unknown keys are refused; so is ``true``/``false`` for a numeric key (pydantic's
+    lax mode would read it as 1/0)."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, v, info: ValidationInfo):
+        field = cls.model_fields.get(info.field_name) if info.field_name else None
+        if isinstance(v, bool) and field is not None and _numeric_annotation(field.annotation):
+            raise ValueError(f"{_BOOL_FOR_NUMBER} ({v!r})")
+        return v
 
 
 class NamedBlock(BaseModel):
@@ -44,6 +73,8 @@ class NamedBlock(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str
     _options: Optional[Options] = PrivateAttr(default=None)
+
+    _no_bool_for_number = field_validator("*", mode="before")(Section._no_bool_for_number.__func__)
 
     @property
     def params(self) -> Dict[str, Any]:
@@ -158,6 +189,8 @@ class Recipe(Section):
 
     _source: str = PrivateAttr(default="<recipe>")
     _host_file: Optional[str] = PrivateAttr(default=None)
+    # where a path setting came from when the recipe left it out (the per-host file), for error messages
+    _origin: Dict[str, str] = PrivateAttr(default_factory=dict)
 
     @field_validator("deepspeed")
     @classmethod
@@ -181,17 +214,51 @@ class Recipe(Section):
                 return key
         return "fp32"
 
+    def _batch_problem(self, world_size: int) -> Optional[Tuple[str, str]]:
+        t = self.train
+        if world_size < 1:
+            return ("train.global_batch_size", f"world size must be a positive integer (got {world_size})")
+        if t.global_batch_size % (world_size * t.micro_batch_size):
+            return ("train.global_batch_size",
+                    f"{t.global_batch_size} is not divisible by world size x micro batch = "
+                    f"{world_size} x {t.micro_batch_size} = {world_size * t.micro_batch_size}; "
+                    f"allowed: multiples of {world_size * t.micro_batch_size}")
+        return None
+
     def batch_plan(self, world_size: int) -> Tuple[int, int]:
         """(micro batch per rank, gradient accumulation steps) for this world size; the QSR seed's
         ``--physical-batch-size`` rule: global = world x micro x accumulation."""
+        problem = self._batch_problem(world_size)
+        if problem:
+            raise RecipeError(self._source, [problem])
         t = self.train
-        if world_size < 1 or t.global_batch_size % (world_size * t.micro_batch_size):
-            raise RecipeError(self._source, [(
-                "train.global_batch_size",
-                f"{t.global_batch_size} is not divisible by world size x micro batch = "
-                f"{world_size} x {t.micro_batch_size} = {world_size * t.micro_batch_size}; "
-                f"allowed: multiples of {world_size * t.micro_batch_size}")])
         return t.micro_batch_size, t.global_batch_size // (world_size * t.micro_batch_size)
+
+    def world_problems(self, world_size: int) -> List[Tuple[str, str]]:
+        """Every problem that depends on the world size: the batch arithmetic and each method's own
+        world-size rule (a registry entry's ``check_world(recipe, world_size) -> [message]`` classmethod,
+        else the built-in rule in ``_WORLD_RULES``). Meant to run before the process group starts."""
+        problem = self._batch_problem(world_size)
+        problems = [problem] if problem else []
+        if world_size < 1:
+            return problems
+        for kind, registry in (("reducer", REDUCERS), ("sync", SYNCS), ("order", ORDERS)):
+            block = getattr(self.method, kind)
+            if block.name not in registry or block._options is None:
+                continue
+            hook = getattr(registry.get(block.name).factory, "check_world", None)
+            if hook is not None:
+                problems += [(f"method.{kind}", msg) for msg in hook(self, world_size)]
+            elif (kind, block.name) in _WORLD_RULES:
+                problems += _WORLD_RULES[(kind, block.name)](block.options, world_size, f"method.{kind}")
+        return problems
+
+    def check_world(self, world_size: int) -> Tuple[int, int]:
+        """``batch_plan`` after all world-size rules passed; raises ``RecipeError`` listing every problem."""
+        problems = self.world_problems(world_size)
+        if problems:
+            raise RecipeError(self._source, problems)
+        return self.batch_plan(world_size)
 
     def method_names(self) -> Dict[str, str]:
         return {k: getattr(self.method, k).name for k in ("reducer", "sync", "order")}
@@ -220,6 +287,12 @@ def _field_model(cls: Type[BaseModel], loc: Sequence) -> Optional[Type[BaseModel
     return cls
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr`` of an offending value, cut to ``limit`` characters (a fuzzed value can be huge)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _convert(err: ValidationError, root: Type[BaseModel], prefix: Tuple = ()) -> List[Tuple[str, str]]:
     out = []
     for e in err.errors():
@@ -236,7 +309,7 @@ def _convert(err: ValidationError, root: Type[BaseModel], prefix: Tuple = ()) ->
         else:
             msg = e["msg"].removeprefix("Value error, ")
             if "input" in e and e["type"] not in ("value_error",):
-                msg += f" (got {e['input']!r})"
+                msg += f" (got {_short(e['input'])})"
         out.append((key, msg))
     return out
 
@@ -264,8 +337,14 @@ def _validate_named(recipe: Recipe) -> List[Tuple[str, str]]:
             problems.append((f"{key}.name", str(e)))
             continue
         params = block.params
+        bools = [(f"{key}.{k}", f"{_BOOL_FOR_NUMBER} ({v!r})") for k, v in params.items()
+                 if isinstance(v, bool) and k in entry.options.model_fields
+                 and _numeric_annotation(entry.options.model_fields[k].annotation)]
+        if bools:  # pydantic's lax mode would read true/false as 1/0
+            problems += bools
+            continue
         try:
-            block._options = entry.options(**params)
+            block._options = entry.options.model_validate(params)
         except ValidationError as e:
             for k, msg in _convert(e, entry.options, prefix=path):
                 if msg.startswith("unknown key"):
@@ -275,6 +354,115 @@ def _validate_named(recipe: Recipe) -> List[Tuple[str, str]]:
                            f"--set '{key}={{name: {block.name}}}')")
                 problems.append((k, msg))
     return problems
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def _dssync_world(o, world: int, key: str) -> List[Tuple[str, str]]:
+    """dssync: G groups of world/G ranks (the same rules ``DSSync.__init__`` enforces after start-up)."""
+    g = o.groups
+    if world % g:
+        return [(f"{key}.groups", f"groups={g} does not divide the world size {world}; allowed: {_divisors(world)}")]
+    if o.grouping != "patterns" or o.patterns is None:
+        return []
+    size, problems = world // g, []
+    for i, pat in enumerate(o.patterns):
+        flat = sorted(r for grp in pat for r in grp)
+        if flat != list(range(world)) or len(pat) != g or any(len(grp) != size for grp in pat):
+            problems.append((f"{key}.patterns.{i}", f"{_short(pat)} must split ranks 0..{world - 1} into {g} groups "
+                                                   f"of {size} (each rank exactly once)"))
+    return problems
+
+
+def _exdyna_world(o, world: int, key: str) -> List[Tuple[str, str]]:
+    """exdyna: every rank owns at least one block (``sparse.py`` refuses it after start-up otherwise)."""
+    if o.num_blocks < world:
+        return [(f"{key}.num_blocks", f"{o.num_blocks} is smaller than the world size {world}; every rank needs at "
+                                      f"least one block (allowed: >= {world})")]
+    return []
+
+
+# World-size rules of built-in methods that do not (yet) carry a ``check_world`` classmethod themselves.
+_WORLD_RULES = {("sync", "dssync"): _dssync_world, ("reducer", "exdyna"): _exdyna_world}
+
+_DS_EXAMPLES = {"zero_optimization": "{stage: 0}", "bf16": "{enabled: true}", "fp16": "{enabled: true}",
+                "torch_autocast": "{enabled: true, dtype: bfloat16}"}
+
+
+def _finite_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _deepspeed_problems(ds: Mapping) -> List[Tuple[str, str]]:
+    """Types of the DeepSpeed keys that ds_ext reads itself before the engine exists
+    (``zero_optimization.stage``, ``bf16``/``fp16``/``torch_autocast`` ``enabled``, ``fp16.loss_scale``,
+    ``gradient_clipping``). Every other key of the section is DeepSpeed's to validate, which happens when
+    the engine is built (after the process group started)."""
+    problems = []
+    for key, example in _DS_EXAMPLES.items():
+        if key in ds and not isinstance(ds[key], Mapping):
+            problems.append((f"deepspeed.{key}", f"must be a mapping such as {example} (got {_short(ds[key])})"))
+    zero = ds.get("zero_optimization")
+    if isinstance(zero, Mapping) and "stage" in zero:
+        st = zero["stage"]
+        if not (isinstance(st, int) and not isinstance(st, bool) and 0 <= st <= 3):
+            problems.append(("deepspeed.zero_optimization.stage", f"allowed: 0, 1, 2, 3 (got {_short(st)})"))
+    for key in ("bf16", "fp16", "torch_autocast"):
+        block = ds.get(key)
+        if isinstance(block, Mapping) and "enabled" in block and not isinstance(block["enabled"], bool):
+            problems.append((f"deepspeed.{key}.enabled", f"allowed: true, false (got {_short(block['enabled'])})"))
+    fp16 = ds.get("fp16")
+    if isinstance(fp16, Mapping) and "loss_scale" in fp16:
+        ls = fp16["loss_scale"]
+        if not (_finite_number(ls) and ls >= 0):
+            problems.append(("deepspeed.fp16.loss_scale", f"allowed: a number >= 0 (0: dynamic loss scaling) "
+                                                          f"(got {_short(ls)})"))
+    if "gradient_clipping" in ds:
+        gc = ds["gradient_clipping"]
+        if not (_finite_number(gc) and gc >= 0):
+            problems.append(("deepspeed.gradient_clipping", f"allowed: a number >= 0 (0: no clipping) "
+                                                            f"(got {_short(gc)})"))
+    enabled = [k for k in ("bf16", "fp16") if isinstance(ds.get(k), Mapping) and ds[k].get("enabled") is True]
+    if len(enabled) == 2:
+        problems.append(("deepspeed.fp16.enabled", "bf16 and fp16 are both enabled; enable one of them"))
+    return problems
+
+
+def _walk_non_finite(value, key: str, out: Dict[str, str]) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        out.setdefault(key, f"must be a finite number (got {value!r})")
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            _walk_non_finite(v, f"{key}.{k}" if key else str(k), out)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _walk_non_finite(v, f"{key}.{i}", out)
+
+
+def _non_finite(recipe: Recipe) -> List[Tuple[str, str]]:
+    """``.inf`` / ``.nan`` (or the strings "inf", "nan", which pydantic parses as floats) anywhere in the
+    recipe outside the ``deepspeed`` section: no ds_ext setting has a meaning for them, and a bound such as
+    ``lr > 0`` lets infinity through."""
+    found: Dict[str, str] = {}
+    _walk_non_finite(recipe.model_dump(exclude={"deepspeed"}), "", found)
+    for path in _NAMED:
+        block = recipe
+        for part in path:
+            block = getattr(block, part)
+        if block._options is not None:
+            _walk_non_finite(block._options.model_dump(), ".".join(path), found)
+    return sorted(found.items())
+
+
+def _cross_section(recipe: Recipe) -> List[Tuple[str, str]]:
+    """Rules between sections: the schedule's floor must not exceed the optimizer's peak rate."""
+    lr = getattr(recipe.optimizer.options, "lr", None)
+    if _finite_number(lr) and recipe.schedule.min_lr > lr:
+        return [("schedule.min_lr", f"{recipe.schedule.min_lr:g} is above the peak optimizer.lr {lr:g}; the "
+                                    f"schedule would raise the rate while it 'decays' (allowed: <= {lr:g})")]
+    return []
 
 
 def check_combination(recipe: Recipe) -> List[Tuple[str, str]]:
@@ -351,9 +539,17 @@ def _read_yaml(path: Path, what: str) -> dict:
     if not path.is_file():
         raise RecipeError(str(path), [("", f"{what} file not found")])
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(str(path), [("", f"{what} file is not UTF-8 text ({e.reason} at byte {e.start})")]) from None
+    except OSError as e:
+        raise RecipeError(str(path), [("", f"cannot read the {what} file: {e.strerror or e}")]) from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise RecipeError(str(path), [("", f"not valid YAML: {e}")]) from None
+    except RecursionError:
+        raise RecipeError(str(path), [("", "not usable YAML: nested too deeply")]) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -366,7 +562,7 @@ def load_host_config(path: Optional[Path]) -> HostConfig:
         return HostConfig()
     raw = _read_yaml(path, "per-host config")
     try:
-        return HostConfig(**raw)
+        return HostConfig.model_validate(raw)
     except ValidationError as e:
         raise RecipeError(str(path), _convert(e, HostConfig)) from None
 
@@ -376,17 +572,19 @@ def recipe_from_dict(raw: dict, source: str = "<dict>", host: Optional[HostConfi
     load_builtin()
     applied = applied or {}
     try:
-        recipe = Recipe(**raw)
+        recipe = Recipe.model_validate(raw)  # not Recipe(**raw): a YAML key may be an int or a date
     except ValidationError as e:
         raise RecipeError(source, _mark_overrides(_convert(e, Recipe), applied)) from None
     recipe._source = source
     recipe._host_file = host_file
-    problems = _validate_named(recipe)
+    problems = _validate_named(recipe) + _deepspeed_problems(recipe.deepspeed)
+    if not problems:
+        problems = _non_finite(recipe) + _cross_section(recipe)
     if not problems:
         problems = check_combination(recipe)
     if problems:
         raise RecipeError(source, _mark_overrides(problems, applied))
-    _resolve_paths(recipe, host or HostConfig(), source)
+    _resolve_paths(recipe, host or HostConfig(), source, host_file)
     return recipe
 
 
@@ -401,13 +599,16 @@ def _mark_overrides(problems, applied):
     return out
 
 
-def _resolve_paths(recipe: Recipe, host: HostConfig, source: str) -> None:
+def _resolve_paths(recipe: Recipe, host: HostConfig, source: str, host_file: Optional[str] = None) -> None:
     stem = recipe.name or (Path(source).stem if source and not source.startswith("<") else "run")
+    host_name = host_file or "the default per-host settings"
     if recipe.data.root is None and host.data_root is not None:
         recipe.data.root = host.data_root
+        recipe._origin["data.root"] = f"data_root in {host_name}"
     log_dir = Path(recipe.log.dir or stem)
     if not log_dir.is_absolute():
         log_dir = Path(host.log_root) / log_dir
+        recipe._origin["log.dir"] = recipe._origin["checkpoint.dir"] = f"log_root ({host.log_root}) in {host_name}"
     log_dir = log_dir.absolute()
     recipe.log.dir = str(log_dir)
     ck = Path(recipe.checkpoint.dir) if recipe.checkpoint.dir else log_dir / "checkpoints"
@@ -424,3 +625,118 @@ def load_recipe(path: Union[str, Path], overrides: Sequence[str] = (), host_conf
     host_path = find_host_config(host_config)
     host = load_host_config(host_path)
     return recipe_from_dict(raw, str(path), host, applied, str(host_path) if host_path else None)
+
+
+# ---- checks before the process group starts ------------------------------------------------------
+
+def world_size_from(explicit: Optional[int], environ: Mapping[str, str]) -> Optional[int]:
+    """The world size known before start-up: ``--world-size`` if given, else ``$WORLD_SIZE`` (which the
+    DeepSpeed launcher sets for every process it starts), else None (unknown)."""
+    if explicit is not None:
+        if explicit < 1:
+            raise RecipeError("--world-size", [("", f"must be a positive integer (got {explicit})")])
+        return explicit
+    raw = environ.get("WORLD_SIZE")
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise RecipeError("environment", [("WORLD_SIZE", f"must be a positive integer (got {raw!r})")])
+    return n
+
+
+def _first_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def path_problems(recipe: Recipe) -> List[Tuple[str, str]]:
+    """Paths the run writes or resumes from: ``log.dir`` (and ``checkpoint.dir`` when checkpoints are
+    written or resumed) must be creatable directories; an explicit ``checkpoint.resume`` path must exist.
+    Whether a checkpoint there is complete and matches the run is decided when it is loaded."""
+    ck = recipe.checkpoint
+    keys = [("log.dir", recipe.log.dir)]
+    if ck.every_steps or ck.every_epochs or recipe.train.stop_at_step or ck.resume not in (False, "false", "no"):
+        keys.append(("checkpoint.dir", ck.dir))
+    problems = []
+    for key, value in keys:
+        path = Path(value)
+        anc = _first_existing(path)
+        origin = recipe._origin.get(key)
+        note = f" [{key} is under {origin}]" if origin else ""
+        if not anc.is_dir():
+            problems.append((key, f"{path} cannot be a directory: {anc} exists and is not a directory{note}"))
+        elif not os.access(anc, os.W_OK | os.X_OK):
+            problems.append((key, f"{path} cannot be created: {anc} is not writable{note}"))
+    r = ck.resume
+    if isinstance(r, str) and r not in ("false", "no", "auto", "latest", "true") and not Path(r).exists():
+        problems.append(("checkpoint.resume", f"{r}: no such checkpoint (allowed: false, auto = the newest "
+                                              f"checkpoint in checkpoint.dir if any, or an existing path)"))
+    return problems
+
+
+def _cifar_files(sub: str, names: Sequence[str]):
+    return lambda o: [("data.root", f"{sub}/{n}") for n in names]
+
+
+# The files each built-in reader opens first, relative to data.root unless absolute, with the recipe key
+# that names them. Only a trigger: when one is missing, ``data_problems`` builds the data set, and the
+# reader's own FileNotFoundError (path, layout, how to get the data) is what the user sees; when the
+# reader finds its files after all, nothing is refused.
+_DATA_FILES = {
+    "cifar10": _cifar_files("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]),
+    "cifar100": _cifar_files("cifar-100-python", ["train", "test"]),
+    "wikitext2": lambda o: [("data.root", "wikitext-2/wiki.train.tokens"),
+                            ("data.root", f"wikitext-2/wiki.{o.val_split}.tokens")],
+    "ml20m": lambda o: [("data.root", "ml-20m/ratings.csv")],
+    "criteo": lambda o: [("data.file" if os.path.isabs(o.file) else "data.root", o.file)],
+    "glue_embeddings": lambda o: [("data.root", f"glue-embeddings/{o.task}/{n}") for n in ("train.pt", "dev.pt")],
+    "ffcv_imagenet": lambda o: [(f"data.{k}" if os.path.isabs(getattr(o, k)) else "data.root", getattr(o, k))
+                                for k in ("train_file", "val_file")],
+}
+
+
+def data_problems(recipe: Recipe) -> List[Tuple[str, str]]:
+    """Missing input files of a file-backed data set, found before the process group starts (see
+    ``_DATA_FILES``); data sets without an entry check their own files when they are built."""
+    d = recipe.data
+    files = _DATA_FILES.get(d.name)
+    if files is None or d._options is None:
+        return []
+    missing = []
+    for key, rel in files(d.options):
+        path = Path(rel).expanduser()
+        if not path.is_absolute():
+            if d.root is None:
+                missing.append(key)
+                continue
+            path = Path(d.root).expanduser() / path
+        if not path.is_file():
+            missing.append(key)
+    if not missing:
+        return []
+    try:
+        DATASETS.build(d.name, d.options, root=d.root)
+    except (FileNotFoundError, ImportError, ValueError, OSError) as e:
+        origin = recipe._origin.get("data.root")
+        note = f"\n  (data.root = {d.root} comes from {origin})" if origin and missing[0] == "data.root" else ""
+        return [(missing[0], f"{e}{note}")]
+    return []  # the reader found its files after all
+
+
+def preflight(recipe: Recipe, world_size: Optional[int]) -> None:
+    """What the trainer checks before ``init_distributed``: the world-size rules (when the world size is
+    known), the paths it writes and resumes from (``RecipeError``), then the data files
+    (``DataPathError``). Every rank runs it on its own files, so a rank with a bad per-host file stops
+    before any process group exists."""
+    problems = recipe.world_problems(world_size) if world_size is not None else []
+    problems += path_problems(recipe)
+    if problems:
+        raise RecipeError(recipe.source, problems)
+    problems = data_problems(recipe)
+    if problems:
+        raise DataPathError(recipe.source, problems)
