@@ -36,7 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check(recipe, world_size: int) -> int:
-    micro, gas = recipe.batch_plan(world_size)
+    from .recipe import data_problems, path_problems
+
+    micro, gas = recipe.check_world(world_size)
+    # missing paths are warnings here (a recipe may be linted where its data is not mounted); a run refuses them
+    for key, msg in path_problems(recipe) + data_problems(recipe):
+        print(f"warning: {recipe.source}: {key}: {msg}", file=sys.stderr)
     names = recipe.method_names()
     print(f"ok: {recipe.source}: model={recipe.model.name} data={recipe.data.name} "
           f"reducer={names['reducer']} sync={names['sync']} order={names['order']} precision={recipe.precision()} "
@@ -46,14 +51,18 @@ def check(recipe, world_size: int) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .recipe import RecipeError, load_recipe
+    from .recipe import DataPathError, RecipeError, load_recipe, preflight, world_size_from
 
     args = build_parser().parse_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides, args.host_config)
+        world = world_size_from(args.world_size, os.environ)  # the launcher sets WORLD_SIZE per process
         if args.check:
-            world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-            return check(recipe, world)
+            return check(recipe, world or 1)
+        preflight(recipe, world)  # world-size rules, paths, data files: before any process group starts
+    except DataPathError as e:
+        print(f"data error:\n{e}", file=sys.stderr)
+        return EXIT_DATA
     except RecipeError as e:
         print(f"recipe error:\n{e}", file=sys.stderr)
         return EXIT_RECIPE
