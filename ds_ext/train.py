@@ -137,19 +137,61 @@ def evaluate(engine, bundle, batch_size: int, rank: int, world: int) -> dict:
 
 
 def train(recipe) -> int:
+    """Start the process group, run the training (``_train``) and make every way out explicit.
+
+    A peer watchdog (``ds_ext.faults.Watchdog``) runs beside the training: when another rank dies
+    (SIGKILL, crash, out of memory) or stops on an error, this rank prints one line naming that rank
+    and the step and exits with ``faults.EXIT_PEER_LOST`` (4) within seconds, without a traceback;
+    a failed collective on this thread leads to the same line (``faults.explain_failure``). A
+    checkpoint that cannot be resumed from ends the run with ``faults.EXIT_CHECKPOINT`` (5) and a
+    message saying what differs. Leaving normally or on purpose tells the other ranks the exit code.
+    ``DS_EXT_FAULT`` (tests only) kills this rank at a chosen point; see ``ds_ext.faults``."""
+    import torch.distributed as dist
+
+    from . import checkpoint as ckpt
+    from . import faults
+    from .distributed import init_distributed
+
+    init_distributed(recipe.train.collective_timeout_s)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        faults.load_fault_plan(rank)
+    except faults.FaultSpecError as e:  # the same environment on every rank
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return EXIT_RECIPE
+    faults.progress(0, "start-up")
+    wd = faults.Watchdog.start(rank, world)
+    code, reason = 1, "exception"
+    try:
+        code = _train(recipe, rank, world)
+        reason = {0: "finished", EXIT_RECIPE: "recipe error", EXIT_DATA: "data error",
+                  faults.EXIT_CHECKPOINT: "checkpoint error"}.get(code, f"exit {code}")
+        return code
+    except ckpt.CheckpointError as e:  # a damaged or missing file while loading: may concern this rank only
+        code, reason = faults.EXIT_CHECKPOINT, f"checkpoint error on rank {rank}"
+        print(f"checkpoint error (rank {rank}):\n{recipe.source}: checkpoint.resume: {e}", file=sys.stderr)
+        return code
+    except BaseException as e:
+        faults.explain_failure(e, wd, rank)  # a failed collective: prints who was lost and ends the process
+        code, reason = 1, f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        if wd is not None:
+            wd.close(code, reason)
+
+
+def _train(recipe, rank: int, world: int) -> int:
     import torch.distributed as dist
     import torch.nn.functional as F
 
     from . import checkpoint as ckpt
+    from . import faults
     from .engine import initialize
     from .metrics import CommMeter, Progress, WandbLogger, human_bytes
     from .recipe import RecipeError
     from .registry import DATASETS, MODELS, ORDERS
 
-    from .distributed import init_distributed
-
-    init_distributed(recipe.train.collective_timeout_s)
-    rank, world = dist.get_rank(), dist.get_world_size()
     is0 = rank == 0
     try:
         micro, gas = recipe.batch_plan(world)
@@ -157,6 +199,16 @@ def train(recipe) -> int:
         if is0:
             print(f"recipe error:\n{e}", file=sys.stderr)
         return EXIT_RECIPE
+    # the checkpoint to resume from, and whether this run may continue it: files every rank reads alike
+    meta = ckpt.run_meta(recipe, world)
+    try:
+        resume_path = ckpt.resolve(recipe.checkpoint.resume, recipe.checkpoint.dir)
+        if resume_path is not None:
+            ckpt.check_meta(resume_path, meta)
+    except ckpt.CheckpointError as e:
+        if is0:
+            print(f"checkpoint error:\n{recipe.source}: checkpoint.resume: {e}", file=sys.stderr)
+        return faults.EXIT_CHECKPOINT
 
     t = recipe.train
     _seed_all(t.seed)  # identical model initialisation on every rank
@@ -193,13 +245,10 @@ def train(recipe) -> int:
     _seed_all(t.seed + 1 + rank)  # per-rank stream for dropout / augmentation
     p0 = next(engine.module.parameters())
     names = recipe.method_names()
-    meta = {"world_size": world, "model": recipe.model.name, **names,
-            "global_batch_size": t.global_batch_size, "precision": recipe.precision()}
 
     start_epoch, start_step = 0, 0
-    resume_path = ckpt.resolve(recipe.checkpoint.resume, recipe.checkpoint.dir)
     if resume_path is not None:
-        ckpt.check_meta(resume_path, meta)
+        faults.progress(0, "loading a checkpoint")
         state = ckpt.load(engine, resume_path, rank)
         att.load_state_dict(state["attachment"])
         order.load_state_dict(state["order"])
@@ -235,6 +284,7 @@ def train(recipe) -> int:
             return iter(bundle.loader("train", order.epoch_indices(epoch), micro, recipe.data.num_workers,
                                       seed=epoch))
 
+        faults.progress(engine.global_steps, "evaluation")
         with att.sync.eval_view(engine.module, train_batches):
             return evaluate(engine, bundle, recipe.data.eval_micro_batch_size or 2 * micro, rank, world)
 
@@ -252,13 +302,25 @@ def train(recipe) -> int:
         loader = bundle.loader("train", idx[skip * gas * micro:], micro, recipe.data.num_workers,
                                seed=(t.seed * 1_000_003 + epoch) * 4099 + rank)
         step_in_epoch, loss_acc, n_micro = skip, 0.0, 0
-        for x, y in loader:
+        batches = iter(loader)
+        while True:
+            step = engine.global_steps + 1  # the optimizer step this micro-batch belongs to
+            faults.progress(step, "data loading")
+            faults.point("data", step)
+            try:
+                x, y = next(batches)
+            except StopIteration:
+                break
+            faults.progress(step, "forward/backward")
             x = x.to(p0.device, dtype=p0.dtype if x.is_floating_point() else x.dtype, non_blocking=True)
             y = y.to(p0.device, non_blocking=True)
             out = engine(x)
             loss = F.cross_entropy(out.float(), y, label_smoothing=smoothing)
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
+            if boundary:  # the reducer's collectives were launched during backward; step() waits for them
+                faults.progress(step, "gradient collectives and optimizer step")
+                faults.point("collective", step)
             engine.step()
             loss_acc += loss.item()
             n_micro += 1
