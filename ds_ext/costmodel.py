@@ -1,0 +1,568 @@
+"""A step-time cost model for the communication methods, fitted on the emulated cluster and used to
+project to cluster sizes we cannot run (``python -m ds_ext.costmodel``).
+
+    step = compute + compression + (communication not hidden by overlap)
+
+Communication is the sum over the collectives one rank issues per optimizer step, each a ring:
+
+    all_reduce  of B payload bytes in a group of g ranks:  2(g-1) * alpha + 2(g-1)/g * B / (eta * BW)
+    all_gather  of B payload bytes per rank, g ranks:        (g-1) * alpha +  (g-1)   * B / (eta * BW)
+
+``B`` is what the communication meter (``ds_ext.metrics.CommMeter``) counts: the tensor handed to the
+collective on one rank. ``alpha`` is the per-message latency (one ring hop: gloo/TCP software overhead
+on the emulated cluster, where ``tc`` adds no latency: this kernel has no ``netem``) and ``eta`` the
+fraction of the link rate ``BW`` a stream achieves. These are the model's two constants; they are
+fitted by weighted least squares (relative error) on the per-step communication times of every
+method measured on N = 4 emulated hosts (``run/bench-cluster.sh``), then checked at N = 2, 3, 4.
+
+What each method sends per step (``collectives``), written from the reducers and synchronizers in
+this package (tests check them against the real meter):
+
+* ``allreduce`` (S-SGD): one all_reduce of every fp32 gradient, in ~25 MiB buckets (the bucket
+  layout of ``reducers/buckets.py``); launched during backward.
+* ``powersgd`` rank r: all_reduce of P (n x r per compressed matrix) fused with the uncompressed
+  tensors, then all_reduce of Q (m x r), after backward. A matrix (n, m = numel / n) is compressed
+  when n*m >= 2 (n+m) r.
+* ``acpsgd`` rank r: alternately P or Q (every matrix compressed), in ~25 MB fusion groups, one
+  all_reduce per group, launched during backward; the model averages a P-step and a Q-step.
+* ``topk`` density d: all_gather of k int64 indices and of k fp32 values, k = int(d * numel).
+* ``exdyna`` density d: all_gather of one int64 count, all_gather of the int64 indices padded to the
+  largest per-rank count (k/N (1 + imbalance) with exclusive partitions), all_reduce of k fp32 values
+  at the union of the indices.
+* ``signsgd``: all_gather of ceil(numel_t / 8) bytes per tensor and one fp32 scale per tensor.
+* ``local_qsr`` (Local SGD, QSR period H): all_reduce of every fp32 parameter once every H steps.
+* ``dssync`` (G groups, every step): all_reduce of every fp32 parameter inside a group of N/G ranks.
+
+Overlap (projection only): the communication of methods launched during backward (``allreduce``,
+``acpsgd``) can hide behind the backward pass, taken as ``backward_fraction`` (default 2/3) of the
+compute time; every other method communicates after backward. The emulated measurements have no
+compute to overlap with, so the model check compares serial times.
+
+Inputs, not measurements: the compute time (default 30.5 ms, a ResNet-50 bf16 step at batch 64 on an
+H100) and the backward fraction. Compression times come from the bench's measurement on this CPU
+(main-thread CPU time per step on N = 4 hosts) or from ``--compress-ms``. Deliberate simplifications,
+named: compression time does not change with N; the network is a non-blocking switch (every host's
+link at BW, no contention between groups); no latency beyond the fitted alpha; exdyna's achieved
+density is its target.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+# ---------------------------------------------------------------------------------------- methods
+# name -> (reducer name, reducer options, sync name, sync options, launched during backward, label)
+# ``{rank}``, ``{density}`` ... are filled from the options of ``method_specs``.
+LABELS = {
+    "allreduce": "S-SGD (allreduce)",
+    "powersgd": "PowerSGD",
+    "acpsgd": "ACP-SGD",
+    "topk": "top-k",
+    "exdyna": "ExDyna",
+    "signsgd": "EF-SignSGD",
+    "local_qsr": "Local SGD + QSR",
+    "dssync": "DS-Sync",
+}
+ALL_METHODS = tuple(LABELS)
+OVERLAPS_BACKWARD = {"allreduce", "acpsgd"}
+
+
+@dataclass
+class MethodOptions:
+    """The settings the issue fixes (rank 4, density 0.001, one QSR period, 2 DS-Sync groups)."""
+    rank: int = 4
+    density: float = 0.001
+    qsr_alpha: float = 0.0175      # the QSR ViT-B recipe's alpha ...
+    qsr_lr: float = 0.008          # ... at its peak learning rate:
+    qsr_h_base: int = 4            # H = max(4, floor((0.0175 / 0.008)^2)) = 4
+    dssync_groups: int = 2
+    bucket_mb: float = 25.0
+
+    @property
+    def qsr_h(self) -> int:
+        return max(self.qsr_h_base, int((self.qsr_alpha / self.qsr_lr) ** 2))
+
+
+def method_specs(opts: MethodOptions) -> Dict[str, Tuple[str, dict, str, dict]]:
+    """(reducer, reducer options, sync, sync options) per method, as ``ds_ext.engine.attach`` takes them."""
+    return {
+        "allreduce": ("allreduce", {"bucket_mb": opts.bucket_mb}, "none", {}),
+        "powersgd": ("powersgd", {"matrix_approximation_rank": opts.rank, "start_powerSGD_iter": 0}, "none", {}),
+        "acpsgd": ("acpsgd", {"rank": opts.rank}, "none", {}),
+        "topk": ("topk", {"density": opts.density}, "none", {}),
+        "exdyna": ("exdyna", {"density": opts.density}, "none", {}),
+        "signsgd": ("signsgd", {}, "none", {}),
+        "local_qsr": ("none", {}, "local", {"period": "qsr", "alpha": opts.qsr_alpha, "h_base": opts.qsr_h_base}),
+        "dssync": ("none", {}, "dssync", {"groups": opts.dssync_groups, "grouping": "patterns", "h": 1}),
+    }
+
+
+def applicable(method: str, n: int, opts: MethodOptions) -> Optional[str]:
+    """None, or why ``method`` cannot run on ``n`` ranks."""
+    if method == "dssync" and n % opts.dssync_groups:
+        return f"{opts.dssync_groups} groups do not divide {n} ranks"
+    return None
+
+
+# ------------------------------------------------------------------------------------ collectives
+@dataclass
+class Collective:
+    op: str             # "all_reduce" | "all_gather"
+    nbytes: float       # payload per rank: what the communication meter counts
+    group: int          # ranks in the collective
+    calls: float = 1.0  # per optimizer step (1/H for a period of H steps)
+
+    def hops(self) -> float:
+        g = self.group
+        if g <= 1:
+            return 0.0
+        return 2.0 * (g - 1) if self.op == "all_reduce" else float(g - 1)
+
+    def wire_bytes(self) -> float:
+        """Bytes one rank sends on its link for this collective (ring algorithm)."""
+        g = self.group
+        if g <= 1:
+            return 0.0
+        factor = 2.0 * (g - 1) / g if self.op == "all_reduce" else float(g - 1)
+        return factor * self.nbytes
+
+
+def wire_factor(op: str, group: int) -> float:
+    return Collective(op, 1.0, group).wire_bytes()
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def bucket_sizes(shapes: Sequence[Sequence[int]], bucket_mb: float, elem: int = 4) -> List[int]:
+    """Bytes per allreduce bucket: greedy fusion in reverse order, a tensor larger than the cap alone
+    (the rule of ``reducers/buckets.py``, one dtype)."""
+    cap = int(bucket_mb * 2**20)
+    out, cur = [], 0
+    for shp in reversed(shapes):
+        b = _numel(shp) * elem
+        if cur and cur + b > cap:
+            out.append(cur)
+            cur = 0
+        cur += b
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _matrices(shapes, rank: int):
+    """(n, m, r, numel) per tensor; r = 0 for 1-D tensors."""
+    out = []
+    for shp in shapes:
+        if len(shp) > 1:
+            n = int(shp[0])
+            m = _numel(shp) // n
+            out.append((n, m, min(rank, n, m), n * m))
+        else:
+            out.append((_numel(shp), 1, 0, _numel(shp)))
+    return out
+
+
+def powersgd_bytes(shapes, rank: int, min_rate: float = 2.0) -> Tuple[int, int]:
+    """(P bytes incl. the uncompressed tensors, Q bytes) of one PowerSGD step."""
+    p = q = 0
+    for n, m, r, numel in _matrices(shapes, rank):
+        if r and n * m >= min_rate * (n + m) * r:
+            p += 4 * n * r
+            q += 4 * m * r
+        else:
+            p += 4 * numel
+    return p, q
+
+
+def _greedy(sizes: List[int], cap: float) -> List[int]:
+    groups, acc = [], 0
+    for s in reversed(sizes):
+        if acc and acc + s > cap:
+            groups.append(acc)
+            acc = 0
+        acc += s
+    if acc:
+        groups.append(acc)
+    return groups
+
+
+def acpsgd_groups(shapes, rank: int, fusion_mb: float = 25.0) -> Tuple[List[int], List[int]]:
+    """Bytes of each fused all_reduce of a P-step and of a Q-step (the grouping of ``ACPSGDReducer``)."""
+    mats = _matrices(shapes, rank)
+    size_p = [n * r if r else numel for n, m, r, numel in mats]
+    size_q = [m * r if r else numel for n, m, r, numel in mats]
+    total = sum(numel for *_, numel in mats)
+    cap = fusion_mb * 2**20 / 4
+    gp = _greedy(size_p, cap * sum(size_p) / total)
+    gq = _greedy(size_q, cap * sum(size_q) / total)
+    return [4 * s for s in gp], [4 * s for s in gq]
+
+
+def collectives(method: str, shapes: Sequence[Sequence[int]], n: int, opts: MethodOptions,
+                exdyna_imbalance: float = 0.0) -> List[Collective]:
+    """The collectives one rank issues per optimizer step (averaged over a period where it has one)."""
+    numel = sum(_numel(s) for s in shapes)
+    if method == "allreduce":
+        return [Collective("all_reduce", b, n) for b in bucket_sizes(shapes, opts.bucket_mb)]
+    if method == "powersgd":
+        p, q = powersgd_bytes(shapes, opts.rank)
+        return [Collective("all_reduce", p, n), Collective("all_reduce", q, n)]
+    if method == "acpsgd":
+        gp, gq = acpsgd_groups(shapes, opts.rank)
+        return [Collective("all_reduce", b, n, 0.5) for b in gp] + [Collective("all_reduce", b, n, 0.5) for b in gq]
+    if method == "topk":
+        k = max(1, int(opts.density * numel))
+        return [Collective("all_gather", 8 * k, n), Collective("all_gather", 4 * k, n)]
+    if method == "exdyna":
+        k = max(1, int(opts.density * numel))
+        per_rank = math.ceil(k / n * (1.0 + exdyna_imbalance))
+        return [Collective("all_gather", 8, n), Collective("all_gather", 8 * per_rank, n),
+                Collective("all_reduce", 4 * k, n)]
+    if method == "signsgd":
+        return [Collective("all_gather", sum((_numel(s) + 7) // 8 for s in shapes), n),
+                Collective("all_gather", 4 * len(shapes), n)]
+    if method == "local_qsr":
+        return [Collective("all_reduce", 4 * numel, n, 1.0 / opts.qsr_h)]
+    if method == "dssync":
+        return [Collective("all_reduce", 4 * numel, n // opts.dssync_groups)]
+    raise ValueError(f"unknown method {method!r}; known: {', '.join(ALL_METHODS)}")
+
+
+# ------------------------------------------------------------------------------------------ model
+@dataclass
+class Constants:
+    alpha_s: float          # per-message (ring hop) latency, seconds
+    eta: float              # achieved fraction of the link rate
+    source: str = "built-in"
+
+
+# Fitted by `bash run/bench-cluster.sh` on this project's 2-core CPU machine (N = 4 emulated hosts,
+# 1 Gbit/s, gloo over TCP); see /tmp/readme_cluster.md / the README for the run that produced them.
+DEFAULT_CONSTANTS = Constants(alpha_s=0.0, eta=1.0, source="placeholder (run bench-cluster to fit)")
+# Compression (the reducer's own work per step, one CPU thread) measured by the same run on N = 4.
+DEFAULT_COMPRESS_MS: Dict[str, float] = {}
+
+
+def comm_seconds(colls: Iterable[Collective], bw_bits: float, c: Constants) -> float:
+    bw = bw_bits / 8.0
+    return sum(x.calls * (x.hops() * c.alpha_s + x.wire_bytes() / (c.eta * bw)) for x in colls)
+
+
+def step_ms(method: str, comm_s: float, compute_ms: float, compress_ms: float, overlap: bool,
+            backward_fraction: float = 2.0 / 3.0) -> float:
+    comm_ms = 1e3 * comm_s
+    if overlap and method in OVERLAPS_BACKWARD:
+        comm_ms = max(0.0, comm_ms - backward_fraction * compute_ms)
+    return compute_ms + compress_ms + comm_ms
+
+
+def fit_constants(points: Sequence[Tuple[List[Collective], float, float]]) -> Constants:
+    """Least squares on relative error of ``measured = alpha * A + (1/eta) * W`` over
+    ``(collectives, bw_bits, measured_seconds)``; alpha >= 0, eta > 0."""
+    rows = []
+    for colls, bw_bits, t in points:
+        if t <= 0:
+            continue
+        a = sum(x.calls * x.hops() for x in colls)
+        w = sum(x.calls * x.wire_bytes() for x in colls) / (bw_bits / 8.0)
+        rows.append((a / t, w / t))  # weighted by 1/t: relative residuals, target 1
+    if not rows:
+        raise ValueError("no measured communication times to fit")
+    saa = sum(a * a for a, _ in rows)
+    sww = sum(w * w for _, w in rows)
+    saw = sum(a * w for a, w in rows)
+    sa = sum(a for a, _ in rows)
+    sw = sum(w for _, w in rows)
+    det = saa * sww - saw * saw
+    alpha, inv_eta = ((sa * sww - sw * saw) / det, (saa * sw - saw * sa) / det) if det > 0 else (-1.0, 0.0)
+    if alpha < 0 or inv_eta <= 0:  # constrained: latency 0, bandwidth only
+        alpha, inv_eta = 0.0, sw / sww
+    return Constants(alpha_s=alpha, eta=1.0 / inv_eta, source="fitted")
+
+
+# ------------------------------------------------------------------------------- measured results
+def load_results(paths: Sequence[str]) -> List[dict]:
+    """Bench result files (``ds_ext.bench.cluster`` JSON), from files or directories."""
+    out = []
+    for p in paths:
+        path = Path(p)
+        files = sorted(path.glob("*.json")) if path.is_dir() else [path]
+        for f in files:
+            try:
+                d = json.loads(f.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise SystemExit(f"{f}: not a readable bench-cluster result ({e})") from None
+            if d.get("kind") == "ds_ext.bench.cluster":
+                d["_file"] = str(f)
+                out.append(d)
+    if not out:
+        raise SystemExit(f"no bench-cluster results in {', '.join(paths)} (run: bash run/bench-cluster.sh)")
+    return out
+
+
+def options_of(result: dict) -> MethodOptions:
+    return MethodOptions(**result["options"])
+
+
+def fit_from_results(results: List[dict], n: int = 4, bw_bits: Optional[float] = None) -> Constants:
+    pts = []
+    for r in results:
+        if r["world"] != n or (bw_bits is not None and r["bw_bits"] != bw_bits):
+            continue
+        if bw_bits is None and r["bw_bits"] != min(x["bw_bits"] for x in results if x["world"] == n):
+            continue  # fit on the slowest link measured at n (1 Gbit/s in bench-cluster)
+        opts = options_of(r)
+        for m, row in r["methods"].items():
+            colls = collectives(m, r["shapes"], r["world"], opts)
+            if sum(c.wire_bytes() for c in colls) > 0:
+                pts.append((colls, r["bw_bits"], row["comm_ms"] / 1e3))
+    c = fit_constants(pts)
+    c.source = f"fitted on N={n}, {fmt_bw(pts[0][1]) if pts else '?'} ({len(pts)} methods)"
+    return c
+
+
+def fmt_bw(bits: float) -> str:
+    return f"{bits / 1e9:g} Gbit/s"
+
+
+def read_compress_file(path: str) -> Dict[str, float]:
+    """ms/step of allreduce / powersgd / acpsgd from ``run/bench-compress.sh`` output: the section
+    measured on a CUDA device (the last one when there are several)."""
+    cur, rows = None, {}
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise SystemExit(f"--compress-file {path}: cannot read ({e})") from None
+    for line in text.splitlines():
+        if line.startswith("# "):
+            cur = "cuda" if "device cuda" in line else "cpu"
+            if cur == "cuda":
+                rows = {}
+            continue
+        parts = line.split()
+        if cur == "cuda" and len(parts) >= 2 and parts[0] in ("allreduce", "powersgd", "acpsgd"):
+            try:
+                rows[parts[0]] = float(parts[1])
+            except ValueError:
+                pass
+    if not rows:
+        raise SystemExit(f"--compress-file {path}: no CUDA rows (allreduce/powersgd/acpsgd) found; it must be "
+                         f"the output of run/bench-compress.sh on a machine with a GPU")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------- shapes
+def model_shapes(name: str) -> List[Tuple[int, ...]]:
+    """Trainable parameter shapes of a registered model (in registration order)."""
+    import torch
+
+    from .registry import MODELS, load_builtin
+
+    load_builtin()
+    with torch.device("meta"):
+        model = MODELS.build(name, {})
+    return [tuple(p.shape) for p in model.parameters() if p.requires_grad]
+
+
+# -------------------------------------------------------------------------------------------- CLI
+def _floats(s: str) -> List[float]:
+    return [float(x) for x in s.split(",") if x.strip()]
+
+
+def _parse_compress(items: Sequence[str]) -> Dict[str, float]:
+    out = {}
+    for it in items:
+        for kv in it.split(","):
+            if not kv.strip():
+                continue
+            k, _, v = kv.partition("=")
+            if k not in LABELS or not v:
+                raise SystemExit(f"--compress-ms {kv!r}: expected METHOD=MS with METHOD one of {', '.join(LABELS)}")
+            out[k] = float(v)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ds_ext.costmodel", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--methods", default=",".join(ALL_METHODS), help="comma list (default: all)")
+    ap.add_argument("--gpus", default="8,16,32,64", help="data-parallel ranks to project to")
+    ap.add_argument("--bandwidth", default="1,10,100", help="link rates in Gbit/s")
+    ap.add_argument("--model", default="resnet50", help="registered model whose gradient shapes are sent")
+    ap.add_argument("--compute-ms", type=float, default=30.5,
+                    help="per-step compute time, an input (default: ResNet-50 bf16 batch 64 on an H100)")
+    ap.add_argument("--backward-fraction", type=float, default=2.0 / 3.0,
+                    help="share of the compute that is backward (communication of allreduce/acpsgd hides there)")
+    ap.add_argument("--no-overlap", action="store_true", help="serial: no communication hidden by backward")
+    ap.add_argument("--compress", choices=["measured", "none"], default="measured",
+                    help="compression times: measured on this CPU (from --fit results or built in) or 0")
+    ap.add_argument("--compress-file", default=None,
+                    help="run/bench-compress.sh output from a GPU machine: its CUDA times for allreduce/powersgd/acpsgd")
+    ap.add_argument("--compress-ms", action="append", default=[], metavar="METHOD=MS,...",
+                    help="override compression times (e.g. GPU measurements)")
+    ap.add_argument("--fit", nargs="*", default=None, metavar="RESULTS",
+                    help="bench-cluster result files/directories: fit the constants on N=4, check at every N")
+    ap.add_argument("--alpha-us", type=float, default=None, help="override the latency constant (microseconds)")
+    ap.add_argument("--eta", type=float, default=None, help="override the bandwidth efficiency constant")
+    ap.add_argument("--qsr-h", type=int, default=None, help="QSR period H for local_qsr (default: 4, the "
+                    "ViT-B recipe at peak LR; the whole ViT-B schedule averages 93,600/9,711 = 9.64)")
+    ap.add_argument("--png", default="runs/costmodel/projection.png", help="plot path ('' for none)")
+    ap.add_argument("--csv", default=None, help="also write the projection table as CSV")
+    args = ap.parse_args(argv)
+
+    methods = [m for m in args.methods.split(",") if m]
+    bad = [m for m in methods if m not in LABELS]
+    if bad:
+        print(f"--methods: unknown {', '.join(bad)}; known: {', '.join(LABELS)}", file=sys.stderr)
+        return 2
+    if "allreduce" not in methods:
+        methods.insert(0, "allreduce")  # the baseline of every speed-up
+    try:
+        gpus = [int(x) for x in _floats(args.gpus)]
+        bws = _floats(args.bandwidth)
+    except ValueError as e:
+        print(f"--gpus / --bandwidth: comma-separated numbers ({e})", file=sys.stderr)
+        return 2
+    opts = MethodOptions()
+    consts = DEFAULT_CONSTANTS
+    compress = dict(DEFAULT_COMPRESS_MS)
+    compress_src = "built in (measured by bench-cluster on this CPU)" if compress else "none available: 0"
+    if args.fit is not None:
+        results = load_results(args.fit or ["runs/bench-cluster"])
+        consts = fit_from_results(results)
+        ref = [r for r in results if r["world"] == 4] or results
+        opts = options_of(ref[0])
+        compress = {m: row["compress_ms"] for m, row in ref[0]["methods"].items()}
+        compress_src = f"measured on this CPU ({ref[0]['_file']})"
+        print_check(results, consts, args.compute_ms)
+    if args.qsr_h is not None:
+        opts.qsr_h_base, opts.qsr_alpha = args.qsr_h, 0.0
+    if args.alpha_us is not None:
+        consts = Constants(args.alpha_us * 1e-6, consts.eta, "given")
+    if args.eta is not None:
+        consts = Constants(consts.alpha_s, args.eta, "given")
+    if args.compress == "none":
+        compress, compress_src = {}, "0 (communication-only bound)"
+    given = read_compress_file(args.compress_file) if args.compress_file else {}
+    given.update(_parse_compress(args.compress_ms))
+    if given:
+        compress.update(given)
+        compress_src += f"; given: {', '.join(f'{k}={v:g}' for k, v in given.items())}"
+    shapes = model_shapes(args.model)
+    numel = sum(_numel(s) for s in shapes)
+    print(f"# cost model: {args.model} ({numel:,} values), compute {args.compute_ms:g} ms/step (input), "
+          f"{'serial' if args.no_overlap else f'allreduce/acpsgd overlap up to {args.backward_fraction:.2f} of compute'}")
+    print(f"# constants ({consts.source}): alpha = {consts.alpha_s * 1e6:.1f} us per ring hop, "
+          f"eta = {consts.eta:.3f} of the link rate")
+    print(f"# compression ms/step: {compress_src}: "
+          + ", ".join(f"{m} {compress.get(m, 0.0):.1f}" for m in methods))
+    print(f"# local_qsr H = {opts.qsr_h}; dssync {opts.dssync_groups} groups; rank {opts.rank}; density {opts.density}")
+    table = project(methods, gpus, bws, shapes, opts, consts, compress, args)
+    head = f"{'Gbit/s':>6} {'GPUs':>5} " + " ".join(f"{m:>15}" for m in methods)
+    print("\nstep time in ms, and speed-up over S-SGD (allreduce)")
+    print(head)
+    for bw in bws:
+        for n in gpus:
+            cells = []
+            for m in methods:
+                v = table.get((bw, n, m))
+                cells.append(f"{'n/a':>15}" if v is None else
+                             f"{v:8.1f} {table[(bw, n, 'allreduce')] / v:5.2f}x")
+            print(f"{bw:>6g} {n:>5} " + " ".join(cells))
+    if args.csv:
+        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.csv, "w") as f:
+            f.write("bandwidth_gbit,gpus,method,step_ms,speedup_over_ssgd\n")
+            for (bw, n, m), v in sorted(table.items()):
+                f.write(f"{bw:g},{n},{m},{v:.3f},{table[(bw, n, 'allreduce')] / v:.4f}\n")
+        print(f"# csv: {args.csv}")
+    if args.png:
+        plot(table, methods, gpus, bws, args.png, consts, args.compute_ms)
+    return 0
+
+
+def project(methods, gpus, bws, shapes, opts, consts, compress, args) -> Dict[tuple, float]:
+    table = {}
+    for bw in bws:
+        for n in gpus:
+            for m in methods:
+                if applicable(m, n, opts):
+                    continue
+                t = comm_seconds(collectives(m, shapes, n, opts), bw * 1e9, consts)
+                table[(bw, n, m)] = step_ms(m, t, args.compute_ms, compress.get(m, 0.0), not args.no_overlap,
+                                            args.backward_fraction)
+    return table
+
+
+def check_rows(results: List[dict], consts: Constants, compute_ms: float) -> List[dict]:
+    """Model vs measurement for every (run, method): communication and serial step time."""
+    rows = []
+    for r in sorted(results, key=lambda x: (x["bw_bits"], x["world"])):
+        opts = options_of(r)
+        for m, row in r["methods"].items():
+            colls = collectives(m, r["shapes"], r["world"], opts)
+            model_comm = 1e3 * comm_seconds(colls, r["bw_bits"], consts)
+            meas_comm = row["comm_ms"]
+            model_step = compute_ms + row["compress_ms"] + model_comm
+            meas_step = compute_ms + row["compress_ms"] + meas_comm
+            rows.append({"world": r["world"], "bw_bits": r["bw_bits"], "method": m, "meas_comm_ms": meas_comm,
+                         "model_comm_ms": model_comm, "meas_step_ms": meas_step, "model_step_ms": model_step,
+                         "model_bytes": sum(c.calls * c.nbytes for c in colls), "meter_bytes": row["meter_bytes"],
+                         "comm_err": (model_comm - meas_comm) / meas_comm if meas_comm > 0 else float("nan"),
+                         "step_err": (model_step - meas_step) / meas_step})
+    return rows
+
+
+def print_check(results: List[dict], consts: Constants, compute_ms: float) -> None:
+    print(f"# model check against the emulation ({consts.source}: alpha {consts.alpha_s * 1e6:.1f} us, "
+          f"eta {consts.eta:.3f}); serial step = {compute_ms:g} ms compute (input) + measured compression + comm")
+    print(f"{'Gbit/s':>6} {'N':>2} {'method':<10} {'comm meas':>10} {'comm model':>10} {'err':>7} "
+          f"{'step meas':>10} {'step model':>10} {'err':>7} {'meter B':>12} {'model B':>12}")
+    for x in check_rows(results, consts, compute_ms):
+        print(f"{x['bw_bits'] / 1e9:>6g} {x['world']:>2} {x['method']:<10} {x['meas_comm_ms']:10.1f} "
+              f"{x['model_comm_ms']:10.1f} {100 * x['comm_err']:6.1f}% {x['meas_step_ms']:10.1f} "
+              f"{x['model_step_ms']:10.1f} {100 * x['step_err']:6.1f}% {x['meter_bytes']:12,.0f} {x['model_bytes']:12,.0f}")
+    print()
+
+
+def plot(table, methods, gpus, bws, path, consts, compute_ms) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("# matplotlib is not installed: no plot (pip install -e .[bench])", file=sys.stderr)
+        return
+    fig, axes = plt.subplots(1, len(bws), figsize=(4.2 * len(bws), 3.8), sharey=True, squeeze=False)
+    for ax, bw in zip(axes[0], bws):
+        for m in methods:
+            xs = [n for n in gpus if (bw, n, m) in table]
+            ys = [table[(bw, n, "allreduce")] / table[(bw, n, m)] for n in xs]
+            ax.plot(xs, ys, marker="o", label=LABELS[m])
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(gpus)
+        ax.set_xticklabels([str(n) for n in gpus])
+        ax.set_title(f"{bw:g} Gbit/s")
+        ax.set_xlabel("GPUs")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("speed-up over S-SGD (step time)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"cost model ({consts.source}), compute {compute_ms:g} ms/step", fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"# plot: {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
