@@ -412,7 +412,7 @@ class Watchdog:
         return True
 
     def message(self, code: int, core: Optional[str] = None) -> str:
-        core = core or self.verdict or f"stopping at {where()}"
+        core = core or self.verdict or f"at {where()}"
         how = "stopped by SIGTERM" if code == EXIT_SIGTERM else "stopping this rank"
         return f"[ds_ext] rank {self.rank}: {core}; {how} (exit {code})"
 
@@ -429,7 +429,8 @@ class Watchdog:
         if other:
             self._never.wait()
         _say(msg)
-        self._goodbye(code, "stopped after a lost peer" if code == EXIT_PEER_LOST else f"stopped (exit {code})")
+        self._goodbye(code, {EXIT_PEER_LOST: "stopped after a lost peer",
+                             EXIT_SIGTERM: "stopped by SIGTERM"}.get(code, f"stopped (exit {code})"))
         os._exit(code)
 
     def _goodbye(self, code: int, reason: str) -> None:

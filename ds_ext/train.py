@@ -248,7 +248,7 @@ def _train(recipe, rank: int, world: int) -> int:
 
     start_epoch, start_step = 0, 0
     if resume_path is not None:
-        faults.progress(0, "loading a checkpoint")
+        faults.progress(0, f"loading checkpoint {resume_path.name}")
         state = ckpt.load(engine, resume_path, rank)
         att.load_state_dict(state["attachment"])
         order.load_state_dict(state["order"])
