@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import reprlib
 import socket
 import types
 import typing
@@ -287,9 +288,15 @@ def _field_model(cls: Type[BaseModel], loc: Sequence) -> Optional[Type[BaseModel
     return cls
 
 
+_REPR = reprlib.Repr()  # keyword arguments need Python 3.12
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 3, 6, 6, 6, 6
+_REPR.maxstring = _REPR.maxother = 60
+
+
 def _short(value: Any, limit: int = 80) -> str:
-    """``repr`` of an offending value, cut to ``limit`` characters (a fuzzed value can be huge)."""
-    text = repr(value)
+    """``repr`` of an offending value, depth- and length-limited (a fuzzed value can be huge or nested
+    thousands deep, where plain ``repr`` raises RecursionError)."""
+    text = _REPR.repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
@@ -431,14 +438,15 @@ def _deepspeed_problems(ds: Mapping) -> List[Tuple[str, str]]:
 
 
 def _walk_non_finite(value, key: str, out: Dict[str, str]) -> None:
-    if isinstance(value, float) and not math.isfinite(value):
-        out.setdefault(key, f"must be a finite number (got {value!r})")
-    elif isinstance(value, Mapping):
-        for k, v in value.items():
-            _walk_non_finite(v, f"{key}.{k}" if key else str(k), out)
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            _walk_non_finite(v, f"{key}.{i}", out)
+    stack = [(value, key)]  # iterative: an option typed as a bare list may hold a value nested thousands deep
+    while stack:
+        value, key = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            out.setdefault(key, f"must be a finite number (got {value!r})")
+        elif isinstance(value, dict):
+            stack += [(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()]
+        elif isinstance(value, (list, tuple)):
+            stack += [(v, f"{key}.{i}") for i, v in enumerate(value)]
 
 
 def _non_finite(recipe: Recipe) -> List[Tuple[str, str]]:
@@ -458,8 +466,8 @@ def _non_finite(recipe: Recipe) -> List[Tuple[str, str]]:
 
 def _cross_section(recipe: Recipe) -> List[Tuple[str, str]]:
     """Rules between sections: the schedule's floor must not exceed the optimizer's peak rate."""
-    lr = getattr(recipe.optimizer.options, "lr", None)
-    if _finite_number(lr) and recipe.schedule.min_lr > lr:
+    lr, floor = getattr(recipe.optimizer.options, "lr", None), recipe.schedule.min_lr
+    if _finite_number(lr) and _finite_number(floor) and floor > lr:
         return [("schedule.min_lr", f"{recipe.schedule.min_lr:g} is above the peak optimizer.lr {lr:g}; the "
                                     f"schedule would raise the rate while it 'decays' (allowed: <= {lr:g})")]
     return []
@@ -498,8 +506,9 @@ def parse_overrides(overrides: Sequence[str]) -> List[Tuple[List[str], Any, str]
             raise RecipeError("--set", [(key, "empty key component")])
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as e:
-            raise RecipeError("--set", [(key, f"value {raw!r} is not valid YAML: {e}")]) from None
+        except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError) as e:
+            # ValueError: PyYAML's constructors raise it for e.g. 2024-13-45 (a date) or !!int abc
+            raise RecipeError("--set", [(key, f"value {raw!r} is not valid YAML: {e or type(e).__name__}")]) from None
         out.append((parts, value, item))
     return out
 
@@ -546,7 +555,8 @@ def _read_yaml(path: Path, what: str) -> dict:
         raise RecipeError(str(path), [("", f"cannot read the {what} file: {e.strerror or e}")]) from None
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as e:
+        # ValueError: PyYAML's constructors raise it for e.g. 2024-13-45 (read as a date) or !!int abc
         raise RecipeError(str(path), [("", f"not valid YAML: {e}")]) from None
     except RecursionError:
         raise RecipeError(str(path), [("", "not usable YAML: nested too deeply")]) from None
