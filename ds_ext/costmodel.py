@@ -246,11 +246,29 @@ class Constants:
     source: str = "built-in"
 
 
-# Fitted by `bash run/bench-cluster.sh` on this project's 2-core CPU machine (N = 4 emulated hosts,
-# 1 Gbit/s, gloo over TCP); see /tmp/readme_cluster.md / the README for the run that produced them.
-DEFAULT_CONSTANTS = Constants(alpha_s=0.0, eta=1.0, source="placeholder (run bench-cluster to fit)")
-# Compression (the reducer's own work per step, one CPU thread) measured by the same run on N = 4.
-DEFAULT_COMPRESS_MS: Dict[str, float] = {}
+# How a method's compression time changes with the number of ranks N (fitted per method on the
+# N = 2, 3, 4 measurements): signsgd decodes N packed vectors and topk scatters N*k values
+# (a + b N); exdyna scans 1/N of the gradient (a + b / N); the others do the same work at any N.
+COMPRESS_SCALING = {"signsgd": "linear", "topk": "linear", "exdyna": "inverse"}
+
+
+@dataclass
+class Compression:
+    """Compression ms per step of one method: ``a + b * f(N)`` with f = 1, N or 1/N."""
+    form: str = "constant"
+    a: float = 0.0
+    b: float = 0.0
+
+    def at(self, n: int) -> float:
+        f = {"constant": 0.0, "linear": float(n), "inverse": 1.0 / n}[self.form]
+        return self.a + self.b * f
+
+
+# Built-in values, used when no --fit results are given: the constants and compression fits of the
+# run recorded in the README (`sudo bash run/bench-cluster.sh` on this project's 2-core CPU machine,
+# gloo over TCP, N = 4 emulated hosts at 1 Gbit/s for the constants, N = 2, 3, 4 for compression).
+DEFAULT_CONSTANTS = Constants(alpha_s=0.0, eta=1.0, source="placeholder: run bench-cluster to fit")
+DEFAULT_COMPRESSION: Dict[str, Compression] = {}
 
 
 def comm_seconds(colls: Iterable[Collective], bw_bits: float, c: Constants) -> float:
@@ -260,14 +278,34 @@ def comm_seconds(colls: Iterable[Collective], bw_bits: float, c: Constants) -> f
 
 def step_ms(method: str, comm_s: float, compute_ms: float, compress_ms: float, overlap: bool,
             backward_fraction: float = 2.0 / 3.0) -> float:
+    """compute + compression + communication not hidden behind backward (methods launched during
+    backward hide up to ``backward_fraction * compute``)."""
     comm_ms = 1e3 * comm_s
     if overlap and method in OVERLAPS_BACKWARD:
         comm_ms = max(0.0, comm_ms - backward_fraction * compute_ms)
     return compute_ms + compress_ms + comm_ms
 
 
+def _lsq2(rows: Sequence[Tuple[float, float]], ys: Sequence[float]) -> Tuple[float, float]:
+    """Least squares ``y ~ x1 * u + x2 * v`` with u, v >= 0 (a coefficient that would be negative is
+    fixed at 0 and the other refitted)."""
+    s11 = sum(x1 * x1 for x1, _ in rows)
+    s22 = sum(x2 * x2 for _, x2 in rows)
+    s12 = sum(x1 * x2 for x1, x2 in rows)
+    s1y = sum(x1 * y for (x1, _), y in zip(rows, ys))
+    s2y = sum(x2 * y for (_, x2), y in zip(rows, ys))
+    det = s11 * s22 - s12 * s12
+    if det > 1e-12 * max(s11 * s22, 1e-300):
+        u, v = (s1y * s22 - s2y * s12) / det, (s11 * s2y - s12 * s1y) / det
+        if u >= 0 and v >= 0:
+            return u, v
+    cand = [(max(0.0, s1y / s11) if s11 else 0.0, 0.0), (0.0, max(0.0, s2y / s22) if s22 else 0.0)]
+    err = [sum((x1 * u + x2 * v - y) ** 2 for (x1, x2), y in zip(rows, ys)) for u, v in cand]
+    return cand[err.index(min(err))]
+
+
 def fit_constants(points: Sequence[Tuple[List[Collective], float, float]]) -> Constants:
-    """Least squares on relative error of ``measured = alpha * A + (1/eta) * W`` over
+    """Least squares on the relative error of ``measured = alpha * hops + (1/eta) * wire / BW`` over
     ``(collectives, bw_bits, measured_seconds)``; alpha >= 0, eta > 0."""
     rows = []
     for colls, bw_bits, t in points:
@@ -275,19 +313,25 @@ def fit_constants(points: Sequence[Tuple[List[Collective], float, float]]) -> Co
             continue
         a = sum(x.calls * x.hops() for x in colls)
         w = sum(x.calls * x.wire_bytes() for x in colls) / (bw_bits / 8.0)
-        rows.append((a / t, w / t))  # weighted by 1/t: relative residuals, target 1
+        rows.append((a / t, w / t))  # each row divided by its measurement: relative residuals, target 1
     if not rows:
         raise ValueError("no measured communication times to fit")
-    saa = sum(a * a for a, _ in rows)
-    sww = sum(w * w for _, w in rows)
-    saw = sum(a * w for a, w in rows)
-    sa = sum(a for a, _ in rows)
-    sw = sum(w for _, w in rows)
-    det = saa * sww - saw * saw
-    alpha, inv_eta = ((sa * sww - sw * saw) / det, (saa * sw - saw * sa) / det) if det > 0 else (-1.0, 0.0)
-    if alpha < 0 or inv_eta <= 0:  # constrained: latency 0, bandwidth only
-        alpha, inv_eta = 0.0, sw / sww
+    alpha, inv_eta = _lsq2(rows, [1.0] * len(rows))
+    if inv_eta <= 0:
+        raise ValueError("the measurements do not determine a bandwidth (no method moved bytes)")
     return Constants(alpha_s=alpha, eta=1.0 / inv_eta, source="fitted")
+
+
+def fit_compression(method: str, points: Sequence[Tuple[int, float]]) -> Compression:
+    """``(N, ms)`` measurements -> the method's ``Compression`` (its form from ``COMPRESS_SCALING``;
+    a constant = the mean when only one N was measured or the slope would be negative)."""
+    form = COMPRESS_SCALING.get(method, "constant")
+    ns = {n for n, _ in points}
+    if form == "constant" or len(ns) < 2:
+        return Compression("constant", sum(ms for _, ms in points) / len(points), 0.0)
+    f = (lambda n: float(n)) if form == "linear" else (lambda n: 1.0 / n)
+    a, b = _lsq2([(1.0, f(n)) for n, _ in points], [ms for _, ms in points])
+    return Compression(form, a, b) if b > 0 else Compression("constant", sum(ms for _, ms in points) / len(points))
 
 
 # ------------------------------------------------------------------------------- measured results
@@ -296,17 +340,19 @@ def load_results(paths: Sequence[str]) -> List[dict]:
     out = []
     for p in paths:
         path = Path(p)
+        if not path.exists():
+            raise SystemExit(f"{p}: no such file or directory (run: sudo bash run/bench-cluster.sh)")
         files = sorted(path.glob("*.json")) if path.is_dir() else [path]
         for f in files:
             try:
                 d = json.loads(f.read_text())
             except (OSError, json.JSONDecodeError) as e:
                 raise SystemExit(f"{f}: not a readable bench-cluster result ({e})") from None
-            if d.get("kind") == "ds_ext.bench.cluster":
+            if isinstance(d, dict) and d.get("kind") == "ds_ext.bench.cluster":
                 d["_file"] = str(f)
                 out.append(d)
     if not out:
-        raise SystemExit(f"no bench-cluster results in {', '.join(paths)} (run: bash run/bench-cluster.sh)")
+        raise SystemExit(f"no bench-cluster results in {', '.join(paths)} (run: sudo bash run/bench-cluster.sh)")
     return out
 
 
@@ -314,25 +360,82 @@ def options_of(result: dict) -> MethodOptions:
     return MethodOptions(**result["options"])
 
 
-def fit_from_results(results: List[dict], n: int = 4, bw_bits: Optional[float] = None) -> Constants:
-    pts = []
+def fit_bandwidth(results: List[dict], n: int) -> float:
+    """The link rate the fit uses: the slowest one measured at ``n`` hosts (1 Gbit/s in bench-cluster)."""
+    rates = [r["bw_bits"] for r in results if r["world"] == n and r["bw_bits"] > 0]
+    if not rates:
+        raise SystemExit(f"no bench-cluster result with N={n} hosts and a shaped link to fit the constants on")
+    return min(rates)
+
+
+def fit_from_results(results: List[dict], n: int = 4) -> Tuple[Constants, Dict[str, Compression]]:
+    """The two constants from every method measured on ``n`` hosts at the fit bandwidth, and each
+    method's compression scaling from every N measured at that bandwidth."""
+    bw = fit_bandwidth(results, n)
+    pts, comp = [], {}
     for r in results:
-        if r["world"] != n or (bw_bits is not None and r["bw_bits"] != bw_bits):
+        if r["bw_bits"] != bw:
             continue
-        if bw_bits is None and r["bw_bits"] != min(x["bw_bits"] for x in results if x["world"] == n):
-            continue  # fit on the slowest link measured at n (1 Gbit/s in bench-cluster)
         opts = options_of(r)
         for m, row in r["methods"].items():
+            comp.setdefault(m, []).append((r["world"], row["compress_ms"]))
+            if r["world"] != n:
+                continue
             colls = collectives(m, r["shapes"], r["world"], opts)
             if sum(c.wire_bytes() for c in colls) > 0:
-                pts.append((colls, r["bw_bits"], row["comm_ms"] / 1e3))
+                pts.append((colls, bw, row["comm_ms"] / 1e3))
     c = fit_constants(pts)
-    c.source = f"fitted on N={n}, {fmt_bw(pts[0][1]) if pts else '?'} ({len(pts)} methods)"
-    return c
+    c.source = f"fitted on N={n}, {fmt_bw(bw)}, {len(pts)} methods"
+    return c, {m: fit_compression(m, p) for m, p in comp.items()}
 
 
 def fmt_bw(bits: float) -> str:
     return f"{bits / 1e9:g} Gbit/s"
+
+
+def check_rows(results: List[dict], consts: Constants, compute_ms: float) -> List[dict]:
+    """Model vs measurement for every (run, method): communication, and the serial step time
+    (compute + the measured compression + communication)."""
+    rows = []
+    for r in sorted(results, key=lambda x: (x["bw_bits"], x["world"])):
+        opts = options_of(r)
+        for m, row in r["methods"].items():
+            colls = collectives(m, r["shapes"], r["world"], opts)
+            model_comm = 1e3 * comm_seconds(colls, r["bw_bits"], consts) if r["bw_bits"] > 0 else float("nan")
+            meas_comm = row["comm_ms"]
+            model_step = compute_ms + row["compress_ms"] + model_comm
+            meas_step = compute_ms + row["compress_ms"] + meas_comm
+            rows.append({"world": r["world"], "bw_bits": r["bw_bits"], "method": m, "meas_comm_ms": meas_comm,
+                         "model_comm_ms": model_comm, "meas_step_ms": meas_step, "model_step_ms": model_step,
+                         "model_bytes": sum(c.calls * c.nbytes for c in colls), "meter_bytes": row["meter_bytes"],
+                         "comm_err": (model_comm - meas_comm) / meas_comm if meas_comm > 0 else float("nan"),
+                         "step_err": (model_step - meas_step) / meas_step})
+    return rows
+
+
+def print_check(results: List[dict], consts: Constants, compute_ms: float) -> None:
+    print(f"## model check against the emulation ({consts.source}: alpha {consts.alpha_s * 1e6:.1f} us per hop, "
+          f"eta {consts.eta:.3f})")
+    print(f"# comm = time in collectives per step; serial step = {compute_ms:g} ms compute (input) + measured "
+          f"compression + comm; bytes = payload per rank per step (meter vs model)")
+    print(f"{'Gbit/s':>6} {'N':>2} {'method':<10} {'comm meas':>10} {'comm model':>10} {'err':>7} "
+          f"{'step meas':>10} {'step model':>10} {'err':>7} {'meter B':>12} {'model B':>12}")
+    rows = check_rows(results, consts, compute_ms)
+    for x in rows:
+        print(f"{x['bw_bits'] / 1e9:>6g} {x['world']:>2} {x['method']:<10} {x['meas_comm_ms']:10.1f} "
+              f"{x['model_comm_ms']:10.1f} {100 * x['comm_err']:6.1f}% {x['meas_step_ms']:10.1f} "
+              f"{x['model_step_ms']:10.1f} {100 * x['step_err']:6.1f}% {x['meter_bytes']:12,.0f} {x['model_bytes']:12,.0f}")
+    for bw in sorted({x["bw_bits"] for x in rows}):
+        sel = [x for x in rows if x["bw_bits"] == bw and x["comm_err"] == x["comm_err"]]
+        if sel:
+            worst_c = max(sel, key=lambda x: abs(x["comm_err"]))
+            worst_s = max(sel, key=lambda x: abs(x["step_err"]))
+            print(f"# {fmt_bw(bw)}: largest |error| comm {100 * abs(worst_c['comm_err']):.1f}% "
+                  f"({worst_c['method']}, N={worst_c['world']}), step {100 * abs(worst_s['step_err']):.1f}% "
+                  f"({worst_s['method']}, N={worst_s['world']}); within 15%: comm "
+                  f"{sum(abs(x['comm_err']) <= 0.15 for x in sel)}/{len(sel)}, step "
+                  f"{sum(abs(x['step_err']) <= 0.15 for x in sel)}/{len(sel)}")
+    print()
 
 
 def read_compress_file(path: str) -> Dict[str, float]:
@@ -361,9 +464,12 @@ def read_compress_file(path: str) -> Dict[str, float]:
     return rows
 
 
+
+
 # ----------------------------------------------------------------------------------------- shapes
 def model_shapes(name: str) -> List[Tuple[int, ...]]:
-    """Trainable parameter shapes of a registered model (in registration order)."""
+    """Trainable parameter shapes of a registered model (in registration order), built on the meta
+    device (no memory, no initialisation cost)."""
     import torch
 
     from .registry import MODELS, load_builtin
@@ -374,7 +480,35 @@ def model_shapes(name: str) -> List[Tuple[int, ...]]:
     return [tuple(p.shape) for p in model.parameters() if p.requires_grad]
 
 
-# -------------------------------------------------------------------------------------------- CLI
+# ----------------------------------------------------------------------------------------- project
+def project(methods, gpus, bws, shapes, opts, consts, compression: Dict[str, Compression], compute_ms: float,
+            overlap: bool, backward_fraction: float) -> Dict[tuple, float]:
+    """(Gbit/s, N, method) -> modelled step time in ms."""
+    table = {}
+    for bw in bws:
+        for n in gpus:
+            for m in methods:
+                if applicable(m, n, opts):
+                    continue
+                t = comm_seconds(collectives(m, shapes, n, opts), bw * 1e9, consts)
+                c = compression.get(m)
+                table[(bw, n, m)] = step_ms(m, t, compute_ms, c.at(n) if c else 0.0, overlap, backward_fraction)
+    return table
+
+
+def print_projection(title: str, table, methods, gpus, bws) -> None:
+    print(f"\n## {title}")
+    print("step time in ms, and speed-up over S-SGD (allreduce) at the same size and link")
+    print(f"{'Gbit/s':>6} {'GPUs':>5} " + " ".join(f"{m:>15}" for m in methods))
+    for bw in bws:
+        for n in gpus:
+            cells = []
+            for m in methods:
+                v = table.get((bw, n, m))
+                cells.append(f"{'n/a':>15}" if v is None else f"{v:8.1f} {table[(bw, n, 'allreduce')] / v:5.2f}x")
+            print(f"{bw:>6g} {n:>5} " + " ".join(cells))
+
+
 def _floats(s: str) -> List[float]:
     return [float(x) for x in s.split(",") if x.strip()]
 
@@ -386,9 +520,13 @@ def _parse_compress(items: Sequence[str]) -> Dict[str, float]:
             if not kv.strip():
                 continue
             k, _, v = kv.partition("=")
-            if k not in LABELS or not v:
-                raise SystemExit(f"--compress-ms {kv!r}: expected METHOD=MS with METHOD one of {', '.join(LABELS)}")
-            out[k] = float(v)
+            try:
+                if k not in LABELS:
+                    raise ValueError
+                out[k] = float(v)
+            except ValueError:
+                raise SystemExit(f"--compress-ms {kv!r}: expected METHOD=MS with METHOD one of "
+                                 f"{', '.join(LABELS)}") from None
     return out
 
 
@@ -401,22 +539,22 @@ def main(argv=None) -> int:
     ap.add_argument("--compute-ms", type=float, default=30.5,
                     help="per-step compute time, an input (default: ResNet-50 bf16 batch 64 on an H100)")
     ap.add_argument("--backward-fraction", type=float, default=2.0 / 3.0,
-                    help="share of the compute that is backward (communication of allreduce/acpsgd hides there)")
-    ap.add_argument("--no-overlap", action="store_true", help="serial: no communication hidden by backward")
-    ap.add_argument("--compress", choices=["measured", "none"], default="measured",
-                    help="compression times: measured on this CPU (from --fit results or built in) or 0")
-    ap.add_argument("--compress-file", default=None,
-                    help="run/bench-compress.sh output from a GPU machine: its CUDA times for allreduce/powersgd/acpsgd")
-    ap.add_argument("--compress-ms", action="append", default=[], metavar="METHOD=MS,...",
-                    help="override compression times (e.g. GPU measurements)")
+                    help="share of the compute that is backward (allreduce/acpsgd communication hides there)")
+    ap.add_argument("--no-overlap", action="store_true", help="serial: no communication hidden behind backward")
     ap.add_argument("--fit", nargs="*", default=None, metavar="RESULTS",
-                    help="bench-cluster result files/directories: fit the constants on N=4, check at every N")
-    ap.add_argument("--alpha-us", type=float, default=None, help="override the latency constant (microseconds)")
-    ap.add_argument("--eta", type=float, default=None, help="override the bandwidth efficiency constant")
-    ap.add_argument("--qsr-h", type=int, default=None, help="QSR period H for local_qsr (default: 4, the "
-                    "ViT-B recipe at peak LR; the whole ViT-B schedule averages 93,600/9,711 = 9.64)")
+                    help="bench-cluster result files/directories (default runs/bench-cluster): fit the constants "
+                         "on N=4, compression on every N, and print the model's error at every N")
+    ap.add_argument("--compress-file", default=None,
+                    help="run/bench-compress.sh output from a GPU machine: its CUDA times replace allreduce/"
+                         "powersgd/acpsgd compression")
+    ap.add_argument("--compress-ms", action="append", default=[], metavar="METHOD=MS,...",
+                    help="fixed compression times per method (e.g. measured on a GPU)")
+    ap.add_argument("--alpha-us", type=float, default=None, help="replace the latency constant (microseconds)")
+    ap.add_argument("--eta", type=float, default=None, help="replace the bandwidth-efficiency constant")
+    ap.add_argument("--qsr-h", type=int, default=None, help="QSR period H for local_qsr (default 4: the ViT-B "
+                    "recipe at peak LR; its whole schedule averages 93,600/9,711 = 9.64 steps per sync)")
     ap.add_argument("--png", default="runs/costmodel/projection.png", help="plot path ('' for none)")
-    ap.add_argument("--csv", default=None, help="also write the projection table as CSV")
+    ap.add_argument("--csv", default=None, help="also write both projections as CSV")
     args = ap.parse_args(argv)
 
     methods = [m for m in args.methods.split(",") if m]
@@ -432,109 +570,70 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"--gpus / --bandwidth: comma-separated numbers ({e})", file=sys.stderr)
         return 2
+    if not gpus or not bws or min(gpus) < 1 or min(bws) <= 0:
+        print("--gpus / --bandwidth: positive numbers", file=sys.stderr)
+        return 2
     opts = MethodOptions()
-    consts = DEFAULT_CONSTANTS
-    compress = dict(DEFAULT_COMPRESS_MS)
-    compress_src = "built in (measured by bench-cluster on this CPU)" if compress else "none available: 0"
+    consts, compression = DEFAULT_CONSTANTS, dict(DEFAULT_COMPRESSION)
+    comp_src = "built in (bench-cluster on this CPU)"
     if args.fit is not None:
         results = load_results(args.fit or ["runs/bench-cluster"])
-        consts = fit_from_results(results)
-        ref = [r for r in results if r["world"] == 4] or results
-        opts = options_of(ref[0])
-        compress = {m: row["compress_ms"] for m, row in ref[0]["methods"].items()}
-        compress_src = f"measured on this CPU ({ref[0]['_file']})"
+        consts, compression = fit_from_results(results)
+        opts = options_of(next((r for r in results if r["world"] == 4), results[0]))
+        comp_src = f"fitted on {', '.join(sorted({Path(r['_file']).name for r in results}))}"
         print_check(results, consts, args.compute_ms)
     if args.qsr_h is not None:
         opts.qsr_h_base, opts.qsr_alpha = args.qsr_h, 0.0
     if args.alpha_us is not None:
-        consts = Constants(args.alpha_us * 1e-6, consts.eta, "given")
+        consts = Constants(args.alpha_us * 1e-6, consts.eta, f"alpha given, eta {consts.source}")
     if args.eta is not None:
-        consts = Constants(consts.alpha_s, args.eta, "given")
-    if args.compress == "none":
-        compress, compress_src = {}, "0 (communication-only bound)"
+        consts = Constants(consts.alpha_s, args.eta, f"eta given, alpha {consts.source}")
     given = read_compress_file(args.compress_file) if args.compress_file else {}
     given.update(_parse_compress(args.compress_ms))
+    for m, v in given.items():
+        compression[m] = Compression("constant", v, 0.0)
     if given:
-        compress.update(given)
-        compress_src += f"; given: {', '.join(f'{k}={v:g}' for k, v in given.items())}"
+        comp_src += f"; given: {', '.join(f'{k} {v:g} ms' for k, v in given.items())}"
     shapes = model_shapes(args.model)
     numel = sum(_numel(s) for s in shapes)
-    print(f"# cost model: {args.model} ({numel:,} values), compute {args.compute_ms:g} ms/step (input), "
-          f"{'serial' if args.no_overlap else f'allreduce/acpsgd overlap up to {args.backward_fraction:.2f} of compute'}")
+    overlap = not args.no_overlap
+    print(f"# cost model: {args.model} ({numel:,} fp32 values); compute {args.compute_ms:g} ms/step (input); "
+          + (f"allreduce/acpsgd communication hides behind backward = {args.backward_fraction:.2f} x compute (input)"
+             if overlap else "no overlap"))
     print(f"# constants ({consts.source}): alpha = {consts.alpha_s * 1e6:.1f} us per ring hop, "
           f"eta = {consts.eta:.3f} of the link rate")
-    print(f"# compression ms/step: {compress_src}: "
-          + ", ".join(f"{m} {compress.get(m, 0.0):.1f}" for m in methods))
-    print(f"# local_qsr H = {opts.qsr_h}; dssync {opts.dssync_groups} groups; rank {opts.rank}; density {opts.density}")
-    table = project(methods, gpus, bws, shapes, opts, consts, compress, args)
-    head = f"{'Gbit/s':>6} {'GPUs':>5} " + " ".join(f"{m:>15}" for m in methods)
-    print("\nstep time in ms, and speed-up over S-SGD (allreduce)")
-    print(head)
-    for bw in bws:
-        for n in gpus:
-            cells = []
-            for m in methods:
-                v = table.get((bw, n, m))
-                cells.append(f"{'n/a':>15}" if v is None else
-                             f"{v:8.1f} {table[(bw, n, 'allreduce')] / v:5.2f}x")
-            print(f"{bw:>6g} {n:>5} " + " ".join(cells))
+    print(f"# compression ms/step at N = {', '.join(str(n) for n in gpus)} ({comp_src}):")
+    for m in methods:
+        c = compression.get(m)
+        if c is None:
+            print(f"#   {m:<10} none measured: 0")
+            continue
+        form = {"constant": f"{c.a:.1f}", "linear": f"{c.a:.1f} + {c.b:.2f} N", "inverse": f"{c.a:.1f} + {c.b:.1f} / N"}
+        print(f"#   {m:<10} {form[c.form]:<18} -> " + ", ".join(f"{c.at(n):.0f}" for n in gpus))
+    print(f"# local_qsr: H = {opts.qsr_h}; dssync: {opts.dssync_groups} groups, every step; rank {opts.rank}; "
+          f"density {opts.density}")
+    with_c = project(methods, gpus, bws, shapes, opts, consts, compression, args.compute_ms, overlap,
+                     args.backward_fraction)
+    without = project(methods, gpus, bws, shapes, opts, consts, {}, args.compute_ms, overlap,
+                      args.backward_fraction)
+    print_projection("projection A: compression at the speed measured on this CPU (one thread)",
+                     with_c, methods, gpus, bws)
+    print_projection("projection B: compression free (communication + compute only; the bound a fast GPU "
+                     "implementation approaches)", without, methods, gpus, bws)
     if args.csv:
         Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
         with open(args.csv, "w") as f:
-            f.write("bandwidth_gbit,gpus,method,step_ms,speedup_over_ssgd\n")
-            for (bw, n, m), v in sorted(table.items()):
-                f.write(f"{bw:g},{n},{m},{v:.3f},{table[(bw, n, 'allreduce')] / v:.4f}\n")
+            f.write("projection,bandwidth_gbit,gpus,method,step_ms,speedup_over_ssgd\n")
+            for name, table in (("A_cpu_compression", with_c), ("B_no_compression", without)):
+                for (bw, n, m), v in sorted(table.items()):
+                    f.write(f"{name},{bw:g},{n},{m},{v:.3f},{table[(bw, n, 'allreduce')] / v:.4f}\n")
         print(f"# csv: {args.csv}")
     if args.png:
-        plot(table, methods, gpus, bws, args.png, consts, args.compute_ms)
+        plot(with_c, without, methods, gpus, bws, args.png, consts, args.compute_ms)
     return 0
 
 
-def project(methods, gpus, bws, shapes, opts, consts, compress, args) -> Dict[tuple, float]:
-    table = {}
-    for bw in bws:
-        for n in gpus:
-            for m in methods:
-                if applicable(m, n, opts):
-                    continue
-                t = comm_seconds(collectives(m, shapes, n, opts), bw * 1e9, consts)
-                table[(bw, n, m)] = step_ms(m, t, args.compute_ms, compress.get(m, 0.0), not args.no_overlap,
-                                            args.backward_fraction)
-    return table
-
-
-def check_rows(results: List[dict], consts: Constants, compute_ms: float) -> List[dict]:
-    """Model vs measurement for every (run, method): communication and serial step time."""
-    rows = []
-    for r in sorted(results, key=lambda x: (x["bw_bits"], x["world"])):
-        opts = options_of(r)
-        for m, row in r["methods"].items():
-            colls = collectives(m, r["shapes"], r["world"], opts)
-            model_comm = 1e3 * comm_seconds(colls, r["bw_bits"], consts)
-            meas_comm = row["comm_ms"]
-            model_step = compute_ms + row["compress_ms"] + model_comm
-            meas_step = compute_ms + row["compress_ms"] + meas_comm
-            rows.append({"world": r["world"], "bw_bits": r["bw_bits"], "method": m, "meas_comm_ms": meas_comm,
-                         "model_comm_ms": model_comm, "meas_step_ms": meas_step, "model_step_ms": model_step,
-                         "model_bytes": sum(c.calls * c.nbytes for c in colls), "meter_bytes": row["meter_bytes"],
-                         "comm_err": (model_comm - meas_comm) / meas_comm if meas_comm > 0 else float("nan"),
-                         "step_err": (model_step - meas_step) / meas_step})
-    return rows
-
-
-def print_check(results: List[dict], consts: Constants, compute_ms: float) -> None:
-    print(f"# model check against the emulation ({consts.source}: alpha {consts.alpha_s * 1e6:.1f} us, "
-          f"eta {consts.eta:.3f}); serial step = {compute_ms:g} ms compute (input) + measured compression + comm")
-    print(f"{'Gbit/s':>6} {'N':>2} {'method':<10} {'comm meas':>10} {'comm model':>10} {'err':>7} "
-          f"{'step meas':>10} {'step model':>10} {'err':>7} {'meter B':>12} {'model B':>12}")
-    for x in check_rows(results, consts, compute_ms):
-        print(f"{x['bw_bits'] / 1e9:>6g} {x['world']:>2} {x['method']:<10} {x['meas_comm_ms']:10.1f} "
-              f"{x['model_comm_ms']:10.1f} {100 * x['comm_err']:6.1f}% {x['meas_step_ms']:10.1f} "
-              f"{x['model_step_ms']:10.1f} {100 * x['step_err']:6.1f}% {x['meter_bytes']:12,.0f} {x['model_bytes']:12,.0f}")
-    print()
-
-
-def plot(table, methods, gpus, bws, path, consts, compute_ms) -> None:
+def plot(with_c, without, methods, gpus, bws, path, consts, compute_ms) -> None:
     try:
         import matplotlib
 
@@ -543,21 +642,28 @@ def plot(table, methods, gpus, bws, path, consts, compute_ms) -> None:
     except ImportError:
         print("# matplotlib is not installed: no plot (pip install -e .[bench])", file=sys.stderr)
         return
-    fig, axes = plt.subplots(1, len(bws), figsize=(4.2 * len(bws), 3.8), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(bws), figsize=(4.4 * len(bws), 4.0), sharey=True, squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, bw in zip(axes[0], bws):
-        for m in methods:
-            xs = [n for n in gpus if (bw, n, m) in table]
-            ys = [table[(bw, n, "allreduce")] / table[(bw, n, m)] for n in xs]
-            ax.plot(xs, ys, marker="o", label=LABELS[m])
+        for i, m in enumerate(methods):
+            for table, style, label in ((with_c, "-", LABELS[m]), (without, ":", None)):
+                xs = [n for n in gpus if (bw, n, m) in table]
+                ys = [table[(bw, n, "allreduce")] / table[(bw, n, m)] for n in xs]
+                ax.plot(xs, ys, style, marker="o" if style == "-" else None, color=colors[i % len(colors)],
+                        label=label)
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
         ax.set_xticks(gpus)
         ax.set_xticklabels([str(n) for n in gpus])
         ax.set_title(f"{bw:g} Gbit/s")
         ax.set_xlabel("GPUs")
+        ax.axhline(1.0, color="black", lw=0.6)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("speed-up over S-SGD (step time)")
     axes[0][-1].legend(fontsize=7)
-    fig.suptitle(f"cost model ({consts.source}), compute {compute_ms:g} ms/step", fontsize=9)
+    fig.suptitle(f"cost model ({consts.source}; alpha {consts.alpha_s * 1e6:.0f} us, eta {consts.eta:.2f}), "
+                 f"compute {compute_ms:g} ms/step; solid: CPU-measured compression, dotted: compression free",
+                 fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

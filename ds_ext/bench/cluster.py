@@ -137,13 +137,43 @@ def iface_counters(name: Optional[str]) -> Optional[tuple]:
 
 
 # -------------------------------------------------------------------------------------------- run
+def build_method(method: str, named, opts: MethodOptions, meter):
+    """(reducer, synchronizer) of ``method`` from the registries, as ``ds_ext.engine.attach`` builds
+    them (no engine: the QSR period reads a constant learning rate ``opts.qsr_lr``)."""
+    from ..registry import REDUCERS, SYNCS, load_builtin
+
+    load_builtin()
+    rname, ropts, sname, sopts = method_specs(opts)[method]
+    if method == "exdyna":  # start at the threshold of the target density on N(0, 1) gradients
+        ropts = dict(ropts, initial_threshold=NormalDist().inv_cdf(1 - opts.density / 2))
+    kw = dict(group=None, meter=meter, engine=None)
+    reducer = REDUCERS.build(rname, ropts, named, **kw)
+    skw = dict(kw, total_steps=None)
+    if sname != "none":
+        skw["lr_at"] = lambda step: opts.qsr_lr
+    return reducer, SYNCS.build(sname, sopts, named, **skw)
+
+
+def drive_step(reducer, sync, params, meter) -> int:
+    """One optimizer step at an accumulation boundary as the engine drives the methods (without the
+    optimizer): gradients ready in reverse order, ``finish``, the synchronizer; returns the meter's
+    bytes of the step."""
+    if sync.reduce_gradients_now():
+        for p in reversed(params):
+            reducer.grad_ready(p)
+        reducer.finish()
+    sync.before_step()
+    sync.after_step()
+    return meter.end_step()
+
+
 def run(args) -> int:
     import torch
     import torch.distributed as dist
 
     from ..distributed import init_distributed
     from ..metrics import CommMeter
-    from ..registry import MODELS, REDUCERS, SYNCS, load_builtin
+    from ..registry import MODELS, load_builtin
 
     init_distributed(timeout_s=1800)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -160,11 +190,7 @@ def run(args) -> int:
         p.grad = torch.zeros_like(p)
     opts = MethodOptions(rank=args.rank, density=args.density, qsr_alpha=args.qsr_alpha, qsr_lr=args.qsr_lr,
                          qsr_h_base=args.qsr_h_base, dssync_groups=args.dssync_groups)
-    specs = method_specs(opts)
     methods = [m for m in args.methods.split(",") if m]
-    for m in methods:
-        if m not in specs:
-            raise SystemExit(f"--methods: unknown {m!r}; known: {', '.join(specs)}")
     ifname = os.environ.get("GLOO_SOCKET_IFNAME")
     local_size = int(os.environ.get("LOCAL_SIZE", "1"))
     timer = CollectiveTimer()
@@ -182,16 +208,8 @@ def run(args) -> int:
             if rank == 0:
                 print(f"  {m}: skipped ({why})", flush=True)
             continue
-        rname, ropts, sname, sopts = specs[m]
-        if m == "exdyna":  # start at the threshold of the target density on N(0, 1) gradients
-            ropts = dict(ropts, initial_threshold=NormalDist().inv_cdf(1 - opts.density / 2))
         meter = CommMeter()
-        kw = dict(group=None, meter=meter, engine=None)
-        reducer = REDUCERS.build(rname, ropts, named, **kw)
-        skw = dict(kw, total_steps=None)
-        if sname != "none":
-            skw["lr_at"] = lambda step: args.qsr_lr
-        sync = SYNCS.build(sname, sopts, named, **skw)
+        reducer, sync = build_method(m, named, opts, meter)
         period = opts.qsr_h if m == "local_qsr" else 1
         warm, steps = args.warmup * period, args.steps * period
         if m == "dssync":  # both grouping patterns once before timing (process groups are created lazily)
@@ -212,13 +230,7 @@ def run(args) -> int:
             timer.active = True
             timer.reset()
             t0, cpu0 = time.perf_counter(), time.thread_time()
-            if sync.reduce_gradients_now():
-                for p in reversed(params):
-                    reducer.grad_ready(p)
-                reducer.finish()
-            sync.before_step()
-            sync.after_step()
-            sent = meter.end_step()
+            sent = drive_step(reducer, sync, params, meter)
             wall, cpu = time.perf_counter() - t0, time.thread_time() - cpu0
             timer.active = False
             if i >= warm:
@@ -386,7 +398,12 @@ def main(argv=None) -> int:
     extra = [x for x in extra if not x.startswith("--local_rank") and not x.startswith("--local-rank")]
     if extra:
         ap.error(f"unrecognized arguments: {' '.join(extra)}")
-    return run(args) if args.cmd == "run" else report(args)
+    if args.cmd == "run":
+        bad = [m for m in args.methods.split(",") if m and m not in ALL_METHODS]
+        if bad:
+            ap.error(f"--methods: unknown {', '.join(bad)}; known: {', '.join(ALL_METHODS)}")
+        return run(args)
+    return report(args)
 
 
 if __name__ == "__main__":
