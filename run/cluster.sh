@@ -133,6 +133,18 @@ ssh_block_add() {
   cat "$tmp" > "$SSHCFG"; rm -f "$tmp"; chmod 600 "$SSHCFG"
 }
 
+# True once process $1 has exited (a zombie waiting for init to reap it counts as exited); false
+# after 5 s.
+wait_gone() {
+  local p="$1" i state
+  for i in $(seq 500); do
+    state="$(sed -e 's/.*) //' "/proc/$p/stat" 2>/dev/null | cut -d' ' -f1 || true)"
+    [ -z "$state" ] || [ "$state" = "Z" ] && return 0
+    sleep 0.01
+  done
+  return 1
+}
+
 # End every process inside our namespaces by pid (TERM, then KILL after 5 s), then remove them.
 do_down() {
   local ns pids p removed=0
@@ -140,7 +152,7 @@ do_down() {
     pids="$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')"
     if [ -n "${pids// /}" ]; then
       kill -TERM $pids 2>/dev/null || true
-      for p in $pids; do timeout 5 tail --pid="$p" -f /dev/null 2>/dev/null || kill -KILL "$p" 2>/dev/null || true; done
+      for p in $pids; do wait_gone "$p" || kill -KILL "$p" 2>/dev/null || true; done
     fi
     ip netns del "$ns" 2>/dev/null || true
     removed=$((removed + 1))
