@@ -46,8 +46,8 @@ ROOT = Path(__file__).resolve().parent.parent
 QUICK = ROOT / "recipes" / "quickstart.yaml"
 
 # The fixed profile: the same inputs on every run (derandomize), no per-example deadline (the machine is
-# shared), no example database written into the checkout. MAX_EXAMPLES per property.
-MAX_EXAMPLES = 50
+# shared), no example database. MAX_EXAMPLES per property; DS_EXT_FUZZ_EXAMPLES=N fuzzes deeper by hand.
+MAX_EXAMPLES = int(os.environ.get("DS_EXT_FUZZ_EXAMPLES", "50"))
 FUZZ = settings(derandomize=True, deadline=None, max_examples=MAX_EXAMPLES, database=None, print_blob=False,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
 
@@ -931,3 +931,27 @@ def test_control_valid_recipe_does_start_a_process_group(tmp_path):
     finally:
         lst.close()
     assert connected, err[-3000:]
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_refuses_world_rule_on_every_rank(tmp_path):
+    """Through the real launcher (2 local ranks): the dssync world-size rule stops every rank before
+    start-up and the launcher returns the ranks' exit code."""
+    d = base()
+    d["method"].update(reducer={"name": "none"}, sync={"name": "dssync", "groups": 3})
+    d["log"]["dir"] = str(tmp_path / "run")
+    rp = tmp_path / "dssync3.yaml"
+    rp.write_text(dump(d))
+    host = tmp_path / "host.yml"
+    host.write_text("")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    p = subprocess.run([deepspeed, "--num_gpus", "2", "--master_port", str(port), "--module", "ds_ext.train",
+                        "--recipe", str(rp)], capture_output=True, text=True, cwd=ROOT, timeout=240,
+                       env=dict(os.environ, DS_ACCELERATOR="cpu", DS_EXT_HOST_CONFIG=str(host)))
+    out = p.stdout + p.stderr
+    assert p.returncode == 2, out[-3000:]
+    assert out.count(f"{rp}: method.sync.groups: groups=3 does not divide the world size 2") == 2, out[-3000:]
+    assert "Traceback" not in out
