@@ -889,8 +889,6 @@ def test_trainer_refuses_before_any_process_group(tmp_path):
         "dssync groups vs WORLD_SIZE": (recipe("dssync", _m(method__reducer={"name": "none"},
                                                             method__sync={"name": "dssync", "groups": 3})),
                                         {}, 2, ["dssync.yaml", "method.sync.groups", "world size 2"]),
-        "fp16 true with topk": (recipe("fp16", _m(deepspeed__fp16=True, method__reducer={"name": "topk"})), {}, 2,
-                                ["fp16.yaml", "deepspeed.fp16", "mapping"]),
         "missing data": (recipe("data", lambda d: _cifar10(d, tmp_path / "no_data")), {}, 3,
                          ["data.yaml", "data error", "data.root", str(tmp_path / "no_data")]),
         "bad WORLD_SIZE": (recipe("world", lambda d: None), {"WORLD_SIZE": "two"}, 2, ["WORLD_SIZE", "'two'"]),
