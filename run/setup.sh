@@ -9,6 +9,9 @@
 #   DS_EXT_TORCH="torch==X"   torch requirement used when no torch is importable
 #                             (default: torch==2.13.0 on a machine without a GPU, plain `torch` with one)
 #   DS_EXT_FFCV=0             skip ffcv (the FFCV ImageNet loaders); default 1
+#   DS_BUILD_OPS=1            prebuild every compatible compiled op at install (DeepSpeed's convention;
+#                             DS_BUILD_DS_EXT_COMM_CPU=1 / DS_BUILD_DS_EXT_COMM_CUDA=1: that op, or fail);
+#                             default: ops are JIT-built on first use, or torch code is used (ds_ext.report)
 #   DS_EXT_CLUSTER_TOOLS=0    skip openssh-server, pdsh, iproute2 (only run/cluster.sh needs them); default 1
 # ffcv 1.0.2 (the `ffcv` extra) builds from source against Debian's libopencv-dev libturbojpeg0-dev
 # pkg-config. As root, missing ones are installed with apt-get; otherwise the script names them and the
@@ -103,22 +106,36 @@ if [ "${DS_EXT_CLUSTER_TOOLS:-1}" != "0" ]; then
   fi
 fi
 
+# --- prebuilt ops: DS_BUILD_OPS=1 or DS_BUILD_DS_EXT_COMM_{CPU,CUDA}=1 compile ds_ext/csrc at install ---------
+# (setup.py; the build needs the installed torch and deepspeed, so no build isolation)
+build_vars="$(env | grep -E '^DS_BUILD_[A-Z0-9_]+=' | grep -vE '=(0|)$' | sort || true)"
+ext_opts=()
+if [ -n "$build_vars" ]; then
+  log "prebuilding ops at install ($(echo $build_vars)): pip install --no-build-isolation"
+  ext_opts=(--no-build-isolation)
+  pip_install setuptools wheel ninja
+  if ! "$PY" -c "import ds_ext.op_builder" >/dev/null 2>&1; then  # the build imports torch, deepspeed, ds_ext
+    log "installing the dependencies first (pip install -e .[test] without DS_BUILD_*)"
+    ( for v in $(echo "$build_vars" | cut -d= -f1); do unset "$v"; done; pip_install -e "$ROOT[test]" )
+  fi
+fi
+
 stamp="$VENV/.ds_ext-setup-stamp"
-want="$( (cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml"; echo "ffcv=$with_ffcv") | sha256sum | cut -c1-16)"
+want="$( (cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml" "$ROOT/setup.py"; echo "ffcv=$with_ffcv"; echo "$build_vars") | sha256sum | cut -c1-16)"
 check="import ds_ext, deepspeed"
 [ "$with_ffcv" = 1 ] && check="$check, importlib.util; assert importlib.util.find_spec('ffcv')"
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ] || ! "$PY" -c "$check" >/dev/null 2>&1; then
   if [ "$with_ffcv" = 1 ]; then
     log "installing ds_ext and its dependencies (pip install -e .[test,ffcv]; ffcv builds from source)"
-    if ! pip_install -e "$ROOT[test,ffcv]"; then
+    if ! pip_install ${ext_opts[@]+"${ext_opts[@]}"} -e "$ROOT[test,ffcv]"; then
       log "warning: the install with ffcv failed (output above); installing without it"
       with_ffcv=0
-      want="$( (cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml"; echo "ffcv=0") | sha256sum | cut -c1-16)"
-      pip_install -e "$ROOT[test]"
+      want="$( (cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml" "$ROOT/setup.py"; echo "ffcv=0"; echo "$build_vars") | sha256sum | cut -c1-16)"
+      pip_install ${ext_opts[@]+"${ext_opts[@]}"} -e "$ROOT[test]"
     fi
   else
     log "installing ds_ext and its dependencies (pip install -e .[test])"
-    pip_install -e "$ROOT[test]"
+    pip_install ${ext_opts[@]+"${ext_opts[@]}"} -e "$ROOT[test]"
   fi
   "$PY" -c "import ds_ext, deepspeed, torch" >/dev/null 2>&1 || { log "error: ds_ext does not import after install"; exit 1; }
   if [ "$with_ffcv" = 1 ] && ! "$PY" -c "import ffcv.loader" >/dev/null 2>&1; then

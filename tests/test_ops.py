@@ -312,9 +312,38 @@ def test_install_ext_modules(monkeypatch):
     assert [e.name for e in exts] == ["ds_ext.op_builder.ds_ext_comm_cpu"]
     assert all(os.path.isabs(s) for s in exts[0].sources)
     assert "-march=native" not in " ".join(exts[0].extra_compile_args["cxx"])  # portable prebuilt
-    if torch.version.cuda is None:
-        with pytest.raises(RuntimeError, match="cannot be built here"):
-            install_ext_modules({"DS_BUILD_OPS": "1"})
+    if torch.version.cuda is None:  # DS_BUILD_OPS=1: every compatible op, the others skipped with a reason
+        assert [e.name for e in install_ext_modules({"DS_BUILD_OPS": "1"})] == ["ds_ext.op_builder.ds_ext_comm_cpu"]
+        with pytest.raises(RuntimeError, match="DS_BUILD_DS_EXT_COMM_CUDA=1 asked for ds_ext_comm_cuda, which cannot "
+                                               "be built here"):
+            install_ext_modules({"DS_BUILD_DS_EXT_COMM_CUDA": "1"})
+    assert install_ext_modules({}) == []
+
+
+@pytest.mark.slow  # a real C++ build through setup.py (~1 min on 2 idle cores)
+def test_setup_py_prebuilds_the_cpu_op(tmp_path):
+    """``DS_BUILD_DS_EXT_COMM_CPU=1 python setup.py build_ext``: the module the install would ship
+    imports, was built against this torch, and computes what the torch reference computes."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, DS_BUILD_DS_EXT_COMM_CPU="1")
+    p = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(tmp_path / "lib"),
+                        "--build-temp", str(tmp_path / "tmp")], cwd=root, env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    so = list((tmp_path / "lib" / "ds_ext" / "op_builder").glob("ds_ext_comm_cpu*.so"))
+    assert len(so) == 1
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ds_ext_comm_cpu", so[0])
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert int(mod.torch_version()) == int(torch.__version__.split(".")[0]) * 100 + int(torch.__version__.split(".")[1])
+    x = torch.randn(10_001, generator=torch.Generator().manual_seed(0))
+    idx = (x.abs() >= 1.5).nonzero().flatten()  # the torch reference
+    got = mod.threshold_select(x, None, 1.5, 0, x.numel())
+    assert idx.numel() > 100 and torch.equal(got[0].long(), idx) and torch.equal(got[1], x[idx])
 
 
 def test_prebuilt_module_is_preferred(cpu_op, tmp_path, monkeypatch):

@@ -220,19 +220,27 @@ BUILDERS = {"cpu": CommCPUBuilder, "cuda": CommCUDABuilder}
 
 
 def install_ext_modules(env=None) -> list:
-    """Extensions for ``setup.py`` (``ext_modules=``): the ops whose ``DS_BUILD_*`` variable (or
-    ``DS_BUILD_OPS``) is set and that are compatible here; an incompatible requested op aborts the
-    install with the reason rather than silently installing without it."""
+    """Extensions for ``setup.py`` (``ext_modules=``), DeepSpeed's convention: an op whose own
+    ``DS_BUILD_*`` variable is 1 must build (an incompatible one aborts the install with the reason);
+    ``DS_BUILD_OPS=1`` builds every op compatible here and skips the others with a warning naming why
+    (so ``DS_BUILD_OPS=1`` works on a CPU-only machine: the CPU op is prebuilt, the CUDA one skipped)."""
+    env = os.environ if env is None else env
     exts = []
     for cls in BUILDERS.values():
         b = cls()
         if not build_requested(b.BUILD_VAR, env):
             continue
-        if not b.is_compatible(verbose=True):
-            raise RuntimeError(f"{b.BUILD_VAR}/DS_BUILD_OPS asked for {b.NAME}, which cannot be built here: {b.error_log}")
+        if not b.is_compatible(verbose=False):
+            if env.get(b.BUILD_VAR, "").strip() not in ("", "0"):
+                raise RuntimeError(f"{b.BUILD_VAR}=1 asked for {b.NAME}, which cannot be built here: {b.error_log}")
+            print(f"[ds_ext setup] DS_BUILD_OPS: skipping {b.NAME} (not compatible here: {b.error_log})",
+                  file=sys.stderr)
+            continue
         if isinstance(b, CUDAOpBuilder):
             os.environ["TORCH_CUDA_ARCH_LIST"] = normalize_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST")) or ""
             if not os.environ["TORCH_CUDA_ARCH_LIST"]:
                 os.environ.pop("TORCH_CUDA_ARCH_LIST")
+        print(f"[ds_ext setup] prebuilding {b.NAME} ({b.BUILD_VAR if env.get(b.BUILD_VAR) else 'DS_BUILD_OPS'})",
+              file=sys.stderr)
         exts.append(b.builder())
     return exts
