@@ -134,6 +134,10 @@ class TrainSection(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     collective_timeout_s: float = Field(600.0, gt=0)
     check_consistency_every: int = Field(0, ge=0, description="steps between cross-rank parameter checks (0: off)")
+    nonfinite: Literal["skip", "raise", "off"] = Field(
+        "skip", description="a NaN/inf in any rank's gradient: 'skip' the update on every rank (zeroed before any "
+                            "reducer or error-feedback buffer sees it; logged), 'raise' stop, 'off' no check "
+                            "(see ds_ext.engine.attach)")
 
 
 class MethodSection(Section):
