@@ -7,7 +7,13 @@ live in a per-host file ``.config_<hostname>.yml`` (as the QSR seed's ``--config
 runs on any cluster.
 
 Every problem is reported before training as ``RecipeError`` naming the file, the dotted key and
-what is allowed; ``python -m ds_ext.train --recipe R --check`` prints them and exits 2.
+what is allowed; ``python -m ds_ext.train --recipe R --check`` prints them and exits 2. Loading checks
+what needs no world size and no file system; ``Recipe.check_world`` adds the world-size rules (batch
+split, dssync groups, exdyna blocks) and ``preflight`` the paths and data files, both run by the trainer
+before ``init_distributed`` (the world size from ``--world-size`` or the launcher's ``$WORLD_SIZE``).
+Deliberate limits: in the ``deepspeed`` section only the keys ds_ext reads are type-checked (DeepSpeed
+validates the rest when the engine is built); the data-file check knows the built-in readers' first files
+only and lets the reader itself produce the message.
 """
 from __future__ import annotations
 
