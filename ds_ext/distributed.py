@@ -8,6 +8,22 @@ ranks are local (``LOCAL_SIZE`` == world size, which its launcher sets), for its
 rank has mapped every peer's segment (a barrier after DeepSpeed's start-up, which opens them all) and
 then unlinks this rank's name: the mappings stay valid for the life of the processes and nothing is
 left in /dev/shm afterwards, even after a crash.
+
+Collective timeout. The trainer passes ``train.collective_timeout_s`` (default 600 s) to
+``deepspeed.init_distributed(timeout=...)``, which hands it to ``torch.distributed`` for every
+collective of the default process group (measured: with 2 s, a gloo allreduce waiting for a rank that
+is still alive but busy fails after 2.0 s with ``Timed out waiting 2000ms for recv operation``).
+A dead rank does not wait for it: gloo fails at once when the peer's sockets close, and the peer
+watchdog (``ds_ext.faults``) stops every rank within seconds on NCCL too. The timeout therefore only
+bounds a rank that is alive but stuck, and must stay longer than the longest legitimate wait at a
+collective: rank 0 writing DeepSpeed's files while the others wait at the checkpoint barrier, or one
+rank indexing a data set (criteo: about 15 minutes once) while the others wait in DeepSpeed's
+start-up broadcast. 600 s (torch's NCCL default, DeepSpeed's default) is kept: ten idle minutes
+after a hang, against the risk of killing a healthy run. Raising it just for start-up and lowering
+it afterwards is not possible for gloo: ``torch.distributed.distributed_c10d._set_pg_timeout`` did
+not change the timeout of an existing gloo group here (still 2.0 s after setting 10 s).
+Process groups created later with ``new_group`` (DS-Sync's groups) use torch's default timeout
+(30 min for gloo, 10 min for NCCL), not this one.
 """
 from __future__ import annotations
 
@@ -39,7 +55,8 @@ def release_shm_names() -> None:
 
 
 def init_distributed(timeout_s: Optional[float] = None, backend: Optional[str] = None) -> None:
-    """``deepspeed.init_distributed`` (with a collective timeout) without leaving shm behind."""
+    """``deepspeed.init_distributed`` (with a collective timeout, seconds; DeepSpeed's 10 min or
+    ``$DEEPSPEED_TIMEOUT`` minutes when None) without leaving shm behind."""
     import deepspeed
 
     kw = {}

@@ -44,16 +44,18 @@ only opens MASTER_PORT); failures are then reported from the main thread without
 Fault injection (tests only): ``DS_EXT_FAULT=<phase>:<rank>:<step>`` makes that rank send itself
 SIGKILL (a real kill of the real process, after one line on stderr with the time) when it reaches
 ``point(phase, step)``; ``<phase>:<rank>:<step>:stop`` sends SIGSTOP instead (a rank that is alive
-but stuck: its sockets stay open). Phases: ``data`` (fetching the first micro-batch of optimizer step ``step``),
-``collective`` (after the backward of the last micro-batch of step ``step``, with the reducer's
-gradient collectives launched, before ``engine.step()`` waits for them), and the phases of
-``checkpoint.save`` for the checkpoint taken after step ``step``: ``ckpt_start`` (staging directory
-made), ``ckpt_deepspeed`` (DeepSpeed's files written), ``ckpt_rankfile`` (this rank's ds_ext file
-written), ``ckpt_meta`` (rank 0: ``meta.json`` written in staging), ``ckpt_replace`` (rank 0, only
-when the tag exists already: the old copy moved aside, the new one not yet in place), ``ckpt_rename`` (rank 0: renamed
-into place, ``latest`` not yet replaced), ``ckpt_latest`` (rank 0: ``latest`` replaced, nothing
-pruned), ``ckpt_prune`` (rank 0: an old checkpoint renamed away, not yet deleted), ``ckpt_end``
-(after the final barrier).
+but stuck: its sockets stay open). Phases:
+
+* ``data``: fetching the first micro-batch of optimizer step ``step``;
+* ``collective``: after the backward of the last micro-batch of step ``step``, with the reducer's
+  gradient collectives launched, before ``engine.step()`` waits for them;
+* ``checkpoint.save`` for the checkpoint taken after step ``step``: ``ckpt_start`` (staging
+  directory made), ``ckpt_deepspeed`` (DeepSpeed's files written), ``ckpt_rankfile`` (this rank's
+  ds_ext file written), ``ckpt_meta`` (rank 0: ``meta.json`` written in staging), ``ckpt_replace``
+  (rank 0, only when the tag exists already: the old copy moved aside, the new one not yet in
+  place), ``ckpt_rename`` (rank 0: renamed into place, ``latest`` not yet replaced), ``ckpt_latest``
+  (rank 0: ``latest`` replaced, nothing pruned), ``ckpt_prune`` (rank 0: an old checkpoint renamed
+  away, not yet deleted), ``ckpt_end`` (after the final barrier).
 """
 from __future__ import annotations
 
@@ -202,8 +204,12 @@ class Watchdog:
     # -- set-up ----------------------------------------------------------------------------
     @classmethod
     def start(cls, rank: int, world: int) -> Optional["Watchdog"]:
-        if world < 2 or os.environ.get("DS_EXT_WATCHDOG", "1").strip() in ("0", "off", "false", "no"):
+        """Collective (every rank calls it after the process group exists). Rank 0 always publishes
+        something under ``STORE_KEY`` (its address, or ``none`` when it runs without a watchdog), so
+        the others never wait for an address that will not come."""
+        if world < 2:
             return None
+        off = os.environ.get("DS_EXT_WATCHDOG", "1").strip().lower() in ("0", "off", "false", "no")
         store = _default_store()
         if store is None:
             _say(f"[ds_ext] rank {rank}: no c10d store to publish the watchdog address; running without the "
@@ -212,12 +218,24 @@ class Watchdog:
         wd = cls(rank, world)
         try:
             if rank == 0:
-                wd._listen_and_publish(store)
+                if off:
+                    store.set(STORE_KEY, "none")
+                    wd._close_fds()
+                    return None
+                try:
+                    wd._listen_and_publish(store)
+                except (OSError, RuntimeError):
+                    store.set(STORE_KEY, "none")
+                    raise
             else:
-                wd._connect(store)
+                address = store.get(STORE_KEY).decode()
+                if off or address == "none":
+                    wd._close_fds()
+                    return None
+                wd._connect(address)
         except (OSError, RuntimeError) as e:
             _say(f"[ds_ext] rank {rank}: watchdog set-up failed ({_oneline(e)}); running without it "
-                 f"(set DS_EXT_WATCHDOG=0 to silence this)")
+                 f"(set DS_EXT_WATCHDOG=0 on every rank to silence this)")
             wd._close_fds()
             return None
         wd._install_sigterm()
@@ -236,8 +254,8 @@ class Watchdog:
         host = os.environ.get("MASTER_ADDR") or socket.gethostname()
         store.set(STORE_KEY, f"{host} {srv.getsockname()[1]}")
 
-    def _connect(self, store) -> None:
-        host, port = store.get(STORE_KEY).decode().rsplit(" ", 1)
+    def _connect(self, address: str) -> None:
+        host, port = address.rsplit(" ", 1)
         sock = socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S)
         sock.sendall(f"hello {self.rank} {os.getpid()} {socket.gethostname()}\n".encode())
         # wait for the welcome, so rank 0 knows this rank before training starts
@@ -416,7 +434,7 @@ class Watchdog:
         how = "stopped by SIGTERM" if code == EXIT_SIGTERM else "stopping this rank"
         return f"[ds_ext] rank {self.rank}: {core}; {how} (exit {code})"
 
-    def _stop(self, code: int, msg: str) -> None:
+    def _stop(self, code: int, msg: str, reason: Optional[str] = None) -> None:
         """Print ``msg`` and end the process now (any thread). If another thread is already doing
         so, wait for it (so the main thread never goes on to print a traceback)."""
         with self._lock:
@@ -429,8 +447,12 @@ class Watchdog:
         if other:
             self._never.wait()
         _say(msg)
-        self._goodbye(code, {EXIT_PEER_LOST: "stopped after a lost peer",
-                             EXIT_SIGTERM: "stopped by SIGTERM"}.get(code, f"stopped (exit {code})"))
+        if reason is None:
+            reason = self.verdict or ("stopped by SIGTERM" if code == EXIT_SIGTERM else f"stopped (exit {code})")
+            reason = reason.split(" at step ")[0]  # e.g. "lost rank 1 (pid ... on host)"
+            if code == EXIT_SIGTERM:
+                reason = "stopped by SIGTERM" + ("" if reason == "stopped by SIGTERM" else f" after: {reason}")
+        self._goodbye(code, reason)
         os._exit(code)
 
     def _goodbye(self, code: int, reason: str) -> None:
@@ -525,7 +547,8 @@ def explain_failure(exc: BaseException, wd: Optional[Watchdog], rank: int) -> No
             return  # closing normally: the caller re-raises
         core = (f"a collective failed at {where()}: {_oneline(exc, 240)}; every rank is still connected to the "
                 f"watchdog, so none has died: one may be stuck (train.collective_timeout_s) or the network failed")
-        wd._stop(EXIT_PEER_LOST, wd.message(EXIT_PEER_LOST, core))
+        wd._stop(EXIT_PEER_LOST, wd.message(EXIT_PEER_LOST, core),
+                 reason=f"a collective failed ({_oneline(exc, 120)})")
         return
     _say(f"[ds_ext] rank {rank}: a collective failed at {where()}: {_oneline(exc, 240)}; another rank probably "
          f"died (the watchdog is off, DS_EXT_WATCHDOG=0, so its number is unknown); stopping this rank "

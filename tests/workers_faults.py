@@ -52,7 +52,7 @@ class Ranks:
     """``world`` trainer processes; ``logs[r]`` is rank r's combined stdout + stderr file."""
 
     def __init__(self, world: int, args: List[str], log_dir: Path, fault: Optional[str] = None,
-                 env: Optional[Dict[str, str]] = None):
+                 env: Optional[Dict[str, str]] = None, rank_env: Optional[Dict[int, Dict[str, str]]] = None):
         self.world, self.log_dir = world, Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         port = harness.free_port()
@@ -63,6 +63,7 @@ class Ranks:
             e = _env(fault, env)
             e.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_SIZE=str(world),
                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            e.update((rank_env or {}).get(r, {}))
             log = self.log_dir / f"rank{r}.log"
             with open(log, "wb") as f:
                 self.procs.append(subprocess.Popen([sys.executable, "-u", "-m", "ds_ext.train", f"--local_rank={r}",
