@@ -106,6 +106,8 @@ def applicable(method: str, n: int, opts: MethodOptions) -> Optional[str]:
     """None, or why ``method`` cannot run on ``n`` ranks."""
     if method == "dssync" and n % opts.dssync_groups:
         return f"{opts.dssync_groups} groups do not divide {n} ranks"
+    if method == "dssync" and n // opts.dssync_groups < 2:
+        return f"{opts.dssync_groups} groups of {n} ranks have one rank each: no communication at all"
     return None
 
 
@@ -580,7 +582,8 @@ def main(argv=None) -> int:
         results = load_results(args.fit or ["runs/bench-cluster"])
         consts, compression = fit_from_results(results)
         opts = options_of(next((r for r in results if r["world"] == 4), results[0]))
-        comp_src = f"fitted on {', '.join(sorted({Path(r['_file']).name for r in results}))}"
+        bw = fit_bandwidth(results, 4)
+        comp_src = "fitted on " + ", ".join(sorted({Path(r["_file"]).name for r in results if r["bw_bits"] == bw}))
         print_check(results, consts, args.compute_ms)
     if args.qsr_h is not None:
         opts.qsr_h_base, opts.qsr_alpha = args.qsr_h, 0.0

@@ -3,7 +3,7 @@
 # model fitted on it and projected to 8..64 GPUs at 1/10/100 Gbit/s.
 #
 #   sudo bash run/bench-cluster.sh [--hosts 4] [--bandwidths 1gbit,10gbit] [--calibrate 3,2]
-#        [--steps 4] [--warmup 1] [--methods allreduce,powersgd,...] [--compute-ms 30.5]
+#        [--steps 8] [--warmup 1] [--methods allreduce,powersgd,...] [--compute-ms 30.5]
 #        [--compress-file GPU_BENCH_COMPRESS_OUTPUT] [--out runs/bench-cluster] [--id 7]
 #
 # 1. run/cluster.sh up HOSTS BW: HOSTS network namespaces with their own sshd, links shaped by tc;
@@ -23,7 +23,7 @@ if [ "$(id -u)" != "0" ]; then
   echo "with run/cluster.sh): run it as root, e.g. sudo bash run/bench-cluster.sh" >&2
   exit 2
 fi
-HOSTS=4; BWS="1gbit,10gbit"; CAL="3,2"; STEPS=4; WARMUP=1; METHODS=""; COMPUTE=30.5; CFILE=""
+HOSTS=4; BWS="1gbit,10gbit"; CAL="3,2"; STEPS=8; WARMUP=1; METHODS=""; COMPUTE=30.5; CFILE=""
 OUT="runs/bench-cluster"; ID=7
 while [ $# -gt 0 ]; do
   case "$1" in

@@ -237,7 +237,7 @@ def run(args) -> int:
                 samples.append({"wall_ms": 1e3 * wall, "comm_ms": 1e3 * timer.wall,
                                 "compress_ms": 1e3 * (cpu - timer.cpu), "meter_bytes": sent,
                                 "coll_bytes": sum(r[1] for r in timer.records),
-                                "colls": [list(r[:3]) for r in timer.records]})
+                                "colls": [list(r) for r in timer.records]})
         c1 = iface_counters(ifname)
         timer.active = False
         dist.barrier()
@@ -250,7 +250,7 @@ def run(args) -> int:
         del reducer, sync
         if rank == 0:
             s = summarize_method(m, [per_method[m]], world)
-            print(f"  {m:<10} comm {s['comm_ms']:9.1f} ms  compression {s['compress_ms']:7.1f} ms  wall "
+            print(f"  {m:<10} rank 0: comm {s['comm_ms']:9.1f} ms  compression {s['compress_ms']:7.1f} ms  wall "
                   f"{s['wall_ms']:9.1f} ms  meter {s['meter_bytes']:14,.0f} B/step", flush=True)
 
     timer.uninstall()
@@ -313,11 +313,17 @@ def summarize_method(method: str, ranks: List[dict], world: int) -> dict:
         for kind, b in r["by_kind"].items():
             exp += b * wire_factor("all_gather" if kind in GATHER_KINDS else "all_reduce", g)
     out["expected_wire_bytes"] = exp / len(ranks) / n
-    out["records_wire_bytes"] = mean([sum(wire_factor(op, gs) * b for s in r["samples"] for op, b, gs in s["colls"])
+    out["records_wire_bytes"] = mean([sum(wire_factor(op, gs) * b for s in r["samples"] for op, b, gs, *_ in s["colls"])
                                       for r in ranks]) / n
     if all(r["iface"] is not None for r in ranks):
         out["iface_tx_bytes"] = mean([r["iface"][0] for r in ranks]) / n
         out["iface_rx_bytes"] = mean([r["iface"][1] for r in ranks]) / n
+    # rank 0's collectives: (op, payload bytes, group size, calls per step, median ms of one call)
+    by: Dict[tuple, List[float]] = {}
+    for smp in ranks[0]["samples"]:
+        for op, b, gs, *dt in smp["colls"]:
+            by.setdefault((op, b, gs), []).append(1e3 * dt[0] if dt else float("nan"))
+    out["collectives"] = [[op, b, gs, len(v) / n, statistics.median(v)] for (op, b, gs), v in by.items()]
     out["stats"] = ranks[0]["stats"]
     return out
 
@@ -374,7 +380,7 @@ def main(argv=None) -> int:
     r = sub.add_parser("run", help="one measurement (every rank; under the deepspeed launcher)")
     r.add_argument("--methods", default=",".join(ALL_METHODS))
     r.add_argument("--model", default="resnet50")
-    r.add_argument("--steps", type=int, default=4, help="timed steps per method (QSR: timed periods)")
+    r.add_argument("--steps", type=int, default=8, help="timed steps per method (QSR: timed periods)")
     r.add_argument("--warmup", type=int, default=1, help="untimed steps first (QSR: periods)")
     r.add_argument("--rank", type=int, default=4)
     r.add_argument("--density", type=float, default=0.001)
