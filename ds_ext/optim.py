@@ -13,10 +13,10 @@ The schedule follows the QSR seed's ``xscheduler.py``: linear warm-up from ``min
 from __future__ import annotations
 
 import math
-from typing import List, Tuple
+from typing import Annotated, List, Tuple
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .registry import OPTIMIZERS, Options
 
@@ -28,10 +28,16 @@ class SGDOptions(Options):
     weight_decay: float = Field(0.0, ge=0)
     no_decay_on_bias_and_norm: bool = Field(False, description="weight decay 0 for 1-D parameters")
 
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self):
+        if self.nesterov and self.momentum <= 0:
+            raise ValueError("nesterov: true needs momentum > 0 (torch.optim.SGD refuses it otherwise)")
+        return self
+
 
 class AdamOptions(Options):
     lr: float = Field(..., gt=0, description="peak learning rate")
-    betas: Tuple[float, float] = (0.9, 0.999)
+    betas: Tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     no_decay_on_bias_and_norm: bool = False

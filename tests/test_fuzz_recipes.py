@@ -12,7 +12,7 @@ Three layers:
 * hand-written cases for what the generators do not reach (deepspeed keys ds_ext reads, files that are
   not UTF-8 or nested too deeply, missing data files, unusable log / checkpoint paths, the world size
   from ``--world-size`` or ``$WORLD_SIZE``), and the known gaps that need an option check in another
-  module (``xfail(strict=True)``: they flip to failures once fixed, so the marker gets removed);
+  module (``GAPS``: found by this file, fixed in those modules' option models);
 * ``python -m ds_ext.train --recipe bad.yaml`` subprocesses with the environment the DeepSpeed launcher
   gives a rank (``RANK=1``, ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT``) pointing at a socket this
   test listens on: a rank that started a process group would connect to it (rank 1 dials rank 0's
@@ -809,9 +809,8 @@ GAPS = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="option validation missing in the module named in the case id")
 @pytest.mark.parametrize("gap", sorted(GAPS), ids=str)
-def test_known_gaps(work, gap):
+def test_component_option_checks(work, gap):
     d = base()
     GAPS[gap](d)
     refused(work, d)

@@ -2,6 +2,8 @@
 ships inside the scikit-learn wheel, so the default recipe needs no download."""
 from __future__ import annotations
 
+from typing import Annotated, List
+
 import torch
 from pydantic import Field
 from torch.utils.data import TensorDataset
@@ -32,7 +34,8 @@ def digits(options: DigitsOptions, **_) -> DataBundle:
 class SyntheticOptions(Options):
     num_train: int = Field(1024, ge=1)
     num_val: int = Field(256, ge=1)
-    shape: list = Field(default_factory=lambda: [1, 8, 8])
+    shape: List[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 8, 8], min_length=1,
+                                                      description="per-example input shape, e.g. [1, 8, 8]")
     num_classes: int = Field(10, ge=2)
     seed: int = 0
 

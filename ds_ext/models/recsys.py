@@ -16,7 +16,7 @@ Given both, a mismatch is refused when the model is built.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import torch
 import torch.nn as nn
@@ -157,7 +157,7 @@ class DeepFMOptions(Options):
         None, description="vocabulary size of each field (39 for Criteo); null = take them from the data set "
                           "(bundle.train.field_dims, printed by the criteo reader) when the trainer passes it")
     embed_dim: int = Field(10, ge=1, description="embedding size per field (DS-Sync deepfm.py: 10)")
-    mlp_dims: List[int] = Field(default_factory=lambda: [400, 400, 400],
+    mlp_dims: List[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [400, 400, 400],
                                 description="hidden sizes of the deep part (DS-Sync: 400, 400, 400)")
     dropout: float = Field(0.5, ge=0, lt=1, description="dropout after each MLP layer (DS-Sync: 0.5)")
 

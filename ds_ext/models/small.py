@@ -1,7 +1,7 @@
 """Small models for the embedded default and tests."""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import torch.nn as nn
 from pydantic import Field
@@ -32,7 +32,7 @@ def digits_cnn(options: DigitsCNNOptions, **_) -> nn.Module:
 
 class MLPOptions(Options):
     in_features: int = Field(64, ge=1)
-    hidden: List[int] = Field(default_factory=lambda: [64])
+    hidden: List[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [64])
     num_classes: int = Field(10, ge=2)
 
 

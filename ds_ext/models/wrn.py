@@ -19,7 +19,7 @@ and parameter shapes equal torchvision's: 68,883,240 parameters for 1000 classes
 from __future__ import annotations
 
 import torch.nn as nn
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..registry import MODELS, Options
 from .resnet import BasicBlock, Bottleneck, ResNet
@@ -74,6 +74,13 @@ class WRNCifarOptions(Options):
     widen_factor: int = Field(10, ge=1, description="channel multiplier k: stage widths 16k, 32k, 64k")
     num_classes: int = Field(10, ge=2, description="10 for CIFAR-10, 100 for CIFAR-100")
     zero_init_residual: bool = Field(False, description="start the last BN of each block at 0 (the seed does not)")
+
+    @field_validator("depth")
+    @classmethod
+    def _six_n_plus_two(cls, v: int) -> int:
+        if (v - 2) % 6:
+            raise ValueError(f"depth must be 6n+2 (n basic blocks in each of 3 stages): 8, 14, 20, 26, ...; got {v}")
+        return v
 
 
 @MODELS.register("wrn26_10", WRNCifarOptions)
