@@ -107,13 +107,14 @@ def progress(step: int, what: str) -> None:
 
 
 def where() -> str:
+    """``step N (what)`` for the messages."""
     return f"step {_progress[0]} ({_progress[1]})"
 
 
 # ---- fault injection (tests) ------------------------------------------------------------------
 
 class FaultSpecError(ValueError):
-    pass
+    """A malformed ``DS_EXT_FAULT`` value."""
 
 
 _fault: Optional[Tuple[str, int, int, str, str]] = None  # (phase, rank, step, action, raw) for this rank
@@ -166,6 +167,10 @@ def _oneline(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+class _Return(Exception):
+    """Ends the watchdog thread's loop (the trainer is closing the watchdog)."""
+
+
 class _Conn:
     def __init__(self, sock: socket.socket):
         self.sock = sock
@@ -183,7 +188,7 @@ class Watchdog:
         self.rank, self.world = rank, world
         self.verdict: Optional[str] = None      # what happened to a peer, once something did
         self._verdict_event = threading.Event()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: the SIGTERM handler may run inside a held section
         self._send_lock = threading.Lock()
         self._never = threading.Event()
         self._closing = False
@@ -294,26 +299,33 @@ class Watchdog:
             except (OSError, ValueError):
                 return  # closed under us
             for key, _ in events:
-                tag = key.data
-                if tag == "ctl":
-                    try:
-                        data = os.read(self._ctl_r, 512)
-                    except (BlockingIOError, OSError):
-                        data = b""
-                    if self._closing:
-                        return
-                    if bytes([signal.SIGTERM]) in data:
-                        self._on_sigterm()
-                elif tag == "accept":
-                    self._accept()
-                elif tag == "server":
-                    self._read(self._server, from_server=True)
-                else:
-                    self._read(self._clients.get(key.fileobj), from_server=False)
+                try:
+                    self._event(key.data, key.fileobj)
+                except _Return:
+                    return
+                except Exception as e:  # never let a bug here kill the thread silently
+                    _say(f"[ds_ext] rank {self.rank}: watchdog: unexpected {type(e).__name__}: {_oneline(e)}")
             if self._closing:
                 return
             if self._grace_deadline is not None and time.monotonic() >= self._grace_deadline:
                 self._stop(EXIT_PEER_LOST, self.message(EXIT_PEER_LOST))
+
+    def _event(self, tag: str, fileobj) -> None:
+        if tag == "ctl":
+            try:
+                data = os.read(self._ctl_r, 512)
+            except (BlockingIOError, OSError):
+                data = b""
+            if self._closing:
+                raise _Return()
+            if bytes([signal.SIGTERM]) in data:
+                self._on_sigterm()
+        elif tag == "accept":
+            self._accept()
+        elif tag == "server":
+            self._read(self._server, from_server=True)
+        else:
+            self._read(self._clients.get(fileobj), from_server=False)
 
     def _accept(self) -> None:
         try:
@@ -519,11 +531,14 @@ class Watchdog:
 
 # ---- failures seen by the main thread -----------------------------------------------------------
 
-_DIST_MARKERS = ("gloo", "nccl", "connection closed", "connection reset", "broken pipe", "timed out",
-                 "timeout", "processgroup", "c10d", "socket")
+_DIST_MARKERS = ("gloo", "nccl", "connection closed by peer", "connection reset by peer", "broken pipe",
+                 "timed out waiting", "processgroup", "c10d", "distbackenderror", "distnetworkerror")
 
 
 def looks_distributed(exc: BaseException) -> bool:
+    """Whether an exception comes from a failed collective: torch's ``DistError`` family, or a
+    RuntimeError/OSError whose text carries gloo's / NCCL's / c10d's wording (gloo raises plain
+    ``RuntimeError``: ``Connection closed by peer``, ``Timed out waiting ...ms``)."""
     try:
         import torch.distributed as dist
 

@@ -245,6 +245,19 @@ def test_fault_spec_errors_name_the_variable():
     faults.load_fault_plan(0, {})
 
 
+def test_which_main_thread_errors_count_as_a_failed_collective():
+    from ds_ext.engine import DesyncError
+
+    gloo = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+            "[127.0.0.1]:5021")  # as raised by a survivor's allreduce here
+    assert faults.looks_distributed(RuntimeError(gloo))
+    assert faults.looks_distributed(RuntimeError("[../unbound_buffer.cc:78] Timed out waiting 2000ms for recv "
+                                                 "operation to complete"))
+    assert not faults.looks_distributed(DesyncError("parameters differ between rank 0 and rank 1 at step 3"))
+    assert not faults.looks_distributed(ValueError("timeout must be positive"))
+    assert not faults.looks_distributed(RuntimeError("CUDA out of memory"))
+
+
 # ---- what a resume may change -----------------------------------------------------------------------
 
 def _recipe(tmp_path, *sets):
