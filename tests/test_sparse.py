@@ -172,6 +172,8 @@ CASES2 = {
     "tk_bf16": ("drive", dict(reducer="topk", options={"density": 0.01}, steps=3, dtype="bf16")),
     "ex_noef": ("drive", dict(reducer="exdyna", options={"density": 0.01, "error_feedback": False}, steps=3,
                               prof="left")),
+    "tk_fp16v": ("drive", dict(reducer="topk", options={"density": 0.01, "value_dtype": "fp16"}, steps=4,
+                               prof="left")),
     "tk_noef": ("drive", dict(reducer="topk", options={"density": 0.01, "error_feedback": False}, steps=2)),
     "trace_faithful": ("density_trace", dict(rule="faithful")),
     "trace_hold": ("density_trace", dict(rule="hold")),
@@ -361,6 +363,24 @@ def test_topk_matches_reference_union_and_bytes(two):
     for rec in recs:  # error feedback keeps exactly what this rank did not send
         assert rec["error"][rec["local"][-1]].abs().max() == 0
         assert (rec["error"] != 0).sum() == N - k
+
+
+def test_topk_fp16_values_on_the_wire(two):
+    """value_dtype fp16: the applied gradient is the mean of the fp16-rounded top-k values (exact), 2 bytes
+    per value on the wire, and the rounding error stays in the residual (conservation still holds)."""
+    recs = _ranks(two, "tk_fp16v")
+    _same_across_ranks(recs)
+    _matches_reference(recs, atol=0)
+    _ef_conservation(recs)
+    k = recs[0]["k"]
+    assert all(b == 8 * k + 2 * k for b in recs[0]["bytes"])
+    for rec in recs:
+        sent = rec["error"][rec["local"][-1]]
+        assert sent.abs().max() > 0 and sent.abs().max() < 1e-3 * rec["applied"][-1].abs().max() * 2
+    from ds_ext.recipe import RecipeError, load_recipe
+    with pytest.raises(RecipeError, match="value_dtype 'fp16' needs exchange 'allgather'"):
+        load_recipe(str(Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml"),
+                    ["method.reducer={name: topk, exchange: union, value_dtype: fp16}"])
 
 
 def test_topk_union_exchange_is_the_seeds(two):

@@ -109,7 +109,8 @@ def drive(rank, world, reducer, options, steps=8, dtype="fp32", prof="flat", sca
             union = torch.unique(torch.cat(all_local))
             ref[union] = summed[union] / world
         else:
-            vals = _gather_list(g[local], world)
+            vdt = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(options.get("value_dtype"), torch.float32)
+            vals = _gather_list(g[local].to(vdt).float(), world)
             for idx, v in zip(all_local, vals):
                 ref.index_add_(0, idx, v)
             ref /= world

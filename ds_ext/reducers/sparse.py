@@ -24,6 +24,10 @@ The inner loops go through ``ds_ext.ops`` (``threshold_select``, ``topk_select``
     coordinates ("gradient build-up", the problem ExDyna removes); its size is reported.
     ``exchange: union`` reproduces the seed's ``TopKReducer`` instead: all_gather the indices only,
     all_reduce every rank's ``g_r`` at the union U, apply ``mean_r g_r[U]`` and zero ``e_r`` at U.
+    ``value_dtype: fp16|bf16`` (all_gather exchange only; an addition, not in the papers or the seed)
+    sends the values rounded to that dtype (``ops.pack_values``: gather and conversion in one pass)
+    and leaves the rounding error ``g - round(g)`` at the sent coordinates in ``e_r`` instead of 0, so
+    the error-feedback conservation below still holds.
 
 ``exdyna``
     Yoon & Oh, "Preserving Near-Optimal Gradient Sparsification Cost for Scalable Distributed Deep
@@ -87,7 +91,7 @@ import math
 from typing import List, Literal, Optional, Sequence, Tuple
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .. import ops
 from ..registry import REDUCERS, Options
@@ -118,6 +122,19 @@ class TopKOptions(Options):
                                  "'union': the seed's TopKReducer (all_gather indices, all_reduce values at the union)")
     error_feedback: bool = Field(True, description="keep unsent coordinates in a residual added to the next "
                                                    "gradient (the seed's optimizer_memory)")
+    value_dtype: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="dtype of the values on the wire (exchange 'allgather' only): fp16/bf16 halve the value "
+                            "bytes; the rounding error stays in the residual (error feedback)")
+
+    @model_validator(mode="after")
+    def _value_dtype_needs_allgather(self):
+        if self.value_dtype != "fp32" and self.exchange != "allgather":
+            raise ValueError(f"value_dtype {self.value_dtype!r} needs exchange 'allgather' (the 'union' exchange "
+                             "all_reduces the values, which would sum them in that dtype)")
+        return self
+
+
+_VALUE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @REDUCERS.register("topk", TopKOptions)
@@ -134,13 +151,18 @@ class TopKReducer(_SparseBase):
             union = idx
             ops.scatter_add_(dense, idx, vals, zero_in=ef)  # EF zeroing of what was sent, same pass
         elif self.options.exchange == "allgather":
+            vdt = _VALUE_DTYPES[self.options.value_dtype]
+            sent = vals if vdt == torch.float32 else ops.pack_values(g, vdt, idx)  # gather + convert, one pass
             all_idx = torch.cat(self._all_gather(idx, "topk_indices"))
-            all_vals = torch.cat(self._all_gather(vals, "topk_values"))
+            all_vals = torch.cat(self._all_gather(sent, "topk_values"))
             ops.scatter_add_(dense, all_idx, all_vals)
             dense.div_(n)
             union = torch.unique(all_idx)
             if ef is not None:
-                ops.zero_at_(g, idx)  # only this rank's own sent coordinates
+                if vdt == torch.float32:
+                    ops.zero_at_(g, idx)  # only this rank's own sent coordinates
+                else:  # keep what rounding to the wire dtype lost
+                    g[idx] = vals - sent.float()
         else:
             union = torch.unique(torch.cat(self._all_gather(idx, "topk_indices")))
             ops.scatter_add_(dense, union, self._all_reduce(g[union], "topk_values").div_(n), zero_in=ef)
