@@ -39,11 +39,16 @@ compute time; every other method communicates after backward. The emulated measu
 compute to overlap with, so the model check compares serial times.
 
 Inputs, not measurements: the compute time (default 30.5 ms, a ResNet-50 bf16 step at batch 64 on an
-H100) and the backward fraction. Compression times come from the bench's measurement on this CPU
-(main-thread CPU time per step on N = 4 hosts) or from ``--compress-ms``. Deliberate simplifications,
-named: compression time does not change with N; the network is a non-blocking switch (every host's
-link at BW, no contention between groups); no latency beyond the fitted alpha; exdyna's achieved
-density is its target.
+H100) and the backward fraction. Compression times are the bench's measurements on this CPU
+(main-thread CPU time per step), fitted per method over the measured N: constant, except ``signsgd``
+(a + b N: it decodes N sign vectors) and ``exdyna`` (a + b / N: it scans 1/N of the gradient);
+``--compress-file`` / ``--compress-ms`` replace them (e.g. by GPU times). The CLI prints two
+projections: A with those compression times, B with none (the bound a fast GPU implementation
+approaches). Deliberate simplifications, named: the network is a non-blocking switch (every host's
+link at BW, no contention between groups); no latency beyond the fitted alpha (which on the emulated
+cluster is mostly CPU scheduling delay, see the README; ``--alpha-us`` replaces it); exdyna's achieved
+density is its target and its ranks' counts are balanced; gloo's all_gather is modelled with the same
+efficiency as its all_reduce.
 """
 from __future__ import annotations
 

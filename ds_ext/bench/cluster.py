@@ -1,7 +1,7 @@
 """Every method side by side on an emulated multi-host cluster (the body of ``run/bench-cluster.sh``).
 
     deepspeed --hostfile run/cluster.hostfile --module ds_ext.bench.cluster run --out DIR/N4-1gbit.json \
-        --bandwidth 1gbit [--model resnet50] [--methods ...] [--steps 4] [--warmup 1]
+        --bandwidth 1gbit [--model resnet50] [--methods ...] [--steps 8] [--warmup 1]
     python -m ds_ext.bench.cluster report DIR [--compute-ms 30.5] [--compress-file GPU_OUTPUT]
 
 ``run`` (one process per emulated host, started by the DeepSpeed launcher through pdsh/ssh): every
