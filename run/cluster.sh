@@ -170,7 +170,7 @@ do_down() {
 
 flock_ssh() {  # serialise edits of ~/.ssh/config between clusters
   mkdir -p "$(dirname "$SSHCFG")"
-  ( flock 9; "$@" ) 9>"$(dirname "$SSHCFG")/.ds_ext_cluster.lock"
+  ( flock 9; "$@" ) 9<"$(dirname "$SSHCFG")"   # the directory itself: no lock file left behind
 }
 
 do_up() {
