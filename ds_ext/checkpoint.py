@@ -305,28 +305,30 @@ _IGNORED_TOP = ("format", "recipe", "recipe_file", "tag")
 def check_meta(path: Path, expected: dict) -> None:
     """Refuse a checkpoint made by a run this one cannot continue, naming every difference.
 
-    ``expected`` is this run's ``run_meta`` (or any dict of top-level meta keys). Top-level keys are
-    compared as given; when both sides have ``recipe`` (format 2), every field of it is compared too
-    (a key present on one side only is a difference). A format-1 checkpoint (written before the
-    recipe fields were recorded) is checked on its top-level keys only."""
+    ``expected`` is this run's ``run_meta`` (or any dict of top-level meta keys). When both sides
+    have ``recipe`` (format 2), its fields are compared (world size first, then by key; a key present
+    on one side only is a difference; when a block's ``name`` differs, that block's options are not
+    listed one by one). Otherwise (a format-1 checkpoint, written before the recipe fields were
+    recorded, or a plain dict) the top-level keys of ``expected`` are compared."""
     meta = read_meta(path)
     diffs = []
-    for k, v in expected.items():
-        if k in _IGNORED_TOP:
-            continue
-        if meta.get(k) != v:
-            diffs.append(f"{k}: checkpoint has {meta.get(k)!r}, this run has {v!r}")
     mine, theirs = expected.get("recipe"), meta.get("recipe")
     if isinstance(mine, dict) and isinstance(theirs, dict):
         missing = object()
-        for k in sorted(set(mine) | set(theirs)):
-            if k == "world_size" and "world_size" in expected:
-                continue  # already reported at the top level
+        renamed = [k[: -len(".name")] for k in set(mine) | set(theirs)
+                   if k.endswith(".name") and theirs.get(k, missing) != mine.get(k, missing)]
+        for k in sorted(set(mine) | set(theirs), key=lambda k: (k != "world_size", k)):
+            if any(k.startswith(block + ".") and k != block + ".name" for block in renamed):
+                continue
             a, b = theirs.get(k, missing), mine.get(k, missing)
             if a != b:
                 a = "(absent)" if a is missing else repr(a)
                 b = "(absent)" if b is missing else repr(b)
                 diffs.append(f"{k}: checkpoint has {a}, this run has {b}")
+    else:
+        for k, v in expected.items():
+            if k not in _IGNORED_TOP and meta.get(k) != v:
+                diffs.append(f"{k}: checkpoint has {meta.get(k)!r}, this run has {v!r}")
     if diffs:
         made_by = f" (made by {meta['recipe_file']})" if meta.get("recipe_file") else ""
         raise CheckpointMismatch(

@@ -147,7 +147,7 @@ def test_resume_refuses_another_world_size(tmp_path):
                                 tmp_path / "world3")
     assert codes == [faults.EXIT_CHECKPOINT] * 3, ranks.text(0)[-3000:]
     assert "world_size: checkpoint has 2, this run has 3" in ranks.text(0)
-    assert "global_batch_size: checkpoint has 64, this run has 96" in ranks.text(0)
+    assert "train.global_batch_size: checkpoint has 64, this run has 96" in ranks.text(0)
 
 
 # ---- atomic save, in-process (every phase, cheap) -------------------------------------------------
@@ -293,10 +293,12 @@ def test_changes_a_resume_allows(tmp_path, sets):
     (["optimizer.momentum=0.5"], 2, "optimizer.momentum: checkpoint has 0.9, this run has 0.5"),
     (["schedule.warmup_epochs=2"], 2, "schedule.warmup_epochs: checkpoint has 1.0, this run has 2.0"),
     (["train.seed=1"], 2, "train.seed: checkpoint has 0, this run has 1"),
-    (["train.global_batch_size=128"], 2, "global_batch_size: checkpoint has 64, this run has 128"),
+    (["train.global_batch_size=128"], 2, "train.global_batch_size: checkpoint has 64, this run has 128"),
     (["train.label_smoothing=0.1"], 2, "train.label_smoothing: checkpoint has 0.0, this run has 0.1"),
-    (["method.reducer={name: powersgd}"], 2, "reducer: checkpoint has 'allreduce', this run has 'powersgd'"),
-    (["method.reducer={name: acpsgd, rank: 2}"], 2, "method.reducer.rank: checkpoint has (absent), this run has 2"),
+    (["method.reducer={name: powersgd}"], 2, "method.reducer.name: checkpoint has 'allreduce', this run has 'powersgd'"),
+    (["method.reducer={name: none}", "method.sync={name: local, h: 8}"], 2,
+     "method.reducer.name: checkpoint has 'allreduce', this run has 'none'; "
+     "method.sync.name: checkpoint has 'none', this run has 'local'. "),  # options of renamed blocks not listed
     (["deepspeed.gradient_clipping=1.0"], 2, "deepspeed.gradient_clipping: checkpoint has (absent), this run has 1.0"),
     (["deepspeed.bf16={enabled: true}"], 2, "precision: checkpoint has 'fp32', this run has 'bf16'"),
 ])
