@@ -22,14 +22,16 @@ start-up broadcast. 600 s (torch's NCCL default, DeepSpeed's default) is kept: t
 after a hang, against the risk of killing a healthy run. Raising it just for start-up and lowering
 it afterwards is not possible for gloo: ``torch.distributed.distributed_c10d._set_pg_timeout`` did
 not change the timeout of an existing gloo group here (still 2.0 s after setting 10 s).
-Process groups created later with ``new_group`` (DS-Sync's groups) use torch's default timeout
-(30 min for gloo, 10 min for NCCL), not this one.
+Process groups created later (DS-Sync's groups) get the same timeout: ``new_group`` passes
+``collective_timeout()`` (torch's own default there would be 30 min for gloo).
 """
 from __future__ import annotations
 
 import os
 from datetime import timedelta
 from typing import Optional
+
+_TIMEOUT: Optional[timedelta] = None  # what init_distributed was given (None: DeepSpeed's default)
 
 
 def _shm_name(rank: int) -> str:
@@ -65,4 +67,19 @@ def init_distributed(timeout_s: Optional[float] = None, backend: Optional[str] =
     if backend is not None:
         kw["dist_backend"] = backend
     deepspeed.init_distributed(**kw)
+    global _TIMEOUT
+    _TIMEOUT = kw.get("timeout")
     release_shm_names()
+
+
+def collective_timeout() -> Optional[timedelta]:
+    """The timeout the default process group was started with here (None when DeepSpeed chose it)."""
+    return _TIMEOUT
+
+
+def new_group(ranks):
+    """Collective (every rank calls it): ``torch.distributed.new_group`` with the run's collective timeout."""
+    import torch.distributed as dist
+
+    t = collective_timeout()
+    return dist.new_group(list(ranks)) if t is None else dist.new_group(list(ranks), timeout=t)

@@ -336,6 +336,7 @@ def _train(recipe, rank: int, world: int) -> int:
                 rec = {"train/loss": step_loss, "train/lr": lr, "comm/bytes_step": meter.last_step_bytes,
                        "comm/bytes_total": meter.total_bytes, "epoch": epoch + step_in_epoch / steps_per_epoch}
                 rec.update({f"reducer/{k}": v for k, v in att.reducer.stats().items()})
+                rec["train/skipped_steps"] = att.skipped_steps  # non-finite gradients (train.nonfinite=skip)
                 rec.update({f"sync/{k}": v for k, v in att.sync.stats().items()})
                 wb.log(rec, step=gstep)
                 history.append({"step": gstep, **rec})
@@ -369,7 +370,8 @@ def _train(recipe, rank: int, world: int) -> int:
         last_eval = eval_now(t.epochs - 1)
     summary = {"recipe": recipe.source, "world_size": world, "steps": engine.global_steps, "epochs": t.epochs,
                **names, **last_eval, "comm_bytes_total": meter.total_bytes,
-               "comm_bytes_per_step": meter.total_bytes / max(meter.steps, 1), "train_seconds": elapsed}
+               "comm_bytes_per_step": meter.total_bytes / max(meter.steps, 1), "train_seconds": elapsed,
+               "skipped_steps": att.skipped_steps, "nonfinite_events": [list(e) for e in att.nonfinite_events]}
     wb.log({"summary/val_acc": last_eval.get("val_acc", 0.0), "summary/comm_bytes": meter.total_bytes},
            step=engine.global_steps)
     wb.finish()
@@ -380,6 +382,9 @@ def _train(recipe, rank: int, world: int) -> int:
         print(f"[ds_ext] communicated {human_bytes(meter.total_bytes)} per rank over {meter.steps} steps "
               f"({human_bytes(summary['comm_bytes_per_step'])}/step, reducer={names['reducer']}), "
               f"train time {elapsed:.1f} s; summary {Path(run_dir, 'summary.json')}")
+        if att.skipped_steps:
+            print(f"[ds_ext] {att.skipped_steps} optimizer step(s) skipped for non-finite gradients (rank 0's "
+                  f"count; summary.json lists step and ranks)")
     dist.barrier()
     return 0
 

@@ -379,7 +379,9 @@ class DSSync(_Averaging):
 
     def _handle(self, members: tuple):
         if members not in self._handles:
-            self._handles[members] = dist.new_group(list(members))
+            from ..distributed import new_group  # the recipe's collective timeout, not torch's 30 min
+
+            self._handles[members] = new_group(members)
         return self._handles[members]
 
     def _average_now(self) -> None:
