@@ -56,9 +56,11 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from .reducers.buckets import fuse_reverse
 
 # ---------------------------------------------------------------------------------------- methods
 # name -> (reducer name, reducer options, sync name, sync options, launched during backward, label)
@@ -153,17 +155,7 @@ def _numel(shape: Sequence[int]) -> int:
 def bucket_sizes(shapes: Sequence[Sequence[int]], bucket_mb: float, elem: int = 4) -> List[int]:
     """Bytes per allreduce bucket: greedy fusion in reverse order, a tensor larger than the cap alone
     (the rule of ``reducers/buckets.py``, one dtype)."""
-    cap = int(bucket_mb * 2**20)
-    out, cur = [], 0
-    for shp in reversed(shapes):
-        b = _numel(shp) * elem
-        if cur and cur + b > cap:
-            out.append(cur)
-            cur = 0
-        cur += b
-    if cur:
-        out.append(cur)
-    return out
+    return _greedy([_numel(shp) * elem for shp in shapes], int(bucket_mb * 2**20))
 
 
 def _matrices(shapes, rank: int):
@@ -192,15 +184,8 @@ def powersgd_bytes(shapes, rank: int, min_rate: float = 2.0) -> Tuple[int, int]:
 
 
 def _greedy(sizes: List[int], cap: float) -> List[int]:
-    groups, acc = [], 0
-    for s in reversed(sizes):
-        if acc and acc + s > cap:
-            groups.append(acc)
-            acc = 0
-        acc += s
-    if acc:
-        groups.append(acc)
-    return groups
+    """Total size of each group of the reducers' fusion rule (``reducers.buckets.fuse_reverse``)."""
+    return [sum(sizes[i] for i in g) for g in fuse_reverse(sizes, cap)]
 
 
 def acpsgd_groups(shapes, rank: int, fusion_mb: float = 25.0) -> Tuple[List[int], List[int]]:

@@ -108,3 +108,13 @@ def test_checkpoint_latest_ignores_staging_and_refuses_mismatch(tmp_path):
         ck.latest(str(tmp_path))
     with pytest.raises(ck.CheckpointError, match="not a complete ds_ext checkpoint"):
         ck.resolve(str(staging), str(tmp_path))
+
+
+def test_fuse_reverse_rule():
+    """The one fusion rule (ACP-SGD groups, cost-model buckets): reverse order, close before exceeding
+    the cap, an oversized tensor alone."""
+    from ds_ext.reducers.buckets import fuse_reverse
+
+    assert fuse_reverse([5, 1, 1, 10, 2], 6) == [[4], [3], [2, 1], [0]]
+    assert fuse_reverse([3, 3, 3], 6) == [[2, 1], [0]]
+    assert fuse_reverse([], 6) == []

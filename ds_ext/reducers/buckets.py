@@ -8,7 +8,7 @@ or a parameter receives no gradient on some rank (its slot is zero-filled at ``f
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -38,6 +38,25 @@ class Bucket:
     @property
     def full(self) -> bool:
         return len(self.filled) == len(self.params)
+
+
+def fuse_reverse(sizes: Sequence[float], cap: float) -> List[List[int]]:
+    """The fusion rule, on sizes alone: indices into ``sizes`` grouped greedily in reverse order, a
+    group closed when the next size would take it past ``cap`` (so a size larger than ``cap`` is a group
+    of its own). ACP-SGD's fusion groups (``lowrank.greedy_groups``) and the cost model's buckets use it;
+    ``build_buckets`` applies the same rule separately per dtype/device."""
+    groups: List[List[int]] = []
+    cur: List[int] = []
+    acc = 0
+    for i in reversed(range(len(sizes))):
+        if cur and acc + sizes[i] > cap:
+            groups.append(cur)
+            cur, acc = [], 0
+        cur.append(i)
+        acc += sizes[i]
+    if cur:
+        groups.append(cur)
+    return groups
 
 
 def build_buckets(params: List[torch.nn.Parameter], bucket_bytes: int) -> List[Bucket]:

@@ -45,6 +45,7 @@ from pydantic import Field
 
 from ..registry import REDUCERS, Options
 from .base import Reducer
+from .buckets import fuse_reverse
 
 
 def orthogonalize(x: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
@@ -150,17 +151,7 @@ def _decompress(metas: List[_Meta], P: torch.Tensor, Q: torch.Tensor) -> None:
 
 def greedy_groups(metas: List[_Meta], sizes: Dict[int, int], cap: float) -> List[List[_Meta]]:
     """Fusion in reverse registration order; a tensor larger than ``cap`` gets its own group."""
-    groups, cur, acc = [], [], 0
-    for meta in reversed(metas):
-        s = sizes[meta.index]
-        if cur and acc + s > cap:
-            groups.append(cur)
-            cur, acc = [], 0
-        cur.append(meta)
-        acc += s
-    if cur:
-        groups.append(cur)
-    return groups
+    return [[metas[i] for i in g] for g in fuse_reverse([sizes[m.index] for m in metas], cap)]
 
 
 class _LowRankBase(Reducer):
