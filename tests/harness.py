@@ -60,3 +60,33 @@ def run(fn, world_size: int = 2, timeout: float = 300, **kwargs):
                     p.kill()
             raise TimeoutError(f"{fn.__name__} on {world_size} ranks did not finish within {timeout} s")
     return [torch.load(Path(outdir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+# ---- comparing trainer checkpoints (resume tests) ---------------------------------------------------
+
+def load_ckpt(run_dir, tag: str, world: int = 2):
+    """``(DeepSpeed model states, [ds_ext state of each rank])`` of ``<run_dir>/checkpoints/<tag>``."""
+    d = Path(run_dir) / "checkpoints" / tag
+    states = torch.load(d / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    ranks = [torch.load(d / f"ds_ext_rank{r}.pt", weights_only=False) for r in range(world)]
+    return states, ranks
+
+
+def assert_tree_equal(a, b, path: str = "") -> None:
+    """Bit-identical nested state: tensors (dtype and values), numpy arrays, dicts, lists, scalars."""
+    import numpy as np
+
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, np.ndarray):
+        assert np.array_equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_tree_equal(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_tree_equal(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path

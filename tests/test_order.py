@@ -1,6 +1,5 @@
 """Data orders: D-GraB / CD-GraB PairBalance invariants (ALGORITHMS.md 1(d)), the engine hooks that
 feed the sorter, CD-GraB as the reducer, and exact mid-epoch resume through the trainer."""
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +8,8 @@ from ds_ext.order.dgrab import DGrab, PairBalance, sign_by_inner, sign_by_norm
 from ds_ext.order.rr import RandomReshuffling
 from ds_ext.recipe import RecipeError, load_recipe
 from tests import harness, workers, workers_order
-from tests.test_trainer import QUICK, argv, assert_tree_equal, load_ckpt
+from tests.harness import assert_tree_equal, load_ckpt
+from tests.test_trainer import QUICK, argv
 
 
 def is_perm(row, m):

@@ -19,12 +19,12 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from ds_ext.recipe import RecipeError, load_recipe
 from tests import harness, workers
+from tests.harness import assert_tree_equal, load_ckpt
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = str(ROOT / "recipes" / "quickstart.yaml")
@@ -81,31 +81,8 @@ def argv(run_dir: Path, combo, *extra) -> list:
     return ["--recipe", QUICK] + [x for s in sets for x in ("--set", s)]
 
 
-def load_ckpt(ckpt_dir: Path, tag: str):
-    d = ckpt_dir / tag
-    states = torch.load(d / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    ranks = [torch.load(d / f"ds_ext_rank{r}.pt", weights_only=False) for r in range(2)]
-    return states, ranks
-
-
-def assert_tree_equal(a, b, path="") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
-    elif isinstance(a, np.ndarray):
-        assert np.array_equal(a, b), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            assert_tree_equal(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_tree_equal(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, path
-
-
 def assert_same_checkpoint(ca: Path, cb: Path, tag: str) -> None:
+    """The step-``tag`` checkpoints of run directories ``ca`` and ``cb`` are bit-identical."""
     sa, ra = load_ckpt(ca, tag)
     sb, rb = load_ckpt(cb, tag)
     assert sa["global_steps"] == sb["global_steps"] == N
@@ -132,10 +109,10 @@ def test_resume_is_bit_exact(tmp_path, combo):
     assert (mid / "meta.json").is_file()
     assert harness.run(workers.run_trainer, 2, argv=argv(b, combo, f"checkpoint.resume={mid}")) == [0, 0]
     assert not (b / "checkpoints" / f"step_{K:07d}").exists()  # b really started from a's step 7
-    assert_same_checkpoint(a / "checkpoints", b / "checkpoints", f"step_{N:07d}")
+    assert_same_checkpoint(a, b, f"step_{N:07d}")
     # not vacuous: the model moved between step 7 and step 10, and the saved state is mid-round / mid-epoch
-    s7, r7 = load_ckpt(a / "checkpoints", f"step_{K:07d}")
-    s10, _ = load_ckpt(a / "checkpoints", f"step_{N:07d}")
+    s7, r7 = load_ckpt(a, f"step_{K:07d}")
+    s10, _ = load_ckpt(a, f"step_{N:07d}")
     assert not torch.equal(s7["module"]["0.weight"], s10["module"]["0.weight"])
     assert (r7[0]["epoch"], r7[0]["step_in_epoch"]) == (1, 2)
     reducer, sync, order = combo
@@ -155,4 +132,4 @@ def test_saving_does_not_perturb_the_run(tmp_path):
     assert harness.run(workers.run_trainer, 2, argv=argv(c, combo, "checkpoint.every_steps=0",
                                                          "checkpoint.every_epochs=2")) == [0, 0]
     assert not (c / "checkpoints" / f"step_{K:07d}").exists()
-    assert_same_checkpoint(a / "checkpoints", c / "checkpoints", f"step_{N:07d}")
+    assert_same_checkpoint(a, c, f"step_{N:07d}")

@@ -1,10 +1,8 @@
-"""The trainer end to end on 2 gloo ranks through DeepSpeed: exact resume, launcher runs."""
+"""The trainer end to end on 2 gloo ranks through DeepSpeed: launcher runs (exact resume: tests/test_resume_matrix.py)."""
 import os
 import subprocess
 import sys
 from pathlib import Path
-
-import torch
 
 from tests import harness
 
@@ -16,28 +14,6 @@ def argv(run_dir, *extra):
     return ["--recipe", QUICK, "--set", "train.epochs=2", "--set", f"log.dir={run_dir}",
             "--set", "log.wandb.mode=disabled", "--set", "log.progress=false", "--set", "model.dropout=0.1",
             "--set", "checkpoint.every_epochs=2", "--set", "train.check_consistency_every=1", *extra]
-
-
-def load_ckpt(run_dir, tag):
-    d = Path(run_dir) / "checkpoints" / tag
-    states = torch.load(d / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    ranks = [torch.load(d / f"ds_ext_rank{r}.pt", weights_only=False) for r in range(2)]
-    return states, ranks
-
-
-def assert_tree_equal(a, b, path="") -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            assert_tree_equal(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_tree_equal(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, path
 
 
 # Exact resume for every method: tests/test_resume_matrix.py.
