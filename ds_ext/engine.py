@@ -211,8 +211,7 @@ class Attachment:
             raise NonFiniteError(f"step {step}: non-finite gradient on rank(s) {ranks} (train.nonfinite=raise)")
         self.skipped_steps += 1
         self.nonfinite_events.append((step, list(ranks)))
-        me = dist.get_rank() if dist.is_initialized() else 0
-        if me == (ranks[0] if not shared else 0):
+        if not shared or not dist.is_initialized() or dist.get_rank() == 0:  # a local skip: its own rank
             print(f"[ds_ext] step {step}: non-finite gradient on rank(s) {list(ranks)}; optimizer step skipped "
                   f"{where} (error-feedback and order state saw zeros instead)", file=sys.stderr, flush=True)
 
