@@ -61,8 +61,9 @@ class CheckpointMismatch(CheckpointError):
 
 
 def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
+    from .comm import barrier
+
+    barrier()
 
 
 def _fsync_path(path: Path) -> None:

@@ -22,8 +22,9 @@ start-up broadcast. 600 s (torch's NCCL default, DeepSpeed's default) is kept: t
 after a hang, against the risk of killing a healthy run. Raising it just for start-up and lowering
 it afterwards is not possible for gloo: ``torch.distributed.distributed_c10d._set_pg_timeout`` did
 not change the timeout of an existing gloo group here (still 2.0 s after setting 10 s).
-Process groups created later (DS-Sync's groups) get the same timeout: ``new_group`` passes
-``collective_timeout()`` (torch's own default there would be 30 min for gloo).
+Process groups created later (DS-Sync's groups, ``ds_ext.comm.Communicator.subgroup``) get the same
+timeout: ``collective_timeout()`` is passed to ``new_group`` (torch's own default there would be 30 min
+for gloo).
 """
 from __future__ import annotations
 
@@ -49,17 +50,43 @@ def release_shm_names() -> None:
     path = _shm_name(dist.get_rank())
     if not os.path.exists(path):
         return
-    dist.barrier()
+    from .comm import barrier
+
+    barrier()
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
 
 
+_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
+_MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
+
+
+def standalone_env(environ=os.environ) -> bool:
+    """Run without any launcher (``python -m ds_ext.train ...``, how people debug): then the process
+    is rank 0 of a world of 1. Sets the launcher's variables (a free local port) and returns True;
+    leaves a launched or MPI-started process alone (returns False). Without this DeepSpeed would try
+    MPI discovery and die importing ``mpi4py``."""
+    if any(k in environ for k in _LAUNCHER_ENV) or any(k in environ for k in _MPI_ENV):
+        return False
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port))
+    return True
+
+
 def init_distributed(timeout_s: Optional[float] = None, backend: Optional[str] = None) -> None:
     """``deepspeed.init_distributed`` (with a collective timeout, seconds; DeepSpeed's 10 min or
-    ``$DEEPSPEED_TIMEOUT`` minutes when None) without leaving shm behind."""
+    ``$DEEPSPEED_TIMEOUT`` minutes when None) without leaving shm behind. Without a launcher the
+    process runs as world size 1 (``standalone_env``)."""
     import deepspeed
+
+    standalone_env()
 
     kw = {}
     if timeout_s is not None:
@@ -77,9 +104,3 @@ def collective_timeout() -> Optional[timedelta]:
     return _TIMEOUT
 
 
-def new_group(ranks):
-    """Collective (every rank calls it): ``torch.distributed.new_group`` with the run's collective timeout."""
-    import torch.distributed as dist
-
-    t = collective_timeout()
-    return dist.new_group(list(ranks)) if t is None else dist.new_group(list(ranks), timeout=t)

@@ -28,8 +28,8 @@ import sys
 from typing import Any, Dict, Optional, Union
 
 import torch
-import torch.distributed as dist
 
+from .comm import Communicator
 from .metrics import CommMeter
 from .registry import OPTIMIZERS, REDUCERS, SYNCS, load_builtin
 
@@ -59,14 +59,16 @@ def parameter_fingerprint(module: torch.nn.Module) -> torch.Tensor:
     return torch.tensor(digests, dtype=torch.int64)
 
 
-def check_consistency(module: torch.nn.Module, group=None, step: Optional[int] = None) -> None:
+def check_consistency(module: torch.nn.Module, comm: Optional[Communicator] = None,
+                      step: Optional[int] = None) -> None:
     """Collective. Raise ``DesyncError`` on every rank, naming the first parameter (in
-    ``named_parameters`` order) whose bytes differ between rank 0 and some rank."""
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+    ``named_parameters`` order) whose bytes differ between rank 0 and some rank. The digests travel
+    on the communication device (``comm.device``) and are read back once."""
+    comm = comm if comm is not None else Communicator()
+    if comm.world_size == 1:
         return
-    fp = parameter_fingerprint(module)
-    gathered = [torch.empty_like(fp) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, fp, group=group)
+    fp = parameter_fingerprint(module).to(comm.device)
+    gathered = comm.all_gather(fp).cpu()  # [world, n_params]
     names = [n for n, _ in module.named_parameters()]
     for r, other in enumerate(gathered[1:], start=1):
         if not torch.equal(other, gathered[0]):
@@ -97,20 +99,28 @@ def _copy_into(view: torch.Tensor):
 
 
 class Attachment:
-    """The methods attached to one engine; hold on to it (it owns the hooks)."""
+    """The methods attached to one engine; hold on to it (it owns the hooks).
 
-    def __init__(self, engine, reducer, sync, meter: CommMeter, group=None, check_every: int = 0, order=None,
+    Host reads (device to host synchronisations) per optimizer step in steady state: at most one. The
+    non-finite screen keeps its flags on the device; on a step that communicates gradients, every
+    rank's flags are posted to the communicator and ride on the step's one control exchange (a
+    method's own, e.g. ExDyna's counts, or a two-element all_gather of the engine's); on a local step
+    (Local SGD / DS-Sync between averagings) this rank's flag is read alone."""
+
+    def __init__(self, engine, reducer, sync, comm: Communicator, check_every: int = 0, order=None,
                  nonfinite: str = "skip"):
-        self.engine, self.reducer, self.sync, self.meter = engine, reducer, sync, meter
+        self.engine, self.reducer, self.sync, self.comm = engine, reducer, sync, comm
+        self.meter = comm.meter
         self.order = order
-        self.group = group
         self.check_every = check_every
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
         if nonfinite != "off" and engine.zero_optimization_stage() != 0:
             nonfinite = "off"  # ZeRO partitions gradients inside its own hooks: DeepSpeed's overflow handling applies
         self.nonfinite = nonfinite
-        self._bad = None  # this rank saw a non-finite gradient in the current window (0-dim bool, on device)
+        self._bad = []  # 0-dim bool device flags of the current window's screened gradients
+        self._out_bad = None  # the last communicating step's "non-finite result" flag (device), checked next step
+        self._out_step = 0
         self.skipped_steps = 0
         self.nonfinite_events = []  # (optimizer step, ranks) of every skipped step, newest last
         self.steps = 0
@@ -119,6 +129,11 @@ class Attachment:
         self._handles = []
         self._orig_step = engine.step
         self._orig_allreduce_flag = engine.enable_backward_allreduce
+        if reducer.uses_kernels:  # compile or load the kernels now, with a message, not inside step 1
+            from . import ops
+
+            if hasattr(ops, "prepare"):
+                ops.prepare(comm.device)
         if reducer.replaces_engine_allreduce:
             engine.enable_backward_allreduce = False
         for p in reducer.params:
@@ -130,6 +145,10 @@ class Attachment:
             self._watch_microbatch_gradients(order, reducer)
         engine.step = self.step  # instance attribute shadows DeepSpeedEngine.step
 
+    @property
+    def group(self):
+        return self.comm.group
+
     def _watch_microbatch_gradients(self, order, reducer) -> None:
         params = reducer.params
         self._flat = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=params[0].device)
@@ -138,7 +157,7 @@ class Attachment:
             view = self._flat[off:off + p.numel()].view_as(p)
             self._handles.append(p.register_hook(_copy_into(view)))
             off += p.numel()
-        order.bind(group=self.group, meter=self.meter, numel=self._flat.numel(), device=self._flat.device)
+        order.bind(comm=self.comm, numel=self._flat.numel(), device=self._flat.device)
         if getattr(reducer, "observes_microbatches", False):
             reducer.bind_order(order)
             self._feed = reducer.microbatch
@@ -154,56 +173,83 @@ class Attachment:
     # -- non-finite gradients --------------------------------------------------------------------
     def _screen(self, g: torch.Tensor) -> None:
         """Flag a non-finite ``g`` and zero it in place, before any reducer, order or error-feedback
-        buffer sees it. The test is one fp32 sum (NaN and inf propagate through it; a finite gradient
-        whose sum overflows fp32, |sum| > 3.4e38, is flagged too). On a GPU it never synchronises."""
-        bad = ~torch.isfinite(g.sum(dtype=torch.float32))
-        if g.device.type == "cpu":
-            if bad.item():
-                g.zero_()
-        else:
-            g.masked_fill_(bad, 0)
-        self._bad = bad if self._bad is None else (self._bad | bad)
+        buffer sees it. The test is the largest magnitude (``inf``-norm, exact: NaN and inf propagate,
+        no finite gradient is flagged). Device operations only: nothing is read on the host here."""
+        if g.numel() == 0:
+            return
+        bad = ~torch.isfinite(torch.linalg.vector_norm(g, float("inf")))
+        g.masked_fill_(bad, 0)
+        self._bad.append(bad)
 
-    def _grads_bad(self) -> bool:
-        grads = [p.grad for p in self.reducer.params if p.grad is not None]
+    def _local_flag(self) -> torch.Tensor:
+        """This rank's "non-finite input" flag of the window, 0-dim bool on the device."""
+        flag = torch.stack(self._bad).any() if self._bad else self.comm.zeros((), dtype=torch.bool)
+        self._bad = []
+        return flag.to(self.comm.device)
+
+    def _result_flag(self) -> torch.Tensor:
+        """Whether a reduced gradient is non-finite (0-dim bool, device): finite inputs everywhere but
+        a non-finite result means the method itself failed."""
+        grads = [p.grad for p in self.reducer.params if p.grad is not None and p.grad.numel()]
         if not grads:
-            return False
-        return not bool(torch.isfinite(torch.stack([g.sum(dtype=torch.float32) for g in grads]).sum()).item())
+            return self.comm.zeros((), dtype=torch.bool)
+        return ~torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf"))).float()).all().to(self.comm.device)
+
+    def _communicates(self, reduced: bool) -> bool:
+        return reduced and not getattr(self.reducer, "local_only", False) and self.comm.distributed
+
+    def _post_flags(self, reduced: bool) -> None:
+        """Before the reducer's ``finish``: post this rank's flags so that they ride on the step's one
+        control exchange."""
+        if self.nonfinite == "off" or not self._communicates(reduced):
+            return
+        out = self._out_bad if self._out_bad is not None else self.comm.zeros((), dtype=torch.bool)
+        self.comm.post_control(torch.stack([self._local_flag(), out]).to(torch.int64))
 
     def _verdict(self, reduced: bool) -> bool:
         """Whether this step's optimizer update is skipped. After a gradient reduction the verdict is
-        shared (one all_gather of two flags per rank), so every rank skips or none does; on a local step
-        (no gradient communication: Local SGD / DS-Sync between averagings) each rank decides alone,
-        which is safe because ranks hold different parameters there anyway and the step counters that
-        decide the next averaging still advance on every rank."""
+        shared (every rank's flags come back from the step's control exchange), so every rank skips or
+        none does; on a local step (no gradient communication: Local SGD / DS-Sync between averagings)
+        each rank decides alone, which is safe because ranks hold different parameters there anyway and
+        the step counters that decide the next averaging still advance on every rank. A non-finite
+        result from finite inputs (a method failure) is detected one communicating step later, or at
+        ``check_pending()`` (the trainer calls it before every checkpoint and at the end)."""
         if self.nonfinite == "off":
             return False
-        if not reduced:  # local step: screen the local gradient now
-            for p in self.reducer.params:
-                if p.grad is not None:
-                    self._screen(p.grad)
-        inp = bool(self._bad.item()) if self._bad is not None else False
-        self._bad = None
         step = self.engine.global_steps + 1
-        communicates = reduced and not getattr(self.reducer, "local_only", False) and dist.is_initialized() \
-            and dist.get_world_size(self.group) > 1
-        if not communicates:
+        if not self._communicates(reduced):
+            if not reduced:  # local step: screen the local gradient now
+                for p in self.reducer.params:
+                    if p.grad is not None:
+                        self._screen(p.grad)
+            inp = bool(self._local_flag())  # the step's one host read
             if inp:
-                self._skip_event(step, [dist.get_rank() if dist.is_initialized() else 0], shared=False)
+                self._skip_event(step, [self.comm.global_rank], shared=False)
             return inp
-        out = self._grads_bad()  # finite inputs everywhere but a non-finite result: the method itself failed
-        mine = torch.tensor([inp, out], dtype=torch.uint8)
-        flags = [torch.empty_like(mine) for _ in range(dist.get_world_size(self.group))]
-        dist.all_gather(flags, mine, group=self.group)
-        bad_in = [r for r, f in enumerate(flags) if f[0]]
-        bad_out = [r for r, f in enumerate(flags) if f[1]]
-        if not bad_in and bad_out:
-            raise NonFiniteError(f"step {step}: reducer {type(self.reducer).__name__} produced a non-finite gradient on "
-                                 f"rank(s) {bad_out} from finite inputs on every rank")
+        rows = self.comm.collect_control()  # every rank's [input bad, last result bad]
+        self._raise_if_method_failed(rows)
+        self._out_bad, self._out_step = self._result_flag(), step
+        bad_in = [r for r, f in enumerate(rows) if f[0]]
         if bad_in:
             self._skip_event(step, bad_in, shared=True)
             return True
         return False
+
+    def _raise_if_method_failed(self, rows) -> None:
+        bad_out = [r for r, f in enumerate(rows) if f[1]]
+        if bad_out:
+            raise NonFiniteError(f"step {self._out_step}: reducer {type(self.reducer).__name__} produced a non-finite "
+                                 f"gradient on rank(s) {bad_out} from finite inputs on every rank")
+
+    def check_pending(self) -> None:
+        """Collective. Settle the last communicating step's "non-finite result" check now (before a
+        checkpoint, at the end of training)."""
+        if self.nonfinite == "off" or self._out_bad is None or not self.comm.distributed:
+            return
+        rows = self.comm.exchange_control(torch.stack([self.comm.zeros((), dtype=torch.bool), self._out_bad])
+                                          .to(torch.int64))
+        self._out_bad = None
+        self._raise_if_method_failed(rows)
 
     def _skip_event(self, step: int, ranks, shared: bool) -> None:
         where = "on all ranks" if shared else "on this rank only (local step)"
@@ -211,7 +257,7 @@ class Attachment:
             raise NonFiniteError(f"step {step}: non-finite gradient on rank(s) {ranks} (train.nonfinite=raise)")
         self.skipped_steps += 1
         self.nonfinite_events.append((step, list(ranks)))
-        if not shared or not dist.is_initialized() or dist.get_rank() == 0:  # a local skip: its own rank
+        if not shared or self.comm.global_rank == 0:  # a local skip: its own rank
             print(f"[ds_ext] step {step}: non-finite gradient on rank(s) {list(ranks)}; optimizer step skipped "
                   f"{where} (error-feedback and order state saw zeros instead)", file=sys.stderr, flush=True)
 
@@ -242,6 +288,7 @@ class Attachment:
         skip = False
         if boundary:
             reduced = self.sync.reduce_gradients_now()
+            self._post_flags(reduced)
             if reduced:
                 self.reducer.finish()
             skip = self._verdict(reduced)
@@ -256,7 +303,7 @@ class Attachment:
                 self._check_due = True
             # local methods: ranks agree only right after a global averaging, so check there
             if self._check_due and self.sync.synced_globally:
-                check_consistency(self.engine.module, self.group, self.engine.global_steps)
+                check_consistency(self.engine.module, self.comm, self.engine.global_steps)
                 self._check_due = False
         return out
 
@@ -293,7 +340,7 @@ def attach(engine, method: Union[None, Dict[str, Any], Any] = None, meter: Optio
 
     ``nonfinite`` (the recipe's ``train.nonfinite``) says what a NaN or inf in any rank's gradient does:
     ``skip`` (default) zeroes it before any reducer, order or error-feedback buffer sees it and skips the
-    optimizer update on every rank (one extra 2-byte-per-rank all_gather per communicating step),
+    optimizer update on every rank (two int64 flags per rank on the step's control all_gather),
     ``raise`` stops every rank with ``NonFiniteError``, ``off`` does neither (DeepSpeed's fp16 loss
     scaler still skips overflowing steps). Under ZeRO (reducer ``deepspeed``) it is always ``off``.
     """
@@ -312,11 +359,12 @@ def attach(engine, method: Union[None, Dict[str, Any], Any] = None, meter: Optio
         raise ValueError(zero_stage_problem(rname, stage))
     meter = meter or CommMeter()
     named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
-    kw = dict(group=group, meter=meter, engine=engine)
+    comm = Communicator(group, device=engine.device, meter=meter,
+                        wire_dtype=getattr(engine, "communication_data_type", None))
+    kw = dict(comm=comm, engine=engine)
     reducer = REDUCERS.build(rname, ropts, named, **kw)
     sync = SYNCS.build(sname, sopts, named, total_steps=total_steps, **kw)
-    return Attachment(engine, reducer, sync, meter, group=group, check_every=check_every, order=order,
-                      nonfinite=nonfinite)
+    return Attachment(engine, reducer, sync, comm, check_every=check_every, order=order, nonfinite=nonfinite)
 
 
 def deepspeed_config(recipe, world_size: int) -> dict:
@@ -339,6 +387,8 @@ def initialize(recipe, model: torch.nn.Module, steps_per_epoch: int, meter: Opti
     import deepspeed
 
     from .optim import LRSchedule
+
+    import torch.distributed as dist
 
     load_builtin()
     world = dist.get_world_size()

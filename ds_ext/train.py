@@ -109,31 +109,33 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state(st["cuda"])
 
 
-def evaluate(engine, bundle, batch_size: int, rank: int, world: int) -> dict:
-    """Each rank scores a strided shard of the validation set; sums are all-reduced."""
+def evaluate(engine, bundle, batch_size: int, rank: int, world: int, comm=None) -> dict:
+    """Each rank scores a strided shard of the validation set; the sums stay on the communication
+    device (no host read per batch), are all-reduced there and read once."""
     import torch
-    import torch.distributed as dist
     import torch.nn.functional as F
 
+    from .comm import Communicator
 
+    comm = comm if comm is not None else Communicator()
     module = engine.module
     p0 = next(module.parameters())
     was_training = module.training
     module.eval()
-    stats = torch.zeros(3, dtype=torch.float64)
+    stats = comm.zeros(3, dtype=torch.float64)
     with torch.no_grad():
         for x, y in bundle.loader("val", range(rank, len(bundle.val), world), batch_size, drop_last=False):
-            x = x.to(p0.device, dtype=p0.dtype if x.is_floating_point() else x.dtype)
+            x = x.to(p0.device, dtype=p0.dtype if x.is_floating_point() else x.dtype, non_blocking=True)
             out = module(x).float()
-            y = y.to(out.device)
-            stats[0] += F.cross_entropy(out, y, reduction="sum").item()
-            stats[1] += (out.argmax(1) == y).sum().item()
+            y = y.to(out.device, non_blocking=True)
+            stats[0] += F.cross_entropy(out, y, reduction="sum").to(stats.device, torch.float64)
+            stats[1] += (out.argmax(1) == y).sum().to(stats.device, torch.float64)
             stats[2] += y.numel()  # tokens for a language model
-    dist.all_reduce(stats)
+    comm.all_reduce(stats)
     module.train(was_training)
-    n = max(stats[2].item(), 1.0)
-    return {"val_loss": stats[0].item() / n, "val_acc": stats[1].item() / n, "val_correct": int(stats[1].item()),
-            "val_total": int(stats[2].item())}
+    loss_sum, correct, total = stats.tolist()
+    n = max(total, 1.0)
+    return {"val_loss": loss_sum / n, "val_acc": correct / n, "val_correct": int(correct), "val_total": int(total)}
 
 
 def train(recipe) -> int:
@@ -269,6 +271,7 @@ def _train(recipe, rank: int, world: int) -> int:
     bar = Progress(total_steps, engine.global_steps, enabled=is0 and recipe.log.progress)
 
     def save(epoch: int, step_in_epoch: int) -> None:
+        att.check_pending()  # a method that produced a non-finite gradient must not be checkpointed
         if step_in_epoch == steps_per_epoch:
             epoch, step_in_epoch = epoch + 1, 0
         st = {"rng": _rng_state(), "epoch": epoch, "step_in_epoch": step_in_epoch, "attachment": att.state_dict(),
@@ -286,12 +289,13 @@ def _train(recipe, rank: int, world: int) -> int:
 
         faults.progress(engine.global_steps, "evaluation")
         with att.sync.eval_view(engine.module, train_batches):
-            return evaluate(engine, bundle, recipe.data.eval_micro_batch_size or 2 * micro, rank, world)
+            return evaluate(engine, bundle, recipe.data.eval_micro_batch_size or 2 * micro, rank, world, att.comm)
 
     ce = recipe.checkpoint
     smoothing = t.label_smoothing
     history = []
     last_eval = {}
+    last_loss = float("nan")  # the last logged training loss (the progress bar shows it)
     t0 = time.perf_counter()
     samples_done = 0
     for epoch in range(start_epoch, t.epochs):
@@ -301,7 +305,7 @@ def _train(recipe, rank: int, world: int) -> int:
         idx = order.epoch_indices(epoch)[: steps_per_epoch * gas * micro]
         loader = bundle.loader("train", idx[skip * gas * micro:], micro, recipe.data.num_workers,
                                seed=(t.seed * 1_000_003 + epoch) * 4099 + rank)
-        step_in_epoch, loss_acc, n_micro = skip, 0.0, 0
+        step_in_epoch, loss_acc, n_micro = skip, None, 0  # the loss stays on the device until a logging step
         batches = iter(loader)
         while True:
             step = engine.global_steps + 1  # the optimizer step this micro-batch belongs to
@@ -322,25 +326,26 @@ def _train(recipe, rank: int, world: int) -> int:
                 faults.progress(step, "gradient collectives and optimizer step")
                 faults.point("collective", step)
             engine.step()
-            loss_acc += loss.item()
+            loss_acc = loss.detach() if loss_acc is None else loss_acc + loss.detach()
             n_micro += 1
             if not boundary:
                 continue
             step_in_epoch += 1
             samples_done += t.global_batch_size
             gstep = engine.global_steps
-            step_loss = loss_acc / n_micro
-            loss_acc, n_micro = 0.0, 0
+            step_loss_t, micro_in_step = loss_acc, n_micro
+            loss_acc, n_micro = None, 0
             lr = schedule.get_last_lr()[0]
             if gstep % recipe.log.every_steps == 0 or step_in_epoch == steps_per_epoch:
-                rec = {"train/loss": step_loss, "train/lr": lr, "comm/bytes_step": meter.last_step_bytes,
+                last_loss = float(step_loss_t) / micro_in_step  # the loss is read on logging steps only
+                rec = {"train/loss": last_loss, "train/lr": lr, "comm/bytes_step": meter.last_step_bytes,
                        "comm/bytes_total": meter.total_bytes, "epoch": epoch + step_in_epoch / steps_per_epoch}
                 rec.update({f"reducer/{k}": v for k, v in att.reducer.stats().items()})
                 rec["train/skipped_steps"] = att.skipped_steps  # non-finite gradients (train.nonfinite=skip)
                 rec.update({f"sync/{k}": v for k, v in att.sync.stats().items()})
                 wb.log(rec, step=gstep)
                 history.append({"step": gstep, **rec})
-            bar.update(1, loss=f"{step_loss:.4f}", lr=f"{lr:.3g}",
+            bar.update(1, loss=f"{last_loss:.4f}", lr=f"{lr:.3g}",
                        sps=f"{samples_done / max(time.perf_counter() - t0, 1e-9):.0f}")
             stopping = t.stop_at_step is not None and gstep >= t.stop_at_step and gstep < total_steps
             if stopping or (ce.every_steps and gstep % ce.every_steps == 0 and gstep < total_steps):
@@ -351,7 +356,7 @@ def _train(recipe, rank: int, world: int) -> int:
                     print(f"[ds_ext] stopped at step {gstep} (train.stop_at_step); resume with "
                           f"--set checkpoint.resume=auto", file=sys.stderr)
                 wb.finish()
-                dist.barrier()
+                att.comm.barrier()
                 return 0
             if step_in_epoch == steps_per_epoch:
                 break
@@ -365,6 +370,7 @@ def _train(recipe, rank: int, world: int) -> int:
         if (ce.every_epochs and (epoch + 1) % ce.every_epochs == 0) or (last_epoch and (ce.every_epochs or ce.every_steps)):
             save(epoch, steps_per_epoch)
     bar.close()
+    att.check_pending()
     elapsed = time.perf_counter() - t0
     if not last_eval:
         last_eval = eval_now(t.epochs - 1)
@@ -385,7 +391,7 @@ def _train(recipe, rank: int, world: int) -> int:
         if att.skipped_steps:
             print(f"[ds_ext] {att.skipped_steps} optimizer step(s) skipped for non-finite gradients (rank 0's "
                   f"count; summary.json lists step and ranks)")
-    dist.barrier()
+    att.comm.barrier()
     return 0
 
 

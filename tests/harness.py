@@ -26,7 +26,8 @@ def free_port() -> int:
 
 
 def _entry(rank, fn, world_size, port, outdir, kwargs):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+    one_gpu = os.environ.get("DS_EXT_TEST_ONE_GPU") == "1"  # tests/test_gpu.py: every rank on cuda:0
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(0 if one_gpu else rank), WORLD_SIZE=str(world_size),
                       LOCAL_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch.distributed as dist
 

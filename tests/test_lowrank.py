@@ -1,4 +1,8 @@
-"""PowerSGD and ACP-SGD invariants (ALGORITHMS.md section 5(d)) on 2 gloo ranks."""
+"""PowerSGD and ACP-SGD invariants (ALGORITHMS.md section 5(d)).
+
+The method arithmetic runs on 2 simulated ranks of a ``LoopbackWorld`` (ds_ext/comm.py: threads in one
+process; for 2 ranks its sums are gloo's, a + b); what is distributed -- bf16 training through DeepSpeed
+on 2 gloo ranks, the ZeRO-1 refusal -- runs on real processes."""
 import math
 
 import pytest
@@ -31,7 +35,7 @@ def test_acpsgd_fusion_groups_cover_every_parameter_once():
 
 @pytest.fixture(scope="module")
 def acp():
-    return harness.run(workers.lowrank_invariants, 2, reducer="acpsgd", options={"rank": 2, "fusion_threshold_mb": 0.0005},
+    return workers.loopback(workers.lowrank_invariants, 2, reducer="acpsgd", options={"rank": 2, "fusion_threshold_mb": 0.0005},
                        steps=6)
 
 
@@ -68,14 +72,14 @@ def test_acpsgd_alternates_and_counts_bytes(acp):
 
 
 def test_acpsgd_mismatched_seeds_disagree():
-    a, b = harness.run(workers.lowrank_invariants, 2, reducer="acpsgd", options={"rank": 2}, steps=2,
+    a, b = workers.loopback(workers.lowrank_invariants, 2, reducer="acpsgd", options={"rank": 2}, steps=2,
                        seed_per_rank=True)
     assert not torch.equal(a["applied"][0][0], b["applied"][0][0])
 
 
 def test_powersgd_full_rank_is_exact_and_counts_bytes():
     opts = {"matrix_approximation_rank": 16, "min_compression_rate": 0, "start_powerSGD_iter": 1}
-    a, b = harness.run(workers.lowrank_invariants, 2, reducer="powersgd", options=opts, steps=4)
+    a, b = workers.loopback(workers.lowrank_invariants, 2, reducer="powersgd", options=opts, steps=4)
     for t in range(4):
         for i in range(len(SHAPES)):
             assert torch.equal(a["applied"][t][i], b["applied"][t][i])
@@ -96,7 +100,7 @@ def test_low_precision_gradients_match_fp32(reducer, options):
     for name, dt in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
         runs[name] = dict(reducer=reducer, options=options, steps=4, dtype=dt, round_to=dt)
         runs[name + "_ref"] = dict(reducer=reducer, options=options, steps=4, dtype=torch.float32, round_to=dt)
-    a, b = harness.run(workers.lowrank_dtypes, 2, runs=runs)
+    a, b = workers.loopback(workers.lowrank_dtypes, 2, runs=runs)
     for name, dt in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
         eps = torch.finfo(dt).eps
         for t in range(4):

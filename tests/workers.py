@@ -94,12 +94,12 @@ LOWRANK_SHAPES = [(16, 8), (8, 16), (6,), (4, 3, 3, 3), (5, 5), (7,), (1, 12), (
 
 
 def lowrank_invariants(rank, world, reducer, options, steps=6, seed_per_rank=False, dtype=torch.float32,
-                       round_to=None):
+                       round_to=None, comm=None):
     """Drive a low-rank reducer directly with random per-rank gradients; record what it applies
     and the exact mean gradient computed by a plain all_reduce next to it. Gradients are held in
-    ``dtype``; ``round_to`` first rounds the random gradients to that dtype (to compare runs)."""
-    import torch.distributed as dist
-
+    ``dtype``; ``round_to`` first rounds the random gradients to that dtype (to compare runs).
+    ``comm``: a communicator (``LoopbackWorld`` rank) instead of the process group."""
+    from ds_ext.comm import Communicator
     from ds_ext.metrics import CommMeter
     from ds_ext.registry import REDUCERS
 
@@ -109,7 +109,9 @@ def lowrank_invariants(rank, world, reducer, options, steps=6, seed_per_rank=Fal
     if seed_per_rank:
         opts["seed"] = rank
     meter = CommMeter()
-    red = REDUCERS.build(reducer, opts, named, meter=meter)
+    comm = (comm or Communicator(device="cpu")).with_meter(meter)
+    plain = comm.with_meter(None)
+    red = REDUCERS.build(reducer, opts, named, comm=comm)
     g = torch.Generator().manual_seed(500 + rank)
     rec = {"applied": [], "mean": [], "bytes": [], "P": [], "Q": []}
     for t in range(steps):
@@ -125,9 +127,7 @@ def lowrank_invariants(rank, world, reducer, options, steps=6, seed_per_rank=Fal
         rec["applied"].append([p.grad.clone() for p in params])
         mean = []
         for r in raw:
-            m = r.clone()
-            dist.all_reduce(m)
-            mean.append(m / world)
+            mean.append(plain.all_reduce(r.clone()) / world)
         rec["mean"].append(mean)
         rec["P"].append({k: v.clone() for k, v in red.P.items()})
         rec["Q"].append({k: v.clone() for k, v in red.Q.items()})
@@ -137,9 +137,17 @@ def lowrank_invariants(rank, world, reducer, options, steps=6, seed_per_rank=Fal
     return rec
 
 
-def lowrank_dtypes(rank, world, runs):
+def lowrank_dtypes(rank, world, runs, comm=None):
     """Several ``lowrank_invariants`` runs in one set of processes: {name: record}."""
-    return {name: lowrank_invariants(rank, world, **kw) for name, kw in runs.items()}
+    return {name: lowrank_invariants(rank, world, comm=comm, **kw) for name, kw in runs.items()}
+
+
+def loopback(fn, world, **kw):
+    """``fn(rank, world, comm=..., **kw)`` on every rank of a ``LoopbackWorld`` (threads, one process):
+    the method arithmetic of a multi-rank run in milliseconds; returns the per-rank results."""
+    from ds_ext.comm import LoopbackWorld
+
+    return LoopbackWorld(world).run(lambda comm: fn(comm.rank, world, comm=comm, **kw))
 
 
 def zero1_refusal(rank, world, reducer):

@@ -54,6 +54,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from ..comm import barrier as world_barrier
+from ..comm import world as comm_world
 from ..costmodel import (ALL_METHODS, MethodOptions, applicable, method_specs, read_compress_file, wire_factor)
 
 # communication meter kinds -> the collective that carries them (for the interface comparison)
@@ -98,7 +100,7 @@ class CollectiveTimer:
             group = a.get("group")
             g = self.dist.get_world_size(group)
             if self.align:  # untimed: every rank enters the collective together (see the docstring)
-                self.dist.barrier()
+                world_barrier()
             t0, c0 = time.perf_counter(), time.thread_time()
             work = orig(**a)
             if work is not None:
@@ -222,7 +224,7 @@ def run(args) -> int:
             if getattr(reducer, "error", None) is not None:
                 reducer.error.zero_()  # stationary input: the residual would make g grow step after step
             timer.active = False
-            dist.barrier()
+            world_barrier()
             if i == warm:
                 meter_before = meter.total_bytes
                 kinds_before = dict(meter.by_kind)
@@ -240,7 +242,7 @@ def run(args) -> int:
                                 "colls": [list(r) for r in timer.records]})
         c1 = iface_counters(ifname)
         timer.active = False
-        dist.barrier()
+        world_barrier()
         per_method[m] = {"samples": samples, "period": period,
                          "meter_bytes_total": meter.total_bytes - meter_before,
                          "by_kind": {k: v - kinds_before.get(k, 0) for k, v in meter.by_kind.items()},
@@ -254,8 +256,7 @@ def run(args) -> int:
                   f"{s['wall_ms']:9.1f} ms  meter {s['meter_bytes']:14,.0f} B/step", flush=True)
 
     timer.uninstall()
-    gathered = [None] * world
-    dist.all_gather_object(gathered, per_method)
+    gathered = comm_world().all_gather_object(per_method)
     if rank == 0:
         result = {"kind": "ds_ext.bench.cluster", "world": world, "local_size": local_size,
                   "bandwidth": args.bandwidth, "bw_bits": parse_rate(args.bandwidth), "model": args.model,
@@ -269,7 +270,7 @@ def run(args) -> int:
             Path(args.out).write_text(json.dumps(result, indent=1))
             print(f"# results: {args.out}", flush=True)
         print_table(result, args.compute_ms, {})
-    dist.barrier()
+    world_barrier()
     dist.destroy_process_group()
     return 0
 

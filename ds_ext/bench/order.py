@@ -65,7 +65,7 @@ def _rank_main(rank, world, port, outdir, args):
         att = attach(engine, {"reducer": {"name": rname}}, order=order)
         times, epoch, pos, idx = [], 0, 0, order.epoch_indices(0)
         for s in range(args.warmup + args.steps):
-            dist.barrier()
+            att.comm.barrier()
             t0 = time.perf_counter()
             for _ in range(args.gas):
                 if pos == steps_per_epoch * args.gas:
@@ -77,8 +77,7 @@ def _rank_main(rank, world, port, outdir, args):
                 engine.backward(loss)
                 engine.step()
             times.append(time.perf_counter() - t0)
-        t = torch.tensor([statistics.median(times[args.warmup:])])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        t = att.comm.all_reduce(att.comm.tensor([statistics.median(times[args.warmup:])]), op="max")
         nparam = sum(p.numel() for p in model.parameters())
         results.append((label, t.item() * 1e3, att.meter.total_bytes / max(att.meter.steps, 1), nparam))
         att.detach()

@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     att.meter.total_bytes, att.meter.steps = 0, 0
     rates, iter_ms = [], []
     for i in range(args.iters):
-        dist.barrier()
+        att.comm.barrier()
         t0 = time.perf_counter()
         run(args.batches)
         dt = time.perf_counter() - t0
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
               f"{unit} per rank {mean:.1f} +- {1.96 * std:.1f}; total on {world} ranks {world * mean:.1f} +- "
               f"{world * 1.96 * std:.1f}; {att.meter.total_bytes / max(att.meter.steps, 1):,.0f} bytes sent per "
               f"rank per iteration", flush=True)
-    dist.barrier()
+    att.comm.barrier()
     return 0
 
 

@@ -62,7 +62,6 @@ from __future__ import annotations
 from typing import List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 from pydantic import Field
 
 from ..registry import ORDERS, Options
@@ -80,7 +79,11 @@ def sign_by_inner(s: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 class PairBalance:
-    """The replicated PairBalance state of all n workers (no communication; see the module doc)."""
+    """The replicated PairBalance state of all n workers (no communication; see the module doc).
+
+    The sign decisions stay on the gradients' device (``signs[p, j]``: worker j's pair p went "+"):
+    balancing a pair reads nothing on the host; the next table is resolved from the signs when it is
+    needed (the epoch boundary, a checkpoint), one host read per epoch instead of n per pair."""
 
     def __init__(self, n: int, m: int):
         if m % 2:
@@ -89,7 +92,7 @@ class PairBalance:
             raise ValueError(f"PairBalance needs at least 2 microbatches per epoch, got m={m}")
         self.n, self.m = n, m
         self.orders = torch.arange(m, dtype=torch.int64).repeat(n, 1)
-        self.next_orders = torch.full((n, m), -1, dtype=torch.int64)
+        self.signs: Optional[torch.Tensor] = None  # [m/2, n] bool, rows < left are decided
         self.run_sum: Optional[torch.Tensor] = None
         self.left, self.right = 0, m - 1
 
@@ -107,70 +110,93 @@ class PairBalance:
             self.run_sum = torch.zeros(diffs.shape[1], dtype=diffs.dtype, device=diffs.device)
         elif self.run_sum.device != diffs.device:  # restored from a checkpoint on CPU
             self.run_sum = self.run_sum.to(diffs.device)
-        s, p, lo, hi = self.run_sum, self.left, self.left, self.right
-        even, odd = self.orders[:, 2 * p].tolist(), self.orders[:, 2 * p + 1].tolist()
+        if self.signs is None or self.signs.device != diffs.device:
+            old = self.signs
+            self.signs = torch.zeros(self.m // 2, self.n, dtype=torch.bool, device=diffs.device)
+            if old is not None:
+                self.signs.copy_(old)
+        s, row = self.run_sum, self.signs[self.left]
         for j in range(self.n):
             v = diffs[j]
-            if sign_by_inner(s, v):
-                self.next_orders[j, lo], self.next_orders[j, hi] = even[j], odd[j]
-                s.add_(v)
-            else:
-                self.next_orders[j, hi], self.next_orders[j, lo] = even[j], odd[j]
-                s.sub_(v)
+            plus = torch.dot(s, v) <= 0  # CD-GraB's sign test, on the device
+            row[j] = plus
+            s.add_(torch.where(plus, v, -v))  # s += v ("+") or s -= v
         self.left += 1
         self.right -= 1
+
+    @property
+    def next_orders(self) -> torch.Tensor:
+        """The table being built: ``next[j, p]`` / ``next[j, m-1-p]`` hold worker j's units of pair p,
+        the even one in front when its sign was "+"; -1 where no pair has been balanced yet."""
+        nxt = torch.full((self.n, self.m), -1, dtype=torch.int64)
+        k = self.left
+        if k and self.signs is not None:
+            signs = self.signs[:k].cpu().T  # [n, k]: a host read (epoch boundary, checkpoint)
+            even, odd = self.orders[:, 0:2 * k:2], self.orders[:, 1:2 * k:2]
+            nxt[:, :k] = torch.where(signs, even, odd)
+            nxt[:, self.m - k:] = torch.where(signs, odd, even).flip(1)
+        return nxt
 
     def sort(self) -> None:
         """Epoch boundary: the balanced table becomes the order; reset sum and pointers."""
         if not self.complete:
             raise RuntimeError(f"PairBalance: epoch ended after {2 * self.left} of m={self.m} microbatches; "
                                "every microbatch of the epoch must be observed before the next order is taken")
-        self.orders, self.next_orders = self.next_orders, torch.full((self.n, self.m), -1, dtype=torch.int64)
-        self.run_sum = None
+        self.orders = self.next_orders
+        self.signs, self.run_sum = None, None
         self.left, self.right = 0, self.m - 1
 
     def state_dict(self) -> dict:
-        return {"n": self.n, "m": self.m, "orders": self.orders.clone(), "next_orders": self.next_orders.clone(),
+        return {"n": self.n, "m": self.m, "orders": self.orders.clone(), "next_orders": self.next_orders,
                 "run_sum": None if self.run_sum is None else self.run_sum.detach().cpu().clone(),
                 "left": self.left, "right": self.right}
 
     def load_state_dict(self, st: dict, device=None) -> None:
         if (st["n"], st["m"]) != (self.n, self.m):
             raise ValueError(f"sorter state is for n={st['n']}, m={st['m']}; this run has n={self.n}, m={self.m}")
-        self.orders, self.next_orders = st["orders"].clone(), st["next_orders"].clone()
+        self.orders = st["orders"].clone()
+        self.left, self.right = int(st["left"]), int(st["right"])
+        nxt, k = st["next_orders"], self.left
+        self.signs = torch.zeros(self.m // 2, self.n, dtype=torch.bool)
+        if k:  # the signs are what the table says: the even unit of pair p in front means "+"
+            self.signs[:k] = (nxt[:, :k] == self.orders[:, 0:2 * k:2]).T
         rs = st["run_sum"]
         self.run_sum = None if rs is None else rs.clone().to(device if device is not None else rs.device)
-        self.left, self.right = int(st["left"]), int(st["right"])
 
 
 class CountSketch:
-    """Seeded CountSketch projection R^d -> R^k (same on every rank): y[h(i)] += s(i) x[i]."""
+    """Seeded CountSketch projection R^d -> R^k (same on every rank): y[h(i)] = sum_i s(i) x[i].
+
+    Deterministic by construction: the coordinates are grouped by bucket once (a padded [k, L] gather
+    table, L the largest bucket, padding pointing at a zero), and each bucket is summed by one
+    reduction over its row, in increasing coordinate order; no atomic scatter, so every rank (and
+    every run) gets the same bits on a GPU too."""
 
     def __init__(self, d: int, k: int, seed: int, device=None):
         g = seeded_generator(seed, 0xC5, d, k)
         self.d, self.k = d, k
-        self.bucket = torch.randint(0, k, (d,), generator=g).to(device)
+        bucket = torch.randint(0, k, (d,), generator=g)
         self.sign = (torch.randint(0, 2, (d,), generator=g) * 2 - 1).float().to(device)
+        order = torch.sort(bucket, stable=True).indices  # coordinates grouped by bucket, increasing within
+        counts = torch.bincount(bucket, minlength=k)
+        width = int(counts.max()) if d else 0
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(d) - starts[bucket[order]]  # position of each sorted coordinate in its row
+        table = torch.full((k, max(width, 1)), d, dtype=torch.int64)  # d: the appended zero
+        table[bucket[order], slot] = order
+        self.bucket = bucket.to(device)
+        self.table = table.to(device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Project the last dimension of ``x`` ([d] or [r, d])."""
         xs = x.float() * self.sign
-        if xs.dim() == 1:
-            return torch.zeros(self.k, device=x.device).index_add_(0, self.bucket, xs)
-        return torch.zeros(xs.shape[0], self.k, device=x.device).index_add_(1, self.bucket, xs)
+        xs = torch.cat([xs, xs.new_zeros(xs.shape[:-1] + (1,))], dim=-1)
+        return xs[..., self.table].sum(-1)
 
 
 class DGrabOptions(Options):
     project_dim: int = Field(0, ge=0, description="balance a seeded CountSketch projection of the gradient to "
                                                   "this many dims (0: the full gradient, as the paper)")
-
-
-def gather_rows(t: torch.Tensor, group=None) -> torch.Tensor:
-    """all_gather a 1-D tensor from every rank into [world, len]."""
-    world = dist.get_world_size(group)
-    out = torch.empty(world * t.numel(), dtype=t.dtype, device=t.device)
-    dist.all_gather_into_tensor(out, t.contiguous(), group=group)
-    return out.view(world, t.numel())
 
 
 @ORDERS.register("dgrab", DGrabOptions)
@@ -186,7 +212,7 @@ class DGrab(Order):
         self.epoch = 0
         self.seen = 0  # microbatches observed in the current epoch
         self.cache: Optional[torch.Tensor] = None
-        self.group, self.meter, self.sketch = None, None, None
+        self.comm, self.sketch = None, None
         self.dropped_examples = 0
 
     # ---- planning (the trainer calls this before building the engine) -------------------------
@@ -216,9 +242,12 @@ class DGrab(Order):
     def name(self) -> str:
         return "dgrab"
 
-    def bind(self, group=None, meter=None, numel: int = 0, device=None) -> None:
-        """Called by ``attach``: process group, communication meter, gradient size."""
-        self.group, self.meter = group, meter
+    def bind(self, comm=None, numel: int = 0, device=None, group=None, meter=None) -> None:
+        """Called by ``attach``: the communicator, gradient size and device (without a communicator:
+        one over ``group`` on ``device``, metered by ``meter``)."""
+        from ..comm import Communicator
+
+        self.comm = comm if comm is not None else Communicator(group, device=device or "cpu", meter=meter)
         if self.options.project_dim:
             self.sketch = CountSketch(numel, self.options.project_dim, self.seed, device)
 
@@ -251,10 +280,7 @@ class DGrab(Order):
             self.cache = g.detach().clone()
         else:
             diff = self.cache.to(g.device).sub_(g)
-            gathered = gather_rows(diff, self.group)
-            if self.meter is not None:
-                self.meter.add("all_gather", diff.numel() * diff.element_size())
-            self.sorter.step(gathered)
+            self.sorter.step(self.comm.all_gather(diff, "all_gather"))
             self.cache = None
         self.seen += 1
 

@@ -5,11 +5,12 @@ asynchronously from the gradient-ready hooks as soon as the bucket is full (in b
 on the micro-batch that closes the accumulation window, so communication overlaps the rest of
 backward (wait-free backpropagation, as torch DDP and Horovod do; DeepSpeed's own ZeRO-0 allreduce
 runs after backward). The average is sum / world size in the gradient dtype, the same arithmetic as
-DeepSpeed's ``buffered_allreduce_fallback`` with default settings.
+DeepSpeed's ``buffered_allreduce_fallback`` with default settings. The buckets travel in DeepSpeed's
+``communication_data_type`` (``engine.communication_data_type``: the gradient dtype unless the config
+sets it): a bf16 model whose config asks for fp32 communication sends fp32 buckets, as DeepSpeed does.
 """
 from __future__ import annotations
 
-import torch.distributed as dist
 from pydantic import Field
 
 from ..registry import REDUCERS, Options
@@ -30,12 +31,11 @@ class AllreduceReducer(Reducer):
         self.fusion = BucketedCollective(self.params, int(options.bucket_mb * 2**20), self._launch)
 
     def _launch(self, buf):
-        self._count("allreduce", buf)
-        return dist.all_reduce(buf, group=self.group, async_op=True)
+        return self.comm.all_reduce_mean(buf, "allreduce", async_op=True, wire=True)
 
     def grad_ready(self, p):
         self.fusion.ready(p)
 
     def finish(self):
         self.fusion.flush()
-        self.fusion.wait_and_unpack(lambda buf: buf.div_(self.world_size))
+        self.fusion.wait_and_unpack()  # the handles divide by the world size

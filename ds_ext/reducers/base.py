@@ -7,7 +7,8 @@
   while backward is still running.
 * ``finish()`` is called before the optimizer step at that boundary: it waits for outstanding
   communication and writes the averaged gradients into ``p.grad``.
-* Every byte handed to a collective is reported to the ``CommMeter``.
+* Every collective goes through ``self.comm`` (``ds_ext.comm.Communicator``: metering, device,
+  DeepSpeed's comms logger); a reducer never calls ``torch.distributed``.
 * ``state_dict()`` / ``load_state_dict()`` hold all state needed to resume exactly.
 * ``stats()`` returns scalar diagnostics of the last step (e.g. achieved density); the trainer logs
   them as ``reducer/<name>``.
@@ -17,8 +18,7 @@ from __future__ import annotations
 from typing import List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
-
+from ..comm import Communicator, for_params
 from ..registry import NoOptions, Options
 
 
@@ -36,15 +36,24 @@ class Reducer:
     Options = NoOptions
     replaces_engine_allreduce = True
 
+    #: uses ``ds_ext.ops`` kernels (``attach`` prepares them at start-up, not inside step 1)
+    uses_kernels = False
+
     def __init__(self, named_params: List[Tuple[str, torch.nn.Parameter]], options: Options,
-                 group: Optional[dist.ProcessGroup] = None, meter=None, engine=None):
+                 comm: Optional[Communicator] = None, engine=None, group=None, meter=None):
+        """``comm``: the communicator ``attach`` hands in; without one (benchmarks, tests) a
+        communicator over ``group`` on the parameters' device, metered by ``meter``."""
         self.named_params = [(n, p) for n, p in named_params if p.requires_grad]
         self.params = [p for _, p in self.named_params]
         self.options = options
-        self.group = group
-        self.meter = meter
+        self.comm = comm if comm is not None else for_params(self.params, group=group, meter=meter)
         self.engine = engine
-        self.world_size = dist.get_world_size(group) if dist.is_initialized() else 1
+        self.world_size = self.comm.world_size
+        self.rank = self.comm.rank
+
+    @property
+    def meter(self):
+        return self.comm.meter
 
     def grad_ready(self, p: torch.nn.Parameter) -> None:
         pass
@@ -60,10 +69,6 @@ class Reducer:
 
     def load_state_dict(self, state: dict) -> None:
         pass
-
-    def _count(self, kind: str, t: torch.Tensor) -> None:
-        if self.meter is not None:
-            self.meter.add(kind, t.numel() * t.element_size())
 
     @classmethod
     def check_recipe(cls, recipe) -> list:

@@ -127,11 +127,12 @@ class BucketedCollective:
                     b.filled.add(i)
         self._launch_ready()
 
-    def wait_and_unpack(self, post: Callable[[torch.Tensor], None]) -> None:
+    def wait_and_unpack(self, post: Optional[Callable[[torch.Tensor], None]] = None) -> None:
         for b in self.buckets:
             if b.work is not None:
                 b.work.wait()
-            post(b.buffer)
+            if post is not None:
+                post(b.buffer)
             for i, p in enumerate(b.params):
                 view = self._slot(b, i).view_as(p)
                 if p.grad is None:

@@ -37,10 +37,7 @@ class CDGrabReducer(Reducer):
         self.order = order
 
     def microbatch(self, flat: torch.Tensor) -> None:
-        from ..order.dgrab import gather_rows
-
-        gathered = gather_rows(flat, self.group)
-        self._count("all_gather", flat)
+        gathered = self.comm.all_gather(flat, "all_gather")  # [n, d]
         if self.acc is None:
             self.acc = torch.zeros_like(flat)
         self.acc.add_(gathered.mean(0))

@@ -1,20 +1,19 @@
 """The shared machinery of reducers that compress one flat vector of all gradients (``topk``,
 ``exdyna``, ``signsgd``): every trainable parameter's gradient added into one persistent fp32 vector
 (with error feedback it *is* the residual), a persistent dense output written back into ``p.grad`` in
-the parameter's dtype, counted collectives, the fp16 dynamic-loss-scaling refusal and the per-rank
+the parameter's dtype, the fp16 dynamic-loss-scaling refusal and the per-rank
 state checks."""
 from __future__ import annotations
 
-from typing import List
-
 import torch
-import torch.distributed as dist
 
 from .base import Reducer
 
 
 class FlatReducer(Reducer):
-    """Flat fp32 view of all gradients, error feedback, write-back; the collectives' wrappers."""
+    """Flat fp32 view of all gradients, error feedback, write-back."""
+
+    uses_kernels = True
 
     def __init__(self, named_params, options, **kw):
         super().__init__(named_params, options, **kw)
@@ -23,7 +22,6 @@ class FlatReducer(Reducer):
         self.device = self.params[0].device
         self.numels = [p.numel() for p in self.params]
         self.numel = sum(self.numels)
-        self.rank = dist.get_rank(self.group) if dist.is_initialized() else 0
         self.error = torch.zeros(self.numel, device=self.device) if options.error_feedback else None
         # persistent work buffers (fresh N-element allocations cost page faults every step on the CPU)
         self._send = None if options.error_feedback else torch.zeros(self.numel, device=self.device)
@@ -61,21 +59,9 @@ class FlatReducer(Reducer):
                 p.grad.copy_(v)
             off += n
 
-    # -- collectives (every payload is counted) -------------------------------------------------
-    def _all_gather(self, t: torch.Tensor, kind: str) -> List[torch.Tensor]:
-        self._count(kind, t)
-        out = [torch.empty_like(t) for _ in range(self.world_size)]
-        dist.all_gather(out, t, group=self.group)
-        return out
-
-    def _all_reduce(self, t: torch.Tensor, kind: str) -> torch.Tensor:
-        self._count(kind, t)
-        dist.all_reduce(t, group=self.group)
-        return t
-
     @property
     def distributed(self) -> bool:
-        return dist.is_initialized() and self.world_size > 1
+        return self.comm.distributed
 
     def grad_ready(self, p) -> None:
         pass  # compression needs every gradient: all work is in finish()

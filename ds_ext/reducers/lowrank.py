@@ -40,7 +40,6 @@ from collections import defaultdict
 from typing import Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 from pydantic import Field
 
 from ..registry import REDUCERS, Options
@@ -65,9 +64,19 @@ def orthogonalize(x: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
     return torch.cat(cols, dim=-1)
 
 
-def _seeded_randn(shape, seed: int, index: int, device) -> torch.Tensor:
+def _seeded_randn(shape, seed: int, index: int, device=None) -> torch.Tensor:
+    """Seeded factors from a CPU generator (identical on every rank), moved to ``device`` if given."""
     g = torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63))
-    return torch.randn(*shape, generator=g, dtype=torch.float32).to(device)
+    x = torch.randn(*shape, generator=g, dtype=torch.float32)
+    return x if device is None else _to_device(x, device)
+
+
+def _to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """Host tensor to ``device`` without a blocking pageable copy (pinned, asynchronous on CUDA)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 class _Meta:
@@ -142,7 +151,7 @@ def _decompress(metas: List[_Meta], P: torch.Tensor, Q: torch.Tensor) -> None:
                 _write_grad(m, P[j] @ Q[j].T)
         return
     approx = torch.bmm(P, Q.transpose(1, 2))
-    if all(m.p.grad is not None for m in metas):
+    if all(m.p.grad is not None and m.p.grad.is_contiguous() for m in metas):  # channels_last: not a view
         torch._foreach_copy_([m.p.grad.view(m.n, m.m) for m in metas], list(approx.unbind(0)))
     else:
         for j, m in enumerate(metas):
@@ -193,8 +202,7 @@ class _LowRankBase(Reducer):
         return res
 
     def _allreduce(self, buf: torch.Tensor, kind: str, async_op: bool = False):
-        self._count(kind, buf)
-        return dist.all_reduce(buf, group=self.group, async_op=async_op)
+        return self.comm.all_reduce(buf, kind, async_op=async_op)
 
     def compressed_fraction(self) -> float:
         return sum(m.p.numel() for m in self.metas if m.compressed) / max(1, sum(m.p.numel() for m in self.metas))
@@ -248,13 +256,13 @@ class PowerSGDReducer(_LowRankBase):
         Ps = []
         for c in cls:
             _accumulate(c.E, c.metas, o.use_error_feedback)  # E now holds M (+ E)
-            if not o.warm_start:
-                c.Q.copy_(torch.stack([_seeded_randn((c.key[1], c.key[2]), o.seed + self.steps, 2 * m.index + 1,
-                                                     c.Q.device) for m in c.metas]))
+            if not o.warm_start:  # fresh seeded factors: drawn on the CPU generator, one copy to the device
+                c.Q.copy_(_to_device(torch.stack([_seeded_randn((c.key[1], c.key[2]), o.seed + self.steps,
+                                                                2 * m.index + 1) for m in c.metas]), c.Q.device))
             Ps.append(torch.bmm(c.E, c.Q))
         # allreduce P together with the uncompressed tensors
         flat_p = torch.cat([x.reshape(-1) for x in Ps] + [_flat_grad(m) for m in self.plain]) \
-            if (Ps or self.plain) else torch.zeros(0)
+            if (Ps or self.plain) else self.comm.zeros(0)
         self._allreduce(flat_p, "powersgd_p")
         flat_p.div_(self.world_size)
         off = 0

@@ -17,11 +17,11 @@ class DeepSpeedReducer(Reducer):
     replaces_engine_allreduce = False
 
     def finish(self):
-        if self.meter is None or self.world_size == 1:
+        if self.world_size == 1:
             return
         dtype = getattr(self.engine, "communication_data_type", None) or torch.float32
         size = torch.empty((), dtype=dtype).element_size()
-        self.meter.add("allreduce", sum(p.numel() for p in self.params if p.grad is not None) * size)
+        self.comm.record("allreduce", sum(p.numel() for p in self.params if p.grad is not None) * size)
 
 
 @REDUCERS.register("none")

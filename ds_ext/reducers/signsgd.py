@@ -7,10 +7,11 @@ Stich & Jaggi, "Error Feedback Fixes SignSGD and other Gradient Compression Sche
 ``e <- p - delta``. It is the classic 1-bit baseline the ACP-SGD paper evaluates against.
 
 Per rank and per parameter tensor (d = its number of elements): ``p = grad + e`` (fp32), packed
-with ``ds_ext.ops.sign_pack`` to ``ceil(d/8)`` bytes and one fp32 scale ``mean |p|``; the residual is
-written in the same pass. One all_gather of every rank's packed bits (all tensors in one uint8
+with ``ds_ext.ops.sign_pack_segments`` (every tensor of the flat vector in one call) to ``ceil(d/8)``
+bytes and one fp32 scale ``mean |p|``; the residual is written in the same pass. One all_gather of every rank's packed bits (all tensors in one uint8
 buffer) and one of the scales (fp32, one per tensor); every rank then decodes the same data in the
-same order (rank 0 first, ``ops.sign_unpack(..., accumulate=True)``) and divides by n, so all ranks
+same order (rank 0 first, ``ops.sign_unpack_segments(..., accumulate=True)``, the scales read on the
+device, never on the host) and divides by n, so all ranks
 apply identical gradients: ``(1/n) sum_r scale_r,t sign(p_r,t)``. Bytes sent per step and rank:
 ``sum_t ceil(d_t/8) + 4 * tensors``, about 1/32 of fp32.
 
@@ -28,10 +29,8 @@ Deliberate choices, named:
 """
 from __future__ import annotations
 
-from typing import List, Literal
+from typing import Literal
 
-import torch
-import torch.distributed as dist
 from pydantic import Field
 
 from .. import ops
@@ -52,48 +51,37 @@ class SignSGDReducer(FlatReducer):
     def __init__(self, named_params, options: SignSGDOptions, **kw):
         super().__init__(named_params, options, **kw)
         if options.scale == "tensor":
-            self.segments = []
-            off = 0
+            self.offsets = [0]
             for n in self.numels:
-                self.segments.append((off, n))
-                off += n
+                self.offsets.append(self.offsets[-1] + n)
         else:
-            self.segments = [(0, self.numel)]
-        self.nbytes = [(n + 7) // 8 for _, n in self.segments]
+            self.offsets = [0, self.numel]
+        self.nbytes = [(b - a + 7) // 8 for a, b in zip(self.offsets, self.offsets[1:])]
+        self._scales = None
 
     def finish(self) -> None:
-        buf = self._send_buffer()  # p = grad + e; sign_pack leaves the residual in it
-        packed: List[torch.Tensor] = []
-        scales: List[torch.Tensor] = []
-        for st, n in self.segments:
-            seg = buf[st:st + n]
-            b, s = ops.sign_pack(seg, residual=seg)  # residual in place: buf becomes e
-            packed.append(b)
-            scales.append(s.reshape(1))
-        packed_t = torch.cat(packed)
-        scales_t = torch.cat(scales)
+        buf = self._send_buffer()  # p = grad + e; the pack leaves the residual in it
+        packed, scales = ops.sign_pack_segments(buf, self.offsets, residual=buf)  # every segment, one call
         if self.distributed:
-            self._count("signsgd_bits", packed_t)
-            self._count("signsgd_scales", scales_t)
-            all_p = [torch.empty_like(packed_t) for _ in range(self.world_size)]
-            all_s = [torch.empty_like(scales_t) for _ in range(self.world_size)]
-            dist.all_gather(all_p, packed_t, group=self.group)
-            dist.all_gather(all_s, scales_t, group=self.group)
+            all_p = self.comm.all_gather(packed, "signsgd_bits")  # [n, bytes]
+            all_s = self.comm.all_gather(scales, "signsgd_scales")  # [n, segments], stays on the device
         else:
-            all_p, all_s = [packed_t], [scales_t]
+            all_p, all_s = packed.unsqueeze(0), scales.unsqueeze(0)
         out = self._output()
-        for pr, sr in zip(all_p, all_s):
-            scales_host = sr.tolist()
-            boff = 0
-            for (st, n), nb, sc in zip(self.segments, self.nbytes, scales_host):
-                ops.sign_unpack(pr[boff:boff + nb], sc, n, out=out[st:st + n], accumulate=True)
-                boff += nb
+        for r in range(all_p.shape[0]):  # rank order, the same on every rank
+            ops.sign_unpack_segments(all_p[r], all_s[r], self.offsets, out, accumulate=True)
         if self.world_size > 1:
             out.div_(self.world_size)
         self._write_back(out)
         self.iteration += 1
-        self._stats = {"bits_per_element": 8.0 * (packed_t.numel() + 4 * scales_t.numel()) / self.numel,
-                       "mean_scale": float(scales_t.mean())}
+        self._scales = scales
+
+    def stats(self) -> dict:
+        """Read on logging steps only (the mean scale is a host read)."""
+        if self._scales is None:
+            return {}
+        return {"bits_per_element": 8.0 * (sum(self.nbytes) + 4 * len(self.nbytes)) / self.numel,
+                "mean_scale": float(self._scales.mean())}
 
     def state_dict(self) -> dict:
         return self._base_state()

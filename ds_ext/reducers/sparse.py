@@ -53,7 +53,9 @@ The inner loops go through ``ds_ext.ops`` (``threshold_select``, ``topk_select``
     4. Threshold: ``1 / (2 sqrt(k))`` at t = 0, then multiplied by 1.005 if ``k_prev / k > 1.1``,
        by 0.995 if ``k_prev / k <= 0.909``, and otherwise by 1.00125 (``threshold_rule: faithful``)
        or 1 (``threshold_rule: hold``).
-    Communication, the seed's three collectives: all_gather of the per-rank counts (int64),
+    Communication, the seed's three collectives: all_gather of the per-rank counts (int64; the count
+    is computed on the device first, ``ops.threshold_count``, and this exchange is the step's one host
+    read, so the selection is then sized without another synchronisation),
     all_gather of the indices padded to the largest count (int64), all_reduce (sum) of every rank's
     ``g_r`` at all gathered indices (fp32). The applied gradient is ``sum_r g_r[I] / n`` on I, and
     ``e_r`` is zeroed at every globally selected coordinate. Logged load imbalance:
@@ -73,6 +75,10 @@ Deliberate deviations from the reference code, named:
 * ``k = max(1, int(density * N))`` (the reference takes the square root / top-k of 0 otherwise).
 * ``initial_threshold`` (exdyna, default: the seed's ``1/(2 sqrt(k))``) can set the first
   threshold; ``0`` selects every coordinate, i.e. exact averaging.
+* ``topk``'s all_gather exchange adds the n gathered (index, value) sets rank by rank, in rank order
+  (one scatter per rank, whose indices are unique): the result does not depend on the order in which
+  a GPU's atomic additions land, so every rank holds the same bits (the seed adds them in one call).
+  Its union size (a sort) is computed only when ``stats()`` is read (logging steps).
 * Padding of the index all_gather is zeros (the reference pads with uninitialised memory); it is
   never read.
 * One rank (no process group or world size 1): the same selection, no collectives (the reference
@@ -147,31 +153,44 @@ class TopKReducer(_SparseBase):
         n = self.world_size
         dense = self._output()
         ef = g if self.error is not None else None
+        gathered = None
         if not self.distributed:
-            union = idx
             ops.scatter_add_(dense, idx, vals, zero_in=ef)  # EF zeroing of what was sent, same pass
         elif self.options.exchange == "allgather":
             vdt = _VALUE_DTYPES[self.options.value_dtype]
             sent = vals if vdt == torch.float32 else ops.pack_values(g, vdt, idx)  # gather + convert, one pass
-            all_idx = torch.cat(self._all_gather(idx, "topk_indices"))
-            all_vals = torch.cat(self._all_gather(sent, "topk_values"))
-            ops.scatter_add_(dense, all_idx, all_vals)
+            gathered = self.comm.all_gather(idx, "topk_indices")  # [n, k]
+            all_vals = self.comm.all_gather(sent, "topk_values")
+            # rank by rank, in rank order: indices are unique within a rank, so no two additions of one
+            # call hit the same coordinate and the sums do not depend on the order of atomic additions
+            for r in range(n):
+                ops.scatter_add_(dense, gathered[r], all_vals[r])
             dense.div_(n)
-            union = torch.unique(all_idx)
             if ef is not None:
                 if vdt == torch.float32:
                     ops.zero_at_(g, idx)  # only this rank's own sent coordinates
                 else:  # keep what rounding to the wire dtype lost
                     g[idx] = vals - sent.float()
         else:
-            union = torch.unique(torch.cat(self._all_gather(idx, "topk_indices")))
-            ops.scatter_add_(dense, union, self._all_reduce(g[union], "topk_values").div_(n), zero_in=ef)
+            gathered = self.comm.all_gather(idx, "topk_indices")
+            union = torch.unique(gathered)  # sorted, unique (its size is data-dependent: a device sync on a GPU)
+            ops.scatter_add_(dense, union, self.comm.all_reduce(g[union], "topk_values").div_(n), zero_in=ef)
         self._write_back(dense)
         self.iteration += 1
-        u = union.numel()
-        self.last = {"indices": idx, "union": union}
-        self._stats = {"density": u / self.numel, "target_density": self.options.density,
-                       "union_size": u, "k": self.k, "buildup": u / self.k}
+        self.last = {"indices": idx, "gathered": gathered}
+
+    def union(self) -> torch.Tensor:
+        """The union of the last step's n top-k index sets (computed on demand: it needs a sort)."""
+        g = self.last.get("gathered")
+        return self.last["indices"] if g is None else torch.unique(g)
+
+    def stats(self) -> dict:
+        """Read on logging steps only (the union size needs a sort and a host read)."""
+        if not self.last:
+            return {}
+        u = self.union().numel()
+        return {"density": u / self.numel, "target_density": self.options.density, "union_size": u, "k": self.k,
+                "buildup": u / self.k}
 
     def state_dict(self) -> dict:
         return self._base_state()
@@ -320,23 +339,28 @@ class ExDynaReducer(_SparseBase):
             self.threshold *= threshold_factor(self.k_prev / self.k, o.threshold_rule)
 
         g = self._send_buffer()
-        idx, _, count = ops.threshold_select(g, self.threshold, st, en)
-        fallback = count == 0
+        # the count first (on the device), then every rank's count in one exchange: the step's one host
+        # read (the engine's non-finite flags ride along); the selection is then sized without a sync
+        cnt = ops.threshold_count(g, self.threshold, st, en)
+        ks_raw = [row[0] for row in self.comm.exchange_control(cnt.reshape(1), "exdyna_counts")]
+        ks = [max(1, k) for k in ks_raw]  # an empty selection sends one element (the reference's fallback)
+        fallback = ks_raw[self.rank] == 0
         if fallback:
-            idx = torch.tensor([st + t % (en - st)], dtype=torch.int64, device=g.device)
-            count = 1
+            idx = torch.full((1,), st + t % (en - st), dtype=torch.int64, device=g.device)
+        else:
+            idx, _, _ = ops.threshold_select(g, self.threshold, st, en, count=ks_raw[self.rank])
+        count = ks[self.rank]
         if self.distributed:
-            ks_t = self._all_gather(torch.tensor([count], dtype=torch.int64, device=g.device), "exdyna_counts")
-            ks = [int(x.item()) for x in ks_t]
             padded = idx.new_zeros(max(ks))
             padded[:count] = idx
-            gathered = self._all_gather(padded, "exdyna_indices")
-            union = torch.cat([gi[:k] for gi, k in zip(gathered, ks)])
-            vals = self._all_reduce(g[union], "exdyna_values").div_(n)
+            gathered = self.comm.all_gather(padded, "exdyna_indices")
+            union = torch.cat([gathered[r, :k] for r, k in enumerate(ks)])
+            vals = self.comm.all_reduce(g[union], "exdyna_values").div_(n)
         else:
-            ks, union, vals = [count], idx, g[idx]
+            union, vals = idx, g[idx]
         dense = self._output()
-        # error feedback zeroes every globally selected coordinate, fused into the scatter's pass
+        # error feedback zeroes every globally selected coordinate, fused into the scatter's pass; the
+        # partitions are exclusive, so the union holds no repeated index (order-independent sums)
         ops.scatter_add_(dense, union, vals, zero_in=g if self.error is not None else None)
         self._write_back(dense)
 

@@ -26,8 +26,14 @@ Deliberate deviations from the reference code, named:
 * DS-Sync averages after the optimizer step (as the reference's SQuAD / DeepFM scripts; its CIFAR and
   ImageNet scripts average before the forward pass -- the same sequence shifted by one step).
 * The shuffle permutation is drawn from a generator seeded by (seed, sync index), so a resumed run
-  continues the same sequence; process groups are created lazily the first time a member set is
-  needed -- by every rank, in the same order (``new_group`` is collective) -- and cached.
+  continues the same sequence. By default each sync draws one of ``shuffle_pool`` (16) seeded
+  partitions rather than a fresh permutation (the reference): every member set needs a process group
+  (an NCCL communicator: GPU memory, threads, and a world-wide ``ncclCommSplit`` when it is first
+  made), and fresh draws at world 16, G=2 would make about 1,850 of them in 1,000 syncs; the pool
+  bounds them to ``shuffle_pool x G``. ``shuffle_pool: 0`` draws freshly as the reference does; the
+  communicator's cache (``ds_ext.comm.Communicator.max_subgroups``, least recently used first) still
+  bounds how many are alive. Groups are made lazily the first time a member set is needed -- by every
+  rank, in the same order (making a group is collective) -- through the communicator.
 * Evaluation between syncs (when local parameters differ) scores the *average* model: parameters are
   averaged into the module for the evaluation (not counted as training traffic) and the local ones
   restored afterwards. The reference only evaluates at sync points.
@@ -37,8 +43,9 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Dict, Iterable, List, Literal, Optional
 
+import random
+
 import torch
-import torch.distributed as dist
 from pydantic import Field, model_validator
 
 from ..registry import SYNCS, Options
@@ -95,6 +102,9 @@ class DSSyncOptions(AveragingOptions):
         None, description="grouping 'patterns': list of patterns, each a list of G rank lists; default: "
                           "contiguous blocks, then blocks shifted by one rank")
     seed: int = Field(0, description="seed of the shared shuffle permutations")
+    shuffle_pool: int = Field(16, ge=0, description="grouping 'shuffle': draw each sync's partition from this many "
+                                                    "seeded partitions (bounds the process groups to pool x groups); "
+                                                    "0: a fresh permutation every sync, as the reference")
 
 
 def _check_common(recipe, name: str) -> list:
@@ -127,12 +137,13 @@ def _check_common(recipe, name: str) -> list:
 class _Averaging(Synchronizer):
     """Shared machinery: period, round counters, fused flat averaging, eval view, per-rank state."""
 
-    def __init__(self, named_params, options: AveragingOptions, group=None, meter=None, engine=None,
+    def __init__(self, named_params, options: AveragingOptions, comm=None, engine=None,
                  total_steps: Optional[int] = None, lr_at: Optional[Callable[[int], float]] = None,
-                 warmup_steps: Optional[int] = None):
-        super().__init__(named_params, options, group=group, meter=meter, engine=engine, total_steps=total_steps)
+                 warmup_steps: Optional[int] = None, group=None, meter=None):
+        super().__init__(named_params, options, comm=comm, engine=engine, total_steps=total_steps, group=group,
+                         meter=meter)
         self.params = [p for _, p in named_params]
-        self.world_size = dist.get_world_size(group) if dist.is_initialized() else 1
+        self.world_size = self.comm.world_size
         sched = getattr(engine, "lr_scheduler", None) if engine is not None else None
         if lr_at is None and hasattr(sched, "lr_at"):
             lr_at = sched.lr_at
@@ -224,20 +235,16 @@ class _Averaging(Synchronizer):
             return []
         return [b for n, b in module.named_buffers() if n.endswith(("running_mean", "running_var"))]
 
-    def _average(self, tensors: List[torch.Tensor], group, size: int, count: bool = True) -> None:
-        if not tensors or size == 1:
+    def _average(self, tensors: List[torch.Tensor], comm, size: int, count: bool = True) -> None:
+        """Average ``tensors`` over ``comm``'s ranks (``size`` of them) with one fused fp32 all_reduce;
+        ``count=False``: evaluation-only traffic, not metered as training communication."""
+        if not tensors or size == 1 or comm is None:
             return
         flat = torch.cat([t.reshape(-1).float() for t in tensors])
-        if count:
-            self._count("param_allreduce", flat)
-        dist.all_reduce(flat, group=group)
+        comm.all_reduce(flat, "param_allreduce" if count else None)
         flat.div_(size)
         views = [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
         torch._foreach_copy_(tensors, views)
-
-    def _count(self, kind: str, t: torch.Tensor) -> None:
-        if self.meter is not None:
-            self.meter.add(kind, t.numel() * t.element_size())
 
     def _average_now(self) -> None:
         raise NotImplementedError
@@ -258,7 +265,7 @@ class _Averaging(Synchronizer):
         saved = None
         if not self.in_sync and self.world_size > 1:
             saved = [p.detach().clone() for p in self.params] + [b.clone() for b in self._bn_buffers()]
-            self._average(self._tensors(for_eval=True), self.group, self.world_size, count=False)
+            self._average(self._tensors(for_eval=True), self.comm, self.world_size, count=False)
         if self.options.bn_batches > 0 and train_batches is not None:
             self._reestimate_bn(module, train_batches)
         try:
@@ -289,7 +296,7 @@ class _Averaging(Synchronizer):
             m.momentum = mom
         module.train(was_training)
         stats = [t for m in bns for t in (m.running_mean, m.running_var)]
-        self._average(stats, self.group, self.world_size, count=False)
+        self._average(stats, self.comm, self.world_size, count=False)
 
     # -- state ----------------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -323,7 +330,7 @@ class LocalSync(_Averaging):
     or post-local)."""
 
     def _average_now(self) -> None:
-        self._average(self._tensors(), self.group, self.world_size)
+        self._average(self._tensors(), self.comm, self.world_size)
 
     @classmethod
     def check_recipe(cls, recipe) -> list:
@@ -347,13 +354,11 @@ class DSSync(_Averaging):
 
     def __init__(self, named_params, options: DSSyncOptions, **kw):
         super().__init__(named_params, options, **kw)
-        if self.group is not None:
-            raise ValueError("dssync builds its own process groups over the default (world) group")
         n, g = self.world_size, options.groups
         if n % g:
             raise ValueError(f"dssync: groups={g} does not divide the world size {n}")
         self.group_size = n // g
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.rank = self.comm.rank
         if options.grouping == "patterns":
             self.patterns = options.patterns or default_patterns(n, g)
             for i, pat in enumerate(self.patterns):
@@ -361,7 +366,8 @@ class DSSync(_Averaging):
                 if flat != list(range(n)) or len(pat) != g or any(len(grp) != self.group_size for grp in pat):
                     raise ValueError(f"dssync: patterns[{i}] = {pat} must split ranks 0..{n - 1} into {g} groups of "
                                      f"{self.group_size}")
-        self._handles: Dict[tuple, object] = {}
+        self.pool = [self._permutation(i) for i in range(options.shuffle_pool)] \
+            if options.grouping == "shuffle" else []
 
     @property
     def synced_globally(self) -> bool:
@@ -373,26 +379,27 @@ class DSSync(_Averaging):
         n, g, s = self.world_size, o.groups, self.group_size
         if o.grouping == "patterns":
             return [sorted(grp) for grp in self.patterns[index % len(self.patterns)]]
-        gen = torch.Generator().manual_seed((o.seed * 1_000_003 + index) % 2**63)
-        perm = torch.randperm(n, generator=gen).tolist()
+        if self.pool:
+            perm = self.pool[random.Random(o.seed * 1_000_003 + index).randrange(len(self.pool))]
+        else:
+            perm = self._permutation(index)
         return [sorted(perm[k * s:(k + 1) * s]) for k in range(g)]
 
-    def _handle(self, members: tuple):
-        if members not in self._handles:
-            from ..distributed import new_group  # the recipe's collective timeout, not torch's 30 min
-
-            self._handles[members] = new_group(members)
-        return self._handles[members]
+    def _permutation(self, index: int) -> List[int]:
+        """A seeded permutation of the ranks (host arithmetic only: nothing is read from a tensor)."""
+        perm = list(range(self.world_size))
+        random.Random((self.options.seed * 1_000_003 + index) % 2**63).shuffle(perm)
+        return perm
 
     def _average_now(self) -> None:
         if self.group_size == 1:
             return
         groups = self.grouping(self.rounds)
         mine = None
-        for grp in groups:  # every rank creates every new group, in the same order
-            h = self._handle(tuple(grp)) if self.group_size < self.world_size else None
+        for grp in groups:  # every rank makes every group's communicator, in the same order (collective)
+            c = self.comm.subgroup(grp) if self.group_size < self.world_size else self.comm
             if self.rank in grp:
-                mine = h
+                mine = c
         self._average(self._tensors(), mine, self.group_size)
 
     @classmethod

@@ -6,6 +6,7 @@
   SGD: data-parallel first, local later);
 * ``eval_view(module, train_batches)`` is a context manager the trainer evaluates inside (local
   methods evaluate the averaged model);
+* every collective goes through ``self.comm`` (``ds_ext.comm``);
 * its counters (and, for methods whose ranks diverge, each rank's own parameters and optimizer
   state) live in ``state_dict()``.
 """
@@ -15,8 +16,8 @@ import contextlib
 from typing import List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 
+from ..comm import Communicator, for_params
 from ..registry import SYNCS, NoOptions, Options
 
 
@@ -24,12 +25,13 @@ class Synchronizer:
     Options = NoOptions
 
     def __init__(self, named_params: List[Tuple[str, torch.nn.Parameter]], options: Options,
-                 group: Optional[dist.ProcessGroup] = None, meter=None, engine=None,
-                 total_steps: Optional[int] = None):
+                 comm: Optional[Communicator] = None, engine=None, total_steps: Optional[int] = None,
+                 group=None, meter=None):
+        """``comm``: the communicator ``attach`` hands in (without one: a communicator over ``group``
+        on the parameters' device, metered by ``meter``)."""
         self.named_params = named_params
         self.options = options
-        self.group = group
-        self.meter = meter
+        self.comm = comm if comm is not None else for_params([p for _, p in named_params], group=group, meter=meter)
         self.engine = engine
         self.total_steps = total_steps
 

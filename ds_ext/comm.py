@@ -1,0 +1,426 @@
+"""The one communication layer: every collective ds_ext makes goes through a ``Communicator``.
+
+Methods (reducers, synchronizers, orders), the engine's step hooks and the trainer are handed a
+communicator and never call ``torch.distributed`` themselves (``tests/test_comm.py`` fails if a
+collective is called anywhere else in the package). A communicator is
+
+* **on ``deepspeed.comm``**: ``all_reduce``, ``all_gather_into_tensor``, ``broadcast`` and ``barrier``
+  are DeepSpeed's, so DeepSpeed's comms logger (``"comms_logger": {"enabled": true}``) sees our
+  traffic under the ``log_name`` ``ds_ext/<kind>``, and whatever backend DeepSpeed runs (NCCL, gloo,
+  CCL, HCCL) carries it. Process groups are made with ``torch.distributed.new_group`` here, the one
+  exception, because ``deepspeed.comm.new_group`` cannot pass the run's collective timeout.
+* **the one meter**: every collective names a ``kind``; its payload (numel x element size of the
+  tensor this rank hands in, before any wire-dtype cast: see ``CommMeter``) is added to the meter
+  under that kind. ``kind=None`` is control traffic (non-finite flags, consistency digests,
+  evaluation sums): not metered as training communication.
+* **the one place tensors meet the communication device**: ``device`` is the engine's device
+  (``cuda:<local rank>`` under NCCL; the parameters' device under gloo, which takes CPU and CUDA
+  tensors). Every tensor handed to a collective must already be there (a ``ValueError`` naming the
+  kind and both devices otherwise: NCCL would refuse a CPU tensor at run time, so the rule is
+  checked on every backend); ``tensor()`` / ``zeros()`` build small control data on it.
+* **one host read per step for control data**: ``exchange_control`` all-gathers small int64 vectors
+  and reads them with ONE ``tolist()``; data posted with ``post_control`` (the engine's non-finite
+  flags) rides along on the first exchange of the step, so a step whose reducer needs its own
+  control exchange (ExDyna's counts) still reads the host once.
+* **``communication_data_type``**: ``all_reduce_mean(..., wire=True)`` sends a gradient payload in
+  ``wire_dtype`` (DeepSpeed's ``engine.communication_data_type``) and casts the result back.
+
+``LoopbackWorld`` simulates n ranks in one process (one thread per rank, a shared exchange and a
+barrier; sums in rank order), so method arithmetic is tested in milliseconds; the real multi-process
+tests (gloo through DeepSpeed) cover what is distributed.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_OPS = ("sum", "max", "min")
+
+
+class Handle:
+    """An asynchronous collective: ``wait()`` completes it (and its post-processing, e.g. the division
+    of a mean or the cast back from the wire dtype) and returns the result tensor."""
+
+    __slots__ = ("_work", "_post", "result")
+
+    def __init__(self, work, result: torch.Tensor, post: Optional[Callable[[], None]] = None):
+        self._work, self._post, self.result = work, post, result
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        if self._post is not None:
+            post, self._post = self._post, None
+            post()
+        return self.result
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+def _dscomm():
+    import deepspeed.comm as dc
+
+    return dc
+
+
+def default_device() -> torch.device:
+    """The accelerator device DeepSpeed uses on this rank (``cpu`` with ``DS_ACCELERATOR=cpu``)."""
+    try:
+        from deepspeed.accelerator import get_accelerator
+
+        return torch.device(get_accelerator().current_device_name())
+    except Exception:  # deepspeed absent or no accelerator: CPU
+        return torch.device("cpu")
+
+
+class Communicator:
+    """Collectives over one process group, on one device, metered (see the module docstring)."""
+
+    #: the most communicators ``subgroup`` keeps (each NCCL one holds GPU memory and threads)
+    max_subgroups = 64
+
+    def __init__(self, group=None, device=None, meter=None, wire_dtype: Optional[torch.dtype] = None):
+        self.group = group
+        self.meter = meter
+        self.device = torch.device(device) if device is not None else default_device()
+        self.wire_dtype = wire_dtype
+        dist = _dist()
+        self._live = dist.is_available() and dist.is_initialized()
+        self.world_size = dist.get_world_size(group) if self._live else 1
+        self.rank = dist.get_rank(group) if self._live else 0
+        self.global_rank = dist.get_rank() if self._live else 0
+        self._subgroups: "OrderedDict[tuple, Optional[Communicator]]" = OrderedDict()
+        self.subgroups_created = 0
+        self._posted: Optional[torch.Tensor] = None
+        self._collected: Optional[List[List[int]]] = None
+
+    # -- properties ---------------------------------------------------------------------------------
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def with_meter(self, meter) -> "Communicator":
+        """The same group and device with another meter (``None``: unmetered)."""
+        c = object.__new__(type(self))
+        c.__dict__.update(self.__dict__)
+        c.meter = meter
+        return c
+
+    # -- control data on the communication device ----------------------------------------------------
+    def tensor(self, data, dtype=None) -> torch.Tensor:
+        return torch.tensor(data, dtype=dtype, device=self.device)
+
+    def zeros(self, *shape, dtype=torch.float32) -> torch.Tensor:
+        return torch.zeros(*shape, dtype=dtype, device=self.device)
+
+    # -- metering and placement ------------------------------------------------------------------------
+    def _check(self, t: torch.Tensor, kind: Optional[str]) -> None:
+        if t.device != self.device:
+            raise ValueError(f"ds_ext.comm: tensor for {kind or 'control data'!r} is on {t.device}, the communication "
+                             f"device is {self.device} (NCCL refuses tensors off its device): build it on comm.device")
+        if not t.is_contiguous():
+            raise ValueError(f"ds_ext.comm: tensor for {kind or 'control data'!r} is not contiguous")
+
+    def _count(self, kind: Optional[str], t: torch.Tensor) -> None:
+        if kind is not None and self.meter is not None:
+            self.meter.add(kind, t.numel() * t.element_size())
+
+    def record(self, kind: str, nbytes: int) -> None:
+        """Traffic another layer sent for us (reducer ``deepspeed``: DeepSpeed's own allreduce, which
+        its comms logger sees directly), entered in the same meter."""
+        if self.meter is not None:
+            self.meter.add(kind, nbytes)
+
+    # -- collectives -----------------------------------------------------------------------------------
+    def all_reduce(self, t: torch.Tensor, kind: Optional[str] = None, op: str = "sum", async_op: bool = False):
+        """In place over the group. Returns ``t`` (or a ``Handle`` with ``async_op``)."""
+        self._check(t, kind)
+        self._count(kind, t)
+        work = self._all_reduce(t, op, async_op, kind) if self.distributed else None
+        return Handle(work, t) if async_op else t
+
+    def all_reduce_mean(self, t: torch.Tensor, kind: Optional[str] = None, async_op: bool = False,
+                        wire: bool = False):
+        """In place: the mean over the group (sum, then division by the group size, in ``t``'s dtype, as
+        DeepSpeed's own allreduce). ``wire``: send in ``wire_dtype`` when it differs from ``t``'s dtype
+        (DeepSpeed's ``communication_data_type``) and cast the mean back into ``t``."""
+        self._check(t, kind)
+        n = self.world_size
+        send = t
+        if wire and self.distributed and self.wire_dtype is not None and self.wire_dtype != t.dtype:
+            send = t.to(self.wire_dtype)
+        self._count(kind, send)  # what crosses the network
+        if not self.distributed:
+            return Handle(None, t) if async_op else t
+        work = self._all_reduce(send, "sum", async_op, kind)
+
+        def post():
+            send.div_(n)
+            if send is not t:
+                t.copy_(send)
+
+        if async_op:
+            return Handle(work, t, post)
+        post()
+        return t
+
+    def all_gather(self, t: torch.Tensor, kind: Optional[str] = None, async_op: bool = False):
+        """Every rank's ``t`` stacked: ``[world, *t.shape]`` (one ``all_gather_into_tensor``)."""
+        self._check(t, kind)
+        self._count(kind, t)
+        out = torch.empty((self.world_size,) + tuple(t.shape), dtype=t.dtype, device=t.device)
+        if not self.distributed:
+            out[0].copy_(t)
+            return Handle(None, out) if async_op else out
+        work = self._all_gather(out, t, async_op, kind)
+        return Handle(work, out) if async_op else out
+
+    def broadcast(self, t: torch.Tensor, src: int = 0, kind: Optional[str] = None) -> torch.Tensor:
+        """In place from group rank ``src``."""
+        self._check(t, kind)
+        self._count(kind, t)
+        if self.distributed:
+            self._broadcast(t, src, kind)
+        return t
+
+    def barrier(self) -> None:
+        if self.distributed:
+            self._barrier()
+
+    def all_gather_object(self, obj) -> list:
+        """Every rank's picklable ``obj`` (benchmarks' results; not for per-step paths)."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        _dscomm().all_gather_object(out, obj, group=self.group)
+        return out
+
+    # -- control exchange: one host read per step -----------------------------------------------------
+    def post_control(self, t: torch.Tensor) -> None:
+        """Leave a small int64 vector (same length on every rank) to ride on this step's next
+        ``exchange_control``; ``collect_control`` returns every rank's copy."""
+        self._check(t, None)
+        self._posted, self._collected = t, None
+
+    def exchange_control(self, t: Optional[torch.Tensor], kind: Optional[str] = None) -> List[List[int]]:
+        """All-gather a small int64 vector from every rank and read it on the host (one ``tolist``).
+        ``kind`` meters ``t`` (a method's counts are part of its traffic); posted data rides along
+        unmetered (and is kept for ``collect_control``)."""
+        if t is not None:
+            self._count(kind, t.to(torch.int64) if t.dtype != torch.int64 else t)
+        parts = [x for x in (t, self._posted) if x is not None]
+        if not parts:
+            return [[] for _ in range(self.world_size)]
+        for x in parts:
+            self._check(x, None)
+        flat = torch.cat([x.reshape(-1).to(torch.int64) for x in parts]) if len(parts) > 1 else \
+            parts[0].reshape(-1).to(torch.int64)
+        rows = self.all_gather(flat).tolist()  # the one host read
+        k = 0 if t is None else t.numel()
+        if self._posted is not None:
+            self._collected = [r[k:] for r in rows]
+            self._posted = None
+        return [r[:k] for r in rows]
+
+    def collect_control(self) -> Optional[List[List[int]]]:
+        """Every rank's posted vector (exchanged now unless a method's exchange already carried it)."""
+        if self._collected is None and self._posted is not None:
+            self.exchange_control(None)
+        got, self._collected = self._collected, None
+        return got
+
+    # -- groups -----------------------------------------------------------------------------------------
+    def subgroup(self, members: Sequence[int]) -> Optional["Communicator"]:
+        """Collective (every rank calls it, in the same order, for every member set): a communicator
+        over the given ranks of this group, ``None`` on ranks outside it. Cached; at most
+        ``max_subgroups`` are kept (the least recently used one is destroyed past that, on every rank
+        alike, since every rank makes the same calls)."""
+        key = tuple(sorted(int(r) for r in members))
+        if key in self._subgroups:
+            self._subgroups.move_to_end(key)
+            return self._subgroups[key]
+        sub = self._new_subgroup(key)
+        self.subgroups_created += 1
+        self._subgroups[key] = sub
+        while len(self._subgroups) > self.max_subgroups:
+            _, old = self._subgroups.popitem(last=False)
+            self._destroy_subgroup(old)
+        return sub
+
+    @property
+    def live_subgroups(self) -> int:
+        return len(self._subgroups)
+
+    # -- backend primitives (deepspeed.comm); LoopbackComm overrides these ------------------------------
+    def _all_reduce(self, t, op, async_op, kind):
+        dc = _dscomm()
+        return dc.all_reduce(t, op=getattr(dc.ReduceOp, op.upper()), group=self.group, async_op=async_op,
+                             log_name=f"ds_ext/{kind or 'control'}")
+
+    def _all_gather(self, out, t, async_op, kind):
+        return _dscomm().all_gather_into_tensor(out.view(-1), t.reshape(-1), group=self.group, async_op=async_op,
+                                                log_name=f"ds_ext/{kind or 'control'}")
+
+    def _broadcast(self, t, src, kind):
+        dist = _dist()
+        gsrc = dist.get_global_rank(self.group, src) if self.group is not None else src
+        _dscomm().broadcast(t, gsrc, group=self.group, log_name=f"ds_ext/{kind or 'control'}")
+
+    def _barrier(self):
+        _dscomm().barrier(group=self.group)
+
+    def _new_subgroup(self, key: tuple) -> Optional["Communicator"]:
+        from .distributed import collective_timeout
+
+        dist = _dist()
+        ranks = [dist.get_global_rank(self.group, r) for r in key] if self.group is not None else list(key)
+        t = collective_timeout()
+        pg = dist.new_group(ranks) if t is None else dist.new_group(ranks, timeout=t)
+        if self.rank not in key:
+            return None
+        return Communicator(pg, device=self.device, meter=self.meter, wire_dtype=self.wire_dtype)
+
+    def _destroy_subgroup(self, sub: Optional["Communicator"]) -> None:
+        if sub is not None and sub.group is not None:
+            try:
+                _dist().destroy_process_group(sub.group)
+            except Exception as e:  # a backend that cannot destroy one group: keep going, say so once
+                log.debug("could not destroy a DS-Sync process group: %s", e)
+
+
+def world() -> Communicator:
+    """A communicator over the default (world) group on this rank's accelerator device, unmetered
+    (start-up barriers, checkpoint barriers, benchmarks)."""
+    return Communicator()
+
+
+def barrier() -> None:
+    """Collective: a barrier over the world (no-op without a process group)."""
+    c = Communicator()
+    if c.distributed:
+        c.barrier()
+
+
+def for_params(params, group=None, meter=None, device=None) -> Communicator:
+    """A communicator on the parameters' device (methods built without ``attach``: benchmarks, tests)."""
+    if device is None:
+        device = params[0].device if params else None
+    return Communicator(group, device=device, meter=meter)
+
+
+# ============================================================================== loopback (tests)
+class LoopbackWorld:
+    """n simulated ranks in one process: ``run(fn)`` calls ``fn(comm)`` on one thread per rank."""
+
+    def __init__(self, n: int, device="cpu"):
+        self.n, self.device = n, torch.device(device)
+        self._barrier = threading.Barrier(n)
+        self._slots: List[Optional[torch.Tensor]] = [None] * n
+        self._lock = threading.Lock()
+        self._subworlds: Dict[tuple, "LoopbackWorld"] = {}
+        self.calls = 0
+
+    def _sync(self) -> None:
+        self._barrier.wait()
+
+    def _subworld(self, key: tuple) -> "LoopbackWorld":
+        with self._lock:
+            if key not in self._subworlds:
+                self._subworlds[key] = LoopbackWorld(len(key), self.device)
+            return self._subworlds[key]
+
+    def comm(self, rank: int, meter=None) -> "LoopbackComm":
+        return LoopbackComm(self, rank, meter=meter)
+
+    def run(self, fn: Callable[["LoopbackComm"], object], meters: Optional[Sequence] = None) -> list:
+        """``[fn(comm_0), ..., fn(comm_{n-1})]``; an exception on any rank breaks the barrier for the
+        others and is re-raised here (the first one, by rank)."""
+        results: List[object] = [None] * self.n
+        errors: List[Optional[BaseException]] = [None] * self.n
+
+        def body(r):
+            try:
+                results[r] = fn(self.comm(r, meters[r] if meters else None))
+            except BaseException as e:  # noqa: BLE001 -- re-raised below
+                errors[r] = e
+                self._barrier.abort()
+
+        threads = [threading.Thread(target=body, args=(r,), name=f"loopback-rank{r}") for r in range(self.n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        real = [e for e in errors if e is not None and not isinstance(e, threading.BrokenBarrierError)]
+        if real or any(errors):
+            raise (real or [e for e in errors if e is not None])[0]
+        return results
+
+
+class LoopbackComm(Communicator):
+    """A ``Communicator`` over a ``LoopbackWorld``: the same metering, placement and control rules,
+    collectives computed in rank order."""
+
+    def __init__(self, world: LoopbackWorld, rank: int, meter=None, wire_dtype=None):
+        self.world = world
+        self.group = None
+        self.meter = meter
+        self.device = world.device
+        self.wire_dtype = wire_dtype
+        self._live = True
+        self.world_size, self.rank, self.global_rank = world.n, rank, rank
+        self._subgroups = OrderedDict()
+        self.subgroups_created = 0
+        self._posted, self._collected = None, None
+
+    def _exchange(self, t: torch.Tensor) -> List[torch.Tensor]:
+        w = self.world
+        w._slots[self.rank] = t.detach().clone()
+        w._sync()
+        got = list(w._slots)
+        w._sync()  # nobody overwrites a slot before everyone has read it
+        return got
+
+    def _all_reduce(self, t, op, async_op, kind):
+        got = self._exchange(t)
+        acc = got[0].clone()
+        for x in got[1:]:
+            if op == "sum":
+                acc.add_(x)
+            elif op == "max":
+                torch.maximum(acc, x, out=acc)
+            else:
+                torch.minimum(acc, x, out=acc)
+        t.copy_(acc)
+        return None
+
+    def _all_gather(self, out, t, async_op, kind):
+        for r, x in enumerate(self._exchange(t)):
+            out[r].copy_(x.view_as(out[r]))
+        return None
+
+    def _broadcast(self, t, src, kind):
+        t.copy_(self._exchange(t)[src])
+
+    def _barrier(self):
+        self.world._sync()
+
+    def _new_subgroup(self, key):
+        self.world._sync()  # collective, as torch's new_group
+        if self.rank not in key:
+            return None
+        return LoopbackComm(self.world._subworld(key), key.index(self.rank), meter=self.meter,
+                            wire_dtype=self.wire_dtype)
+
+    def _destroy_subgroup(self, sub) -> None:
+        pass
