@@ -27,6 +27,7 @@ def test_method_on_cuda(label, method, order, world):
         assert r["error"] is None, r["error"]
         assert r["device"].startswith("cuda") and r["param_device"].startswith("cuda")
         assert len(r["record"]) >= 4 and all(torch.isfinite(x).all() for x in r["record"])
+        assert not r["nondeterministic"], r["nondeterministic"]  # torch.use_deterministic_algorithms warnings
     if method.get("sync") is None:  # gradients averaged every step: ranks bit-identical after each step
         for r in res[1:]:
             for a, b in zip(res[0]["record"], r["record"]):

@@ -47,3 +47,18 @@ def test_deepspeed_launcher_refuses_bad_batch_on_every_rank(tmp_path):
     out = p.stdout + p.stderr
     assert p.returncode != 0
     assert "train.global_batch_size: 48 is not divisible by world size x micro batch = 2 x 16 = 32" in out
+
+
+def test_runs_without_a_launcher_as_world_size_1(tmp_path):
+    """``python -m ds_ext.train --recipe R`` with no launcher variables (how people debug): rank 0 of a
+    world of 1, not a crash in DeepSpeed's MPI discovery (``mpi4py``)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE")}
+    env["DS_ACCELERATOR"] = "cpu"
+    p = subprocess.run([sys.executable, "-m", "ds_ext.train", "--recipe", QUICK, "--set", "train.epochs=1",
+                        "--set", f"log.dir={tmp_path}", "--set", "log.wandb.mode=disabled",
+                        "--set", "log.progress=false"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-3000:]
+    assert "world 1," in out and "[ds_ext] final: val accuracy" in out
+    assert "mpi4py" not in out
