@@ -215,10 +215,9 @@ class Communicator:
 
     def exchange_control(self, t: Optional[torch.Tensor], kind: Optional[str] = None) -> List[List[int]]:
         """All-gather a small int64 vector from every rank and read it on the host (one ``tolist``).
-        ``kind`` meters ``t`` (a method's counts are part of its traffic); posted data rides along
-        unmetered (and is kept for ``collect_control``)."""
-        if t is not None:
-            self._count(kind, t.to(torch.int64) if t.dtype != torch.int64 else t)
+        Posted data rides along (and is kept for ``collect_control``). ``kind`` meters (and names, for
+        DeepSpeed's comms logger) the whole exchange, posted flags included: what crosses the network
+        in that one collective; an exchange of posted data alone is control traffic."""
         parts = [x for x in (t, self._posted) if x is not None]
         if not parts:
             return [[] for _ in range(self.world_size)]
@@ -226,7 +225,7 @@ class Communicator:
             self._check(x, None)
         flat = torch.cat([x.reshape(-1).to(torch.int64) for x in parts]) if len(parts) > 1 else \
             parts[0].reshape(-1).to(torch.int64)
-        rows = self.all_gather(flat).tolist()  # the one host read
+        rows = self.all_gather(flat, kind if t is not None else None).tolist()  # the one host read
         k = 0 if t is None else t.numel()
         if self._posted is not None:
             self._collected = [r[k:] for r in rows]
