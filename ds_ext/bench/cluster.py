@@ -44,7 +44,6 @@ files as ratios to ``allreduce`` measured in the same run: communication, bytes,
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import statistics
@@ -64,16 +63,17 @@ GATHER_KINDS = ("topk_indices", "topk_values", "exdyna_counts", "exdyna_indices"
 
 # ------------------------------------------------------------------------------ collective timer
 class CollectiveTimer:
-    """Wraps ``torch.distributed.all_reduce`` / ``all_gather`` / ``all_gather_into_tensor``: each call
-    runs synchronously and is timed; records (op, payload bytes, group size, seconds)."""
+    """Wraps the communication layer's two data collectives (``ds_ext.comm.Communicator._all_reduce`` and
+    ``_all_gather``, through which every method's traffic passes): each call runs synchronously and is
+    timed; records (op, payload bytes, group size, seconds)."""
 
-    OPS = ("all_reduce", "all_gather", "all_gather_into_tensor")
+    OPS = ("_all_reduce", "_all_gather")
 
     def __init__(self):
-        import torch.distributed as dist
+        from ..comm import Communicator
 
-        self.dist = dist
-        self.orig = {name: getattr(dist, name) for name in self.OPS}
+        self.cls = Communicator
+        self.orig = {name: getattr(Communicator, name) for name in self.OPS}
         self.active = False
         self.align = True
         self.reset()
@@ -85,41 +85,37 @@ class CollectiveTimer:
 
     def _wrap(self, name):
         orig = self.orig[name]
-        sig = inspect.signature(orig)
+        timer = self
 
-        def wrapper(*args, **kwargs):
-            if not self.active:
-                return orig(*args, **kwargs)
-            bound = sig.bind(*args, **kwargs)
-            bound.apply_defaults()
-            a = bound.arguments
-            want_async = bool(a.get("async_op", False))
-            a["async_op"] = True
-            t = a["tensor"] if name == "all_reduce" else a.get("tensor", a.get("input_tensor"))
+        def wrapper(comm, *args):
+            if not timer.active:
+                return orig(comm, *args)
+            args = list(args)
+            t = args[0] if name == "_all_reduce" else args[1]  # (t, op, async, kind) / (out, t, async, kind)
+            want_async = bool(args[2])
+            args[2] = True
             nbytes = t.numel() * t.element_size()
-            group = a.get("group")
-            g = self.dist.get_world_size(group)
-            if self.align:  # untimed: every rank enters the collective together (see the docstring)
+            if timer.align:  # untimed: every rank enters the collective together (see the docstring)
                 world_barrier()
             t0, c0 = time.perf_counter(), time.thread_time()
-            work = orig(**a)
+            work = orig(comm, *args)
             if work is not None:
                 work.wait()
             dt, dc = time.perf_counter() - t0, time.thread_time() - c0
-            self.wall += dt
-            self.cpu += dc
-            self.records.append(("all_reduce" if name == "all_reduce" else "all_gather", nbytes, g, dt))
+            timer.wall += dt
+            timer.cpu += dc
+            timer.records.append(("all_reduce" if name == "_all_reduce" else "all_gather", nbytes, comm.world_size, dt))
             return work if want_async else None
 
         return wrapper
 
     def install(self):
         for name in self.OPS:
-            setattr(self.dist, name, self._wrap(name))
+            setattr(self.cls, name, self._wrap(name))
 
     def uninstall(self):
         for name, fn in self.orig.items():
-            setattr(self.dist, name, fn)
+            setattr(self.cls, name, fn)
 
 
 def iface_counters(name: Optional[str]) -> Optional[tuple]:
