@@ -132,8 +132,7 @@ class Attachment:
         if reducer.uses_kernels:  # compile or load the kernels now, with a message, not inside step 1
             from . import ops
 
-            if hasattr(ops, "prepare"):
-                ops.prepare(comm.device)
+            ops.prepare(comm.device)
         if reducer.replaces_engine_allreduce:
             engine.enable_backward_allreduce = False
         for p in reducer.params:

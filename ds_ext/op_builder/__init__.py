@@ -9,23 +9,30 @@ builder             op name (unique)      build variable         sources
 ``CommCUDABuilder`` ``ds_ext_comm_cuda``  ``DS_BUILD_DS_EXT_COMM_CUDA``  ``csrc/cuda/comm_kernels.cu`` + ``bindings.cpp``
 ==================  ====================  =====================  ==================================
 
-Each op module exposes the same functions (``threshold_select``, ``scatter_add_``, ``sign_pack``,
-``sign_unpack``, ``pack_values``, ``torch_version``); ``ds_ext.ops`` picks the one for a tensor's device.
+Each op module exposes the same functions (``threshold_select``, ``threshold_count``, ``scatter_add_``,
+``sign_pack``, ``sign_unpack``, ``sign_pack_segments``, ``sign_unpack_segments``, ``pack_values``,
+``torch_version``); ``ds_ext.ops`` picks the one for a tensor's device. The kernels are instantiated for
+fp32, fp16 and bf16 only.
 
 Names start with ``ds_ext_``: DeepSpeed keeps one loaded-op cache for every builder
-(``OpBuilder._loaded_ops``, keyed by name) and one JIT build directory per name.
+(``OpBuilder._loaded_ops``, keyed by name) and one JIT build directory per name. ``NAME`` names the op
+(the prebuilt module, the build variable, ``python -m ds_ext.report``); the JIT extension (``self.name``)
+is ``NAME`` plus ``CHECKOUT_TAG``, a short hash of this package's directory and the torch version, so two
+checkouts (or two torch versions) keep separate JIT builds under ``$TORCH_EXTENSIONS_DIR`` instead of
+rebuilding over each other.
 
 Loading (``load()``), in order:
 
 1. already loaded in this process (DeepSpeed's cache);
-2. **prebuilt**: the module ``absolute_name()`` (``ds_ext.op_builder.<name>``) imports, i.e. it was
+2. **prebuilt**: the module ``absolute_name()`` (``ds_ext.op_builder.<NAME>``) imports, i.e. it was
    compiled at install time because ``DS_BUILD_OPS=1`` or the op's ``DS_BUILD_*`` variable was set (see
    ``install_ext_modules``), and it was compiled against this torch (major.minor) -- otherwise it is
    ignored and the reason kept in ``self.prebuilt_problem``;
 3. **JIT**: DeepSpeed's ``jit_load`` (torch ``cpp_extension.load`` with ninja, cached under
    ``$TORCH_EXTENSIONS_DIR`` / ``~/.cache/torch_extensions``), after ``is_compatible()`` explains what is
    missing.
-``ds_ext.ops`` turns a failure of both into the torch fallback with one warning naming the reason.
+``ds_ext.ops`` turns a failure of both into the torch fallback with one logged message naming the reason
+(``ds_ext.ops.prepare`` loads at start-up and logs a line before a build; ``will_compile()`` tells).
 
 DeepSpeed's own ``load()`` looks for prebuilt ops only in *its* install record
 (``deepspeed.git_version_info.installed_ops``), which never lists ds_ext ops; that is why ``load()`` is
@@ -35,14 +42,25 @@ overridden here (the JIT part is DeepSpeed's, unchanged).
 ``int(major).int(minor)`` and raises on arch-specific suffixes such as ``9.0a`` (set by H100 images).
 ``CommCUDABuilder`` normalises the list first (``normalize_arch_list``: ``9.0a`` -> ``9.0``,
 ``sm_90`` -> ``9.0``, duplicates dropped); the kernels use no arch-specific (``sm_90a``) instructions.
+A prebuilt CUDA op (``setup.py`` / ``DS_BUILD_*``) is built for ``PREBUILT_ARCH_LIST`` (``8.0;9.0+PTX``)
+when the variable is unset, and always carries PTX (``+PTX`` added to the highest arch when no entry has
+it, as DeepSpeed's JIT does), so it also runs on GPUs newer than its machine code (``prebuilt_arch_list``).
+A JIT build targets the variable, else the visible GPUs (DeepSpeed's rule, PTX for the highest).
+Without a GPU, DeepSpeed's ``jit_load`` builds "for CPU" (``torch.cuda.is_available()`` is False: no nvcc
+flags at all); ``run/cuda-build-check.sh`` shows how to compile the CUDA op on such a machine.
+
+Extra flags: ``DS_EXT_CXX_FLAGS`` (C++ compiler) and ``DS_EXT_NVCC_FLAGS`` (nvcc), shell-quoted, are
+appended to the builders' flags (``run/cuda-build-check.sh`` passes ``-Wall -Wextra`` this way).
 
 Importing this module needs no compiler, no CUDA and builds nothing.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
 import re
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -53,8 +71,23 @@ import torch
 from deepspeed.ops.op_builder.builder import CUDAOpBuilder, OpBuilder, installed_cuda_version
 from deepspeed.ops.op_builder.cpu.builder import CPUOpBuilder
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+PKG_DIR = Path(__file__).resolve().parent.parent
+CSRC = PKG_DIR / "csrc"
 TORCH_VERSION = int(torch.__version__.split(".")[0]) * 100 + int(torch.__version__.split(".")[1])
+# JIT builds are cached per checkout: the extension name carries a hash of this package's directory (and
+# of the torch version), so two checkouts (or two torch versions) never rebuild over each other's cache
+# (torch keeps one build directory per extension name under TORCH_EXTENSIONS_DIR)
+CHECKOUT_TAG = hashlib.sha1(f"{PKG_DIR}|{torch.__version__}".encode()).hexdigest()[:8]
+# TORCH_CUDA_ARCH_LIST of a prebuilt (setup.py / DS_BUILD_*) CUDA op when the variable is unset: machine
+# code for A100 and H100, and PTX for sm_90 so that newer GPUs (sm_100, sm_120) JIT-compile it at load
+PREBUILT_ARCH_LIST = "8.0;9.0+PTX"
+
+
+def extra_flags(var: str) -> List[str]:
+    """Extra compiler flags from the environment (``DS_EXT_CXX_FLAGS`` for the C++ compiler,
+    ``DS_EXT_NVCC_FLAGS`` for nvcc; shell-quoted), e.g. ``DS_EXT_NVCC_FLAGS="-Xcompiler -Wall,-Wextra"``
+    (``run/cuda-build-check.sh``). They change the JIT build's flags, so torch rebuilds the op."""
+    return shlex.split(os.environ.get(var, ""))
 
 
 def build_requested(build_var: str, env=None) -> bool:
@@ -74,7 +107,9 @@ class _DsExtOp:
     SOURCES: Tuple[str, ...] = ()
 
     def __init__(self):
-        super().__init__(name=self.NAME)
+        # NAME: the op (prebuilt module ``absolute_name()``, build variable, report); ``self.name``: the
+        # JIT extension and DeepSpeed's loaded-op cache key, per checkout (see CHECKOUT_TAG)
+        super().__init__(name=f"{self.NAME}_{CHECKOUT_TAG}")
         self.loaded_from: Optional[str] = None     # "prebuilt" | "jit" | "cached" after load()
         self.prebuilt_problem: Optional[str] = None
 
@@ -138,11 +173,38 @@ class _DsExtOp:
         self.loaded_from = "jit"
         return mod
 
+    def jit_build_dir(self) -> Path:
+        from torch.utils.cpp_extension import _get_build_directory
+        return Path(_get_build_directory(self.name, verbose=False))
+
     def jit_cached(self) -> bool:
         """A JIT build of this op is on disk (it may still be rebuilt if the sources changed)."""
-        from torch.utils.cpp_extension import _get_build_directory
-        d = Path(_get_build_directory(self.name, verbose=False))
-        return any(d.glob(f"{self.name}*.so"))
+        return any(self.jit_build_dir().glob(f"{self.name}*.so"))
+
+    def jit_build_needed(self) -> bool:
+        """A JIT load would compile: no build on disk, or a source newer than it (flag changes, which
+        also trigger a rebuild, are not seen here)."""
+        sos = list(self.jit_build_dir().glob(f"{self.name}*.so"))
+        if not sos:
+            return True
+        built = max(p.stat().st_mtime for p in sos)
+        return any(os.path.getmtime(s) > built for s in self.sources())
+
+    def will_compile(self) -> bool:
+        """``load()`` would compile: not loaded in this process, not prebuilt, and no up-to-date JIT
+        build on disk (``jit_build_needed``)."""
+        if self.name in OpBuilder._loaded_ops:
+            return False
+        if self.prebuilt_module() is not None:
+            return False
+        try:
+            return self.jit_build_needed()
+        except Exception:  # noqa: BLE001 - only decides whether a message is printed
+            return True
+
+    def arch_description(self) -> str:
+        """What a build targets, for the start-up message."""
+        return ""
 
 
 class CommCPUBuilder(_DsExtOp, CPUOpBuilder):
@@ -156,7 +218,11 @@ class CommCPUBuilder(_DsExtOp, CPUOpBuilder):
         # -march=native only for a JIT build (it runs where it was built); a prebuilt wheel stays portable
         if self.jit_mode:
             args += [a for a in (self.cpu_arch(), self.simd_width()) if a]
-        return args
+        return args + extra_flags("DS_EXT_CXX_FLAGS")
+
+    def arch_description(self) -> str:
+        import platform
+        return f"{platform.machine() or 'cpu'}, -march=native"
 
     def extra_ldflags(self):
         return ["-fopenmp"]
@@ -185,6 +251,19 @@ def normalize_arch_list(value: Optional[str]) -> Optional[str]:
     return ";".join(f"{a}.{b}{'+PTX' if p else ''}" for (a, b), p in sorted(archs.items()))
 
 
+def prebuilt_arch_list(value: Optional[str]) -> str:
+    """The arch list of a prebuilt CUDA op: ``value`` normalised (``normalize_arch_list``), or
+    ``PREBUILT_ARCH_LIST`` (``8.0;9.0+PTX``) when unset or empty; ``+PTX`` is added to the highest arch
+    when no entry carries it (as DeepSpeed does for JIT builds), so a prebuilt module always embeds PTX
+    and runs on GPUs newer than its machine code."""
+    archs = normalize_arch_list(value)
+    if not archs:
+        archs = PREBUILT_ARCH_LIST
+    if "+PTX" not in archs:
+        archs += "+PTX"
+    return archs
+
+
 class CommCUDABuilder(_DsExtOp, CUDAOpBuilder):
     NAME = "ds_ext_comm_cuda"
     BUILD_VAR = "DS_BUILD_DS_EXT_COMM_CUDA"
@@ -204,7 +283,9 @@ class CommCUDABuilder(_DsExtOp, CUDAOpBuilder):
 
     def compute_capability_args(self, cross_compile_archs=None):
         raw = os.environ.get("TORCH_CUDA_ARCH_LIST")
-        if raw is not None:
+        if not self.jit_mode:  # prebuilt: the default list, and PTX always (see prebuilt_arch_list)
+            os.environ["TORCH_CUDA_ARCH_LIST"] = prebuilt_arch_list(raw)
+        elif raw is not None:
             os.environ["TORCH_CUDA_ARCH_LIST"] = normalize_arch_list(raw)
         if getattr(self, "_jit_arch_list", None):
             self._jit_arch_list = normalize_arch_list(self._jit_arch_list)
@@ -213,7 +294,27 @@ class CommCUDABuilder(_DsExtOp, CUDAOpBuilder):
     def nvcc_args(self):
         args = super().nvcc_args()
         # the kernels compare in fp32 exactly as the CPU path: no --use_fast_math
-        return [a for a in args if a != "--use_fast_math"]
+        args = [a for a in args if a != "--use_fast_math"]
+        return args + (extra_flags("DS_EXT_NVCC_FLAGS") if args else [])
+
+    def cxx_args(self):
+        return super().cxx_args() + extra_flags("DS_EXT_CXX_FLAGS")
+
+    def arch_description(self) -> str:
+        """The JIT build's targets: TORCH_CUDA_ARCH_LIST, else the visible GPUs (DeepSpeed's rule), with
+        PTX for the highest."""
+        raw = os.environ.get("TORCH_CUDA_ARCH_LIST")
+        if raw and raw.strip():
+            archs = normalize_arch_list(raw)
+        else:
+            try:
+                caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+                archs = ";".join(f"{a}.{b}" for a, b in caps)
+            except Exception:  # noqa: BLE001 - only a message
+                archs = ""
+        if archs and "+PTX" not in archs:
+            archs += "+PTX"
+        return f"TORCH_CUDA_ARCH_LIST={archs or '?'}"
 
 
 BUILDERS = {"cpu": CommCPUBuilder, "cuda": CommCUDABuilder}
@@ -237,9 +338,7 @@ def install_ext_modules(env=None) -> list:
                   file=sys.stderr)
             continue
         if isinstance(b, CUDAOpBuilder):
-            os.environ["TORCH_CUDA_ARCH_LIST"] = normalize_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST")) or ""
-            if not os.environ["TORCH_CUDA_ARCH_LIST"]:
-                os.environ.pop("TORCH_CUDA_ARCH_LIST")
+            os.environ["TORCH_CUDA_ARCH_LIST"] = prebuilt_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"))
         print(f"[ds_ext setup] prebuilding {b.NAME} ({b.BUILD_VAR if env.get(b.BUILD_VAR) else 'DS_BUILD_OPS'})",
               file=sys.stderr)
         exts.append(b.builder())
