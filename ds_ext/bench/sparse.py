@@ -9,6 +9,9 @@
    * ``topk reducer selection``  ``ops.topk_select(g, k)``: the call the ``topk`` reducer makes
    * ``exdyna selection``        ``ops.threshold_select`` over the whole vector (one rank, n = 1)
    * ``exdyna selection n=8``    the same over one rank's partition when 8 ranks share the vector
+   * ``exdyna count``            ``ops.threshold_count``: the count the reducer computes first (on the device)
+   * ``exdyna select, count given``  ``ops.threshold_select(..., count=)``: the selection sized by that count
+     (learned from the step's control exchange), with no host synchronisation
    * ``<reducer> finish()``      the whole step of each reducer on one rank (flatten + error
      feedback + select + write back; no collectives with one rank), measured with the gradient and
      the residual refilled before every call, minus the time of that refill measured alone
@@ -74,12 +77,15 @@ def selection_table(numel: int, density: float, device: torch.device, reps: int)
     sample = g[torch.randint(0, numel, (min(numel, 1 << 20),), generator=gen, device=device)].abs()
     threshold = sample.kthvalue(max(1, int(sample.numel() * (1 - density)))).values.item()
     part = numel // 8
+    hits = int(ops.threshold_count(g, threshold, 0, numel))  # what the reducer learns from its control exchange
     rows = [
         ("copy", lambda: out.copy_(g)),
         ("torch.topk", lambda: torch.topk(g.abs(), k, sorted=False)),
         ("topk reducer selection", lambda: ops.topk_select(g, k)),
         ("exdyna selection", lambda: ops.threshold_select(g, threshold, 0, numel)),
         ("exdyna selection n=8", lambda: ops.threshold_select(g, threshold, 3 * part, 4 * part)),
+        ("exdyna count", lambda: ops.threshold_count(g, threshold, 0, numel)),
+        ("exdyna select, count given", lambda: ops.threshold_select(g, threshold, 0, numel, count=hits)),
     ]
     res = []
     for name, fn in rows:
