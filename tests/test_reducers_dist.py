@@ -53,3 +53,15 @@ def test_consistency_check_catches_swapped_elements():
     msgs = harness.run(workers_nonfinite.swapped_elements, 2)
     for m in msgs:
         assert m is not None and "differ between rank 0 and rank 1 at step 7" in m and "'3.weight'" in m
+
+
+def test_communication_data_type_is_honoured():
+    """bf16 training whose DeepSpeed config asks for fp32 communication: our allreduce sends fp32 buckets
+    (4 bytes per gradient element, as DeepSpeed's own reduction does), ranks stay identical; with the
+    default (bf16) it sends 2 bytes per element."""
+    n = sum(p.numel() for p in workers.tiny_model().parameters())
+    for dtype, size in (("fp32", 4), ("bf16", 2)):
+        a, b = harness.run(workers.comm_dtype_run, 2, comm_dtype=dtype)
+        assert a["allreduce"]["wire"] == f"torch.{'float32' if dtype == 'fp32' else 'bfloat16'}"
+        assert a["allreduce"]["bytes"] == n * size == a["deepspeed"]["bytes"], dtype
+        assert torch.equal(a["allreduce"]["params"], b["allreduce"]["params"])

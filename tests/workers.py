@@ -160,3 +160,24 @@ def zero1_refusal(rank, world, reducer):
     except ValueError as e:
         return str(e)
     return None
+
+
+def comm_dtype_run(rank, world, comm_dtype, steps=3):
+    """A bf16 engine whose config sets ``communication_data_type``: bytes our allreduce sends per step
+    and the parameters after training (DeepSpeed's own reduction with the same setting next to it)."""
+    import deepspeed
+
+    import ds_ext
+
+    out = {}
+    for reducer in ("allreduce", "deepspeed"):
+        model = tiny_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        cfg = {"train_batch_size": 8 * world, "train_micro_batch_size_per_gpu": 8, "steps_per_print": 10**12,
+               "gradient_clipping": 0.0, "bf16": {"enabled": True}, "communication_data_type": comm_dtype}
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+        att = ds_ext.attach(engine, {"reducer": {"name": reducer}})
+        train_steps(engine, att, rank, steps, 1, 8)
+        out[reducer] = {"bytes": att.meter.total_bytes // steps, "params": flat_params(engine),
+                        "wire": str(att.comm.wire_dtype)}
+    return out
