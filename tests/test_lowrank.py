@@ -1,4 +1,4 @@
-"""PowerSGD and ACP-SGD invariants (ALGORITHMS.md section 5(d)).
+"""PowerSGD and ACP-SGD invariants (as stated in ds_ext/reducers/lowrank.py).
 
 The method arithmetic runs on 2 simulated ranks of a ``LoopbackWorld`` (ds_ext/comm.py: threads in one
 process; for 2 ranks its sums are gloo's, a + b); what is distributed -- bf16 training through DeepSpeed

@@ -1,4 +1,4 @@
-"""Data orders: D-GraB / CD-GraB PairBalance invariants (ALGORITHMS.md 1(d)), the engine hooks that
+"""Data orders: D-GraB / CD-GraB PairBalance invariants (ds_ext/order/dgrab.py), the engine hooks that
 feed the sorter, CD-GraB as the reducer, and exact mid-epoch resume through the trainer."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""``topk`` and ``exdyna`` (ALGORITHMS.md section 3(d)) on 2 and 3 real gloo ranks.
+"""``topk`` and ``exdyna`` (the invariants stated in ds_ext/reducers/sparse.py) on 2 and 3 real gloo ranks.
 
 Every distributed check compares the reducer with an exact reference computed next to it with plain
 ``dist.all_reduce`` / ``all_gather`` (tests/workers_sparse.py). Tolerances: fp32 results of 2 ranks

@@ -1,4 +1,4 @@
-"""Local SGD / QSR periods and DS-Sync groups (ALGORITHMS.md sections 2(d) and 4(d))."""
+"""Local SGD / QSR periods and DS-Sync groups (ds_ext/sync/averaging.py, ds_ext/sync/schedules.py)."""
 import math
 from types import SimpleNamespace as NS
 

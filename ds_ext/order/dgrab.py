@@ -28,7 +28,7 @@ Registered orders:
   gathered ``[n, d]`` tensor to this order, which forms the pair differences itself: ordering costs no
   extra collective round. Both ``method.order`` and ``method.reducer`` must be ``cdgrab``.
 
-Decisions on the reference code's quirks (ALGORITHMS.md 1(a)):
+Decisions on the reference code's quirks:
 
 * Unit of ordering: v1 orders single examples (``--train_B 1``). Here the unit is a fixed group of
   ``train.micro_batch_size`` examples of the local shard (unit u = shard[u*B:(u+1)*B]), which is the

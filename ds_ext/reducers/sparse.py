@@ -12,8 +12,9 @@ and keep what was not applied in ``e``:
 The work happens in ``finish()`` (the selection needs the whole vector); ``grad_ready`` does nothing.
 Memory per rank: two persistent N-element fp32 vectors (the residual, which doubles as the
 send buffer, and the dense output; a send buffer replaces the residual without error feedback).
-The inner loops go through ``ds_ext.ops`` (``threshold_select``, ``topk_select``,
-``scatter_add_``, ``zero_at_``), which a later issue backs with fused kernels.
+The inner loops go through ``ds_ext.ops`` (``threshold_count``, ``threshold_select``, ``topk_select``,
+``scatter_add_``, ``zero_at_``, ``pack_values``): compiled CPU / CUDA kernels (``ds_ext/csrc``) when built,
+torch code running the same algorithm otherwise.
 
 ``topk``
     Top-k sparsification with memory: Aji & Heafield, "Sparse Communication for Distributed Gradient
@@ -34,8 +35,8 @@ The inner loops go through ``ds_ext.ops`` (``threshold_select``, ``topk_select``
     Learning", CCGrid 2024 (arXiv 2402.13781): the four components of the paper -- block-based
     gradient vector partitioning, dynamic partition allocation, partition-wise exclusive gradient
     selection, online threshold scaling -- with the semantics of the seed's code
-    (``kljp/exdyna@3295c70``, ``cnn-lstm/gradient_reducers.py: ExDynaReducer``), summarised in
-    ``ALGORITHMS.md`` section 3(a). (Equation numbers are not cited: the paper's full text was not
+    (``kljp/exdyna@3295c70``, ``cnn-lstm/gradient_reducers.py: ExDynaReducer``), summarised in the
+    four steps below. (Equation numbers are not cited: the paper's full text was not
     available; the behaviour below is the reference code's.)
 
     1. Partitioning (once): block size ``sz = a - a % 32`` with ``a = N // 1024``; 1024 blocks;
@@ -243,7 +244,7 @@ def partition_loads(ks: Sequence[int], iteration: int) -> List[int]:
 def reallocate(part: Sequence[int], pos: Sequence[int], loads: Sequence[int], k_prev: int, numel: int,
                block_size: int, min_blocks: float) -> Tuple[List[int], List[int]]:
     """Dynamic partition allocation: one pass over adjacent pairs, left to right, moving at most one
-    block across each boundary (ALGORITHMS.md 3(a) step 2). Returns new ``(part, pos)``."""
+    block across each boundary (step 2 of the module docstring). Returns new ``(part, pos)``."""
     part, pos, tk = list(part), list(pos), [int(x) for x in loads]
     n = len(part)
     k_acc = int(k_prev) // n
