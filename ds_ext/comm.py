@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -41,6 +42,31 @@ import torch
 log = logging.getLogger(__name__)
 
 _OPS = ("sum", "max", "min")
+
+
+@dataclass
+class Collective:
+    """One collective a method issues per optimizer step, as the cost model and ``collectives``
+    classmethods describe traffic (ring algorithm for the wire bytes)."""
+
+    op: str             # "all_reduce" | "all_gather"
+    nbytes: float       # payload per rank: what the communication meter counts
+    group: int          # ranks in the collective
+    calls: float = 1.0  # per optimizer step (1/H for a period of H steps)
+
+    def hops(self) -> float:
+        g = self.group
+        if g <= 1:
+            return 0.0
+        return 2.0 * (g - 1) if self.op == "all_reduce" else float(g - 1)
+
+    def wire_bytes(self) -> float:
+        """Bytes one rank sends on its link for this collective (ring algorithm)."""
+        g = self.group
+        if g <= 1:
+            return 0.0
+        factor = 2.0 * (g - 1) / g if self.op == "all_reduce" else float(g - 1)
+        return factor * self.nbytes
 
 
 class Handle:

@@ -54,13 +54,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .reducers.buckets import fuse_reverse
+from .comm import Collective
+from .reducers.buckets import bucket_sizes as _bucket_sizes
+from .reducers.buckets import numel_of
 
 # ---------------------------------------------------------------------------------------- methods
 # name -> (reducer name, reducer options, sync name, sync options, launched during backward, label)
@@ -119,115 +120,54 @@ def applicable(method: str, n: int, opts: MethodOptions) -> Optional[str]:
 
 
 # ------------------------------------------------------------------------------------ collectives
-@dataclass
-class Collective:
-    op: str             # "all_reduce" | "all_gather"
-    nbytes: float       # payload per rank: what the communication meter counts
-    group: int          # ranks in the collective
-    calls: float = 1.0  # per optimizer step (1/H for a period of H steps)
-
-    def hops(self) -> float:
-        g = self.group
-        if g <= 1:
-            return 0.0
-        return 2.0 * (g - 1) if self.op == "all_reduce" else float(g - 1)
-
-    def wire_bytes(self) -> float:
-        """Bytes one rank sends on its link for this collective (ring algorithm)."""
-        g = self.group
-        if g <= 1:
-            return 0.0
-        factor = 2.0 * (g - 1) / g if self.op == "all_reduce" else float(g - 1)
-        return factor * self.nbytes
-
-
+# Collective (op, payload bytes, group size, calls per step) lives in ds_ext/comm.py, the communication layer's
+# vocabulary: each reducer and synchronizer describes its own traffic with it (``collectives`` classmethods).
 def wire_factor(op: str, group: int) -> float:
     return Collective(op, 1.0, group).wire_bytes()
 
 
 def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
+    return numel_of(shape)
 
 
 def bucket_sizes(shapes: Sequence[Sequence[int]], bucket_mb: float, elem: int = 4) -> List[int]:
-    """Bytes per allreduce bucket: greedy fusion in reverse order, a tensor larger than the cap alone
-    (the rule of ``reducers/buckets.py``, one dtype)."""
-    return _greedy([_numel(shp) * elem for shp in shapes], int(bucket_mb * 2**20))
-
-
-def _matrices(shapes, rank: int):
-    """(n, m, r, numel) per tensor; r = 0 for 1-D tensors."""
-    out = []
-    for shp in shapes:
-        if len(shp) > 1:
-            n = int(shp[0])
-            m = _numel(shp) // n
-            out.append((n, m, min(rank, n, m), n * m))
-        else:
-            out.append((_numel(shp), 1, 0, _numel(shp)))
-    return out
+    """Bytes per allreduce bucket (``reducers.buckets.bucket_sizes``: the rule of ``build_buckets``)."""
+    return _bucket_sizes(shapes, bucket_mb, elem)
 
 
 def powersgd_bytes(shapes, rank: int, min_rate: float = 2.0) -> Tuple[int, int]:
-    """(P bytes incl. the uncompressed tensors, Q bytes) of one PowerSGD step."""
-    p = q = 0
-    for n, m, r, numel in _matrices(shapes, rank):
-        if r and n * m >= min_rate * (n + m) * r:
-            p += 4 * n * r
-            q += 4 * m * r
-        else:
-            p += 4 * numel
-    return p, q
+    """(P bytes incl. the uncompressed tensors, Q bytes) of one PowerSGD step (``PowerSGDReducer.collectives``)."""
+    from .reducers.lowrank import PowerSGDOptions, PowerSGDReducer
 
-
-def _greedy(sizes: List[int], cap: float) -> List[int]:
-    """Total size of each group of the reducers' fusion rule (``reducers.buckets.fuse_reverse``)."""
-    return [sum(sizes[i] for i in g) for g in fuse_reverse(sizes, cap)]
+    p, q = PowerSGDReducer.collectives(shapes, 1, PowerSGDOptions(matrix_approximation_rank=rank,
+                                                                   min_compression_rate=min_rate))
+    return int(p.nbytes), int(q.nbytes)
 
 
 def acpsgd_groups(shapes, rank: int, fusion_mb: float = 25.0) -> Tuple[List[int], List[int]]:
-    """Bytes of each fused all_reduce of a P-step and of a Q-step (the grouping of ``ACPSGDReducer``)."""
-    mats = _matrices(shapes, rank)
-    size_p = [n * r if r else numel for n, m, r, numel in mats]
-    size_q = [m * r if r else numel for n, m, r, numel in mats]
-    total = sum(numel for *_, numel in mats)
-    cap = fusion_mb * 2**20 / 4
-    gp = _greedy(size_p, cap * sum(size_p) / total)
-    gq = _greedy(size_q, cap * sum(size_q) / total)
-    return [4 * s for s in gp], [4 * s for s in gq]
+    """Bytes of each fused all_reduce of a P-step and of a Q-step (``ACPSGDReducer.group_bytes``)."""
+    from .reducers.lowrank import ACPSGDReducer
+
+    return ACPSGDReducer.group_bytes(shapes, rank, fusion_mb)
 
 
 def collectives(method: str, shapes: Sequence[Sequence[int]], n: int, opts: MethodOptions,
                 exdyna_imbalance: float = 0.0) -> List[Collective]:
-    """The collectives one rank issues per optimizer step (averaged over a period where it has one)."""
-    numel = sum(_numel(s) for s in shapes)
-    if method == "allreduce":
-        return [Collective("all_reduce", b, n) for b in bucket_sizes(shapes, opts.bucket_mb)]
-    if method == "powersgd":
-        p, q = powersgd_bytes(shapes, opts.rank)
-        return [Collective("all_reduce", p, n), Collective("all_reduce", q, n)]
-    if method == "acpsgd":
-        gp, gq = acpsgd_groups(shapes, opts.rank)
-        return [Collective("all_reduce", b, n, 0.5) for b in gp] + [Collective("all_reduce", b, n, 0.5) for b in gq]
-    if method == "topk":
-        k = max(1, int(opts.density * numel))
-        return [Collective("all_gather", 8 * k, n), Collective("all_gather", 4 * k, n)]
-    if method == "exdyna":
-        k = max(1, int(opts.density * numel))
-        per_rank = math.ceil(k / n * (1.0 + exdyna_imbalance))
-        return [Collective("all_gather", 8, n), Collective("all_gather", 8 * per_rank, n),
-                Collective("all_reduce", 4 * k, n)]
-    if method == "signsgd":
-        return [Collective("all_gather", sum((_numel(s) + 7) // 8 for s in shapes), n),
-                Collective("all_gather", 4 * len(shapes), n)]
-    if method == "local_qsr":
-        return [Collective("all_reduce", 4 * numel, n, 1.0 / opts.qsr_h)]
-    if method == "dssync":
-        return [Collective("all_reduce", 4 * numel, n // opts.dssync_groups)]
-    raise ValueError(f"unknown method {method!r}; known: {', '.join(ALL_METHODS)}")
+    """The collectives one rank issues per optimizer step (averaged over a period where it has one): the
+    method's reducer and synchronizer describe their own traffic (their ``collectives`` classmethods,
+    found through the registries), with the options ``method_specs`` gives them."""
+    from .registry import REDUCERS, SYNCS, load_builtin
+
+    if method not in ALL_METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(ALL_METHODS)}")
+    load_builtin()
+    rname, ropts, sname, sopts = method_specs(opts)[method]
+    out: List[Collective] = []
+    for registry, name, options in ((REDUCERS, rname, ropts), (SYNCS, sname, sopts)):
+        entry = registry.get(name)
+        out += entry.factory.collectives(shapes, n, entry.options(**options), imbalance=exdyna_imbalance,
+                                         lr=opts.qsr_lr)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ model

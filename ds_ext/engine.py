@@ -98,79 +98,32 @@ def _copy_into(view: torch.Tensor):
     return hook
 
 
-class Attachment:
-    """The methods attached to one engine; hold on to it (it owns the hooks).
+class NonFiniteGuard:
+    """Step hook: a NaN or inf in any rank's gradient never reaches a method's state, and the update is
+    skipped on every rank (``mode``: ``skip``, ``raise`` or ``off``; see ``attach``).
 
-    Host reads (device to host synchronisations) per optimizer step in steady state: at most one. The
-    non-finite screen keeps its flags on the device; on a step that communicates gradients, every
-    rank's flags are posted to the communicator and ride on the step's one control exchange (a
-    method's own, e.g. ExDyna's counts, or a two-element all_gather of the engine's); on a local step
-    (Local SGD / DS-Sync between averagings) this rank's flag is read alone."""
+    Host reads per optimizer step: at most one. The screen keeps its flags on the device; on a step that
+    communicates gradients every rank's flags are posted to the communicator and ride on the step's one
+    control exchange (a method's own, e.g. ExDyna's counts, or a two-element all_gather of the guard's);
+    on a local step (Local SGD / DS-Sync between averagings) this rank's flag is read alone."""
 
-    def __init__(self, engine, reducer, sync, comm: Communicator, check_every: int = 0, order=None,
-                 nonfinite: str = "skip"):
-        self.engine, self.reducer, self.sync, self.comm = engine, reducer, sync, comm
-        self.meter = comm.meter
-        self.order = order
-        self.check_every = check_every
-        if nonfinite not in NONFINITE_MODES:
-            raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
-        if nonfinite != "off" and engine.zero_optimization_stage() != 0:
-            nonfinite = "off"  # ZeRO partitions gradients inside its own hooks: DeepSpeed's overflow handling applies
-        self.nonfinite = nonfinite
+    def __init__(self, engine, params, comm: Communicator, mode: str = "skip", method: str = "reducer"):
+        if mode not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {mode!r}")
+        if mode != "off" and engine.zero_optimization_stage() != 0:
+            mode = "off"  # ZeRO partitions gradients inside its own hooks: DeepSpeed's overflow handling applies
+        self.engine, self.params, self.comm, self.mode, self.method = engine, params, comm, mode, method
         self._bad = []  # 0-dim bool device flags of the current window's screened gradients
         self._out_bad = None  # the last communicating step's "non-finite result" flag (device), checked next step
         self._out_step = 0
         self.skipped_steps = 0
-        self.nonfinite_events = []  # (optimizer step, ranks) of every skipped step, newest last
-        self.steps = 0
-        self.last_step_communicated = False
-        self._check_due = False
-        self._handles = []
-        self._orig_step = engine.step
-        self._orig_allreduce_flag = engine.enable_backward_allreduce
-        if reducer.uses_kernels:  # compile or load the kernels now, with a message, not inside step 1
-            from . import ops
-
-            ops.prepare(comm.device)
-        if reducer.replaces_engine_allreduce:
-            engine.enable_backward_allreduce = False
-        for p in reducer.params:
-            self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
-        self._flat, self._feed = None, None
-        if getattr(reducer, "observes_microbatches", False) and not getattr(order, "observes_gradients", False):
-            raise ValueError(f"reducer {type(reducer).__name__} needs the matching gradient-driven order")
-        if order is not None and order.observes_gradients:
-            self._watch_microbatch_gradients(order, reducer)
-        engine.step = self.step  # instance attribute shadows DeepSpeedEngine.step
+        self.events = []  # (optimizer step, ranks) of every skipped step, newest last
 
     @property
-    def group(self):
-        return self.comm.group
+    def on(self) -> bool:
+        return self.mode != "off"
 
-    def _watch_microbatch_gradients(self, order, reducer) -> None:
-        params = reducer.params
-        self._flat = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=params[0].device)
-        off = 0
-        for p in params:
-            view = self._flat[off:off + p.numel()].view_as(p)
-            self._handles.append(p.register_hook(_copy_into(view)))
-            off += p.numel()
-        order.bind(comm=self.comm, numel=self._flat.numel(), device=self._flat.device)
-        if getattr(reducer, "observes_microbatches", False):
-            reducer.bind_order(order)
-            self._feed = reducer.microbatch
-        else:
-            self._feed = order.observe_microbatch
-
-    def _hook(self, p):
-        if self.engine.is_gradient_accumulation_boundary() and self.sync.reduce_gradients_now():
-            if self.nonfinite != "off" and p.grad is not None:
-                self._screen(p.grad)
-            self.reducer.grad_ready(p)
-
-    # -- non-finite gradients --------------------------------------------------------------------
-    def _screen(self, g: torch.Tensor) -> None:
+    def screen(self, g: torch.Tensor) -> None:
         """Flag a non-finite ``g`` and zero it in place, before any reducer, order or error-feedback
         buffer sees it. The test is the largest magnitude (``inf``-norm, exact: NaN and inf propagate,
         no finite gradient is flagged). Device operations only: nothing is read on the host here."""
@@ -189,38 +142,35 @@ class Attachment:
     def _result_flag(self) -> torch.Tensor:
         """Whether a reduced gradient is non-finite (0-dim bool, device): finite inputs everywhere but
         a non-finite result means the method itself failed."""
-        grads = [p.grad for p in self.reducer.params if p.grad is not None and p.grad.numel()]
+        grads = [p.grad for p in self.params if p.grad is not None and p.grad.numel()]
         if not grads:
             return self.comm.zeros((), dtype=torch.bool)
         return ~torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf"))).float()).all().to(self.comm.device)
 
-    def _communicates(self, reduced: bool) -> bool:
-        return reduced and not getattr(self.reducer, "local_only", False) and self.comm.distributed
-
-    def _post_flags(self, reduced: bool) -> None:
+    def before_finish(self, communicates: bool) -> None:
         """Before the reducer's ``finish``: post this rank's flags so that they ride on the step's one
         control exchange."""
-        if self.nonfinite == "off" or not self._communicates(reduced):
+        if not self.on or not communicates:
             return
         out = self._out_bad if self._out_bad is not None else self.comm.zeros((), dtype=torch.bool)
         self.comm.post_control(torch.stack([self._local_flag(), out]).to(torch.int64))
 
-    def _verdict(self, reduced: bool) -> bool:
+    def verdict(self, reduced: bool, communicates: bool) -> bool:
         """Whether this step's optimizer update is skipped. After a gradient reduction the verdict is
         shared (every rank's flags come back from the step's control exchange), so every rank skips or
-        none does; on a local step (no gradient communication: Local SGD / DS-Sync between averagings)
-        each rank decides alone, which is safe because ranks hold different parameters there anyway and
-        the step counters that decide the next averaging still advance on every rank. A non-finite
-        result from finite inputs (a method failure) is detected one communicating step later, or at
-        ``check_pending()`` (the trainer calls it before every checkpoint and at the end)."""
-        if self.nonfinite == "off":
+        none does; on a local step (no gradient communication) each rank decides alone, which is safe
+        because ranks hold different parameters there anyway and the step counters that decide the next
+        averaging still advance on every rank. A non-finite result from finite inputs (a method failure)
+        is detected one communicating step later, or at ``check_pending()`` (the trainer calls it before
+        every checkpoint and at the end)."""
+        if not self.on:
             return False
         step = self.engine.global_steps + 1
-        if not self._communicates(reduced):
+        if not communicates:
             if not reduced:  # local step: screen the local gradient now
-                for p in self.reducer.params:
+                for p in self.params:
                     if p.grad is not None:
-                        self._screen(p.grad)
+                        self.screen(p.grad)
             inp = bool(self._local_flag())  # the step's one host read
             if inp:
                 self._skip_event(step, [self.comm.global_rank], shared=False)
@@ -237,13 +187,12 @@ class Attachment:
     def _raise_if_method_failed(self, rows) -> None:
         bad_out = [r for r, f in enumerate(rows) if f[1]]
         if bad_out:
-            raise NonFiniteError(f"step {self._out_step}: reducer {type(self.reducer).__name__} produced a non-finite "
+            raise NonFiniteError(f"step {self._out_step}: reducer {self.method} produced a non-finite "
                                  f"gradient on rank(s) {bad_out} from finite inputs on every rank")
 
     def check_pending(self) -> None:
-        """Collective. Settle the last communicating step's "non-finite result" check now (before a
-        checkpoint, at the end of training)."""
-        if self.nonfinite == "off" or self._out_bad is None or not self.comm.distributed:
+        """Collective. Settle the last communicating step's "non-finite result" check now."""
+        if not self.on or self._out_bad is None or not self.comm.distributed:
             return
         rows = self.comm.exchange_control(torch.stack([self.comm.zeros((), dtype=torch.bool), self._out_bad])
                                           .to(torch.int64))
@@ -252,58 +201,147 @@ class Attachment:
 
     def _skip_event(self, step: int, ranks, shared: bool) -> None:
         where = "on all ranks" if shared else "on this rank only (local step)"
-        if self.nonfinite == "raise":
+        if self.mode == "raise":
             raise NonFiniteError(f"step {step}: non-finite gradient on rank(s) {ranks} (train.nonfinite=raise)")
         self.skipped_steps += 1
-        self.nonfinite_events.append((step, list(ranks)))
+        self.events.append((step, list(ranks)))
         if not shared or self.comm.global_rank == 0:  # a local skip: its own rank
             print(f"[ds_ext] step {step}: non-finite gradient on rank(s) {list(ranks)}; optimizer step skipped "
                   f"{where} (error-feedback and order state saw zeros instead)", file=sys.stderr, flush=True)
 
-    def _skipped_step(self, *args, **kwargs):
+    def skipped_step(self, orig_step, *args, **kwargs):
         """Run DeepSpeed's step (counters, LR schedule, zeroing of gradients, loss-scale bookkeeping)
         with the parameter update itself made a no-op."""
         if self.engine.fp16_enabled():
             # FP16_Optimizer: an inf makes it skip and lower the loss scale, as it does for an overflow
-            for p in self.reducer.params:
+            for p in self.params:
                 if p.grad is not None:
                     p.grad.view(-1)[0] = float("inf")
                     break
-            return self._orig_step(*args, **kwargs)
+            return orig_step(*args, **kwargs)
         inner = getattr(self.engine, "basic_optimizer", None) or self.engine.optimizer
         inner.step = lambda *a, **k: None  # instance attribute shadows the class's step for this call
         try:
-            return self._orig_step(*args, **kwargs)
+            return orig_step(*args, **kwargs)
         finally:
             del inner.step
 
+
+class ConsistencyCheck:
+    """Step hook: every ``every`` optimizer steps (at the next step where ranks must agree: local methods
+    only agree right after a global averaging), ``check_consistency`` on the module. 0: off."""
+
+    def __init__(self, module, comm: Communicator, every: int = 0):
+        self.module, self.comm, self.every = module, comm, every
+        self._due = False
+
+    def after_step(self, steps: int, synced_globally: bool, global_step: int) -> None:
+        if self.every and steps % self.every == 0:
+            self._due = True
+        if self._due and synced_globally:
+            check_consistency(self.module, self.comm, global_step)
+            self._due = False
+
+
+class Attachment:
+    """The methods attached to one engine; hold on to it (it owns the hooks). It only wires: gradient
+    hooks to the reducer (and the non-finite screen), microbatch gradients to a gradient-driven order,
+    and ``engine.step`` to the step sequence reducer -> ``NonFiniteGuard`` -> synchronizer ->
+    DeepSpeed's step -> synchronizer -> meter -> ``ConsistencyCheck``. What a method can do is declared on
+    its base class (``Reducer.observes_microbatches``, ``Reducer.uses_kernels``, ``Order.observes_gradients``)."""
+
+    def __init__(self, engine, reducer, sync, comm: Communicator, check_every: int = 0, order=None,
+                 nonfinite: str = "skip"):
+        self.engine, self.reducer, self.sync, self.comm = engine, reducer, sync, comm
+        self.meter = comm.meter
+        self.order = order
+        self.guard = NonFiniteGuard(engine, reducer.params, comm, nonfinite, type(reducer).__name__)
+        self.check = ConsistencyCheck(engine.module, comm, check_every)
+        self.steps = 0
+        self.last_step_communicated = False
+        self._handles = []
+        self._orig_step = engine.step
+        self._orig_allreduce_flag = engine.enable_backward_allreduce
+        if reducer.observes_microbatches and not (order is not None and order.observes_gradients):
+            raise ValueError(f"reducer {type(reducer).__name__} needs the matching gradient-driven order")
+        if reducer.uses_kernels:  # compile or load the kernels now, with a message, not inside step 1
+            from . import ops
+
+            ops.prepare(comm.device)
+        if reducer.replaces_engine_allreduce:
+            engine.enable_backward_allreduce = False
+        for p in reducer.params:
+            self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
+        self._flat, self._feed = None, None
+        if order is not None and order.observes_gradients:
+            self._watch_microbatch_gradients(order, reducer)
+        engine.step = self.step  # instance attribute shadows DeepSpeedEngine.step
+
+    # what the trainer and tests read
+    @property
+    def group(self):
+        return self.comm.group
+
+    @property
+    def nonfinite(self) -> str:
+        return self.guard.mode
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.guard.skipped_steps
+
+    @property
+    def nonfinite_events(self) -> list:
+        return self.guard.events
+
+    def check_pending(self) -> None:
+        """Collective: settle the non-finite result check of the last step (before a checkpoint, at the end)."""
+        self.guard.check_pending()
+
+    def _watch_microbatch_gradients(self, order, reducer) -> None:
+        params = reducer.params
+        self._flat = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=params[0].device)
+        off = 0
+        for p in params:
+            view = self._flat[off:off + p.numel()].view_as(p)
+            self._handles.append(p.register_hook(_copy_into(view)))
+            off += p.numel()
+        order.bind(comm=self.comm, numel=self._flat.numel(), device=self._flat.device)
+        if reducer.observes_microbatches:
+            reducer.bind_order(order)
+            self._feed = reducer.microbatch
+        else:
+            self._feed = order.observe_microbatch
+
+    def _hook(self, p):
+        if self.engine.is_gradient_accumulation_boundary() and self.sync.reduce_gradients_now():
+            if self.guard.on and p.grad is not None:
+                self.guard.screen(p.grad)
+            self.reducer.grad_ready(p)
+
     def step(self, *args, **kwargs):
         if self._flat is not None:  # one microbatch backward has run: the order sees its gradient
-            if self.nonfinite != "off":
-                self._screen(self._flat)
+            if self.guard.on:
+                self.guard.screen(self._flat)
             self._feed(self._flat)
             self._flat.zero_()
         boundary = self.engine.is_gradient_accumulation_boundary()
         skip = False
         if boundary:
             reduced = self.sync.reduce_gradients_now()
-            self._post_flags(reduced)
+            communicates = reduced and self.comm.distributed
+            self.guard.before_finish(communicates)
             if reduced:
                 self.reducer.finish()
-            skip = self._verdict(reduced)
+            skip = self.guard.verdict(reduced, communicates)
             if not skip:
                 self.sync.before_step()
-        out = self._skipped_step(*args, **kwargs) if skip else self._orig_step(*args, **kwargs)
+        out = self.guard.skipped_step(self._orig_step, *args, **kwargs) if skip else self._orig_step(*args, **kwargs)
         if boundary:
             self.last_step_communicated = bool(self.sync.after_step())
             self.meter.end_step()
             self.steps += 1
-            if self.check_every and self.steps % self.check_every == 0:
-                self._check_due = True
-            # local methods: ranks agree only right after a global averaging, so check there
-            if self._check_due and self.sync.synced_globally:
-                check_consistency(self.engine.module, self.comm, self.engine.global_steps)
-                self._check_due = False
+            self.check.after_step(self.steps, self.sync.synced_globally, self.engine.global_steps)
         return out
 
     def detach(self) -> None:
@@ -322,7 +360,7 @@ class Attachment:
         self.sync.load_state_dict(state["sync"])
         self.meter.load_state_dict(state["meter"])
         self.steps = int(state["steps"])
-        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.guard.skipped_steps = int(state.get("skipped_steps", 0))
 
 
 def attach(engine, method: Union[None, Dict[str, Any], Any] = None, meter: Optional[CommMeter] = None,

@@ -15,7 +15,7 @@ from pydantic import Field
 
 from ..registry import REDUCERS, Options
 from .base import Reducer
-from .buckets import BucketedCollective
+from .buckets import BucketedCollective, bucket_sizes
 
 
 class AllreduceOptions(Options):
@@ -32,6 +32,13 @@ class AllreduceReducer(Reducer):
 
     def _launch(self, buf):
         return self.comm.all_reduce_mean(buf, "allreduce", async_op=True, wire=True)
+
+    @classmethod
+    def collectives(cls, shapes, world: int, options: AllreduceOptions, **_) -> list:
+        """One all_reduce per bucket (fp32 gradients)."""
+        from ..comm import Collective
+
+        return [Collective("all_reduce", b, world) for b in bucket_sizes(shapes, options.bucket_mb)]
 
     def grad_ready(self, p):
         self.fusion.ready(p)

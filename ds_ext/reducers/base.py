@@ -38,6 +38,8 @@ class Reducer:
 
     #: uses ``ds_ext.ops`` kernels (``attach`` prepares them at start-up, not inside step 1)
     uses_kernels = False
+    #: consumes every microbatch gradient itself (``microbatch``; with the matching order, ``bind_order``)
+    observes_microbatches = False
 
     def __init__(self, named_params: List[Tuple[str, torch.nn.Parameter]], options: Options,
                  comm: Optional[Communicator] = None, engine=None, group=None, meter=None):
@@ -58,6 +60,13 @@ class Reducer:
     def grad_ready(self, p: torch.nn.Parameter) -> None:
         pass
 
+    def bind_order(self, order) -> None:
+        """Reducers that observe microbatches take their order here (``observes_microbatches``)."""
+        raise ValueError(f"reducer {type(self).__name__} does not observe microbatch gradients")
+
+    def microbatch(self, flat: torch.Tensor) -> None:
+        raise ValueError(f"reducer {type(self).__name__} does not observe microbatch gradients")
+
     def finish(self) -> None:
         pass
 
@@ -69,6 +78,14 @@ class Reducer:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    @classmethod
+    def collectives(cls, shapes, world: int, options, **model) -> list:
+        """The collectives one rank issues per optimizer step for parameters of these shapes
+        (``ds_ext.comm.Collective``; fp32 gradients, steady state): what the cost model adds up and what
+        the meter counts (tests/test_cluster.py checks the two agree). ``model``: assumptions a
+        data-dependent method needs (``imbalance`` for exdyna, ``lr`` for a QSR period)."""
+        return []
 
     @classmethod
     def check_recipe(cls, recipe) -> list:

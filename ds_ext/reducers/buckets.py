@@ -59,6 +59,20 @@ def fuse_reverse(sizes: Sequence[float], cap: float) -> List[List[int]]:
     return groups
 
 
+def numel_of(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def bucket_sizes(shapes: Sequence[Sequence[int]], bucket_mb: float, elem: int = 4) -> List[int]:
+    """Bytes per bucket for parameters of these shapes (one dtype of ``elem`` bytes): ``build_buckets``'s
+    rule on sizes alone (greedy in reverse order, a tensor larger than the cap alone)."""
+    sizes = [numel_of(shp) * elem for shp in shapes]
+    return [sum(sizes[i] for i in g) for g in fuse_reverse(sizes, int(bucket_mb * 2**20))]
+
+
 def build_buckets(params: List[torch.nn.Parameter], bucket_bytes: int) -> List[Bucket]:
     """Greedy fusion in reverse order; a tensor larger than the cap gets a bucket of its own."""
     open_: Dict[tuple, List[torch.nn.Parameter]] = {}

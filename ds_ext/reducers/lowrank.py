@@ -100,11 +100,6 @@ class _ShapeClass:
             mt.key, mt.pos = key, j
 
 
-def _matrix_shape(p) -> tuple:
-    n = p.shape[0]
-    return n, p.numel() // n
-
-
 def _flat_grad(meta: _Meta) -> torch.Tensor:
     """The gradient as a flat fp32 vector (zeros when this rank produced none)."""
     g = meta.p.grad
@@ -158,6 +153,33 @@ def _decompress(metas: List[_Meta], P: torch.Tensor, Q: torch.Tensor) -> None:
             _write_grad(m, approx[j])
 
 
+def matrix_dims(shape, rank: int) -> tuple:
+    """``(n, m, r, numel)`` of a parameter of this shape viewed as (out, in x kh x kw); ``r = 0`` for a 1-D
+    tensor (never compressed)."""
+    numel = 1
+    for d in shape:
+        numel *= int(d)
+    if len(shape) > 1:
+        n = int(shape[0])
+        m = numel // n
+        return n, m, min(rank, n, m), numel
+    return numel, 1, 0, numel
+
+
+def fusion_caps(size_p: int, size_q: int, total: int, fusion_mb: float) -> tuple:
+    """ACP-SGD's fusion caps for P and Q buffers: ``fusion_mb`` MiB of original fp32 gradient per group,
+    scaled by each phase's compression (elements)."""
+    cap = fusion_mb * 2**20 / 4
+    return cap * size_p / total, cap * size_q / total
+
+
+def _phase_sizes(dims, compressed) -> tuple:
+    """Elements each tensor puts into a P buffer and into a Q buffer."""
+    size_p = [n * r if c else numel for (n, m, r, numel), c in zip(dims, compressed)]
+    size_q = [m * r if c else numel for (n, m, r, numel), c in zip(dims, compressed)]
+    return size_p, size_q
+
+
 def greedy_groups(metas: List[_Meta], sizes: Dict[int, int], cap: float) -> List[List[_Meta]]:
     """Fusion in reverse registration order; a tensor larger than ``cap`` gets its own group."""
     return [[metas[i] for i in g] for g in fuse_reverse([sizes[m.index] for m in metas], cap)]
@@ -167,12 +189,8 @@ class _LowRankBase(Reducer):
     def _setup(self, rank: int, seed: int, compress_rule) -> None:
         self.metas: List[_Meta] = []
         for i, p in enumerate(self.params):
-            if p.ndim > 1:
-                n, m = _matrix_shape(p)
-                r = min(rank, n, m)
-                self.metas.append(_Meta(i, p, compress_rule(n, m, r), n, m, r))
-            else:
-                self.metas.append(_Meta(i, p, False, p.numel(), 1, 0))
+            n, m, r, _ = matrix_dims(p.shape, rank)
+            self.metas.append(_Meta(i, p, bool(r) and compress_rule(n, m, r), n, m, r))
         by_key: Dict[tuple, List[_Meta]] = defaultdict(list)
         for meta in reversed(self.metas):  # descending index: fused groups are contiguous slices
             if meta.compressed:
@@ -242,9 +260,27 @@ class PowerSGDReducer(_LowRankBase):
     def __init__(self, named_params, options: PowerSGDOptions, **kw):
         super().__init__(named_params, options, **kw)
         rate = options.min_compression_rate
-        self._setup(options.matrix_approximation_rank, options.seed,
-                    lambda n, m, r: n * m >= rate * (n + m) * r)
+        self._setup(options.matrix_approximation_rank, options.seed, lambda n, m, r: self.compresses(n, m, r, rate))
         self.plain = [m for m in self.metas if not m.compressed]
+
+    @staticmethod
+    def compresses(n: int, m: int, r: int, rate: float) -> bool:
+        """The compression rule: an (n, m) matrix at rank r is compressed when n*m >= rate*(n+m)*r."""
+        return n * m >= rate * (n + m) * r
+
+    @classmethod
+    def collectives(cls, shapes, world: int, options: PowerSGDOptions, **_) -> list:
+        """After ``start_powerSGD_iter``: the P all_reduce (P factors and the uncompressed tensors) and the
+        Q all_reduce, fp32."""
+        from ..comm import Collective
+
+        p = q = 0
+        for n, m, r, numel in (matrix_dims(s, options.matrix_approximation_rank) for s in shapes):
+            if r and cls.compresses(n, m, r, options.min_compression_rate):
+                p, q = p + 4 * n * r, q + 4 * m * r
+            else:
+                p += 4 * numel
+        return [Collective("all_reduce", p, world), Collective("all_reduce", q, world)]
 
     def finish(self):
         o = self.options
@@ -311,20 +347,35 @@ class ACPSGDReducer(_LowRankBase):
         super().__init__(named_params, options, **kw)
         self._setup(options.rank, options.seed, lambda n, m, r: True)
         self.compute_p = True
-        size_p = {m.index: (m.n * m.r if m.compressed else m.p.numel()) for m in self.metas}
-        size_q = {m.index: (m.m * m.r if m.compressed else m.p.numel()) for m in self.metas}
-        total = sum(m.p.numel() for m in self.metas)
-        cap = options.fusion_threshold_mb * 2**20 / 4  # in elements of the original fp32 gradient
-        self.groups = {
-            True: greedy_groups(self.metas, size_p, cap * sum(size_p.values()) / total),
-            False: greedy_groups(self.metas, size_q, cap * sum(size_q.values()) / total),
-        }
+        sp, sq = _phase_sizes([(m.n, m.m, m.r, m.p.numel()) for m in self.metas], [m.compressed for m in self.metas])
+        size_p = {m.index: v for m, v in zip(self.metas, sp)}
+        size_q = {m.index: v for m, v in zip(self.metas, sq)}
+        cap_p, cap_q = fusion_caps(sum(sp), sum(sq), sum(m.p.numel() for m in self.metas),
+                                   options.fusion_threshold_mb)
+        self.groups = {True: greedy_groups(self.metas, size_p, cap_p), False: greedy_groups(self.metas, size_q, cap_q)}
         self.sizes = {True: size_p, False: size_q}
         # buffer layout of each fused group: class slices first (factor rows a..b-1), then 1-D tensors
         self.layout = {phase: [self._layout(g, phase) for g in gs] for phase, gs in self.groups.items()}
         self.pindex = {id(p): i for i, p in enumerate(self.params)}
         self.where = {phase: {m.index: gi for gi, g in enumerate(gs) for m in g} for phase, gs in self.groups.items()}
         self._reset_round()
+
+    @classmethod
+    def group_bytes(cls, shapes, rank: int, fusion_mb: float = 25.0) -> tuple:
+        """Bytes of each fused all_reduce of a P-step and of a Q-step (this reducer's grouping)."""
+        dims = [matrix_dims(s, rank) for s in shapes]
+        sp, sq = _phase_sizes(dims, [bool(d[2]) for d in dims])
+        cap_p, cap_q = fusion_caps(sum(sp), sum(sq), sum(d[3] for d in dims), fusion_mb)
+        return ([4 * sum(sp[i] for i in g) for g in fuse_reverse(sp, cap_p)],
+                [4 * sum(sq[i] for i in g) for g in fuse_reverse(sq, cap_q)])
+
+    @classmethod
+    def collectives(cls, shapes, world: int, options: ACPSGDOptions, **_) -> list:
+        """P-steps and Q-steps alternate: each fused buffer's all_reduce every other step."""
+        from ..comm import Collective
+
+        gp, gq = cls.group_bytes(shapes, options.rank, options.fusion_threshold_mb)
+        return [Collective("all_reduce", b, world, 0.5) for b in gp] + [Collective("all_reduce", b, world, 0.5) for b in gq]
 
     def _layout(self, group: List[_Meta], phase: bool):
         slices, off = [], 0

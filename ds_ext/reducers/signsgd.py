@@ -59,6 +59,16 @@ class SignSGDReducer(FlatReducer):
         self.nbytes = [(b - a + 7) // 8 for a, b in zip(self.offsets, self.offsets[1:])]
         self._scales = None
 
+    @classmethod
+    def collectives(cls, shapes, world: int, options: SignSGDOptions, **_) -> list:
+        """All_gather of the packed signs (ceil(d/8) bytes per segment) and of the fp32 scales."""
+        from ..comm import Collective
+        from .buckets import numel_of
+
+        sizes = [numel_of(s) for s in shapes] if options.scale == "tensor" else [sum(numel_of(s) for s in shapes)]
+        return [Collective("all_gather", sum((d + 7) // 8 for d in sizes), world),
+                Collective("all_gather", 4 * len(sizes), world)]
+
     def finish(self) -> None:
         buf = self._send_buffer()  # p = grad + e; the pack leaves the residual in it
         packed, scales = ops.sign_pack_segments(buf, self.offsets, residual=buf)  # every segment, one call

@@ -180,6 +180,20 @@ class TopKReducer(_SparseBase):
         self.iteration += 1
         self.last = {"indices": idx, "gathered": gathered}
 
+    @classmethod
+    def collectives(cls, shapes, world: int, options: TopKOptions, **_) -> list:
+        """All_gather of k int64 indices and k values (``allgather``); the ``union`` exchange all-reduces
+        the values at the union of the n index sets, counted here at its largest, min(n k, N)."""
+        from ..comm import Collective
+        from .buckets import numel_of
+
+        numel = sum(numel_of(s) for s in shapes)
+        k = max(1, int(options.density * numel))
+        if options.exchange == "union":
+            return [Collective("all_gather", 8 * k, world), Collective("all_reduce", 4 * min(world * k, numel), world)]
+        vbytes = torch.empty((), dtype=_VALUE_DTYPES[options.value_dtype]).element_size()
+        return [Collective("all_gather", 8 * k, world), Collective("all_gather", vbytes * k, world)]
+
     def union(self) -> torch.Tensor:
         """The union of the last step's n top-k index sets (computed on demand: it needs a sort)."""
         g = self.last.get("gathered")
@@ -320,6 +334,18 @@ class ExDynaReducer(_SparseBase):
         self.threshold = 0.0
         self.k_prev = 1
         self.ks_prev: List[int] = []
+
+    @classmethod
+    def collectives(cls, shapes, world: int, options: ExDynaOptions, imbalance: float = 0.0, **_) -> list:
+        """The counts (8 B), the indices padded to the largest count (k/n per rank, times 1 + ``imbalance``),
+        the values at the union (k fp32)."""
+        from ..comm import Collective
+        from .buckets import numel_of
+
+        k = max(1, int(options.density * sum(numel_of(s) for s in shapes)))
+        per_rank = math.ceil(k / world * (1.0 + imbalance))
+        return [Collective("all_gather", 8, world), Collective("all_gather", 8 * per_rank, world),
+                Collective("all_reduce", 4 * k, world)]
 
     def ranges(self) -> List[Tuple[int, int]]:
         """``[start, end)`` of every partition under the current allocation."""

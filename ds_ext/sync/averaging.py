@@ -134,6 +134,18 @@ def _check_common(recipe, name: str) -> list:
     return problems
 
 
+def _averaging_collectives(shapes, group: int, options: AveragingOptions, lr: float) -> list:
+    from ..comm import Collective
+    from ..reducers.buckets import numel_of
+    from .schedules import make_period
+
+    numel = sum(numel_of(s) for s in shapes)
+    period = make_period(options)
+    h = period.next_h(1, lr) if options.period == "qsr" and lr > 0 else options.h if options.period != "qsr" \
+        else period.first_h()
+    return [Collective("all_reduce", 4 * numel, group, 1.0 / h)]
+
+
 class _Averaging(Synchronizer):
     """Shared machinery: period, round counters, fused flat averaging, eval view, per-rank state."""
 
@@ -333,6 +345,12 @@ class LocalSync(_Averaging):
         self._average(self._tensors(), self.comm, self.world_size)
 
     @classmethod
+    def collectives(cls, shapes, world: int, options: LocalOptions, lr: float = 0.0, **_) -> list:
+        """One fp32 all_reduce of the parameters every H steps (H of the period at learning rate ``lr``;
+        optimizer moments and BatchNorm buffers, when averaged, are not counted here)."""
+        return _averaging_collectives(shapes, world, options, lr)
+
+    @classmethod
     def check_recipe(cls, recipe) -> list:
         return _check_common(recipe, "local")
 
@@ -401,6 +419,11 @@ class DSSync(_Averaging):
             if self.rank in grp:
                 mine = c
         self._average(self._tensors(), mine, self.group_size)
+
+    @classmethod
+    def collectives(cls, shapes, world: int, options: DSSyncOptions, lr: float = 0.0, **_) -> list:
+        """One fp32 all_reduce of the parameters within a group of world/G ranks every H steps."""
+        return _averaging_collectives(shapes, world // options.groups, options, lr)
 
     @classmethod
     def check_recipe(cls, recipe) -> list:

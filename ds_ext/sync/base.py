@@ -64,6 +64,12 @@ class Synchronizer:
         pass
 
     @classmethod
+    def collectives(cls, shapes, world: int, options, **model) -> list:
+        """The collectives one rank issues per optimizer step (averaged over a period), as
+        ``Reducer.collectives``."""
+        return []
+
+    @classmethod
     def check_recipe(cls, recipe) -> list:
         return []
 
