@@ -23,11 +23,11 @@ def initialize(recipe, model, steps_per_epoch, meter=None, order=None):
 
 
 def attach(engine, method=None, meter=None, group=None, check_every=0, total_steps=None, order=None,
-           nonfinite="skip"):
+           nonfinite="skip", check=True):
     from .engine import attach as _attach
 
     return _attach(engine, method, meter=meter, group=group, check_every=check_every, total_steps=total_steps,
-                   order=order, nonfinite=nonfinite)
+                   order=order, nonfinite=nonfinite, check=check)
 
 
 load_builtin()

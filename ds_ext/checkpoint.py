@@ -248,7 +248,7 @@ MAY_CHANGE = ("name", "description", "data.root", "data.num_workers", "data.eval
 
 def _named(prefix: str, block, free=frozenset()) -> Dict[str, Any]:
     out = {f"{prefix}.name": block.name}
-    opts = block.options.model_dump(mode="json") if getattr(block, "_options", None) is not None else block.params
+    opts = block.options.model_dump(mode="json") if block.checked is not None else block.params
     out.update({f"{prefix}.{k}": v for k, v in opts.items() if k not in free})
     return out
 

@@ -110,6 +110,13 @@ def default_device() -> torch.device:
         return torch.device("cpu")
 
 
+def _indexed(device: torch.device) -> torch.device:
+    """``cuda`` -> ``cuda:<current>`` (a tensor's device always carries its index)."""
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class Communicator:
     """Collectives over one process group, on one device, metered (see the module docstring)."""
 
@@ -119,7 +126,7 @@ class Communicator:
     def __init__(self, group=None, device=None, meter=None, wire_dtype: Optional[torch.dtype] = None):
         self.group = group
         self.meter = meter
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = _indexed(torch.device(device) if device is not None else default_device())
         self.wire_dtype = wire_dtype
         dist = _dist()
         self._live = dist.is_available() and dist.is_initialized()

@@ -31,7 +31,7 @@ import torch
 
 from .comm import Communicator
 from .metrics import CommMeter
-from .registry import OPTIMIZERS, REDUCERS, SYNCS, load_builtin
+from .registry import OPTIMIZERS, ORDERS, REDUCERS, SYNCS, MethodView, load_builtin
 
 
 class DesyncError(RuntimeError):
@@ -87,7 +87,7 @@ def _block(spec, default: str):
     if isinstance(spec, dict):
         spec = dict(spec)
         return spec.pop("name", default), spec
-    opts = spec._options if getattr(spec, "_options", None) is not None else spec.params
+    opts = spec.checked if spec.checked is not None else spec.params
     return spec.name, opts
 
 
@@ -363,9 +363,17 @@ class Attachment:
         self.guard.skipped_steps = int(state.get("skipped_steps", 0))
 
 
+def _deepspeed_settings(engine) -> dict:
+    """The engine's DeepSpeed configuration as a dict (what the methods' checks read)."""
+    cfg = getattr(getattr(engine, "_config", None), "_param_dict", None)
+    if isinstance(cfg, dict):
+        return cfg
+    return engine.config if isinstance(getattr(engine, "config", None), dict) else {}
+
+
 def attach(engine, method: Union[None, Dict[str, Any], Any] = None, meter: Optional[CommMeter] = None,
            group=None, check_every: int = 0, total_steps: Optional[int] = None, order=None,
-           nonfinite: str = "skip") -> Attachment:
+           nonfinite: str = "skip", check: bool = True) -> Attachment:
     """Attach a reducer, a synchronizer and (optionally) a data order to a DeepSpeed engine.
 
     ``order`` (an ``ds_ext.order.Order``) is only wired in when it observes gradients (D-GraB,
@@ -380,6 +388,10 @@ def attach(engine, method: Union[None, Dict[str, Any], Any] = None, meter: Optio
     optimizer update on every rank (two int64 flags per rank on the step's control all_gather),
     ``raise`` stops every rank with ``NonFiniteError``, ``off`` does neither (DeepSpeed's fp16 loss
     scaler still skips overflowing steps). Under ZeRO (reducer ``deepspeed``) it is always ``off``.
+
+    ``check`` runs each method's ``check(view)`` on this engine (the same rules as the recipe check:
+    ZeRO stage, precision, clipping, combinations, world size) and raises ``ValueError`` listing every
+    problem; ``check=False`` skips them (deliberately broken setups in tests).
     """
     load_builtin()
     if isinstance(method, dict):
@@ -389,11 +401,19 @@ def attach(engine, method: Union[None, Dict[str, Any], Any] = None, meter: Optio
             return getattr(method, key, None)
     rname, ropts = _block(get("reducer"), "allreduce")
     sname, sopts = _block(get("sync"), "none")
-    stage = engine.zero_optimization_stage()
-    if stage != 0 and rname != "deepspeed":
-        from .reducers.base import zero_stage_problem
-
-        raise ValueError(zero_stage_problem(rname, stage))
+    ropts, sopts = REDUCERS.validated(rname, ropts), SYNCS.validated(sname, sopts)
+    if check:  # the methods' own rules, as the recipe check runs them
+        oname = ORDERS.name_of(order) if order is not None else _block(get("order"), "rr")[0]
+        view = MethodView(names={"reducer": rname, "sync": sname, "order": oname or "rr"},
+                          options={"reducer": ropts, "sync": sopts, "order": getattr(order, "options", None)},
+                          deepspeed=_deepspeed_settings(engine),
+                          world=Communicator(group, device="cpu").world_size)
+        problems = []
+        for registry, name in ((REDUCERS, rname), (SYNCS, sname), (ORDERS, oname)):
+            if name is not None and name in registry:
+                problems += registry.get(name).factory.check(view)
+        if problems:
+            raise ValueError("; ".join(f"{key}: {msg}" for key, msg in problems))
     meter = meter or CommMeter()
     named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
     comm = Communicator(group, device=engine.device, meter=meter,

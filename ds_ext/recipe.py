@@ -9,7 +9,8 @@ runs on any cluster.
 Every problem is reported before training as ``RecipeError`` naming the file, the dotted key and
 what is allowed; ``python -m ds_ext.train --recipe R --check`` prints them and exits 2. Loading checks
 what needs no world size and no file system; ``Recipe.check_world`` adds the world-size rules (batch
-split, dssync groups, exdyna blocks) and ``preflight`` the paths and data files, both run by the trainer
+split, and what the methods' own ``check(view)`` finds once the world size is known: dssync groups,
+exdyna blocks) and ``preflight`` the paths and data files, both run by the trainer
 before ``init_distributed`` (the world size from ``--world-size`` or the launcher's ``$WORLD_SIZE``).
 Deliberate limits: in the ``deepspeed`` section only the keys ds_ext reads are type-checked (DeepSpeed
 validates the rest when the engine is built); the data-file check knows the built-in readers' first files
@@ -90,6 +91,11 @@ class NamedBlock(BaseModel):
     @property
     def options(self) -> Options:
         assert self._options is not None, "recipe not validated"
+        return self._options
+
+    @property
+    def checked(self) -> Optional[Options]:
+        """The validated options, or None when they did not validate (or the recipe was not checked)."""
         return self._options
 
 
@@ -245,24 +251,24 @@ class Recipe(Section):
         t = self.train
         return t.micro_batch_size, t.global_batch_size // (world_size * t.micro_batch_size)
 
+    def method_view(self, world_size: Optional[int] = None):
+        """The ``MethodView`` the methods' ``check`` classmethods read (names, validated options, the
+        deepspeed section, the world size if known)."""
+        from .registry import MethodView
+
+        kinds = ("reducer", "sync", "order")
+        return MethodView(names=self.method_names(), options={k: getattr(self.method, k)._options for k in kinds},
+                          deepspeed=self.deepspeed, world=world_size)
+
     def world_problems(self, world_size: int) -> List[Tuple[str, str]]:
-        """Every problem that depends on the world size: the batch arithmetic and each method's own
-        world-size rule (a registry entry's ``check_world(recipe, world_size) -> [message]`` classmethod,
-        else the built-in rule in ``_WORLD_RULES``). Meant to run before the process group starts."""
+        """Every problem that depends on the world size: the batch arithmetic and the problems the methods'
+        ``check`` finds only once the world size is known. Meant to run before the process group starts."""
         problem = self._batch_problem(world_size)
         problems = [problem] if problem else []
         if world_size < 1:
             return problems
-        for kind, registry in (("reducer", REDUCERS), ("sync", SYNCS), ("order", ORDERS)):
-            block = getattr(self.method, kind)
-            if block.name not in registry or block._options is None:
-                continue
-            hook = getattr(registry.get(block.name).factory, "check_world", None)
-            if hook is not None:
-                problems += [(f"method.{kind}", msg) for msg in hook(self, world_size)]
-            elif (kind, block.name) in _WORLD_RULES:
-                problems += _WORLD_RULES[(kind, block.name)](block.options, world_size, f"method.{kind}")
-        return problems
+        without = method_problems(self, None)
+        return problems + [p for p in method_problems(self, world_size) if p not in without]
 
     def check_world(self, world_size: int) -> Tuple[int, int]:
         """``batch_plan`` after all world-size rules passed; raises ``RecipeError`` listing every problem."""
@@ -373,37 +379,6 @@ def _validate_named(recipe: Recipe) -> List[Tuple[str, str]]:
     return problems
 
 
-def _divisors(n: int) -> str:
-    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
-
-
-def _dssync_world(o, world: int, key: str) -> List[Tuple[str, str]]:
-    """dssync: G groups of world/G ranks (the same rules ``DSSync.__init__`` enforces after start-up)."""
-    g = o.groups
-    if world % g:
-        return [(f"{key}.groups", f"groups={g} does not divide the world size {world}; allowed: {_divisors(world)}")]
-    if o.grouping != "patterns" or o.patterns is None:
-        return []
-    size, problems = world // g, []
-    for i, pat in enumerate(o.patterns):
-        flat = sorted(r for grp in pat for r in grp)
-        if flat != list(range(world)) or len(pat) != g or any(len(grp) != size for grp in pat):
-            problems.append((f"{key}.patterns.{i}", f"{_short(pat)} must split ranks 0..{world - 1} into {g} groups "
-                                                   f"of {size} (each rank exactly once)"))
-    return problems
-
-
-def _exdyna_world(o, world: int, key: str) -> List[Tuple[str, str]]:
-    """exdyna: every rank owns at least one block (``sparse.py`` refuses it after start-up otherwise)."""
-    if o.num_blocks < world:
-        return [(f"{key}.num_blocks", f"{o.num_blocks} is smaller than the world size {world}; every rank needs at "
-                                      f"least one block (allowed: >= {world})")]
-    return []
-
-
-# World-size rules of built-in methods that do not (yet) carry a ``check_world`` classmethod themselves.
-_WORLD_RULES = {("sync", "dssync"): _dssync_world, ("reducer", "exdyna"): _exdyna_world}
-
 _DS_EXAMPLES = {"zero_optimization": "{stage: 0}", "bf16": "{enabled: true}", "fp16": "{enabled: true}",
                 "torch_autocast": "{enabled: true, dtype: bfloat16}"}
 
@@ -483,24 +458,21 @@ def _cross_section(recipe: Recipe) -> List[Tuple[str, str]]:
     return []
 
 
+def method_problems(recipe: Recipe, world_size: Optional[int]) -> List[Tuple[str, str]]:
+    """What the three methods' ``check(view)`` classmethods say about this recipe (the same checks
+    ``engine.attach`` runs on an engine)."""
+    view = recipe.method_view(world_size)
+    problems = []
+    for kind, registry in (("reducer", REDUCERS), ("sync", SYNCS), ("order", ORDERS)):
+        name = view.names[kind]
+        if name in registry:
+            problems += registry.get(name).factory.check(view)
+    return problems
+
+
 def check_combination(recipe: Recipe) -> List[Tuple[str, str]]:
     """Refuse method combinations that cannot work together (before launch)."""
-    problems = []
-    names = recipe.method_names()
-    stage = recipe.zero_stage()
-    for kind, registry in (("reducer", REDUCERS), ("sync", SYNCS), ("order", ORDERS)):
-        name = names[kind]
-        if name not in registry:
-            continue
-        factory = registry.get(name).factory
-        check = getattr(factory, "check_recipe", None)
-        if check is not None:
-            problems += [(f"method.{kind}", msg) for msg in check(recipe)]
-    if names["reducer"] != "deepspeed" and stage != 0:
-        from .reducers.base import zero_stage_problem
-
-        problems.append(("deepspeed.zero_optimization.stage", zero_stage_problem(names["reducer"], stage)))
-    return problems
+    return method_problems(recipe, None)
 
 
 # ---- loading ------------------------------------------------------------------------------------

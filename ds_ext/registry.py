@@ -7,8 +7,8 @@ accepts. Adding a method is adding one module with one ``@REGISTRY.register(...)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Type
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Type
 
 from pydantic import BaseModel, ConfigDict
 
@@ -29,6 +29,31 @@ class Entry:
     factory: Callable[..., Any]
     options: Type[Options]
     doc: str
+
+
+@dataclass
+class MethodView:
+    """What a method's ``check(view)`` may look at, built alike from a recipe (``Recipe.method_view``) and
+    from an engine (``engine.attach``): the names of the three method blocks, their validated options
+    (None where a block's options did not validate), the DeepSpeed settings, and the world size (None
+    where it is not known yet: a recipe linted without ``--world-size``)."""
+
+    names: Dict[str, str]
+    options: Dict[str, Optional["Options"]] = field(default_factory=dict)
+    deepspeed: Mapping = field(default_factory=dict)
+    world: Optional[int] = None
+
+    def zero_stage(self) -> int:
+        return int((self.deepspeed.get("zero_optimization") or {}).get("stage", 0))
+
+    def precision(self) -> str:
+        for key in ("bf16", "fp16"):
+            if (self.deepspeed.get(key) or {}).get("enabled", False):
+                return key
+        return "fp32"
+
+
+Problems = List[Tuple[str, str]]  # (recipe key, message)
 
 
 class UnknownName(KeyError):
@@ -69,14 +94,24 @@ class Registry:
     def names(self):
         return sorted(self._entries)
 
+    def name_of(self, obj) -> Optional[str]:
+        """The registered name of an instance's class (None if it is not registered here)."""
+        for name, entry in self._entries.items():
+            if type(obj) is entry.factory:
+                return name
+        return None
+
     def __contains__(self, name):
         return name in self._entries
 
+    def validated(self, name: str, options=None) -> "Options":
+        """``options`` (a dict or the entry's Options) validated against the entry's Options model."""
+        entry = self.get(name)
+        return options if isinstance(options, entry.options) else entry.options(**(options or {}))
+
     def build(self, name: str, options: Optional[dict] = None, *args, **kwargs):
         """Validate ``options`` against the entry's Options model and call its factory."""
-        entry = self.get(name)
-        opts = options if isinstance(options, entry.options) else entry.options(**(options or {}))
-        return entry.factory(*args, options=opts, **kwargs)
+        return self.get(name).factory(*args, options=self.validated(name, options), **kwargs)
 
 
 MODELS = Registry("model")

@@ -69,7 +69,9 @@ def per_step_params(rank, world, reducer, steps=6, check_every=0, precision="fp3
     from ds_ext.engine import DesyncError
 
     engine = make_engine(precision, 1, world=world)
-    att = ds_ext.attach(engine, {"reducer": {"name": reducer, **(options or {})}}, check_every=check_every)
+    # reducer 'none' alone never communicates (the check refuses it): here it is the deliberate negative control
+    att = ds_ext.attach(engine, {"reducer": {"name": reducer, **(options or {})}}, check_every=check_every,
+                        check=reducer != "none")
     record = []
     err = None
     try:

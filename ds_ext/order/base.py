@@ -57,5 +57,6 @@ class Order:
         pass
 
     @classmethod
-    def check_recipe(cls, recipe) -> list:
+    def check(cls, view) -> list:
+        """Every problem of this order in this setting, as ``Reducer.check``."""
         return []

@@ -300,9 +300,6 @@ class DGrab(Order):
         self.epoch, self.seen = int(state["epoch"]), int(state["seen"])
         self.cache = None if state["cache"] is None else state["cache"].clone()
 
-    @classmethod
-    def check_recipe(cls, recipe) -> list:
-        return []
 
 
 @ORDERS.register("cdgrab", DGrabOptions)
@@ -328,14 +325,14 @@ class CDGrab(DGrab):
         self.seen += 1
 
     @classmethod
-    def check_recipe(cls, recipe) -> list:
-        names = recipe.method_names()
+    def check(cls, view) -> list:
+        names = view.names
         problems = []
         if names["reducer"] != "cdgrab":
-            problems.append(f"order 'cdgrab' is also the gradient reducer (its all_gather of microbatch gradients "
-                            f"replaces the allreduce); it cannot be combined with reducer {names['reducer']!r}: set "
-                            "method.reducer={name: cdgrab}")
+            problems.append(("method.order", f"order 'cdgrab' is also the gradient reducer (its all_gather of microbatch "
+                                             f"gradients replaces the allreduce); it cannot be combined with reducer "
+                                             f"{names['reducer']!r}: set method.reducer={{name: cdgrab}}"))
         if names["sync"] != "none":
-            problems.append(f"order 'cdgrab' averages gradients every step; it cannot be combined with sync "
-                            f"{names['sync']!r} (use method.sync={{name: none}}, or order dgrab)")
+            problems.append(("method.order", f"order 'cdgrab' averages gradients every step; it cannot be combined with "
+                                             f"sync {names['sync']!r} (use method.sync={{name: none}}, or order dgrab)"))
         return problems

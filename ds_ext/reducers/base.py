@@ -88,5 +88,11 @@ class Reducer:
         return []
 
     @classmethod
-    def check_recipe(cls, recipe) -> list:
+    def check(cls, view) -> list:
+        """Every problem of this reducer in this setting (``ds_ext.registry.MethodView``): a list of
+        ``(recipe key, message)``. The one place each rule lives: the recipe check (before launch) and
+        ``attach()`` both call it. World-size rules apply when ``view.world`` is known."""
+        stage = view.zero_stage()
+        if stage != 0:
+            return [("deepspeed.zero_optimization.stage", zero_stage_problem(view.names["reducer"], stage))]
         return []

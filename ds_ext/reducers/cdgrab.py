@@ -58,9 +58,9 @@ class CDGrabReducer(Reducer):
         self.acc.zero_()
 
     @classmethod
-    def check_recipe(cls, recipe) -> list:
-        names = recipe.method_names()
-        if names["order"] != "cdgrab":
-            return [f"reducer 'cdgrab' is the gradient half of CD-GraB and needs order 'cdgrab' (got "
-                    f"{names['order']!r}): set method.order={{name: cdgrab}}"]
-        return []
+    def check(cls, view) -> list:
+        problems = []
+        if view.names["order"] != "cdgrab":
+            problems.append(("method.reducer", f"reducer 'cdgrab' is the gradient half of CD-GraB and needs order "
+                                               f"'cdgrab' (got {view.names['order']!r}): set method.order={{name: cdgrab}}"))
+        return problems + super().check(view)

@@ -70,15 +70,16 @@ class FlatReducer(Reducer):
         return dict(self._stats)
 
     @classmethod
-    def check_recipe(cls, recipe) -> list:
-        fp16 = recipe.deepspeed.get("fp16") or {}
+    def check(cls, view) -> list:
+        problems = []
+        fp16 = view.deepspeed.get("fp16") or {}
         if fp16.get("enabled", False) and not fp16.get("loss_scale"):
-            name = recipe.method.reducer.name
-            return [f"reducer {name!r} keeps an error-feedback residual of the gradients it sees, which under fp16 "
+            name = view.names["reducer"]
+            problems.append(("method.reducer", f"reducer {name!r} keeps an error-feedback residual of the gradients it sees, which under fp16 "
                     "dynamic loss scaling are multiplied by a scale that changes between steps (and hold inf on "
                     "overflow steps, which would poison the residual for good); use bf16, or a static "
-                    "deepspeed.fp16.loss_scale > 0"]
-        return []
+                    "deepspeed.fp16.loss_scale > 0"))
+        return problems + super().check(view)
 
     def _base_state(self) -> dict:
         return {"numel": self.numel, "world_size": self.world_size, "iteration": self.iteration,

@@ -16,6 +16,10 @@ class DeepSpeedReducer(Reducer):
 
     replaces_engine_allreduce = False
 
+    @classmethod
+    def check(cls, view) -> list:
+        return []  # DeepSpeed's own reduction: every ZeRO stage is DeepSpeed's to handle
+
     def finish(self):
         if self.world_size == 1:
             return
@@ -30,8 +34,9 @@ class NoReducer(Reducer):
     synchronizers; alone, ranks diverge)."""
 
     @classmethod
-    def check_recipe(cls, recipe) -> list:
-        if recipe.method.sync.name == "none":
-            return ["reducer 'none' with sync 'none' never communicates: ranks would train independent models; "
-                    "pick a gradient reducer or a parameter synchronizer"]
-        return []
+    def check(cls, view) -> list:
+        problems = []
+        if view.names["sync"] == "none":
+            problems.append(("method.reducer", "reducer 'none' with sync 'none' never communicates: ranks would train "
+                                               "independent models; pick a gradient reducer or a parameter synchronizer"))
+        return problems + super().check(view)

@@ -88,7 +88,7 @@ Deliberate deviations from the reference code, named:
   ``exchange: union`` is the seed's ``TopKReducer`` (see above).
 * Bytes reported are every tensor handed to a collective, the count all_gather included (the
   reference reports only indices + values).
-* Recipes with fp16 dynamic loss scaling are refused (``check_recipe``): the residual would mix
+* Recipes with fp16 dynamic loss scaling are refused (``check``): the residual would mix
   gradients scaled differently and keep the inf of overflow steps. The seed trains in fp32; bf16
   and fp16 gradients are otherwise handled (fp32 residual and arithmetic, result cast back).
 """
@@ -346,6 +346,16 @@ class ExDynaReducer(_SparseBase):
         per_rank = math.ceil(k / world * (1.0 + imbalance))
         return [Collective("all_gather", 8, world), Collective("all_gather", 8 * per_rank, world),
                 Collective("all_reduce", 4 * k, world)]
+
+    @classmethod
+    def check(cls, view) -> list:
+        """The flat reducers' rules, and (world size known) every rank owns at least one block."""
+        problems = super().check(view)
+        o = view.options.get("reducer")
+        if view.world is not None and o is not None and o.num_blocks < view.world:
+            problems.append(("method.reducer.num_blocks", f"{o.num_blocks} is smaller than the world size {view.world}; "
+                                                          f"every rank needs at least one block (allowed: >= {view.world})"))
+        return problems
 
     def ranges(self) -> List[Tuple[int, int]]:
         """``[start, end)`` of every partition under the current allocation."""

@@ -107,10 +107,11 @@ class DSSyncOptions(AveragingOptions):
                                                     "0: a fresh permutation every sync, as the reference")
 
 
-def _check_common(recipe, name: str) -> list:
+def _check_common(view, name: str) -> list:
+    """The rules every parameter-averaging synchronizer shares (reducer, clipping, precision)."""
     problems = []
-    red = recipe.method.reducer.name
-    o = recipe.method.sync.options if recipe.method.sync._options is not None else None
+    red = view.names["reducer"]
+    o = view.options.get("sync")
     period = getattr(o, "period", "constant")
     if red == "deepspeed":
         problems.append(f"sync {name!r} needs our reducers (the engine's own allreduce cannot be switched off per "
@@ -121,17 +122,17 @@ def _check_common(recipe, name: str) -> list:
     elif period != "postlocal" and red != "none":
         problems.append(f"sync {name!r} with period {period!r} takes local steps: method.reducer must be 'none' "
                         f"(got {red!r}, which would communicate gradients every step)")
-    if float(recipe.deepspeed.get("gradient_clipping", 0) or 0) > 0:
+    if float(view.deepspeed.get("gradient_clipping", 0) or 0) > 0:
         problems.append(f"sync {name!r}: deepspeed.gradient_clipping clips with a gradient norm averaged over all "
                         f"ranks (one allreduce every step); use method.sync.clip_grad_norm, which clips each rank's "
                         f"local gradient without communicating")
-    prec = recipe.precision()
+    prec = view.precision()
     if prec in ("bf16", "fp16"):
         problems.append(f"sync {name!r} averages the module's parameters, but DeepSpeed {prec} keeps separate fp32 "
                         f"master weights that would overwrite them: use fp32 parameters with mixed-precision "
                         f"compute instead, deepspeed.torch_autocast: {{enabled: true, dtype: "
                         f"{'bfloat16' if prec == 'bf16' else 'float16'}}}")
-    return problems
+    return [("method.sync", m) for m in problems]
 
 
 def _averaging_collectives(shapes, group: int, options: AveragingOptions, lr: float) -> list:
@@ -170,11 +171,6 @@ class _Averaging(Synchronizer):
         self.local_steps = 0  # steps since the last averaging
         self.rounds = 0  # averagings done
         self.comm_steps = 0  # steps that communicated (averaging or data-parallel gradient steps)
-        clip = engine.gradient_clipping() if engine is not None and hasattr(engine, "gradient_clipping") else 0.0
-        if clip and clip > 0:
-            raise ValueError(f"{type(self).__name__}: the DeepSpeed config clips gradients (gradient_clipping={clip}) "
-                             "with a norm averaged over all ranks, one allreduce every step; set gradient_clipping "
-                             "to 0 and use the sync's clip_grad_norm option (local clipping)")
         for p in self.params:
             if p.dtype != torch.float32:
                 raise ValueError(f"{type(self).__name__} averages fp32 parameters; got {p.dtype} (use "
@@ -351,8 +347,8 @@ class LocalSync(_Averaging):
         return _averaging_collectives(shapes, world, options, lr)
 
     @classmethod
-    def check_recipe(cls, recipe) -> list:
-        return _check_common(recipe, "local")
+    def check(cls, view) -> list:
+        return _check_common(view, "local")
 
 
 def default_patterns(world: int, groups: int) -> List[List[List[int]]]:
@@ -373,17 +369,13 @@ class DSSync(_Averaging):
     def __init__(self, named_params, options: DSSyncOptions, **kw):
         super().__init__(named_params, options, **kw)
         n, g = self.world_size, options.groups
-        if n % g:
-            raise ValueError(f"dssync: groups={g} does not divide the world size {n}")
+        problems = self.world_problems(options, n)
+        if problems:
+            raise ValueError("dssync: " + "; ".join(f"{k}: {m}" for k, m in problems))
         self.group_size = n // g
         self.rank = self.comm.rank
         if options.grouping == "patterns":
             self.patterns = options.patterns or default_patterns(n, g)
-            for i, pat in enumerate(self.patterns):
-                flat = sorted(r for grp in pat for r in grp)
-                if flat != list(range(n)) or len(pat) != g or any(len(grp) != self.group_size for grp in pat):
-                    raise ValueError(f"dssync: patterns[{i}] = {pat} must split ranks 0..{n - 1} into {g} groups of "
-                                     f"{self.group_size}")
         self.pool = [self._permutation(i) for i in range(options.shuffle_pool)] \
             if options.grouping == "shuffle" else []
 
@@ -426,5 +418,29 @@ class DSSync(_Averaging):
         return _averaging_collectives(shapes, world // options.groups, options, lr)
 
     @classmethod
-    def check_recipe(cls, recipe) -> list:
-        return _check_common(recipe, "dssync")
+    def check(cls, view) -> list:
+        """The shared rules, and (world size known) ``world_problems``."""
+        problems = _check_common(view, "dssync")
+        o, world = view.options.get("sync"), view.world
+        if o is None or world is None:
+            return problems
+        return problems + cls.world_problems(o, world)
+
+    @staticmethod
+    def world_problems(o: DSSyncOptions, world: int) -> list:
+        """G groups of world/G ranks; patterns that split ranks 0..world-1 into them."""
+        g = o.groups
+        if world % g:
+            divisors = ", ".join(str(d) for d in range(1, world + 1) if world % d == 0)
+            return [("method.sync.groups", f"groups={g} does not divide the world size {world}; allowed: {divisors}")]
+        problems = []
+        if o.grouping == "patterns" and o.patterns is not None:
+            from ..recipe import _short
+
+            size = world // g
+            for i, pat in enumerate(o.patterns):
+                flat = sorted(r for grp in pat for r in grp)
+                if flat != list(range(world)) or len(pat) != g or any(len(grp) != size for grp in pat):
+                    problems.append((f"method.sync.patterns.{i}", f"{_short(pat)} must split ranks 0..{world - 1} into "
+                                                                  f"{g} groups of {size} (each rank exactly once)"))
+        return problems

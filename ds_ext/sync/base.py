@@ -70,7 +70,8 @@ class Synchronizer:
         return []
 
     @classmethod
-    def check_recipe(cls, recipe) -> list:
+    def check(cls, view) -> list:
+        """Every problem of this synchronizer in this setting, as ``Reducer.check``."""
         return []
 
 
