@@ -363,6 +363,14 @@ class Attachment:
         self.guard.skipped_steps = int(state.get("skipped_steps", 0))
 
 
+def _torch_optimizer(engine):
+    """The torch optimizer under DeepSpeed's wrapper (what holds ``state`` and ``param_groups``)."""
+    opt = getattr(engine, "optimizer", None)
+    if opt is not None and not hasattr(opt, "state") and hasattr(opt, "optimizer"):
+        opt = opt.optimizer
+    return opt
+
+
 def _deepspeed_settings(engine) -> dict:
     """The engine's DeepSpeed configuration as a dict (what the methods' checks read)."""
     cfg = getattr(getattr(engine, "_config", None), "_param_dict", None)
@@ -418,9 +426,11 @@ def attach(engine, method: Union[None, Dict[str, Any], Any] = None, meter: Optio
     named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
     comm = Communicator(group, device=engine.device, meter=meter,
                         wire_dtype=getattr(engine, "communication_data_type", None))
-    kw = dict(comm=comm, engine=engine)
-    reducer = REDUCERS.build(rname, ropts, named, **kw)
-    sync = SYNCS.build(sname, sopts, named, total_steps=total_steps, **kw)
+    reducer = REDUCERS.build(rname, ropts, named, comm=comm, engine=engine)
+    sched = engine.lr_scheduler
+    sync = SYNCS.build(sname, sopts, named, comm=comm, module=engine.module, optimizer=_torch_optimizer(engine),
+                       lr_at=getattr(sched, "lr_at", None), warmup_steps=getattr(sched, "warmup", None),
+                       total_steps=total_steps)
     return Attachment(engine, reducer, sync, comm, check_every=check_every, order=order, nonfinite=nonfinite)
 
 

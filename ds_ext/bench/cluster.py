@@ -144,7 +144,7 @@ def build_method(method: str, named, opts: MethodOptions, meter):
     rname, ropts, sname, sopts = method_specs(opts)[method]
     if method == "exdyna":  # start at the threshold of the target density on N(0, 1) gradients
         ropts = dict(ropts, initial_threshold=NormalDist().inv_cdf(1 - opts.density / 2))
-    kw = dict(group=None, meter=meter, engine=None)
+    kw = dict(group=None, meter=meter)
     reducer = REDUCERS.build(rname, ropts, named, **kw)
     skw = dict(kw, total_steps=None)
     if sname != "none":

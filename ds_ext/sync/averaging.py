@@ -147,25 +147,86 @@ def _averaging_collectives(shapes, group: int, options: AveragingOptions, lr: fl
     return [Collective("all_reduce", 4 * numel, group, 1.0 / h)]
 
 
-class _Averaging(Synchronizer):
-    """Shared machinery: period, round counters, fused flat averaging, eval view, per-rank state."""
+def average(tensors: List[torch.Tensor], comm, size: int, count: bool = True) -> None:
+    """The averager: ``tensors`` averaged over ``comm``'s ranks (``size`` of them) in place, with one fused
+    fp32 all_reduce; ``count=False``: evaluation-only traffic, not metered as training communication."""
+    if not tensors or size == 1 or comm is None:
+        return
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    comm.all_reduce(flat, "param_allreduce" if count else None)
+    flat.div_(size)
+    views = [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+    torch._foreach_copy_(tensors, views)
 
-    def __init__(self, named_params, options: AveragingOptions, comm=None, engine=None,
-                 total_steps: Optional[int] = None, lr_at: Optional[Callable[[int], float]] = None,
-                 warmup_steps: Optional[int] = None, group=None, meter=None):
-        super().__init__(named_params, options, comm=comm, engine=engine, total_steps=total_steps, group=group,
-                         meter=meter)
+
+def bn_buffers(module: Optional[torch.nn.Module]) -> List[torch.Tensor]:
+    """BatchNorm running statistics of a module (empty without one)."""
+    if module is None:
+        return []
+    return [b for n, b in module.named_buffers() if n.endswith(("running_mean", "running_var"))]
+
+
+class EvalView:
+    """The evaluation view of a local method: evaluate the average model (parameters averaged in when
+    ranks differ, local ones restored afterwards) and, with ``bn_batches > 0``, BatchNorm statistics
+    re-estimated on that many training batches in total (the QSR seed's ``estimate_BN_params``)."""
+
+    def __init__(self, params: List[torch.nn.Parameter], module, comm, bn_batches: int):
+        self.params, self.module, self.comm, self.bn_batches = params, module, comm, bn_batches
+
+    @contextlib.contextmanager
+    def __call__(self, module: torch.nn.Module, in_sync: bool, train_batches=None):
+        saved = None
+        if not in_sync and self.comm.world_size > 1:
+            saved = [p.detach().clone() for p in self.params] + [b.clone() for b in bn_buffers(self.module)]
+            average([p.data for p in self.params], self.comm, self.comm.world_size, count=False)
+        if self.bn_batches > 0 and train_batches is not None:
+            self._reestimate_bn(module, train_batches)
+        try:
+            yield
+        finally:
+            if saved is not None:
+                torch._foreach_copy_([p.data for p in self.params] + bn_buffers(self.module), saved)
+
+    def _reestimate_bn(self, module, train_batches) -> None:
+        bns = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+               and m.track_running_stats]
+        if not bns:
+            return
+        world = self.comm.world_size
+        per_rank = max(1, self.bn_batches // world)
+        momenta = [m.momentum for m in bns]
+        was_training = module.training
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average, the reference's momentum 1/(1+i)
+        module.train()
+        p0 = self.params[0]
+        with torch.no_grad():
+            for i, (x, _) in enumerate(train_batches()):
+                if i >= per_rank:
+                    break
+                module(x.to(p0.device, dtype=p0.dtype if x.is_floating_point() else x.dtype))
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        module.train(was_training)
+        stats = [t for m in bns for t in (m.running_mean, m.running_var)]
+        average(stats, self.comm, world, count=False)
+
+
+class _Averaging(Synchronizer):
+    """Round bookkeeping of a parameter-averaging synchronizer: the period (``schedules.make_period``)
+    says when, ``average`` does it, ``EvalView`` evaluates; the subclass says with whom."""
+
+    def __init__(self, named_params, options: AveragingOptions, **kw):
+        super().__init__(named_params, options, **kw)
         self.params = [p for _, p in named_params]
         self.world_size = self.comm.world_size
-        sched = getattr(engine, "lr_scheduler", None) if engine is not None else None
-        if lr_at is None and hasattr(sched, "lr_at"):
-            lr_at = sched.lr_at
-        if warmup_steps is None:
-            warmup_steps = options.warmup_steps if options.warmup_steps is not None else getattr(sched, "warmup", 0)
-        self._lr_at = lr_at
+        warmup = options.warmup_steps if options.warmup_steps is not None else (self.warmup_steps or 0)
         from .schedules import make_period  # not at import: `python -m ds_ext.sync.schedules` runs that module
 
-        self.period = make_period(options, warmup_steps, total_steps)
+        self.period = make_period(options, warmup, self.total_steps)
+        self.view = EvalView(self.params, self.module, self.comm, options.bn_batches)
         self.h = self.period.first_h()
         self.step_ctr = 0  # optimizer steps done
         self.local_steps = 0  # steps since the last averaging
@@ -206,24 +267,16 @@ class _Averaging(Synchronizer):
         return True
 
     def _lr(self, step: int) -> float:
-        if self._lr_at is not None:
-            return float(self._lr_at(step))
-        opt = self._optimizer()
+        if self.lr_at is not None:
+            return float(self.lr_at(step))
+        opt = self.optimizer
         return float(opt.param_groups[0]["lr"]) if opt is not None else 0.0
 
-    def _optimizer(self):
-        opt = getattr(self.engine, "optimizer", None) if self.engine is not None else None
-        if opt is not None and not hasattr(opt, "state") and hasattr(opt, "optimizer"):
-            opt = opt.optimizer
-        return opt
-
-    # -- averaging ---------------------------------------------------------------------------------
-    def _tensors(self, for_eval: bool = False) -> List[torch.Tensor]:
+    # -- what is averaged ---------------------------------------------------------------------------
+    def _tensors(self) -> List[torch.Tensor]:
         ts = [p.data for p in self.params]
-        if for_eval:
-            return ts
         o = self.options
-        opt = self._optimizer()
+        opt = self.optimizer
         if opt is not None and (o.avg_m or o.avg_v):
             for p in self.params:
                 st = opt.state.get(p, {})
@@ -234,25 +287,8 @@ class _Averaging(Synchronizer):
                 if o.avg_v and isinstance(st.get("exp_avg_sq"), torch.Tensor):
                     ts.append(st["exp_avg_sq"])
         if o.avg_buffers:
-            ts += self._bn_buffers()
+            ts += bn_buffers(self.module)
         return ts
-
-    def _bn_buffers(self) -> List[torch.Tensor]:
-        module = getattr(self.engine, "module", None)
-        if module is None:
-            return []
-        return [b for n, b in module.named_buffers() if n.endswith(("running_mean", "running_var"))]
-
-    def _average(self, tensors: List[torch.Tensor], comm, size: int, count: bool = True) -> None:
-        """Average ``tensors`` over ``comm``'s ranks (``size`` of them) with one fused fp32 all_reduce;
-        ``count=False``: evaluation-only traffic, not metered as training communication."""
-        if not tensors or size == 1 or comm is None:
-            return
-        flat = torch.cat([t.reshape(-1).float() for t in tensors])
-        comm.all_reduce(flat, "param_allreduce" if count else None)
-        flat.div_(size)
-        views = [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
-        torch._foreach_copy_(tensors, views)
 
     def _average_now(self) -> None:
         raise NotImplementedError
@@ -266,70 +302,51 @@ class _Averaging(Synchronizer):
     def synced_globally(self) -> bool:
         return self.in_sync
 
-    @contextlib.contextmanager
     def eval_view(self, module: torch.nn.Module, train_batches: Optional[Callable[[], Iterable]] = None):
-        """Evaluate the averaged model: average parameters in (if between syncs), re-estimate BN if
-        asked; restore the local parameters afterwards. Collective: every rank enters it."""
-        saved = None
-        if not self.in_sync and self.world_size > 1:
-            saved = [p.detach().clone() for p in self.params] + [b.clone() for b in self._bn_buffers()]
-            self._average(self._tensors(for_eval=True), self.comm, self.world_size, count=False)
-        if self.options.bn_batches > 0 and train_batches is not None:
-            self._reestimate_bn(module, train_batches)
-        try:
-            yield
-        finally:
-            if saved is not None:
-                torch._foreach_copy_([p.data for p in self.params] + self._bn_buffers(), saved)
-
-    def _reestimate_bn(self, module, train_batches) -> None:
-        bns = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-               and m.track_running_stats]
-        if not bns:
-            return
-        per_rank = max(1, self.options.bn_batches // self.world_size)
-        momenta = [m.momentum for m in bns]
-        was_training = module.training
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average, the reference's momentum 1/(1+i)
-        module.train()
-        p0 = self.params[0]
-        with torch.no_grad():
-            for i, (x, _) in enumerate(train_batches()):
-                if i >= per_rank:
-                    break
-                module(x.to(p0.device, dtype=p0.dtype if x.is_floating_point() else x.dtype))
-        for m, mom in zip(bns, momenta):
-            m.momentum = mom
-        module.train(was_training)
-        stats = [t for m in bns for t in (m.running_mean, m.running_var)]
-        self._average(stats, self.comm, self.world_size, count=False)
+        """Evaluate the averaged model (``EvalView``). Collective: every rank enters it."""
+        return self.view(module, self.in_sync, train_batches)
 
     # -- state ----------------------------------------------------------------------------------
     def stats(self) -> dict:
         return {"H": self.h, "rounds": self.rounds, "comm_fraction": self.comm_steps / max(self.step_ctr, 1)}
 
     def state_dict(self) -> dict:
-        """Counters, H, and this rank's own parameters and optimizer state (ranks differ between syncs;
-        DeepSpeed's checkpoint keeps rank 0's only)."""
-        module = getattr(self.engine, "module", None)
-        opt = self._optimizer()
+        """What exact resume needs beyond DeepSpeed's checkpoint (which keeps rank 0's module and
+        optimizer only): the counters and H; this rank's parameters unless every rank holds the same ones
+        (right after a global averaging: then rank 0's are everyone's); this rank's buffers (BatchNorm
+        statistics are computed on this rank's data); this rank's optimizer state (moments follow the
+        local gradients)."""
+        module = self.module
+        params = None if self.synced_globally else [p.detach().cpu().clone() for p in self.params]
+        buffers = {n: b.detach().cpu().clone() for n, b in module.named_buffers()} if module is not None else None
         return {"h": self.h, "step_ctr": self.step_ctr, "local_steps": self.local_steps, "rounds": self.rounds,
-                "comm_steps": self.comm_steps,
-                "module": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if module else None,
-                "optimizer": opt.state_dict() if opt is not None else None}
+                "comm_steps": self.comm_steps, "parameters": params, "buffers": buffers,
+                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.h, self.step_ctr = int(state["h"]), int(state["step_ctr"])
         self.local_steps, self.rounds = int(state["local_steps"]), int(state["rounds"])
         self.comm_steps = int(state["comm_steps"])
-        module = getattr(self.engine, "module", None)
-        if module is not None and state.get("module") is not None:
-            module.load_state_dict(state["module"])
-        opt = self._optimizer()
-        if opt is not None and state.get("optimizer") is not None:
-            opt.load_state_dict(state["optimizer"])
+        if "module" in state:  # checkpoints written before the named state: a whole-module snapshot
+            if self.module is not None and state["module"] is not None:
+                self.module.load_state_dict(state["module"])
+        else:
+            if state.get("parameters") is not None:
+                if len(state["parameters"]) != len(self.params):
+                    raise ValueError(f"{type(self).__name__} state holds {len(state['parameters'])} parameters, "
+                                     f"this model {len(self.params)}")
+                with torch.no_grad():
+                    torch._foreach_copy_([p.data for p in self.params],
+                                         [t.to(p.device) for t, p in zip(state["parameters"], self.params)])
+            if self.module is not None and state.get("buffers") is not None:
+                own = dict(self.module.named_buffers())
+                if set(own) != set(state["buffers"]):
+                    raise ValueError(f"{type(self).__name__} state buffers do not match this model's")
+                with torch.no_grad():
+                    for n, b in state["buffers"].items():
+                        own[n].copy_(b)
+        if self.optimizer is not None and state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
 
 
 @SYNCS.register("local", LocalOptions)
@@ -338,7 +355,7 @@ class LocalSync(_Averaging):
     or post-local)."""
 
     def _average_now(self) -> None:
-        self._average(self._tensors(), self.comm, self.world_size)
+        average(self._tensors(), self.comm, self.world_size)
 
     @classmethod
     def collectives(cls, shapes, world: int, options: LocalOptions, lr: float = 0.0, **_) -> list:
@@ -410,7 +427,7 @@ class DSSync(_Averaging):
             c = self.comm.subgroup(grp) if self.group_size < self.world_size else self.comm
             if self.rank in grp:
                 mine = c
-        self._average(self._tensors(), mine, self.group_size)
+        average(self._tensors(), mine, self.group_size)
 
     @classmethod
     def collectives(cls, shapes, world: int, options: DSSyncOptions, lr: float = 0.0, **_) -> list:
