@@ -100,7 +100,7 @@ def method_specs(opts: MethodOptions) -> Dict[str, Tuple[str, dict, str, dict]]:
     """(reducer, reducer options, sync, sync options) per method, as ``ds_ext.engine.attach`` takes them."""
     return {
         "allreduce": ("allreduce", {"bucket_mb": opts.bucket_mb}, "none", {}),
-        "powersgd": ("powersgd", {"matrix_approximation_rank": opts.rank, "start_powerSGD_iter": 0}, "none", {}),
+        "powersgd": ("powersgd", {"rank": opts.rank, "start_powerSGD_iter": 0}, "none", {}),
         "acpsgd": ("acpsgd", {"rank": opts.rank}, "none", {}),
         "topk": ("topk", {"density": opts.density}, "none", {}),
         "exdyna": ("exdyna", {"density": opts.density}, "none", {}),
@@ -139,7 +139,7 @@ def powersgd_bytes(shapes, rank: int, min_rate: float = 2.0) -> Tuple[int, int]:
     """(P bytes incl. the uncompressed tensors, Q bytes) of one PowerSGD step (``PowerSGDReducer.collectives``)."""
     from .reducers.lowrank import PowerSGDOptions, PowerSGDReducer
 
-    p, q = PowerSGDReducer.collectives(shapes, 1, PowerSGDOptions(matrix_approximation_rank=rank,
+    p, q = PowerSGDReducer.collectives(shapes, 1, PowerSGDOptions(rank=rank,
                                                                    min_compression_rate=min_rate))
     return int(p.nbytes), int(q.nbytes)
 

@@ -361,8 +361,8 @@ def _validate_named(recipe: Recipe) -> List[Tuple[str, str]]:
             continue
         params = block.params
         bools = [(f"{key}.{k}", f"{_BOOL_FOR_NUMBER} ({v!r})") for k, v in params.items()
-                 if isinstance(v, bool) and k in entry.options.model_fields
-                 and _numeric_annotation(entry.options.model_fields[k].annotation)]
+                 if isinstance(v, bool) and entry.options.field_of(k) is not None
+                 and _numeric_annotation(entry.options.model_fields[entry.options.field_of(k)].annotation)]
         if bools:  # pydantic's lax mode would read true/false as 1/0
             problems += bools
             continue

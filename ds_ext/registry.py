@@ -14,9 +14,22 @@ from pydantic import BaseModel, ConfigDict
 
 
 class Options(BaseModel):
-    """Base class for per-implementation options: unknown keys are refused."""
+    """Base class for per-implementation options: unknown keys are refused. One spelling per concept
+    across methods (``rank``, ``error_feedback``, ``bucket_mb``); a method's older or reference spelling
+    is accepted as an alias (``validation_alias=AliasChoices(...)``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=False)
+
+    @classmethod
+    def field_of(cls, key: str) -> Optional[str]:
+        """The field a recipe key sets (its own name or one of its aliases), or None."""
+        if key in cls.model_fields:
+            return key
+        for name, f in cls.model_fields.items():
+            choices = getattr(f.validation_alias, "choices", ()) or ()
+            if key in choices:
+                return name
+        return None
 
 
 class NoOptions(Options):

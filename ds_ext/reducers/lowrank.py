@@ -37,10 +37,10 @@ Deliberate choices, named:
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
-from pydantic import Field
+from pydantic import AliasChoices, Field
 
 from ..registry import REDUCERS, Options
 from .base import Reducer
@@ -180,6 +180,36 @@ def _phase_sizes(dims, compressed) -> tuple:
     return size_p, size_q
 
 
+class ClassSlice(NamedTuple):
+    """The compressed members of a fused group that belong to one shape class: its rows a..b-1."""
+    cls: "_ShapeClass"
+    a: int
+    b: int
+    metas: List["_Meta"]
+
+
+class SliceAt(NamedTuple):
+    """A class slice and where its factors start in a fused buffer."""
+    part: ClassSlice
+    offset: int
+
+
+class PlainAt(NamedTuple):
+    """An uncompressed (1-D) tensor and where it starts in a fused buffer."""
+    meta: "_Meta"
+    offset: int
+
+
+class Layout(NamedTuple):
+    """A fused buffer: class slices first, then the uncompressed tensors; ``total`` elements."""
+    slices: List[SliceAt]
+    plain: List[PlainAt]
+    total: int
+
+
+PHASES = ("p", "q")  # ACP-SGD's alternating steps: P-step (send P), Q-step (send Q)
+
+
 def greedy_groups(metas: List[_Meta], sizes: Dict[int, int], cap: float) -> List[List[_Meta]]:
     """Fusion in reverse registration order; a tensor larger than ``cap`` gets its own group."""
     return [[metas[i] for i in g] for g in fuse_reverse([sizes[m.index] for m in metas], cap)]
@@ -206,8 +236,8 @@ class _LowRankBase(Reducer):
                 self.E[mt.index], self.P[mt.index], self.Q[mt.index] = c.E[j], c.P[j], c.Q[j]
         self.steps = 0
 
-    def _slices(self, group: List[_Meta]) -> List[tuple]:
-        """(shape class, a, b, metas) for the compressed members of a fused group: class rows a..b-1."""
+    def _slices(self, group: List[_Meta]) -> List[ClassSlice]:
+        """The compressed members of a fused group, per shape class (class rows a..b-1)."""
         out: Dict[tuple, List[_Meta]] = {}
         for m in group:
             if m.compressed:
@@ -216,7 +246,7 @@ class _LowRankBase(Reducer):
         for key, ms in out.items():
             a, b = ms[0].pos, ms[-1].pos + 1
             assert [m.pos for m in ms] == list(range(a, b)), "fused group is not a contiguous class slice"
-            res.append((self.classes[key], a, b, ms))
+            res.append(ClassSlice(self.classes[key], a, b, ms))
         return res
 
     def _allreduce(self, buf: torch.Tensor, kind: str, async_op: bool = False):
@@ -243,11 +273,14 @@ class _LowRankBase(Reducer):
 
 
 class PowerSGDOptions(Options):
-    # names and defaults of torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook.PowerSGDState
-    matrix_approximation_rank: int = Field(1, ge=1)
+    # defaults of torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook.PowerSGDState; its names
+    # matrix_approximation_rank and use_error_feedback are accepted as aliases of the package-wide spellings
+    rank: int = Field(1, ge=1, validation_alias=AliasChoices("rank", "matrix_approximation_rank"),
+                      description="factor rank r (alias: PyTorch's matrix_approximation_rank)")
     start_powerSGD_iter: int = Field(1000, ge=0, description="plain allreduce for the first steps")
     min_compression_rate: float = Field(2.0, ge=0, description="compress only if n*m >= rate * (n+m)*r")
-    use_error_feedback: bool = True
+    error_feedback: bool = Field(True, validation_alias=AliasChoices("error_feedback", "use_error_feedback"),
+                                 description="keep the compression error (alias: PyTorch's use_error_feedback)")
     warm_start: bool = True
     orthogonalization_epsilon: float = Field(0.0, ge=0)
     seed: int = 0
@@ -260,7 +293,7 @@ class PowerSGDReducer(_LowRankBase):
     def __init__(self, named_params, options: PowerSGDOptions, **kw):
         super().__init__(named_params, options, **kw)
         rate = options.min_compression_rate
-        self._setup(options.matrix_approximation_rank, options.seed, lambda n, m, r: self.compresses(n, m, r, rate))
+        self._setup(options.rank, options.seed, lambda n, m, r: self.compresses(n, m, r, rate))
         self.plain = [m for m in self.metas if not m.compressed]
 
     @staticmethod
@@ -275,7 +308,7 @@ class PowerSGDReducer(_LowRankBase):
         from ..comm import Collective
 
         p = q = 0
-        for n, m, r, numel in (matrix_dims(s, options.matrix_approximation_rank) for s in shapes):
+        for n, m, r, numel in (matrix_dims(s, options.rank) for s in shapes):
             if r and cls.compresses(n, m, r, options.min_compression_rate):
                 p, q = p + 4 * n * r, q + 4 * m * r
             else:
@@ -291,7 +324,7 @@ class PowerSGDReducer(_LowRankBase):
         cls = list(self.classes.values())
         Ps = []
         for c in cls:
-            _accumulate(c.E, c.metas, o.use_error_feedback)  # E now holds M (+ E)
+            _accumulate(c.E, c.metas, o.error_feedback)  # E now holds M (+ E)
             if not o.warm_start:  # fresh seeded factors: drawn on the CPU generator, one copy to the device
                 c.Q.copy_(_to_device(torch.stack([_seeded_randn((c.key[1], c.key[2]), o.seed + self.steps,
                                                                 2 * m.index + 1) for m in c.metas]), c.Q.device))
@@ -315,7 +348,7 @@ class PowerSGDReducer(_LowRankBase):
                 c.Q.copy_(flat_q[off:off + c.Q.numel()].view_as(c.Q))
                 off += c.Q.numel()
         for c in cls:
-            if o.use_error_feedback:
+            if o.error_feedback:
                 c.E.baddbmm_(c.P, c.Q.transpose(1, 2), alpha=-1.0)  # E = M - P Q^T (aggregated)
             _decompress(c.metas, c.P, c.Q)
 
@@ -333,8 +366,10 @@ class PowerSGDReducer(_LowRankBase):
 
 
 class ACPSGDOptions(Options):
-    rank: int = Field(4, ge=1)
-    fusion_threshold_mb: float = Field(25.0, gt=0, description="MB of original gradient per fused buffer")
+    rank: int = Field(4, ge=1, validation_alias=AliasChoices("rank", "matrix_approximation_rank"))
+    bucket_mb: float = Field(25.0, gt=0, validation_alias=AliasChoices("bucket_mb", "fusion_threshold_mb"),
+                             description="MiB of original gradient per fused buffer (alias: the reference's "
+                                         "fusion_threshold_mb)")
     seed: int = 0
 
 
@@ -346,14 +381,14 @@ class ACPSGDReducer(_LowRankBase):
     def __init__(self, named_params, options: ACPSGDOptions, **kw):
         super().__init__(named_params, options, **kw)
         self._setup(options.rank, options.seed, lambda n, m, r: True)
-        self.compute_p = True
+        self.phase = "p"
         sp, sq = _phase_sizes([(m.n, m.m, m.r, m.p.numel()) for m in self.metas], [m.compressed for m in self.metas])
         size_p = {m.index: v for m, v in zip(self.metas, sp)}
         size_q = {m.index: v for m, v in zip(self.metas, sq)}
         cap_p, cap_q = fusion_caps(sum(sp), sum(sq), sum(m.p.numel() for m in self.metas),
-                                   options.fusion_threshold_mb)
-        self.groups = {True: greedy_groups(self.metas, size_p, cap_p), False: greedy_groups(self.metas, size_q, cap_q)}
-        self.sizes = {True: size_p, False: size_q}
+                                   options.bucket_mb)
+        self.groups = {"p": greedy_groups(self.metas, size_p, cap_p), "q": greedy_groups(self.metas, size_q, cap_q)}
+        self.sizes = {"p": size_p, "q": size_q}
         # buffer layout of each fused group: class slices first (factor rows a..b-1), then 1-D tensors
         self.layout = {phase: [self._layout(g, phase) for g in gs] for phase, gs in self.groups.items()}
         self.pindex = {id(p): i for i, p in enumerate(self.params)}
@@ -374,24 +409,24 @@ class ACPSGDReducer(_LowRankBase):
         """P-steps and Q-steps alternate: each fused buffer's all_reduce every other step."""
         from ..comm import Collective
 
-        gp, gq = cls.group_bytes(shapes, options.rank, options.fusion_threshold_mb)
+        gp, gq = cls.group_bytes(shapes, options.rank, options.bucket_mb)
         return [Collective("all_reduce", b, world, 0.5) for b in gp] + [Collective("all_reduce", b, world, 0.5) for b in gq]
 
-    def _layout(self, group: List[_Meta], phase: bool):
+    def _layout(self, group: List[_Meta], phase: str) -> Layout:
         slices, off = [], 0
-        for c, a, b, ms in self._slices(group):
-            rows = c.key[0] if phase else c.key[1]
-            slices.append((c, a, b, ms, off))
-            off += (b - a) * rows * c.key[2]
+        for part in self._slices(group):
+            n, m, r = part.cls.key
+            slices.append(SliceAt(part, off))
+            off += (part.b - part.a) * (n if phase == "p" else m) * r
         plain = []
         for m in group:
             if not m.compressed:
-                plain.append((m, off))
+                plain.append(PlainAt(m, off))
                 off += m.p.numel()
-        return slices, plain, off
+        return Layout(slices, plain, off)
 
     def _reset_round(self):
-        gs = self.groups[self.compute_p]
+        gs = self.groups[self.phase]
         self.ready_count = [0] * len(gs)
         self.seen = set()
         self.next_launch = 0
@@ -402,61 +437,61 @@ class ACPSGDReducer(_LowRankBase):
         if idx in self.seen:
             return
         self.seen.add(idx)
-        gi = self.where[self.compute_p][idx]
+        gi = self.where[self.phase][idx]
         self.ready_count[gi] += 1
         self._launch_ready()
 
     def _launch_ready(self, force: bool = False):
-        gs = self.groups[self.compute_p]
+        gs = self.groups[self.phase]
         while self.next_launch < len(gs) and (force or self.ready_count[self.next_launch] == len(gs[self.next_launch])):
             gi = self.next_launch
             buf = self._compress_group(gi)
-            work = self._allreduce(buf, "acpsgd_p" if self.compute_p else "acpsgd_q", async_op=True)
+            work = self._allreduce(buf, f"acpsgd_{self.phase}", async_op=True)
             self.pending[gi] = (buf, work)
             self.next_launch += 1
 
     def _compress_group(self, gi: int) -> torch.Tensor:
-        phase = self.compute_p
-        slices, plain, total = self.layout[phase][gi]
-        buf = torch.empty(total, device=self.groups[phase][gi][0].p.device, dtype=torch.float32)
-        for c, a, b, ms, off in slices:
+        phase = self.phase
+        lay = self.layout[phase][gi]
+        buf = torch.empty(lay.total, device=self.groups[phase][gi][0].p.device, dtype=torch.float32)
+        for (c, a, b, ms), off in lay.slices:
             E, P, Q = c.E[a:b], c.P[a:b], c.Q[a:b]
             _accumulate(E, ms)  # E <- M + E
-            if phase:
+            if phase == "p":
                 Q.copy_(orthogonalize(Q))
                 torch.bmm(E, Q, out=P)
             else:
                 P.copy_(orthogonalize(P))
                 torch.bmm(E.transpose(1, 2), P, out=Q)
             E.baddbmm_(P, Q.transpose(1, 2), alpha=-1.0)  # local error feedback: (M + E) - P Q^T
-            send = P if phase else Q
+            send = P if phase == "p" else Q
             buf[off:off + send.numel()].copy_(send.reshape(-1))
-        for m, off in plain:
+        for m, off in lay.plain:
             buf[off:off + m.p.numel()].copy_(_flat_grad(m))
         return buf
 
     def finish(self):
         self._launch_ready(force=True)
-        phase = self.compute_p
+        phase = self.phase
         for gi in range(len(self.groups[phase])):
             buf, work = self.pending[gi]
             work.wait()
             buf.div_(self.world_size)
-            slices, plain, _ = self.layout[phase][gi]
-            for m, off in plain:
+            lay = self.layout[phase][gi]
+            for m, off in lay.plain:
                 _write_grad(m, buf[off:off + m.p.numel()])
-            for c, a, b, ms, off in slices:
-                got = c.P[a:b] if phase else c.Q[a:b]
+            for (c, a, b, ms), off in lay.slices:
+                got = c.P[a:b] if phase == "p" else c.Q[a:b]
                 got.copy_(buf[off:off + got.numel()].view_as(got))
                 _decompress(ms, c.P[a:b], c.Q[a:b])
-        self.compute_p = not phase
+        self.phase = "q" if phase == "p" else "p"
         self.steps += 1
         self._reset_round()
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "compute_p": self.compute_p}
+        return {**super().state_dict(), "compute_p": self.phase == "p"}  # key kept: checkpoints stay loadable
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.compute_p = bool(state["compute_p"])
+        self.phase = "p" if bool(state["compute_p"]) else "q"
         self._reset_round()
