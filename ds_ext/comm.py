@@ -10,8 +10,8 @@ collective is called anywhere else in the package). A communicator is
   CCL, HCCL) carries it. Process groups are made with ``torch.distributed.new_group`` here, the one
   exception, because ``deepspeed.comm.new_group`` cannot pass the run's collective timeout.
 * **the one meter**: every collective names a ``kind``; its payload (numel x element size of the
-  tensor this rank hands in, before any wire-dtype cast: see ``CommMeter``) is added to the meter
-  under that kind. ``kind=None`` is control traffic (non-finite flags, consistency digests,
+  tensor this rank sends, after any wire-dtype cast: see ``CommMeter``) is added to the meter under
+  that kind. ``kind=None`` is control traffic (non-finite flags, consistency digests,
   evaluation sums): not metered as training communication.
 * **the one place tensors meet the communication device**: ``device`` is the engine's device
   (``cuda:<local rank>`` under NCCL; the parameters' device under gloo, which takes CPU and CUDA
@@ -129,10 +129,14 @@ class Communicator:
         self.device = _indexed(torch.device(device) if device is not None else default_device())
         self.wire_dtype = wire_dtype
         dist = _dist()
-        self._live = dist.is_available() and dist.is_initialized()
-        self.world_size = dist.get_world_size(group) if self._live else 1
-        self.rank = dist.get_rank(group) if self._live else 0
-        self.global_rank = dist.get_rank() if self._live else 0
+        live = dist.is_available() and dist.is_initialized()
+        self.world_size = dist.get_world_size(group) if live else 1
+        self.rank = dist.get_rank(group) if live else 0
+        self.global_rank = dist.get_rank() if live else 0
+        self._init_state()
+
+    def _init_state(self) -> None:
+        """Subgroup cache and control-exchange slots (shared with ``LoopbackComm``)."""
         self._subgroups: "OrderedDict[tuple, Optional[Communicator]]" = OrderedDict()
         self.subgroups_created = 0
         self._posted: Optional[torch.Tensor] = None
@@ -177,7 +181,10 @@ class Communicator:
 
     # -- collectives -----------------------------------------------------------------------------------
     def all_reduce(self, t: torch.Tensor, kind: Optional[str] = None, op: str = "sum", async_op: bool = False):
-        """In place over the group. Returns ``t`` (or a ``Handle`` with ``async_op``)."""
+        """In place over the group (``op``: sum, max or min). Returns ``t`` (or a ``Handle`` with ``async_op``)."""
+        if op not in _OPS:
+            raise ValueError(f"ds_ext.comm: all_reduce op {op!r} for {kind or 'control data'!r}; allowed: "
+                             f"{', '.join(_OPS)}")
         self._check(t, kind)
         self._count(kind, t)
         work = self._all_reduce(t, op, async_op, kind) if self.distributed else None
@@ -339,9 +346,7 @@ def world() -> Communicator:
 
 def barrier() -> None:
     """Collective: a barrier over the world (no-op without a process group)."""
-    c = Communicator()
-    if c.distributed:
-        c.barrier()
+    Communicator().barrier()
 
 
 def for_params(params, group=None, meter=None, device=None) -> Communicator:
@@ -409,11 +414,8 @@ class LoopbackComm(Communicator):
         self.meter = meter
         self.device = world.device
         self.wire_dtype = wire_dtype
-        self._live = True
         self.world_size, self.rank, self.global_rank = world.n, rank, rank
-        self._subgroups = OrderedDict()
-        self.subgroups_created = 0
-        self._posted, self._collected = None, None
+        self._init_state()
 
     def _exchange(self, t: torch.Tensor) -> List[torch.Tensor]:
         w = self.world

@@ -126,8 +126,7 @@ def wire_factor(op: str, group: int) -> float:
     return Collective(op, 1.0, group).wire_bytes()
 
 
-def _numel(shape: Sequence[int]) -> int:
-    return numel_of(shape)
+_numel = numel_of
 
 
 def bucket_sizes(shapes: Sequence[Sequence[int]], bucket_mb: float, elem: int = 4) -> List[int]:

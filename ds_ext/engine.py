@@ -410,22 +410,18 @@ def attach(engine, method: Union[None, Dict[str, Any], Any] = None, meter: Optio
     rname, ropts = _block(get("reducer"), "allreduce")
     sname, sopts = _block(get("sync"), "none")
     ropts, sopts = REDUCERS.validated(rname, ropts), SYNCS.validated(sname, sopts)
+    meter = meter or CommMeter()
+    comm = Communicator(group, device=engine.device, meter=meter,
+                        wire_dtype=getattr(engine, "communication_data_type", None))
     if check:  # the methods' own rules, as the recipe check runs them
         oname = ORDERS.name_of(order) if order is not None else _block(get("order"), "rr")[0]
         view = MethodView(names={"reducer": rname, "sync": sname, "order": oname or "rr"},
-                          options={"reducer": ropts, "sync": sopts, "order": getattr(order, "options", None)},
-                          deepspeed=_deepspeed_settings(engine),
-                          world=Communicator(group, device="cpu").world_size)
-        problems = []
-        for registry, name in ((REDUCERS, rname), (SYNCS, sname), (ORDERS, oname)):
-            if name is not None and name in registry:
-                problems += registry.get(name).factory.check(view)
+                          options={"reducer": ropts, "sync": sopts, "order": order.options if order else None},
+                          deepspeed=_deepspeed_settings(engine), world=comm.world_size)
+        problems = view.problems()
         if problems:
             raise ValueError("; ".join(f"{key}: {msg}" for key, msg in problems))
-    meter = meter or CommMeter()
     named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
-    comm = Communicator(group, device=engine.device, meter=meter,
-                        wire_dtype=getattr(engine, "communication_data_type", None))
     reducer = REDUCERS.build(rname, ropts, named, comm=comm, engine=engine)
     sched = engine.lr_scheduler
     sync = SYNCS.build(sname, sopts, named, comm=comm, module=engine.module, optimizer=_torch_optimizer(engine),

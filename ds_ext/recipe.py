@@ -31,7 +31,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator)
 
 from .registry import (DATASETS, MODELS, OPTIMIZERS, ORDERS, REDUCERS, SYNCS, Options, Registry,
-                       UnknownName, load_builtin)
+                       UnknownName, load_builtin, precision_of, zero_stage_of)
 
 
 class RecipeError(ValueError):
@@ -223,13 +223,10 @@ class Recipe(Section):
         return self._source
 
     def zero_stage(self) -> int:
-        return int((self.deepspeed.get("zero_optimization") or {}).get("stage", 0))
+        return zero_stage_of(self.deepspeed)
 
     def precision(self) -> str:
-        for key in ("bf16", "fp16"):
-            if (self.deepspeed.get(key) or {}).get("enabled", False):
-                return key
-        return "fp32"
+        return precision_of(self.deepspeed)
 
     def _batch_problem(self, world_size: int) -> Optional[Tuple[str, str]]:
         t = self.train
@@ -461,13 +458,7 @@ def _cross_section(recipe: Recipe) -> List[Tuple[str, str]]:
 def method_problems(recipe: Recipe, world_size: Optional[int]) -> List[Tuple[str, str]]:
     """What the three methods' ``check(view)`` classmethods say about this recipe (the same checks
     ``engine.attach`` runs on an engine)."""
-    view = recipe.method_view(world_size)
-    problems = []
-    for kind, registry in (("reducer", REDUCERS), ("sync", SYNCS), ("order", ORDERS)):
-        name = view.names[kind]
-        if name in registry:
-            problems += registry.get(name).factory.check(view)
-    return problems
+    return recipe.method_view(world_size).problems()
 
 
 def check_combination(recipe: Recipe) -> List[Tuple[str, str]]:

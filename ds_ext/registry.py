@@ -44,6 +44,19 @@ class Entry:
     doc: str
 
 
+def zero_stage_of(ds: Mapping) -> int:
+    """The ZeRO stage a DeepSpeed config asks for (0 when absent)."""
+    return int((ds.get("zero_optimization") or {}).get("stage", 0))
+
+
+def precision_of(ds: Mapping) -> str:
+    """``bf16``, ``fp16`` or ``fp32``: what a DeepSpeed config enables."""
+    for key in ("bf16", "fp16"):
+        if (ds.get(key) or {}).get("enabled", False):
+            return key
+    return "fp32"
+
+
 @dataclass
 class MethodView:
     """What a method's ``check(view)`` may look at, built alike from a recipe (``Recipe.method_view``) and
@@ -57,13 +70,20 @@ class MethodView:
     world: Optional[int] = None
 
     def zero_stage(self) -> int:
-        return int((self.deepspeed.get("zero_optimization") or {}).get("stage", 0))
+        return zero_stage_of(self.deepspeed)
 
     def precision(self) -> str:
-        for key in ("bf16", "fp16"):
-            if (self.deepspeed.get(key) or {}).get("enabled", False):
-                return key
-        return "fp32"
+        return precision_of(self.deepspeed)
+
+    def problems(self) -> List[Tuple[str, str]]:
+        """What the three methods' ``check(view)`` classmethods say (unknown names are skipped: the
+        recipe reports those itself)."""
+        out: List[Tuple[str, str]] = []
+        for kind, registry in (("reducer", REDUCERS), ("sync", SYNCS), ("order", ORDERS)):
+            name = self.names.get(kind)
+            if name is not None and name in registry:
+                out += registry.get(name).factory.check(self)
+        return out
 
 
 Problems = List[Tuple[str, str]]  # (recipe key, message)

@@ -208,3 +208,9 @@ def test_dssync_communicators_bounded_world16():
     made, live = fresh[0][0], fresh[0][1]
     assert made > 100  # nearly every sync draws new member sets
     assert live <= 20 and all(r[1] == live for r in fresh)
+
+
+def test_unknown_reduce_op_is_refused():
+    comm = LoopbackWorld(1).comm(0)
+    with pytest.raises(ValueError, match=r"all_reduce op 'mean' for 'grads'; allowed: sum, max, min"):
+        comm.all_reduce(torch.ones(2), "grads", op="mean")

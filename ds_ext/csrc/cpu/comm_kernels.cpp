@@ -197,6 +197,8 @@ struct SegLayout {
   std::vector<int64_t> off, bytes, chunks, bchunks;  // prefix arrays of T + 1
 };
 
+constexpr int64_t kByteChunk = kChunk / 8;  // packed bytes per parallel work item
+
 SegLayout seg_layout(const std::vector<int64_t>& off, int64_t numel, const char* fn) {
   TORCH_CHECK(!off.empty(), fn, ": offsets needs at least one entry");
   SegLayout L;
@@ -207,7 +209,6 @@ SegLayout seg_layout(const std::vector<int64_t>& off, int64_t numel, const char*
   L.bytes.assign(L.T + 1, 0);
   L.chunks.assign(L.T + 1, 0);
   L.bchunks.assign(L.T + 1, 0);
-  constexpr int64_t kByteChunk = kChunk / 8;
   for (int64_t t = 0; t < L.T; ++t) {
     const int64_t n = off[t + 1] - off[t];
     TORCH_CHECK(n >= 0, fn, ": offsets must not decrease (", off[t], " then ", off[t + 1], ")");
@@ -222,6 +223,18 @@ SegLayout seg_layout(const std::vector<int64_t>& off, int64_t numel, const char*
 // the segment of work item c in a prefix array (largest t with pre[t] <= c; pre[T] > c)
 inline int64_t seg_of(const std::vector<int64_t>& pre, int64_t c) {
   return static_cast<int64_t>(std::upper_bound(pre.begin(), pre.end(), c) - pre.begin()) - 1;
+}
+
+// packed-byte work item c: its segment t, the segment's element count n, and its bytes [b0, b1)
+struct ByteChunk {
+  int64_t t, n, b0, b1;
+};
+
+inline ByteChunk byte_chunk(const SegLayout& L, int64_t c) {
+  const int64_t t = seg_of(L.bchunks, c);
+  const int64_t nb = L.bytes[t + 1] - L.bytes[t];
+  const int64_t b0 = (c - L.bchunks[t]) * kByteChunk;
+  return {t, L.off[t + 1] - L.off[t], b0, std::min(nb, b0 + kByteChunk)};
 }
 
 template <typename scalar_t>
@@ -242,13 +255,10 @@ void pack_segments(const scalar_t* xp, const SegLayout& L, uint8_t* pp, float* r
     const int64_t n = L.off[t + 1] - L.off[t];
     sp[t] = n ? static_cast<float>(total / static_cast<double>(n)) : 0.f;
   }
-  constexpr int64_t kByteChunk = kChunk / 8;
   auto pack = [&](auto with_res) {
     at::parallel_for(0, L.bchunks[L.T], 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        const int64_t t = seg_of(L.bchunks, c);
-        const int64_t n = L.off[t + 1] - L.off[t], nb = L.bytes[t + 1] - L.bytes[t];
-        const int64_t b0 = (c - L.bchunks[t]) * kByteChunk, b1 = std::min(nb, b0 + kByteChunk);
+        const auto [t, n, b0, b1] = byte_chunk(L, c);
         const scalar_t* xs = xp + L.off[t];
         float* rs = decltype(with_res)::value ? rp + L.off[t] : nullptr;
         uint8_t* ps = pp + L.bytes[t];
@@ -304,13 +314,10 @@ std::vector<at::Tensor> sign_pack(at::Tensor x, c10::optional<at::Tensor> residu
 // out[off[t] + i] (+)= bit ? scale_t : -scale_t for the elements of every segment
 template <typename scalar_t>
 void unpack_segments(const uint8_t* pp, const SegLayout& L, const float* sp, scalar_t* op, bool accumulate) {
-  constexpr int64_t kByteChunk = kChunk / 8;
   auto unpack = [&](auto acc) {
     at::parallel_for(0, L.bchunks[L.T], 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        const int64_t t = seg_of(L.bchunks, c);
-        const int64_t n = L.off[t + 1] - L.off[t], nb = L.bytes[t + 1] - L.bytes[t];
-        const int64_t b0 = (c - L.bchunks[t]) * kByteChunk, b1 = std::min(nb, b0 + kByteChunk);
+        const auto [t, n, b0, b1] = byte_chunk(L, c);
         const uint8_t* ps = pp + L.bytes[t];
         scalar_t* os = op + L.off[t];
         const float sc = sp[t];
