@@ -23,9 +23,10 @@ calls ``deepspeed.initialize`` and attaches the recipe's methods.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sys
-from typing import Any, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 
@@ -147,15 +148,15 @@ class NonFiniteGuard:
             return self.comm.zeros((), dtype=torch.bool)
         return ~torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf"))).float()).all().to(self.comm.device)
 
-    def before_finish(self, communicates: bool) -> None:
-        """Before the reducer's ``finish``: post this rank's flags so that they ride on the step's one
-        control exchange."""
+    def control(self, communicates: bool) -> Optional[torch.Tensor]:
+        """Before the reducer's ``finish``: this rank's two flags (int64, device) to ride on the step's one
+        control exchange (``Attachment.step`` posts them), or None when there is nothing to send."""
         if not self.on or not communicates:
-            return
+            return None
         out = self._out_bad if self._out_bad is not None else self.comm.zeros((), dtype=torch.bool)
-        self.comm.post_control(torch.stack([self._local_flag(), out]).to(torch.int64))
+        return torch.stack([self._local_flag(), out]).to(torch.int64)
 
-    def verdict(self, reduced: bool, communicates: bool) -> bool:
+    def verdict(self, reduced: bool, communicates: bool, rows=None) -> bool:
         """Whether this step's optimizer update is skipped. After a gradient reduction the verdict is
         shared (every rank's flags come back from the step's control exchange), so every rank skips or
         none does; on a local step (no gradient communication) each rank decides alone, which is safe
@@ -175,7 +176,7 @@ class NonFiniteGuard:
             if inp:
                 self._skip_event(step, [self.comm.global_rank], shared=False)
             return inp
-        rows = self.comm.collect_control()  # every rank's [input bad, last result bad]
+        # rows: every rank's [input bad, last result bad], from the step's control exchange
         self._raise_if_method_failed(rows)
         self._out_bad, self._out_step = self._result_flag(), step
         bad_in = [r for r, f in enumerate(rows) if f[0]]
@@ -227,6 +228,35 @@ class NonFiniteGuard:
             del inner.step
 
 
+class StopVote:
+    """Step hook: whether every rank stops after this step because a signal asked one of them to
+    (``checkpoint.on_signal: save``, preemption). ``source`` says whether this rank was asked. On a step
+    that communicates gradients each rank's answer rides on the step's one control exchange (one int64
+    per rank, after the ``NonFiniteGuard``'s flags), so every rank reads the same verdict at the same step,
+    with no extra collective or host read. A step without gradient communication carries no vote (ranks
+    meet only in a synchronizer's collectives there): a request waits for the next communicating step,
+    and a method that never communicates gradients (reducer ``none``) cannot vote at all
+    (``Attachment.can_vote_stop``). On one rank the request is its own verdict."""
+
+    def __init__(self, comm: Communicator):
+        self.comm = comm
+        self.source: Optional[Callable[[], bool]] = None
+        self.agreed = False
+
+    def control(self, communicates: bool) -> Optional[torch.Tensor]:
+        if self.source is None or not communicates:
+            return None
+        return self.comm.tensor([1 if self.source() else 0], dtype=torch.int64)
+
+    def settle(self, communicates: bool, rows) -> None:
+        if self.source is None:
+            return
+        if not self.comm.distributed:
+            self.agreed = bool(self.source())
+        elif communicates and rows is not None:
+            self.agreed = any(r[0] for r in rows)
+
+
 class ConsistencyCheck:
     """Step hook: every ``every`` optimizer steps (at the next step where ranks must agree: local methods
     only agree right after a global averaging), ``check_consistency`` on the module. 0: off."""
@@ -257,6 +287,7 @@ class Attachment:
         self.order = order
         self.guard = NonFiniteGuard(engine, reducer.params, comm, nonfinite, type(reducer).__name__)
         self.check = ConsistencyCheck(engine.module, comm, check_every)
+        self.vote = StopVote(comm)
         self.steps = 0
         self.last_step_communicated = False
         self._handles = []
@@ -298,6 +329,20 @@ class Attachment:
         """Collective: settle the non-finite result check of the last step (before a checkpoint, at the end)."""
         self.guard.check_pending()
 
+    def vote_stop(self, source: Callable[[], bool]) -> None:
+        """Ask, at every step that communicates gradients, whether ``source()`` is true on any rank;
+        ``stop_agreed`` then says so on every rank at the same step (see ``StopVote``)."""
+        self.vote.source = source
+
+    @property
+    def stop_agreed(self) -> bool:
+        return self.vote.agreed
+
+    @property
+    def can_vote_stop(self) -> bool:
+        """Whether a stop vote can ever happen: one rank, or a reducer that communicates gradients."""
+        return not self.comm.distributed or self.reducer.communicates_gradients
+
     def _watch_microbatch_gradients(self, order, reducer) -> None:
         params = reducer.params
         self._flat = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=params[0].device)
@@ -330,10 +375,16 @@ class Attachment:
         if boundary:
             reduced = self.sync.reduce_gradients_now()
             communicates = reduced and self.comm.distributed
-            self.guard.before_finish(communicates)
+            flags, vote = self.guard.control(communicates), self.vote.control(communicates)
+            posted = [t for t in (flags, vote) if t is not None]
+            if posted:  # rides on the step's one control exchange (a method's own, or one all_gather)
+                self.comm.post_control(torch.cat(posted) if len(posted) > 1 else posted[0])
             if reduced:
                 self.reducer.finish()
-            skip = self.guard.verdict(reduced, communicates)
+            rows = self.comm.collect_control() if posted else None
+            k = 0 if flags is None else flags.numel()
+            skip = self.guard.verdict(reduced, communicates, [r[:k] for r in rows] if flags is not None else None)
+            self.vote.settle(communicates, [r[k:] for r in rows] if vote is not None else None)
             if not skip:
                 self.sync.before_step()
         out = self.guard.skipped_step(self._orig_step, *args, **kwargs) if skip else self._orig_step(*args, **kwargs)
@@ -361,6 +412,42 @@ class Attachment:
         self.meter.load_state_dict(state["meter"])
         self.steps = int(state["steps"])
         self.guard.skipped_steps = int(state.get("skipped_steps", 0))
+
+
+@contextlib.contextmanager
+def deferred_checkpoint_writes(engine):
+    """Inside this context a file write of DeepSpeed's ``save_checkpoint`` that fails (disk full,
+    read-only, I/O error) is recorded, as ``(path, exception)`` in the yielded list, instead of raised,
+    and the rest of that rank's writes are skipped: ``save_checkpoint`` runs collectives after its
+    writes (a barrier), and a rank that raised out of it would leave the others waiting there while it
+    went on to the next collective. ``ds_ext.checkpoint.save`` turns the list into a verdict shared by
+    every rank. Written against DeepSpeed 0.19's ``engine.checkpoint_engine.save(state_dict, path)``;
+    an engine without it is left alone."""
+    ce = getattr(engine, "checkpoint_engine", None)
+    failed: list = []
+    if ce is None or not callable(getattr(ce, "save", None)):
+        yield failed
+        return
+    had_own = "save" in vars(ce)
+    orig = ce.save
+
+    def save(state_dict, path, *args, **kwargs):
+        if failed:
+            return None
+        try:
+            return orig(state_dict, path, *args, **kwargs)
+        except (OSError, RuntimeError) as e:  # torch's writer reports a full disk as RuntimeError
+            failed.append((path, e))
+            return None
+
+    ce.save = save
+    try:
+        yield failed
+    finally:
+        if had_own:
+            ce.save = orig
+        else:
+            del ce.save
 
 
 def _torch_optimizer(engine):

@@ -1,4 +1,4 @@
-"""A dying rank: the peer watchdog, the messages survivors print, and the test-only fault hook.
+"""A dying rank, a stop signal, a stuck rank: the peer watchdog, the messages, the test-only fault hook.
 
 What happens without this module (measured with gloo through DeepSpeed's launcher, 3 ranks, one
 SIGKILLed in an allreduce): the survivors' next collective raises ``RuntimeError: [.../pair.cc:553]
@@ -23,23 +23,76 @@ dies for any reason (SIGKILL, segfault, the OOM killer), so:
 * every other rank sees end-of-file on its connection to rank 0 without rank 0's goodbye: rank 0
   was lost (the store went with it, which is itself the evidence).
 
-No heartbeats and no timing guesses: a rank that is merely slow (a long checkpoint write, a long
-``torch.save`` holding the GIL) keeps its connection and is never declared lost. A rank that is
-alive but stuck is not detected here; the collective timeout (``train.collective_timeout_s``, given
-to ``deepspeed.init_distributed``) bounds that case, and the message then says that every rank is
-still connected.
+No heartbeat-based verdicts and no timing guesses: a rank that is merely slow (a long checkpoint
+write, a long ``torch.save`` holding the GIL) keeps its connection and is never declared lost. A
+rank that is alive but stuck is not declared anything; the collective timeout
+(``train.collective_timeout_s``, given to ``deepspeed.init_distributed``) bounds that case, and the
+message then says that every rank is still connected.
 
 On a verdict a survivor prints one line naming the lost rank (pid, host), the step it was at and
 what it was doing, and leaves with ``os._exit(EXIT_PEER_LOST)`` from the watchdog thread: no
 traceback, no hang in gloo/NCCL destructors, and it works even when the main thread is blocked in a
 collective that will never return (NCCL). A peer that left on purpose with a non-zero code (a
 recipe, data or checkpoint error, or an exception) gets ``GRACE_S`` seconds for this rank to reach
-the same verdict itself before it is stopped too. When the main thread's collective fails first
-(gloo), ``explain_failure`` waits briefly for the watchdog's verdict and prints the same line.
-SIGTERM (what the deepspeed launcher sends to the survivors) is answered with the same line plus
-exit code 143, also from the watchdog thread (``signal.set_wakeup_fd``), so it is handled even while
-the main thread sits in a C++ call. ``DS_EXT_WATCHDOG=0`` turns the watchdog off (a firewall that
-only opens MASTER_PORT); failures are then reported from the main thread without the rank.
+the same verdict itself before it is stopped too; a peer that left with 0 or ``EXIT_PREEMPTED``
+starts no countdown (every rank leaves by itself at the same step then; ``EXIT_DIVERGED`` does start
+it: a skip on a local step of Local SGD / DS-Sync is one rank's own). When the
+main thread's collective fails first (gloo), ``explain_failure`` waits briefly for the watchdog's
+verdict and prints the same line. ``DS_EXT_WATCHDOG=0`` turns the watchdog off (a firewall that only
+opens MASTER_PORT); failures are then reported from the main thread without the rank.
+
+Stop signals: SIGTERM (what the deepspeed launcher and Slurm's ``scancel`` send), SIGINT (Ctrl-C:
+the terminal sends it to every process of the foreground group, the launcher and each rank) and
+SIGUSR1 (Slurm's ``--signal=USR1@T`` before the time limit). Their Python handlers (installed by
+``Watchdog.start``) never raise on the main thread, so no ``KeyboardInterrupt`` is ever raised inside
+a collective; the signal number also reaches the watchdog thread through ``signal.set_wakeup_fd``,
+which acts on it even while the main thread sits in a C++ call. For SIGTERM the watchdog first waits
+up to ``SIGNAL_VERDICT_WAIT_S`` (3 s) for a peer verdict (the launcher's SIGTERM follows a peer's
+death by up to a second: the peer-lost line and exit 4 win then); SIGUSR1 and SIGINT under ``save``
+are recorded at once, by the main-thread handler, so the step the main thread is in already votes
+with them (``exit`` still waits, as for SIGTERM). Then, by ``on_signal``:
+
+* ``"exit"``: one line ``[ds_ext] rank R: at step S (what); stopped by SIGINT (exit 130)`` and exit
+  ``128 + signum`` (``EXIT_SIGTERM`` 143, ``EXIT_SIGINT`` 130, ``EXIT_SIGUSR1`` 138).
+* ``"save"``: the first signal records a stop request that the main thread polls with
+  ``stop_requested()`` (the signal's name, or None) and prints ``... SIGUSR1 at step S (what):
+  finishing this step, saving a checkpoint, then stopping (exit 75); send it again to stop at
+  once``. The ranks must agree on the request (a signal may reach only some): the trainer does it
+  with ``engine.StopVote`` (each rank's request rides on the step's gradient control exchange); a
+  loop of one's own can all_reduce (max) ``stop_code()`` and call ``stop_agreed(code)``, which
+  prints the line on ranks without a request of their own (``tests/workers_signals.py``). Then every
+  rank saves and leaves with ``EXIT_PREEMPTED`` (75; resume with ``checkpoint.resume=auto``).
+
+In both modes a second signal less than ``REPEAT_S`` (2 s) after the first is the same request (the
+deepspeed launcher answers a Ctrl-C by sending SIGTERM to rank 0's process tree right after the
+SIGINT every rank received from the terminal; it then waits up to 30 s for that rank to exit before
+it does the same to the next rank, SIGKILLs what is left after 30 s, and exits 1 itself) and is
+ignored; one at least 2 s after the first stops the rank at once with the exit line (``... SIGTERM
+5 s after SIGINT, at step S (what); stopped by SIGTERM (exit 143)``). Without a watchdog (one rank,
+``DS_EXT_WATCHDOG=0``, or a failed set-up: ``Watchdog.start`` returned None)
+``install_signal_handlers(on_signal)`` gives the same behaviour from main-thread handlers, which then
+run only between Python bytecodes (not inside a C++ collective), without the verdict wait.
+``restore_signal_handlers()`` (and ``Watchdog.close``) put back the previous handlers.
+
+Forked children (DataLoader workers under the default ``fork`` start method) are in the rank's
+process group, so a Ctrl-C or Slurm's signals reach them too. A fork hook gives them do-nothing
+handlers for the three signals (their rank decides; they end with it), drops the inherited wakeup fd
+(their signals would otherwise be written into the rank's pipe and counted as the rank's) and closes
+their copies of the watchdog's sockets (a dead rank's connection would otherwise stay open for as
+long as its workers live). torch installs its own C-level SIGTERM handler in each worker, which
+kills it: ``ignore_stop_signals`` (as or inside the DataLoader's ``worker_init_fn``) undoes that, so
+that the launcher's tree-wide SIGTERM or ``scancel`` does not take the workers away from a rank
+that is finishing its step to save (its next batch would raise "DataLoader worker ... is killed by
+signal: Terminated").
+
+Waiting lines (``Watchdog``): every rank other than 0 sends ``at <step> <what>`` (its ``progress``)
+to rank 0 every ``REPORT_S`` seconds (``DS_EXT_WAIT_REPORT_S``) from its watchdog thread; rank 0
+notes when each report arrived. When a rank's own ``progress`` record has not changed for ``WAIT_S``
+seconds (``DS_EXT_WAIT_S``; 0 turns the lines and the reports off) its watchdog prints
+``[ds_ext] rank R: waiting at step S (what) for N s``, on rank 0 followed by ``; rank K last
+reported N s ago at step S' (what')`` for each rank whose last report is older than ``WAIT_S`` (a
+SIGSTOPped rank stops reporting) or ``; every rank reported within the last N s``, and again every
+``WAIT_S`` while it stays there. These lines only inform; they never stop anything.
 
 Fault injection (tests only): ``DS_EXT_FAULT=<phase>:<rank>:<step>`` makes that rank send itself
 SIGKILL (a real kill of the real process, after one line on stderr with the time) when it reaches
@@ -59,6 +112,7 @@ but stuck: its sockets stay open). Phases:
 """
 from __future__ import annotations
 
+import math
 import os
 import select
 import selectors
@@ -69,12 +123,27 @@ import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
-EXIT_PEER_LOST = 4   # another rank died or stopped, or a collective failed
-EXIT_CHECKPOINT = 5  # a checkpoint cannot be resumed from (mismatch, missing or damaged files)
-EXIT_SIGTERM = 128 + signal.SIGTERM
+EXIT_PEER_LOST = 4    # another rank died or stopped, or a collective failed
+EXIT_CHECKPOINT = 5   # a checkpoint cannot be resumed from (mismatch, missing or damaged files)
+EXIT_DIVERGED = 8     # training diverged (train.max_consecutive_skips skipped steps in a row)
+EXIT_PREEMPTED = 75   # saved a checkpoint and stopped on a signal; resume with checkpoint.resume=auto
+EXIT_SIGINT = 128 + signal.SIGINT     # 130
+EXIT_SIGUSR1 = 128 + signal.SIGUSR1   # 138
+EXIT_SIGTERM = 128 + signal.SIGTERM   # 143
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+ON_SIGNAL = ("exit", "save")
+# a peer leaving with one of these is not a verdict: every rank leaves by itself at the same step
+# codes every rank leaves with by itself at the same step: no countdown for the others. Not
+# EXIT_DIVERGED: a skip on a Local SGD / DS-Sync local step is one rank's, so its streak is too.
+LEAVING_TOGETHER = (0, EXIT_PREEMPTED)
 
 GRACE_S = 10.0          # how long a peer's deliberate non-zero exit waits for this rank to leave by itself
 VERDICT_WAIT_S = 5.0    # how long a failed collective in the main thread waits for the watchdog's verdict
+SIGNAL_VERDICT_WAIT_S = 3.0  # how long a stop signal waits for a peer verdict before it is acted on
+REPEAT_S = 2.0          # a second stop signal sooner than this after the first is the same request
+REPORT_S = 15.0         # progress reports to rank 0 (DS_EXT_WAIT_REPORT_S)
+WAIT_S = 60.0           # a rank whose progress is unchanged this long says so (DS_EXT_WAIT_S)
 CONNECT_TIMEOUT_S = 60.0
 STORE_KEY = "ds_ext/watchdog/address"
 
@@ -88,22 +157,27 @@ def _say(line: str) -> None:
         sys.stdout.flush()
     except Exception:
         pass
+    data = line.rstrip("\n") + "\n"
     try:
-        sys.stderr.write(line.rstrip("\n") + "\n")
+        sys.stderr.write(data)
         sys.stderr.flush()
-    except Exception:
-        pass
+    except Exception:  # e.g. a signal handler interrupting a write to stderr: write around the buffer
+        try:
+            os.write(2, data.encode(errors="replace"))
+        except OSError:
+            pass
 
 
 # ---- where this rank is (read by the messages) ------------------------------------------------
 
-_progress: List = [0, "start-up"]
+_progress: List = [0, "start-up", time.monotonic()]  # step, what, when it was recorded
 
 
 def progress(step: int, what: str) -> None:
     """Record the optimizer step this rank is working on (or has just finished) and what it does."""
     _progress[0] = step
     _progress[1] = what
+    _progress[2] = time.monotonic()
 
 
 def where() -> str:
@@ -141,14 +215,252 @@ def load_fault_plan(rank: int, env: Optional[Dict[str, str]] = None) -> None:
 
 def point(phase: str, step: int) -> None:
     """A fault-injection point: SIGKILL (or SIGSTOP) this process if ``DS_EXT_FAULT`` names this phase,
-    rank and step."""
+    rank and step. It fires once (``data`` is reached once per micro-batch: a stopped rank that is
+    continued must not stop again at the next micro-batch of the same step)."""
+    global _fault
     f = _fault
     if f is None or f[0] != phase or f[2] != step:
         return
+    _fault = None
     sig = ACTIONS[f[3]]
     _say(f"[ds_ext] fault injection DS_EXT_FAULT={f[4]}: {signal.Signals(sig).name} rank {_fault_rank} "
          f"(pid {os.getpid()}) in {phase} at step {step} t={time.time():.3f}")
     os.kill(os.getpid(), sig)
+
+
+# ---- stop signals ---------------------------------------------------------------------------------
+
+def _signame(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _signal_of_code(code: int) -> Optional[str]:
+    """``SIGINT`` for 130 and so on (the exit codes of ``STOP_SIGNALS``), else None."""
+    return _signame(code - 128) if code - 128 in STOP_SIGNALS else None
+
+
+class _Signals:
+    """What the stop signals have asked of this process so far (one instance: ``_signals``)."""
+
+    def __init__(self):
+        self.reset("exit", 0)
+
+    def reset(self, mode: str, rank: int) -> None:
+        if mode not in ON_SIGNAL:
+            raise ValueError(f"on_signal={mode!r}: expected one of {', '.join(ON_SIGNAL)}")
+        self.mode, self.rank = mode, rank
+        self.first: Optional[Tuple[float, str]] = None  # (time.monotonic(), its name) of the first signal
+        self.request: Optional[str] = None              # what stop_requested() returns
+
+    def arrive(self, signum: int, now: float) -> str:
+        """``first``, ``same`` (less than ``REPEAT_S`` after the first: ignore it) or ``repeat``."""
+        if self.first is None:
+            self.first = (now, _signame(signum))
+            return "first"
+        return "same" if now - self.first[0] < REPEAT_S else "repeat"
+
+    def repeat_line(self, signum: int, now: float) -> str:
+        t, first = self.first
+        return (f"[ds_ext] rank {self.rank}: {_signame(signum)} {now - t:.0f} s after {first}, at {where()}; "
+                f"stopped by {_signame(signum)} (exit {128 + signum})")
+
+    def exit_line(self, signum: int) -> str:
+        return f"[ds_ext] rank {self.rank}: at {where()}; stopped by {_signame(signum)} (exit {128 + signum})"
+
+    def record(self, signum: int) -> None:
+        """The ``save`` mode's answer to a first signal (silent when the ranks already agreed to stop)."""
+        if self.request is not None:
+            return
+        self.request = _signame(signum)
+        _say(f"[ds_ext] rank {self.rank}: {self.request} at {where()}: finishing this step, saving a checkpoint, "
+             f"then stopping (exit {EXIT_PREEMPTED}); send it again to stop at once")
+
+
+_signals = _Signals()
+_saved_handlers: Dict[int, object] = {}  # the handlers ours replaced (restore_signal_handlers)
+_saved_wakeup_fd: Optional[int] = None
+
+
+def stop_requested() -> Optional[str]:
+    """The name of the stop signal (``"SIGUSR1"``...) this rank was asked to save and stop on, or None.
+    Only set under ``on_signal="save"``; the main thread polls it once per step (the ranks must then
+    agree, e.g. with an all_reduce (max) of the flag, since a signal may reach only some of them)."""
+    return _signals.request
+
+
+def stop_code() -> int:
+    """This rank's stop request as a number for the ranks' agreement: the signal's number, or 0. A
+    loop of one's own all_reduces it (max) every step and, when the result is not 0, calls
+    ``stop_agreed`` with it on every rank (the trainer votes through ``engine.StopVote`` instead): a
+    signal may reach only some ranks (Slurm's SIGUSR1 to one task, a ``kill``), and
+    one rank's watchdog may record its request a little after another's."""
+    name = _signals.request
+    return int(signal.Signals[name]) if name else 0
+
+
+def stop_agreed(code: int) -> str:
+    """The ranks agreed to save and stop at this step on ``code`` (the all_reduce (max) of
+    ``stop_code()``); returns the signal's name. A rank without a request of its own records one and
+    prints ``[ds_ext] rank R: SIGUSR1 on another rank, at step S (what): finishing this step, saving a
+    checkpoint, then stopping (exit 75); a signal to this rank stops it at once`` (its own signal
+    arriving later prints nothing more; a second one from 2 s on stops it at once)."""
+    name = _signame(code)
+    if _signals.request is None:
+        _signals.request = name
+        if _signals.first is None:
+            _signals.first = (time.monotonic(), f"{name} on another rank")
+        _say(f"[ds_ext] rank {_signals.rank}: {name} on another rank, at {where()}: finishing this step, saving a "
+             f"checkpoint, then stopping (exit {EXIT_PREEMPTED}); a signal to this rank stops it at once")
+    return _signals.request
+
+
+def _handle_in_main(signum: int, frame=None) -> None:
+    """The main-thread handler without a watchdog thread: the same rules, without the verdict wait."""
+    now = time.monotonic()
+    kind = _signals.arrive(signum, now)
+    if kind == "same":
+        return
+    if kind == "repeat":
+        line = _signals.repeat_line(signum, now)
+    elif _signals.mode == "exit":
+        line = _signals.exit_line(signum)
+    else:
+        _signals.record(signum)
+        return
+    _say(line)
+    os._exit(128 + signum)
+
+
+def _install(handler, wakeup_fd: Optional[int] = None) -> bool:
+    """Install ``handler`` for ``STOP_SIGNALS`` (and the wakeup fd); main thread only."""
+    global _saved_wakeup_fd
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    try:
+        for sig in STOP_SIGNALS:
+            old = signal.signal(sig, handler)
+            _saved_handlers.setdefault(sig, old)
+        if wakeup_fd is not None:
+            old_fd = signal.set_wakeup_fd(wakeup_fd, warn_on_full_buffer=False)
+            if _saved_wakeup_fd is None:
+                _saved_wakeup_fd = old_fd
+    except (ValueError, OSError):
+        return False
+    return True
+
+
+def install_signal_handlers(on_signal: str, rank: Optional[int] = None) -> None:
+    """For runs without a watchdog (``Watchdog.start`` returned None): main-thread handlers for
+    SIGTERM, SIGINT and SIGUSR1 with the rules of the module docstring (``on_signal``: ``"exit"`` or
+    ``"save"``; ``rank`` for the messages, default the process group's rank or ``$RANK``). Call it
+    from the main thread; ``restore_signal_handlers()`` undoes it."""
+    if rank is None:
+        rank = _default_rank()
+    _signals.reset(on_signal, rank)
+    _install(_handle_in_main)
+
+
+def restore_signal_handlers() -> None:
+    """Put back the handlers (and wakeup fd) that ``install_signal_handlers`` / ``Watchdog.start``
+    replaced. Main thread only; harmless when nothing is installed."""
+    global _saved_wakeup_fd
+    if threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        if _saved_wakeup_fd is not None:
+            signal.set_wakeup_fd(_saved_wakeup_fd)
+        for sig, old in _saved_handlers.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+    except (ValueError, OSError):
+        pass
+    _saved_wakeup_fd = None
+    _saved_handlers.clear()
+
+
+_active: Optional["Watchdog"] = None  # the running watchdog (the fork hook closes its descriptors)
+
+
+def _set_active(wd: Optional["Watchdog"]) -> None:
+    global _active
+    _active = wd
+
+
+def _ignore_in_child(signum, frame) -> None:
+    """A forked child's handler for ``STOP_SIGNALS``: nothing (its rank decides)."""
+
+
+def _after_fork_in_child() -> None:
+    """In a process forked from a rank (a DataLoader worker): the Ctrl-C, the launcher's tree-wide
+    SIGTERM or Slurm's SIGUSR1 that reach it must neither kill it while its rank finishes a step nor
+    count as its rank's signal (the wakeup fd would write into the rank's pipe) nor print the rank's
+    lines. So the stop signals get a do-nothing handler (a handled signal is reset to the default by
+    exec, unlike an ignored one), the wakeup fd is dropped, and the child closes its copies of the
+    watchdog's sockets (so that a rank's death still ends its connection while its workers live on;
+    closing a copy sends nothing). The child ends with its rank (torch's workers check their parent)."""
+    global _saved_wakeup_fd, _active
+    wd, _active = _active, None
+    if _saved_handlers:
+        try:
+            if _saved_wakeup_fd is not None:
+                signal.set_wakeup_fd(-1)
+            for sig in _saved_handlers:
+                signal.signal(sig, _ignore_in_child)
+        except (ValueError, OSError):
+            pass
+        _saved_handlers.clear()
+        _saved_wakeup_fd = None
+    if wd is not None:
+        wd._closing = True
+        wd._close_fds()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """For a DataLoader's ``worker_init_fn`` (pass it, or call it from yours): make SIGTERM, SIGINT and
+    SIGUSR1 do nothing in the worker. torch installs a C-level SIGTERM handler in each worker (before
+    ``worker_init_fn`` runs) that kills it; the deepspeed launcher's answer to a Ctrl-C (SIGTERM to
+    each rank's whole process tree) and Slurm's ``scancel`` would then take the workers away from a
+    rank that is finishing its step to save (``on_signal="save"``): its next batch raises "DataLoader
+    worker ... is killed by signal: Terminated". The workers still end with their rank (torch's
+    workers check their parent every 5 s). The cost: torch's last-resort ``terminate()`` of a worker
+    that does not answer its shutdown request no longer works (it ends when the rank ends)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in STOP_SIGNALS:
+        try:
+            signal.signal(sig, _ignore_in_child)
+        except (ValueError, OSError):
+            pass
+
+
+def _default_rank() -> int:
+    dist = sys.modules.get("torch.distributed")  # never import torch just for this
+    try:
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            return dist.get_rank()
+    except Exception:
+        pass
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def _env_seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        _say(f"[ds_ext] {name}={raw!r} is not a number of seconds; using {default:g}")
+        return default
+    return value if math.isfinite(value) else default
 
 
 # ---- the watchdog -----------------------------------------------------------------------------
@@ -179,39 +491,53 @@ class _Conn:
         self.pid = "?"
         self.host = "?"
         self.left = False
+        self.reported_at = time.monotonic()  # rank 0: when this rank last reported (or said hello)
+        self.reported = "(its watchdog hello)"  # rank 0: where it said it was
 
 
 class Watchdog:
     """One per rank; see the module docstring. ``start`` returns None when turned off or impossible."""
 
-    def __init__(self, rank: int, world: int):
-        self.rank, self.world = rank, world
+    def __init__(self, rank: int, world: int, on_signal: str = "exit"):
+        if on_signal not in ON_SIGNAL:
+            raise ValueError(f"on_signal={on_signal!r}: expected one of {', '.join(ON_SIGNAL)}")
+        self.rank, self.world, self.on_signal = rank, world, on_signal
         self.verdict: Optional[str] = None      # what happened to a peer, once something did
+        self._lost = False                      # the verdict is a lost peer (not one that left on purpose)
         self._verdict_event = threading.Event()
-        self._lock = threading.RLock()  # re-entrant: the SIGTERM handler may run inside a held section
+        self._lock = threading.RLock()
         self._send_lock = threading.Lock()
         self._never = threading.Event()
         self._closing = False
         self._stopping = False
         self._grace_deadline: Optional[float] = None
+        self._signal_pending: Optional[Tuple[int, float]] = None  # (signum, deadline of the verdict wait)
+        wait_s = _env_seconds("DS_EXT_WAIT_S", WAIT_S)
+        self.wait_s: Optional[float] = wait_s if wait_s > 0 else None  # None: no waiting lines, no reports
+        report_s = _env_seconds("DS_EXT_WAIT_REPORT_S", REPORT_S)
+        self.report_s = report_s if report_s > 0 else REPORT_S
+        self._next_report: Optional[float] = None
+        self._wait_base: Optional[float] = None   # the progress time the waiting lines count from
+        self._next_wait: Optional[float] = None
         self._sel = selectors.DefaultSelector()
         self._listen: Optional[socket.socket] = None
         self._server: Optional[_Conn] = None      # a client's connection to rank 0
         self._clients: Dict[socket.socket, _Conn] = {}  # rank 0's connections
-        self._ctl_r, self._ctl_w = os.pipe()      # wakes the thread (close, SIGTERM)
+        self._ctl_r, self._ctl_w = os.pipe()      # wakes the thread (close, signals)
         os.set_blocking(self._ctl_r, False)
         os.set_blocking(self._ctl_w, False)
         self._sel.register(self._ctl_r, selectors.EVENT_READ, "ctl")
-        self._old_wakeup_fd: Optional[int] = None
-        self._old_sigterm = None
         self._thread: Optional[threading.Thread] = None
 
     # -- set-up ----------------------------------------------------------------------------
     @classmethod
-    def start(cls, rank: int, world: int) -> Optional["Watchdog"]:
+    def start(cls, rank: int, world: int, on_signal: str = "exit") -> Optional["Watchdog"]:
         """Collective (every rank calls it after the process group exists). Rank 0 always publishes
         something under ``STORE_KEY`` (its address, or ``none`` when it runs without a watchdog), so
-        the others never wait for an address that will not come."""
+        the others never wait for an address that will not come. ``on_signal`` (``"exit"`` or
+        ``"save"``): what SIGTERM / SIGINT / SIGUSR1 do (module docstring). On None (one rank,
+        ``DS_EXT_WATCHDOG=0``, set-up failed) call ``install_signal_handlers(on_signal)``."""
+        _signals.reset(on_signal, rank)
         if world < 2:
             return None
         off = os.environ.get("DS_EXT_WATCHDOG", "1").strip().lower() in ("0", "off", "false", "no")
@@ -220,7 +546,7 @@ class Watchdog:
             _say(f"[ds_ext] rank {rank}: no c10d store to publish the watchdog address; running without the "
                  f"watchdog (a lost rank is then reported without its number)")
             return None
-        wd = cls(rank, world)
+        wd = cls(rank, world, on_signal)
         try:
             if rank == 0:
                 if off:
@@ -243,9 +569,11 @@ class Watchdog:
                  f"(set DS_EXT_WATCHDOG=0 on every rank to silence this)")
             wd._close_fds()
             return None
-        wd._install_sigterm()
         wd._thread = threading.Thread(target=wd._loop, name="ds_ext-watchdog", daemon=True)
         wd._thread.start()
+        # after the thread runs, so that the main-thread handler can always leave the signal to it
+        _install(wd._on_signal_main, wd._ctl_w)
+        _set_active(wd)
         return wd
 
     def _listen_and_publish(self, store) -> None:
@@ -279,23 +607,13 @@ class Watchdog:
         self._server.rank, self._server.buf, self._server.pid, self._server.host = 0, rest, words[1], words[2]
         self._sel.register(sock, selectors.EVENT_READ, "server")
 
-    def _install_sigterm(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        try:
-            self._old_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm_main)
-            self._old_wakeup_fd = signal.set_wakeup_fd(self._ctl_w, warn_on_full_buffer=False)
-        except (ValueError, OSError):
-            pass
-
     # -- the thread --------------------------------------------------------------------------
     def _loop(self) -> None:
+        if self._server is not None and self.wait_s is not None:
+            self._next_report = time.monotonic()  # report at once, then every report_s
         while True:
-            timeout = None
-            if self._grace_deadline is not None:
-                timeout = max(0.0, self._grace_deadline - time.monotonic())
             try:
-                events = self._sel.select(timeout)
+                events = self._sel.select(self._timeout(time.monotonic()))
             except (OSError, ValueError):
                 return  # closed under us
             for key, _ in events:
@@ -307,8 +625,60 @@ class Watchdog:
                     _say(f"[ds_ext] rank {self.rank}: watchdog: unexpected {type(e).__name__}: {_oneline(e)}")
             if self._closing:
                 return
-            if self._grace_deadline is not None and time.monotonic() >= self._grace_deadline:
-                self._stop(EXIT_PEER_LOST, self.message(EXIT_PEER_LOST))
+            try:
+                self._timers(time.monotonic())
+            except Exception as e:  # turn the periodic lines off rather than fail again at every wake-up
+                self.wait_s, self._next_report = None, None
+                _say(f"[ds_ext] rank {self.rank}: watchdog: unexpected {type(e).__name__}: {_oneline(e)}; "
+                     f"no more waiting lines")
+
+    def _timeout(self, now: float) -> float:
+        """Seconds until the next timed duty (grace, signal verdict wait, report, waiting line)."""
+        due = [t for t in (self._grace_deadline, self._signal_pending and self._signal_pending[1],
+                           self._next_report) if t is not None]
+        if self.wait_s is not None:
+            base = _progress[2]
+            due.append(self._next_wait if base == self._wait_base and self._next_wait is not None
+                       else base + self.wait_s)
+        return max(0.0, min(due) - now) if due else 3600.0
+
+    def _timers(self, now: float) -> None:
+        if self._grace_deadline is not None and now >= self._grace_deadline:
+            self._stop(EXIT_PEER_LOST, self.message(EXIT_PEER_LOST))
+        if self._signal_pending is not None and now >= self._signal_pending[1]:
+            signum = self._signal_pending[0]
+            self._signal_pending = None
+            if self.on_signal == "exit":
+                self._stop(128 + signum, _signals.exit_line(signum))
+            else:
+                _signals.record(signum)
+        if self._next_report is not None and now >= self._next_report:
+            self._next_report = now + self.report_s
+            self._send(self._server, f"at {_progress[0]} {_oneline(_progress[1], 120)}")
+        if self.wait_s is not None:
+            base = _progress[2]
+            if base != self._wait_base or self._next_wait is None:
+                self._wait_base, self._next_wait = base, base + self.wait_s
+            if now >= self._next_wait:
+                self._next_wait += self.wait_s
+                if self._next_wait <= now:
+                    self._next_wait = now + self.wait_s
+                _say(self._waiting_line(now - base, now))
+
+    def _waiting_line(self, stuck: float, now: float) -> str:
+        line = f"[ds_ext] rank {self.rank}: waiting at {where()} for {stuck:.0f} s"
+        if self._listen is None:
+            return line
+        peers = sorted((c for c in self._clients.values() if c.rank is not None and not c.left),
+                       key=lambda c: c.rank)
+        if not peers:
+            return line
+        late = [f"rank {c.rank} last reported {now - c.reported_at:.0f} s ago at {c.reported}"
+                for c in peers if now - c.reported_at > self.wait_s]
+        if late:
+            return line + "; " + "; ".join(late)
+        oldest = max(now - c.reported_at for c in peers)
+        return line + f"; every rank reported within the last {max(1, math.ceil(oldest))} s"
 
     def _event(self, tag: str, fileobj) -> None:
         if tag == "ctl":
@@ -318,8 +688,9 @@ class Watchdog:
                 data = b""
             if self._closing:
                 raise _Return()
-            if bytes([signal.SIGTERM]) in data:
-                self._on_sigterm()
+            for signum in data:  # the wakeup fd writes each signal's number; close writes b"x"
+                if signum in STOP_SIGNALS:
+                    self._on_signal(signum)
         elif tag == "accept":
             self._accept()
         elif tag == "server":
@@ -371,9 +742,13 @@ class Watchdog:
     def _message(self, conn: _Conn, line: str, from_server: bool) -> None:
         kind, _, rest = line.partition(" ")
         try:
-            if kind == "hello" and not from_server:
+            if kind == "at" and not from_server:  # a progress report
+                step, _, what = rest.partition(" ")
+                conn.reported_at, conn.reported = time.monotonic(), f"step {step} ({what})"
+            elif kind == "hello" and not from_server:
                 r, conn.pid, conn.host = rest.split(" ", 2)
                 conn.rank = int(r)
+                conn.reported_at = time.monotonic()
                 self._send(conn, f"welcome {os.getpid()} {socket.gethostname()}")
             elif kind == "left":
                 r, code, reason = (rest.split(" ", 2) + [""])[:3]
@@ -423,14 +798,20 @@ class Watchdog:
                 f"without a word (killed, crashed or out of memory)")
         if self._listen is not None:
             self._relay(f"lost {r} {pid} {host}")
-        self._set_verdict(core)
+        if self._set_verdict(core):
+            self._lost = True
         self._stop(EXIT_PEER_LOST, self.message(EXIT_PEER_LOST))
 
     def _peer_left(self, r: int, code: int, reason: str) -> None:
-        if code == 0 or r == self.rank:
+        if code in LEAVING_TOGETHER or r == self.rank:
             return
         core = f"rank {r} stopped with exit code {code} ({reason or 'no reason given'}) at {where()} on this rank"
-        if self._set_verdict(core) and self._grace_deadline is None:
+        if not self._set_verdict(core):
+            return
+        if self._signal_pending is not None:  # the signal that is waiting for a verdict has one: act on it now
+            code = 128 + self._signal_pending[0]
+            self._stop(code, self.message(code))
+        elif self._grace_deadline is None:
             self._grace_deadline = time.monotonic() + GRACE_S
 
     def _set_verdict(self, core: str) -> bool:
@@ -443,7 +824,8 @@ class Watchdog:
 
     def message(self, code: int, core: Optional[str] = None) -> str:
         core = core or self.verdict or f"at {where()}"
-        how = "stopped by SIGTERM" if code == EXIT_SIGTERM else "stopping this rank"
+        name = _signal_of_code(code)
+        how = f"stopped by {name}" if name else "stopping this rank"
         return f"[ds_ext] rank {self.rank}: {core}; {how} (exit {code})"
 
     def _stop(self, code: int, msg: str, reason: Optional[str] = None) -> None:
@@ -460,10 +842,12 @@ class Watchdog:
             self._never.wait()
         _say(msg)
         if reason is None:
-            reason = self.verdict or ("stopped by SIGTERM" if code == EXIT_SIGTERM else f"stopped (exit {code})")
-            reason = reason.split(" at step ")[0]  # e.g. "lost rank 1 (pid ... on host)"
-            if code == EXIT_SIGTERM:
-                reason = "stopped by SIGTERM" + ("" if reason == "stopped by SIGTERM" else f" after: {reason}")
+            name = _signal_of_code(code)
+            before = (self.verdict or "").split(" at step ")[0]  # e.g. "lost rank 1 (pid ... on host)"
+            if name:
+                reason = f"stopped by {name}" + (f" after: {before}" if before else "")
+            else:
+                reason = before or f"stopped (exit {code})"
         self._goodbye(code, reason)
         os._exit(code)
 
@@ -474,13 +858,41 @@ class Watchdog:
         elif self._listen is not None:
             self._relay(line)
 
-    # -- SIGTERM -----------------------------------------------------------------------------
-    def _on_sigterm(self) -> None:
-        self._verdict_event.wait(3.0)  # the deepspeed launcher's SIGTERM follows a death by up to a second
-        self._stop(EXIT_SIGTERM, self.message(EXIT_SIGTERM))
+    # -- stop signals -------------------------------------------------------------------------
+    def _on_signal(self, signum: int) -> None:
+        """The watchdog thread's answer to SIGTERM / SIGINT / SIGUSR1 (read from the wakeup fd)."""
+        now = time.monotonic()
+        kind = _signals.arrive(signum, now)
+        if kind == "same":
+            return
+        code = 128 + signum
+        if kind == "repeat":
+            self._stop(code, _signals.repeat_line(signum, now))
+        elif self.verdict is not None:  # a peer already stopped: that is what this signal is about
+            self._stop(code, self.message(code))
+        elif self.on_signal == "save" and signum != signal.SIGTERM:
+            _signals.record(signum)  # SIGUSR1 / SIGINT never come from the launcher after a death
+        else:  # wait for a verdict (the launcher's SIGTERM follows a peer's death by up to a second)
+            self._signal_pending = (signum, now + SIGNAL_VERDICT_WAIT_S)
 
-    def _on_sigterm_main(self, signum, frame) -> None:
-        self._on_sigterm()
+    def _on_signal_main(self, signum, frame) -> None:
+        """The Python-level handler (main thread, between bytecodes): the same delivery also wrote
+        ``signum`` to the wakeup fd, so the watchdog thread acts on it; never raise here. Without a
+        running thread (closing), act here."""
+        t = self._thread
+        if t is not None and t.is_alive() and not self._closing:
+            if self.on_signal == "save" and signum != signal.SIGTERM and _signals.first is None:
+                # record before the main thread runs on: the step it is in votes with this request
+                # (the thread would record it too, but perhaps only after that step's vote)
+                _signals.arrive(signum, time.monotonic())
+                _signals.record(signum)
+            return
+        _handle_in_main(signum)
+
+    def signal_code(self) -> Optional[int]:
+        """``128 + signum`` while a stop signal is waiting for a peer verdict and no peer was lost."""
+        pending = self._signal_pending
+        return 128 + pending[0] if pending is not None and not self._lost else None
 
     # -- main-thread API ---------------------------------------------------------------------
     def wait_verdict(self, timeout: float) -> Optional[str]:
@@ -488,7 +900,8 @@ class Watchdog:
         return self.verdict
 
     def close(self, code: int, reason: str = "") -> None:
-        """Leave on purpose: tell the peers (``code`` 0: finished), stop the thread, restore SIGTERM."""
+        """Leave on purpose: tell the peers (``code`` 0: finished; ``EXIT_PREEMPTED``: every rank is
+        leaving at this step), stop the thread, restore the signal handlers."""
         with self._lock:
             if self._closing or self._stopping:
                 return
@@ -501,13 +914,9 @@ class Watchdog:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(5.0)
         if threading.current_thread() is threading.main_thread():
-            try:
-                if self._old_wakeup_fd is not None:
-                    signal.set_wakeup_fd(self._old_wakeup_fd)
-                if self._old_sigterm is not None:
-                    signal.signal(signal.SIGTERM, self._old_sigterm)
-            except (ValueError, OSError):
-                pass
+            restore_signal_handlers()
+        if _active is self:
+            _set_active(None)
         self._close_fds()
 
     def _close_fds(self) -> None:
@@ -553,12 +962,15 @@ def looks_distributed(exc: BaseException) -> bool:
 def explain_failure(exc: BaseException, wd: Optional[Watchdog], rank: int) -> None:
     """Called by the trainer for an exception on the main thread. If it is a distributed failure,
     print one line (the lost rank when the watchdog knows it) and end the process with
-    ``EXIT_PEER_LOST``; otherwise return and let the caller handle or re-raise it."""
+    ``EXIT_PEER_LOST`` (or ``128 + signum`` when a stop signal was waiting for exactly this: peers
+    that left on a signal, e.g. after a Ctrl-C to every rank); otherwise return and let the caller
+    handle or re-raise it."""
     if not looks_distributed(exc):
         return
     if wd is not None:
         if wd.wait_verdict(VERDICT_WAIT_S):
-            wd._stop(EXIT_PEER_LOST, wd.message(EXIT_PEER_LOST))
+            code = wd.signal_code() or EXIT_PEER_LOST
+            wd._stop(code, wd.message(code))
             return  # closing normally: the caller re-raises
         core = (f"a collective failed at {where()}: {_oneline(exc, 240)}; every rank is still connected to the "
                 f"watchdog, so none has died: one may be stuck (train.collective_timeout_s) or the network failed")

@@ -60,11 +60,16 @@ def human_bytes(n: float) -> str:
 
 class Progress:
     """Rank-0 progress over optimizer steps: a tqdm bar on a terminal; in a log file (not a TTY),
-    one plain line every ~5% of training instead of carriage-return spam. Silent on other ranks."""
+    one plain line every ~5% of training instead of carriage-return spam. Silent on other ranks.
 
-    def __init__(self, total: int, initial: int, enabled: bool, desc: str = "train"):
+    ``enabled`` switches the progress display (``log.progress``); ``console`` (None: the same as
+    ``enabled``) switches the messages of ``write`` (checkpoint paths, per-epoch validation), which are
+    printed even when the progress display is off (the trainer passes ``console=(rank == 0)``)."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, desc: str = "train", console: Optional[bool] = None):
         self.bar = None
         self.enabled = enabled
+        self.console = enabled if console is None else bool(console)
         self.total, self.n = total, initial
         self.t0 = time.perf_counter()
         self.every = max(1, total // 20)
@@ -84,9 +89,14 @@ class Progress:
                   f"elapsed {time.perf_counter() - self.t0:.1f}s", file=sys.stderr, flush=True)
 
     def write(self, msg: str) -> None:
+        """One message line on stderr (flushed) when ``console`` is on; through the bar when there is one,
+        so that the bar is redrawn below the line."""
+        if not self.console:
+            return
         if self.bar is not None:
             self.bar.write(msg, file=sys.stderr)
-        elif self.enabled:
+            sys.stderr.flush()
+        else:
             print(msg, file=sys.stderr, flush=True)
 
     def close(self) -> None:

@@ -69,11 +69,25 @@ _loaded: Dict[str, Tuple[Optional[object], str]] = {}
 _warned: set = set()
 
 
+def _normalised(value: Optional[str]) -> str:
+    return (value or "").strip().lower() or "auto"
+
+
+def mode_problem(value: Optional[str]) -> Optional[str]:
+    """Why ``value``, the text of ``$DS_EXT_OPS`` (None: unset), selects no mode, or None when it does.
+    Case and surrounding blanks do not matter; unset or blank means ``auto``. The trainer's preflight
+    refuses a bad value before any process group starts (``ds_ext.recipe.preflight``)."""
+    if _normalised(value) in MODES:
+        return None
+    return f"{value!r} is not a kernel mode; allowed: {', '.join(MODES)} (unset or empty: auto)"
+
+
 def mode() -> str:
-    m = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if m not in MODES:
-        raise ValueError(f"{ENV}={m!r}: expected one of {', '.join(MODES)}")
-    return m
+    raw = os.environ.get(ENV)
+    problem = mode_problem(raw)
+    if problem:
+        raise ValueError(f"{ENV}: {problem}")
+    return _normalised(raw)
 
 
 def _build_estimate(dev: str) -> int:

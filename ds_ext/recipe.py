@@ -10,8 +10,10 @@ Every problem is reported before training as ``RecipeError`` naming the file, th
 what is allowed; ``python -m ds_ext.train --recipe R --check`` prints them and exits 2. Loading checks
 what needs no world size and no file system; ``Recipe.check_world`` adds the world-size rules (batch
 split, and what the methods' own ``check(view)`` finds once the world size is known: dssync groups,
-exdyna blocks) and ``preflight`` the paths and data files, both run by the trainer
-before ``init_distributed`` (the world size from ``--world-size`` or the launcher's ``$WORLD_SIZE``).
+exdyna blocks) and ``preflight`` the environment (``DS_EXT_OPS``), the paths and data files, both run by
+the trainer before ``init_distributed`` (the world size from ``--world-size`` or the launcher's ``$WORLD_SIZE``).
+Every YAML text read (recipe, ``--set`` value, per-host file) is measured before use: one that expands to
+more than ``YAML_MAX_VALUES`` values through aliases (a "billion laughs") is refused unexpanded.
 Deliberate limits: in the ``deepspeed`` section only the keys ds_ext reads are type-checked (DeepSpeed
 validates the rest when the engine is built); the data-file check knows the built-in readers' first files
 only and lets the reader itself produce the message.
@@ -133,23 +135,37 @@ class ScheduleSection(Section):
         return v
 
 
+# Bounds checked when the recipe is read (``--check`` refuses them). The trainer derives 64-bit seeds from
+# train.seed (loader seeds about seed x 4.1e9; a larger seed overflowed in torch.manual_seed), and
+# init_distributed turns the timeout into a datetime.timedelta (1e300 s was an OverflowError there); a
+# collective that waits longer than 7 days is a hang, not a slow peer.
+SEED_MAX = 2**31 - 1
+COLLECTIVE_TIMEOUT_MAX_S = 7 * 24 * 3600  # 604800 s, 7 days
+
+
 class TrainSection(Section):
     epochs: int = Field(..., ge=1)
     global_batch_size: int = Field(..., ge=1)
     micro_batch_size: int = Field(..., ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX, description=(
+        "seeds model initialisation, the example order and the data loaders; 0 <= seed <= 2**31 - 1 (the "
+        "loader seeds derived from it must stay within 64 bits)"))
     steps_per_epoch: Optional[int] = Field(None, ge=1, description="cap on optimizer steps per epoch")
     stop_at_step: Optional[int] = Field(None, ge=1, description=(
         "end this invocation (after a checkpoint) once this global step is reached; the schedule still "
         "spans train.epochs (time-limited cluster jobs)"))
     eval_every_epochs: int = Field(1, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    collective_timeout_s: float = Field(600.0, gt=0)
+    collective_timeout_s: float = Field(600.0, gt=0, le=COLLECTIVE_TIMEOUT_MAX_S, allow_inf_nan=False, description=(
+        "seconds a collective may wait for the other ranks before it fails; at most 604800 (7 days)"))
     check_consistency_every: int = Field(0, ge=0, description="steps between cross-rank parameter checks (0: off)")
     nonfinite: Literal["skip", "raise", "off"] = Field(
         "skip", description="a NaN/inf in any rank's gradient: 'skip' the update on every rank (zeroed before any "
                             "reducer or error-feedback buffer sees it; logged), 'raise' stop, 'off' no check "
                             "(see ds_ext.engine.attach)")
+    max_consecutive_skips: int = Field(20, ge=0, description=(
+        "stop the run (exit 8) after this many optimizer steps in a row were skipped for non-finite gradients "
+        "(train.nonfinite: skip); 0 = no limit"))
 
 
 class MethodSection(Section):
@@ -189,6 +205,17 @@ class CheckpointSection(Section):
     every_epochs: int = Field(0, ge=0)
     keep: int = Field(2, ge=1, description="number of most recent checkpoints kept")
     resume: Union[bool, str] = Field(False, description="false | true/'auto' (latest in dir, if any) | a path")
+    integrity: Literal["hash", "size", "off"] = Field("hash", description=(
+        "what a save records and a load verifies: 'hash' the SHA-256 and size of every file, 'size' the sizes "
+        "only, 'off' nothing verified (YAML reads a bare off as false, which means 'off' here too)"))
+    on_signal: Literal["save", "exit"] = Field("save", description=(
+        "on SIGTERM, SIGUSR1 or SIGINT: 'save' finish the step, save a checkpoint and exit 75; 'exit' exit at once "
+        "with 143, 138 or 130"))
+
+    @field_validator("integrity", mode="before")
+    @classmethod
+    def _off_is_false_in_yaml(cls, v):
+        return "off" if v is False else v  # YAML 1.1 reads an unquoted off (no, false) as false
 
 
 class Recipe(Section):
@@ -468,6 +495,61 @@ def check_combination(recipe: Recipe) -> List[Tuple[str, str]]:
 
 # ---- loading ------------------------------------------------------------------------------------
 
+# A YAML document may reuse a node through an anchor (``&x``) and aliases (``*x``). PyYAML's safe_load
+# shares one object for every alias, so nine levels of nine aliases load in microseconds, but anything that
+# copies or serialises the recipe afterwards (validation, json.dumps for the checkpoint metadata, the
+# wandb config) expands them: 9**9 values, a "billion laughs". ``_expansion_problem`` measures the
+# document as the tree it expands to, without expanding it, and stops as soon as a limit is passed.
+YAML_MAX_VALUES = 100_000  # scalars, keys and containers, counted as a tree; a real recipe has a few hundred
+YAML_MAX_CHARS = 10_000_000  # characters of text (keys and strings), counted as a tree
+
+
+def _expansion_problem(data: Any, top: str = "") -> Optional[Tuple[str, str]]:
+    """(key, message) when ``data`` expands to more than ``YAML_MAX_VALUES`` values or ``YAML_MAX_CHARS``
+    characters of text once aliases are followed, or contains itself (a cycle never ends); else None.
+    ``key`` is the top-level key of ``data`` (a dict) under which the limit was passed, or ``top``.
+    Iterative and bounded: at most ``YAML_MAX_VALUES + 1`` nodes are visited whatever the document."""
+    values = chars = 0
+    shared = False  # an object met twice: the document uses aliases
+    seen: set = set()  # ids of the containers and strings visited
+    path: set = set()  # ids of the containers on the way down to the current node
+    stack: List[Tuple[Any, str, bool]] = [(data, top, False)]
+    while stack:
+        node, key, leaving = stack.pop()
+        if leaving:
+            path.discard(id(node))
+            continue
+        values += 1
+        ident = id(node)
+        if isinstance(node, (str, bytes)):
+            chars += len(node)
+            if len(node) > 1:  # Python shares some one-character strings by itself
+                shared = shared or ident in seen
+                seen.add(ident)
+        if values > YAML_MAX_VALUES or chars > YAML_MAX_CHARS:
+            what = f"{YAML_MAX_VALUES:,} values" if values > YAML_MAX_VALUES else f"{YAML_MAX_CHARS:,} characters"
+            how = (" through YAML aliases (*name repeating an &name anchor); refused without expanding it" if shared
+                   else "; a recipe needs far fewer")
+            return key, f"expands to more than {what}{how}"
+        if not isinstance(node, (dict, list, tuple, set, frozenset)):
+            continue
+        if ident in path:
+            return key, "contains itself through a YAML alias (*name inside its own &name anchor), so it never ends"
+        shared = shared or ident in seen
+        seen.add(ident)
+        path.add(ident)
+        stack.append((node, key, True))
+        if isinstance(node, dict):
+            at_top = node is data and not top
+            for k, v in node.items():
+                sub = str(k) if at_top else key
+                stack.append((k, sub, False))
+                stack.append((v, sub, False))
+        else:
+            stack.extend((v, key, False) for v in node)
+    return None
+
+
 def parse_overrides(overrides: Sequence[str]) -> List[Tuple[List[str], Any, str]]:
     out = []
     for item in overrides or ():
@@ -482,6 +564,9 @@ def parse_overrides(overrides: Sequence[str]) -> List[Tuple[List[str], Any, str]
         except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError) as e:
             # ValueError: PyYAML's constructors raise it for e.g. 2024-13-45 (a date) or !!int abc
             raise RecipeError("--set", [(key, f"value {raw!r} is not valid YAML: {e or type(e).__name__}")]) from None
+        problem = _expansion_problem(value, key.strip())
+        if problem:
+            raise RecipeError("--set", [(problem[0], f"value {problem[1]}")])
         out.append((parts, value, item))
     return out
 
@@ -537,6 +622,9 @@ def _read_yaml(path: Path, what: str) -> dict:
         data = {}
     if not isinstance(data, dict):
         raise RecipeError(str(path), [("", f"top level must be a mapping, got {type(data).__name__}")])
+    problem = _expansion_problem(data)
+    if problem:
+        raise RecipeError(str(path), [problem])
     return data
 
 
@@ -711,11 +799,24 @@ def data_problems(recipe: Recipe) -> List[Tuple[str, str]]:
     return []  # the reader found its files after all
 
 
-def preflight(recipe: Recipe, world_size: Optional[int]) -> None:
-    """What the trainer checks before ``init_distributed``: the world-size rules (when the world size is
-    known), the paths it writes and resumes from (``RecipeError``), then the data files
-    (``DataPathError``). Every rank runs it on its own files, so a rank with a bad per-host file stops
-    before any process group exists."""
+def environment_problems(environ: Mapping[str, str]) -> List[Tuple[str, str]]:
+    """Environment variables the run reads later, checked up front: ``DS_EXT_OPS`` (the kernel mode,
+    otherwise a ValueError at the first training step)."""
+    from . import ops
+
+    problem = ops.mode_problem(environ.get(ops.ENV))
+    return [(ops.ENV, problem)] if problem else []
+
+
+def preflight(recipe: Recipe, world_size: Optional[int], environ: Optional[Mapping[str, str]] = None) -> None:
+    """What the trainer checks before ``init_distributed``: the environment (``environment_problems``,
+    ``environ`` default ``os.environ``; a ``RecipeError`` from the source "environment"), the world-size
+    rules (when the world size is known), the paths it writes and resumes from (``RecipeError``), then the
+    data files (``DataPathError``). Every rank runs it on its own files, so a rank with a bad per-host file
+    stops before any process group exists."""
+    problems = environment_problems(os.environ if environ is None else environ)
+    if problems:
+        raise RecipeError("environment", problems)
     problems = recipe.world_problems(world_size) if world_size is not None else []
     problems += path_problems(recipe)
     if problems:

@@ -22,6 +22,14 @@ EXIT_RECIPE = 2
 EXIT_DATA = 3
 
 
+class _Exit(Exception):
+    """Leave the run on purpose with ``code``; rank 0 prints ``message`` (the same verdict on every rank)."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m ds_ext.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", required=True, help="recipe YAML")
@@ -109,6 +117,18 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state(st["cuda"])
 
 
+def _shared_all(obj) -> list:
+    """Every rank's ``obj`` (start-up, checkpoint and save verdicts; never per step)."""
+    from .comm import world
+
+    return world().all_gather_object(obj)
+
+
+def _shared(obj):
+    """Rank 0's ``obj`` on every rank."""
+    return _shared_all(obj)[0]
+
+
 def evaluate(engine, bundle, batch_size: int, rank: int, world: int, comm=None) -> dict:
     """Each rank scores a strided shard of the validation set; the sums stay on the communication
     device (no host read per batch), are all-reduced there and read once."""
@@ -144,15 +164,21 @@ def train(recipe) -> int:
     A peer watchdog (``ds_ext.faults.Watchdog``) runs beside the training: when another rank dies
     (SIGKILL, crash, out of memory) or stops on an error, this rank prints one line naming that rank
     and the step and exits with ``faults.EXIT_PEER_LOST`` (4) within seconds, without a traceback;
-    a failed collective on this thread leads to the same line (``faults.explain_failure``). A
-    checkpoint that cannot be resumed from ends the run with ``faults.EXIT_CHECKPOINT`` (5) and a
-    message saying what differs. Leaving normally or on purpose tells the other ranks the exit code.
+    a failed collective on this thread leads to the same line (``faults.explain_failure``). Every
+    other way out is one verdict shared by every rank, printed once by rank 0, with one exit code:
+    a checkpoint that cannot be resumed from (``faults.EXIT_CHECKPOINT``, 5), a run or checkpoint
+    directory held by another job (``checkpoint.EXIT_BUSY``, 6), a failed save (``checkpoint.EXIT_SAVE``,
+    7; the previous checkpoint is intact), divergence (``faults.EXIT_DIVERGED``, 8:
+    ``train.max_consecutive_skips`` skipped steps in a row), a signal with ``checkpoint.on_signal: save``
+    (``faults.EXIT_PREEMPTED``, 75, after saving). Leaving normally or on purpose tells the other ranks
+    the exit code.
     ``DS_EXT_FAULT`` (tests only) kills this rank at a chosen point; see ``ds_ext.faults``."""
     import torch.distributed as dist
 
     from . import checkpoint as ckpt
     from . import faults
     from .distributed import init_distributed
+    from .registry import REDUCERS, load_builtin
 
     init_distributed(recipe.train.collective_timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -163,12 +189,22 @@ def train(recipe) -> int:
             print(f"error: {e}", file=sys.stderr)
         return EXIT_RECIPE
     faults.progress(0, "start-up")
-    wd = faults.Watchdog.start(rank, world)
+    # saving on a signal needs a per-step stop vote, which rides on the gradient exchange (engine.StopVote)
+    load_builtin()
+    votes = world == 1 or getattr(REDUCERS.get(recipe.method.reducer.name).factory, "communicates_gradients", True)
+    on_signal = recipe.checkpoint.on_signal if votes else "exit"
+    wd = faults.Watchdog.start(rank, world, on_signal=on_signal)
+    if wd is None:
+        faults.install_signal_handlers(on_signal)
     code, reason = 1, "exception"
+    locks: list = []
     try:
-        code = _train(recipe, rank, world)
-        reason = {0: "finished", EXIT_RECIPE: "recipe error", EXIT_DATA: "data error",
-                  faults.EXIT_CHECKPOINT: "checkpoint error"}.get(code, f"exit {code}")
+        code = _train(recipe, rank, world, locks)
+        return code
+    except _Exit as e:
+        code = e.code
+        if rank == 0:
+            print(e.message, file=sys.stderr, flush=True)
         return code
     except ckpt.CheckpointError as e:  # a damaged or missing file while loading: may concern this rank only
         code, reason = faults.EXIT_CHECKPOINT, f"checkpoint error on rank {rank}"
@@ -179,11 +215,19 @@ def train(recipe) -> int:
         code, reason = 1, f"{type(e).__name__}: {e}"
         raise
     finally:
+        reason = {0: "finished", EXIT_RECIPE: "recipe error", EXIT_DATA: "data error",
+                  faults.EXIT_CHECKPOINT: "checkpoint error", ckpt.EXIT_BUSY: "directory in use by another job",
+                  ckpt.EXIT_SAVE: "checkpoint save failed", faults.EXIT_PREEMPTED: "saved and stopped on a signal",
+                  faults.EXIT_DIVERGED: "training diverged"}.get(code, reason)
+        for lock in locks:
+            lock.release()
         if wd is not None:
             wd.close(code, reason)
+        else:
+            faults.restore_signal_handlers()
 
 
-def _train(recipe, rank: int, world: int) -> int:
+def _train(recipe, rank: int, world: int, locks: list) -> int:
     import torch.distributed as dist
     import torch.nn.functional as F
 
@@ -201,16 +245,36 @@ def _train(recipe, rank: int, world: int) -> int:
         if is0:
             print(f"recipe error:\n{e}", file=sys.stderr)
         return EXIT_RECIPE
-    # the checkpoint to resume from, and whether this run may continue it: files every rank reads alike
+    ce = recipe.checkpoint
+    # one job per run and checkpoint directory, for the whole run (rank 0 holds the locks)
+    job, busy = None, None
+    if is0:
+        job = ckpt.job_identity()
+        try:
+            locks.extend(ckpt.lock_dirs([recipe.log.dir, ce.dir], job))
+        except ckpt.DirectoryBusy as e:
+            busy = str(e)
+    job, busy = _shared((job, busy))
+    if busy:
+        raise _Exit(ckpt.EXIT_BUSY, f"error: {recipe.source}: {busy}")
+    # the checkpoint to resume from (every rank verifies a share of it and all choose alike), and
+    # whether this run may continue it
     meta = ckpt.run_meta(recipe, world)
+    notes: List[str] = []
     try:
-        resume_path = ckpt.resolve(recipe.checkpoint.resume, recipe.checkpoint.dir)
+        resume_path = ckpt.choose(ce.resume, ce.dir, ce.integrity, warn=notes.append)
         if resume_path is not None:
             ckpt.check_meta(resume_path, meta)
     except ckpt.CheckpointError as e:
-        if is0:
-            print(f"checkpoint error:\n{recipe.source}: checkpoint.resume: {e}", file=sys.stderr)
-        return faults.EXIT_CHECKPOINT
+        raise _Exit(faults.EXIT_CHECKPOINT, f"checkpoint error:\n{recipe.source}: checkpoint.resume: {e}") from None
+    if is0:
+        for n in notes:
+            print(f"[ds_ext] warning: checkpoint.resume: {n}", file=sys.stderr)
+        earlier = ckpt.complete_checkpoints(ce.dir) if resume_path is None else []
+        if earlier:
+            print(f"[ds_ext] checkpoint.resume={ce.resume}: {ce.dir} holds {len(earlier)} checkpoint(s) of an earlier "
+                  f"run (newest {earlier[0].name}); this run starts afresh and its saves replace checkpoints of the "
+                  f"same step", file=sys.stderr)
 
     t = recipe.train
     _seed_all(t.seed)  # identical model initialisation on every rank
@@ -251,11 +315,23 @@ def _train(recipe, rank: int, world: int) -> int:
     start_epoch, start_step = 0, 0
     if resume_path is not None:
         faults.progress(0, f"loading checkpoint {resume_path.name}")
-        state = ckpt.load(engine, resume_path, rank)
-        att.load_state_dict(state["attachment"])
-        order.load_state_dict(state["order"])
-        _set_rng_state(state["rng"])
-        start_epoch, start_step = state["epoch"], state["step_in_epoch"]
+        err = None
+        try:
+            state = ckpt.load(engine, resume_path, rank, world, step=ckpt.read_meta(resume_path).get("step"))
+            att.load_state_dict(state["attachment"])
+            order.load_state_dict(state["order"])
+            _set_rng_state(state["rng"])
+            start_epoch, start_step = state["epoch"], state["step_in_epoch"]
+        except ckpt.CheckpointError as e:
+            err = str(e)
+        except Exception as e:  # a rank file whose content does not fit this run's state
+            if faults.looks_distributed(e):
+                raise
+            err = (f"{ckpt.rank_file(resume_path, rank)}: does not fit this run ({type(e).__name__}: "
+                   f"{' '.join(str(e).split())[:160]})")
+        err = next((x for x in _shared_all(err) if x), None)  # every rank's verdict before anyone says "resumed"
+        if err:
+            raise _Exit(faults.EXIT_CHECKPOINT, f"checkpoint error:\n{recipe.source}: checkpoint.resume: {err}")
         if is0:
             print(f"[ds_ext] resumed from {resume_path} at step {engine.global_steps} "
                   f"(epoch {start_epoch}, step {start_step} of {steps_per_epoch})", file=sys.stderr)
@@ -268,18 +344,31 @@ def _train(recipe, rank: int, world: int) -> int:
               f"reducer={names['reducer']} sync={names['sync']} order={names['order']} "
               f"precision={recipe.precision()}; run dir {run_dir}", file=sys.stderr)
     wb = WandbLogger(recipe.log.wandb, run_dir, recipe.model_dump(mode="json"), enabled=is0)
-    bar = Progress(total_steps, engine.global_steps, enabled=is0 and recipe.log.progress)
+    bar = Progress(total_steps, engine.global_steps, enabled=is0 and recipe.log.progress, console=is0)
+    att.vote_stop(lambda: faults.stop_requested() is not None)
+    skip_streak = [0, 0]  # consecutive skipped steps on this rank, the last step that was not skipped
 
-    def save(epoch: int, step_in_epoch: int) -> None:
+    def save(epoch: int, step_in_epoch: int) -> Optional[Path]:
         att.check_pending()  # a method that produced a non-finite gradient must not be checkpointed
+        streak = max(_shared_all(skip_streak[0]))  # skips on local steps differ between ranks
+        if streak:  # never replace a good checkpoint with a model that is diverging
+            if is0:
+                bar.write(f"[ds_ext] step {engine.global_steps}: checkpoint not saved: the last {streak} optimizer "
+                          f"step(s) were skipped for non-finite gradients; the previous checkpoint is kept")
+            return None
         if step_in_epoch == steps_per_epoch:
             epoch, step_in_epoch = epoch + 1, 0
         st = {"rng": _rng_state(), "epoch": epoch, "step_in_epoch": step_in_epoch, "attachment": att.state_dict(),
               "order": order.state_dict(), "global_step": engine.global_steps}
-        path = ckpt.save(engine, recipe.checkpoint.dir, f"step_{engine.global_steps:07d}", st, meta,
-                         keep=recipe.checkpoint.keep)
+        try:
+            path = ckpt.save(engine, ce.dir, f"step_{engine.global_steps:07d}", st, meta, keep=ce.keep,
+                             integrity=ce.integrity, job=job["job"])
+        except ckpt.CheckpointSaveError as e:
+            raise _Exit(ckpt.EXIT_SAVE, f"[ds_ext] error: {e}; stopping (exit {ckpt.EXIT_SAVE}); free space and "
+                                        f"resume with --set checkpoint.resume=auto") from None
         if is0:
             bar.write(f"[ds_ext] checkpoint {path}")
+        return path
 
     def eval_now(epoch: int) -> dict:
         # training batches for BatchNorm re-estimation (local methods with bn_batches > 0)
@@ -291,13 +380,13 @@ def _train(recipe, rank: int, world: int) -> int:
         with att.sync.eval_view(engine.module, train_batches):
             return evaluate(engine, bundle, recipe.data.eval_micro_batch_size or 2 * micro, rank, world, att.comm)
 
-    ce = recipe.checkpoint
     smoothing = t.label_smoothing
     history = []
     last_eval = {}
     last_loss = float("nan")  # the last logged training loss (the progress bar shows it)
     t0 = time.perf_counter()
     samples_done = 0
+    skips_seen = att.skipped_steps
     for epoch in range(start_epoch, t.epochs):
         skip = start_step if epoch == start_epoch else 0
         if hasattr(bundle.train, "set_epoch"):  # e.g. NCF draws fresh negatives every epoch
@@ -333,6 +422,18 @@ def _train(recipe, rank: int, world: int) -> int:
             step_in_epoch += 1
             samples_done += t.global_batch_size
             gstep = engine.global_steps
+            if att.skipped_steps > skips_seen:  # host counters: no device read
+                skip_streak[0] += 1
+            else:
+                skip_streak[:] = [0, gstep]
+            skips_seen = att.skipped_steps
+            if t.max_consecutive_skips and skip_streak[0] >= t.max_consecutive_skips:
+                raise _Exit(faults.EXIT_DIVERGED,
+                            f"[ds_ext] error: training diverged: {skip_streak[0]} optimizer steps in a row (up to step "
+                            f"{gstep}) had non-finite gradients and were skipped (train.max_consecutive_skips="
+                            f"{t.max_consecutive_skips}); last finite step {skip_streak[1]}; no checkpoint was saved "
+                            f"since then. Lower optimizer.lr, add warm-up or deepspeed.gradient_clipping, and resume "
+                            f"from the last checkpoint (exit {faults.EXIT_DIVERGED})")
             step_loss_t, micro_in_step = loss_acc, n_micro
             loss_acc, n_micro = None, 0
             lr = schedule.get_last_lr()[0]
@@ -347,6 +448,16 @@ def _train(recipe, rank: int, world: int) -> int:
                 history.append({"step": gstep, **rec})
             bar.update(1, loss=f"{last_loss:.4f}", lr=f"{lr:.3g}",
                        sps=f"{samples_done / max(time.perf_counter() - t0, 1e-9):.0f}")
+            if att.stop_agreed and gstep < total_steps:  # a signal (preemption): every rank at this same step
+                path = save(epoch, step_in_epoch)
+                bar.close()
+                wb.finish()
+                got = faults.stop_requested()
+                raise _Exit(faults.EXIT_PREEMPTED,
+                            f"[ds_ext] stopped at step {gstep} on {got or 'a signal to another rank'} "
+                            f"(checkpoint.on_signal=save); "
+                            + (f"saved {path}; resume with --set checkpoint.resume=auto" if path else
+                               "nothing saved (see above)") + f" (exit {faults.EXIT_PREEMPTED})")
             stopping = t.stop_at_step is not None and gstep >= t.stop_at_step and gstep < total_steps
             if stopping or (ce.every_steps and gstep % ce.every_steps == 0 and gstep < total_steps):
                 save(epoch, step_in_epoch)

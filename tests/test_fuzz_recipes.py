@@ -64,6 +64,9 @@ def base() -> dict:
     d["schedule"]["gamma"] = 0.1
     d["train"]["label_smoothing"] = 0.0
     d["train"]["collective_timeout_s"] = 600.0
+    d["train"]["max_consecutive_skips"] = 20
+    d["checkpoint"]["integrity"] = "hash"
+    d["checkpoint"]["on_signal"] = "save"
     d["log"]["progress"] = True
     d["data"]["num_workers"] = 0
     d["data"]["split_seed"] = 0
@@ -152,7 +155,8 @@ WRONG = {
     "bool": st.one_of(st.none(), st.integers().filter(lambda i: i not in (0, 1)), fractional.filter(
         lambda x: x not in (0.0, 1.0)), letters, small_lists, small_dicts),
     "literal": st.one_of(st.none(), letters.filter(lambda s: s not in {"constant", "cosine", "step", "linear",
-                                                                        "offline", "online", "disabled"}),
+                                                                        "offline", "online", "disabled", "hash",
+                                                                        "size", "save", "exit"}),
                          st.integers(), small_lists),
     "section": st.one_of(st.none(), st.booleans(), st.integers(), letters, small_lists),
     "list": st.one_of(st.none(), st.booleans(), st.integers(), letters, small_dicts),
@@ -171,13 +175,14 @@ FIELDS = {
     "train": "section", "train.epochs": "int", "train.global_batch_size": "int", "train.micro_batch_size": "int",
     "train.seed": "int", "train.check_consistency_every": "int", "train.label_smoothing": "float",
     "train.collective_timeout_s": "float", "train.steps_per_epoch": "int?", "train.stop_at_step": "int?",
+    "train.max_consecutive_skips": "int",
     "method": "section", "method.reducer": "section", "method.reducer.name": "str", "method.reducer.bucket_mb": "float",
     "method.sync": "section", "method.sync.name": "str", "method.order": "section", "method.order.name": "str",
     "deepspeed": "section", "deepspeed.zero_optimization": "section", "deepspeed.zero_optimization.stage": "int",
     "log": "section", "log.every_steps": "int", "log.progress": "bool", "log.dir": "str?",
     "log.wandb": "section", "log.wandb.mode": "literal", "log.wandb.project": "str", "log.wandb.tags": "list",
     "checkpoint": "section", "checkpoint.every_epochs": "int", "checkpoint.every_steps": "int", "checkpoint.keep": "int",
-    "checkpoint.dir": "str?",
+    "checkpoint.dir": "str?", "checkpoint.integrity": "literal", "checkpoint.on_signal": "literal",
 }
 wrong_typed = st.sampled_from(sorted(FIELDS)).flatmap(lambda k: st.tuples(st.just(k), WRONG[FIELDS[k]]))
 
@@ -277,6 +282,10 @@ def _out_of_range():
         ("train.global_batch_size", None, neg_or_zero),
         ("train.micro_batch_size", None, neg_or_zero),
         ("train.label_smoothing", None, st.one_of(st.floats(max_value=0, exclude_max=True), st.floats(min_value=1))),
+        ("train.seed", None, st.one_of(st.integers(max_value=-1), st.integers(min_value=2**31))),
+        ("train.collective_timeout_s", None, st.one_of(st.floats(max_value=0.0),
+                                                       st.floats(min_value=604800, exclude_min=True))),
+        ("train.max_consecutive_skips", None, st.integers(max_value=-1)),
         ("optimizer.lr", None, st.one_of(st.floats(max_value=0.0), st.just(math.inf))),
         ("optimizer.momentum", None, st.one_of(st.floats(max_value=0, exclude_max=True), st.floats(min_value=1))),
         ("schedule.min_lr", None, st.floats(min_value=0.1, exclude_min=True)),  # above the peak lr 0.1
@@ -539,6 +548,14 @@ CASES = {
     "lr .inf": (_m(optimizer__lr=math.inf), None, "optimizer.lr", "finite"),
     "lr 'inf' string": (_m(optimizer__lr="inf"), None, "optimizer.lr", "finite"),
     "timeout .inf": (_m(train__collective_timeout_s=math.inf), None, "train.collective_timeout_s", "finite"),
+    "timeout 1e300": (_m(train__collective_timeout_s=1e300), None, "train.collective_timeout_s",
+                      "less than or equal to 604800"),
+    "seed 2**100": (_m(train__seed=2**100), None, "train.seed", "less than or equal to 2147483647"),
+    "seed -1": (_m(train__seed=-1), None, "train.seed", "greater than or equal to 0"),
+    "integrity md5": (_m(checkpoint__integrity="md5"), None, "checkpoint.integrity", "'hash', 'size' or 'off'"),
+    "on_signal ignore": (_m(checkpoint__on_signal="ignore"), None, "checkpoint.on_signal", "'save' or 'exit'"),
+    "max_consecutive_skips -1": (_m(train__max_consecutive_skips=-1), None, "train.max_consecutive_skips",
+                                 "greater than or equal to 0"),
     "min_lr above lr": (_m(schedule__min_lr=0.5), None, "schedule.min_lr", "above the peak optimizer.lr"),
     "decay_points decreasing": (_m(schedule__decay_points=[3, 1]), None, "schedule.decay_points", "increasing"),
     "reducer as a string": (_m(method__reducer="allreduce"), None, "method.reducer", "valid dictionary"),
@@ -626,8 +643,10 @@ def test_hand_written_case(work, case):
                                                        "patterns": [[[0, 3], [1, 2]]]}),
     _m(deepspeed__fp16={"enabled": True, "loss_scale": 128}, method__reducer={"name": "signsgd"}),
     _m(schedule__min_lr=0.1),
+    _m(train__seed=2**31 - 1, train__collective_timeout_s=604800, train__max_consecutive_skips=0),
+    _m(checkpoint__integrity="off", checkpoint__on_signal="exit"),
 ], ids=["density 1", "exdyna 4 blocks", "rank 1", "cdgrab pair", "dssync pattern", "signsgd static fp16",
-        "min_lr = lr"])
+        "min_lr = lr", "max seed, 7-day timeout, no skip limit", "integrity off, exit on signal"])
 def test_boundary_cases_are_accepted(work, mutate):
     """The boundaries of the rules above are allowed (the refusals are not over-broad)."""
     d = base()
@@ -880,6 +899,10 @@ def test_trainer_refuses_before_any_process_group(tmp_path):
         p.write_text(dump(d))
         return p
 
+    bomb = recipe("bomb", lambda d: d.pop("deepspeed"))  # 9 levels of 9 aliases: 387 million values expanded
+    bomb.write_text(bomb.read_text() + "deepspeed:\n  zero_optimization: {stage: 0}\n  l0: &l0 lol\n" + "".join(
+        f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 10)))
+
     # name -> (recipe, extra env, exit code, what stderr must hold: the file at fault first, then the key)
     cases = {
         "unknown key": (recipe("unknown", _m(train__epocs=3)), {}, 2, ["unknown.yaml", "train.epocs", "unknown key"]),
@@ -893,6 +916,9 @@ def test_trainer_refuses_before_any_process_group(tmp_path):
         "bad WORLD_SIZE": (recipe("world", lambda d: None), {"WORLD_SIZE": "two"}, 2, ["WORLD_SIZE", "'two'"]),
         "bad host file": (recipe("host", lambda d: None), {"DS_EXT_HOST_CONFIG": str(bad_host)}, 2,
                           [str(bad_host), "log_root"]),
+        "bad DS_EXT_OPS": (recipe("ops", lambda d: None), {"DS_EXT_OPS": "bogus"}, 2,
+                           ["environment: DS_EXT_OPS: 'bogus'", "allowed: auto, compiled, torch"]),
+        "YAML alias bomb": (bomb, {}, 2, [f"{bomb}: deepspeed: expands to more than 100,000 values", "YAML aliases"]),
     }
     runs = {}
     try:

@@ -158,3 +158,21 @@ def test_check_cli_exit_codes(tmp_path):
     assert bad.returncode == 2 and "train.global_batch_size" in bad.stderr
     bad = _check("--recipe", str(QUICK), "--set", "method.reducer.name=nope")
     assert bad.returncode == 2 and "method.reducer.name: unknown reducer 'nope'" in bad.stderr
+
+
+def test_check_cli_refuses_alias_bomb_and_seed(tmp_path):
+    """A YAML alias bomb (9 levels of 9 aliases: 387 million values once expanded) and a seed past 2**31 - 1
+    exit 2 at --check with one line naming the file and the key; the bomb is never expanded."""
+    d = quick()
+    del d["deepspeed"]
+    lines = ["deepspeed:", "  zero_optimization: {stage: 0}", '  l0: &l0 "lol"']
+    lines += [f"  l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    p = tmp_path / "bomb.yaml"
+    p.write_text(yaml.safe_dump(d) + "\n".join(lines) + "\n")
+    bad = _check("--recipe", str(p))
+    assert bad.returncode == 2, bad.stderr
+    assert bad.stderr.splitlines()[1:] == [f"{p}: deepspeed: expands to more than 100,000 values through YAML aliases "
+                                           f"(*name repeating an &name anchor); refused without expanding it"]
+    bad = _check("--recipe", str(QUICK), "--set", "train.seed=2147483648")
+    assert bad.returncode == 2, bad.stderr
+    assert f"{QUICK}: train.seed: Input should be less than or equal to 2147483647" in bad.stderr

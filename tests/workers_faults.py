@@ -52,7 +52,8 @@ class Ranks:
     """``world`` trainer processes; ``logs[r]`` is rank r's combined stdout + stderr file."""
 
     def __init__(self, world: int, args: List[str], log_dir: Path, fault: Optional[str] = None,
-                 env: Optional[Dict[str, str]] = None, rank_env: Optional[Dict[int, Dict[str, str]]] = None):
+                 env: Optional[Dict[str, str]] = None, rank_env: Optional[Dict[int, Dict[str, str]]] = None,
+                 preexec_fn=None):
         self.world, self.log_dir = world, Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         port = harness.free_port()
@@ -67,7 +68,8 @@ class Ranks:
             log = self.log_dir / f"rank{r}.log"
             with open(log, "wb") as f:
                 self.procs.append(subprocess.Popen([sys.executable, "-u", "-m", "ds_ext.train", f"--local_rank={r}",
-                                                    *args], cwd=ROOT, env=e, stdout=f, stderr=subprocess.STDOUT))
+                                                    *args], cwd=ROOT, env=e, stdout=f, stderr=subprocess.STDOUT,
+                                                   preexec_fn=preexec_fn))
             self.logs.append(log)
 
     def wait_all(self, timeout: float) -> List[Optional[int]]:
@@ -96,6 +98,12 @@ class Ranks:
 
     def text(self, r: int) -> str:
         return self.logs[r].read_text(errors="replace")
+
+    def wait_stopped(self, r: int) -> None:
+        """Block until rank ``r`` has stopped itself (``DS_EXT_FAULT=...:stop``): ``waitpid`` with
+        ``WUNTRACED`` returns when the child stops (or ends); nothing is polled."""
+        pid, status = os.waitpid(self.procs[r].pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), (status, self.text(r)[-3000:])
 
     def kill_time(self) -> Optional[float]:
         for r in range(self.world):

@@ -38,6 +38,9 @@ class Reducer:
 
     #: uses ``ds_ext.ops`` kernels (``attach`` prepares them at start-up, not inside step 1)
     uses_kernels = False
+    #: exchanges gradients on the steps the synchronizer reduces them (``none`` does not: nothing is
+    #: exchanged per step, so no per-step control vote can ride on it; see ``engine.StopVote``)
+    communicates_gradients = True
     #: consumes every microbatch gradient itself (``microbatch``; with the matching order, ``bind_order``)
     observes_microbatches = False
 

@@ -33,6 +33,8 @@ class NoReducer(Reducer):
     """No gradient communication: each rank steps on its own gradient (for parameter-averaging
     synchronizers; alone, ranks diverge)."""
 
+    communicates_gradients = False
+
     @classmethod
     def check(cls, view) -> list:
         problems = []
