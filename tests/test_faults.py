@@ -92,6 +92,7 @@ def test_launcher_kill_in_collective_names_rank_and_step(tmp_path):
     assert end - float(m.group(2)) < LIMIT_S
 
 
+@pytest.mark.slow
 def test_store_host_killed_in_data_loading_three_ranks(tmp_path):
     """Rank 0 (which hosts the c10d store and the watchdog) dies while loading step 3's batch; both
     other ranks name it, with nobody (no launcher) stopping them."""

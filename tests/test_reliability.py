@@ -128,8 +128,8 @@ def test_damaged_newest_falls_back_with_auto_and_stops_with_a_path(reference, tm
     same_as_reference(reference, run)
 
 
-@pytest.mark.parametrize("case", ["stale_rank_file", "meta_not_an_object", "truncated_deepspeed_file",
-                                  "latest_not_utf8", "latest_outside"])
+@pytest.mark.parametrize("case", ["stale_rank_file", "meta_not_an_object"] + [
+    pytest.param(c, marks=pytest.mark.slow) for c in ("truncated_deepspeed_file", "latest_not_utf8", "latest_outside")])
 def test_damaged_files_end_in_exit_5_naming_the_file(reference, tmp_path, case):
     """Explicit checkpoint (or ``latest``) with no fallback, ``integrity: off`` where the damage would
     otherwise be caught by the fingerprints, so that the deeper check is the one that speaks."""
@@ -384,3 +384,33 @@ def test_directory_lock_names_the_holder_and_is_released(tmp_path):
     for h in held:
         h.release()
     ck.DirLock.acquire(tmp_path / "run" / "checkpoints", job).release()
+
+
+@pytest.mark.slow
+def test_disk_full_during_save_real_tmpfs(reference, tmp_path):
+    """A real full disk (a tmpfs with room for one checkpoint; root only): exit 7 naming ENOSPC and the
+    free space, step 2 intact, and the resume (after the user made room) ends as the uninterrupted run."""
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    one = sum(f.stat().st_size for f in (reference / "checkpoints" / tag(2)).iterdir())
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={one + 150_000}", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        run = tmp_path / "run"
+        ckd = copy_upto(reference, mnt, 2)
+        ranks, codes = wf.run_ranks(2, args(run, f"checkpoint.dir={ckd}", "checkpoint.resume=auto"), tmp_path / "full")
+        assert codes == [ck.EXIT_SAVE] * 2, (codes, ranks.text(0)[-3000:], ranks.text(1)[-3000:])
+        out = ranks.text(0)
+        assert "checkpoint save failed at step 4: " in out and "No space left on device (errno ENOSPC)" in out, out[-3000:]
+        assert " free on that file system; the previous checkpoint " in out
+        no_traceback(ranks)
+        assert (ckd / "latest").read_text() == tag(2) and not list(ckd.glob(".staging-*"))
+        wf.assert_loadable(ckd / tag(2), 2)
+        shutil.copytree(ckd, run / "checkpoints")  # the user moves the checkpoints to a bigger disk
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+    resume_ok(run, tmp_path, "resume")
+    same_as_reference(reference, run)

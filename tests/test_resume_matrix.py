@@ -125,6 +125,7 @@ def test_resume_is_bit_exact(tmp_path, combo):
         assert r7[0]["order"]["epoch"] == 1 and r7[0]["order"]["seen"] > 0
 
 
+@pytest.mark.slow
 def test_saving_does_not_perturb_the_run(tmp_path):
     """The reference above saved at step 7; here a run that never saved gives the same step 10."""
     combo = ("none", "local", "dgrab")  # per-rank model + Adam-free local state + sorter state
