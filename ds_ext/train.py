@@ -272,7 +272,7 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
             print(f"[ds_ext] warning: checkpoint.resume: {n}", file=sys.stderr)
         earlier = ckpt.complete_checkpoints(ce.dir) if resume_path is None else []
         if earlier:
-            print(f"[ds_ext] checkpoint.resume={ce.resume}: {ce.dir} holds {len(earlier)} checkpoint(s) of an earlier "
+            print(f"[ds_ext] checkpoint.resume={json.dumps(ce.resume)}: {ce.dir} holds {len(earlier)} checkpoint(s) of an earlier "
                   f"run (newest {earlier[0].name}); this run starts afresh and its saves replace checkpoints of the "
                   f"same step", file=sys.stderr)
 
