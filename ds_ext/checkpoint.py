@@ -87,6 +87,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import faults
+from .comm import gather_objects, world
 
 log = logging.getLogger(__name__)
 
@@ -116,27 +117,8 @@ class DirectoryBusy(RuntimeError):
     """Another job holds the run or checkpoint directory."""
 
 
-# ---- collectives (through ds_ext.comm) ----------------------------------------------------------
-
-def _world():
-    from .comm import world
-
-    return world()
-
-
-def _gather(obj) -> list:
-    """Every rank's picklable ``obj`` (start-up and checkpoint verdicts; never per step)."""
-    return _world().all_gather_object(obj)
-
-
-def _barrier():
-    from .comm import barrier
-
-    barrier()
-
-
 def _rank_world() -> Tuple[int, int]:
-    c = _world()
+    c = world()
     return c.global_rank, c.world_size
 
 
@@ -366,9 +348,9 @@ def _share(names: List[str], rank: int, world: int) -> List[str]:
     return [n for i, n in enumerate(names) if i % world == rank]
 
 
-def _collective_verdict(err: Optional[str]) -> Optional[str]:
+def shared_verdict(err: Optional[str]) -> Optional[str]:
     """Every rank's error (or None) gathered; the first one (lowest rank) is everybody's verdict."""
-    errs = _gather(err)
+    errs = gather_objects(err)
     return next((e for e in errs if e), None)
 
 
@@ -391,7 +373,7 @@ def save(engine, ckpt_dir: str, tag: str, rank_state: dict, meta: dict, keep: in
             staging.mkdir()
         except OSError as e:
             err = _reason(e, staging)
-    err = _collective_verdict(err)
+    err = shared_verdict(err)
     if err is None:
         faults.point("ckpt_start", step)
         from .engine import deferred_checkpoint_writes
@@ -411,11 +393,11 @@ def save(engine, ckpt_dir: str, tag: str, rank_state: dict, meta: dict, keep: in
             except (OSError, RuntimeError) as e:  # ENOSPC / EROFS / EIO / EFBIG, torch's writer errors
                 err = _reason(e, tmp)
             tmp.unlink(missing_ok=True)
-        err = _collective_verdict(err)
+        err = shared_verdict(err)
     final = root / tag
     if err is None:  # fingerprints: each rank a share of the files, rank 0 gathers them
         names = _files(staging / tag) if rank == 0 else None
-        names = _gather(names)[0]
+        names = gather_objects(names)[0]
         prints, err = {}, None
         for n in _share(names, rank, world):
             try:
@@ -423,7 +405,7 @@ def save(engine, ckpt_dir: str, tag: str, rank_state: dict, meta: dict, keep: in
             except OSError as e:
                 err = _reason(e, staging / tag / n)
                 break
-        got = _gather((prints, err))
+        got = gather_objects((prints, err))
         err = next((e for _, e in got if e), None)
         files = {k: v for p, _ in got for k, v in p.items()}
     if err is None and rank == 0:
@@ -462,7 +444,7 @@ def save(engine, ckpt_dir: str, tag: str, rank_state: dict, meta: dict, keep: in
             log.warning("pruning old checkpoints in %s failed: %s", root, _reason(e, root))
     if err is not None and rank == 0:
         shutil.rmtree(staging, ignore_errors=True)
-    err = _collective_verdict(err)  # rank 0's commit verdict reaches everybody (and ends the save together)
+    err = shared_verdict(err)  # rank 0's commit verdict reaches everybody (and ends the save together)
     if err is not None:
         kept = latest_tag_text(root)
         raise CheckpointSaveError(
@@ -637,14 +619,14 @@ def choose(resume, ckpt_dir: str, integrity: str = "hash", warn: Callable[[str],
         problem = None
     except CheckpointError as e:
         paths, fallback, notes, problem = [], False, [], str(e)
-    problem = _collective_verdict(problem)
+    problem = shared_verdict(problem)
     if problem:
         raise CheckpointError(problem)
     for n in notes:
         warn(n)
     damaged = []
     for p in paths:
-        err = _collective_verdict(verify(p, integrity, rank, world))
+        err = shared_verdict(verify(p, integrity, rank, world))
         if err is None:
             if damaged:
                 warn(f"resuming from {p} instead")

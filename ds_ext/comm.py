@@ -349,6 +349,12 @@ def barrier() -> None:
     Communicator().barrier()
 
 
+def gather_objects(obj) -> list:
+    """Collective: every rank's picklable ``obj`` over the world, in rank order (``[obj]`` without a
+    process group). For start-up and checkpoint verdicts; never per step."""
+    return Communicator().all_gather_object(obj)
+
+
 def for_params(params, group=None, meter=None, device=None) -> Communicator:
     """A communicator on the parameters' device (methods built without ``attach``: benchmarks, tests)."""
     if device is None:

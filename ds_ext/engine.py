@@ -235,8 +235,9 @@ class StopVote:
     per rank, after the ``NonFiniteGuard``'s flags), so every rank reads the same verdict at the same step,
     with no extra collective or host read. A step without gradient communication carries no vote (ranks
     meet only in a synchronizer's collectives there): a request waits for the next communicating step,
-    and a method that never communicates gradients (reducer ``none``) cannot vote at all
-    (``Attachment.can_vote_stop``). On one rank the request is its own verdict."""
+    and a method that never communicates gradients (``Reducer.communicates_gradients`` false: reducer
+    ``none``) cannot vote at all (the trainer then stops on a signal without saving). On one rank the
+    request is its own verdict."""
 
     def __init__(self, comm: Communicator):
         self.comm = comm
@@ -337,11 +338,6 @@ class Attachment:
     @property
     def stop_agreed(self) -> bool:
         return self.vote.agreed
-
-    @property
-    def can_vote_stop(self) -> bool:
-        """Whether a stop vote can ever happen: one rank, or a reducer that communicates gradients."""
-        return not self.comm.distributed or self.reducer.communicates_gradients
 
     def _watch_microbatch_gradients(self, order, reducer) -> None:
         params = reducer.params

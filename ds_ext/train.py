@@ -117,18 +117,6 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state(st["cuda"])
 
 
-def _shared_all(obj) -> list:
-    """Every rank's ``obj`` (start-up, checkpoint and save verdicts; never per step)."""
-    from .comm import world
-
-    return world().all_gather_object(obj)
-
-
-def _shared(obj):
-    """Rank 0's ``obj`` on every rank."""
-    return _shared_all(obj)[0]
-
-
 def evaluate(engine, bundle, batch_size: int, rank: int, world: int, comm=None) -> dict:
     """Each rank scores a strided shard of the validation set; the sums stay on the communication
     device (no host read per batch), are all-reduced there and read once."""
@@ -191,7 +179,7 @@ def train(recipe) -> int:
     faults.progress(0, "start-up")
     # saving on a signal needs a per-step stop vote, which rides on the gradient exchange (engine.StopVote)
     load_builtin()
-    votes = world == 1 or getattr(REDUCERS.get(recipe.method.reducer.name).factory, "communicates_gradients", True)
+    votes = world == 1 or REDUCERS.get(recipe.method.reducer.name).factory.communicates_gradients
     on_signal = recipe.checkpoint.on_signal if votes else "exit"
     wd = faults.Watchdog.start(rank, world, on_signal=on_signal)
     if wd is None:
@@ -233,6 +221,7 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
 
     from . import checkpoint as ckpt
     from . import faults
+    from .comm import gather_objects
     from .engine import initialize
     from .metrics import CommMeter, Progress, WandbLogger, human_bytes
     from .recipe import RecipeError
@@ -254,7 +243,7 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
             locks.extend(ckpt.lock_dirs([recipe.log.dir, ce.dir], job))
         except ckpt.DirectoryBusy as e:
             busy = str(e)
-    job, busy = _shared((job, busy))
+    job, busy = gather_objects((job, busy))[0]  # rank 0's
     if busy:
         raise _Exit(ckpt.EXIT_BUSY, f"error: {recipe.source}: {busy}")
     # the checkpoint to resume from (every rank verifies a share of it and all choose alike), and
@@ -329,7 +318,7 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
                 raise
             err = (f"{ckpt.rank_file(resume_path, rank)}: does not fit this run ({type(e).__name__}: "
                    f"{' '.join(str(e).split())[:160]})")
-        err = next((x for x in _shared_all(err) if x), None)  # every rank's verdict before anyone says "resumed"
+        err = ckpt.shared_verdict(err)  # every rank's verdict before anyone says "resumed"
         if err:
             raise _Exit(faults.EXIT_CHECKPOINT, f"checkpoint error:\n{recipe.source}: checkpoint.resume: {err}")
         if is0:
@@ -350,7 +339,7 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
 
     def save(epoch: int, step_in_epoch: int) -> Optional[Path]:
         att.check_pending()  # a method that produced a non-finite gradient must not be checkpointed
-        streak = max(_shared_all(skip_streak[0]))  # skips on local steps differ between ranks
+        streak = max(gather_objects(skip_streak[0]))  # skips on local steps differ between ranks
         if streak:  # never replace a good checkpoint with a model that is diverging
             if is0:
                 bar.write(f"[ds_ext] step {engine.global_steps}: checkpoint not saved: the last {streak} optimizer "
