@@ -108,11 +108,12 @@ class NonFiniteGuard:
     control exchange (a method's own, e.g. ExDyna's counts, or a two-element all_gather of the guard's);
     on a local step (Local SGD / DS-Sync between averagings) this rank's flag is read alone."""
 
-    def __init__(self, engine, params, comm: Communicator, mode: str = "skip", method: str = "reducer"):
+    def __init__(self, engine, params, comm: Communicator, mode: str = "skip", method: str = "reducer",
+                 engine_reduces: bool = False):
         if mode not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {mode!r}")
-        if mode != "off" and engine.zero_optimization_stage() != 0:
-            mode = "off"  # ZeRO partitions gradients inside its own hooks: DeepSpeed's overflow handling applies
+        if mode != "off" and engine_reduces and engine.zero_optimization_stage() != 0:
+            mode = "off"  # ZeRO reduces inside its own hooks (reducer deepspeed): DeepSpeed's overflow handling
         self.engine, self.params, self.comm, self.mode, self.method = engine, params, comm, mode, method
         self._bad = []  # 0-dim bool device flags of the current window's screened gradients
         self._out_bad = None  # the last communicating step's "non-finite result" flag (device), checked next step
@@ -228,6 +229,117 @@ class NonFiniteGuard:
             del inner.step
 
 
+#: the DeepSpeed releases whose ZeRO stage 1/2 optimizer ``ZeroBridge`` was written against: [from, to)
+ZERO_BRIDGE_DEEPSPEED = ((0, 19), (0, 20))
+
+
+def _deepspeed_version() -> str:
+    import deepspeed
+
+    return str(getattr(deepspeed, "__version__", "unknown"))
+
+
+def zero_bridge_version_problem(version: str) -> Optional[str]:
+    """Why ``ZeroBridge`` cannot be trusted with this DeepSpeed version, or None."""
+    lo, hi = ZERO_BRIDGE_DEEPSPEED
+    try:
+        major_minor = tuple(int(x) for x in version.split("+")[0].split(".")[:2])
+    except ValueError:
+        major_minor = None
+    if major_minor is not None and lo <= major_minor < hi:
+        return None
+    return (f"a replacing reducer under ZeRO stage 1/2 reaches into DeepSpeed's ZeRO optimizer, written against "
+            f"deepspeed>={lo[0]}.{lo[1]},<{hi[0]}.{hi[1]}; this is deepspeed {version}. Install a supported "
+            f"DeepSpeed (pip install 'deepspeed>={lo[0]}.{lo[1]},<{hi[0]}.{hi[1]}'), or use ZeRO stage 0 or "
+            f"reducer 'deepspeed'")
+
+
+class ZeroBridge:
+    """ZeRO stage 1 and 2 under a replacing reducer (every method but ``deepspeed``).
+
+    DeepSpeed's ZeRO-1/2 optimizer (``DeepSpeedZeroOptimizer``) reduces gradients itself, from gradient
+    hooks registered on every parameter, into the partition each rank owns. Here the method's exchange
+    takes that job: the ZeRO optimizer's gradient hooks are removed (so nothing reduces, partitions or
+    frees a gradient during backward; ``p.grad`` accumulates over the micro-batches as at stage 0), the
+    reducer's ``finish()`` writes the whole averaged gradient into every ``p.grad`` as at stage 0, and
+    ``fill()`` then hands ZeRO this rank's partition of it (``averaged_gradients``), which is what ZeRO's
+    ``step()`` consumes: it clips, steps its fp32 partition of the optimizer state, and all-gathers the
+    updated parameter partitions (counted by ``record()`` as kind ``zero_allgather``). No uncompressed
+    gradient collective is left on the wire. The optimizer state stays partitioned; the gradients are
+    whole on every rank (a compressor needs the whole local gradient), so stage 2 saves no gradient
+    memory over stage 1 here. ZeRO's fp32 accumulation attribute for bf16 at stage 1 is switched off:
+    gradients accumulate in the parameters' dtype, as at stage 0.
+
+    Written against DeepSpeed 0.19's ``stage_1_and_2.py`` (``ZERO_BRIDGE_DEEPSPEED``, checked here):
+    ``_grad_acc_hooks``, ``use_grad_accum_attribute``, ``bit16_groups`` / ``bit16_groups_flat`` (every
+    parameter's data is a view into its group's flat buffer), ``partition_size``, ``real_dp_process_group``,
+    ``averaged_gradients``, ``single_partition_of_fp32_groups``, ``overflow``."""
+
+    _NEEDS = ("_grad_acc_hooks", "use_grad_accum_attribute", "bit16_groups", "bit16_groups_flat", "partition_size",
+              "averaged_gradients", "single_partition_of_fp32_groups", "real_dp_process_group", "cpu_offload")
+
+    def __init__(self, engine, comm: Communicator, replace: bool = True):
+        """``replace=False`` (reducer ``deepspeed``): ZeRO keeps its own reduction; only ``record()`` is used."""
+        self.engine, self.opt, self.comm, self.replace = engine, engine.optimizer, comm, replace
+        flats = getattr(self.opt, "bit16_groups_flat", None) or []
+        self.allgather_bytes = sum(int(size) * flat.element_size()
+                                   for size, flat in zip(getattr(self.opt, "partition_size", []), flats))
+        if not replace:
+            return
+        version = _deepspeed_version()
+        problem = zero_bridge_version_problem(version)
+        if problem:
+            raise ValueError(problem)
+        opt = engine.optimizer
+        missing = [a for a in self._NEEDS if not hasattr(opt, a)]
+        if missing:
+            raise ValueError(f"ZeRO stage {engine.zero_optimization_stage()}: DeepSpeed {version}'s ZeRO optimizer "
+                             f"({type(opt).__name__}) lacks {', '.join(missing)}, which the replacing reducer needs; "
+                             "use ZeRO stage 0 or reducer 'deepspeed'")
+        if opt.cpu_offload:
+            raise ValueError("ZeRO-Offload (zero_optimization.offload_optimizer) is not supported with a replacing "
+                             "reducer: remove it, or use reducer 'deepspeed'")
+        import torch.distributed as dist
+
+        for h in opt._grad_acc_hooks:
+            h.remove()
+        opt._grad_acc_hooks = []
+        opt.use_grad_accum_attribute = False
+        # where this rank's partition of each group lies: (param, first element in it, first element in the
+        # partition, count), from the parameters' offsets in the group's flat buffer
+        self.segments = []
+        for i, flat in enumerate(opt.bit16_groups_flat):
+            size = int(opt.partition_size[i])
+            start = dist.get_rank(group=opt.real_dp_process_group[i]) * size
+            segs = []
+            for p in opt.bit16_groups[i]:
+                if p.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr():
+                    raise ValueError(f"ZeRO group {i}: a parameter is not a view into ZeRO's flat buffer (DeepSpeed "
+                                     f"{version}); use ZeRO stage 0 or reducer 'deepspeed'")
+                off = (p.data_ptr() - flat.data_ptr()) // flat.element_size()
+                lo, hi = max(off, start), min(off + p.numel(), start + size)
+                if lo < hi:
+                    segs.append((p, lo - off, lo - start, hi - lo))
+            self.segments.append((size, segs))
+
+    def fill(self) -> None:
+        """After the reducer's ``finish()``, before ZeRO's ``step()``: this rank's partition of the averaged
+        gradients, one flat buffer per group, in the fp32 partition's dtype (padding stays zero)."""
+        opt = self.opt
+        for i, (size, segs) in enumerate(self.segments):
+            part = torch.zeros(size, dtype=opt.single_partition_of_fp32_groups[i].dtype, device=self.comm.device)
+            for p, src, dst, n in segs:
+                if p.grad is not None:
+                    part.narrow(0, dst, n).copy_(p.grad.reshape(-1).narrow(0, src, n))
+            opt.averaged_gradients[i] = [part]
+
+    def record(self, meter) -> None:
+        """ZeRO's all-gather of the updated parameter partitions (skipped by DeepSpeed on an overflow step):
+        the partition this rank sends, as the meter counts an all_gather."""
+        if meter is not None and self.comm.distributed and not getattr(self.opt, "overflow", False):
+            meter.add("zero_allgather", self.allgather_bytes)
+
+
 class StopVote:
     """Step hook: whether every rank stops after this step because a signal asked one of them to
     (``checkpoint.on_signal: save``, preemption). ``source`` says whether this rank was asked. On a step
@@ -286,7 +398,11 @@ class Attachment:
         self.engine, self.reducer, self.sync, self.comm = engine, reducer, sync, comm
         self.meter = comm.meter
         self.order = order
-        self.guard = NonFiniteGuard(engine, reducer.params, comm, nonfinite, type(reducer).__name__)
+        self.guard = NonFiniteGuard(engine, reducer.params, comm, nonfinite, type(reducer).__name__,
+                                    engine_reduces=not reducer.replaces_engine_allreduce)
+        # ZeRO stage 1/2: the method's exchange replaces ZeRO's reduction (see ZeroBridge)
+        self.zero = (ZeroBridge(engine, comm, replace=reducer.replaces_engine_allreduce)
+                     if engine.zero_optimization_stage() in (1, 2) else None)
         self.check = ConsistencyCheck(engine.module, comm, check_every)
         self.vote = StopVote(comm)
         self.steps = 0
@@ -383,9 +499,16 @@ class Attachment:
             self.vote.settle(communicates, [r[k:] for r in rows] if vote is not None else None)
             if not skip:
                 self.sync.before_step()
-        out = self.guard.skipped_step(self._orig_step, *args, **kwargs) if skip else self._orig_step(*args, **kwargs)
+        orig = self._orig_step
+        if boundary and self.zero is not None and self.zero.replace:
+            def orig(*a, **k):  # ZeRO's step reads this rank's partition of the reduced gradients
+                self.zero.fill()
+                return self._orig_step(*a, **k)
+        out = self.guard.skipped_step(orig, *args, **kwargs) if skip else orig(*args, **kwargs)
         if boundary:
             self.last_step_communicated = bool(self.sync.after_step())
+            if self.zero is not None:
+                self.zero.record(self.meter)
             self.meter.end_step()
             self.steps += 1
             self.check.after_step(self.steps, self.sync.synced_globally, self.engine.global_steps)
@@ -519,6 +642,10 @@ def deepspeed_config(recipe, world_size: int) -> dict:
     # allreduce per step; a recipe clips only when its deepspeed block sets gradient_clipping.
     cfg = {"steps_per_print": 10**12, "wall_clock_breakdown": False, "gradient_clipping": 0.0}
     cfg.update(recipe.deepspeed)
+    if int((cfg.get("zero_optimization") or {}).get("stage", 0) or 0) >= 1:
+        # our optimizers are torch's (SGD, AdamW, ...), which ZeRO steps like any other on its fp32 partition;
+        # DeepSpeed otherwise refuses any optimizer it has not listed as tested (tests/test_zero.py runs them)
+        cfg.setdefault("zero_allow_untested_optimizer", True)
     cfg.update(train_batch_size=recipe.train.global_batch_size, train_micro_batch_size_per_gpu=micro,
                gradient_accumulation_steps=gas)
     return cfg

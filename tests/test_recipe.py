@@ -114,8 +114,15 @@ def test_deepspeed_owned_keys_refused(tmp_path):
 
 
 def test_incompatible_combinations(tmp_path):
-    msg, probs = problems(QUICK, ["deepspeed.zero_optimization.stage=1"])
-    assert "needs ZeRO stage 0" in msg and probs[0][0] == "deepspeed.zero_optimization.stage"
+    assert load_recipe(QUICK, ["deepspeed.zero_optimization.stage=2"]).zero_stage() == 2  # every reducer: 0-2
+    msg, probs = problems(QUICK, ["deepspeed.zero_optimization.stage=3"])
+    assert "works with ZeRO stage 0, 1 or 2 (got 3)" in msg and probs[0][0] == "deepspeed.zero_optimization.stage"
+    msg, probs = problems(QUICK, ["deepspeed.zero_optimization={stage: 1, offload_optimizer: {device: cpu}}"])
+    assert "offload_optimizer" in msg and probs[0][0] == "deepspeed.zero_optimization.offload_optimizer"
+    msg, probs = problems(QUICK, ["deepspeed.zero_optimization.stage=1", "method.reducer={name: none}",
+                                  "method.sync={name: local, h: 4}"])
+    assert "needs ZeRO stage 0 (got 1)" in msg and "no local step could exist" in msg
+    assert probs == [("deepspeed.zero_optimization.stage", probs[0][1])]
     r = load_recipe(QUICK, ["deepspeed.zero_optimization.stage=1", "method.reducer={name: deepspeed}"])
     assert r.zero_stage() == 1 and r.method.reducer.name == "deepspeed"
     msg, probs = problems(QUICK, ["method.reducer.name=deepspeed"])

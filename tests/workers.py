@@ -152,11 +152,11 @@ def loopback(fn, world, **kw):
     return LoopbackWorld(world).run(lambda comm: fn(comm.rank, world, comm=comm, **kw))
 
 
-def zero1_refusal(rank, world, reducer):
-    """attach() on a ZeRO-1 engine: the error text (or None if it was accepted)."""
+def zero3_refusal(rank, world, reducer):
+    """attach() on a ZeRO-3 engine: the error text (or None if it was accepted)."""
     import ds_ext
 
-    engine = make_engine("fp32", 1, world=world, zero=1)
+    engine = make_engine("fp32", 1, world=world, zero=3)
     try:
         ds_ext.attach(engine, {"reducer": {"name": reducer}})
     except ValueError as e:

@@ -22,14 +22,28 @@ from ..comm import Communicator, for_params
 from ..registry import NoOptions, Options
 
 
-def zero_stage_problem(reducer: str, stage: int) -> str:
-    """Why a reducer other than ``deepspeed`` refuses ZeRO stage >= 1 (shared by the recipe check and
-    ``attach``)."""
-    return (f"reducer {reducer!r} needs ZeRO stage 0 (got {stage}): from stage 1 on, DeepSpeed's ZeRO optimizer "
-            "reduce-scatters the full gradients itself, so a replacement reducer would be bypassed or followed by "
-            "a second, uncompressed reduction (DeepSpeed's own 1-bit optimizers refuse ZeRO for the same reason). "
-            "Set deepspeed.zero_optimization.stage=0 (optimizer state stays replicated), or use reducer 'deepspeed' "
-            "to keep ZeRO")
+def zero_stage_problem(reducer: str, ds) -> Optional[Tuple[str, str]]:
+    """Why a gradient reducer (one that replaces DeepSpeed's reduction) cannot run under this DeepSpeed
+    config's ZeRO settings, as ``(recipe key, message)``, or None. The one statement of the rule: the recipe check and ``attach`` both
+    reach it through ``Reducer.check``. Stages 1 and 2 work: the method's exchange replaces ZeRO's
+    gradient reduce-scatter and ZeRO keeps its optimizer-state partitions (``engine.ZeroBridge``)."""
+    zero = (ds.get("zero_optimization") or {}) if hasattr(ds, "get") else {}
+    stage = int(zero.get("stage", 0) or 0)
+    if stage == 0:
+        return None
+    if stage >= 3:
+        return ("deepspeed.zero_optimization.stage",
+                f"reducer {reducer!r} works with ZeRO stage 0, 1 or 2 (got {stage}): ZeRO-3 partitions the "
+                "parameters themselves, so no rank holds a whole gradient to compress. Use stage 1 or 2 (the "
+                "optimizer state is partitioned either way), or reducer 'deepspeed' to keep ZeRO-3")
+    offload = zero.get("offload_optimizer") or {}
+    device = offload.get("device", "none") if isinstance(offload, dict) else offload
+    if device not in (None, "none", False):
+        return ("deepspeed.zero_optimization.offload_optimizer",
+                f"reducer {reducer!r} with ZeRO stage {stage} keeps the optimizer partition on the accelerator; "
+                f"zero_optimization.offload_optimizer (device {device!r}) is not supported with a replacing "
+                "reducer: remove it, or use reducer 'deepspeed'")
+    return None
 
 
 class Reducer:
@@ -95,7 +109,5 @@ class Reducer:
         """Every problem of this reducer in this setting (``ds_ext.registry.MethodView``): a list of
         ``(recipe key, message)``. The one place each rule lives: the recipe check (before launch) and
         ``attach()`` both call it. World-size rules apply when ``view.world`` is known."""
-        stage = view.zero_stage()
-        if stage != 0:
-            return [("deepspeed.zero_optimization.stage", zero_stage_problem(view.names["reducer"], stage))]
-        return []
+        problem = zero_stage_problem(view.names["reducer"], view.deepspeed)
+        return [problem] if problem else []

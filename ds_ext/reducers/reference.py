@@ -12,7 +12,9 @@ class DeepSpeedReducer(Reducer):
     """DeepSpeed's own gradient allreduce (engine.allreduce_gradients), kept as the reference.
 
     Bytes are derived, not intercepted: DeepSpeed reduces every gradient present at the boundary in
-    ``engine.communication_data_type``; that count is added at ``finish()``."""
+    ``engine.communication_data_type``; that count is added at ``finish()`` (kind ``allreduce``; under
+    ZeRO kind ``zero_reduce``, each micro-batch's at stage 2, and the attachment adds ZeRO's parameter
+    all-gather as ``zero_allgather``)."""
 
     replaces_engine_allreduce = False
 
@@ -25,7 +27,12 @@ class DeepSpeedReducer(Reducer):
             return
         dtype = getattr(self.engine, "communication_data_type", None) or torch.float32
         size = torch.empty((), dtype=dtype).element_size()
-        self.comm.record("allreduce", sum(p.numel() for p in self.params if p.grad is not None) * size)
+        stage = self.engine.zero_optimization_stage() if self.engine is not None else 0
+        nbytes = sum(p.numel() for p in self.params if p.grad is not None or stage >= 1) * size  # ZeRO frees them
+        if stage == 0:
+            self.comm.record("allreduce", nbytes)
+        else:  # ZeRO reduces each gradient into its owner's partition; stage 2 does so after every micro-batch
+            self.comm.record("zero_reduce", nbytes * (self.engine.gradient_accumulation_steps() if stage >= 2 else 1))
 
 
 @REDUCERS.register("none")

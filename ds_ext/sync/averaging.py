@@ -132,7 +132,15 @@ def _check_common(view, name: str) -> list:
                         f"master weights that would overwrite them: use fp32 parameters with mixed-precision "
                         f"compute instead, deepspeed.torch_autocast: {{enabled: true, dtype: "
                         f"{'bfloat16' if prec == 'bf16' else 'float16'}}}")
-    return [("method.sync", m) for m in problems]
+    out = [("method.sync", m) for m in problems]
+    stage = view.zero_stage()
+    if stage != 0:
+        out.append(("deepspeed.zero_optimization.stage",
+                    f"sync {name!r} needs ZeRO stage 0 (got {stage}): after every optimizer step ZeRO all-gathers each "
+                    f"rank's updated partition of the parameters, so every rank would hold the same parameters "
+                    f"after every step (no local step could exist) and each partition would be stepped from its "
+                    f"owner's gradient alone; set deepspeed.zero_optimization.stage=0"))
+    return out
 
 
 def _averaging_collectives(shapes, group: int, options: AveragingOptions, lr: float) -> list:
