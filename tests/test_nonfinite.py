@@ -23,6 +23,11 @@ SYNCED = [  # (label, method, order, precision, gas): gradients averaged every s
     ("dgrab", {"reducer": {"name": "allreduce"}}, "dgrab", "fp32", 2),
     ("cdgrab", {"reducer": "cdgrab"}, "cdgrab", "fp32", 2),
     ("bf16", {"reducer": {"name": "allreduce"}}, None, "bf16", 1),
+    # under ZeRO the guard screens before the method, and the skipped step still runs ZeRO's all-gather
+    ("powersgd-zero1", {"reducer": {"name": "powersgd", "matrix_approximation_rank": 2, "start_powerSGD_iter": 2}},
+     None, "fp32", 1, 1),
+    ("topk-zero2", {"reducer": {"name": "topk", "density": 0.05}}, None, "bf16", 2, 2),
+    ("cdgrab-zero1", {"reducer": "cdgrab"}, "cdgrab", "fp32", 2, 1),
 ]
 LOCAL = [  # parameter averaging: step 3 is a local step (averaging after steps 2, 4, 6)
     ("local", {"reducer": "none", "sync": {"name": "local", "h": 2}}, None, "fp32", 1),

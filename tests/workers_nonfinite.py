@@ -30,7 +30,7 @@ def _order(name, rank, world):
 
 
 def inject(rank, world, cases, steps=6, bad_rank=1, bad_step=3, value=float("nan"), mode="skip"):
-    """For each case (label, method dict, order name, precision, gas): train ``steps`` optimizer
+    """For each case (label, method dict, order name, precision, gas[, ZeRO stage]): train ``steps`` optimizer
     steps with rank-specific data, poisoning rank ``bad_rank``'s input on optimizer step ``bad_step``
     (1-based; every microbatch of that window). Record parameters after every step, whether all
     reducer / sync / order state tensors are finite at the end, and the skip events."""
@@ -38,8 +38,8 @@ def inject(rank, world, cases, steps=6, bad_rank=1, bad_step=3, value=float("nan
     from ds_ext.engine import NonFiniteError
 
     out = {}
-    for label, method, order_name, precision, gas in cases:
-        engine = make_engine(precision, gas, world=world)
+    for label, method, order_name, precision, gas, *zero in cases:  # optional 6th: the ZeRO stage
+        engine = make_engine(precision, gas, world=world, zero=zero[0] if zero else 0)
         order = _order(order_name, rank, world)
         att = ds_ext.attach(engine, method, order=order, nonfinite=mode, total_steps=steps)
         dtype = next(engine.module.parameters()).dtype
