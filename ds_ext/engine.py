@@ -157,7 +157,18 @@ class NonFiniteGuard:
         out = self._out_bad if self._out_bad is not None else self.comm.zeros((), dtype=torch.bool)
         return torch.stack([self._local_flag(), out]).to(torch.int64)
 
-    def verdict(self, reduced: bool, communicates: bool, rows=None) -> bool:
+    def local_input_flag(self) -> torch.Tensor:
+        """On a step where the reducer did not run: screen this rank's gradients now and return its
+        "non-finite input" flag (0-dim fp32, device, not read), for a synchronizer's own gradient exchange
+        to carry (``Synchronizer.local_gradient_exchange``). Zeros with the guard off."""
+        if not self.on:
+            return self.comm.zeros(())
+        for p in self.params:
+            if p.grad is not None:
+                self.screen(p.grad)
+        return self._local_flag().float()
+
+    def verdict(self, reduced: bool, communicates: bool, rows=None, shared=None, sharers=None) -> bool:
         """Whether this step's optimizer update is skipped. After a gradient reduction the verdict is
         shared (every rank's flags come back from the step's control exchange), so every rank skips or
         none does; on a local step (no gradient communication) each rank decides alone, which is safe
@@ -168,6 +179,12 @@ class NonFiniteGuard:
         if not self.on:
             return False
         step = self.engine.global_steps + 1
+        if shared is not None:  # a local step whose flag a synchronizer's exchange summed over ``sharers``
+            inp = bool(shared > 0)  # the step's one host read
+            if inp:
+                self._skip_event(step, list(sharers), shared=False, report=self.comm.global_rank == min(sharers),
+                                 where="on every rank of this node (local step)")
+            return inp
         if not communicates:
             if not reduced:  # local step: screen the local gradient now
                 for p in self.params:
@@ -201,13 +218,15 @@ class NonFiniteGuard:
         self._out_bad = None
         self._raise_if_method_failed(rows)
 
-    def _skip_event(self, step: int, ranks, shared: bool) -> None:
-        where = "on all ranks" if shared else "on this rank only (local step)"
+    def _skip_event(self, step: int, ranks, shared: bool, report: Optional[bool] = None,
+                    where: Optional[str] = None) -> None:
+        where = where or ("on all ranks" if shared else "on this rank only (local step)")
         if self.mode == "raise":
             raise NonFiniteError(f"step {step}: non-finite gradient on rank(s) {ranks} (train.nonfinite=raise)")
         self.skipped_steps += 1
         self.events.append((step, list(ranks)))
-        if not shared or self.comm.global_rank == 0:  # a local skip: its own rank
+        show = report if report is not None else (not shared or self.comm.global_rank == 0)  # local: its own rank
+        if show:
             print(f"[ds_ext] step {step}: non-finite gradient on rank(s) {list(ranks)}; optimizer step skipped "
                   f"{where} (error-feedback and order state saw zeros instead)", file=sys.stderr, flush=True)
 
@@ -494,8 +513,13 @@ class Attachment:
             if reduced:
                 self.reducer.finish()
             rows = self.comm.collect_control() if posted else None
+            shared = sharers = None
+            if not reduced and self.sync.hierarchy is not None:  # the node's exact gradient mean, flag aboard
+                shared = self.sync.local_gradient_exchange(self.guard.local_input_flag())
+                sharers = self.sync.hierarchy.topology.node_members()
             k = 0 if flags is None else flags.numel()
-            skip = self.guard.verdict(reduced, communicates, [r[:k] for r in rows] if flags is not None else None)
+            skip = self.guard.verdict(reduced, communicates, [r[:k] for r in rows] if flags is not None else None,
+                                      shared=shared, sharers=sharers)
             self.vote.settle(communicates, [r[k:] for r in rows] if vote is not None else None)
             if not skip:
                 self.sync.before_step()
@@ -628,11 +652,22 @@ def attach(engine, method: Union[None, Dict[str, Any], Any] = None, meter: Optio
         if problems:
             raise ValueError("; ".join(f"{key}: {msg}" for key, msg in problems))
     named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
-    reducer = REDUCERS.build(rname, ropts, named, comm=comm, engine=engine)
+    hier_reducer, hier_sync = bool(getattr(ropts, "hierarchical", False)), bool(getattr(sopts, "hierarchical", False))
+    topology = hierarchy = None
+    if hier_reducer or hier_sync:  # node layout from the launcher, checked by every rank (collective)
+        from .hierarchy import HierarchicalAveraging, Topology, build_hierarchical
+
+        topology = Topology.from_env(comm)
+    if hier_reducer:
+        reducer = build_hierarchical(rname, ropts, named, comm, topology, engine=engine)
+    else:
+        reducer = REDUCERS.build(rname, ropts, named, comm=comm, engine=engine)
+    if hier_sync:
+        hierarchy = HierarchicalAveraging(comm, topology)
     sched = engine.lr_scheduler
     sync = SYNCS.build(sname, sopts, named, comm=comm, module=engine.module, optimizer=_torch_optimizer(engine),
                        lr_at=getattr(sched, "lr_at", None), warmup_steps=getattr(sched, "warmup", None),
-                       total_steps=total_steps)
+                       total_steps=total_steps, hierarchy=hierarchy)
     return Attachment(engine, reducer, sync, comm, check_every=check_every, order=order, nonfinite=nonfinite)
 
 

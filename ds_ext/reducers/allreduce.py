@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from ..registry import REDUCERS, Options
-from .base import Reducer
+from ..registry import REDUCERS
+from .base import GradientOptions, Reducer
 from .buckets import BucketedCollective, bucket_sizes
 
 
-class AllreduceOptions(Options):
+class AllreduceOptions(GradientOptions):
     bucket_mb: float = Field(25.0, gt=0, description="fusion bucket size in MiB of gradient")
 
 

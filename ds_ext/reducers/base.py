@@ -18,8 +18,17 @@ from __future__ import annotations
 from typing import List, Optional, Tuple
 
 import torch
+from pydantic import Field
+
 from ..comm import Communicator, for_params
 from ..registry import NoOptions, Options
+
+
+class GradientOptions(Options):
+    """Options every gradient-compressing reducer shares."""
+
+    hierarchical: bool = Field(False, description="exact mean inside each node, the method only between nodes "
+                                                  "(node layout from the deepspeed launcher; ds_ext/hierarchy.py)")
 
 
 def zero_stage_problem(reducer: str, ds) -> Optional[Tuple[str, str]]:

@@ -42,8 +42,8 @@ from typing import Dict, List, NamedTuple, Optional
 import torch
 from pydantic import AliasChoices, Field
 
-from ..registry import REDUCERS, Options
-from .base import Reducer
+from ..registry import REDUCERS
+from .base import GradientOptions, Reducer
 from .buckets import fuse_reverse
 
 
@@ -272,7 +272,7 @@ class _LowRankBase(Reducer):
         self.steps = int(state["steps"])
 
 
-class PowerSGDOptions(Options):
+class PowerSGDOptions(GradientOptions):
     # defaults of torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook.PowerSGDState; its names
     # matrix_approximation_rank and use_error_feedback are accepted as aliases of the package-wide spellings
     rank: int = Field(1, ge=1, validation_alias=AliasChoices("rank", "matrix_approximation_rank"),
@@ -365,7 +365,7 @@ class PowerSGDReducer(_LowRankBase):
         self._unpack_plain(flat, 0, metas)
 
 
-class ACPSGDOptions(Options):
+class ACPSGDOptions(GradientOptions):
     rank: int = Field(4, ge=1, validation_alias=AliasChoices("rank", "matrix_approximation_rank"))
     bucket_mb: float = Field(25.0, gt=0, validation_alias=AliasChoices("bucket_mb", "fusion_threshold_mb"),
                              description="MiB of original gradient per fused buffer (alias: the reference's "

@@ -34,11 +34,12 @@ from typing import Literal
 from pydantic import Field
 
 from .. import ops
-from ..registry import REDUCERS, Options
+from ..registry import REDUCERS
+from .base import GradientOptions
 from .flat import FlatReducer
 
 
-class SignSGDOptions(Options):
+class SignSGDOptions(GradientOptions):
     error_feedback: bool = Field(True, description="EF-SignSGD: keep p - scale*sign(p) and add it to the next gradient")
     scale: Literal["tensor", "global"] = Field(
         "tensor", description="'tensor': one mean|p| scale per parameter tensor; 'global': one for all gradients")

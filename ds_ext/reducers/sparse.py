@@ -101,7 +101,8 @@ import torch
 from pydantic import Field, model_validator
 
 from .. import ops
-from ..registry import REDUCERS, Options
+from ..registry import REDUCERS
+from .base import GradientOptions
 from .flat import FlatReducer
 
 # constants of the reference code, written as it writes them
@@ -120,7 +121,7 @@ class _SparseBase(FlatReducer):
 
 
 # ================================================================================================ topk
-class TopKOptions(Options):
+class TopKOptions(GradientOptions):
     density: float = Field(0.001, gt=0, le=1,
                            description="fraction of the gradient each rank sends per step, k = density * N "
                                        "(the seed's experiments use 0.001)")
@@ -304,7 +305,7 @@ def threshold_factor(ratio: float, rule: str = "faithful") -> float:
     return SF_DOWN
 
 
-class ExDynaOptions(Options):
+class ExDynaOptions(GradientOptions):
     density: float = Field(0.001, gt=0, le=1,
                            description="target fraction of the gradient selected per step over all ranks, "
                                        "k = density * N (the seed's experiments use 0.001)")

@@ -89,7 +89,8 @@ class AveragingOptions(Options):
 
 
 class LocalOptions(AveragingOptions):
-    pass
+    hierarchical: bool = Field(False, description="average gradients exactly inside each node every step and "
+                                                  "parameters across nodes on the period (ds_ext/hierarchy.py)")
 
 
 class DSSyncOptions(AveragingOptions):
@@ -363,7 +364,10 @@ class LocalSync(_Averaging):
     or post-local)."""
 
     def _average_now(self) -> None:
-        average(self._tensors(), self.comm, self.world_size)
+        if self.hierarchy is not None:  # sharded over the node's ranks, across nodes, then gathered in the node
+            self.hierarchy.average_across_nodes(self._tensors())
+        else:
+            average(self._tensors(), self.comm, self.world_size)
 
     @classmethod
     def collectives(cls, shapes, world: int, options: LocalOptions, lr: float = 0.0, **_) -> list:

@@ -3,7 +3,8 @@
 * ``after_step()`` runs right after every optimizer step at an accumulation boundary and returns
   whether it communicated;
 * ``reduce_gradients_now()`` says whether the gradient reducer runs for the coming step (post-local
-  SGD: data-parallel first, local later);
+  SGD: data-parallel first, local later); on the other steps ``local_gradient_exchange`` is the
+  synchronizer's own per-step gradient exchange, if any (hierarchical mode's node mean);
 * ``eval_view(module, train_batches)`` is a context manager the trainer evaluates inside (local
   methods evaluate the averaged model);
 * every collective goes through ``self.comm`` (``ds_ext.comm``);
@@ -27,7 +28,7 @@ class Synchronizer:
     def __init__(self, named_params: List[Tuple[str, torch.nn.Parameter]], options: Options,
                  comm: Optional[Communicator] = None, module: Optional[torch.nn.Module] = None, optimizer=None,
                  lr_at=None, warmup_steps: Optional[int] = None, total_steps: Optional[int] = None,
-                 group=None, meter=None):
+                 group=None, meter=None, hierarchy=None):
         """What a synchronizer works with, handed in by ``attach`` (never the engine): the parameters,
         the communicator (without one: a communicator over ``group`` on the parameters' device, metered by
         ``meter``), the module (buffers, evaluation), the torch optimizer (moments), the learning rate at
@@ -38,9 +39,20 @@ class Synchronizer:
         self.module, self.optimizer = module, optimizer
         self.lr_at, self.warmup_steps = lr_at, warmup_steps
         self.total_steps = total_steps
+        #: ``ds_ext.hierarchy.HierarchicalAveraging`` in hierarchical mode (``hierarchical: true``), else None
+        self.hierarchy = hierarchy
 
     def after_step(self) -> bool:
         return False
+
+    def local_gradient_exchange(self, flag: torch.Tensor) -> Optional[torch.Tensor]:
+        """On a step where the reducer does not run, before the optimizer step: the synchronizer's own
+        gradient exchange, if it has one (hierarchical mode: the exact mean inside the node), carrying this
+        rank's non-finite flag (0-dim, device) and returning it summed over the ranks it exchanged with, so
+        that they skip or step together. None: no such exchange (ranks decide alone)."""
+        if self.hierarchy is None:
+            return None
+        return self.hierarchy.node_gradient_mean([p for _, p in self.named_params], flag=flag)
 
     def reduce_gradients_now(self) -> bool:
         return True

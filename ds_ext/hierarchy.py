@@ -1,0 +1,649 @@
+"""Node-aware ("hierarchical") communication: exact averaging inside a node, the method's compressed
+exchange only between nodes, every rank of a node carrying a share of it.
+
+A cluster has several GPUs per node on fast links and a slow network between nodes. In hierarchical
+mode, per optimizer step:
+
+1. **node mean** (kind ``node_mean``): the ranks of a node average all their gradients exactly, one
+   fused fp32 ``all_reduce_mean`` over the node's communicator. The node then acts as one worker with
+   a node-sized batch.
+2. **cross-node exchange**: the parameters are split among the node's local ranks
+   (``shard_params``: balanced by numel, the same split on every node); local rank j runs the wrapped
+   method (``powersgd``, ``acpsgd``, ``topk``, ``exdyna``, ``signsgd``, ``allreduce``; any
+   ``ds_ext/reducers`` reducer that communicates gradients itself) on shard j, over the communicator of
+   the ranks with local rank j on every node (``Topology.cross_members``). Each local rank carries
+   1/local_size of the cross-node traffic, so no rank idles. The method's kinds (``powersgd_p``, ...)
+   are metered unchanged: they are the cross-node bytes.
+3. **node gather** (kind ``node_gather``): one fused ``all_gather`` inside the node of every local
+   rank's shard result (padded to the largest shard), unpacked into every parameter's ``p.grad``.
+
+Ranks end bit-identical: ranks with the same local rank on different nodes hold the same shard result
+(the wrapped method's own guarantee) and the node gather copies bits.
+
+Layout. Global ranks are node-major, ``rank = node * local_size + local_rank``, which is how the
+``deepspeed`` launcher numbers the slots of a hostfile (it also sets ``LOCAL_RANK`` / ``LOCAL_SIZE``
+per node, and ``CROSS_RANK`` / ``CROSS_SIZE``: node index, node count). ``Topology.from_env`` reads
+them and checks them with one control exchange at attach (``ds_ext/comm.py: exchange_control``).
+
+Deliberate choices, named:
+
+* **No overlap with backward.** ``grad_ready`` does nothing (except with one rank per node, where
+  it forwards to the wrapped method, which then overlaps as it does alone): the node mean needs every
+  gradient. The wrapped method's ``grad_ready`` calls are replayed in ``finish()`` in the order
+  backward produces gradients (reverse parameter order), so ``allreduce`` / ``acpsgd`` launch their
+  buckets as they would, but after backward.
+* **fp32 node mean**, whatever the gradient dtype (it is exact traffic on fast links; summing bf16
+  in bf16 would lose bits), written back into ``p.grad`` in its own dtype before the wrapped method
+  reads it; no ``communication_data_type`` cast on the node links. The node gather is fp32 too
+  (lossless for fp32, bf16 and fp16 results).
+* **all_reduce + all_gather inside the node** (not reduce_scatter + all_gather: the communication
+  layer, ``ds_ext/comm.py``, has no reduce_scatter): intra-node bytes are the full gradient in the mean
+  plus the largest shard in the gather.
+* A missing gradient (``p.grad is None``) counts as zeros, as in the flat reducers
+  (``ds_ext/reducers/flat.py``, ``ds_ext/reducers/buckets.py``); every parameter has a ``p.grad``
+  after ``finish()``.
+* Sub-communicators come from ``Communicator.subgroup`` (collective: every rank makes every node's and
+  every local rank's group, in that order). A member set of one rank gets no process group (a
+  one-rank communicator that never communicates); the whole world reuses the parent communicator.
+  The parent's subgroup cap is raised, on that instance, so that these groups are never evicted by
+  each other.
+* ``stats()`` is this rank's shard's (ranks of one node log different shards).
+* **One node** (``n_nodes == 1``, several ranks): nothing crosses a node, so the exact node mean is the
+  result and the wrapped method is not built (no compression, no error feedback: the flat method would
+  compress needlessly there).
+
+``HierarchicalAveraging`` is the same two-level scheme for parameter-averaging synchronizers
+(``ds_ext/sync/averaging.py``: Local SGD / QSR): gradients averaged exactly inside the node every
+step, parameters averaged across nodes on the period, sharded over the local ranks and gathered back.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from .comm import Collective, Communicator
+from .reducers.base import Reducer
+from .registry import NoOptions
+
+log = logging.getLogger(__name__)
+
+NODE_PREFIX = "node"
+NODE_MEAN = "node_mean"
+NODE_GATHER = "node_gather"
+
+_ENV_KEYS = ("LOCAL_RANK", "LOCAL_SIZE", "CROSS_RANK", "CROSS_SIZE")
+_MISSING, _MALFORMED = -1, -2
+
+
+# ================================================================================================ layout
+@dataclass(frozen=True)
+class Topology:
+    """Where this rank sits: node-major ranks, ``rank = node * local_size + local_rank``."""
+
+    rank: int
+    world: int
+    node: int
+    local_rank: int
+    local_size: int
+    n_nodes: int
+
+    def __post_init__(self):
+        ls = self.local_size
+        if ls < 1 or self.world < 1 or self.world % ls:
+            raise ValueError(f"hierarchical: world size {self.world} is not a positive multiple of {ls} ranks per node")
+        if not 0 <= self.rank < self.world or self.n_nodes != self.world // ls \
+                or (self.node, self.local_rank) != divmod(self.rank, ls):
+            raise ValueError(f"hierarchical: inconsistent topology {self}: ranks are node-major, "
+                             f"rank = node * local_size + local_rank")
+
+    def node_members(self, node: Optional[int] = None) -> List[int]:
+        """The global ranks of ``node`` (default: this rank's)."""
+        k = self.node if node is None else node
+        return list(range(k * self.local_size, (k + 1) * self.local_size))
+
+    def cross_members(self, local_rank: Optional[int] = None) -> List[int]:
+        """The global ranks with local rank ``local_rank`` (default: this rank's), one per node."""
+        j = self.local_rank if local_rank is None else local_rank
+        return [k * self.local_size + j for k in range(self.n_nodes)]
+
+    @classmethod
+    def explicit(cls, rank: int, world: int, local_size: int) -> "Topology":
+        """The topology of ``rank`` in a world of ``world`` ranks, ``local_size`` per node (tests, benchmarks)."""
+        if local_size < 1 or world < 1 or world % local_size:
+            raise ValueError(f"hierarchical: world size {world} is not a multiple of {local_size} ranks per node; "
+                             "every node must run the same number of ranks (hostfile slots)")
+        node, local_rank = divmod(rank, local_size)
+        return cls(rank, world, node, local_rank, local_size, world // local_size)
+
+    @classmethod
+    def from_env(cls, comm: Communicator, env: Optional[Mapping[str, str]] = None) -> "Topology":
+        """Collective (once, at attach). ``LOCAL_RANK`` / ``LOCAL_SIZE`` (and, if present, ``CROSS_RANK`` /
+        ``CROSS_SIZE``) of every rank, exchanged in ONE control all_gather and checked alike on every rank,
+        so a bad layout stops every rank with the same one-line ``ValueError`` (``layout_problem``)."""
+        env = os.environ if env is None else env
+        mine = [_env_int(env, k) for k in _ENV_KEYS]
+        rows = comm.exchange_control(comm.tensor(mine, dtype=torch.int64))  # control data: not metered
+        problem = layout_problem(rows, comm.world_size)
+        if problem:
+            raise ValueError(problem)
+        return cls.explicit(comm.rank, comm.world_size, rows[0][1])
+
+
+def _env_int(env: Mapping[str, str], key: str) -> int:
+    v = env.get(key)
+    if v is None or not str(v).strip():
+        return _MISSING
+    try:
+        x = int(str(v).strip())
+    except ValueError:
+        return _MALFORMED
+    return x if x >= 0 else _MALFORMED
+
+
+def layout_problem(rows: Sequence[Sequence[int]], world: int) -> Optional[str]:
+    """The first problem (one line) of every rank's ``[LOCAL_RANK, LOCAL_SIZE, CROSS_RANK, CROSS_SIZE]``
+    (-1: not set, -2: not a non-negative integer), or None when they describe node-major ranks."""
+    for i in (1, 0):  # LOCAL_SIZE first: the rest is read against it
+        key = _ENV_KEYS[i]
+        missing = [r for r, row in enumerate(rows) if row[i] == _MISSING]
+        if missing:
+            return (f"hierarchical mode needs the deepspeed launcher's LOCAL_RANK/LOCAL_SIZE (this node's rank "
+                    f"and its number of ranks, from the hostfile's slots): {key} is not set on rank(s) "
+                    f"{_ranks(missing)}; launch with the deepspeed launcher (`deepspeed --hostfile ...`, "
+                    f"run/env.sh: ds_ext_launch)")
+    for i, key in enumerate(_ENV_KEYS):
+        bad = [r for r, row in enumerate(rows) if row[i] == _MALFORMED]
+        if bad:
+            return f"hierarchical: {key} on rank(s) {_ranks(bad)} is not a non-negative integer"
+    size0 = rows[0][1]
+    for r, row in enumerate(rows):
+        if row[1] < 1:
+            return f"hierarchical: rank {r} reports LOCAL_SIZE={row[1]}; a node runs at least one rank"
+        if row[1] != size0:
+            return (f"hierarchical: rank {r} reports LOCAL_SIZE={row[1]} but rank 0 reports {size0}; every node "
+                    f"must run the same number of ranks (hostfile slots)")
+    if world % size0:
+        return (f"hierarchical: world size {world} is not a multiple of LOCAL_SIZE={size0}; every node must run "
+                f"the same number of ranks (hostfile slots)")
+    nodes = world // size0
+    for r, (lr, _, cr, cs) in enumerate(rows):
+        if lr != r % size0:
+            return (f"hierarchical: rank {r} reports LOCAL_RANK={lr}, but ranks must be node-major (rank = node * "
+                    f"LOCAL_SIZE + LOCAL_RANK, as the deepspeed launcher numbers hostfile slots), so with "
+                    f"LOCAL_SIZE={size0} it should be {r % size0}")
+        if cr != _MISSING and cr != r // size0:
+            return (f"hierarchical: rank {r} reports CROSS_RANK={cr} (its node index), but rank // LOCAL_SIZE = "
+                    f"{r // size0}")
+        if cs != _MISSING and cs != nodes:
+            return (f"hierarchical: rank {r} reports CROSS_SIZE={cs} nodes, but world size {world} / "
+                    f"LOCAL_SIZE={size0} is {nodes}")
+    return None
+
+
+def _ranks(rs: Sequence[int]) -> str:
+    return ", ".join(str(r) for r in rs[:8]) + (f" (+{len(rs) - 8} more)" if len(rs) > 8 else "")
+
+
+# ============================================================================================== sharding
+def balanced_shards(numels: Sequence[int], parts: int) -> List[List[int]]:
+    """Indices of ``numels`` split into ``parts`` shards: largest first to the least-loaded shard (ties to
+    the lower shard; equal sizes in index order), each shard in index order. Deterministic: host
+    arithmetic on sizes only, the same on every rank."""
+    if parts < 1:
+        raise ValueError(f"balanced_shards: {parts} parts")
+    load = [0] * parts
+    shards: List[List[int]] = [[] for _ in range(parts)]
+    for i in sorted(range(len(numels)), key=lambda i: (-int(numels[i]), i)):
+        j = min(range(parts), key=lambda j: (load[j], j))
+        shards[j].append(i)
+        load[j] += int(numels[i])
+    return [sorted(s) for s in shards]
+
+
+def _numel(x) -> int:
+    if isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], torch.Tensor):
+        x = x[1]
+    if isinstance(x, torch.Tensor):
+        return x.numel()
+    n = 1
+    for d in x:
+        n *= int(d)
+    return n
+
+
+def shard_params(named_params, local_size: int) -> List[List[int]]:
+    """Parameter indices owned by each local rank (``balanced_shards`` on numel). ``named_params``: ``(name,
+    parameter)`` pairs, tensors, or shapes."""
+    return balanced_shards([_numel(x) for x in named_params], local_size)
+
+
+# ======================================================================================= communicators
+def _solo(comm: Communicator) -> Communicator:
+    """A one-rank communicator on ``comm``'s device and meter: it never communicates (every collective of
+    ``ds_ext/comm.py`` short-cuts at world size 1), so it needs no process group. Not for ``subgroup``."""
+    c = comm.with_meter(comm.meter)
+    c.world_size, c.rank = 1, 0
+    c._init_state()
+    return c
+
+
+def node_communicators(comm: Communicator, topo: Topology) -> Tuple[Communicator, Communicator]:
+    """Collective (every rank, same order): ``(node communicator, cross-node communicator)`` of this rank.
+    Makes every node's group, then every local rank's cross-node group, through ``comm.subgroup`` (cached
+    there, so a second call, e.g. by ``HierarchicalAveraging`` next to a ``HierarchicalReducer``, makes
+    none). One-rank sets get a one-rank communicator, the whole world is ``comm`` itself."""
+    if topo.world != comm.world_size or topo.rank != comm.rank:
+        raise ValueError(f"hierarchical: topology for rank {topo.rank} of {topo.world}, communicator is rank "
+                         f"{comm.rank} of {comm.world_size}")
+    sets = []
+    if topo.local_size > 1:
+        sets += [("node", k, topo.node_members(k)) for k in range(topo.n_nodes)]
+    if topo.n_nodes > 1:
+        sets += [("cross", j, topo.cross_members(j)) for j in range(topo.local_size)]
+    needed = sum(1 for _, _, m in sets if len(m) < topo.world)
+    if comm.live_subgroups + needed > comm.max_subgroups:  # never evict a group this rank keeps using
+        comm.max_subgroups = comm.live_subgroups + needed + type(comm).max_subgroups
+        log.info("hierarchical: subgroup cap of this communicator raised to %d (%d node-aware groups)",
+                 comm.max_subgroups, needed)
+    node = cross = None
+    for which, idx, members in sets:
+        c = comm if len(members) == topo.world else comm.subgroup(members)
+        if which == "node" and idx == topo.node:
+            node = c
+        if which == "cross" and idx == topo.local_rank:
+            cross = c
+    return (node if node is not None else _solo(comm)), (cross if cross is not None else _solo(comm))
+
+
+# ================================================================================================ reducer
+def inner_problem(inner_cls) -> Optional[str]:
+    """Why a reducer class cannot be wrapped (None when it can)."""
+    name = getattr(inner_cls, "__name__", repr(inner_cls))
+    if not isinstance(inner_cls, type) or not issubclass(inner_cls, Reducer):
+        return f"hierarchical: {name} is not a reducer class"
+    if not inner_cls.replaces_engine_allreduce:
+        return (f"hierarchical: {name} keeps DeepSpeed's own allreduce over the whole world; wrap a reducer that "
+                f"communicates itself (allreduce, powersgd, acpsgd, topk, exdyna, signsgd)")
+    if not inner_cls.communicates_gradients:
+        return (f"hierarchical: {name} exchanges no gradients; for local methods use HierarchicalAveraging in the "
+                f"synchronizer instead")
+    if inner_cls.observes_microbatches:
+        return f"hierarchical: {name} consumes every microbatch gradient over the whole world and cannot be sharded"
+    return None
+
+
+class HierarchicalReducer(Reducer):
+    """Exact node mean, the wrapped method on this rank's shard between nodes, node gather (module docstring).
+
+    ``build_inner(named_params_subset, cross_comm) -> Reducer`` builds the wrapped method; ``inner_cls`` is
+    its class (every rank, an empty-shard one too, takes ``replaces_engine_allreduce``, ``uses_kernels`` and
+    ``communicates_gradients`` from it). ``kind_prefix``: the node kinds are ``<prefix>_mean`` and
+    ``<prefix>_gather``."""
+
+    def __init__(self, named_params, comm: Communicator, topology: Topology,
+                 build_inner: Callable[[list, Communicator], Reducer], inner_cls, kind_prefix: str = NODE_PREFIX,
+                 options=None, engine=None):
+        problem = inner_problem(inner_cls)
+        if problem:
+            raise ValueError(problem)
+        super().__init__(named_params, options if options is not None else NoOptions(), comm=comm, engine=engine)
+        self.inner_cls = inner_cls
+        self.replaces_engine_allreduce = inner_cls.replaces_engine_allreduce
+        self.uses_kernels = inner_cls.uses_kernels
+        self.communicates_gradients = inner_cls.communicates_gradients
+        self.topology = topo = topology
+        self.kind_mean, self.kind_gather = f"{kind_prefix}_mean", f"{kind_prefix}_gather"
+        self.node_comm, self.cross_comm = node_communicators(self.comm, topo)
+
+        self.numels = [p.numel() for p in self.params]
+        self.shards = balanced_shards(self.numels, topo.local_size)
+        self.shard = self.shards[topo.local_rank]
+        self.shard_names = [self.named_params[i][0] for i in self.shard]
+        self._layouts = [self._layout(s) for s in self.shards]
+        self.max_shard = max((lay[-1][1] + lay[-1][2] for lay in self._layouts if lay), default=0)
+
+        self.inner: Optional[Reducer] = None
+        error = None
+        if topo.n_nodes == 1 and topo.local_size > 1:  # nothing crosses a node: the exact node mean is the answer
+            log.info("hierarchical: one node of %d ranks; gradients are averaged exactly, %s is not used",
+                     topo.local_size, inner_cls.__name__)
+        elif self.shard:
+            try:
+                self.inner = build_inner([self.named_params[i] for i in self.shard], self.cross_comm)
+            except Exception as e:  # noqa: BLE001 -- re-raised below, after every rank has said how it went
+                error = e
+        if self.comm.distributed:  # one control exchange at attach: every rank stops, or none does
+            rows = self.comm.exchange_control(self.comm.tensor([0 if error is None else 1], dtype=torch.int64))
+            failed = [r for r, row in enumerate(rows) if row[0]]
+        else:
+            failed = [self.rank] if error is not None else []
+        if error is not None:
+            raise error
+        if failed:
+            raise ValueError(f"hierarchical: building {inner_cls.__name__} on the parameter shard of rank(s) "
+                             f"{_ranks(failed)} failed (see that rank's error); every rank stops")
+
+        dev = self.comm.device
+        if topo.local_size > 1 and self.params:
+            self._mean = torch.zeros(sum(self.numels), device=dev)
+            self._mean_views = list(self._mean.split(self.numels))
+            self._send = torch.zeros(self.max_shard, device=dev)  # the padding tail stays zero
+        mine = self._layouts[topo.local_rank]
+        self._send_views = [self._send[off:off + n] for _, off, n in mine] if topo.local_size > 1 and mine else []
+
+    def _layout(self, shard: List[int]) -> List[Tuple[int, int, int]]:
+        """``(parameter index, offset, numel)`` of a shard's parameters in its gather slot."""
+        out, off = [], 0
+        for i in shard:
+            out.append((i, off, self.numels[i]))
+            off += self.numels[i]
+        return out
+
+    # -- the step -----------------------------------------------------------------------------------
+    def grad_ready(self, p) -> None:
+        """Nothing to do during backward: the node mean needs every gradient (no overlap in hierarchical
+        mode). With one rank per node the wrapped method (whose shard is everything) gets it directly."""
+        if self.topology.local_size == 1 and self.inner is not None:
+            self.inner.grad_ready(p)
+
+    def finish(self) -> None:
+        topo = self.topology
+        if topo.local_size == 1:  # no node links: exactly the wrapped method over the (cross-node) world
+            if self.inner is not None:
+                self.inner.finish()
+            return
+        if not self.params:
+            return
+        # (a) exact node mean of every gradient: one fused fp32 all_reduce inside the node
+        dst, src = [], []
+        for v, p in zip(self._mean_views, self.params):
+            if p.grad is None:
+                v.zero_()
+            else:
+                dst.append(v)
+                src.append(p.grad.detach().reshape(-1))
+        if dst:
+            torch._foreach_copy_(dst, src)
+        self.node_comm.all_reduce_mean(self._mean, self.kind_mean)
+        if topo.n_nodes == 1:  # one node: the exact mean is every gradient's result
+            for p, v in zip(self.params, self._mean_views):
+                _write(p, v)
+            return
+        # (b) the wrapped method on this rank's shard, across nodes, fed as backward would feed it
+        if self.inner is not None:
+            for i in self.shard:
+                _write(self.params[i], self._mean_views[i])
+            for i in reversed(self.shard):
+                self.inner.grad_ready(self.params[i])
+            self.inner.finish()
+            dst, src = [], []
+            for (i, _, _), v in zip(self._layouts[topo.local_rank], self._send_views):
+                g = self.params[i].grad
+                if g is None:
+                    v.zero_()
+                else:
+                    dst.append(v)
+                    src.append(g.detach().reshape(-1))
+            if dst:
+                torch._foreach_copy_(dst, src)
+        # (c) every local rank's shard result to every rank of the node: one fused all_gather
+        got = self.node_comm.all_gather(self._send, self.kind_gather)  # [local_size, max_shard]
+        for j, lay in enumerate(self._layouts):
+            if j == topo.local_rank:
+                continue
+            for i, off, n in lay:
+                _write(self.params[i], got[j, off:off + n])
+
+    # -- state --------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        return self.inner.stats() if self.inner is not None else {}
+
+    def state_dict(self) -> dict:
+        t = self.topology
+        return {"inner": self.inner.state_dict() if self.inner is not None else None, "shard": list(self.shard_names),
+                "local_size": t.local_size, "n_nodes": t.n_nodes, "local_rank": t.local_rank}
+
+    def load_state_dict(self, state: dict) -> None:
+        t = self.topology
+        saved = (state.get("local_size"), state.get("n_nodes"))
+        if saved != (t.local_size, t.n_nodes):
+            raise ValueError(f"hierarchical reducer state was saved with {saved[0]} ranks per node on {saved[1]} "
+                             f"node(s), this run has {t.local_size} on {t.n_nodes}: shards and error feedback are "
+                             f"per rank, resume with the same hostfile layout")
+        if list(state.get("shard") or []) != self.shard_names:
+            raise ValueError(f"hierarchical reducer state of rank {self.rank} is for a parameter shard of "
+                             f"{len(state.get('shard') or [])} parameter(s) {_names(state.get('shard'))}, this rank "
+                             f"owns {len(self.shard_names)} {_names(self.shard_names)}: the model differs")
+        if self.inner is not None:
+            self.inner.load_state_dict(state["inner"])
+
+    # -- cost model ---------------------------------------------------------------------------------
+    @classmethod
+    def collectives(cls, shapes, world: int, options, local_size: int = 1, inner_cls=None,
+                    local_rank: Optional[int] = None, **model) -> list:
+        """``hierarchical_collectives(inner_cls, shapes, world, local_size, options, local_rank, **model)``."""
+        if inner_cls is None:
+            raise ValueError("HierarchicalReducer.collectives needs inner_cls (the wrapped reducer class)")
+        return hierarchical_collectives(inner_cls, shapes, world, local_size, options, local_rank=local_rank,
+                                        **model)
+
+
+def _write(p: torch.nn.Parameter, flat: torch.Tensor) -> None:
+    """``p.grad`` <- ``flat`` (a 1-D fp32 view), in ``p``'s dtype; a missing gradient is created."""
+    v = flat.view(p.shape)
+    if p.grad is None:
+        p.grad = v.to(p.dtype).clone()
+    else:
+        p.grad.copy_(v)
+
+
+def _names(names) -> str:
+    names = list(names or [])
+    return "[" + ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "") + "]"
+
+
+def build_hierarchical(name: str, options, named_params, comm: Communicator, topology: Optional[Topology] = None,
+                       engine=None, kind_prefix: str = NODE_PREFIX) -> HierarchicalReducer:
+    """``REDUCERS``' ``name`` (options validated as for a flat run) wrapped in a ``HierarchicalReducer``;
+    ``topology`` defaults to ``Topology.from_env(comm)`` (collective)."""
+    from .registry import REDUCERS, load_builtin
+
+    load_builtin()
+    entry = REDUCERS.get(name)
+    opts = REDUCERS.validated(name, options)
+    topo = topology if topology is not None else Topology.from_env(comm)
+
+    def build(subset, cross):
+        return REDUCERS.build(name, opts, subset, comm=cross, engine=engine)
+
+    return HierarchicalReducer(named_params, comm, topo, build, entry.factory, kind_prefix=kind_prefix,
+                               options=opts, engine=engine)
+
+
+# ============================================================================================== cost model
+@dataclass
+class NodeCollective(Collective):
+    """A collective among the ranks of one node (fast links): a cost model can price it apart."""
+
+    intra_node = True  # class attribute, not a field: equality and repr stay Collective's
+
+
+def _shard_shapes(shapes, local_size: int, local_rank: Optional[int], cost) -> Tuple[list, list]:
+    shards = balanced_shards([_numel(s) for s in shapes], local_size)
+    if local_rank is None:  # the busiest local rank sets the pace
+        local_rank = max(range(local_size), key=lambda j: (cost([shapes[i] for i in shards[j]]), -j))
+    return [shapes[i] for i in shards[local_rank]], shards
+
+
+def hierarchical_collectives(inner_cls, shapes, world: int, local_size: int, options, local_rank: Optional[int] = None,
+                             **model) -> list:
+    """What one rank issues per step in hierarchical mode (fp32, 4 bytes per element, as
+    ``ds_ext.comm.Collective``): the node mean (all_reduce of every gradient, group ``local_size``), the
+    wrapped method's collectives for the shard of ``local_rank`` at group ``world / local_size`` (default:
+    the local rank whose shard costs the most wire bytes), and the node gather (all_gather of the largest
+    shard, group ``local_size``). Node collectives are ``NodeCollective``. ``local_size`` 1: the wrapped
+    method's own."""
+    if local_size < 1 or world % local_size:
+        raise ValueError(f"hierarchical: world size {world} is not a multiple of {local_size} ranks per node")
+    n_nodes = world // local_size
+    if local_size == 1:
+        return list(inner_cls.collectives(shapes, world, options, **model))
+    if n_nodes == 1:  # the exact node mean only
+        return [NodeCollective("all_reduce", 4 * sum(_numel(s) for s in shapes), local_size)]
+
+    def cost(sub):
+        colls = inner_cls.collectives(sub, n_nodes, options, **model) if sub else []
+        return (sum(c.wire_bytes() * c.calls for c in colls), sum(c.nbytes * c.calls for c in colls))
+
+    mine, shards = _shard_shapes(list(shapes), local_size, local_rank, cost)
+    numels = [_numel(s) for s in shapes]
+    out: list = [NodeCollective("all_reduce", 4 * sum(numels), local_size)]
+    if mine:
+        out += list(inner_cls.collectives(mine, n_nodes, options, **model))
+    out.append(NodeCollective("all_gather", 4 * max(sum(numels[i] for i in s) for s in shards), local_size))
+    return out
+
+
+def intra_node_bytes(meter, prefix: str = NODE_PREFIX) -> int:
+    """Bytes metered under the node kinds (``<prefix>_mean``, ``<prefix>_gather``, ...)."""
+    return sum(v for k, v in meter.by_kind.items() if k.startswith(prefix + "_"))
+
+
+def cross_node_bytes(meter, prefix: str = NODE_PREFIX) -> int:
+    """Bytes metered under every other kind: in hierarchical mode, what crosses between nodes."""
+    return sum(v for k, v in meter.by_kind.items() if not k.startswith(prefix + "_"))
+
+
+# ============================================================================== local methods (Local SGD)
+class HierarchicalAveraging:
+    """Two-level averaging for parameter-averaging synchronizers (``ds_ext/sync/averaging.py``).
+
+    * ``node_gradient_mean(params)`` every step, before the optimizer step: gradients averaged exactly
+      inside the node (kind ``node_mean``), so the ranks of a node stay identical and the node acts as
+      one worker with a node-sized batch;
+    * ``average_across_nodes(tensors)`` on the period rule: each local rank averages its shard of the
+      tensors (``balanced_shards`` on numel) over its cross-node communicator (``average``, kind
+      ``param_allreduce``), then the shards are all-gathered inside the node (kind ``node_gather``).
+
+    Construction is collective (``node_communicators``)."""
+
+    def __init__(self, comm: Communicator, topology: Topology, kind_prefix: str = NODE_PREFIX):
+        self.comm, self.topology = comm, topology
+        self.kind_mean, self.kind_gather = f"{kind_prefix}_mean", f"{kind_prefix}_gather"
+        self.node_comm, self.cross_comm = node_communicators(comm, topology)
+        self._bufs: Dict[tuple, torch.Tensor] = {}
+
+    def _buffer(self, key: tuple, numel: int) -> torch.Tensor:
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() != numel:
+            buf = self._bufs[key] = torch.zeros(numel, device=self.comm.device)
+        return buf
+
+    def node_gradient_mean(self, params: Sequence[torch.nn.Parameter],
+                           flag: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """Collective inside the node: every ``p.grad`` <- the node's mean (fp32 sum / local_size, written
+        back in the gradient's dtype; a missing gradient counts as zeros and is created). ``flag`` (a 0-dim
+        tensor on the device, e.g. the non-finite guard's) rides as one extra element of the same all_reduce
+        (4 more bytes); the node's sum of it comes back (0-dim fp32, device, never read here), so a local
+        skip verdict can be shared by the node without another collective. No-op with one rank per node
+        (``flag`` comes back unchanged)."""
+        if self.topology.local_size == 1:
+            return flag
+        params = list(params)
+        numels = [p.numel() for p in params]
+        total = sum(numels) + (1 if flag is not None else 0)
+        if total == 0:
+            return flag
+        buf = self._buffer(("mean",), total)
+        views = list(buf[:sum(numels)].split(numels)) if numels else []
+        dst, src = [], []
+        for v, p in zip(views, params):
+            if p.grad is None:
+                v.zero_()
+            else:
+                dst.append(v)
+                src.append(p.grad.detach().reshape(-1))
+        if flag is not None:
+            buf[-1:].copy_(flag.reshape(1))
+        if dst:
+            torch._foreach_copy_(dst, src)
+        if flag is None:
+            self.node_comm.all_reduce_mean(buf, self.kind_mean)
+        else:  # the flag is summed, not averaged
+            self.node_comm.all_reduce(buf, self.kind_mean)
+            buf[:-1].div_(self.topology.local_size)
+        for v, p in zip(views, params):
+            _write(p, v)
+        return buf[-1].clone() if flag is not None else None
+
+    def average_across_nodes(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Collective over the world: ``tensors`` (parameters, moments, buffers: the synchronizer's
+        ``_tensors()``, identical inside a node) <- their mean over the nodes, in place. Local rank j
+        averages shard j over its cross-node communicator, then the node gathers the shards."""
+        from .sync.averaging import average
+
+        topo = self.topology
+        if topo.n_nodes == 1:  # the ranks of the node already agree
+            return
+        tensors = list(tensors)
+        numels = [t.numel() for t in tensors]
+        shards = balanced_shards(numels, topo.local_size)
+        mine = [tensors[i] for i in shards[topo.local_rank]]
+        average(mine, self.cross_comm, topo.n_nodes)  # kind param_allreduce
+        if topo.local_size == 1:
+            return
+        slot = max(sum(numels[i] for i in s) for s in shards)
+        if slot == 0:
+            return
+        send = self._buffer(("gather",) + tuple(numels), slot)
+        off = 0
+        dst, src = [], []
+        for t in mine:
+            dst.append(send[off:off + t.numel()])
+            src.append(t.detach().reshape(-1))
+            off += t.numel()
+        if dst:
+            torch._foreach_copy_(dst, src)
+        got = self.node_comm.all_gather(send, self.kind_gather)  # [local_size, slot]
+        for j, shard in enumerate(shards):
+            if j == topo.local_rank:
+                continue
+            off = 0
+            dst, src = [], []
+            for i in shard:
+                t = tensors[i]
+                dst.append(t)
+                src.append(got[j, off:off + t.numel()].view(t.shape))
+                off += t.numel()
+            if dst:
+                torch._foreach_copy_(dst, src)
+
+    @staticmethod
+    def collectives(shapes, world: int, local_size: int, options, lr: float = 0.0,
+                    local_rank: Optional[int] = None) -> list:
+        """A synchronizer's traffic per optimizer step in hierarchical mode (fp32): the node gradient mean
+        every step (``NodeCollective``), the cross-node parameter all_reduce of the shard of ``local_rank``
+        (default: the largest) every H steps, the node gather of the largest shard every H steps. As
+        ``LocalSync.collectives``, only the parameters are counted (not moments or buffers)."""
+        from .sync.averaging import _averaging_collectives
+
+        if local_size < 1 or world % local_size:
+            raise ValueError(f"hierarchical: world size {world} is not a multiple of {local_size} ranks per node")
+        n_nodes = world // local_size
+        numels = [_numel(s) for s in shapes]
+        out: list = []
+        if local_size > 1:
+            out.append(NodeCollective("all_reduce", 4 * sum(numels), local_size))
+        if n_nodes == 1:
+            return out
+        mine, shards = _shard_shapes(list(shapes), local_size, local_rank, lambda sub: sum(_numel(s) for s in sub))
+        cross = _averaging_collectives(mine, n_nodes, options, lr)
+        out += cross
+        if local_size > 1:
+            out.append(NodeCollective("all_gather", 4 * max(sum(numels[i] for i in s) for s in shards), local_size,
+                                      cross[0].calls))
+        return out
