@@ -13,6 +13,12 @@ from collections import defaultdict
 from typing import Dict, Optional
 
 
+#: what a kind's bytes are for, where it is not the method's gradient exchange (a reducer's or an order's own
+#: kinds): ZeRO's collectives, hierarchical mode's intra-node traffic, a synchronizer's parameter averaging
+PURPOSES = {"zero_allgather": "ZeRO all-gather", "zero_reduce": "ZeRO reduction", "node_mean": "inside nodes",
+            "node_gather": "inside nodes", "param_allreduce": "parameter averaging"}
+
+
 class CommMeter:
     def __init__(self):
         self.step_bytes = 0
@@ -38,6 +44,13 @@ class CommMeter:
         self.step_bytes = 0
         self.step_calls = 0
         return b
+
+    def by_purpose(self, exchange: str = "gradient exchange") -> Dict[str, int]:
+        """Bytes grouped by what they were for (``PURPOSES``; every other kind under ``exchange``)."""
+        out: Dict[str, int] = defaultdict(int)
+        for kind, n in self.by_kind.items():
+            out[PURPOSES.get(kind, exchange)] += n
+        return dict(out)
 
     def state_dict(self) -> dict:
         return {"total_bytes": self.total_bytes, "total_calls": self.total_calls, "steps": self.steps,

@@ -476,7 +476,8 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
         last_eval = eval_now(t.epochs - 1)
     summary = {"recipe": recipe.source, "world_size": world, "steps": engine.global_steps, "epochs": t.epochs,
                **names, **last_eval, "comm_bytes_total": meter.total_bytes,
-               "comm_bytes_per_step": meter.total_bytes / max(meter.steps, 1), "train_seconds": elapsed,
+               "comm_bytes_per_step": meter.total_bytes / max(meter.steps, 1), "comm_bytes_by_kind": dict(meter.by_kind),
+               "train_seconds": elapsed,
                "skipped_steps": att.skipped_steps, "nonfinite_events": [list(e) for e in att.nonfinite_events]}
     wb.log({"summary/val_acc": last_eval.get("val_acc", 0.0), "summary/comm_bytes": meter.total_bytes},
            step=engine.global_steps)
@@ -485,8 +486,11 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
         Path(run_dir, "summary.json").write_text(json.dumps({**summary, "history": history}, indent=1))
         print(f"[ds_ext] final: val accuracy {last_eval['val_acc']:.4f} ({last_eval['val_correct']}/"
               f"{last_eval['val_total']}), val loss {last_eval['val_loss']:.4f}, {engine.global_steps} steps")
+        parts = meter.by_purpose(exchange=f"reducer={names['reducer']}")
+        split = ", ".join(f"{k} {human_bytes(v / max(meter.steps, 1))}" for k, v in parts.items()) \
+            if len(parts) > 1 else f"reducer={names['reducer']}"
         print(f"[ds_ext] communicated {human_bytes(meter.total_bytes)} per rank over {meter.steps} steps "
-              f"({human_bytes(summary['comm_bytes_per_step'])}/step, reducer={names['reducer']}), "
+              f"({human_bytes(summary['comm_bytes_per_step'])}/step; {split}), "
               f"train time {elapsed:.1f} s; summary {Path(run_dir, 'summary.json')}")
         if att.skipped_steps:
             print(f"[ds_ext] {att.skipped_steps} optimizer step(s) skipped for non-finite gradients (rank 0's "
