@@ -25,7 +25,14 @@ CASES = [
     ("cdgrab_sketch", {"reducer": "cdgrab"}, ("cdgrab", {"project_dim": 16}), 3),
     ("local", {"reducer": "none", "sync": {"name": "local", "h": 2}}, None, 2),
     ("dssync", {"reducer": "none", "sync": {"name": "dssync", "groups": 2, "h": 1}}, None, 4),
+    ("acpsgd_zero1", {"reducer": {"name": "acpsgd", "rank": 2, "fusion_threshold_mb": 0.002}}, None, 2),
+    ("topk_zero2", {"reducer": {"name": "topk", "density": 0.2}}, None, 2),
+    ("powersgd_hier", {"reducer": {"name": "powersgd", "matrix_approximation_rank": 2, "start_powerSGD_iter": 1,
+                                   "hierarchical": True}}, None, 4),  # 2 "nodes" x 2
+    ("local_hier", {"reducer": "none", "sync": {"name": "local", "h": 2, "hierarchical": True}}, None, 4),
 ]
+#: the ZeRO stage of a case (0 when absent)
+ZERO = {"acpsgd_zero1": 1, "topk_zero2": 2}
 
 
 def run_case(rank, world, label, method, order_spec, steps=6, gas=2):
@@ -43,7 +50,12 @@ def run_case(rank, world, label, method, order_spec, steps=6, gas=2):
     seen = caught.__enter__()
     warnings.simplefilter("always")
 
-    engine = make_engine("fp32", gas, micro=1 if order_spec else 4, world=world)
+    engine = make_engine("fp32", gas, micro=1 if order_spec else 4, world=world, zero=ZERO.get(label, 0))
+    if label.endswith("_hier"):  # the launcher's variables for nodes of 2 (after the engine took cuda:0)
+        import os
+
+        os.environ.update(LOCAL_SIZE="2", LOCAL_RANK=str(rank % 2), CROSS_RANK=str(rank // 2),
+                          CROSS_SIZE=str(world // 2))
     dev = next(engine.module.parameters()).device
     order = None
     if order_spec:  # one epoch of 8 microbatches per rank (PairBalance needs whole epochs)
