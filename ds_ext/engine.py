@@ -539,6 +539,9 @@ class Attachment:
         return out
 
     def detach(self) -> None:
+        """Remove the hooks and restore ``engine.step``. Under ZeRO 1/2 with a replacing reducer the ZeRO
+        optimizer's own gradient hooks stay removed (``ZeroBridge``): attach a reducer again before training
+        that engine further."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
