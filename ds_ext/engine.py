@@ -286,8 +286,10 @@ class ZeroBridge:
     updated parameter partitions (counted by ``record()`` as kind ``zero_allgather``). No uncompressed
     gradient collective is left on the wire. The optimizer state stays partitioned; the gradients are
     whole on every rank (a compressor needs the whole local gradient), so stage 2 saves no gradient
-    memory over stage 1 here. ZeRO's fp32 accumulation attribute for bf16 at stage 1 is switched off:
-    gradients accumulate in the parameters' dtype, as at stage 0.
+    memory over stage 1 here. ZeRO's separate accumulation attribute (fp16 at stage 1) is switched off:
+    gradients accumulate in ``p.grad`` in the parameters' dtype, as at stage 0. The reducer must average
+    over ZeRO's data-parallel group (checked); MoE expert groups, ZenFlow and unmanaged gradient
+    accumulation are refused. ``restore()`` (``Attachment.detach``) puts ZeRO's hooks back.
 
     Written against DeepSpeed 0.19's ``stage_1_and_2.py`` (``ZERO_BRIDGE_DEEPSPEED``, checked here):
     ``_grad_acc_hooks``, ``use_grad_accum_attribute``, ``bit16_groups`` / ``bit16_groups_flat`` (every
@@ -318,8 +320,24 @@ class ZeroBridge:
         if opt.cpu_offload:
             raise ValueError("ZeRO-Offload (zero_optimization.offload_optimizer) is not supported with a replacing "
                              "reducer: remove it, or use reducer 'deepspeed'")
+        unsupported = [what for what, on in (
+            ("MoE expert parameter groups", getattr(opt, "has_moe_layers", False)),
+            ("ZenFlow", getattr(opt, "zenflow", False)),
+            ("managed_gradient_accumulation=false",
+             not getattr(engine, "managed_gradient_accumulation", lambda: True)()),
+        ) if on]
+        if unsupported:
+            raise ValueError(f"ZeRO stage {engine.zero_optimization_stage()} with a replacing reducer does not support "
+                             f"{', '.join(unsupported)}; use reducer 'deepspeed'")
         import torch.distributed as dist
 
+        for i, pg in enumerate(opt.real_dp_process_group):
+            if (dist.get_world_size(group=pg), dist.get_rank(group=pg)) != (comm.world_size, comm.rank):
+                raise ValueError(f"ZeRO's data-parallel group of parameter group {i} (rank {dist.get_rank(group=pg)} "
+                                 f"of {dist.get_world_size(group=pg)}) is not the reducer's (rank {comm.rank} of "
+                                 f"{comm.world_size}): attach over ZeRO's data-parallel group")
+        self._had_hooks = bool(opt._grad_acc_hooks)
+        self._accum_attribute = opt.use_grad_accum_attribute
         for h in opt._grad_acc_hooks:
             h.remove()
         opt._grad_acc_hooks = []
@@ -351,6 +369,13 @@ class ZeroBridge:
                 if p.grad is not None:
                     part.narrow(0, dst, n).copy_(p.grad.reshape(-1).narrow(0, src, n))
             opt.averaged_gradients[i] = [part]
+
+    def restore(self) -> None:
+        """Give ZeRO back its own gradient reduction (``Attachment.detach``)."""
+        if self.replace and not self.opt._grad_acc_hooks:
+            self.opt.use_grad_accum_attribute = self._accum_attribute
+            if self._had_hooks:
+                self.opt.create_gradient_handling_hooks()
 
     def record(self, meter) -> None:
         """ZeRO's all-gather of the updated parameter partitions (skipped by DeepSpeed on an overflow step):
@@ -539,9 +564,9 @@ class Attachment:
         return out
 
     def detach(self) -> None:
-        """Remove the hooks and restore ``engine.step``. Under ZeRO 1/2 with a replacing reducer the ZeRO
-        optimizer's own gradient hooks stay removed (``ZeroBridge``): attach a reducer again before training
-        that engine further."""
+        """Remove the hooks and restore ``engine.step`` (and, under ZeRO 1/2, ZeRO's own gradient hooks)."""
+        if self.zero is not None:
+            self.zero.restore()
         for h in self._handles:
             h.remove()
         self._handles.clear()

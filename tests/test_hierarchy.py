@@ -372,3 +372,26 @@ def test_hierarchical_local_sgd_through_attach_skips_a_nan_node_wide():
     assert res[0]["events"] == res[1]["events"] == [(1, [0, 1])] and res[2]["events"] == res[3]["events"] == []
     kinds = res[0]["by_kind"]
     assert kinds["node_mean"] > 0 and kinds["param_allreduce"] > 0 and kinds["node_gather"] > 0
+
+
+def test_hierarchical_local_sgd_averages_batchnorm_statistics_over_every_rank():
+    """Parameters agree inside a node, BatchNorm statistics do not (each rank's own data): with
+    ``avg_buffers`` the statistics are averaged over all 4 ranks, the parameters across the 2 nodes."""
+    from ds_ext.sync.averaging import LocalOptions, LocalSync
+
+    def body(comm):
+        torch.manual_seed(0)
+        module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+        node = comm.rank // 2
+        with torch.no_grad():
+            for p in module.parameters():
+                p.fill_(float(node))  # identical inside a node
+            module[1].running_mean.fill_(float(comm.rank))  # differ on every rank
+        topo = Topology.explicit(comm.rank, 4, 2)
+        sync = LocalSync(list(module.named_parameters()), LocalOptions(h=1, avg_buffers=True, hierarchical=True),
+                         comm=comm, module=module, total_steps=4, hierarchy=HierarchicalAveraging(comm, topo))
+        sync._average_now()
+        return module[1].running_mean.clone(), module[0].weight.detach().clone()
+
+    for mean, weight in LoopbackWorld(4).run(body):
+        assert torch.equal(mean, torch.full((4,), 1.5)) and torch.equal(weight, torch.full((4, 3), 0.5))

@@ -117,3 +117,20 @@ def test_deepspeed_version_outside_the_bridge_range_is_refused():
     for v in ("0.18.9", "0.20.0", "1.0.0", "unknown"):
         msg = zero_bridge_version_problem(v)
         assert f"this is deepspeed {v}" in msg and "deepspeed>=0.19,<0.20" in msg
+
+
+def test_detach_gives_zero_its_reduction_back_and_a_foreign_group_is_refused():
+    a, b = harness.run(workers_zero.detach_and_refusals, 2, timeout=120)
+    assert a["hooks"][0] == 0 and a["hooks"][1] > 0  # removed while attached, restored by detach
+    assert torch.equal(a["first"], b["first"]) and torch.equal(a["second"], b["second"])  # ZeRO's own averaging
+    assert not torch.equal(a["first"], a["second"])
+    assert "is not the reducer's (rank 0 of 1)" in a["error"] and "data-parallel group" in a["error"]
+
+
+def test_bf16_stage1_fp32_accumulation_is_refused_before_launch():
+    from ds_ext.reducers.base import zero_stage_problem
+
+    ds = {"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}}
+    key, msg = zero_stage_problem("powersgd", ds)
+    assert key == "deepspeed.data_types.grad_accum_dtype" and "BF16_Optimizer" in msg
+    assert zero_stage_problem("powersgd", {**ds, "zero_optimization": {"stage": 2}}) is None

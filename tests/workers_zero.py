@@ -112,3 +112,28 @@ def run_trainer(rank, world, argv):
     from .workers import run_trainer as run
 
     return run(rank, world, argv)
+
+
+def detach_and_refusals(rank, world):
+    """ZeRO-1 engine: 2 steps with acpsgd attached, detach, 2 more steps with ZeRO's own reduction (its hooks
+    restored); parameters after each phase. Then attach over a one-rank group: the error text."""
+    import torch.distributed as dist
+
+    import ds_ext
+
+    engine = make_engine("fp32", 1, world=world, zero=1)
+    att = ds_ext.attach(engine, {"reducer": dict(REDUCERS["acpsgd"])})
+    train_steps(engine, att, rank, 2, 1, 8)
+    hooks_while_attached = len(engine.optimizer._grad_acc_hooks)
+    first = flat_params(engine)
+    att.detach()
+    hooks_after = len(engine.optimizer._grad_acc_hooks)
+    train_steps(engine, None, rank + 10, 2, 1, 8)
+    second = flat_params(engine)
+    mine = [dist.new_group([r]) for r in range(world)][rank]
+    try:
+        ds_ext.attach(engine, {"reducer": {"name": "allreduce"}}, group=mine)
+        err = None
+    except ValueError as e:
+        err = str(e)
+    return {"first": first, "second": second, "hooks": (hooks_while_attached, hooks_after), "error": err}

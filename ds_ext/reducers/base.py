@@ -45,6 +45,12 @@ def zero_stage_problem(reducer: str, ds) -> Optional[Tuple[str, str]]:
                 f"reducer {reducer!r} works with ZeRO stage 0, 1 or 2 (got {stage}): ZeRO-3 partitions the "
                 "parameters themselves, so no rank holds a whole gradient to compress. Use stage 1 or 2 (the "
                 "optimizer state is partitioned either way), or reducer 'deepspeed' to keep ZeRO-3")
+    accum = str(((ds.get("data_types") or {}) if hasattr(ds, "get") else {}).get("grad_accum_dtype") or "")
+    if stage == 1 and (ds.get("bf16") or {}).get("enabled", False) and accum.lower() in ("fp32", "float32", "float"):
+        return ("deepspeed.data_types.grad_accum_dtype",
+                f"reducer {reducer!r}: with bf16, ZeRO stage 1 and data_types.grad_accum_dtype {accum!r} DeepSpeed runs "
+                "its BF16_Optimizer, not the ZeRO optimizer the reducer plugs into; remove grad_accum_dtype (the "
+                "methods reduce in the gradients' dtype, their own state is fp32) or use stage 2")
     offload = zero.get("offload_optimizer") or {}
     device = offload.get("device", "none") if isinstance(offload, dict) else offload
     if device not in (None, "none", False):

@@ -365,7 +365,12 @@ class LocalSync(_Averaging):
 
     def _average_now(self) -> None:
         if self.hierarchy is not None:  # sharded over the node's ranks, across nodes, then gathered in the node
-            self.hierarchy.average_across_nodes(self._tensors())
+            # parameters and moments agree inside a node (its gradient mean); BatchNorm statistics follow each
+            # rank's own data, so those are averaged over every rank
+            bufs = {id(b) for b in bn_buffers(self.module)} if self.options.avg_buffers else set()
+            tensors = self._tensors()
+            self.hierarchy.average_across_nodes([t for t in tensors if id(t) not in bufs])
+            average([t for t in tensors if id(t) in bufs], self.comm, self.world_size)
         else:
             average(self._tensors(), self.comm, self.world_size)
 
