@@ -33,6 +33,30 @@ this package (tests check them against the real meter):
 * ``local_qsr`` (Local SGD, QSR period H): all_reduce of every fp32 parameter once every H steps.
 * ``dssync`` (G groups, every step): all_reduce of every fp32 parameter inside a group of N/G ranks.
 
+Hierarchical (node-aware) mode (``--hierarchical``; ``ds_ext/hierarchy.py``), G GPUs per node
+(``--gpus-per-node``, default 8): a rank's collectives are ``hierarchical_collectives`` (reducers) or
+``HierarchicalAveraging.collectives`` (``local_qsr``): the node mean and the node gather (``NodeCollective``,
+``intra_node = True``) plus the method's own collectives on this local rank's 1/G shard between the N/G
+nodes. Two-level time:
+
+    intra-node: sum over node collectives of  hops * intra_alpha + wire / intra_BW
+    cross-node: max over local ranks of their hops * alpha
+                + max(busiest local rank's wire, sum of the G local ranks' wire / nics_per_node) / (eta * BW)
+
+``intra_BW`` (``Constants.intra_bw_bits``, ``--intra-bw`` Gbit/s) is an input, not measured here:
+default 1.6e12 bit/s = 200 GB/s, an NVLink-class achieved bus bandwidth (NVIDIA's nccl-tests
+``all_reduce_perf`` on an 8x A100 DGX with NVLink 3 / NVSwitch reports ~230 GB/s bus bandwidth for large
+messages; H100 NVLink 4 more); ``intra_alpha`` (``--intra-alpha-us``) 5 us per ring hop, also an input (the
+order of NCCL's per-step latency inside a node; the fitted ``alpha`` is the emulation's CPU scheduling delay
+and would be wrong on NVLink). Node collectives are priced at the intra-node rate with no efficiency factor.
+The network is one link of BW per node (``--nics-per-node``, default 1), so the G local ranks' cross-node
+rings share it; a flat ring over node-major ranks crosses each node's link once per direction, so its time
+is the flat model's above (with k links per node both modes spread over them: flat as k rings, /k). On one
+node (N <= G) the flat collectives run inside it and are priced at the intra-node rate. Hierarchical mode does
+not overlap with backward (the node mean needs every gradient). The hierarchical table leaves compression out
+(0, the bound a fast GPU implementation approaches) unless ``--compress-ms`` gives it; a hierarchical rank then
+compresses its 1/G shard: given / G (an assumption).
+
 Overlap (projection only): the communication of methods launched during backward (``allreduce``,
 ``acpsgd``) can hide behind the backward pass, taken as ``backward_fraction`` (default 2/3) of the
 compute time; every other method communicates after backward. The emulated measurements have no
@@ -169,12 +193,50 @@ def collectives(method: str, shapes: Sequence[Sequence[int]], n: int, opts: Meth
     return out
 
 
+#: methods with a hierarchical mode (``hierarchical: true`` on the reducer, or on ``sync: local``)
+HIER_METHODS = ("allreduce", "powersgd", "acpsgd", "topk", "exdyna", "signsgd", "local_qsr")
+
+
+def hierarchical_method_collectives(method: str, shapes: Sequence[Sequence[int]], n: int, local_size: int,
+                                    opts: MethodOptions, local_rank: Optional[int] = None,
+                                    exdyna_imbalance: float = 0.0) -> List[Collective]:
+    """What one rank issues per optimizer step in hierarchical mode, ``local_size`` ranks per node: the
+    reducer's ``ds_ext.hierarchy.hierarchical_collectives`` (node mean, the method on this local rank's shard
+    between the nodes, node gather) and, for ``local_qsr``, ``HierarchicalAveraging.collectives`` (node
+    gradient mean every step, the shard's parameter average across nodes every H steps, node gather).
+    ``local_rank`` None: the local rank whose shard costs the most (as there)."""
+    from .hierarchy import HierarchicalAveraging, hierarchical_collectives
+    from .registry import REDUCERS, SYNCS, load_builtin
+
+    if method not in HIER_METHODS:
+        raise ValueError(f"{method!r} has no hierarchical mode; methods with one: {', '.join(HIER_METHODS)}")
+    load_builtin()
+    rname, ropts, sname, sopts = method_specs(opts)[method]
+    out: List[Collective] = []
+    if rname != "none":
+        entry = REDUCERS.get(rname)
+        out += hierarchical_collectives(entry.factory, shapes, n, local_size, entry.options(**ropts),
+                                        local_rank=local_rank, imbalance=exdyna_imbalance, lr=opts.qsr_lr)
+    if sname != "none":
+        entry = SYNCS.get(sname)
+        out += HierarchicalAveraging.collectives(shapes, n, local_size, entry.options(**sopts), lr=opts.qsr_lr,
+                                                 local_rank=local_rank)
+    return out
+
+
 # ------------------------------------------------------------------------------------------ model
+#: intra-node link of the two-level (hierarchical) term: inputs, not measured here (module docstring)
+INTRA_BW_BITS = 1.6e12      # 200 GB/s: NVLink-class achieved bus bandwidth
+INTRA_ALPHA_S = 5e-6        # per ring hop inside a node
+
+
 @dataclass
 class Constants:
     alpha_s: float          # per-message (ring hop) latency, seconds
     eta: float              # achieved fraction of the link rate
     source: str = "built-in"
+    intra_bw_bits: float = INTRA_BW_BITS   # intra-node rate (bit/s) for NodeCollective (``intra_node``)
+    intra_alpha_s: float = INTRA_ALPHA_S   # intra-node per-hop latency, seconds
 
 
 # How a method's compression time changes with the number of ranks N (fitted per method on the
@@ -214,9 +276,101 @@ DEFAULT_COMPRESSION: Dict[str, Compression] = {
 }
 
 
+def is_intra_node(x) -> bool:
+    """A collective among the ranks of one node (``ds_ext.hierarchy.NodeCollective``)."""
+    return bool(getattr(x, "intra_node", False))
+
+
+def intra_seconds(colls: Iterable[Collective], c: Constants) -> float:
+    """Collectives priced on the intra-node link: ``hops * intra_alpha + wire / intra_BW`` (no efficiency factor)."""
+    bw = c.intra_bw_bits / 8.0
+    return sum(x.calls * (x.hops() * c.intra_alpha_s + x.wire_bytes() / bw) for x in colls)
+
+
 def comm_seconds(colls: Iterable[Collective], bw_bits: float, c: Constants) -> float:
+    """Network collectives at ``bw_bits`` (``hops * alpha + wire / (eta BW)``); a collective inside a node
+    (``intra_node``: ``NodeCollective``) at the intra-node rate (``intra_seconds``)."""
     bw = bw_bits / 8.0
-    return sum(x.calls * (x.hops() * c.alpha_s + x.wire_bytes() / (c.eta * bw)) for x in colls)
+    colls = list(colls)
+    net = sum(x.calls * (x.hops() * c.alpha_s + x.wire_bytes() / (c.eta * bw)) for x in colls if not is_intra_node(x))
+    return net + intra_seconds([x for x in colls if is_intra_node(x)], c)
+
+
+def _wire(colls) -> float:
+    return sum(x.calls * x.wire_bytes() for x in colls)
+
+
+def _payload(colls) -> float:
+    return sum(x.calls * x.nbytes for x in colls)
+
+
+def flat_comm(method: str, shapes, n: int, gpus_per_node: int, opts: MethodOptions, consts: Constants,
+              bw_bits: float, nics_per_node: int = 1, exdyna_imbalance: float = 0.0) -> dict:
+    """The flat method on ``n`` ranks, ``gpus_per_node`` per node (module docstring): on several nodes its
+    rings cross each node's network link once per direction (k links: k rings, the bandwidth term / k); on
+    one node everything runs on the intra-node link. Seconds per step, and the bytes one node sends over
+    the network per step (``net_bytes_node``: one rank's ring sends)."""
+    colls = collectives(method, shapes, n, opts, exdyna_imbalance)
+    if n <= gpus_per_node:
+        return {"net_s": 0.0, "intra_s": intra_seconds(colls, consts), "comm_s": intra_seconds(colls, consts),
+                "net_bytes_node": 0.0, "payload_rank": _payload(colls)}
+    k = max(1, int(nics_per_node))
+    net = (sum(x.calls * x.hops() for x in colls) * consts.alpha_s
+           + _wire(colls) / k / (consts.eta * bw_bits / 8.0))
+    return {"net_s": net, "intra_s": 0.0, "comm_s": net, "net_bytes_node": _wire(colls), "payload_rank": _payload(colls)}
+
+
+def hierarchical_comm(method: str, shapes, n: int, gpus_per_node: int, opts: MethodOptions, consts: Constants,
+                      bw_bits: float, nics_per_node: int = 1, exdyna_imbalance: float = 0.0) -> dict:
+    """The two-level term (module docstring): ``intra_s`` (node collectives at the intra-node rate), ``net_s``
+    (the cross-node collectives of the node's ``gpus_per_node`` local ranks, sharing ``nics_per_node`` links
+    of ``bw_bits``), ``comm_s`` = their sum; ``cross_bytes``: the cross-node payload of the busiest local rank
+    (``hierarchical_collectives``' collectives that are not ``intra_node``), ``cross_bytes_node`` of all of a
+    node's local ranks, ``net_bytes_node``: what a node sends over the network per step; ``intra_bytes``:
+    a rank's node-collective payload."""
+    g = int(gpus_per_node)
+    if g < 1 or n % g:
+        raise ValueError(f"hierarchical: {n} GPUs is not a multiple of {g} GPUs per node")
+    busiest = hierarchical_method_collectives(method, shapes, n, g, opts, None, exdyna_imbalance)
+    nodes = n // g
+    per = ([hierarchical_method_collectives(method, shapes, n, g, opts, j, exdyna_imbalance) for j in range(g)]
+           if g > 1 and nodes > 1 else [busiest])
+    intra = [x for x in busiest if is_intra_node(x)]
+    cross = [[x for x in cs if not is_intra_node(x)] for cs in per]
+    wires = [_wire(cs) for cs in cross]
+    net = 0.0
+    if any(cs for cs in cross):
+        hops = max(sum(x.calls * x.hops() for x in cs) for cs in cross)
+        net = hops * consts.alpha_s + max(max(wires), sum(wires) / max(1, int(nics_per_node))) / (
+            consts.eta * bw_bits / 8.0)
+    intra_s = intra_seconds(intra, consts)
+    return {"net_s": net, "intra_s": intra_s, "comm_s": net + intra_s,
+            "cross_bytes": _payload([x for x in busiest if not is_intra_node(x)]),
+            "cross_bytes_node": sum(_payload(cs) for cs in cross), "net_bytes_node": sum(wires),
+            "intra_bytes": _payload(intra)}
+
+
+def project_hierarchical(methods, gpus, bws, shapes, opts, consts, compute_ms: float, gpus_per_node: int = 8,
+                         nics_per_node: int = 1, overlap: bool = True, backward_fraction: float = 2.0 / 3.0,
+                         compress: Optional[Dict[str, float]] = None) -> List[dict]:
+    """Flat vs hierarchical per (Gbit/s, GPUs, method): communication (network, intra-node) and step time.
+    Flat overlaps as ``step_ms`` says; hierarchical never does. ``compress``: ms per step of the flat method
+    (a hierarchical rank compresses its 1/gpus_per_node shard); default none."""
+    compress = compress or {}
+    rows = []
+    for bw in bws:
+        for n in gpus:
+            for m in methods:
+                if m not in HIER_METHODS or applicable(m, n, opts) or n % gpus_per_node:
+                    continue
+                f = flat_comm(m, shapes, n, gpus_per_node, opts, consts, bw * 1e9, nics_per_node)
+                h = hierarchical_comm(m, shapes, n, gpus_per_node, opts, consts, bw * 1e9, nics_per_node)
+                cf = compress.get(m, 0.0)
+                ch = cf / gpus_per_node
+                rows.append({"bw": bw, "gpus": n, "nodes": n // gpus_per_node, "method": m, "flat": f, "hier": h,
+                             "flat_step_ms": step_ms(m, f["comm_s"], compute_ms, cf, overlap, backward_fraction),
+                             "hier_step_ms": step_ms(m, h["comm_s"], compute_ms, ch, False, backward_fraction)})
+    return rows
 
 
 def step_ms(method: str, comm_s: float, compute_ms: float, compress_ms: float, overlap: bool,
@@ -452,6 +606,42 @@ def print_projection(title: str, table, methods, gpus, bws) -> None:
             print(f"{bw:>6g} {n:>5} " + " ".join(cells))
 
 
+def print_hierarchical(rows: List[dict], bound: Dict[tuple, float], consts: Constants, compute_ms: float,
+                       gpus_per_node: int, nics_per_node: int, overlap: bool, backward_fraction: float,
+                       compress: Dict[str, float]) -> None:
+    """The flat-vs-hierarchical table with its assumptions; ``bound``: (bw, gpus, method) -> hierarchical
+    over flat step speed-up with every latency at 0."""
+    print(f"\n## flat vs hierarchical (node-aware): {gpus_per_node} GPUs per node, {nics_per_node} network link(s) "
+          f"of BW per node")
+    print(f"# network: alpha {consts.alpha_s * 1e6:.1f} us per ring hop, eta {consts.eta:.3f} ({consts.source}); "
+          f"intra-node: {consts.intra_bw_bits / 8e9:g} GB/s, {consts.intra_alpha_s * 1e6:g} us per ring hop (inputs: "
+          f"NVLink-class, see the module docstring)")
+    print(f"# step = compute {compute_ms:g} ms (input) + compression ("
+          + (", ".join(f"{k} {v:g} ms" for k, v in compress.items()) + "; hierarchical: / GPUs per node"
+             if compress else "none: the bound a fast GPU implementation approaches")
+          + ") + communication; flat "
+          + (f"allreduce/acpsgd hide up to {backward_fraction:.2f} x compute behind backward" if overlap else "no overlap")
+          + "; hierarchical: no overlap (the node mean needs every gradient)")
+    print("# net MB/node: bytes a node sends over its network link per step (flat: one rank's ring sends; "
+          "hierarchical: its local ranks' cross-node sends); comm = network + intra-node (hierarchical)")
+    print("# speed-up = flat step / hierarchical step of the same method; x S-SGD = flat allreduce step / "
+          "hierarchical step; alpha=0: the speed-up with every latency at 0 (bandwidth only)")
+    print(f"{'Gbit/s':>6} {'GPUs':>4} {'nodes':>5} {'method':<10} {'netMB/node flat':>15} {'hier':>8} "
+          f"{'comm ms flat':>12} {'hier':>8} {'(net':>8} {'+ intra)':>8} {'step ms flat':>12} {'hier':>8} "
+          f"{'speed-up':>8} {'x S-SGD':>7} {'alpha=0':>7}")
+    base = {(r["bw"], r["gpus"]): r["flat_step_ms"] for r in rows if r["method"] == "allreduce"}
+    for r in rows:
+        f, h = r["flat"], r["hier"]
+        key = (r["bw"], r["gpus"])
+        ssgd = f"{base[key] / r['hier_step_ms']:6.2f}x" if key in base else f"{'-':>7}"
+        b = bound.get((r["bw"], r["gpus"], r["method"]))
+        print(f"{r['bw']:>6g} {r['gpus']:>4} {r['nodes']:>5} {r['method']:<10} {f['net_bytes_node'] / 1e6:15.3f} "
+              f"{h['net_bytes_node'] / 1e6:8.3f} {1e3 * f['comm_s']:12.1f} {1e3 * h['comm_s']:8.1f} "
+              f"{1e3 * h['net_s']:8.1f} {1e3 * h['intra_s']:8.2f} {r['flat_step_ms']:12.1f} {r['hier_step_ms']:8.1f} "
+              f"{r['flat_step_ms'] / r['hier_step_ms']:7.2f}x {ssgd} "
+              + (f"{b:6.2f}x" if b is not None else f"{'-':>7}"))
+
+
 def _floats(s: str) -> List[float]:
     return [float(x) for x in s.split(",") if x.strip()]
 
@@ -475,8 +665,10 @@ def _parse_compress(items: Sequence[str]) -> Dict[str, float]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ds_ext.costmodel", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--methods", default=",".join(ALL_METHODS), help="comma list (default: all)")
-    ap.add_argument("--gpus", default="8,16,32,64", help="data-parallel ranks to project to")
+    ap.add_argument("--methods", default=None, help="comma list (default: all; with --hierarchical: "
+                                                    "allreduce,powersgd,acpsgd,topk,exdyna,local_qsr)")
+    ap.add_argument("--gpus", default=None, help="data-parallel ranks to project to (default 8,16,32,64; "
+                                                 "with --hierarchical 16,32,64)")
     ap.add_argument("--bandwidth", default="1,10,100", help="link rates in Gbit/s")
     ap.add_argument("--model", default="resnet50", help="registered model whose gradient shapes are sent")
     ap.add_argument("--compute-ms", type=float, default=30.5,
@@ -496,10 +688,22 @@ def main(argv=None) -> int:
     ap.add_argument("--eta", type=float, default=None, help="replace the bandwidth-efficiency constant")
     ap.add_argument("--qsr-h", type=int, default=None, help="QSR period H for local_qsr (default 4: the ViT-B "
                     "recipe at peak LR; its whole schedule averages 93,600/9,711 = 9.64 steps per sync)")
+    ap.add_argument("--hierarchical", action="store_true",
+                    help="project flat vs hierarchical (node-aware) mode per method instead (module docstring)")
+    ap.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (ranks) per node, for --hierarchical")
+    ap.add_argument("--nics-per-node", type=int, default=1,
+                    help="network links of --bandwidth per node, shared by its ranks (--hierarchical)")
+    ap.add_argument("--intra-bw", type=float, default=INTRA_BW_BITS / 1e9,
+                    help="intra-node bandwidth in Gbit/s (default 1600 = 200 GB/s, NVLink-class; an input)")
+    ap.add_argument("--intra-alpha-us", type=float, default=INTRA_ALPHA_S * 1e6,
+                    help="intra-node latency per ring hop, microseconds (an input)")
     ap.add_argument("--png", default="runs/costmodel/projection.png", help="plot path ('' for none)")
     ap.add_argument("--csv", default=None, help="also write both projections as CSV")
     args = ap.parse_args(argv)
 
+    if args.methods is None:
+        args.methods = ("allreduce,powersgd,acpsgd,topk,exdyna,local_qsr" if args.hierarchical
+                        else ",".join(ALL_METHODS))
     methods = [m for m in args.methods.split(",") if m]
     bad = [m for m in methods if m not in LABELS]
     if bad:
@@ -507,6 +711,8 @@ def main(argv=None) -> int:
         return 2
     if "allreduce" not in methods:
         methods.insert(0, "allreduce")  # the baseline of every speed-up
+    if args.gpus is None:
+        args.gpus = "16,32,64" if args.hierarchical else "8,16,32,64"
     try:
         gpus = [int(x) for x in _floats(args.gpus)]
         bws = _floats(args.bandwidth)
@@ -532,6 +738,11 @@ def main(argv=None) -> int:
         consts = Constants(args.alpha_us * 1e-6, consts.eta, f"alpha given, eta {consts.source}")
     if args.eta is not None:
         consts = Constants(consts.alpha_s, args.eta, f"eta given, alpha {consts.source}")
+    if args.intra_bw <= 0 or args.intra_alpha_us < 0 or args.gpus_per_node < 1 or args.nics_per_node < 1:
+        print("--intra-bw must be > 0, --intra-alpha-us >= 0, --gpus-per-node and --nics-per-node >= 1",
+              file=sys.stderr)
+        return 2
+    consts.intra_bw_bits, consts.intra_alpha_s = args.intra_bw * 1e9, args.intra_alpha_us * 1e-6
     given = read_compress_file(args.compress_file) if args.compress_file else {}
     given.update(_parse_compress(args.compress_ms))
     for m, v in given.items():
@@ -546,6 +757,9 @@ def main(argv=None) -> int:
              if overlap else "no overlap"))
     print(f"# constants ({consts.source}): alpha = {consts.alpha_s * 1e6:.1f} us per ring hop, "
           f"eta = {consts.eta:.3f} of the link rate")
+    if args.hierarchical:
+        print(f"# local_qsr: H = {opts.qsr_h}; rank {opts.rank}; density {opts.density}")
+        return _main_hierarchical(args, methods, gpus, bws, shapes, opts, consts, given, overlap)
     print(f"# compression ms/step at N = {', '.join(str(n) for n in gpus)} ({comp_src}):")
     for m in methods:
         c = compression.get(m)
@@ -574,6 +788,43 @@ def main(argv=None) -> int:
         print(f"# csv: {args.csv}")
     if args.png:
         plot(with_c, without, methods, gpus, bws, args.png, consts, args.compute_ms)
+    return 0
+
+
+def _main_hierarchical(args, methods, gpus, bws, shapes, opts, consts, given, overlap) -> int:
+    g = args.gpus_per_node
+    skipped = [m for m in methods if m not in HIER_METHODS]
+    methods = [m for m in methods if m in HIER_METHODS]
+    bad = [n for n in gpus if n % g]
+    if bad:
+        print(f"--gpus {', '.join(map(str, bad))}: not a multiple of --gpus-per-node {g}", file=sys.stderr)
+        return 2
+    if skipped:
+        print(f"# no hierarchical mode, not projected: {', '.join(skipped)}")
+    compress = {m: v for m, v in given.items() if m in methods}
+    rows = project_hierarchical(methods, gpus, bws, shapes, opts, consts, args.compute_ms, g, args.nics_per_node,
+                                overlap, args.backward_fraction, compress)
+    free = Constants(0.0, consts.eta, consts.source, consts.intra_bw_bits, 0.0)
+    bound = {(r["bw"], r["gpus"], r["method"]): r["flat_step_ms"] / r["hier_step_ms"]
+             for r in project_hierarchical(methods, gpus, bws, shapes, opts, free, args.compute_ms, g,
+                                           args.nics_per_node, overlap, args.backward_fraction, compress)}
+    print_hierarchical(rows, bound, consts, args.compute_ms, g, args.nics_per_node, overlap, args.backward_fraction,
+                       compress)
+    if args.csv:
+        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.csv, "w") as f:
+            f.write("bandwidth_gbit,gpus,nodes,method,flat_net_bytes_node,hier_net_bytes_node,hier_cross_bytes_rank,"
+                    "hier_intra_bytes_rank,flat_comm_ms,hier_comm_ms,hier_net_ms,hier_intra_ms,flat_step_ms,"
+                    "hier_step_ms,speedup,speedup_alpha0\n")
+            for r in rows:
+                fl, h = r["flat"], r["hier"]
+                f.write(f"{r['bw']:g},{r['gpus']},{r['nodes']},{r['method']},{fl['net_bytes_node']:.0f},"
+                        f"{h['net_bytes_node']:.0f},{h['cross_bytes']:.0f},{h['intra_bytes']:.0f},"
+                        f"{1e3 * fl['comm_s']:.4f},{1e3 * h['comm_s']:.4f},{1e3 * h['net_s']:.4f},"
+                        f"{1e3 * h['intra_s']:.4f},{r['flat_step_ms']:.4f},{r['hier_step_ms']:.4f},"
+                        f"{r['flat_step_ms'] / r['hier_step_ms']:.4f},"
+                        f"{bound[(r['bw'], r['gpus'], r['method'])]:.4f}\n")
+        print(f"# csv: {args.csv}")
     return 0
 
 

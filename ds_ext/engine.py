@@ -242,10 +242,16 @@ class NonFiniteGuard:
             return orig_step(*args, **kwargs)
         inner = getattr(self.engine, "basic_optimizer", None) or self.engine.optimizer
         inner.step = lambda *a, **k: None  # instance attribute shadows the class's step for this call
+        # ZeRO links its parameters to the torch optimizer's state after the first real step; a skipped first
+        # step would link the still-empty state for good
+        outer = self.engine.optimizer
+        linked = getattr(outer, "_hp_optimizer_states_linked", None)
         try:
             return orig_step(*args, **kwargs)
         finally:
             del inner.step
+            if linked is not None:
+                outer._hp_optimizer_states_linked = linked
 
 
 #: the DeepSpeed releases whose ZeRO stage 1/2 optimizer ``ZeroBridge`` was written against: [from, to)
@@ -442,7 +448,8 @@ class Attachment:
         self.engine, self.reducer, self.sync, self.comm = engine, reducer, sync, comm
         self.meter = comm.meter
         self.order = order
-        self.guard = NonFiniteGuard(engine, reducer.params, comm, nonfinite, type(reducer).__name__,
+        self.guard = NonFiniteGuard(engine, reducer.params, comm, nonfinite,
+                                    getattr(reducer, "inner_cls", type(reducer)).__name__,
                                     engine_reduces=not reducer.replaces_engine_allreduce)
         # ZeRO stage 1/2: the method's exchange replaces ZeRO's reduction (see ZeroBridge)
         self.zero = (ZeroBridge(engine, comm, replace=reducer.replaces_engine_allreduce)
