@@ -76,6 +76,8 @@ NODE_MEAN = "node_mean"
 NODE_GATHER = "node_gather"
 
 _ENV_KEYS = ("LOCAL_RANK", "LOCAL_SIZE", "CROSS_RANK", "CROSS_SIZE")
+#: torchrun's names for the same (``LOCAL_WORLD_SIZE``: ranks on this node; ``GROUP_RANK``: the node's index)
+_TORCHRUN_KEYS = (("LOCAL_SIZE", "LOCAL_WORLD_SIZE"), ("CROSS_RANK", "GROUP_RANK"))
 _MISSING, _MALFORMED = -1, -2
 
 
@@ -122,9 +124,12 @@ class Topology:
     @classmethod
     def from_env(cls, comm: Communicator, env: Optional[Mapping[str, str]] = None) -> "Topology":
         """Collective (once, at attach). ``LOCAL_RANK`` / ``LOCAL_SIZE`` (and, if present, ``CROSS_RANK`` /
-        ``CROSS_SIZE``) of every rank, exchanged in ONE control all_gather and checked alike on every rank,
+        ``CROSS_SIZE``; under torchrun ``LOCAL_WORLD_SIZE`` / ``GROUP_RANK``) of every rank, exchanged in ONE control all_gather and checked alike on every rank,
         so a bad layout stops every rank with the same one-line ``ValueError`` (``layout_problem``)."""
-        env = os.environ if env is None else env
+        env = dict(os.environ if env is None else env)
+        for ours, torchrun in _TORCHRUN_KEYS:  # torchrun's names, where the deepspeed launcher's are absent
+            if not str(env.get(ours) or "").strip() and str(env.get(torchrun) or "").strip():
+                env[ours] = env[torchrun]
         mine = [_env_int(env, k) for k in _ENV_KEYS]
         rows = comm.exchange_control(comm.tensor(mine, dtype=torch.int64))  # control data: not metered
         problem = layout_problem(rows, comm.world_size)

@@ -96,6 +96,8 @@ def test_topology_from_env_accepts_launcher_layout():
     assert tops == [Topology.explicit(r, 4, 2) for r in range(4)]
     assert _from_env([{"LOCAL_RANK": str(r % 2), "LOCAL_SIZE": "2"} for r in range(4)])[3] == Topology(3, 4, 1, 1, 2, 2)
     assert layout_problem([[0, 1, -1, -1]], 1) is None
+    torchrun = [{"LOCAL_RANK": str(r % 2), "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": str(r // 2)} for r in range(4)]
+    assert _from_env(torchrun) == [Topology.explicit(r, 4, 2) for r in range(4)]  # torchrun's names
 
 
 # ------------------------------------------------------------------------------ reducers vs the reference
