@@ -364,15 +364,7 @@ class HierarchicalReducer(Reducer):
         if not self.params:
             return
         # (a) exact node mean of every gradient: one fused fp32 all_reduce inside the node
-        dst, src = [], []
-        for v, p in zip(self._mean_views, self.params):
-            if p.grad is None:
-                v.zero_()
-            else:
-                dst.append(v)
-                src.append(p.grad.detach().reshape(-1))
-        if dst:
-            torch._foreach_copy_(dst, src)
+        _pack_grads(self._mean_views, self.params)
         self.node_comm.all_reduce_mean(self._mean, self.kind_mean)
         if topo.n_nodes == 1:  # one node: the exact mean is every gradient's result
             for p, v in zip(self.params, self._mean_views):
@@ -385,16 +377,7 @@ class HierarchicalReducer(Reducer):
             for i in reversed(self.shard):
                 self.inner.grad_ready(self.params[i])
             self.inner.finish()
-            dst, src = [], []
-            for (i, _, _), v in zip(self._layouts[topo.local_rank], self._send_views):
-                g = self.params[i].grad
-                if g is None:
-                    v.zero_()
-                else:
-                    dst.append(v)
-                    src.append(g.detach().reshape(-1))
-            if dst:
-                torch._foreach_copy_(dst, src)
+            _pack_grads(self._send_views, [self.params[i] for i, _, _ in self._layouts[topo.local_rank]])
         # (c) every local rank's shard result to every rank of the node: one fused all_gather
         got = self.node_comm.all_gather(self._send, self.kind_gather)  # [local_size, max_shard]
         for j, lay in enumerate(self._layouts):
@@ -435,6 +418,19 @@ class HierarchicalReducer(Reducer):
             raise ValueError("HierarchicalReducer.collectives needs inner_cls (the wrapped reducer class)")
         return hierarchical_collectives(inner_cls, shapes, world, local_size, options, local_rank=local_rank,
                                         **model)
+
+
+def _pack_grads(views: Sequence[torch.Tensor], params: Sequence[torch.nn.Parameter]) -> None:
+    """Each ``p.grad`` into its 1-D view of a flat buffer (one fused copy); a missing gradient as zeros."""
+    dst, src = [], []
+    for v, p in zip(views, params):
+        if p.grad is None:
+            v.zero_()
+        else:
+            dst.append(v)
+            src.append(p.grad.detach().reshape(-1))
+    if dst:
+        torch._foreach_copy_(dst, src)
 
 
 def _write(p: torch.nn.Parameter, flat: torch.Tensor) -> None:
@@ -565,17 +561,9 @@ class HierarchicalAveraging:
             return flag
         buf = self._buffer(("mean",), total)
         views = list(buf[:sum(numels)].split(numels)) if numels else []
-        dst, src = [], []
-        for v, p in zip(views, params):
-            if p.grad is None:
-                v.zero_()
-            else:
-                dst.append(v)
-                src.append(p.grad.detach().reshape(-1))
+        _pack_grads(views, params)
         if flag is not None:
             buf[-1:].copy_(flag.reshape(1))
-        if dst:
-            torch._foreach_copy_(dst, src)
         if flag is None:
             self.node_comm.all_reduce_mean(buf, self.kind_mean)
         else:  # the flag is summed, not averaged

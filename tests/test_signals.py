@@ -172,6 +172,20 @@ def wait_gone(pids: List[int], timeout: float = 20.0) -> List[int]:
     return alive
 
 
+def stop_ranks_and_loader_workers(job: Job, *sigs: int):
+    """Once the 2 ranks (one DataLoader worker each) are ready, send ``sigs`` in turn to the job's process
+    group; wait for the ranks and check both workers ended after them. Returns (exit codes, rank texts)."""
+    job.wait_ready()
+    for sig in sigs:
+        job.send_all(sig)
+    codes = job.wait()
+    texts = [job.text(0), job.text(1)]
+    workers = job.loader_pids(0) + job.loader_pids(1)
+    assert len(workers) == 2, texts
+    assert wait_gone(workers) == [], texts
+    return codes, texts
+
+
 def ds_lines(text: str) -> List[str]:
     return [line for line in text.splitlines() if line.startswith("[ds_ext]")]
 
@@ -221,13 +235,7 @@ def test_ctrl_c_under_exit_stops_each_rank_with_130():
     """Ctrl-C reaches every process of the group, DataLoader workers included: each rank prints one
     line (none from its worker) and exits 130; the workers end after their rank."""
     with Job(2, "--on-signal", "exit", "--loader-workers", "1", "--loader-init", "plain") as job:
-        job.wait_ready()
-        job.send_all(signal.SIGINT)
-        codes = job.wait()
-        texts = [job.text(0), job.text(1)]
-        workers = job.loader_pids(0) + job.loader_pids(1)
-        assert len(workers) == 2, texts
-        assert wait_gone(workers) == [], texts
+        codes, texts = stop_ranks_and_loader_workers(job, signal.SIGINT)
     assert codes == [faults.EXIT_SIGINT] * 2, (codes, texts)
     for r, text in enumerate(texts):
         [line] = ds_lines(text)
@@ -241,14 +249,7 @@ def test_ctrl_c_then_launcher_sigterm_within_2s_still_saves():
     that second signal is the same request, not a repeat. The launcher's SIGTERM also reaches the
     DataLoader workers, which must live on to feed the step being finished, and end after their rank."""
     with Job(2, "--on-signal", "save", "--loader-workers", "1") as job:
-        job.wait_ready()
-        job.send_all(signal.SIGINT)
-        job.send_all(signal.SIGTERM)
-        codes = job.wait()
-        texts = [job.text(0), job.text(1)]
-        workers = job.loader_pids(0) + job.loader_pids(1)
-        assert len(workers) == 2, texts
-        assert wait_gone(workers) == [], texts
+        codes, texts = stop_ranks_and_loader_workers(job, signal.SIGINT, signal.SIGTERM)
     assert codes == [faults.EXIT_PREEMPTED] * 2, (codes, texts)
     for r, text in enumerate(texts):
         # both signals are pending at once here: either may reach the watchdog's wakeup fd first; and a

@@ -20,7 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests import harness, workers_zero
+from tests import harness, workers, workers_zero
 from tests.harness import assert_tree_equal, load_ckpt
 from tests.test_resume_matrix import K, N, argv
 
@@ -90,9 +90,9 @@ def test_resume_under_zero_is_exact(tmp_path, reducer, stage):
     combo = ("acpsgd", "none", "rr")
     extra = [f"deepspeed.zero_optimization.stage={stage}", f"method.reducer={reducer}"]
     a, b = tmp_path / "a", tmp_path / "b"
-    assert harness.run(workers_zero.run_trainer, 2, argv=argv(a, combo, *extra)) == [0, 0]
+    assert harness.run(workers.run_trainer, 2, argv=argv(a, combo, *extra)) == [0, 0]
     mid = a / "checkpoints" / f"step_{K:07d}"
-    assert harness.run(workers_zero.run_trainer, 2, argv=argv(b, combo, *extra, f"checkpoint.resume={mid}")) == [0, 0]
+    assert harness.run(workers.run_trainer, 2, argv=argv(b, combo, *extra, f"checkpoint.resume={mid}")) == [0, 0]
     tag = f"step_{N:07d}"
     sa, ra = load_ckpt(a, tag)
     sb, rb = load_ckpt(b, tag)

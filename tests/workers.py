@@ -1,6 +1,8 @@
 """Functions executed inside the spawned ranks (see tests/harness.py)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -12,14 +14,19 @@ def tiny_model() -> nn.Module:
                          nn.Linear(32, 10))
 
 
-def make_engine(precision: str = "fp32", gas: int = 1, micro: int = 8, world: int = 2, lr: float = 0.05, zero: int = 0):
+def make_engine(precision: str = "fp32", gas: int = 1, micro: int = 8, world: int = 2, lr: float = 0.05, zero: int = 0,
+                clip: float = 0.0, adam: bool = False, extra: Optional[dict] = None):
+    """The tiny model under DeepSpeed: SGD with momentum (``adam``: AdamW, lr 1e-3), DeepSpeed's gradient
+    clipping at ``clip`` (0: off), ``extra`` merged into the config (e.g. the comms logger)."""
     import deepspeed
 
     model = tiny_model()
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    opt = (torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01) if adam
+           else torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9))
     cfg = {"train_batch_size": micro * gas * world, "train_micro_batch_size_per_gpu": micro,
-           "gradient_accumulation_steps": gas, "steps_per_print": 10**12, "zero_optimization": {"stage": zero}, "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0,
-           "bf16": {"enabled": precision == "bf16"}}
+           "gradient_accumulation_steps": gas, "steps_per_print": 10**12, "zero_optimization": {"stage": zero},
+           "zero_allow_untested_optimizer": True, "gradient_clipping": clip,
+           "bf16": {"enabled": precision == "bf16"}, **(extra or {})}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     return engine
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .workers import flat_params, make_engine, tiny_model, train_steps  # noqa: F401  (tiny_model: tests)
+from .workers import flat_params, make_engine, train_steps
 
 #: every gradient reducer, with options small enough for the tiny model (tests/workers.tiny_model)
 REDUCERS = {
@@ -16,24 +16,6 @@ REDUCERS = {
 }
 
 
-def _engine(precision, gas, world, stage, clip=0.0, adam=False):
-    """``tests/workers.make_engine``, optionally with AdamW and DeepSpeed's gradient clipping."""
-    if not clip and not adam:
-        return make_engine(precision, gas, world=world, zero=stage)
-    import deepspeed
-
-    from .workers import tiny_model
-
-    model = tiny_model()
-    opt = (torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01) if adam
-           else torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
-    cfg = {"train_batch_size": 8 * gas * world, "train_micro_batch_size_per_gpu": 8,
-           "gradient_accumulation_steps": gas, "steps_per_print": 10**12, "zero_optimization": {"stage": stage},
-           "zero_allow_untested_optimizer": True, "gradient_clipping": clip, "bf16": {"enabled": precision == "bf16"}}
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
-    return engine
-
-
 def zero_vs_stage0(rank, world, reducers, stages=(1, 2), precisions=("fp32",), steps=10, gas=1, clip=0.0,
                    adam=False):
     """For each reducer x precision: the parameters after ``steps`` steps at stage 0 and at each ZeRO stage,
@@ -44,7 +26,7 @@ def zero_vs_stage0(rank, world, reducers, stages=(1, 2), precisions=("fp32",), s
     for precision in precisions:
         for name in reducers:
             for stage in (0,) + tuple(stages):
-                engine = _engine(precision, gas, world, stage, clip, adam)
+                engine = make_engine(precision, gas, world=world, zero=stage, clip=clip, adam=adam)
                 att = ds_ext.attach(engine, {"reducer": dict(REDUCERS.get(name, {"name": name}))})
                 train_steps(engine, att, rank, steps, gas, 8)
                 out[(precision, name, stage)] = {
@@ -77,23 +59,14 @@ def optimizer_state_bytes(engine) -> int:
 def zero_comms(rank, world, reducers, stage=1, steps=3, gas=1, precision="fp32"):
     """For each reducer: an engine at ``stage`` with DeepSpeed's comms logger on, ``steps`` steps, then
     every collective the logger saw (``{log_name: {msg_size: calls}}``) next to the meter's bytes by kind."""
-    import deepspeed
     import deepspeed.comm as dc
 
     import ds_ext
 
-    from .workers import tiny_model
-
     out = {}
     for name in reducers:
-        model = tiny_model()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        cfg = {"train_batch_size": 8 * gas * world, "train_micro_batch_size_per_gpu": 8,
-               "gradient_accumulation_steps": gas, "steps_per_print": 10**12,
-               "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
-               "gradient_clipping": 0.0, "bf16": {"enabled": precision == "bf16"},
-               "comms_logger": {"enabled": True, "prof_all": True, "verbose": False}}
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+        engine = make_engine(precision, gas, world=world, zero=stage,
+                             extra={"comms_logger": {"enabled": True, "prof_all": True, "verbose": False}})
         spec = dict(REDUCERS.get(name, {"name": name}))
         if name == "powersgd":
             spec["start_powerSGD_iter"] = 0
@@ -107,11 +80,6 @@ def zero_comms(rank, world, reducers, stage=1, steps=3, gas=1, precision="fp32")
         _drop(engine, att)
     return out
 
-
-def run_trainer(rank, world, argv):
-    from .workers import run_trainer as run
-
-    return run(rank, world, argv)
 
 
 def detach_and_refusals(rank, world):

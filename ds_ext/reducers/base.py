@@ -21,7 +21,7 @@ import torch
 from pydantic import Field
 
 from ..comm import Communicator, for_params
-from ..registry import NoOptions, Options
+from ..registry import NoOptions, Options, precision_of, zero_stage_of
 
 
 class GradientOptions(Options):
@@ -36,8 +36,8 @@ def zero_stage_problem(reducer: str, ds) -> Optional[Tuple[str, str]]:
     config's ZeRO settings, as ``(recipe key, message)``, or None. The one statement of the rule: the recipe check and ``attach`` both
     reach it through ``Reducer.check``. Stages 1 and 2 work: the method's exchange replaces ZeRO's
     gradient reduce-scatter and ZeRO keeps its optimizer-state partitions (``engine.ZeroBridge``)."""
-    zero = (ds.get("zero_optimization") or {}) if hasattr(ds, "get") else {}
-    stage = int(zero.get("stage", 0) or 0)
+    zero = ds.get("zero_optimization") or {}
+    stage = zero_stage_of(ds)
     if stage == 0:
         return None
     if stage >= 3:
@@ -45,8 +45,8 @@ def zero_stage_problem(reducer: str, ds) -> Optional[Tuple[str, str]]:
                 f"reducer {reducer!r} works with ZeRO stage 0, 1 or 2 (got {stage}): ZeRO-3 partitions the "
                 "parameters themselves, so no rank holds a whole gradient to compress. Use stage 1 or 2 (the "
                 "optimizer state is partitioned either way), or reducer 'deepspeed' to keep ZeRO-3")
-    accum = str(((ds.get("data_types") or {}) if hasattr(ds, "get") else {}).get("grad_accum_dtype") or "")
-    if stage == 1 and (ds.get("bf16") or {}).get("enabled", False) and accum.lower() in ("fp32", "float32", "float"):
+    accum = str((ds.get("data_types") or {}).get("grad_accum_dtype") or "")
+    if stage == 1 and precision_of(ds) == "bf16" and accum.lower() in ("fp32", "float32", "float"):
         return ("deepspeed.data_types.grad_accum_dtype",
                 f"reducer {reducer!r}: with bf16, ZeRO stage 1 and data_types.grad_accum_dtype {accum!r} DeepSpeed runs "
                 "its BF16_Optimizer, not the ZeRO optimizer the reducer plugs into; remove grad_accum_dtype (the "
