@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import sys
 from typing import Any, Callable, Dict, Optional, Union
 
@@ -33,6 +34,8 @@ import torch
 from .comm import Communicator
 from .metrics import CommMeter
 from .registry import OPTIMIZERS, ORDERS, REDUCERS, SYNCS, MethodView, load_builtin
+
+log = logging.getLogger(__name__)
 
 
 class DesyncError(RuntimeError):
@@ -297,6 +300,17 @@ class ZeroBridge:
     over ZeRO's data-parallel group (checked); MoE expert groups, ZenFlow and unmanaged gradient
     accumulation are refused. ``restore()`` (``Attachment.detach``) puts ZeRO's hooks back.
 
+    **Node-partitioned** (hierarchical mode, ``hierarchical: true`` with ZeRO 1/2 through ``initialize``, or an
+    own ``deepspeed.initialize(..., mpu=node_mpu())``): ZeRO's data-parallel group is this rank's node, so the
+    optimizer state is partitioned over the node's ranks (each node holds one full copy) and ZeRO's parameter
+    all-gather stays inside the node (metered as ``node_zero_allgather``, which ``hierarchy.intra_node_bytes``
+    counts). This is sound because the hierarchical reducer hands every rank of every node the same averaged
+    gradient, so every node steps the same partitions to the same values. DeepSpeed's checkpoint files are
+    named by the rank within the node, so only the first node writes them (the others' save flags are off
+    while attached) and every node loads them; the checkpoint directory must be shared by the nodes, as
+    DeepSpeed's multi-node checkpoints already need. ZeRO's own reduction would average over one node only,
+    so a node-partitioned engine cannot train without the attachment: after ``detach`` its ``step`` raises.
+
     Written against DeepSpeed 0.19's ``stage_1_and_2.py`` (``ZERO_BRIDGE_DEEPSPEED``, checked here):
     ``_grad_acc_hooks``, ``use_grad_accum_attribute``, ``bit16_groups`` / ``bit16_groups_flat`` (every
     parameter's data is a view into its group's flat buffer), ``partition_size``, ``real_dp_process_group``,
@@ -305,9 +319,12 @@ class ZeroBridge:
     _NEEDS = ("_grad_acc_hooks", "use_grad_accum_attribute", "bit16_groups", "bit16_groups_flat", "partition_size",
               "averaged_gradients", "single_partition_of_fp32_groups", "real_dp_process_group", "cpu_offload")
 
-    def __init__(self, engine, comm: Communicator, replace: bool = True):
-        """``replace=False`` (reducer ``deepspeed``): ZeRO keeps its own reduction; only ``record()`` is used."""
+    def __init__(self, engine, comm: Communicator, replace: bool = True, topology=None):
+        """``replace=False`` (reducer ``deepspeed``): ZeRO keeps its own reduction; only ``record()`` is used.
+        ``topology`` (a hierarchical reducer's ``hierarchy.Topology``): ZeRO's group may also be this rank's
+        node (``node_mpu``), which makes the bridge node-partitioned (class docstring)."""
         self.engine, self.opt, self.comm, self.replace = engine, engine.optimizer, comm, replace
+        self.node_partitioned, self.kind, self._save_flags = False, "zero_allgather", None
         flats = getattr(self.opt, "bit16_groups_flat", None) or []
         self.allgather_bytes = sum(int(size) * flat.element_size()
                                    for size, flat in zip(getattr(self.opt, "partition_size", []), flats))
@@ -337,11 +354,33 @@ class ZeroBridge:
                              f"{', '.join(unsupported)}; use reducer 'deepspeed'")
         import torch.distributed as dist
 
+        node = None
+        if topology is not None and topology.n_nodes > 1 and topology.local_size > 1:
+            node = [dist.get_global_rank(comm.group, r) if comm.group is not None else r
+                    for r in topology.node_members()]
         for i, pg in enumerate(opt.real_dp_process_group):
-            if (dist.get_world_size(group=pg), dist.get_rank(group=pg)) != (comm.world_size, comm.rank):
-                raise ValueError(f"ZeRO's data-parallel group of parameter group {i} (rank {dist.get_rank(group=pg)} "
-                                 f"of {dist.get_world_size(group=pg)}) is not the reducer's (rank {comm.rank} of "
-                                 f"{comm.world_size}): attach over ZeRO's data-parallel group")
+            size, rank = dist.get_world_size(group=pg), dist.get_rank(group=pg)
+            if (size, rank) == (comm.world_size, comm.rank):
+                continue
+            if node is not None and list(dist.get_process_group_ranks(pg)) == node:
+                self.node_partitioned = True
+                continue
+            within = (f" or this rank's node (ranks {node[0]}-{node[-1]}, ds_ext.engine.node_mpu)"
+                      if node is not None else "")
+            raise ValueError(f"ZeRO's data-parallel group of parameter group {i} (rank {rank} of {size}) is not "
+                             f"the reducer's (rank {comm.rank} of {comm.world_size}){within}: attach over ZeRO's "
+                             f"data-parallel group")
+        if self.node_partitioned:
+            if any(list(dist.get_process_group_ranks(pg)) != node for pg in opt.real_dp_process_group):
+                raise ValueError("ZeRO's parameter groups are partitioned over different groups (some over the "
+                                 "node, some not); build the engine with one data-parallel group")
+            self.kind = "node_zero_allgather"
+            # every node holds the same partitions (identical gradients, identical steps): only the first
+            # node writes DeepSpeed's checkpoint files, whose names count ranks within the node and would
+            # otherwise be written by every node at once; every node reads them back on load
+            self._save_flags = (engine.save_non_zero_checkpoint, engine.save_zero_checkpoint)
+            if topology.node > 0:
+                engine.save_non_zero_checkpoint = engine.save_zero_checkpoint = False
         self._had_hooks = bool(opt._grad_acc_hooks)
         self._accum_attribute = opt.use_grad_accum_attribute
         for h in opt._grad_acc_hooks:
@@ -377,7 +416,13 @@ class ZeroBridge:
             opt.averaged_gradients[i] = [part]
 
     def restore(self) -> None:
-        """Give ZeRO back its own gradient reduction (``Attachment.detach``)."""
+        """Give ZeRO back its own gradient reduction (``Attachment.detach``). Node-partitioned, there is none
+        to give back: ZeRO's own reduction would average over one node only, so its hooks stay removed and
+        ``Attachment.detach`` makes the engine's ``step`` refuse to run."""
+        if self._save_flags is not None:
+            self.engine.save_non_zero_checkpoint, self.engine.save_zero_checkpoint = self._save_flags
+        if self.node_partitioned:
+            return
         if self.replace and not self.opt._grad_acc_hooks:
             self.opt.use_grad_accum_attribute = self._accum_attribute
             if self._had_hooks:
@@ -387,7 +432,7 @@ class ZeroBridge:
         """ZeRO's all-gather of the updated parameter partitions (skipped by DeepSpeed on an overflow step):
         the partition this rank sends, as the meter counts an all_gather."""
         if meter is not None and self.comm.distributed and not getattr(self.opt, "overflow", False):
-            meter.add("zero_allgather", self.allgather_bytes)
+            meter.add(self.kind, self.allgather_bytes)
 
 
 class StopVote:
@@ -436,6 +481,12 @@ class ConsistencyCheck:
             self._due = False
 
 
+def _node_partitioned_detached(*args, **kwargs):
+    raise RuntimeError("this engine's ZeRO optimizer is partitioned within a node (hierarchical mode): without "
+                       "the ds_ext attachment its own gradient reduction would average over one node only; "
+                       "attach the hierarchical reducer again or build a new engine")
+
+
 class Attachment:
     """The methods attached to one engine; hold on to it (it owns the hooks). It only wires: gradient
     hooks to the reducer (and the non-finite screen), microbatch gradients to a gradient-driven order,
@@ -452,7 +503,8 @@ class Attachment:
                                     getattr(reducer, "inner_cls", type(reducer)).__name__,
                                     engine_reduces=not reducer.replaces_engine_allreduce)
         # ZeRO stage 1/2: the method's exchange replaces ZeRO's reduction (see ZeroBridge)
-        self.zero = (ZeroBridge(engine, comm, replace=reducer.replaces_engine_allreduce)
+        self.zero = (ZeroBridge(engine, comm, replace=reducer.replaces_engine_allreduce,
+                                topology=getattr(reducer, "topology", None))
                      if engine.zero_optimization_stage() in (1, 2) else None)
         self.check = ConsistencyCheck(engine.module, comm, check_every)
         self.vote = StopVote(comm)
@@ -571,7 +623,8 @@ class Attachment:
         return out
 
     def detach(self) -> None:
-        """Remove the hooks and restore ``engine.step`` (and, under ZeRO 1/2, ZeRO's own gradient hooks)."""
+        """Remove the hooks and restore ``engine.step`` (and, under ZeRO 1/2, ZeRO's own gradient hooks; with ZeRO
+        partitioned within a node, ``engine.step`` raises instead, see ``ZeroBridge``)."""
         if self.zero is not None:
             self.zero.restore()
         for h in self._handles:
@@ -579,6 +632,8 @@ class Attachment:
         self._handles.clear()
         self.engine.enable_backward_allreduce = self._orig_allreduce_flag
         self.engine.step = self._orig_step
+        if self.zero is not None and self.zero.node_partitioned:
+            self.engine.step = _node_partitioned_detached
 
     def state_dict(self) -> dict:
         return {"reducer": self.reducer.state_dict(), "sync": self.sync.state_dict(),
@@ -706,7 +761,88 @@ def attach(engine, method: Union[None, Dict[str, Any], Any] = None, meter: Optio
     return Attachment(engine, reducer, sync, comm, check_every=check_every, order=order, nonfinite=nonfinite)
 
 
-def deepspeed_config(recipe, world_size: int) -> dict:
+class NodeMPU:
+    """The ``mpu`` object ``deepspeed.initialize(mpu=...)`` takes, describing no model parallelism and one
+    node's ranks as the data-parallel group: ZeRO 1/2 then partitions its optimizer state within the node
+    (``ZeroBridge``, node-partitioned). DeepSpeed's batch arithmetic counts the data-parallel ranks, so a
+    config built for it gives ``train_batch_size`` = micro-batch x accumulation x ranks per node
+    (``deepspeed_config(..., data_parallel=...)``); the run's global batch is still that times the nodes."""
+
+    def __init__(self, topology, group):
+        self.topology, self.group = topology, group
+
+    def get_data_parallel_group(self):
+        return self.group
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.topology.local_size
+
+    def get_data_parallel_rank(self) -> int:
+        return self.topology.local_rank
+
+    def get_data_parallel_group_ranks(self):
+        return self.topology.node_members()
+
+    def get_model_parallel_group(self):
+        return None  # no model parallelism (DeepSpeed skips collectives over a None group)
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+
+def node_mpu(comm: Optional[Communicator] = None) -> Optional[NodeMPU]:
+    """Collective (every rank, before ``deepspeed.initialize``): a ``NodeMPU`` over this rank's node, from
+    the launcher's ``LOCAL_RANK`` / ``LOCAL_SIZE`` (``hierarchy.Topology.from_env``, checked on every rank).
+    None where node partitioning means nothing: one node (ZeRO's default group is the node already) or one
+    rank per node (no partition at all; ZeRO then partitions over every rank, as without hierarchical mode).
+    For an own loop: ``deepspeed.initialize(..., mpu=node_mpu(), config=cfg)`` with ``cfg``'s
+    ``train_batch_size`` counting one node's ranks, then ``ds_ext.attach`` with ``hierarchical: true``."""
+    from .hierarchy import Topology
+
+    comm = comm or Communicator()
+    topo = Topology.from_env(comm)
+    if topo.n_nodes == 1 or topo.local_size == 1:
+        log.info("hierarchical ZeRO: %s, so ZeRO partitions over all %d ranks", "one node" if topo.n_nodes == 1
+                 else "one rank per node", topo.world)
+        return None
+    log.info("hierarchical ZeRO: the optimizer state is partitioned within each node (%d ranks), one copy per "
+             "node (%d nodes); ZeRO's parameter all-gather stays inside the node", topo.local_size, topo.n_nodes)
+    groups = [comm.subgroup(topo.node_members(k)) for k in range(topo.n_nodes)]  # collective, same order
+    return NodeMPU(topo, groups[topo.node].group)
+
+
+@contextlib.contextmanager
+def _scoped_mpu():
+    """``deepspeed.initialize(mpu=...)`` stores the mpu in ``deepspeed.utils.groups``, a process-wide
+    registry every later engine would read; the engine keeps its groups in attributes, so the registry is
+    put back as it was once the engine is built."""
+    from deepspeed.utils import groups
+
+    before = groups.mpu
+    try:
+        yield
+    finally:
+        groups.mpu = before
+
+
+def hierarchical_zero(recipe) -> bool:
+    """Whether a recipe runs a hierarchical reducer under ZeRO 1/2 (``initialize`` then partitions within nodes)."""
+    from .registry import zero_stage_of
+
+    load_builtin()
+    method = recipe.method
+    spec = method.get("reducer") if isinstance(method, dict) else getattr(method, "reducer", None)
+    rname, ropts = _block(spec, "allreduce")
+    ropts = REDUCERS.validated(rname, ropts)
+    return bool(getattr(ropts, "hierarchical", False)) and zero_stage_of(recipe.deepspeed) in (1, 2)
+
+
+def deepspeed_config(recipe, world_size: int, data_parallel: Optional[int] = None) -> dict:
+    """The engine's DeepSpeed config for ``world_size`` ranks. ``data_parallel``: the ranks DeepSpeed's
+    data-parallel group holds (``NodeMPU``: one node's), which its batch arithmetic counts."""
     micro, gas = recipe.batch_plan(world_size)
     # DeepSpeed clips at norm 1.0 unless told otherwise (GRADIENT_CLIPPING_DEFAULT), with one extra
     # allreduce per step; a recipe clips only when its deepspeed block sets gradient_clipping.
@@ -716,8 +852,8 @@ def deepspeed_config(recipe, world_size: int) -> dict:
         # our optimizers are torch's (SGD, AdamW, ...), which ZeRO steps like any other on its fp32 partition;
         # DeepSpeed otherwise refuses any optimizer it has not listed as tested (tests/test_zero.py runs them)
         cfg.setdefault("zero_allow_untested_optimizer", True)
-    cfg.update(train_batch_size=recipe.train.global_batch_size, train_micro_batch_size_per_gpu=micro,
-               gradient_accumulation_steps=gas)
+    batch = recipe.train.global_batch_size if data_parallel is None else micro * gas * data_parallel
+    cfg.update(train_batch_size=batch, train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=gas)
     return cfg
 
 
@@ -739,8 +875,11 @@ def initialize(recipe, model: torch.nn.Module, steps_per_epoch: int, meter: Opti
     optimizer = opt_entry.factory(model.parameters(), recipe.optimizer.options)
     schedule = LRSchedule(optimizer, recipe.schedule, recipe.optimizer.options.lr, steps_per_epoch,
                           recipe.train.epochs)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                           config=deepspeed_config(recipe, world))
+    mpu = node_mpu() if hierarchical_zero(recipe) else None  # ZeRO partitions within the node
+    config = deepspeed_config(recipe, world, None if mpu is None else mpu.get_data_parallel_world_size())
+    with _scoped_mpu():
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                               config=config, mpu=mpu)
     total = steps_per_epoch * recipe.train.epochs
     attachment = attach(engine, recipe.method, meter=meter, check_every=recipe.train.check_consistency_every,
                         total_steps=total, order=order, nonfinite=getattr(recipe.train, "nonfinite", "skip"))

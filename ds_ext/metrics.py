@@ -15,8 +15,9 @@ from typing import Dict, Optional
 
 #: what a kind's bytes are for, where it is not the method's gradient exchange (a reducer's or an order's own
 #: kinds): ZeRO's collectives, hierarchical mode's intra-node traffic, a synchronizer's parameter averaging
-PURPOSES = {"zero_allgather": "ZeRO all-gather", "zero_reduce": "ZeRO reduction", "node_mean": "inside nodes",
-            "node_gather": "inside nodes", "param_allreduce": "parameter averaging"}
+#: (``node_zero_allgather``: ZeRO partitioned within the node, hierarchical mode; inside nodes too)
+PURPOSES = {"zero_allgather": "ZeRO all-gather", "node_zero_allgather": "ZeRO all-gather", "zero_reduce": "ZeRO reduction",
+            "node_mean": "inside nodes", "node_gather": "inside nodes", "param_allreduce": "parameter averaging"}
 
 
 class CommMeter:

@@ -397,3 +397,67 @@ def test_hierarchical_local_sgd_averages_batchnorm_statistics_over_every_rank():
 
     for mean, weight in LoopbackWorld(4).run(body):
         assert torch.equal(mean, torch.full((4,), 1.5)) and torch.equal(weight, torch.full((4, 3), 0.5))
+
+
+# ------------------------------------------------------------------ ZeRO partitioned within the node
+@pytest.mark.parametrize("stage", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_zero_partitioned_within_the_node(stage):
+    """4 gloo ranks as 2 nodes x 2, hierarchical acpsgd, ZeRO built with ``node_mpu``: ZeRO's group is the node
+    (ranks 0-1, 2-3), each rank holds half the optimizer state of stage 0 (up to ZeRO's alignment padding; a quarter
+    would mean partitioned over every rank), the parameters after every step equal hierarchical acpsgd at stage 0 bit for bit on every rank,
+    ZeRO's all-gather is metered as intra-node (``node_zero_allgather``: none of its bytes counted as crossing
+    nodes), only the first node writes DeepSpeed's checkpoint files (its save flags), and after ``detach``
+    the engine's ``step`` refuses (its own reduction would average one node only) and the flags come back."""
+    res = harness.run(W.zero_node_run, WORLD, stages=(stage,), timeout=300)
+    for r, out in enumerate(res):
+        zero, plain = out[stage], out[0]
+        assert zero["group"] == Topology.explicit(r, WORLD, LOCAL).node_members()
+        assert plain["opt_bytes"] > 0 and 0 <= zero["opt_bytes"] * 2 - plain["opt_bytes"] <= 2 * 4 * 16  # padding
+        for t in range(STEPS):
+            assert torch.equal(zero["params"][t], plain["params"][t]), (r, t)
+            assert torch.equal(zero["params"][t], res[0][stage]["params"][t]), (r, t)
+        assert not torch.equal(zero["params"][0], zero["params"][-1])
+        kinds = zero["by_kind"]
+        assert "zero_allgather" not in kinds and kinds["node_zero_allgather"] > 0
+        m = CommMeter()
+        m.by_kind.update(kinds)
+        base = CommMeter()
+        base.by_kind.update(plain["by_kind"])
+        assert cross_node_bytes(m) == cross_node_bytes(base) > 0  # ZeRO adds nothing between nodes
+        assert intra_node_bytes(m) == intra_node_bytes(base) + kinds["node_zero_allgather"]
+        assert zero["saves"] == ((r == 0, True) if r < LOCAL else (False, False))
+        if stage == 1:
+            assert "partitioned within a node" in zero["after_detach"]
+            assert zero["saves_after"] == (r % LOCAL == 0, True)
+
+
+@pytest.mark.slow
+def test_resume_with_zero_partitioned_within_the_node_is_exact(tmp_path):
+    """Through the trainer (``ds_ext.initialize`` builds ``node_mpu`` for a hierarchical reducer under ZeRO 1),
+    4 ranks as 2 nodes x 2: a run resumed from its step-7 checkpoint ends at step 10 bit-identical to the run
+    that went through (module, every rank's state, ZeRO's partitions). The checkpoint holds one ZeRO file
+    per rank of a node (``zero_pp_rank_0``/``_1``: the first node's), which every node loaded."""
+    from tests.harness import assert_tree_equal, load_ckpt
+    from tests.test_resume_matrix import K, N, argv
+
+    extra = ["deepspeed.zero_optimization.stage=1", "method.reducer={name: acpsgd, rank: 2, hierarchical: true}"]
+    combo = ("acpsgd", "none", "rr")
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert harness.run(W.run_trainer_as_nodes, WORLD, argv=argv(a, combo, *extra), timeout=400) == [0] * WORLD
+    mid = a / "checkpoints" / f"step_{K:07d}"
+    assert harness.run(W.run_trainer_as_nodes, WORLD, argv=argv(b, combo, *extra, f"checkpoint.resume={mid}"),
+                       timeout=400) == [0] * WORLD
+    tag = f"step_{N:07d}"
+    sa, ra = load_ckpt(a, tag)
+    sb, rb = load_ckpt(b, tag)
+    assert_tree_equal(sa["module"], sb["module"], "module")
+    for x, y in zip(ra, rb):
+        assert_tree_equal(x, y, "rank state")
+    names = sorted(f.name for f in (a / "checkpoints" / tag).iterdir() if f.name.startswith("zero_pp_rank_"))
+    assert names == [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(LOCAL)]
+    for name in names:
+        za, zb = (torch.load(d / "checkpoints" / tag / name, map_location="cpu", weights_only=False)
+                  ["optimizer_state_dict"] for d in (a, b))
+        assert_tree_equal(za["base_optimizer_state"], zb["base_optimizer_state"], name)
+        assert_tree_equal(za["single_partition_of_fp32_groups"], zb["single_partition_of_fp32_groups"], name)
+    assert ra[0]["attachment"]["meter"]["by_kind"]["node_zero_allgather"] > 0

@@ -15,19 +15,24 @@ def tiny_model() -> nn.Module:
 
 
 def make_engine(precision: str = "fp32", gas: int = 1, micro: int = 8, world: int = 2, lr: float = 0.05, zero: int = 0,
-                clip: float = 0.0, adam: bool = False, extra: Optional[dict] = None):
+                clip: float = 0.0, adam: bool = False, extra: Optional[dict] = None, mpu=None):
     """The tiny model under DeepSpeed: SGD with momentum (``adam``: AdamW, lr 1e-3), DeepSpeed's gradient
-    clipping at ``clip`` (0: off), ``extra`` merged into the config (e.g. the comms logger)."""
+    clipping at ``clip`` (0: off), ``extra`` merged into the config (e.g. the comms logger), ``mpu``
+    (``ds_ext.engine.node_mpu()``: ZeRO partitioned within the node; DeepSpeed's batch counts its ranks)."""
     import deepspeed
+
+    from ds_ext.engine import _scoped_mpu
 
     model = tiny_model()
     opt = (torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01) if adam
            else torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9))
-    cfg = {"train_batch_size": micro * gas * world, "train_micro_batch_size_per_gpu": micro,
+    dp = world if mpu is None else mpu.get_data_parallel_world_size()
+    cfg = {"train_batch_size": micro * gas * dp, "train_micro_batch_size_per_gpu": micro,
            "gradient_accumulation_steps": gas, "steps_per_print": 10**12, "zero_optimization": {"stage": zero},
            "zero_allow_untested_optimizer": True, "gradient_clipping": clip,
            "bf16": {"enabled": precision == "bf16"}, **(extra or {})}
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    with _scoped_mpu():
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg, mpu=mpu)
     return engine
 
 

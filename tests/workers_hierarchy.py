@@ -173,6 +173,50 @@ def engine_run(rank: int, world: int, runs: dict, steps: int = 3, local_size: in
     return out
 
 
+def zero_node_run(rank: int, world: int, steps: int = 3, local_size: int = 2, stages=(1,)) -> dict:
+    """4 gloo ranks as 2 nodes x 2: hierarchical acpsgd (rank 2) at ZeRO 0, then at each ZeRO stage of
+    ``stages`` with the optimizer state partitioned within the node (``ds_ext.engine.node_mpu``). Per stage:
+    the parameters after every step, this rank's optimizer-state bytes, the meter's kinds, the ranks of ZeRO's group, DeepSpeed's
+    save flags while attached; at stage 1 also what ``engine.step`` says after ``detach``."""
+    import torch.distributed as dist
+
+    import ds_ext
+    from ds_ext.engine import node_mpu
+    from tests.workers import make_engine, train_steps
+    from tests.workers_zero import _drop, optimizer_state_bytes
+
+    os.environ["DS_EXT_OPS"] = "torch"
+    _launcher_env(rank, world, local_size)
+    out = {}
+    for stage in (0,) + tuple(stages):
+        engine = make_engine("fp32", 1, world=world, zero=stage, mpu=node_mpu() if stage else None)
+        att = ds_ext.attach(engine, {"reducer": {"name": "acpsgd", "rank": 2, "hierarchical": True}})
+        rec: list = []
+        train_steps(engine, att, rank, steps, 1, 8, record=rec)
+        opt = engine.optimizer
+        out[stage] = {"params": rec, "opt_bytes": optimizer_state_bytes(engine), "by_kind": dict(att.meter.by_kind),
+                      "group": list(dist.get_process_group_ranks(opt.dp_process_group)) if stage else None,
+                      "saves": (engine.save_non_zero_checkpoint, engine.save_zero_checkpoint)}
+        if stage == 1:
+            att.detach()
+            out[stage]["saves_after"] = (engine.save_non_zero_checkpoint, engine.save_zero_checkpoint)
+            try:
+                engine.step()
+                out[stage]["after_detach"] = None
+            except RuntimeError as e:
+                out[stage]["after_detach"] = str(e)
+        _drop(engine, att)
+    return out
+
+
+def run_trainer_as_nodes(rank: int, world: int, argv: list, local_size: int = 2) -> int:
+    """The trainer (``ds_ext.train.main``) on ranks laid out as nodes of ``local_size`` (launcher variables)."""
+    from ds_ext.train import main
+
+    _launcher_env(rank, world, local_size)
+    return main(argv)
+
+
 def local_sgd_run(rank: int, world: int, steps: int = 4, h: int = 2, bad_rank: int = 1, bad_step: int = 1,
                   local_size: int = 2) -> dict:
     """Hierarchical Local SGD through ``ds_ext.attach`` (reducer none, sync local with ``hierarchical``),
