@@ -11,7 +11,9 @@
 #        digits CNN (model.width=64 model.hidden=2048, 2 epochs, seed 0);
 #    (b) the digits quickstart over 5 seeds, flat and hierarchical, for powersgd rank 1 and topk 1 %,
 #        and flat allreduce (S-SGD) as the reference;
-#    (c) acpsgd flat at ZeRO stage 1 and 0 (part (a)'s model);
+#    (c) acpsgd flat and hierarchical at ZeRO stage 0 and 1 (part (a)'s model; the stage-0 runs are part
+#        (a)'s when both parts run; hierarchical ZeRO 1 partitions the optimizer state within the host,
+#        ds_ext.engine.node_mpu, so ZeRO's all-gather stays off the network); part c alone: --parts c;
 # 3. deepspeed --hostfile ... --module ds_ext.bench.hier worker, once for parts a+c and once for part b:
 #    every run of the plan in the same 4 processes, one progress line per run; raw JSON per run and rank in
 #    OUT/raw/<run>/rank<R>.json, trainer logs in OUT/logs/<run>/;

@@ -72,7 +72,8 @@ def test_intra_node_collectives_are_priced_at_the_intra_node_rate():
 
 @pytest.mark.parametrize("method", ["powersgd", "topk", "exdyna", "acpsgd"])
 def test_hierarchical_network_term_is_cheaper_for_a_compressing_method(method):
-    for consts in (cm.DEFAULT_CONSTANTS, cm.Constants(0.0, 0.9, intra_alpha_s=0.0)):  # fitted alpha, and none
+    # NCCL's 14 us (the default), the emulation's fitted 1.2 ms, and no latency at all
+    for consts in (cm.DEFAULT_CONSTANTS, cm.EMULATION_FIT_CONSTANTS, cm.Constants(0.0, 0.9, intra_alpha_s=0.0)):
         for n in (16, 32, 64):
             f = cm.flat_comm(method, SHAPES, n, 8, OPTS, consts, 10e9)
             h = cm.hierarchical_comm(method, SHAPES, n, 8, OPTS, consts, 10e9)
@@ -120,20 +121,30 @@ def test_costmodel_cli_hierarchical_table(tmp_path, capsys):
 def test_plan_and_overrides():
     plan = bh.build_plan()
     names = [r["name"] for r in plan["runs"]]
-    assert len(names) == len(set(names)) == 12 + 1 + 25  # part (c)'s stage 0 is part (a)'s flat acpsgd
-    acp = next(r for r in plan["runs"] if r["name"] == "a-acpsgd-flat-z0-s0")
-    assert acp["parts"] == ["a", "c"] and "model.width=64" in acp["sets"] and "train.epochs=2" in acp["sets"]
+    assert len(names) == len(set(names)) == 12 + 2 + 25  # part (c)'s stage 0 runs are part (a)'s acpsgd runs
+    for mode in ("flat", "hier"):
+        acp = next(r for r in plan["runs"] if r["name"] == f"a-acpsgd-{mode}-z0-s0")
+        assert acp["parts"] == ["a", "c"] and "model.width=64" in acp["sets"] and "train.epochs=2" in acp["sets"]
+    hz1 = next(r for r in plan["runs"] if r["name"] == "c-acpsgd-hier-z1-s0")
+    assert hz1["sets"][0] == "method.reducer={name: acpsgd, rank: 4, hierarchical: true}"
+    assert "deepspeed.zero_optimization.stage=1" in hz1["sets"] and "model.hidden=2048" in hz1["sets"]
+    # part (c) alone: acpsgd flat and hierarchical at ZeRO 0 and 1
+    assert [r["name"] for r in bh.build_plan(["c"])["runs"]] == [
+        "c-acpsgd-flat-z0-s0", "c-acpsgd-flat-z1-s0", "c-acpsgd-hier-z0-s0", "c-acpsgd-hier-z1-s0"]
     hq = next(r for r in plan["runs"] if r["name"] == "a-local_qsr-hier-z0-s0")
     assert hq["sets"][:2] == ["method.reducer={name: none}",
                               "method.sync={name: local, period: qsr, alpha: 0.0175, h_base: 4, hierarchical: true}"]
     b = next(r for r in plan["runs"] if r["name"] == "b-powersgd-hier-z0-s3")
     assert b["sets"][0] == "method.reducer={name: powersgd, rank: 1, start_powerSGD_iter: 0, hierarchical: true}"
     assert "train.seed=3" in b["sets"] and not any(s.startswith("model.") for s in b["sets"])
+    from ds_ext.engine import hierarchical_zero
     from ds_ext.recipe import load_recipe  # every override is a valid recipe
 
-    for r in (hq, b, next(x for x in plan["runs"] if x["name"] == "c-acpsgd-flat-z1-s0")):
+    for r in (hq, b, hz1, next(x for x in plan["runs"] if x["name"] == "c-acpsgd-flat-z1-s0")):
         recipe = load_recipe("recipes/quickstart.yaml", r["sets"])
         assert recipe.method_names()["reducer"] == ("none" if r["method"] == "local_qsr" else r["method"])
+        # ds_ext.initialize partitions ZeRO within the node (node_mpu) for the hierarchical ZeRO-1 run only
+        assert hierarchical_zero(recipe) == (r is hz1)
 
 
 def test_ring_arithmetic_and_windows():
@@ -146,6 +157,10 @@ def test_ring_arithmetic_and_windows():
     assert bh.kind_group("node_mean", 3, 4, 2, True) == [2, 3]
     assert bh.kind_group("powersgd_p", 3, 4, 2, True) == [1, 3]
     assert bh.kind_group("zero_allgather", 3, 4, 2, True) == [0, 1, 2, 3]
+    # ZeRO partitioned within the node (node_mpu): its all-gather is a node kind and never crosses hosts
+    assert "node_zero_allgather" in bh.NODE_KINDS and "node_zero_allgather" in bh.GATHER_KINDS
+    assert bh.kind_group("node_zero_allgather", 3, 4, 2, True) == [2, 3]
+    assert bh.crossing("all_gather", 1000, bh.kind_group("node_zero_allgather", 1, 4, 2, True), 1, 2) == (0.0, 0.0)
     assert bh.kind_group("powersgd_p", 3, 4, 2, False) == [0, 1, 2, 3]
     steps = [{}] * 10
     assert bh.windows(steps, 2) == [(0, 4), (5, 9)]
@@ -154,7 +169,8 @@ def test_ring_arithmetic_and_windows():
 
 def _synthetic_run(name, method, mode, seed, parts, acc, kinds, host_tx, zero=0, epochs=2, spe=5):
     """4 rank records of a run whose eth0 counters are exactly the ring expectation, plus 10 kB of evaluation
-    traffic between the epochs (outside the windows)."""
+    traffic between the epochs (outside the windows). ZeRO 1: partitioned over all 4 ranks (flat) or within
+    the node (hierarchical, as ``node_mpu`` makes it)."""
     run = {"name": name, "parts": parts, "method": method, "mode": mode, "seed": seed, "zero": zero, "sets": []}
     ranks = []
     for rank in range(4):
@@ -170,9 +186,15 @@ def _synthetic_run(name, method, mode, seed, parts, acc, kinds, host_tx, zero=0,
                       bh.kind_group(k, rank, 4, 2, mode == "hier")] for k, b in kinds.items()]
             steps.append({"step": i + 1, "t": t, "by_kind": dict(by_kind), "total": sum(by_kind.values()),
                           "iface": list(iface), "lo": [0, 0, 0, 0], "colls": colls})
-        mem = {"optimizer_state_bytes": 4000 // (4 if zero else 1), "fp32_master_bytes": 1000 if zero else 0,
-               "param_bytes": 4000, "partition_numel": [250] if zero else [], "optimizer": "x", "inner_optimizer": "SGD",
-               "process_max_rss_kib": 1024}
+        group = ([] if not zero else [rank // 2 * 2, rank // 2 * 2 + 1] if mode == "hier" else [0, 1, 2, 3])
+        parts_n = len(group) or 1
+        mem = {"optimizer_state_bytes": 4000 // parts_n, "fp32_master_bytes": 4000 // parts_n if zero else 0,
+               "param_bytes": 4000, "partition_numel": [1000 // parts_n] if zero else [], "optimizer": "x",
+               "inner_optimizer": "SGD", "process_max_rss_kib": 1024}
+        if zero:
+            mem.update(zero_dp_group_ranks=group, zero_real_dp_group_ranks=[group], zero_partition_count=[parts_n],
+                       zero_node_partitioned=mode == "hier",
+                       zero_allgather_kind="node_zero_allgather" if mode == "hier" else "zero_allgather")
         ranks.append({"run": run, "rank": rank, "world": 4, "local_size": 2, "interface": "eth0", "code": 0, "error": None,
                       "wall_s": 1.0, "memory": mem, "epochs": epochs, "steps": steps,
                       "summary": {"val_acc": acc} if rank == 0 else None})
@@ -190,11 +212,18 @@ def _synthetic_runs():
                                                   hier, 200)))
         runs.append(bh.analyze_run(_synthetic_run(f"b-allreduce-flat-s{seed}", "allreduce", "flat", seed, ["b"],
                                                   0.95, flat, 1500)))
-    runs.append(bh.analyze_run(_synthetic_run("a-allreduce-flat", "allreduce", "flat", 0, ["a", "c"], 0.9, flat, 1500)))
+    runs.append(bh.analyze_run(_synthetic_run("a-allreduce-flat", "allreduce", "flat", 0, ["a"], 0.9, flat, 1500)))
     runs.append(bh.analyze_run(_synthetic_run("a-allreduce-hier", "allreduce", "hier", 0, ["a"], 0.9,
                                               {"node_mean": 1000, "allreduce": 500, "node_gather": 500}, 1000)))
-    runs.append(bh.analyze_run(_synthetic_run("c-acpsgd-z1", "acpsgd", "flat", 0, ["c"], 0.9,
-                                              {"acpsgd_p": 200, "zero_allgather": 250}, 300 + 750, zero=1)))
+    # part (c): host tx flat = 1.5 x 200 (+ 3 x 250 of ZeRO's all-gather at ZeRO 1); hierarchical = 2 ranks x 100,
+    # ZeRO's all-gather (within the node) adds nothing
+    acp_hier = {"node_mean": 4000, "acpsgd_p": 100, "node_gather": 2000}
+    for mode, zero, kinds, tx in (("flat", 0, {"acpsgd_p": 200}, 300),
+                                  ("flat", 1, {"acpsgd_p": 200, "zero_allgather": 250}, 300 + 750),
+                                  ("hier", 0, acp_hier, 200),
+                                  ("hier", 1, dict(acp_hier, node_zero_allgather=500), 200)):
+        runs.append(bh.analyze_run(_synthetic_run(f"c-acpsgd-{mode}-z{zero}", "acpsgd", mode, 0, ["c"], 0.9, kinds, tx,
+                                                  zero=zero)))
     return runs
 
 
@@ -208,8 +237,12 @@ def test_analysis_of_a_synthetic_result_matches_the_ring_arithmetic():
     assert h["meter_cross_per_rank_step"] == 100 and h["meter_node_per_rank_step"] == 1500
     assert h["meter_payload"] == 200 and h["meter_expected"] == 400.0 and h["ratio_raw"] == 1.0
     assert h["coll_expected"] == h["meter_expected"]  # the recorded calls give the same arithmetic
-    z = runs["c-acpsgd-z1"]
+    z = runs["c-acpsgd-flat-z1"]
     assert z["meter_expected"] == 2 * (1.5 * 200 + 3 * 250) and z["ratio_raw"] == 1.0
+    hz0, hz1 = runs["c-acpsgd-hier-z0"], runs["c-acpsgd-hier-z1"]
+    # the node-partitioned all-gather stays out of the cross-node bytes
+    assert hz1["meter_expected"] == hz0["meter_expected"] == 400.0 and hz1["ratio_raw"] == 1.0
+    assert hz1["meter_cross_per_rank_step"] == 100 and hz1["meter_node_per_rank_step"] == 6500
 
 
 def test_tables_from_a_synthetic_result():
@@ -230,7 +263,19 @@ def test_tables_from_a_synthetic_result():
     assert "| allreduce | flat | 0.98 | 1.95 | 2.93 | 2.93 | 2.67 | **1.000**; 0.912 |" in md
     assert "| powersgd | hier | 3 | 0.9200 ± 0.0100 | -3.00 pt | 0.9200, 0.9100, 0.9300 |" in md
     assert "| powersgd | 3 | +2.00, +0.00, +4.00 | +2.00 ± 2.00 | 1.73 | 2 / 1 / 0 |" in md
-    # ZeRO-1: a quarter of the momentum plus the fp32 master partition
-    assert "| 0 | 3.91 KiB | 0.00 KiB | 3.91 KiB | 3.91 KiB | - |" in md
-    assert "| 1 | 0.98 KiB | 0.98 KiB | 1.95 KiB | 3.91 KiB | [250] |" in md
+    # part (c): flat ZeRO 1 keeps a quarter of the momentum plus the fp32 master partition, over all 4 ranks;
+    # hierarchical ZeRO 1 half of it, within the node, and its all-gather adds nothing to eth0
+    z = {(r["mode"], r["zero"]): r for r in bh.zero_rows(runs)}
+    assert list(z) == [("flat", 0), ("flat", 1), ("hier", 0), ("hier", 1)]
+    assert z[("flat", 1)]["state_vs_z0"] == 0.25 and z[("hier", 1)]["state_vs_z0"] == 0.5
+    assert z[("flat", 1)]["zero_groups"] == [(0, 1, 2, 3)] and z[("hier", 1)]["zero_groups"] == [(0, 1), (2, 3)]
+    assert z[("flat", 1)]["iface_minus_z0"] == 1500 and z[("hier", 1)]["iface_minus_z0"] == 0
+    assert z[("hier", 1)]["zero_allgather"] == 500 and z[("hier", 1)]["zero_allgather_kinds"] == ["node_zero_allgather"]
+    assert "| flat | 0 | - | 3.91 KiB | 1.000 | 0.00 KiB | 3.91 KiB | 1.000 | - | 50.0 | 0.00 KiB | 0.20 KiB |" in md
+    assert ("| flat | 1 | {0,1,2,3} | 0.98 KiB | 0.250 | 0.98 KiB | 1.95 KiB | 0.500 | [250] | 50.0 "
+            "| 0.24 KiB (zero_allgather) | 0.20 KiB | 2.05 KiB | +1.46 KiB | 2.05 KiB | 1.000;") in md
+    assert ("| hier | 1 | {0,1} {2,3} | 1.95 KiB | 0.500 | 1.95 KiB | 3.91 KiB | 1.000 | [500] | 50.0 "
+            "| 0.49 KiB (node_zero_allgather) | 0.10 KiB | 0.39 KiB | +0.00 KiB | 0.39 KiB | 1.000;") in md
     assert "cost model: flat vs hierarchical projection" in md and "failed runs" not in md
+    only_c = bh.tables_markdown([r for r in runs if r["parts"] == ["c"]])  # run/bench-hier.sh --parts c
+    assert "## (c) ZeRO-1 vs ZeRO-0" in only_c and "## (a)" not in only_c and "## (b)" not in only_c

@@ -20,8 +20,12 @@ trainer, without changing it:
 * every collective of the communication layer (``Communicator._all_reduce`` / ``_all_gather``, through
   which all of ds_ext's traffic passes, metered or control) is recorded with its payload and its
   group's ranks, so the bytes that must cross hosts can be computed from the real calls too;
-* ``ds_ext.engine.initialize`` is wrapped to keep the engine, whose optimizer state is measured after the
-  run (part c).
+* ``ds_ext.engine.initialize`` is wrapped to keep the engine and its attachment, whose optimizer state is
+  measured after the run (part c), with the ranks of ZeRO's data-parallel group(s) and the kind its parameter
+  all-gather is metered under. The wrapper only calls the original, so everything ``initialize`` does inside
+  stays as it is, in particular ``node_mpu``: a hierarchical reducer under ZeRO 1/2 gets ZeRO's
+  data-parallel group = the node (optimizer state partitioned within the node, ZeRO's all-gather metered as
+  ``node_zero_allgather`` and staying inside the host).
 
 Window: the counters are differenced between the ends of the first and the last optimizer step of each
 epoch and summed over the epochs (so start-up, evaluation and checkpoints, which happen between epochs,
@@ -30,8 +34,10 @@ the meter (ring arithmetic; gloo's all_reduce and all_gather are rings over the 
 order): a rank sends 2(g-1)/g x payload (all_reduce) or (g-1) x payload (all_gather) to its successor in
 the group's ring; that crosses hosts when the successor is on the other host. Flat, 2 hosts x 2 ranks
 (ring 0-1-2-3): of the four ring edges 1->2 and 3->0 cross, so a host sends one rank's share and receives
-one; hierarchical: the node kinds (``node_mean``, ``node_gather``) stay in the host, every other kind runs
-in a cross-node group of one rank per host, all of whose edges cross. Compared with the interface bytes
+one; hierarchical: the node kinds (``node_mean``, ``node_gather``, and ``node_zero_allgather``: ZeRO 1/2
+partitioned within the node) stay in the host, ZeRO's world kinds (``zero_allgather``, ``zero_reduce``) run
+over all ranks as flat, every other kind runs in a cross-node group of one rank per host, all of whose edges
+cross. Compared with the interface bytes
 (tx + rx per host and step), raw and without TCP/IP/Ethernet framing (66 bytes per counted packet: 14
 Ethernet + 20 IP + 32 TCP with timestamps; veth counts GSO segments, so this is small).
 
@@ -62,12 +68,18 @@ METHODS: Dict[str, Tuple[str, str]] = {
 }
 PART_A = tuple(METHODS)
 PART_B = ("powersgd", "topk")
-NODE_KINDS = ("node_mean", "node_gather")
+#: meter kinds whose collectives run inside a node (over its ranks only; nothing crosses hosts):
+#: hierarchical mode's intra-node steps and ZeRO 1/2's parameter all-gather when ZeRO is partitioned within
+#: the node (``ds_ext.engine.node_mpu``; ``ZeroBridge`` meters it as ``node_zero_allgather``)
+NODE_KINDS = ("node_mean", "node_gather", "node_zero_allgather")
 #: meter kinds carried by an all_gather (every other kind: an all_reduce)
 GATHER_KINDS = ("topk_indices", "topk_values", "exdyna_counts", "exdyna_indices", "signsgd_bits", "signsgd_scales",
-                "zero_allgather", "node_gather", "all_gather")
-#: kinds that run over the whole world even in hierarchical mode (ZeRO partitions over all ranks)
+                "zero_allgather", "node_zero_allgather", "node_gather", "all_gather")
+#: kinds that run over the whole world even in hierarchical mode (ZeRO partitioned over all ranks: flat, or
+#: hierarchical with one rank per node; node-partitioned ZeRO is ``node_zero_allgather``, a node kind)
 WORLD_KINDS = ("zero_allgather", "zero_reduce")
+#: ZeRO's parameter all-gather, over all ranks or within the node
+ZERO_ALLGATHER_KINDS = ("zero_allgather", "node_zero_allgather")
 FRAME_BYTES = 66  # per counted packet: Ethernet 14 + IPv4 20 + TCP 20 + timestamps option 12
 
 DEFAULTS = dict(rank=4, acp_rank=4, density=0.01, qsr_alpha=0.0175, qsr_h_base=4)
@@ -99,9 +111,10 @@ def build_plan(parts: Sequence[str] = ("a", "b", "c"), seeds: Sequence[int] = (0
                b_opts: Optional[dict] = None) -> dict:
     """The runs of each part. Part (a): every method flat and hierarchical at seed 0 with ``a_sets`` (extra
     overrides: the wider model) for ``a_epochs``; part (b): the quickstart over ``seeds``, flat and
-    hierarchical, for powersgd and topk, and flat allreduce (S-SGD) as the reference; part (c): acpsgd flat at
-    ZeRO stage 0 and 1 (seed 0, part (a)'s model and length). A run that two parts need with the same settings
-    is run once (part (c)'s stage 0 is part (a)'s flat acpsgd)."""
+    hierarchical, for powersgd and topk, and flat allreduce (S-SGD) as the reference; part (c): acpsgd flat and
+    hierarchical at ZeRO stage 0 and 1 (seed 0, part (a)'s model and length; hierarchical ZeRO 1 is partitioned
+    within the node, ``ds_ext.engine.node_mpu``). A run that two parts need with the same settings is run once
+    (part (c)'s stage-0 runs are part (a)'s flat and hierarchical acpsgd)."""
     a_opts = dict(DEFAULTS, **(a_opts or {}))
     b_opts = dict(B_DEFAULTS, **(b_opts or {}))
     runs: Dict[str, dict] = {}
@@ -125,8 +138,9 @@ def build_plan(parts: Sequence[str] = ("a", "b", "c"), seeds: Sequence[int] = (0
             for mode in ("flat", "hier"):
                 add("a", m, mode, 0, a_opts, extra=a_sets, epochs=a_epochs)
     if "c" in parts:
-        for z in (0, 1):
-            add("c", "acpsgd", "flat", 0, a_opts, zero=z, extra=a_sets, epochs=a_epochs)
+        for mode in ("flat", "hier"):
+            for z in (0, 1):
+                add("c", "acpsgd", mode, 0, a_opts, zero=z, extra=a_sets, epochs=a_epochs)
     if "b" in parts:
         for s in seeds:
             add("b", "allreduce", "flat", s, b_opts, epochs=b_epochs)
@@ -159,6 +173,7 @@ class _Recorder:
         self.steps: List[dict] = []
         self.colls: List[list] = []  # this step's collectives: [op, nbytes, kind, group ranks]
         self.engine = None
+        self.attachment = None
         self._members: Dict[int, List[int]] = {}
 
     def members(self, comm) -> List[int]:
@@ -212,18 +227,27 @@ def _install(rec: _Recorder):
     Communicator._all_reduce, Communicator._all_gather = _all_reduce, _all_gather
     orig_init = eng.initialize
 
-    def initialize(*a, **k):
+    def initialize(*a, **k):  # only observes: node_mpu etc. run inside the original, unchanged
         out = orig_init(*a, **k)
-        rec.engine = out[0]
+        rec.engine, rec.attachment = out[0], out[1]
         return out
 
     eng.initialize = initialize
 
 
-def optimizer_memory(engine) -> dict:
+def _group_ranks(pg) -> List[int]:
+    import torch.distributed as dist
+
+    return list(range(dist.get_world_size())) if pg is None else [int(r) for r in dist.get_process_group_ranks(pg)]
+
+
+def optimizer_memory(engine, attachment=None) -> dict:
     """Bytes of the optimizer's state on this rank: the torch optimizer's state tensors (SGD: momentum), and
     under ZeRO 1/2 also its fp32 master partition (``single_partition_of_fp32_groups``) and the partition
-    sizes; the parameters' own bytes for reference."""
+    sizes; the parameters' own bytes for reference. Under ZeRO 1/2 also the ranks of ZeRO's data-parallel
+    group (``dp_process_group``, and ``real_dp_process_group`` per parameter group: the node when ZeRO is
+    partitioned within it) and, from the attachment's ``ZeroBridge``, whether it is node-partitioned and the
+    kind its all-gather is metered under."""
     import torch
 
     opt = engine.optimizer
@@ -235,8 +259,18 @@ def optimizer_memory(engine) -> dict:
                 state += v.numel() * v.element_size()
     master = sum(t.numel() * t.element_size() for t in getattr(opt, "single_partition_of_fp32_groups", []) or [])
     params = sum(p.numel() * p.element_size() for p in engine.module.parameters())
+    zero = {}
+    if hasattr(opt, "dp_process_group"):
+        zero["zero_dp_group_ranks"] = _group_ranks(opt.dp_process_group)
+        zero["zero_real_dp_group_ranks"] = [_group_ranks(pg) for pg in getattr(opt, "real_dp_process_group", []) or []]
+        zero["zero_partition_count"] = [int(x) for x in getattr(opt, "partition_count", []) or []]
+    bridge = getattr(attachment, "zero", None)
+    if bridge is not None:
+        zero["zero_node_partitioned"] = bool(bridge.node_partitioned)
+        zero["zero_allgather_kind"] = bridge.kind
+        zero["zero_allgather_bytes"] = int(bridge.allgather_bytes)
     return {"optimizer_state_bytes": state, "fp32_master_bytes": master, "param_bytes": params,
-            "partition_numel": [int(x) for x in getattr(opt, "partition_size", []) or []],
+            "partition_numel": [int(x) for x in getattr(opt, "partition_size", []) or []], **zero,
             "optimizer": type(opt).__name__, "inner_optimizer": type(inner).__name__,
             # the process's peak so far: it ran the plan's earlier runs too, so not a per-run number
             "process_max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
@@ -271,7 +305,7 @@ def worker(args) -> int:
                                     f"train.collective_timeout_s={args.timeout_s}"]
         t0 = time.perf_counter()
         code, err = 1, None
-        rec.steps, rec.colls, rec.engine = [], [], None
+        rec.steps, rec.colls, rec.engine, rec.attachment = [], [], None, None
         try:
             recipe = load_recipe(plan["recipe"], sets)
             preflight(recipe, world)
@@ -282,7 +316,7 @@ def worker(args) -> int:
         finally:
             rec.active = False
         wall = time.perf_counter() - t0
-        mem = optimizer_memory(rec.engine) if rec.engine is not None else None
+        mem = optimizer_memory(rec.engine, rec.attachment) if rec.engine is not None else None
         summary = None
         if rank == 0 and (log_dir / "summary.json").exists():
             summary = json.loads((log_dir / "summary.json").read_text())
@@ -292,7 +326,7 @@ def worker(args) -> int:
             "run": run, "rank": rank, "world": world, "local_size": local_size, "interface": ifname,
             "code": code, "error": err, "wall_s": wall, "memory": mem, "summary": summary,
             "epochs": recipe.train.epochs if err is None else None, "steps": rec.steps}))
-        rec.engine = None
+        rec.engine = rec.attachment = None
         if rank == 0:
             acc = summary.get("val_acc") if summary else None
             print(f"[bench-hier] run {i + 1}/{len(runs)} {run['name']}: exit {code}"
@@ -525,32 +559,72 @@ def accuracy_table(runs: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def zero_table(runs: List[dict]) -> str:
-    """Part (c): optimizer-state bytes per rank (the engine's tensors after the run), step time and traffic."""
-    rows = [r for r in runs if "c" in r["parts"]]
-    rows.sort(key=lambda r: r["zero"])
-    lines = ["| ZeRO stage | optimizer state / rank (SGD momentum) | fp32 master partition / rank | state + master "
-             "| parameters / rank | ZeRO partition (elements) | step ms (window) | zero_allgather / rank·step "
-             "| acpsgd payload / rank·step | eth0 tx+rx / host·step | eth0 / expected (raw; without framing) | val acc |",
-             "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|---:|"]
-    for r in rows:
+def _groups_text(groups: Sequence[Sequence[int]]) -> str:
+    """Distinct rank groups, e.g. ``{0,1} {2,3}``."""
+    return " ".join("{" + ",".join(str(r) for r in g) + "}" for g in sorted({tuple(g) for g in groups}))
+
+
+def zero_rows(runs: List[dict]) -> List[dict]:
+    """Part (c): per (mode, ZeRO stage), the optimizer state per rank (the engine's tensors after the run),
+    ZeRO's data-parallel group(s), the step time and the traffic; the ratios against the same mode's stage 0."""
+    runs = [r for r in runs if "c" in r["parts"] and any(r.get("memory") or [])]
+    runs.sort(key=lambda r: (r["mode"] != "flat", r["zero"]))
+    base = {r["mode"]: r for r in runs if r["zero"] == 0}
+    out = []
+    for r in runs:
         mem = [m for m in r["memory"] if m]
-        if not mem:
-            continue
         st = [m["optimizer_state_bytes"] for m in mem]
         ma = [m["fp32_master_bytes"] for m in mem]
-        both = [a + b for a, b in zip(st, ma)]
         kinds = r.get("meter_by_kind_per_rank_step") or {}
-        zag = kinds.get("zero_allgather", 0.0)
-        acp = sum(v for k, v in kinds.items() if k.startswith("acpsgd"))
+        zkinds = sorted(k for k in kinds if k in ZERO_ALLGATHER_KINDS)
+        groups = [m["zero_dp_group_ranks"] for m in mem if m.get("zero_dp_group_ranks")]
+        real = [g for m in mem for g in m.get("zero_real_dp_group_ranks") or []]
+        row = {"name": r["name"], "mode": r["mode"], "zero": r["zero"], "ranks": len(mem),
+               "state": st, "master": ma, "both": [a + b for a, b in zip(st, ma)], "param_bytes": mem[0]["param_bytes"],
+               "partition_numel": mem[0]["partition_numel"], "zero_groups": sorted({tuple(g) for g in groups}),
+               "zero_real_groups": sorted({tuple(g) for g in real}),
+               "node_partitioned": sorted({m.get("zero_node_partitioned") for m in mem if "zero_node_partitioned" in m}),
+               "zero_allgather_kinds": zkinds, "zero_allgather": sum(kinds.get(k, 0.0) for k in zkinds),
+               "acpsgd": sum(v for k, v in kinds.items() if k.startswith("acpsgd")),
+               "node": r.get("meter_node_per_rank_step"), "step_ms": r.get("step_ms"), "iface": r.get("iface"),
+               "expected": r.get("meter_expected"), "ratio_raw": r.get("ratio_raw"),
+               "ratio_payload": r.get("ratio_payload"), "val_acc": r.get("val_acc")}
+        z0 = base.get(r["mode"])
+        if z0 is not None:
+            s0 = [m["optimizer_state_bytes"] for m in z0["memory"] if m]
+            row["state_vs_z0"] = max(st) / max(s0) if s0 and max(s0) else None
+            row["both_vs_z0"] = max(row["both"]) / max(s0) if s0 and max(s0) else None
+            if r.get("iface") is not None and z0.get("iface") is not None:
+                row["iface_minus_z0"] = r["iface"] - z0["iface"]
+            if r.get("meter_expected") is not None and z0.get("meter_expected") is not None:
+                row["expected_minus_z0"] = r["meter_expected"] - z0["meter_expected"]
+        out.append(row)
+    return out
 
-        def rng(xs):
-            return f"{_kb(min(xs))} KiB" if min(xs) == max(xs) else f"{_kb(min(xs))}-{_kb(max(xs))} KiB"
 
-        lines.append(f"| {r['zero']} | {rng(st)} | {rng(ma)} | {rng(both)} | {_kb(mem[0]['param_bytes'])} KiB | "
-                     f"{mem[0]['partition_numel'] or '-'} | {_f(r.get('step_ms'), '{:.1f}')} | {_kb(zag)} KiB | "
-                     f"{_kb(acp)} KiB | {_kb(r.get('iface'))} KiB | {_f(r.get('ratio_raw'))}; "
-                     f"{_f(r.get('ratio_payload'))} | {_f(r.get('val_acc'), '{:.4f}')} |")
+def zero_table(runs: List[dict]) -> str:
+    """Part (c): one line per (mode, ZeRO stage); see ``zero_rows``."""
+    lines = ["| mode | ZeRO | ZeRO group (ranks) | optimizer state / rank (SGD momentum) | / ZeRO-0's | fp32 master "
+             "partition / rank | state + master | / ZeRO-0's state | ZeRO partition (elements) | step ms (window) "
+             "| ZeRO all-gather / rank·step (kind) | acpsgd payload / rank·step | eth0 tx+rx / host·step "
+             "| minus ZeRO-0's | expected on eth0 / host·step | eth0 / expected (raw; without framing) | val acc |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+
+    def rng(xs):
+        return f"{_kb(min(xs))} KiB" if min(xs) == max(xs) else f"{_kb(min(xs))}-{_kb(max(xs))} KiB"
+
+    def signed(x):
+        return "-" if x is None else f"{'+' if x >= 0 else '-'}{_kb(abs(x))} KiB"
+
+    for r in zero_rows(runs):
+        groups = _groups_text(r["zero_groups"]) if r["zero"] else "-"
+        kind = f" ({', '.join(r['zero_allgather_kinds'])})" if r["zero_allgather_kinds"] else ""
+        lines.append(f"| {r['mode']} | {r['zero']} | {groups} | {rng(r['state'])} | {_f(r.get('state_vs_z0'))} | "
+                     f"{rng(r['master'])} | {rng(r['both'])} | {_f(r.get('both_vs_z0'))} | "
+                     f"{r['partition_numel'] or '-'} | {_f(r['step_ms'], '{:.1f}')} | {_kb(r['zero_allgather'])} KiB{kind} "
+                     f"| {_kb(r['acpsgd'])} KiB | {_kb(r['iface'])} KiB | {signed(r.get('iface_minus_z0'))} "
+                     f"| {_kb(r['expected'])} KiB | {_f(r['ratio_raw'])}; {_f(r['ratio_payload'])} "
+                     f"| {_f(r['val_acc'], '{:.4f}')} |")
     return "\n".join(lines)
 
 
@@ -623,30 +697,43 @@ def tables_markdown(runs: List[dict], meta: Optional[dict] = None) -> str:
         parts += [f"Command: `{meta['command']}`; wall time {meta.get('wall_s', 0) / 60:.1f} min "
                   f"({meta.get('started', '?')} - {meta.get('finished', '?')}).", ""]
     parts += ["4 ranks share this machine's 2 CPU cores: every step time here is CPU-contended (compute, compression "
-              "and gloo's copies of the 4 ranks compete), not a property of the network alone.", "",
-              f"## (a) traffic per optimizer step: digits CNN widened ({a_sets}: 4,291,338 parameters), "
-              f"{plan.get('a_epochs') or 8} epochs, seed 0",
-              "",
-              f"Methods: allreduce (25 MiB buckets), powersgd rank {a_opts['rank']} (from step 0), acpsgd rank "
-              f"{a_opts['acp_rank']}, topk and exdyna density {a_opts['density']}, local_qsr (reducer none, Local SGD "
-              f"with the QSR period, alpha {a_opts['qsr_alpha']}, h_base {a_opts['qsr_h_base']}). KiB per optimizer "
-              "step, over every epoch's window (end of its first step to end of its last). Per-host numbers: the mean "
-              "of the 2 hosts. 'meter cross-node payload / rank': the meter's kinds except node_mean / node_gather; "
-              "'expected on eth0': that payload through gloo's rings (flat: one ring edge per host crosses, "
-              "2(g-1)/g or g-1 x the payload of one rank each way; hierarchical: every edge of the cross-node groups "
-              "crosses), tx + rx. 'without framing': eth0 bytes minus 66 bytes per counted packet.", "",
-              traffic_table(runs, "a"), "",
-              "Hierarchical over flat (same runs):", "", comparison_table(runs, "a"), "",
-              f"### (a') the same on the quickstart model itself (38,282 parameters; part (b)'s seed-0 runs: powersgd "
-              f"rank {b_opts['rank']}, topk density {b_opts['density']})", "",
-              traffic_table(runs, "b"), "",
-              f"## (b) accuracy: digits quickstart ({plan.get('b_epochs') or 8} epochs), final val accuracy "
-              f"(359 images), seeds {', '.join(str(s) for s in plan.get('seeds') or [])}", "",
-              f"powersgd rank {b_opts['rank']} (start_powerSGD_iter 0), topk density {b_opts['density']}; S-SGD = "
-              "allreduce, flat.", "", accuracy_table(runs), "",
-              "Paired by seed (hierarchical minus flat; same initialisation and data order):", "", paired_table(runs), "",
-              f"## (c) ZeRO-1 vs ZeRO-0, acpsgd rank {a_opts['acp_rank']}, flat (part (a)'s model and length)", "",
-              zero_table(runs), ""]
+              "and gloo's copies of the 4 ranks compete), not a property of the network alone.", ""]
+    ran = {p for r in runs for p in r["parts"]}  # only the parts that ran (run/bench-hier.sh --parts)
+    ab = [f"## (a) traffic per optimizer step: digits CNN widened ({a_sets}: 4,291,338 parameters), "
+          f"{plan.get('a_epochs') or 8} epochs, seed 0",
+          "",
+          f"Methods: allreduce (25 MiB buckets), powersgd rank {a_opts['rank']} (from step 0), acpsgd rank "
+          f"{a_opts['acp_rank']}, topk and exdyna density {a_opts['density']}, local_qsr (reducer none, Local SGD "
+          f"with the QSR period, alpha {a_opts['qsr_alpha']}, h_base {a_opts['qsr_h_base']}). KiB per optimizer "
+          "step, over every epoch's window (end of its first step to end of its last). Per-host numbers: the mean "
+          "of the 2 hosts. 'meter cross-node payload / rank': the meter's kinds except node_mean / node_gather; "
+          "'expected on eth0': that payload through gloo's rings (flat: one ring edge per host crosses, "
+          "2(g-1)/g or g-1 x the payload of one rank each way; hierarchical: every edge of the cross-node groups "
+          "crosses), tx + rx. 'without framing': eth0 bytes minus 66 bytes per counted packet.", "",
+          traffic_table(runs, "a"), "",
+          "Hierarchical over flat (same runs):", "", comparison_table(runs, "a"), "",
+          f"### (a') the same on the quickstart model itself (38,282 parameters; part (b)'s seed-0 runs: powersgd "
+          f"rank {b_opts['rank']}, topk density {b_opts['density']})", "",
+          traffic_table(runs, "b"), "",
+          f"## (b) accuracy: digits quickstart ({plan.get('b_epochs') or 8} epochs), final val accuracy "
+          f"(359 images), seeds {', '.join(str(s) for s in plan.get('seeds') or [])}", "",
+          f"powersgd rank {b_opts['rank']} (start_powerSGD_iter 0), topk density {b_opts['density']}; S-SGD = "
+          "allreduce, flat.", "", accuracy_table(runs), "",
+          "Paired by seed (hierarchical minus flat; same initialisation and data order):", "", paired_table(runs), ""]
+    c = [f"## (c) ZeRO-1 vs ZeRO-0, acpsgd rank {a_opts['acp_rank']}, flat and hierarchical (part (a)'s "
+         "model and length)", "",
+         "Flat ZeRO 1 partitions the optimizer state over all 4 ranks and all-gathers the updated parameters "
+         "over all of them (kind zero_allgather, crossing hosts); hierarchical ZeRO 1 (ds_ext.engine.node_mpu) "
+         "partitions it within the node (ZeRO group = the host's 2 ranks, one copy per host) and all-gathers "
+         "inside the host (kind node_zero_allgather, excluded from the expected eth0 bytes). 'ZeRO group': the "
+         "ranks of the ZeRO optimizer's dp_process_group as recorded on every rank after the run. Optimizer "
+         "state and master partition: the engine's tensors after the run, per rank (SGD momentum; fp32 master "
+         "partition only under ZeRO). Step times are CPU-contended (see above).", "",
+         zero_table(runs), ""]
+    if "a" in ran or "b" in ran:
+        parts += ab
+    if "c" in ran:
+        parts += c
     failed = [r for r in runs if r["code"] != 0 or r["error"]]
     if failed:
         parts += ["## failed runs", ""] + [f"* {r['name']}: exit {r['code']} {r['error'] or ''}" for r in failed] + [""]
@@ -668,7 +755,8 @@ def report(args) -> int:
     md = tables_markdown(runs, meta)
     Path(args.md or out / "tables.md").write_text(md)
     (out / "results.json").write_text(json.dumps({"meta": meta, "runs": runs, "accuracy": accuracy_rows(runs),
-                                                   "paired": paired_rows(runs), "comparison": comparison_rows(runs)},
+                                                   "paired": paired_rows(runs), "comparison": comparison_rows(runs),
+                                                   "zero": zero_rows(runs)},
                                                   indent=1))
     print(md)
     return 0
