@@ -771,7 +771,10 @@ def load(engine, path: Path, rank: int, world: int = 1, step: Optional[int] = No
     if not f.is_file():
         raise CheckpointError(f"{path} has no state for rank {rank} ({f.name})")
     try:
-        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
+        from .engine import checkpoint_managed
+
+        with checkpoint_managed(engine):  # this module reads the rank file itself (below)
+            load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
     except Exception as e:  # a truncated or foreign DeepSpeed file: torch's zip reader, DeepSpeed's asserts
         text = " ".join(str(e).split())[:200] or "no message"
         raise CheckpointError(f"{path}: DeepSpeed could not load its files ({type(e).__name__}: {text})") from None

@@ -527,6 +527,9 @@ class Attachment:
         if order is not None and order.observes_gradients:
             self._watch_microbatch_gradients(order, reducer)
         engine.step = self.step  # instance attribute shadows DeepSpeedEngine.step
+        # DeepSpeed's checkpoint calls keep every rank's method state too (own loops, Hugging Face's Trainer)
+        self._orig_save, self._orig_load = engine.save_checkpoint, engine.load_checkpoint
+        engine.save_checkpoint, engine.load_checkpoint = self.save_checkpoint, self.load_checkpoint
 
     # what the trainer and tests read
     @property
@@ -632,8 +635,97 @@ class Attachment:
         self._handles.clear()
         self.engine.enable_backward_allreduce = self._orig_allreduce_flag
         self.engine.step = self._orig_step
+        self.engine.save_checkpoint, self.engine.load_checkpoint = self._orig_save, self._orig_load
         if self.zero is not None and self.zero.node_partitioned:
             self.engine.step = _node_partitioned_detached
+
+    # ---- DeepSpeed's checkpoint calls, with the methods' state ------------------------------------------
+    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest: bool = True, **kwargs):
+        """``engine.save_checkpoint`` while attached (collective, every rank): DeepSpeed's files, then every
+        rank's method state (error feedback, factors, sync and meter state, the order's state when one is
+        attached) in ``<save_dir>/<tag>/ds_ext_rank<r>.pt`` (temporary name, fsync, rename), then, once every
+        rank's write succeeded, ``latest`` (so ``latest`` never names a checkpoint without our state). A
+        failed write raises ``checkpoint.CheckpointSaveError`` on every rank; the previous ``latest`` stays.
+        Returns what DeepSpeed's returns. Inside ``ds_ext.checkpoint`` (the trainer), DeepSpeed's own call."""
+        if getattr(self.engine, "_ds_ext_checkpoint_managed", False):
+            return self._orig_save(save_dir, tag=tag, client_state=client_state or {}, save_latest=save_latest,
+                                   **kwargs)
+        from pathlib import Path
+
+        from . import checkpoint as ckpt
+
+        self.check_pending()
+        tag = str(tag) if tag is not None else f"global_step{self.engine.global_steps}"
+        out = self._orig_save(save_dir, tag=tag, client_state=client_state or {}, save_latest=False, **kwargs)
+        here = ckpt.rank_file(Path(save_dir) / tag, self.comm.global_rank)
+        err = None
+        try:
+            ckpt._torch_save_atomic(self.checkpoint_state(), here)
+        except (OSError, RuntimeError) as e:
+            err = f"{here}: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        err = ckpt.shared_verdict(err)
+        if err is not None:
+            raise ckpt.CheckpointSaveError(f"ds_ext state not saved, 'latest' left as it was: {err}")
+        if save_latest and self.comm.global_rank == 0:
+            ckpt._write_atomic(Path(save_dir) / "latest", tag.encode())
+        self.comm.barrier()  # every rank returns with the checkpoint complete, ``latest`` included
+        return out
+
+    def load_checkpoint(self, load_dir, tag=None, **kwargs):
+        """``engine.load_checkpoint`` while attached (collective): DeepSpeed's files, then this rank's method
+        state from ``ds_ext_rank<r>.pt`` (``save_checkpoint``). A checkpoint without any rank's ds_ext state
+        (saved before the attachment existed) leaves the methods fresh, with a warning; one missing on some
+        ranks only, or saved by another number of ranks (per-rank error feedback cannot be split or merged),
+        raises ``ValueError`` on every rank. Returns what DeepSpeed's returns."""
+        if getattr(self.engine, "_ds_ext_checkpoint_managed", False):
+            return self._orig_load(load_dir, tag=tag, **kwargs)
+        from pathlib import Path
+
+        from . import checkpoint as ckpt
+
+        path, client = self._orig_load(load_dir, tag=tag, **kwargs)
+        if path is None:
+            return path, client
+        if tag is None:
+            tag = (Path(load_dir) / "latest").read_text().strip()
+        f = ckpt.rank_file(Path(load_dir) / str(tag), self.comm.global_rank)
+        state, problem = None, None
+        if f.is_file():
+            try:
+                state = torch.load(f, map_location="cpu", weights_only=False)
+                world = state.get("world_size") if isinstance(state, dict) else None
+                if world != self.comm.world_size:
+                    problem = (f"{f} was saved by a run of {world} ranks, this one has {self.comm.world_size}: "
+                               "per-rank method state (error feedback) cannot be split or merged")
+            except Exception as e:  # noqa: BLE001 -- a truncated or foreign file: named, on every rank
+                problem = f"{f}: cannot be loaded ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
+        rows = self.comm.exchange_control(self.comm.tensor([int(state is not None), int(problem is not None)],
+                                                           dtype=torch.int64))
+        have = [r for r, row in enumerate(rows) if row[0]]
+        bad = [r for r, row in enumerate(rows) if row[1]]
+        if problem is not None:
+            raise ValueError(problem)
+        if bad:
+            raise ValueError(f"the ds_ext state of rank(s) {', '.join(map(str, bad))} in {Path(load_dir) / str(tag)} "
+                             "cannot be used (see that rank's error)")
+        if not have:
+            log.warning("%s holds no ds_ext state (saved without the attachment): the methods start fresh",
+                        Path(load_dir) / str(tag))
+            return path, client
+        if len(have) != len(rows):
+            missing = [r for r in range(len(rows)) if r not in have]
+            raise ValueError(f"{Path(load_dir) / str(tag)} has no ds_ext state for rank(s) "
+                             f"{', '.join(map(str, missing))} (ds_ext_rank<r>.pt): an incomplete checkpoint")
+        self.load_state_dict(state["attachment"])
+        if self.order is not None and state.get("order") is not None and hasattr(self.order, "load_state_dict"):
+            self.order.load_state_dict(state["order"])
+        return path, client
+
+    def checkpoint_state(self) -> dict:
+        """This rank's file of ``save_checkpoint``: the attachment's state, the order's, rank, world, step."""
+        order = self.order.state_dict() if self.order is not None and hasattr(self.order, "state_dict") else None
+        return {"attachment": self.state_dict(), "order": order, "rank": self.comm.global_rank,
+                "world_size": self.comm.world_size, "global_step": int(getattr(self.engine, "global_steps", 0))}
 
     def state_dict(self) -> dict:
         return {"reducer": self.reducer.state_dict(), "sync": self.sync.state_dict(),
@@ -659,7 +751,8 @@ def deferred_checkpoint_writes(engine):
     ce = getattr(engine, "checkpoint_engine", None)
     failed: list = []
     if ce is None or not callable(getattr(ce, "save", None)):
-        yield failed
+        with checkpoint_managed(engine):
+            yield failed
         return
     had_own = "save" in vars(ce)
     orig = ce.save
@@ -675,12 +768,25 @@ def deferred_checkpoint_writes(engine):
 
     ce.save = save
     try:
-        yield failed
+        with checkpoint_managed(engine):
+            yield failed
     finally:
         if had_own:
             ce.save = orig
         else:
             del ce.save
+
+
+@contextlib.contextmanager
+def checkpoint_managed(engine):
+    """Inside, ``engine.save_checkpoint`` / ``load_checkpoint`` are DeepSpeed's own even while attached:
+    ``ds_ext.checkpoint`` (the trainer) writes and reads every rank's state itself, with more in it."""
+    before = getattr(engine, "_ds_ext_checkpoint_managed", False)
+    engine._ds_ext_checkpoint_managed = True
+    try:
+        yield
+    finally:
+        engine._ds_ext_checkpoint_managed = before
 
 
 def _torch_optimizer(engine):
@@ -697,6 +803,53 @@ def _deepspeed_settings(engine) -> dict:
     if isinstance(cfg, dict):
         return cfg
     return engine.config if isinstance(getattr(engine, "config", None), dict) else {}
+
+
+_KIND_REGISTRIES = {"reducer": REDUCERS, "sync": SYNCS, "order": ORDERS}
+
+
+def _typed_block(kind: str, block):
+    """A method block given as a typed options object (``PowerSGDOptions(rank=2)``) or ``(name, options)``:
+    the equivalent ``{name: ..., <option>: ...}`` dict, so that it is validated like any other block."""
+    from .registry import Options
+
+    registry = _KIND_REGISTRIES.get(kind)
+    if isinstance(block, tuple) and len(block) == 2 and isinstance(block[0], str) and isinstance(block[1], Options):
+        return {"name": block[0], **block[1].model_dump()}
+    if registry is None or not isinstance(block, Options):
+        return block
+    names = [n for n in registry.names() if registry.get(n).options is type(block)]
+    if len(names) != 1:
+        serves = f"serve {registry.kind}s {', '.join(names)}" if names else f"belong to no {registry.kind}"
+        raise ValueError(f"method.{kind}: options of type {type(block).__name__} {serves}; pass "
+                         f"('<name>', options) or {{'name': '<name>', ...}} (allowed names: "
+                         f"{', '.join(registry.names())})")
+    return {"name": names[0], **block.model_dump()}
+
+
+def method_spec(engine, method=None):
+    """What ``attach`` runs, as a validated ``recipe.MethodSection``: ``method`` as given (a recipe's ``method``
+    section; a dict of ``reducer`` / ``sync`` / ``order`` blocks, each a name, a ``{name: ..., <option>: ...}``
+    dict, a typed options object such as ``PowerSGDOptions(rank=2)`` or ``(name, options)``), or, when
+    ``method`` is None, the ``ds_ext`` block of the engine's DeepSpeed config (the same schema; absent:
+    ``allreduce``, no sync, ``rr``). A bad block raises ``recipe.RecipeError`` (a ``ValueError``) naming the
+    key and what is allowed, as the recipe check does."""
+    from .recipe import MethodSection, method_section
+
+    if isinstance(method, MethodSection):
+        return method
+    if method is None:
+        block = _deepspeed_settings(engine).get("ds_ext")
+        if block is None:
+            return MethodSection()
+        return method_section(block, source="DeepSpeed config", prefix="ds_ext")
+    if isinstance(method, dict):
+        return method_section({k: _typed_block(k, v) for k, v in method.items()}, source="ds_ext.attach",
+                              prefix="method")
+    if all(hasattr(method, k) for k in ("reducer", "sync", "order")):  # a recipe's method section (duck-typed)
+        return method
+    raise TypeError(f"ds_ext.attach: method must be a dict of reducer / sync / order blocks, a recipe's method "
+                    f"section or None (the DeepSpeed config's ds_ext block); got {type(method).__name__}")
 
 
 def attach(engine, method: Union[None, Dict[str, Any], Any] = None, meter: Optional[CommMeter] = None,
@@ -722,19 +875,15 @@ def attach(engine, method: Union[None, Dict[str, Any], Any] = None, meter: Optio
     problem; ``check=False`` skips them (deliberately broken setups in tests).
     """
     load_builtin()
-    if isinstance(method, dict):
-        get = method.get
-    else:
-        def get(key):
-            return getattr(method, key, None)
-    rname, ropts = _block(get("reducer"), "allreduce")
-    sname, sopts = _block(get("sync"), "none")
+    method = method_spec(engine, method)
+    rname, ropts = _block(method.reducer, "allreduce")
+    sname, sopts = _block(method.sync, "none")
     ropts, sopts = REDUCERS.validated(rname, ropts), SYNCS.validated(sname, sopts)
     meter = meter or CommMeter()
     comm = Communicator(group, device=engine.device, meter=meter,
                         wire_dtype=getattr(engine, "communication_data_type", None))
     if check:  # the methods' own rules, as the recipe check runs them
-        oname = ORDERS.name_of(order) if order is not None else _block(get("order"), "rr")[0]
+        oname = ORDERS.name_of(order) if order is not None else _block(method.order, "rr")[0]
         view = MethodView(names={"reducer": rname, "sync": sname, "order": oname or "rr"},
                           options={"reducer": ropts, "sync": sopts, "order": order.options if order else None},
                           deepspeed=_deepspeed_settings(engine), world=comm.world_size)

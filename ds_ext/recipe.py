@@ -372,11 +372,19 @@ _NAMED = {
 
 
 def _validate_named(recipe: Recipe) -> List[Tuple[str, str]]:
+    return _validate_blocks(recipe, _NAMED)
+
+
+def _validate_blocks(root: BaseModel, named: Mapping[Tuple[str, ...], Registry], prefix: Tuple[str, ...] = (),
+                     set_hint: bool = True) -> List[Tuple[str, str]]:
+    """Each named block's options against its registry entry's ``Options`` (keys reported under ``prefix``;
+    ``set_hint``: the message shows how to replace the block with ``--set``, which only a recipe has)."""
     problems = []
-    for path, registry in _NAMED.items():
-        block = recipe
+    for path, registry in named.items():
+        block = root
         for p in path:
             block = getattr(block, p)
+        path = prefix + path
         key = ".".join(path)
         try:
             entry = registry.get(block.name)
@@ -396,11 +404,35 @@ def _validate_named(recipe: Recipe) -> List[Tuple[str, str]]:
             for k, msg in _convert(e, entry.options, prefix=path):
                 if msg.startswith("unknown key"):
                     allowed = sorted(entry.options.model_fields)
-                    msg = (f"unknown option for {registry.kind} {block.name!r}; allowed: {', '.join(allowed) or '(none)'}"
-                           f" (to switch {key} on the command line, replace the whole block: "
-                           f"--set '{key}={{name: {block.name}}}')")
+                    msg = f"unknown option for {registry.kind} {block.name!r}; allowed: {', '.join(allowed) or '(none)'}"
+                    if set_hint:
+                        msg += (f" (to switch {key} on the command line, replace the whole block: "
+                                f"--set '{key}={{name: {block.name}}}')")
                 problems.append((k, msg))
     return problems
+
+
+_METHOD_BLOCKS = {("reducer",): REDUCERS, ("sync",): SYNCS, ("order",): ORDERS}
+
+
+def method_section(block: Any, source: str = "ds_config", prefix: str = "ds_ext") -> MethodSection:
+    """A method specification outside a recipe (the ``ds_ext`` block of a DeepSpeed config, or the ``method``
+    argument of ``ds_ext.attach``), validated with the recipe's schema and messages: the same ``reducer`` /
+    ``sync`` / ``order`` blocks as a recipe's ``method`` section, each ``{name: ..., <option>: ...}`` or a
+    bare name. Raises ``RecipeError`` (a ``ValueError``) naming ``prefix.<key>`` and what is allowed."""
+    load_builtin()
+    if not isinstance(block, Mapping):
+        raise RecipeError(source, [(prefix, "must be a mapping with the keys reducer, sync, order "
+                                            f"(got {_short(block)})")])
+    raw = {k: ({"name": v} if isinstance(v, str) else v) for k, v in block.items()}
+    try:
+        section = MethodSection.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(source, _convert(e, MethodSection, prefix=(prefix,))) from None
+    problems = _validate_blocks(section, _METHOD_BLOCKS, (prefix,), set_hint=False)
+    if problems:
+        raise RecipeError(source, problems)
+    return section
 
 
 _DS_EXAMPLES = {"zero_optimization": "{stage: 0}", "bf16": "{enabled: true}", "fp16": "{enabled: true}",
@@ -689,8 +721,13 @@ def _resolve_paths(recipe: Recipe, host: HostConfig, source: str, host_file: Opt
 
 
 def load_recipe(path: Union[str, Path], overrides: Sequence[str] = (), host_config: Optional[str] = None) -> Recipe:
-    """Read a recipe YAML, apply ``--set`` overrides and the per-host file, validate everything."""
+    """Read a recipe YAML, apply ``--set`` overrides and the per-host file, validate everything. A bare
+    name with no such file (``"quickstart"``) is a bundled recipe (``python -m ds_ext.recipes list``)."""
     path = Path(path)
+    if not path.exists():
+        from .recipes import bundled_path
+
+        path = bundled_path(str(path)) or path
     raw = _read_yaml(path, "recipe")
     applied = apply_overrides(raw, overrides)
     host_path = find_host_config(host_config)
