@@ -1,0 +1,185 @@
+"""Hugging Face ``transformers.Trainer`` and Accelerate: ds_ext's methods on the DeepSpeed engine they build.
+
+Install the optional extra (``pip install 'ds_ext[hf]'``: transformers, accelerate). The method goes in the
+``ds_ext`` block of the ordinary DeepSpeed config the Trainer is given (the schema of a recipe's ``method``
+section; ``ds_ext.recipe.method_section`` validates it with the recipe's messages)::
+
+    ds_config = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+                 "gradient_accumulation_steps": "auto", "zero_optimization": {"stage": 1},
+                 "ds_ext": {"reducer": {"name": "powersgd", "rank": 4}}}
+    trainer = Trainer(model=model, args=TrainingArguments(..., deepspeed=ds_config), ...)
+    callback = ds_ext.hf.attach_to_trainer(trainer)     # attaches when training begins
+    trainer.train()
+    callback.attachment.meter                            # the bytes it sent
+
+``attach_to_trainer`` calls ``ds_ext.attach(engine)`` (which reads the ``ds_ext`` block, or the ``method``
+given here) as soon as the Trainer's accelerator has built the DeepSpeed engine, before the Trainer loads a
+checkpoint to resume from, and adds a ``TrainerCallback`` that checks it when training begins. The Trainer's own loop then drives the engine: Accelerate's
+``DeepSpeedEngineWrapper.backward`` marks the accumulation boundary, calls ``engine.backward`` and, at the
+boundary, ``engine.step``, which is the attachment's. The Trainer's checkpoints go through
+``engine.save_checkpoint`` / ``load_checkpoint``, which keep every rank's method state while attached
+(``ds_ext/engine.py: Attachment.save_checkpoint``), so ``resume_from_checkpoint`` resumes the methods too.
+
+Accelerate users with their own loop: after ``accelerator.prepare(model, optimizer, ...)``,
+``attach_accelerator(accelerator)`` attaches to ``accelerator.deepspeed_engine_wrapped.engine``.
+
+What cannot work here, refused with the reason (``hf_problem``): a data order other than ``rr``
+(``dgrab`` reorders the examples, so it must own the sampler, and the Trainer / Accelerate build their
+own data loader; and D-GraB sees every micro-batch gradient through ``engine.step``, which Accelerate
+calls only at accumulation boundaries) and reducer ``cdgrab`` (it needs the ``cdgrab`` order). Use the
+ds_ext trainer (``python -m ds_ext.train``) for those.
+
+Without a GPU (tests, this CPU machine) Accelerate does not pair DeepSpeed with a CPU-only process group;
+``cpu_deepspeed_state()`` sets Accelerate's state up with gloo first and returns the ``TrainingArguments``
+keyword that makes the Trainer use it. On GPUs it is not needed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, Optional
+
+from transformers import TrainerCallback
+
+from .engine import _block, attach, method_spec
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DsExtCallback", "attach_to_trainer", "attach_accelerator", "cpu_deepspeed_state", "hf_problem"]
+
+
+def hf_problem(method) -> Optional[str]:
+    """Why a method cannot run under the Trainer / Accelerate (None when it can); ``method`` is a validated
+    ``recipe.MethodSection``."""
+    order, _ = _block(method.order, "rr")
+    reducer, _ = _block(method.reducer, "allreduce")
+    if order != "rr":
+        return (f"ds_ext.order {order!r} cannot run under the Hugging Face Trainer or Accelerate: it reorders the "
+                f"examples, so it must own the sampler, and the Trainer builds its own data loader (and it sees every "
+                f"micro-batch gradient through engine.step, which Accelerate calls only at accumulation "
+                f"boundaries); use order 'rr' here, or the ds_ext trainer (python -m ds_ext.train)")
+    if reducer == "cdgrab":
+        return ("ds_ext.reducer 'cdgrab' needs the 'cdgrab' order, which cannot run under the Hugging Face Trainer "
+                "or Accelerate; use another reducer, or the ds_ext trainer (python -m ds_ext.train)")
+    return None
+
+
+def _is_engine(obj) -> bool:
+    return callable(getattr(obj, "is_gradient_accumulation_boundary", None)) and hasattr(obj, "optimizer")
+
+
+def _attach_checked(engine, method, **kwargs):
+    spec = method_spec(engine, method)
+    problem = hf_problem(spec)
+    if problem:
+        raise ValueError(problem)
+    return attach(engine, spec, **kwargs)
+
+
+class DsExtCallback(TrainerCallback):
+    """Attaches ds_ext to the DeepSpeed engine of the Trainer it is bound to (``attach_to_trainer``).
+    ``method`` (optional): as ``ds_ext.attach``'s; None reads the config's ``ds_ext`` block.
+    ``attach_kwargs`` go to ``ds_ext.attach`` (``meter``, ``check_every``, ``nonfinite``, ...).
+    ``attachment`` is the ``Attachment`` once the Trainer has built its engine.
+
+    When: right after the Trainer's ``accelerator.prepare`` builds the engine (``attach_to_trainer`` wraps
+    that call on the Trainer's accelerator), which is before the Trainer loads a checkpoint to resume from,
+    so the attachment's ``engine.load_checkpoint`` restores the methods' state too. ``on_train_begin``
+    checks that this happened; if the engine came from elsewhere it attaches there, and a resumed run
+    is then told (a warning) that its method state starts fresh."""
+
+    def __init__(self, method=None, **attach_kwargs: Any):
+        self.method, self.attach_kwargs = method, attach_kwargs
+        self.trainer = None
+        self.attachment = None
+
+    def bind(self, trainer) -> "DsExtCallback":
+        self.trainer = trainer
+        return self
+
+    def attach_engine(self, engine) -> None:
+        """Attach to ``engine`` unless already attached to it (a new engine replaces the old attachment)."""
+        if self.attachment is not None and self.attachment.engine is engine:
+            return
+        if self.attachment is not None:
+            self.attachment.detach()
+            self.attachment = None
+        kwargs = dict(self.attach_kwargs)
+        state = getattr(self.trainer, "state", None)
+        max_steps = int(getattr(state, "max_steps", 0) or 0)
+        if max_steps > 0:
+            kwargs.setdefault("total_steps", max_steps)
+        self.attachment = _attach_checked(engine, self.method, **kwargs)
+        log.info("ds_ext attached to the Trainer's DeepSpeed engine: reducer %s, sync %s",
+                 type(self.attachment.reducer).__name__, type(self.attachment.sync).__name__)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.trainer is None:
+            raise ValueError("DsExtCallback is not bound to its Trainer: use ds_ext.hf.attach_to_trainer(trainer)")
+        engine = getattr(self.trainer, "model_wrapped", None)
+        if not _is_engine(engine):
+            raise ValueError("ds_ext needs the Trainer to run DeepSpeed: pass TrainingArguments(deepspeed=ds_config) "
+                             f"(the Trainer's model is a {type(engine).__name__}, not a DeepSpeed engine)")
+        if self.attachment is None or self.attachment.engine is not engine:
+            self.attach_engine(engine)
+            if state.global_step > 0:
+                log.warning("ds_ext attached after the Trainer resumed at step %d: the methods' state (error "
+                            "feedback, factors) starts fresh; attach with ds_ext.hf.attach_to_trainer before "
+                            "trainer.train() to resume it", state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        att = self.attachment
+        if att is not None and att.meter.steps:
+            log.info("ds_ext: %d bytes per rank over %d steps (%s)", att.meter.total_bytes, att.meter.steps,
+                     ", ".join(f"{k} {v}" for k, v in sorted(att.meter.by_kind.items())) or "nothing metered")
+
+
+def attach_to_trainer(trainer, method=None, **attach_kwargs: Any) -> DsExtCallback:
+    """Before ``trainer.train()``: attach ds_ext to the DeepSpeed engine as soon as the Trainer's accelerator
+    builds it (its ``prepare`` is wrapped on this Trainer's accelerator instance), and add the callback that
+    checks it at ``on_train_begin``. Returns the callback (``callback.attachment`` once training began)."""
+    cb = DsExtCallback(method, **attach_kwargs).bind(trainer)
+    accelerator = getattr(trainer, "accelerator", None)
+    if accelerator is not None and not getattr(accelerator.prepare, "_ds_ext", False):
+        orig = accelerator.prepare
+
+        def prepare(*args, **kwargs):
+            out = orig(*args, **kwargs)
+            engine = getattr(getattr(accelerator, "deepspeed_engine_wrapped", None), "engine", None)
+            if _is_engine(engine):
+                cb.attach_engine(engine)
+            return out
+
+        prepare._ds_ext = True
+        accelerator.prepare = prepare
+    trainer.add_callback(cb)
+    return cb
+
+
+def attach_accelerator(accelerator, method=None, **attach_kwargs: Any):
+    """``ds_ext.attach`` on the DeepSpeed engine of an ``accelerate.Accelerator`` after ``prepare``."""
+    wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    engine = getattr(wrapped, "engine", None)
+    if not _is_engine(engine):
+        raise ValueError("ds_ext needs Accelerate to run DeepSpeed (a DeepSpeedPlugin, or accelerate launch with "
+                         "a DeepSpeed config), and accelerator.prepare(model, optimizer, ...) called first")
+    return _attach_checked(engine, method, **attach_kwargs)
+
+
+def cpu_deepspeed_state() -> Dict[str, Any]:
+    """Without a GPU: set Accelerate's process state up for DeepSpeed over gloo (the launcher's environment,
+    ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``, must be set) and return the ``TrainingArguments`` keyword
+    (``accelerator_config``) that makes the Trainer use that state. Accelerate otherwise treats a CPU-only
+    process as not distributed when DeepSpeed is asked for. Call it before building ``TrainingArguments``."""
+    from accelerate import PartialState
+
+    before = os.environ.get("ACCELERATE_USE_DEEPSPEED")
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    try:
+        PartialState(backend="gloo")
+    finally:
+        if before is None:
+            del os.environ["ACCELERATE_USE_DEEPSPEED"]
+        else:
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = before
+    return {"accelerator_config": {"use_configured_state": True}}
