@@ -1,5 +1,5 @@
-"""A step-time cost model for the communication methods, fitted on the emulated cluster and used to
-project to cluster sizes we cannot run (``python -m ds_ext.costmodel``).
+"""A step-time cost model for the communication methods, checked on the emulated cluster and used to
+project to GPU clusters we cannot run (``python -m ds_ext.costmodel``).
 
     step = compute + compression + (communication not hidden by overlap)
 
@@ -9,11 +9,27 @@ Communication is the sum over the collectives one rank issues per optimizer step
     all_gather  of B payload bytes per rank, g ranks:        (g-1) * alpha +  (g-1)   * B / (eta * BW)
 
 ``B`` is what the communication meter (``ds_ext.metrics.CommMeter``) counts: the tensor handed to the
-collective on one rank. ``alpha`` is the per-message latency (one ring hop: gloo/TCP software overhead
-on the emulated cluster, where ``tc`` adds no latency: this kernel has no ``netem``) and ``eta`` the
-fraction of the link rate ``BW`` a stream achieves. These are the model's two constants; they are
-fitted by weighted least squares (relative error) on the per-step communication times of every
-method measured on N = 4 emulated hosts (``run/bench-cluster.sh``), then checked at N = 2, 3, 4.
+collective on one rank. ``alpha`` is the per-message latency (one ring hop) and ``eta`` the fraction of
+the link rate ``BW`` a stream achieves: the model's two constants.
+
+Where the constants come from (the CLI prints its choice, with its source, before every table):
+
+* Default (a GPU cluster): ``alpha`` = 14 us per ring hop (``NCCL_NET_ALPHA_S``), a sourced figure for a
+  real network, not a measurement of ours: NCCL's own latency model (NVIDIA NCCL's tuning model, its
+  ``hwLat`` table in current releases) charges 14 us per inter-node ring step for the Simple protocol
+  (the one NCCL uses for MB-sized messages; 2.7 us for its LL small-message protocol, older releases
+  such as NCCL 2.7 9.6 us), InfiniBand/RoCE with NCCL's software overhead included; NCCL's extra fixed
+  ~8.4 us per collective is left out (the model has no per-call term). 14 us is the conservative end for
+  bucket-sized messages; ``--alpha-us`` replaces it. ``eta`` = 0.932, the emulation's fit (gloo over TCP
+  reached 93 % of the shaped link), kept for GPUs as an assumption (NCCL's tuning model likewise takes
+  92 % of a ring's bus bandwidth for its LL128 protocol); ``--eta`` replaces it.
+* ``--fit [RESULTS]``: both constants fitted by weighted least squares (relative error) on the per-step
+  communication times of every method measured on N = 4 emulated hosts (``run/bench-cluster.sh``),
+  then checked at N = 2, 3, 4; with no RESULTS and no ``runs/bench-cluster``, the fit recorded in the
+  README (``EMULATION_FIT_CONSTANTS``: alpha 1212 us per hop, eta 0.932). That alpha is gloo/TCP
+  software overhead and CPU scheduling delay on 2 oversubscribed cores (``tc`` adds no latency: this
+  kernel has no ``netem``), not network latency: right for checking the model against the emulation,
+  about 90x too slow for projecting a GPU cluster.
 
 What each method sends per step (``collectives``), written from the reducers and synchronizers in
 this package (tests check them against the real meter):
@@ -46,9 +62,13 @@ nodes. Two-level time:
 ``intra_BW`` (``Constants.intra_bw_bits``, ``--intra-bw`` Gbit/s) is an input, not measured here:
 default 1.6e12 bit/s = 200 GB/s, an NVLink-class achieved bus bandwidth (NVIDIA's nccl-tests
 ``all_reduce_perf`` on an 8x A100 DGX with NVLink 3 / NVSwitch reports ~230 GB/s bus bandwidth for large
-messages; H100 NVLink 4 more); ``intra_alpha`` (``--intra-alpha-us``) 5 us per ring hop, also an input (the
-order of NCCL's per-step latency inside a node; the fitted ``alpha`` is the emulation's CPU scheduling delay
+messages; H100 NVLink 4 more); ``intra_alpha`` (``--intra-alpha-us``) 5 us per ring hop, also an input (NCCL's
+tuning model charges 3.4 us per NVLink ring step for the Simple protocol, and at least 3 us of network-post
+overhead per step once a ring spans nodes; the fitted ``alpha`` is the emulation's CPU scheduling delay
 and would be wrong on NVLink). Node collectives are priced at the intra-node rate with no efficiency factor.
+A flat ring spanning nodes prices every hop at the network ``alpha`` (NCCL's model charges its intra-node
+steps the NVLink figure): the flat side's latency is overstated by up to (hops - network hops) x (alpha -
+intra_alpha), which favours hierarchical mode (at most ~1 ms per all_reduce at 64 GPUs with the defaults).
 The network is one link of BW per node (``--nics-per-node``, default 1), so the G local ranks' cross-node
 rings share it; a flat ring over node-major ranks crosses each node's link once per direction, so its time
 is the flat model's above (with k links per node both modes spread over them: flat as k rings, /k). On one
@@ -69,17 +89,16 @@ H100) and the backward fraction. Compression times are the bench's measurements 
 ``--compress-file`` / ``--compress-ms`` replace them (e.g. by GPU times). The CLI prints two
 projections: A with those compression times, B with none (the bound a fast GPU implementation
 approaches). Deliberate simplifications, named: the network is a non-blocking switch (every host's
-link at BW, no contention between groups); no latency beyond the fitted alpha (which on the emulated
-cluster is mostly CPU scheduling delay, see the README; ``--alpha-us`` replaces it); exdyna's achieved
-density is its target and its ranks' counts are balanced; gloo's all_gather is modelled with the same
-efficiency as its all_reduce.
+link at BW, no contention between groups; in the flat projection every GPU is a host with its own link);
+no latency beyond alpha per ring hop (no per-call launch cost); exdyna's achieved density is its target and
+its ranks' counts are balanced; all_gather is modelled with the same efficiency as all_reduce.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -230,6 +249,10 @@ INTRA_BW_BITS = 1.6e12      # 200 GB/s: NVLink-class achieved bus bandwidth
 INTRA_ALPHA_S = 5e-6        # per ring hop inside a node
 
 
+INTRA_SOURCE = ("inputs: NVLink-class; nccl-tests all_reduce_perf reports ~230 GB/s bus bandwidth on 8x A100 "
+                "NVLink 3, NCCL's tuning model charges 3.4 us per NVLink ring step")
+
+
 @dataclass
 class Constants:
     alpha_s: float          # per-message (ring hop) latency, seconds
@@ -237,6 +260,8 @@ class Constants:
     source: str = "built-in"
     intra_bw_bits: float = INTRA_BW_BITS   # intra-node rate (bit/s) for NodeCollective (``intra_node``)
     intra_alpha_s: float = INTRA_ALPHA_S   # intra-node per-hop latency, seconds
+    alpha_source: str = ""  # where alpha comes from, printed with it (the CLI's assumptions)
+    eta_source: str = ""    # where eta comes from
 
 
 # How a method's compression time changes with the number of ranks N (fitted per method on the
@@ -257,13 +282,33 @@ class Compression:
         return self.a + self.b * f
 
 
-# Built-in values, used when no --fit results are given: the constants and compression fits of the
-# run recorded in the README (`sudo bash run/bench-cluster.sh` on this project's 2-core CPU machine,
-# gloo over TCP, N = 4 emulated hosts at 1 Gbit/s for the constants, N = 2, 3, 4 for compression).
-# Measured 2026-11-23 with 8 timed steps while other jobs kept the load average at 5-9 on the 2 cores:
-# the latency constant is mostly scheduling delay (see the README), not network latency.
-DEFAULT_CONSTANTS = Constants(alpha_s=1.2122e-3, eta=0.9324,
-                              source="built in: bench-cluster fit on N=4, 1 Gbit/s, 8 methods")
+# The default network latency of a GPU-cluster projection: a sourced figure, not a measurement of ours
+# (module docstring). NCCL's tuning model (its hwLat table, network row) charges a ring 14 us per
+# inter-node step with the Simple protocol, which carries MB-sized messages (2.7 us with LL for small
+# ones; 9.6 us in older releases such as NCCL 2.7).
+NCCL_NET_ALPHA_S = 14e-6
+NCCL_ALPHA_SOURCE = ("NCCL's own latency model (NVIDIA NCCL tuning model, hwLat table): 14 us per inter-node ring "
+                     "step, Simple protocol, InfiniBand/RoCE incl. NCCL software overhead; 2.7 us for its LL "
+                     "small-message protocol, so conservative for small messages; --alpha-us replaces it")
+EMULATION_ETA = 0.9324
+EMULATION_ETA_SOURCE = ("fitted on the CPU emulation (gloo/TCP reached 93% of the shaped link); an assumption for "
+                        "NCCL, whose tuning model takes 92% of a ring's bus bandwidth for LL128; --eta replaces it")
+
+# The constants of a GPU-cluster projection (the CLI's default): NCCL's network latency, the emulation's eta.
+DEFAULT_CONSTANTS = Constants(alpha_s=NCCL_NET_ALPHA_S, eta=EMULATION_ETA,
+                              source="default: alpha from NCCL's latency model, eta from the emulation fit",
+                              alpha_source=NCCL_ALPHA_SOURCE, eta_source=EMULATION_ETA_SOURCE)
+
+# The fit of the run recorded in the README (`sudo bash run/bench-cluster.sh` on this project's 2-core CPU
+# machine, gloo over TCP, N = 4 emulated hosts at 1 Gbit/s, 8 methods), used only with an explicit --fit when
+# there are no results to fit. Measured 2026-11-23 with 8 timed steps while other jobs kept the load average at
+# 5-9 on the 2 cores: the latency constant is mostly scheduling delay (see the README), not network latency.
+EMULATION_FIT_ALPHA_SOURCE = ("fitted on the CPU emulation: gloo/TCP software overhead and CPU scheduling delay on "
+                              "2 oversubscribed cores, not network latency")
+EMULATION_FIT_CONSTANTS = Constants(alpha_s=1.2122e-3, eta=EMULATION_ETA,
+                                    source="recorded bench-cluster fit on N=4, 1 Gbit/s, 8 methods",
+                                    alpha_source=EMULATION_FIT_ALPHA_SOURCE,
+                                    eta_source="fitted on the CPU emulation (gloo/TCP)")
 DEFAULT_COMPRESSION: Dict[str, Compression] = {
     "allreduce": Compression("constant", 58.6),
     "powersgd": Compression("constant", 90.6),
@@ -483,6 +528,8 @@ def fit_from_results(results: List[dict], n: int = 4) -> Tuple[Constants, Dict[s
                 pts.append((colls, bw, row["comm_ms"] / 1e3))
     c = fit_constants(pts)
     c.source = f"fitted on N={n}, {fmt_bw(bw)}, {len(pts)} methods"
+    c.alpha_source = f"{EMULATION_FIT_ALPHA_SOURCE} ({c.source})"
+    c.eta_source = f"fitted on the CPU emulation (gloo/TCP, {c.source})"
     return c, {m: fit_compression(m, p) for m, p in comp.items()}
 
 
@@ -642,6 +689,59 @@ def print_hierarchical(rows: List[dict], bound: Dict[tuple, float], consts: Cons
               + (f"{b:6.2f}x" if b is not None else f"{'-':>7}"))
 
 
+DEFAULT_COMPUTE_MS = 30.5   # a ResNet-50 bf16 step at batch 64 on an H100: an input
+
+
+def assumption_lines(consts: Constants, bws: Sequence[float], compute_ms: float, overlap: bool,
+                     backward_fraction: float, hierarchical: bool = False, gpus_per_node: int = 8,
+                     nics_per_node: int = 1, model: str = "", numel: int = 0, compression: str = "") -> List[str]:
+    """The projection's assumptions, as the CLI prints them next to its table: link bandwidth, latency per hop
+    and its source, efficiency and its source, compute time, overlap, intra-node link (hierarchical),
+    compression."""
+    rates = ", ".join(f"{b:g}" for b in bws)
+    lines = ["## assumptions (inputs and constants of this projection, not GPU measurements)"]
+    if model:
+        lines.append(f"# model: {model} ({numel:,} fp32 values sent as gradients)")
+    if hierarchical:
+        lines.append(f"# network: {rates} Gbit/s per link; {gpus_per_node} GPUs per node sharing {nics_per_node} "
+                     f"link(s) per node; non-blocking switch; a flat ring spanning nodes prices every hop at alpha")
+    else:
+        lines.append(f"# network: {rates} Gbit/s per link; one link per GPU (each GPU a host), non-blocking switch; "
+                     f"every ring hop a network hop")
+    lines.append(f"# constants ({consts.source}): alpha = {consts.alpha_s * 1e6:.1f} us per ring hop, "
+                 f"eta = {consts.eta:.3f} of the link rate")
+    lines.append(f"#   latency source: {consts.alpha_source or consts.source}")
+    lines.append(f"#   eta source: {consts.eta_source or consts.source}")
+    lines.append(f"# compute: {compute_ms:g} ms/step (input"
+                 + ("; the default is a ResNet-50 bf16 step at batch 64 on an H100)"
+                    if compute_ms == DEFAULT_COMPUTE_MS else ")"))
+    ov = (f"allreduce/acpsgd communication (launched during backward) hides behind backward = "
+          f"{backward_fraction:.2f} x compute (input); the other methods communicate after backward"
+          if overlap else "none (--no-overlap): compute + compression + communication in series")
+    lines.append(f"# overlap: {'flat: ' if hierarchical else ''}{ov}"
+                 + ("; hierarchical: none (the node mean needs every gradient)" if hierarchical else ""))
+    if hierarchical:
+        lines.append(f"# intra-node: {consts.intra_bw_bits / 8e9:g} GB/s, {consts.intra_alpha_s * 1e6:g} us per ring "
+                     f"hop ({INTRA_SOURCE})")
+    if compression:
+        lines.append(f"# compression: {compression}")
+    return lines
+
+
+def _has_results(path: str) -> bool:
+    """Whether ``path`` holds bench-cluster results (without raising, unlike ``load_results``)."""
+    p = Path(path)
+    files = sorted(p.glob("*.json")) if p.is_dir() else ([p] if p.is_file() else [])
+    for f in files:
+        try:
+            d = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(d, dict) and d.get("kind") == "ds_ext.bench.cluster":
+            return True
+    return False
+
+
 def _floats(s: str) -> List[float]:
     return [float(x) for x in s.split(",") if x.strip()]
 
@@ -671,21 +771,25 @@ def main(argv=None) -> int:
                                                  "with --hierarchical 16,32,64)")
     ap.add_argument("--bandwidth", default="1,10,100", help="link rates in Gbit/s")
     ap.add_argument("--model", default="resnet50", help="registered model whose gradient shapes are sent")
-    ap.add_argument("--compute-ms", type=float, default=30.5,
+    ap.add_argument("--compute-ms", type=float, default=DEFAULT_COMPUTE_MS,
                     help="per-step compute time, an input (default: ResNet-50 bf16 batch 64 on an H100)")
     ap.add_argument("--backward-fraction", type=float, default=2.0 / 3.0,
                     help="share of the compute that is backward (allreduce/acpsgd communication hides there)")
     ap.add_argument("--no-overlap", action="store_true", help="serial: no communication hidden behind backward")
     ap.add_argument("--fit", nargs="*", default=None, metavar="RESULTS",
-                    help="bench-cluster result files/directories (default runs/bench-cluster): fit the constants "
-                         "on N=4, compression on every N, and print the model's error at every N")
+                    help="use the CPU emulation's constants instead of the GPU default: fit them on bench-cluster "
+                         "result files/directories (default runs/bench-cluster; without results there, the fit "
+                         "recorded in the README), compression on every N, and print the model's error at every N")
     ap.add_argument("--compress-file", default=None,
                     help="run/bench-compress.sh output from a GPU machine: its CUDA times replace allreduce/"
                          "powersgd/acpsgd compression")
     ap.add_argument("--compress-ms", action="append", default=[], metavar="METHOD=MS,...",
                     help="fixed compression times per method (e.g. measured on a GPU)")
-    ap.add_argument("--alpha-us", type=float, default=None, help="replace the latency constant (microseconds)")
-    ap.add_argument("--eta", type=float, default=None, help="replace the bandwidth-efficiency constant")
+    ap.add_argument("--alpha-us", type=float, default=None,
+                    help=f"replace the latency per ring hop, microseconds (default {NCCL_NET_ALPHA_S * 1e6:g}: NCCL's "
+                         f"latency model, InfiniBand/RoCE)")
+    ap.add_argument("--eta", type=float, default=None,
+                    help=f"replace the bandwidth-efficiency constant (default {EMULATION_ETA:.3f})")
     ap.add_argument("--qsr-h", type=int, default=None, help="QSR period H for local_qsr (default 4: the ViT-B "
                     "recipe at peak LR; its whole schedule averages 93,600/9,711 = 9.64 steps per sync)")
     ap.add_argument("--hierarchical", action="store_true",
@@ -723,21 +827,35 @@ def main(argv=None) -> int:
         print("--gpus / --bandwidth: positive numbers", file=sys.stderr)
         return 2
     opts = MethodOptions()
-    consts, compression = DEFAULT_CONSTANTS, dict(DEFAULT_COMPRESSION)
+    compression = dict(DEFAULT_COMPRESSION)
     comp_src = "built in (bench-cluster on this CPU)"
-    if args.fit is not None:
+    if args.fit is not None and not args.fit and not _has_results("runs/bench-cluster"):
+        consts = replace(EMULATION_FIT_CONSTANTS)
+        print("# --fit: no bench-cluster results in runs/bench-cluster: the CPU emulation's fit recorded in the "
+              "README (run: sudo bash run/bench-cluster.sh to fit your own)")
+    elif args.fit is not None:
         results = load_results(args.fit or ["runs/bench-cluster"])
         consts, compression = fit_from_results(results)
         opts = options_of(next((r for r in results if r["world"] == 4), results[0]))
         bw = fit_bandwidth(results, 4)
         comp_src = "fitted on " + ", ".join(sorted({Path(r["_file"]).name for r in results if r["bw_bits"] == bw}))
         print_check(results, consts, args.compute_ms)
+    else:
+        consts = replace(DEFAULT_CONSTANTS)
     if args.qsr_h is not None:
         opts.qsr_h_base, opts.qsr_alpha = args.qsr_h, 0.0
     if args.alpha_us is not None:
-        consts = Constants(args.alpha_us * 1e-6, consts.eta, f"alpha given, eta {consts.source}")
+        if args.alpha_us < 0:
+            print("--alpha-us must be >= 0", file=sys.stderr)
+            return 2
+        consts = replace(consts, alpha_s=args.alpha_us * 1e-6, source=f"alpha given, eta {consts.source}",
+                         alpha_source=f"given (--alpha-us {args.alpha_us:g})")
     if args.eta is not None:
-        consts = Constants(consts.alpha_s, args.eta, f"eta given, alpha {consts.source}")
+        if args.eta <= 0:
+            print("--eta must be > 0", file=sys.stderr)
+            return 2
+        consts = replace(consts, eta=args.eta, source=f"eta given, alpha {consts.source}",
+                         eta_source=f"given (--eta {args.eta:g})")
     if args.intra_bw <= 0 or args.intra_alpha_us < 0 or args.gpus_per_node < 1 or args.nics_per_node < 1:
         print("--intra-bw must be > 0, --intra-alpha-us >= 0, --gpus-per-node and --nics-per-node >= 1",
               file=sys.stderr)
@@ -752,11 +870,17 @@ def main(argv=None) -> int:
     shapes = model_shapes(args.model)
     numel = sum(_numel(s) for s in shapes)
     overlap = not args.no_overlap
-    print(f"# cost model: {args.model} ({numel:,} fp32 values); compute {args.compute_ms:g} ms/step (input); "
-          + (f"allreduce/acpsgd communication hides behind backward = {args.backward_fraction:.2f} x compute (input)"
-             if overlap else "no overlap"))
-    print(f"# constants ({consts.source}): alpha = {consts.alpha_s * 1e6:.1f} us per ring hop, "
-          f"eta = {consts.eta:.3f} of the link rate")
+    if args.hierarchical:
+        hier_given = {m: v for m, v in given.items() if m in methods and m in HIER_METHODS}
+        comp_note = (f"given: {', '.join(f'{k} {v:g} ms' for k, v in hier_given.items())} for the flat method, "
+                     f"/ {args.gpus_per_node} (its shard) for hierarchical" if hier_given
+                     else "none (left out: the bound a fast GPU implementation approaches; --compress-ms gives it)")
+    else:
+        comp_note = (f"A: per method below, {comp_src}; B: none (the bound a fast GPU implementation "
+                     f"approaches)")
+    print("\n".join(assumption_lines(consts, bws, args.compute_ms, overlap, args.backward_fraction,
+                                     args.hierarchical, args.gpus_per_node, args.nics_per_node, args.model, numel,
+                                     comp_note)))
     if args.hierarchical:
         print(f"# local_qsr: H = {opts.qsr_h}; rank {opts.rank}; density {opts.density}")
         return _main_hierarchical(args, methods, gpus, bws, shapes, opts, consts, given, overlap)
@@ -828,16 +952,25 @@ def _main_hierarchical(args, methods, gpus, bws, shapes, opts, consts, given, ov
     return 0
 
 
-def plot(with_c, without, methods, gpus, bws, path, consts, compute_ms) -> None:
-    try:
-        import matplotlib
+MATPLOTLIB_MISSING = "# matplotlib is not installed: no plot written (pip install matplotlib; --png '' skips the plot)"
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("# matplotlib is not installed: no plot (pip install -e .[bench])", file=sys.stderr)
-        return
-    fig, axes = plt.subplots(1, len(bws), figsize=(4.4 * len(bws), 4.0), sharey=True, squeeze=False)
+
+def projection_figure(with_c, without, methods, gpus, bws, consts, compute_ms):
+    """The projection plot (needs matplotlib): one panel per link rate, speed-up over S-SGD per method (solid:
+    projection A, dotted: B). The legend sits below the panels, outside every axes, so it hides no line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    width = 4.4 * len(bws)
+    n_labels = len(methods) + 2                               # one per method, and solid A / dotted B
+    ncol = max(1, min(n_labels, int(width / 2.0)))            # ~2 inches per legend entry at fontsize 7
+    rows = -(-n_labels // ncol)
+    legend_in = 0.15 + 0.17 * rows                            # the legend's own strip below the panels
+    height = 3.6 + legend_in
+    fig, axes = plt.subplots(1, len(bws), figsize=(width, height), sharey=True, squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, bw in zip(axes[0], bws):
         for i, m in enumerate(methods):
@@ -855,14 +988,36 @@ def plot(with_c, without, methods, gpus, bws, path, consts, compute_ms) -> None:
         ax.axhline(1.0, color="black", lw=0.6)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("speed-up over S-SGD (step time)")
-    axes[0][-1].legend(fontsize=7)
-    fig.suptitle(f"cost model ({consts.source}; alpha {consts.alpha_s * 1e6:.0f} us, eta {consts.eta:.2f}), "
-                 f"compute {compute_ms:g} ms/step; solid: CPU-measured compression, dotted: compression free",
-                 fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    handles += [Line2D([], [], color="black", ls="-", marker="o"), Line2D([], [], color="black", ls=":")]
+    labels += ["A: CPU-measured compression", "B: compression free"]
+    fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=ncol, fontsize=7,
+               frameon=False)
+    import textwrap
+
+    title = textwrap.wrap(f"cost model: alpha {consts.alpha_s * 1e6:.0f} us per hop, eta {consts.eta:.2f} "
+                          f"({consts.source}); compute {compute_ms:g} ms/step", int(width * 13))
+    fig.suptitle("\n".join(title), fontsize=8)
+    fig.set_figheight(height + 0.14 * (len(title) - 1))
+    fig.tight_layout(rect=(0.0, legend_in / fig.get_figheight(), 1.0, 1.0))  # the suptitle: tight_layout's own
+    return fig
+
+
+def plot(with_c, without, methods, gpus, bws, path, consts, compute_ms) -> Optional[str]:
+    """Write the projection plot to ``path``; without matplotlib, one line says so (stderr) and None."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print(MATPLOTLIB_MISSING, file=sys.stderr)
+        return None
+    import matplotlib.pyplot as plt
+
+    fig = projection_figure(with_c, without, methods, gpus, bws, consts, compute_ms)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     print(f"# plot: {path}")
+    return str(path)
 
 
 if __name__ == "__main__":
