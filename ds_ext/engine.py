@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import sys
 from typing import Any, Callable, Dict, Optional, Union
 
 import torch
@@ -230,8 +229,8 @@ class NonFiniteGuard:
         self.events.append((step, list(ranks)))
         show = report if report is not None else (not shared or self.comm.global_rank == 0)  # local: its own rank
         if show:
-            print(f"[ds_ext] step {step}: non-finite gradient on rank(s) {list(ranks)}; optimizer step skipped "
-                  f"{where} (error-feedback and order state saw zeros instead)", file=sys.stderr, flush=True)
+            log.warning("step %d: non-finite gradient on rank(s) %s; optimizer step skipped %s (error-feedback and "
+                        "order state saw zeros instead)", step, list(ranks), where)
 
     def skipped_step(self, orig_step, *args, **kwargs):
         """Run DeepSpeed's step (counters, LR schedule, zeroing of gradients, loss-scale bookkeeping)
