@@ -859,9 +859,16 @@ def attach(engine, method: Union[None, Dict[str, Any], Any] = None, meter: Optio
     ``order`` (an ``ds_ext.order.Order``) is only wired in when it observes gradients (D-GraB,
     CD-GraB): it then sees every microbatch gradient through parameter hooks.
 
-    ``method`` is the recipe's ``method`` section or a dict such as
-    ``{"reducer": {"name": "allreduce", "bucket_mb": 25}, "sync": "none"}``. ``total_steps`` (the
+    ``method`` (``method_spec``): the recipe's ``method`` section; a dict such as
+    ``{"reducer": {"name": "allreduce", "bucket_mb": 25}, "sync": "none"}`` whose blocks may also be typed
+    options objects (``{"reducer": PowerSGDOptions(rank=4)}``) or ``(name, options)``; or None, which reads
+    the ``ds_ext`` block of the engine's DeepSpeed config (the same schema). A bad block raises
+    ``recipe.RecipeError`` (a ``ValueError``) naming the key and listing what is allowed. A gradient-driven
+    order named there (``dgrab``) needs its ``order`` object (else ``ValueError``). ``total_steps`` (the
     run's optimizer steps) lets period schedules end their last round exactly at the last step.
+
+    While attached, ``engine.save_checkpoint`` / ``engine.load_checkpoint`` also save and restore every
+    rank's method state (``Attachment.save_checkpoint``).
 
     ``nonfinite`` (the recipe's ``train.nonfinite``) says what a NaN or inf in any rank's gradient does:
     ``skip`` (default) zeroes it before any reducer, order or error-feedback buffer sees it and skips the
@@ -878,6 +885,11 @@ def attach(engine, method: Union[None, Dict[str, Any], Any] = None, meter: Optio
     rname, ropts = _block(method.reducer, "allreduce")
     sname, sopts = _block(method.sync, "none")
     ropts, sopts = REDUCERS.validated(rname, ropts), SYNCS.validated(sname, sopts)
+    oname_spec = _block(method.order, "rr")[0]
+    if order is None and oname_spec in ORDERS and getattr(ORDERS.get(oname_spec).factory, "observes_gradients", False):
+        raise ValueError(f"method.order {oname_spec!r} sees every micro-batch gradient and orders the examples: pass "
+                         f"the order object that drives your sampler (attach(..., order=ds_ext.ORDERS.build("
+                         f"{oname_spec!r}, ...))), or use the ds_ext trainer")
     meter = meter or CommMeter()
     comm = Communicator(group, device=engine.device, meter=meter,
                         wire_dtype=getattr(engine, "communication_data_type", None))

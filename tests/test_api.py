@@ -54,3 +54,15 @@ def test_own_loop_save_and_load_keep_the_methods_state(tmp_path):
         assert out["latest"] == "mid"
     ctl = harness.run(W.own_loop_resume, 2, ckpt=str(tmp_path / "b"), load=False, timeout=240)
     assert not torch.equal(ctl[0]["resumed"], ctl[0]["straight"])
+
+
+def test_a_gradient_driven_order_without_its_object_is_refused():
+    """``{"order": "dgrab"}`` without ``order=``: nothing would see the gradients nor order the examples."""
+    from ds_ext.engine import attach
+
+    class FakeEngine:  # attach refuses before touching the engine
+        _config = None
+        config = {}
+
+    with pytest.raises(ValueError, match="method.order 'dgrab' sees every micro-batch gradient"):
+        attach(FakeEngine(), {"order": "dgrab"})
