@@ -6,17 +6,30 @@
 ``--check`` validates the recipe (overrides, per-host file, method combination, batch arithmetic
 for ``--world-size``, default $WORLD_SIZE or 1) and exits 0, or 2 with one line per problem,
 without starting training.
+
+Console: the trainer prints its own lines; the library logs through ``logging`` under the ``ds_ext``
+logger, which ``main`` routes to stderr as ``[ds_ext] <message>`` while it runs (``console_logging``):
+WARNING and above from every rank, plus INFO from ``ds_ext.data`` (what a data set reader found, e.g.
+criteo's ``field_dims``) on rank 0. A program that configures the ``ds_ext`` logger itself (gives it a
+handler) before calling ``main`` keeps its configuration.
+
+Run directory (``log.dir``, rank 0): ``summary.json`` (written at the end: the result and the logged
+``history`` of the whole run, across resumes), ``history.jsonl`` (one logged record per line, appended on
+logging steps; a resumed run keeps the records up to its checkpoint's step and drops later ones),
+``wandb_run_id`` (a resumed run continues that wandb run) and ``wandb/``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import random
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 EXIT_RECIPE = 2
 EXIT_DATA = 3
@@ -58,7 +71,85 @@ def check(recipe, world_size: int) -> int:
     return 0
 
 
+CONSOLE_FORMAT = "[ds_ext] %(message)s"
+
+
+def _rank_now() -> int:
+    """This process's rank: the process group's once it exists, else $RANK (the launcher's), else 0."""
+    d = sys.modules.get("torch.distributed")
+    if d is not None and d.is_available() and d.is_initialized():
+        return d.get_rank()
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+class ConsoleFilter(logging.Filter):
+    """What the trainer shows of the library's records: WARNING and above from every rank; INFO from
+    ``ds_ext.data`` (data set readers) on rank 0 only, as the trainer printed them before they were logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        data = record.name == "ds_ext.data" or record.name.startswith("ds_ext.data.")
+        return record.levelno >= logging.INFO and data and _rank_now() == 0
+
+
+class ConsoleHandler(logging.Handler):
+    """``[ds_ext] <message>`` lines on the current ``sys.stderr`` (flushed); through tqdm when a progress
+    bar is showing, so the bar is redrawn below the line."""
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(logging.Formatter(CONSOLE_FORMAT))
+        self.addFilter(ConsoleFilter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = self.format(record)
+            tq = sys.modules.get("tqdm")
+            if tq is not None and getattr(getattr(tq, "tqdm", None), "_instances", None):
+                tq.tqdm.write(msg, file=sys.stderr)
+            else:
+                sys.stderr.write(msg + "\n")
+            sys.stderr.flush()
+        except Exception:
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def console_logging() -> Iterator[Optional[logging.Handler]]:
+    """While the trainer runs: the ``ds_ext`` logger's records on stderr through a ``ConsoleHandler``
+    (yielded), with ``propagate`` off so that a handler on the root logger (DeepSpeed's or the user's)
+    does not print them a second time, and the logger's level set to INFO when it has none (the handler
+    filters; a level the user set, e.g. CRITICAL to silence the library, is kept). Everything is put back
+    on exit (``main`` may be called in-process). When the ``ds_ext`` logger already has a handler (the
+    caller configured it), nothing is changed and None is yielded."""
+    lg = logging.getLogger("ds_ext")
+    if lg.handlers:
+        yield None
+        return
+    handler = ConsoleHandler()
+    level, propagate = lg.level, lg.propagate
+    lg.addHandler(handler)
+    lg.propagate = False
+    if level == logging.NOTSET:
+        lg.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        lg.removeHandler(handler)
+        lg.propagate = propagate
+        lg.setLevel(level)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    with console_logging():
+        return _main(argv)
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
     from .recipe import DataPathError, RecipeError, load_recipe, preflight, world_size_from
 
     args = build_parser().parse_args(argv)
@@ -86,6 +177,66 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+
+HISTORY_FILE = "history.jsonl"
+
+
+def run_name(recipe) -> Optional[str]:
+    """The wandb run name: ``log.wandb.name``, else the recipe's ``name``, else the recipe file's stem
+    (None for a recipe built in memory: wandb then picks one)."""
+    src = recipe.source or ""
+    return (recipe.log.wandb.name or recipe.name
+            or (Path(src).stem if src and not src.startswith("<") else None))
+
+
+def _history_start(run_dir: str, upto: Optional[int]) -> List[dict]:
+    """Rank 0, before the first step: the logged records this run continues. A fresh run (``upto`` None)
+    starts empty; a resumed one keeps ``<run_dir>/history.jsonl``'s records up to step ``upto`` (its
+    checkpoint's; later ones belong to a timeline that is being replaced) in step order, one per step.
+    The file is rewritten to that (atomically) and then appended to by ``_history_append``."""
+    path = Path(run_dir, HISTORY_FILE)
+    kept: dict = {}
+    if upto is not None:
+        try:
+            lines = path.read_text().splitlines()
+        except (OSError, UnicodeDecodeError):
+            lines = []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+                step = int(rec["step"])
+            except (ValueError, TypeError, KeyError):  # a line cut short by a killed process
+                continue
+            if step <= upto:
+                kept[step] = rec
+    out = [kept[k] for k in sorted(kept)]
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in out))
+        os.replace(tmp, path)
+    except OSError as e:  # the records stay in memory (summary.json); only this file is missing
+        _history_warn(path, e)
+    return out
+
+
+_history_failed: List[str] = []
+
+
+def _history_warn(path: Path, e: OSError) -> None:
+    if not _history_failed:  # once per process
+        print(f"[ds_ext] warning: cannot write {path} ({e}); summary.json will still hold this run's history",
+              file=sys.stderr)
+        _history_failed.append(str(path))
+
+
+def _history_append(run_dir: str, rec: dict) -> None:
+    path = Path(run_dir, HISTORY_FILE)
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    except OSError as e:
+        _history_warn(path, e)
+
 
 def _seed_all(seed: int) -> None:
     import numpy as np
@@ -223,7 +374,7 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
     from . import faults
     from .comm import gather_objects
     from .engine import initialize
-    from .metrics import CommMeter, Progress, WandbLogger, human_bytes
+    from .metrics import CommMeter, Progress, StepWindow, WandbLogger, human_bytes, purpose_key
     from .recipe import RecipeError
     from .registry import DATASETS, MODELS, ORDERS
 
@@ -332,7 +483,9 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
               f"{t.global_batch_size}; {steps_per_epoch} steps/epoch x {t.epochs} epochs; "
               f"reducer={names['reducer']} sync={names['sync']} order={names['order']} "
               f"precision={recipe.precision()}; run dir {run_dir}", file=sys.stderr)
-    wb = WandbLogger(recipe.log.wandb, run_dir, recipe.model_dump(mode="json"), enabled=is0)
+    history = _history_start(run_dir, engine.global_steps if resume_path is not None else None) if is0 else []
+    wb = WandbLogger(recipe.log.wandb, run_dir, recipe.model_dump(mode="json"), enabled=is0, name=run_name(recipe),
+                     resume=resume_path is not None)
     bar = Progress(total_steps, engine.global_steps, enabled=is0 and recipe.log.progress, console=is0)
     att.vote_stop(lambda: faults.stop_requested() is not None)
     skip_streak = [0, 0]  # consecutive skipped steps on this rank, the last step that was not skipped
@@ -369,8 +522,16 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
         with att.sync.eval_view(engine.module, train_batches):
             return evaluate(engine, bundle, recipe.data.eval_micro_batch_size or 2 * micro, rank, world, att.comm)
 
+    # what the bytes were for, naming the method that sent them (metrics.PURPOSES; the rest is the reducer's)
+    who = {"gradient exchange": f"reducer={names['reducer']}", "parameter averaging": f"sync={names['sync']}",
+           "order balancing": f"order={names['order']}"}
+
+    def purposes() -> dict:
+        return {f"{k} ({who[k]})" if k in who else k: v for k, v in meter.by_purpose().items()}
+
     smoothing = t.label_smoothing
-    history = []
+    window = StepWindow()  # step time and samples/s between logging steps (host timers)
+    order_stats = getattr(order, "stats", None)
     last_eval = {}
     last_loss = float("nan")  # the last logged training loss (the progress bar shows it)
     t0 = time.perf_counter()
@@ -410,6 +571,7 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
                 continue
             step_in_epoch += 1
             samples_done += t.global_batch_size
+            window.step(t.global_batch_size)
             gstep = engine.global_steps
             if att.skipped_steps > skips_seen:  # host counters: no device read
                 skip_streak[0] += 1
@@ -428,17 +590,25 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
             lr = schedule.get_last_lr()[0]
             if gstep % recipe.log.every_steps == 0 or step_in_epoch == steps_per_epoch:
                 last_loss = float(step_loss_t) / micro_in_step  # the loss is read on logging steps only
-                rec = {"train/loss": last_loss, "train/lr": lr, "comm/bytes_step": meter.last_step_bytes,
+                step_time, samples_per_s = window.read()  # after that read: the window's device work is done
+                rec = {"train/loss": last_loss, "train/lr": lr, "train/step_time_s": step_time,
+                       "train/samples_per_s": samples_per_s, "comm/bytes_step": meter.last_step_bytes,
                        "comm/bytes_total": meter.total_bytes, "epoch": epoch + step_in_epoch / steps_per_epoch}
+                rec.update({f"comm/bytes_total/{purpose_key(k)}": v for k, v in meter.by_purpose().items()})
                 rec.update({f"reducer/{k}": v for k, v in att.reducer.stats().items()})
                 rec["train/skipped_steps"] = att.skipped_steps  # non-finite gradients (train.nonfinite=skip)
                 rec.update({f"sync/{k}": v for k, v in att.sync.stats().items()})
+                if order_stats is not None:
+                    rec.update({f"order/{k}": v for k, v in order_stats().items()})
                 wb.log(rec, step=gstep)
-                history.append({"step": gstep, **rec})
+                if is0:
+                    history.append({"step": gstep, **rec})
+                    _history_append(run_dir, history[-1])
             bar.update(1, loss=f"{last_loss:.4f}", lr=f"{lr:.3g}",
                        sps=f"{samples_done / max(time.perf_counter() - t0, 1e-9):.0f}")
             if att.stop_agreed and gstep < total_steps:  # a signal (preemption): every rank at this same step
-                path = save(epoch, step_in_epoch)
+                with window.paused():
+                    path = save(epoch, step_in_epoch)
                 bar.close()
                 wb.finish()
                 got = faults.stop_requested()
@@ -449,7 +619,8 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
                                "nothing saved (see above)") + f" (exit {faults.EXIT_PREEMPTED})")
             stopping = t.stop_at_step is not None and gstep >= t.stop_at_step and gstep < total_steps
             if stopping or (ce.every_steps and gstep % ce.every_steps == 0 and gstep < total_steps):
-                save(epoch, step_in_epoch)
+                with window.paused():
+                    save(epoch, step_in_epoch)
             if stopping:
                 bar.close()
                 if is0:
@@ -462,33 +633,36 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
                 break
         last_epoch = epoch + 1 == t.epochs
         if (t.eval_every_epochs and (epoch + 1) % t.eval_every_epochs == 0) or last_epoch:
-            last_eval = eval_now(epoch)
+            with window.paused():
+                last_eval = eval_now(epoch)
             wb.log({f"val/{k[4:]}": v for k, v in last_eval.items()}, step=engine.global_steps)
             if is0:
                 bar.write(f"[ds_ext] epoch {epoch + 1}/{t.epochs} step {engine.global_steps}: "
                           f"val acc {last_eval['val_acc']:.4f} loss {last_eval['val_loss']:.4f}")
         if (ce.every_epochs and (epoch + 1) % ce.every_epochs == 0) or (last_epoch and (ce.every_epochs or ce.every_steps)):
-            save(epoch, steps_per_epoch)
+            with window.paused():
+                save(epoch, steps_per_epoch)
     bar.close()
     att.check_pending()
     elapsed = time.perf_counter() - t0
     if not last_eval:
         last_eval = eval_now(t.epochs - 1)
+    parts = purposes()
     summary = {"recipe": recipe.source, "world_size": world, "steps": engine.global_steps, "epochs": t.epochs,
                **names, **last_eval, "comm_bytes_total": meter.total_bytes,
                "comm_bytes_per_step": meter.total_bytes / max(meter.steps, 1), "comm_bytes_by_kind": dict(meter.by_kind),
-               "train_seconds": elapsed,
+               "comm_bytes_by_purpose": parts, "train_seconds": elapsed,
                "skipped_steps": att.skipped_steps, "nonfinite_events": [list(e) for e in att.nonfinite_events]}
-    wb.log({"summary/val_acc": last_eval.get("val_acc", 0.0), "summary/comm_bytes": meter.total_bytes},
+    wb.log({"summary/val_acc": last_eval.get("val_acc", 0.0), "summary/comm_bytes": meter.total_bytes,
+            **{f"summary/comm_bytes/{purpose_key(k)}": v for k, v in meter.by_purpose().items()}},
            step=engine.global_steps)
     wb.finish()
     if is0:
         Path(run_dir, "summary.json").write_text(json.dumps({**summary, "history": history}, indent=1))
         print(f"[ds_ext] final: val accuracy {last_eval['val_acc']:.4f} ({last_eval['val_correct']}/"
               f"{last_eval['val_total']}), val loss {last_eval['val_loss']:.4f}, {engine.global_steps} steps")
-        parts = meter.by_purpose(exchange=f"reducer={names['reducer']}")
         split = ", ".join(f"{k} {human_bytes(v / max(meter.steps, 1))}" for k, v in parts.items()) \
-            if len(parts) > 1 else f"reducer={names['reducer']}"
+            if len(parts) > 1 else next(iter(parts), "nothing metered")
         print(f"[ds_ext] communicated {human_bytes(meter.total_bytes)} per rank over {meter.steps} steps "
               f"({human_bytes(summary['comm_bytes_per_step'])}/step; {split}), "
               f"train time {elapsed:.1f} s; summary {Path(run_dir, 'summary.json')}")

@@ -15,7 +15,8 @@ token ``floor(ln(v)^2)`` if ``v > 2``, ``v - 2`` otherwise, and a separate token
 field keeps its string (empty included). Per field, tokens seen at least ``min_count`` (10) times get
 indices ``0..K-1`` (in sorted token order; the seed's order is that of a Python set), every rarer or unseen
 token shares index ``K``; so ``field_dims[f] = K + 1``. Lines without exactly 40 fields are skipped.
-The model is ``deepfm`` with these ``field_dims`` (``bundle.train.field_dims``; the reader prints them).
+The model is ``deepfm`` with these ``field_dims`` (``bundle.train.field_dims``; the reader logs them
+at INFO on the ``ds_ext.data.criteo`` logger, which the trainer shows on rank 0).
 
 Split: a random permutation from ``torch.Generator().manual_seed(split_seed)`` (42), first
 ``int(train_fraction * N)`` (90%) rows train, the rest validation -- the seed's
@@ -37,9 +38,8 @@ import fcntl
 import hashlib
 import itertools
 import json
+import logging
 import os
-import sys
-import warnings
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -51,6 +51,8 @@ from torch.utils.data import Dataset
 from ..registry import DATASETS, Options
 from .base import DataBundle
 from .files import data_root, require
+
+log = logging.getLogger(__name__)
 
 NUM_INT, NUM_CAT = 13, 26
 NUM_FIELDS = NUM_INT + NUM_CAT
@@ -283,7 +285,7 @@ def criteo(options: CriteoOptions, root: Optional[str] = None, **_) -> DataBundl
         try:
             feats, labels, dims = _cached(path, cache_dir, o.min_count, o.max_rows, o.chunk_rows)
         except OSError as e:
-            warnings.warn(f"criteo: cannot use cache directory {cache_dir} ({e}); indexing in memory instead")
+            log.warning("criteo: cannot use cache directory %s (%s); indexing in memory instead", cache_dir, e)
     if feats is None:
         feats, labels, dims = preprocess(path, o.min_count, o.max_rows, o.chunk_rows)
     n = len(labels)
@@ -293,7 +295,6 @@ def criteo(options: CriteoOptions, root: Optional[str] = None, **_) -> DataBundl
     n_train = int(o.train_fraction * n)
     if n_train == 0 or n_train == n:
         raise ValueError(f"criteo: {n} rows cannot be split {o.train_fraction:g}/{1 - o.train_fraction:g}")
-    if os.environ.get("RANK", "0") == "0":
-        print(f"[ds_ext] criteo: {n} rows from {path} ({n_train} train); field_dims={dims}", file=sys.stderr)
+    log.info("criteo: %d rows from %s (%d train); field_dims=%s", n, path, n_train, dims)
     return DataBundle(CriteoRows(feats, labels, perm[:n_train], dims), CriteoRows(feats, labels, perm[n_train:], dims),
                       (NUM_FIELDS,), 2)
