@@ -27,8 +27,7 @@ log = logging.getLogger(__name__)
 #: what a kind's bytes are for, where it is not the method's gradient exchange (a reducer's or an order's own
 #: kinds): ZeRO's collectives, hierarchical mode's intra-node traffic, a synchronizer's parameter averaging
 #: (``node_zero_allgather``: ZeRO partitioned within the node, hierarchical mode; inside nodes too), an order's
-#: balancing (``order_balance``: reserved for the D-GraB order's pair-difference all_gather, which today is
-#: metered as ``all_gather``, the kind of the cdgrab reducer's gradient exchange, and so counts as exchange)
+#: balancing (``order_balance``: the D-GraB order's pair-difference all_gather, ``ds_ext/order/dgrab.py``)
 PURPOSES = {"zero_allgather": "ZeRO all-gather", "node_zero_allgather": "ZeRO all-gather", "zero_reduce": "ZeRO reduction",
             "node_mean": "inside nodes", "node_gather": "inside nodes", "param_allreduce": "parameter averaging",
             "order_balance": "order balancing"}

@@ -50,6 +50,10 @@ class Order:
         (flat fp32, captured by per-parameter ``Tensor`` hooks before accumulation into ``.grad``)
         when ``observes_gradients``; the buffer is reused afterwards (copy what you keep)."""
 
+    def stats(self) -> dict:
+        """What the trainer logs under ``order/`` on logging steps (host counters only)."""
+        return {}
+
     def state_dict(self) -> dict:
         return {}
 

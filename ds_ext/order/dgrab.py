@@ -59,6 +59,7 @@ Decisions on the reference code's quirks:
 """
 from __future__ import annotations
 
+import time
 from typing import List, Optional, Tuple
 
 import torch
@@ -66,6 +67,9 @@ from pydantic import Field
 
 from ..registry import ORDERS, Options
 from .base import Order, seeded_generator
+
+#: the meter's kind of D-GraB's pair-difference all_gather (``metrics.PURPOSES``: "order balancing")
+ORDER_KIND = "order_balance"
 
 
 def sign_by_norm(s: torch.Tensor, v: torch.Tensor) -> bool:
@@ -214,6 +218,9 @@ class DGrab(Order):
         self.cache: Optional[torch.Tensor] = None
         self.comm, self.sketch = None, None
         self.dropped_examples = 0
+        # the balancing cost, for the logs (this process's, not checkpointed): host seconds in the pair step
+        # (the exchange and PairBalance's sign decisions) and the bytes this rank sent for it
+        self.balance_seconds, self.balance_bytes = 0.0, 0
 
     # ---- planning (the trainer calls this before building the engine) -------------------------
     def plan(self, micro_batch_size: int, grad_acc: int, steps_per_epoch: int) -> Tuple[int, Optional[str]]:
@@ -279,10 +286,17 @@ class DGrab(Order):
         if self.seen % 2 == 0:
             self.cache = g.detach().clone()
         else:
+            t = time.perf_counter()
             diff = self.cache.to(g.device).sub_(g)
-            self.sorter.step(self.comm.all_gather(diff, "all_gather"))
+            self.balance_bytes += diff.numel() * diff.element_size()
+            self.sorter.step(self.comm.all_gather(diff, ORDER_KIND))
+            self.balance_seconds += time.perf_counter() - t
             self.cache = None
         self.seen += 1
+
+    def stats(self) -> dict:
+        return {"balance_seconds": self.balance_seconds, "balance_bytes": self.balance_bytes,
+                "dropped_examples": self.dropped_examples}
 
     # ---- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -320,7 +334,9 @@ class CDGrab(DGrab):
         if self.seen % 2 == 0:
             self.cache = g.detach().clone()
         else:
+            t = time.perf_counter()
             self.sorter.step(self.cache.to(g.device).sub_(g))
+            self.balance_seconds += time.perf_counter() - t  # no bytes of its own: the reducer's gather feeds it
             self.cache = None
         self.seen += 1
 
