@@ -328,6 +328,14 @@ class ZeroBridge:
         self.allgather_bytes = sum(int(size) * flat.element_size()
                                    for size, flat in zip(getattr(self.opt, "partition_size", []), flats))
         if not replace:
+            import torch.distributed as dist
+
+            groups = getattr(self.opt, "real_dp_process_group", None) or []
+            if comm.distributed and any(dist.get_world_size(group=pg) != comm.world_size for pg in groups):
+                raise ValueError("reducer 'deepspeed' averages over ZeRO's data-parallel group, which here is not "
+                                 f"every rank ({dist.get_world_size(group=groups[0])} of {comm.world_size}, e.g. one "
+                                 "node: ds_ext.engine.node_mpu); nodes would drift apart. Use a ds_ext reducer "
+                                 "with hierarchical: true, or build the engine without that mpu")
             return
         version = _deepspeed_version()
         problem = zero_bridge_version_problem(version)
@@ -414,14 +422,15 @@ class ZeroBridge:
                     part.narrow(0, dst, n).copy_(p.grad.reshape(-1).narrow(0, src, n))
             opt.averaged_gradients[i] = [part]
 
-    def restore(self) -> None:
+    def restore(self, keep_node_state: bool = True) -> None:
         """Give ZeRO back its own gradient reduction (``Attachment.detach``). Node-partitioned, there is none
-        to give back: ZeRO's own reduction would average over one node only, so its hooks stay removed and
-        ``Attachment.detach`` makes the engine's ``step`` refuse to run."""
+        to give back: ZeRO's own reduction would average over one node only, so its hooks stay removed,
+        only the first node keeps writing DeepSpeed's checkpoint files, and ``Attachment.detach`` makes the
+        engine's ``step`` refuse to run (``keep_node_state=False``: an attach that failed puts the flags back)."""
+        if self.node_partitioned and keep_node_state:  # still partitioned within nodes: the flags stay off
+            return
         if self._save_flags is not None:
             self.engine.save_non_zero_checkpoint, self.engine.save_zero_checkpoint = self._save_flags
-        if self.node_partitioned:
-            return
         if self.replace and not self.opt._grad_acc_hooks:
             self.opt.use_grad_accum_attribute = self._accum_attribute
             if self._had_hooks:
@@ -498,6 +507,16 @@ class Attachment:
         self.engine, self.reducer, self.sync, self.comm = engine, reducer, sync, comm
         self.meter = comm.meter
         self.order = order
+        if getattr(engine, "_ds_ext_attachment", None) is not None:
+            raise ValueError("this engine already has a ds_ext attachment: detach() it first (two would each wrap "
+                             "step, the gradient hooks and the reduction)")
+        # every check that can refuse runs before anything of the engine is changed
+        if reducer.observes_microbatches and not (order is not None and order.observes_gradients):
+            raise ValueError(f"reducer {type(reducer).__name__} needs the matching gradient-driven order")
+        if reducer.uses_kernels:  # compile or load the kernels now, with a message, not inside step 1
+            from . import ops
+
+            ops.prepare(comm.device)
         self.guard = NonFiniteGuard(engine, reducer.params, comm, nonfinite,
                                     getattr(reducer, "inner_cls", type(reducer)).__name__,
                                     engine_reduces=not reducer.replaces_engine_allreduce)
@@ -505,19 +524,25 @@ class Attachment:
         self.zero = (ZeroBridge(engine, comm, replace=reducer.replaces_engine_allreduce,
                                 topology=getattr(reducer, "topology", None))
                      if engine.zero_optimization_stage() in (1, 2) else None)
+        if self.zero is not None and self.zero.node_partitioned:
+            # DeepSpeed broadcast the initial parameters over its data-parallel group, i.e. inside each node
+            # only: every node must start from the same parameters (collective; the same verdict everywhere)
+            try:
+                check_consistency(engine.module, comm)
+            except DesyncError as e:
+                self.zero.restore(keep_node_state=False)
+                raise DesyncError(f"ZeRO partitioned within nodes: the nodes start from different parameters "
+                                  f"(DeepSpeed broadcasts them inside a node only; seed the model alike on every "
+                                  f"rank or broadcast it before deepspeed.initialize): {e}") from None
         self.check = ConsistencyCheck(engine.module, comm, check_every)
         self.vote = StopVote(comm)
         self.steps = 0
         self.last_step_communicated = False
         self._handles = []
         self._orig_step = engine.step
+        if self._orig_step is _node_partitioned_detached:  # attached again after a detach: DeepSpeed's own step
+            self._orig_step = type(engine).step.__get__(engine, type(engine))
         self._orig_allreduce_flag = engine.enable_backward_allreduce
-        if reducer.observes_microbatches and not (order is not None and order.observes_gradients):
-            raise ValueError(f"reducer {type(reducer).__name__} needs the matching gradient-driven order")
-        if reducer.uses_kernels:  # compile or load the kernels now, with a message, not inside step 1
-            from . import ops
-
-            ops.prepare(comm.device)
         if reducer.replaces_engine_allreduce:
             engine.enable_backward_allreduce = False
         for p in reducer.params:
@@ -529,6 +554,7 @@ class Attachment:
         # DeepSpeed's checkpoint calls keep every rank's method state too (own loops, Hugging Face's Trainer)
         self._orig_save, self._orig_load = engine.save_checkpoint, engine.load_checkpoint
         engine.save_checkpoint, engine.load_checkpoint = self.save_checkpoint, self.load_checkpoint
+        engine._ds_ext_attachment = self
 
     # what the trainer and tests read
     @property
@@ -624,11 +650,15 @@ class Attachment:
             self.check.after_step(self.steps, self.sync.synced_globally, self.engine.global_steps)
         return out
 
-    def detach(self) -> None:
+    def detach(self, restore_engine: bool = True) -> None:
         """Remove the hooks and restore ``engine.step`` (and, under ZeRO 1/2, ZeRO's own gradient hooks; with ZeRO
-        partitioned within a node, ``engine.step`` raises instead, see ``ZeroBridge``)."""
-        if self.zero is not None:
+        partitioned within a node, ``engine.step`` raises instead, see ``ZeroBridge``). ``restore_engine=False``:
+        the engine is gone or being replaced (its optimizer destroyed), so ZeRO's hooks are not registered
+        again (they would land on parameters a new engine shares)."""
+        if self.zero is not None and restore_engine:
             self.zero.restore()
+        if getattr(self.engine, "_ds_ext_attachment", None) is self:
+            self.engine._ds_ext_attachment = None
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -639,43 +669,69 @@ class Attachment:
             self.engine.step = _node_partitioned_detached
 
     # ---- DeepSpeed's checkpoint calls, with the methods' state ------------------------------------------
-    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest: bool = True, **kwargs):
+    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest: bool = True,
+                        exclude_frozen_parameters: bool = False):
         """``engine.save_checkpoint`` while attached (collective, every rank): DeepSpeed's files, then every
         rank's method state (error feedback, factors, sync and meter state, the order's state when one is
         attached) in ``<save_dir>/<tag>/ds_ext_rank<r>.pt`` (temporary name, fsync, rename), then, once every
-        rank's write succeeded, ``latest`` (so ``latest`` never names a checkpoint without our state). A
-        failed write raises ``checkpoint.CheckpointSaveError`` on every rank; the previous ``latest`` stays.
-        Returns what DeepSpeed's returns. Inside ``ds_ext.checkpoint`` (the trainer), DeepSpeed's own call."""
+        rank's writes succeeded and rank 0 has fsynced the checkpoint's files, ``latest`` (so ``latest`` never
+        names a checkpoint without our state). A failed write on any rank (DeepSpeed's or ours, or
+        ``latest``) raises ``checkpoint.CheckpointSaveError`` on every rank and leaves ``latest`` as it was.
+        Returns what DeepSpeed's returns. Inside ``ds_ext.checkpoint`` (the trainer), DeepSpeed's own call.
+        A decoupled (asynchronous) DeepSpeed checkpoint engine is refused: it commits after returning."""
         if getattr(self.engine, "_ds_ext_checkpoint_managed", False):
             return self._orig_save(save_dir, tag=tag, client_state=client_state or {}, save_latest=save_latest,
-                                   **kwargs)
+                                   exclude_frozen_parameters=exclude_frozen_parameters)
         from pathlib import Path
 
         from . import checkpoint as ckpt
 
+        ce = getattr(self.engine, "checkpoint_engine", None)
+        if ce is not None and callable(getattr(ce, "is_decoupled", None)) and ce.is_decoupled():
+            raise ValueError("ds_ext's engine.save_checkpoint needs DeepSpeed's synchronous checkpoint engine (a "
+                             "decoupled one commits after the call returns, so ds_ext could not order its state "
+                             "before 'latest'); turn the decoupled checkpoint engine off")
         self.check_pending()
         tag = str(tag) if tag is not None else f"global_step{self.engine.global_steps}"
-        out = self._orig_save(save_dir, tag=tag, client_state=client_state or {}, save_latest=False, **kwargs)
-        here = ckpt.rank_file(Path(save_dir) / tag, self.comm.global_rank)
+        with deferred_checkpoint_writes(self.engine) as failed:  # DeepSpeed's own barrier still runs everywhere
+            out = self._orig_save(save_dir, tag=tag, client_state=client_state or {}, save_latest=False,
+                                  exclude_frozen_parameters=exclude_frozen_parameters)
         err = None
-        try:
-            ckpt._torch_save_atomic(self.checkpoint_state(), here)
-        except (OSError, RuntimeError) as e:
-            err = f"{here}: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        if failed:
+            path, e = failed[0]
+            err = f"{path}: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        here = ckpt.rank_file(Path(save_dir) / tag, self.comm.global_rank)
+        if err is None:
+            try:
+                ckpt._torch_save_atomic(self.checkpoint_state(), here)
+                ckpt._fsync_dir(here.parent)
+            except Exception as e:  # noqa: BLE001 -- any failure is reported on every rank, not raised on one
+                err = f"{here}: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
         err = ckpt.shared_verdict(err)
+        if err is None and save_latest and self.comm.global_rank == 0:
+            try:  # DeepSpeed's files first, then latest: a crash in between leaves latest as it was
+                for f in sorted((Path(save_dir) / tag).rglob("*")):
+                    if f.is_file():
+                        ckpt._fsync_path(f)
+                ckpt._fsync_dir(Path(save_dir) / tag)
+                ckpt._write_atomic(Path(save_dir) / "latest", tag.encode())
+            except Exception as e:  # noqa: BLE001
+                err = f"{Path(save_dir) / 'latest'}: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        if save_latest:
+            err = ckpt.shared_verdict(err)  # rank 0's latest verdict reaches every rank (and ends the save together)
         if err is not None:
-            raise ckpt.CheckpointSaveError(f"ds_ext state not saved, 'latest' left as it was: {err}")
-        if save_latest and self.comm.global_rank == 0:
-            ckpt._write_atomic(Path(save_dir) / "latest", tag.encode())
-        self.comm.barrier()  # every rank returns with the checkpoint complete, ``latest`` included
+            raise ckpt.CheckpointSaveError(f"checkpoint {Path(save_dir) / tag} not saved, 'latest' left as it was: "
+                                           f"{err}")
         return out
 
     def load_checkpoint(self, load_dir, tag=None, **kwargs):
         """``engine.load_checkpoint`` while attached (collective): DeepSpeed's files, then this rank's method
-        state from ``ds_ext_rank<r>.pt`` (``save_checkpoint``). A checkpoint without any rank's ds_ext state
-        (saved before the attachment existed) leaves the methods fresh, with a warning; one missing on some
-        ranks only, or saved by another number of ranks (per-rank error feedback cannot be split or merged),
-        raises ``ValueError`` on every rank. Returns what DeepSpeed's returns."""
+        state from ``ds_ext_rank<r>.pt`` (``save_checkpoint``), checked to be from the same step as DeepSpeed's
+        files and the same number of ranks (per-rank error feedback cannot be split or merged). A checkpoint
+        without any rank's ds_ext state (saved before the attachment existed) leaves the methods fresh, with a
+        warning; so do ``load_module_only=True`` and ``load_optimizer_states=False`` (the methods' state is
+        optimizer-like state), without one. A file missing on some ranks only, from another step or another
+        world size, or unreadable, raises ``ValueError`` on every rank. Returns what DeepSpeed's returns."""
         if getattr(self.engine, "_ds_ext_checkpoint_managed", False):
             return self._orig_load(load_dir, tag=tag, **kwargs)
         from pathlib import Path
@@ -685,17 +741,31 @@ class Attachment:
         path, client = self._orig_load(load_dir, tag=tag, **kwargs)
         if path is None:
             return path, client
+        if kwargs.get("load_module_only") or not kwargs.get("load_optimizer_states", True):
+            log.info("load_checkpoint(%s): module only / no optimizer states, so the ds_ext methods start fresh",
+                     load_dir)
+            return path, client
         if tag is None:
-            tag = (Path(load_dir) / "latest").read_text().strip()
-        f = ckpt.rank_file(Path(load_dir) / str(tag), self.comm.global_rank)
+            universal = callable(getattr(self.engine, "load_universal_checkpoint", None)) and \
+                self.engine.load_universal_checkpoint()
+            tag = (Path(load_dir) / ("latest_universal" if universal else "latest")).read_text().strip()
+        where = Path(load_dir) / str(tag)
+        f = ckpt.rank_file(where, self.comm.global_rank)
         state, problem = None, None
         if f.is_file():
             try:
                 state = torch.load(f, map_location="cpu", weights_only=False)
-                world = state.get("world_size") if isinstance(state, dict) else None
+                if not isinstance(state, dict) or "attachment" not in state:
+                    raise ValueError(f"not a ds_ext rank file (found {type(state).__name__})")
+                world, step = state.get("world_size"), state.get("global_step")
                 if world != self.comm.world_size:
                     problem = (f"{f} was saved by a run of {world} ranks, this one has {self.comm.world_size}: "
-                               "per-rank method state (error feedback) cannot be split or merged")
+                               "per-rank method state (error feedback) cannot be split or merged; load with "
+                               "load_optimizer_states=False to start the methods fresh")
+                elif step is not None and int(step) != int(getattr(self.engine, "global_steps", step)):
+                    problem = (f"{f} is from step {step}, DeepSpeed's files in {where} from step "
+                               f"{self.engine.global_steps} (a tag saved twice?): the methods' state does not "
+                               "belong to these parameters")
             except Exception as e:  # noqa: BLE001 -- a truncated or foreign file: named, on every rank
                 problem = f"{f}: cannot be loaded ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
         rows = self.comm.exchange_control(self.comm.tensor([int(state is not None), int(problem is not None)],
@@ -705,16 +775,15 @@ class Attachment:
         if problem is not None:
             raise ValueError(problem)
         if bad:
-            raise ValueError(f"the ds_ext state of rank(s) {', '.join(map(str, bad))} in {Path(load_dir) / str(tag)} "
-                             "cannot be used (see that rank's error)")
+            raise ValueError(f"the ds_ext state of rank(s) {', '.join(map(str, bad))} in {where} cannot be used "
+                             "(see that rank's error)")
         if not have:
-            log.warning("%s holds no ds_ext state (saved without the attachment): the methods start fresh",
-                        Path(load_dir) / str(tag))
+            log.warning("%s holds no ds_ext state (saved without the attachment): the methods start fresh", where)
             return path, client
         if len(have) != len(rows):
             missing = [r for r in range(len(rows)) if r not in have]
-            raise ValueError(f"{Path(load_dir) / str(tag)} has no ds_ext state for rank(s) "
-                             f"{', '.join(map(str, missing))} (ds_ext_rank<r>.pt): an incomplete checkpoint")
+            raise ValueError(f"{where} has no ds_ext state for rank(s) {', '.join(map(str, missing))} "
+                             "(ds_ext_rank<r>.pt): an incomplete checkpoint")
         self.load_state_dict(state["attachment"])
         if self.order is not None and state.get("order") is not None and hasattr(self.order, "load_state_dict"):
             self.order.load_state_dict(state["order"])

@@ -101,8 +101,8 @@ class DsExtCallback(TrainerCallback):
         """Attach to ``engine`` unless already attached to it (a new engine replaces the old attachment)."""
         if self.attachment is not None and self.attachment.engine is engine:
             return
-        if self.attachment is not None:
-            self.attachment.detach()
+        if self.attachment is not None:  # a new engine: the old one is gone
+            self.attachment.detach(restore_engine=False)
             self.attachment = None
         kwargs = dict(self.attach_kwargs)
         state = getattr(self.trainer, "state", None)
@@ -144,6 +144,11 @@ def attach_to_trainer(trainer, method=None, **attach_kwargs: Any) -> DsExtCallba
         orig = accelerator.prepare
 
         def prepare(*args, **kwargs):
+            if cb.attachment is not None and getattr(accelerator, "deepspeed_engine_wrapped", None) is None:
+                # the Trainer freed its engine (a second train(), auto_find_batch_size): let go of it without
+                # giving its destroyed ZeRO optimizer its hooks back (they would land on the shared parameters)
+                cb.attachment.detach(restore_engine=False)
+                cb.attachment = None
             out = orig(*args, **kwargs)
             engine = getattr(getattr(accelerator, "deepspeed_engine_wrapped", None), "engine", None)
             if _is_engine(engine):

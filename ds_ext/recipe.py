@@ -697,6 +697,9 @@ def _optimizer_advice(block: Any) -> str:
         return "optimizer: {name: adamw, lr: ...}"
     name = _DS_OPTIMIZER_NAMES.get(str(block.get("type", "")).lower())
     params = block.get("params") if isinstance(block.get("params"), Mapping) else {}
+    if name == "adam" and params.get("adam_w_mode", True) is not False:
+        name = "adamw"  # DeepSpeed's "Adam" is AdamW unless adam_w_mode is false
+    params = {k: v for k, v in params.items() if k != "adam_w_mode"}
     if name is None:
         return (f"optimizer: {{name: one of {', '.join(OPTIMIZERS.names())}, lr: ...}} (DeepSpeed type "
                 f"{block.get('type')!r} has no ds_ext equivalent)")
@@ -722,31 +725,63 @@ def _scheduler_advice(block: Any) -> str:
     text = "schedule: {" + ", ".join(parts) + "}"
     if "warmup_max_lr" in params:
         text += f" and optimizer.lr: {params['warmup_max_lr']}"
-    return text + " (the decay then runs to the end of train.epochs)" if kind != "constant" else text
+    if kind != "constant":
+        text += " (the decay then runs to the end of train.epochs)"
+    if kind != "cosine" and params.get("warmup_type", "log") == "log":
+        text += "; ds_ext's warm-up is linear, DeepSpeed's default is log-shaped"
+    return text
 
 
-def _merge_ds(into: dict, extra: Mapping, where: str, path: str, problems: list) -> None:
+def _overridden(key: str, applied: Mapping[str, str]) -> bool:
+    """Whether ``--set`` set ``key`` or a block above it (a ``--set`` value wins over the file)."""
+    return any(key == k or key.startswith(k + ".") for k in applied)
+
+
+def _merge_ds(into: dict, extra: Mapping, where: str, path: str, problems: list,
+              applied: Mapping[str, str] = {}) -> None:
     """``extra`` (the file's keys) merged into ``into`` (the recipe's deepspeed section); a key set to
-    different values in both is a problem naming both."""
+    different values in both is a problem naming both, unless ``--set`` set it (then the recipe's value wins)."""
     for k, v in extra.items():
         key = f"{path}.{k}"
         if k not in into:
             into[k] = v
+        elif _overridden(key, applied):
+            continue
         elif isinstance(into[k], Mapping) and isinstance(v, Mapping):
             into[k] = dict(into[k])
-            _merge_ds(into[k], v, where, key, problems)
+            _merge_ds(into[k], v, where, key, problems, applied)
         elif into[k] != v:
             problems.append((key, f"{_short(into[k])} in the recipe, {_short(v)} in {where}: set it in one place"))
 
 
-def ds_config_problems(raw: dict, source: str) -> List[Tuple[str, str]]:
+def _has_auto(value) -> bool:
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if v == "auto":
+            return True
+        if isinstance(v, Mapping):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return False
+
+
+def _method_blocks(v):
+    """A method section with bare names spelled out (``{reducer: x}`` is ``{reducer: {name: x}}``)."""
+    return {b: ({"name": x} if isinstance(x, str) else x) for b, x in v.items()} if isinstance(v, Mapping) else v
+
+
+def ds_config_problems(raw: dict, source: str, applied: Optional[Mapping[str, str]] = None) -> List[Tuple[str, str]]:
     """Merge the DeepSpeed config named by ``raw["deepspeed_config"]`` into ``raw`` (in place) and return every
     conflict, each naming the key and why: its ``ds_ext`` block becomes the ``method`` section (not both);
     its batch keys must equal the recipe's (or be ``"auto"``: the recipe drives ds_ext's data loaders and
     DeepSpeed's batch arithmetic alike); ``optimizer`` and ``scheduler`` blocks are refused with the
     equivalent recipe lines (ds_ext's LR schedule, QSR and the checkpoint fingerprint read the recipe's
     optimizer and schedule sections); other ``"auto"`` values (Hugging Face placeholders) are refused;
-    every other key joins the ``deepspeed`` section, where setting it differently in both is a conflict."""
+    every other key joins the ``deepspeed`` section, where setting it differently in both is a conflict.
+    A value given with ``--set`` (``applied``) wins over the file's instead of conflicting."""
+    applied = applied or {}
     ref = raw.get("deepspeed_config")
     if ref is None:
         return []
@@ -773,16 +808,17 @@ def ds_config_problems(raw: dict, source: str) -> List[Tuple[str, str]]:
     rest = {}
     for k, v in cfg.items():
         if k == "ds_ext":
-            if "method" in raw and raw["method"] != v:
+            if "method" in raw and any(a == "method" or a.startswith("method.") for a in applied):
+                continue  # --set chose (part of) the method: the recipe's, as given, wins
+            if "method" in raw and _method_blocks(raw["method"]) != _method_blocks(v):
                 problems.append(("method", f"{where} has a ds_ext block and the recipe a method section: both "
                                            "choose the method; keep one"))
             else:  # the same schema as a recipe's method section; a bare name is {name: ...} (method_section)
-                raw["method"] = ({b: ({"name": x} if isinstance(x, str) else x) for b, x in v.items()}
-                                 if isinstance(v, Mapping) else v)
+                raw["method"] = _method_blocks(v)
         elif k in _DS_BATCH_KEYS:
             own = _DS_BATCH_KEYS[k]
             mine = train.get(own.split(".")[1])
-            if v != "auto" and mine is not None and v != mine:
+            if v != "auto" and mine is not None and v != mine and not _overridden(own, applied):
                 problems.append((own, f"{mine} in the recipe, {k} {_short(v)} in {where}: the recipe's batch settings "
                                       f"drive ds_ext's data loaders and DeepSpeed's; make them agree, or set "
                                       f"\"auto\" in the file"))
@@ -799,7 +835,7 @@ def ds_config_problems(raw: dict, source: str) -> List[Tuple[str, str]]:
             problems.append(("deepspeed_config", f"{where}: scheduler: ds_ext's LR schedule is the recipe's schedule "
                                                  f"section (QSR reads it ahead of time); remove the block from the file "
                                                  f"and put in the recipe: {_scheduler_advice(v)}"))
-        elif v == "auto" or (isinstance(v, Mapping) and "auto" in v.values()):
+        elif _has_auto(v):
             problems.append((f"deepspeed.{k}", f"\"auto\" in {where} is a Hugging Face Trainer placeholder; the "
                                                "ds_ext trainer needs a value"))
         else:
@@ -809,7 +845,7 @@ def ds_config_problems(raw: dict, source: str) -> List[Tuple[str, str]]:
     if ds is not None and not isinstance(ds, Mapping):
         return problems  # the schema reports the recipe's own deepspeed section
     try:
-        _merge_ds(merged, rest, where, "deepspeed", problems)
+        _merge_ds(merged, rest, where, "deepspeed", problems, applied)
     except RecursionError:
         return problems + [("deepspeed_config", f"{where}: nested too deeply to merge with the deepspeed section")]
     raw["deepspeed"] = merged
@@ -821,7 +857,7 @@ def recipe_from_dict(raw: dict, source: str = "<dict>", host: Optional[HostConfi
     load_builtin()
     applied = applied or {}
     raw = dict(raw)
-    merge = ds_config_problems(raw, source)
+    merge = ds_config_problems(raw, source, applied)
     if merge:
         raise RecipeError(source, _mark_overrides(merge, applied))
     try:

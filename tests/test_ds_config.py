@@ -75,3 +75,21 @@ def test_bad_files_and_bad_blocks(tmp_path):
     text = _errors(_recipe(tmp_path, {"ds_ext": {"reducer": {"name": "powersgd", "rnk": 2}}}))
     assert "method.reducer.rnk: unknown option for reducer 'powersgd'; allowed: " in text
     assert "deepspeed_config: must be the path" in _errors(_recipe(tmp_path, {}), "deepspeed_config=3")
+
+
+def test_set_wins_over_the_file_and_equivalent_spellings_agree(tmp_path):
+    """A ``--set`` value replaces the file's instead of conflicting; ``{reducer: x}`` in the file equals
+    ``{reducer: {name: x}}`` in the recipe; a nested ``"auto"`` is found; DeepSpeed's Adam is AdamW unless
+    ``adam_w_mode`` is false."""
+    cfg = {"zero_optimization": {"stage": 2}, "ds_ext": {"reducer": "topk"}}
+    r = load_recipe(_recipe(tmp_path, cfg, deepspeed={"zero_optimization": {"stage": 1}}),
+                    ["deepspeed.zero_optimization.stage=1", "method.reducer={name: acpsgd}"])
+    assert r.deepspeed["zero_optimization"]["stage"] == 1 and r.method.reducer.name == "acpsgd"
+    same = load_recipe(_recipe(tmp_path, cfg, method={"reducer": {"name": "topk"}}))
+    assert same.method.reducer.name == "topk"
+    text = _errors(_recipe(tmp_path, {"zero_optimization": {"offload_optimizer": {"device": "auto"}}}))
+    assert "deepspeed.zero_optimization: \"auto\"" in text
+    adam = {"optimizer": {"type": "Adam", "params": {"lr": 0.001, "weight_decay": 0.01}}}
+    assert "optimizer: {name: adamw, lr: 0.001, weight_decay: 0.01}" in _errors(_recipe(tmp_path, adam))
+    adam["optimizer"]["params"]["adam_w_mode"] = False
+    assert "optimizer: {name: adam, lr: 0.001, weight_decay: 0.01}" in _errors(_recipe(tmp_path, adam))

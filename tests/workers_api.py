@@ -104,3 +104,65 @@ def with_ds_only(engine, ckpt: str) -> None:
 
     with checkpoint_managed(engine):
         engine.load_checkpoint(ckpt, tag="mid")
+
+
+def own_loop_refusals(rank: int, world: int, ckpt: str) -> dict:
+    """``engine.save_checkpoint`` once (tag "t"), then what ``engine.load_checkpoint`` says on each rank when
+    rank 1's file is missing, rank 0's is damaged, the files are from another step, none exist (fresh, a
+    warning), and with ``load_optimizer_states=False`` (fresh, no error). Rank 0 edits the files between
+    loads (barriers around it)."""
+    import os
+    import shutil
+
+    import ds_ext
+
+    engine = make_engine("fp32", 1, world=world)
+    att = ds_ext.attach(engine, {"reducer": dict(POWERSGD)})
+    _steps(engine, rank, 0, 2)
+    engine.save_checkpoint(ckpt, tag="t")
+    d = os.path.join(ckpt, "t")
+    keep = os.path.join(ckpt, "keep")
+    if rank == 0:
+        shutil.copytree(d, keep)
+
+    def restore_files():
+        att.comm.barrier()
+        if rank == 0:
+            for r in range(world):
+                shutil.copy(os.path.join(keep, f"ds_ext_rank{r}.pt"), os.path.join(d, f"ds_ext_rank{r}.pt"))
+        att.comm.barrier()
+
+    def load(**kw):
+        try:
+            engine.load_checkpoint(ckpt, **kw)
+            return None
+        except ValueError as e:
+            return str(e)
+
+    def edit(fn):
+        att.comm.barrier()
+        if rank == 0:
+            fn()
+        att.comm.barrier()
+
+    out = {}
+    edit(lambda: os.remove(os.path.join(d, "ds_ext_rank1.pt")))
+    out["missing"] = load()
+    restore_files()
+    edit(lambda: open(os.path.join(d, "ds_ext_rank0.pt"), "wb").write(b"not a torch file"))
+    out["damaged"] = load()
+    restore_files()
+
+    def restep():
+        for r in range(world):
+            f = os.path.join(d, f"ds_ext_rank{r}.pt")
+            st = torch.load(f, weights_only=False)
+            st["global_step"] = 99
+            torch.save(st, f)
+    edit(restep)
+    out["step"] = load()
+    out["no_optimizer"] = load(load_optimizer_states=False)
+    edit(lambda: [os.remove(os.path.join(d, f"ds_ext_rank{r}.pt")) for r in range(world)])
+    out["none"] = load()
+    _drop(engine, att)
+    return out

@@ -182,7 +182,7 @@ def zero_node_run(rank: int, world: int, steps: int = 3, local_size: int = 2, st
 
     import ds_ext
     from ds_ext.engine import node_mpu
-    from tests.workers import make_engine, train_steps
+    from tests.workers import flat_params, make_engine, train_steps
     from tests.workers_zero import _drop, optimizer_state_bytes
 
     os.environ["DS_EXT_OPS"] = "torch"
@@ -205,6 +205,9 @@ def zero_node_run(rank: int, world: int, steps: int = 3, local_size: int = 2, st
                 out[stage]["after_detach"] = None
             except RuntimeError as e:
                 out[stage]["after_detach"] = str(e)
+            att = ds_ext.attach(engine, {"reducer": {"name": "acpsgd", "rank": 2, "hierarchical": True}})
+            train_steps(engine, att, rank + 10, 1, 1, 8)  # attached again: DeepSpeed's own step underneath
+            out[stage]["reattached"] = flat_params(engine)
         _drop(engine, att)
     return out
 
