@@ -1028,7 +1028,11 @@ def node_mpu(comm: Optional[Communicator] = None) -> Optional[NodeMPU]:
     None where node partitioning means nothing: one node (ZeRO's default group is the node already) or one
     rank per node (no partition at all; ZeRO then partitions over every rank, as without hierarchical mode).
     For an own loop: ``deepspeed.initialize(..., mpu=node_mpu(), config=cfg)`` with ``cfg``'s
-    ``train_batch_size`` counting one node's ranks, then ``ds_ext.attach`` with ``hierarchical: true``."""
+    ``train_batch_size`` counting one node's ranks, then ``ds_ext.attach`` with ``hierarchical: true``. Two
+    things DeepSpeed then does per node only: it broadcasts the initial parameters inside each node (attach
+    checks that every node starts alike; seed the model alike on every rank), and the sampler of its
+    ``training_data=`` loader splits the data over one node's ranks (every node would read the same shard:
+    build your own loader over all ranks, as the ds_ext trainer does)."""
     from .hierarchy import Topology
 
     comm = comm or Communicator()
