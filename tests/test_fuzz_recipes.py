@@ -411,7 +411,7 @@ def _combination_rules(red, sync, period, order, prec, zero, clip):
         rules.append("cdgrab reducer")
     if order == "cdgrab" and (red != "cdgrab" or sync != "none"):
         rules.append("cdgrab order")
-    if red in ("topk", "exdyna", "signsgd") and prec == "fp16":
+    if red in ("powersgd", "acpsgd", "topk", "exdyna", "signsgd") and prec == "fp16":  # one policy for error feedback
         rules.append("ef fp16")
     return rules
 

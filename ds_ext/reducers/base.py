@@ -12,16 +12,28 @@
 * ``state_dict()`` / ``load_state_dict()`` hold all state needed to resume exactly.
 * ``stats()`` returns scalar diagnostics of the last step (e.g. achieved density); the trainer logs
   them as ``reducer/<name>``.
+* ``keeps_scaled_state``: the reducer carries state computed from the gradient values from one step to
+  the next (an error-feedback residual). Every such reducer (``powersgd``, ``acpsgd``, ``topk``,
+  ``exdyna``, ``signsgd``) follows one fp16 policy, ``fp16_loss_scaling_problem``: DeepSpeed's fp16
+  *dynamic* loss scaling is refused, a static ``fp16.loss_scale`` is accepted.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Mapping, Optional, Tuple
 
 import torch
-from pydantic import Field
+from pydantic import AliasChoices, Field
 
 from ..comm import Communicator, for_params
 from ..registry import NoOptions, Options, precision_of, zero_stage_of
+
+
+def error_feedback_field(description: str, default: bool = True):
+    """The ``error_feedback`` option of every error-feedback reducer, with PyTorch PowerSGD's spelling
+    ``use_error_feedback`` accepted as an alias on all of them (one spelling per concept across methods,
+    ``registry.Options``)."""
+    return Field(default, validation_alias=AliasChoices("error_feedback", "use_error_feedback"),
+                 description=description)
 
 
 class GradientOptions(Options):
@@ -61,9 +73,54 @@ def zero_stage_problem(reducer: str, ds) -> Optional[Tuple[str, str]]:
     return None
 
 
+def fp16_loss_scaling_problem(reducer: str, ds) -> Optional[Tuple[str, str]]:
+    """Why a reducer that keeps state across steps (``Reducer.keeps_scaled_state``: an error-feedback
+    residual) cannot run under this DeepSpeed config's fp16 settings, as ``(recipe key, message)``, or None.
+    The one statement of the fp16 policy of every error-feedback method.
+
+    Refused: fp16 with *dynamic* loss scaling (``fp16.enabled`` and ``loss_scale`` absent or 0). The
+    reducer sees the gradients still multiplied by the loss scale S_t (DeepSpeed unscales in the optimizer
+    step), so the residual e_t is kept in the scale of the step that made it; when the scaler changes the
+    scale (halved on an overflow, doubled after ``loss_scale_window`` clean steps) the next step adds
+    e_t (scale S_t) to a gradient in scale S_{t+1} and DeepSpeed divides the sum by S_{t+1}: the carried
+    error is silently multiplied by S_t / S_{t+1} (x2 or x1/2). That breaks the memory update every one
+    of these methods is built on, e_{t+1} = (g_t + e_t) - C(g_t + e_t) with g and e in the same units
+    (mem-SGD, Stich, Cordonnier & Jaggi 2018, Algorithm 1; EF-SignSGD, Karimireddy et al. 2019,
+    Algorithm 1; PowerSGD, Vogels et al. 2019, Algorithm 1), and with it the conservation
+    ``sum applied + mean residual == sum of mean gradients``. Supporting it would mean unscaling before
+    error feedback and dropping an overflow step's contribution; DeepSpeed refuses fp16 on its CPU
+    accelerator, so that route could not be tested end to end here, hence the uniform refusal.
+
+    Accepted: a static ``fp16.loss_scale`` S > 0. Every gradient the reducer sees is S g, every residual
+    is in the same scale, and each method's output is positively homogeneous in its input (top-k
+    selection, sign and mean |p|, P Q^T with a scale-free orthogonalisation), so the applied gradient is
+    S times the unscaled method's and DeepSpeed's division by S undoes it (up to rounding; that is what a
+    static scale is for). One absolute quantity remains: ExDyna's threshold, whose default first value 1/(2 sqrt k)
+    is in gradient units and then adapts (x1.005 per step off target); set ``initial_threshold`` to
+    S/(2 sqrt k) to start where an fp32 run starts.
+
+    The rule does not look at a method's ``error_feedback`` option (as the flat reducers' refusal never
+    did): one rule for the family, and ExDyna's threshold is in gradient units even without a residual."""
+    fp16 = ds.get("fp16") if isinstance(ds, Mapping) else None
+    if not isinstance(fp16, Mapping) or not fp16.get("enabled", False) or fp16.get("loss_scale"):
+        return None
+    return ("method.reducer", FP16_DYNAMIC_REFUSAL.format(reducer=reducer))
+
+
+#: the one message of the fp16 policy (``fp16_loss_scaling_problem``), the same for every error-feedback reducer
+FP16_DYNAMIC_REFUSAL = (
+    "reducer {reducer!r} is an error-feedback method: the residual it carries from step to step stays in the loss "
+    "scale of the step that made it, so under fp16 dynamic loss scaling every change of the scale corrupts it "
+    "(refused alike for powersgd, acpsgd, topk, exdyna and signsgd); use bf16 or fp32, or a static "
+    "deepspeed.fp16.loss_scale > 0")
+
+
 class Reducer:
     Options = NoOptions
     replaces_engine_allreduce = True
+    #: carries state computed from the gradient values across steps (an error-feedback residual): the
+    #: fp16 policy of ``fp16_loss_scaling_problem`` applies (checked by ``Reducer.check``)
+    keeps_scaled_state = False
 
     #: uses ``ds_ext.ops`` kernels (``attach`` prepares them at start-up, not inside step 1)
     uses_kernels = False
@@ -124,5 +181,8 @@ class Reducer:
         """Every problem of this reducer in this setting (``ds_ext.registry.MethodView``): a list of
         ``(recipe key, message)``. The one place each rule lives: the recipe check (before launch) and
         ``attach()`` both call it. World-size rules apply when ``view.world`` is known."""
-        problem = zero_stage_problem(view.names["reducer"], view.deepspeed)
-        return [problem] if problem else []
+        name = view.names["reducer"]
+        problems = [zero_stage_problem(name, view.deepspeed)]
+        if cls.keeps_scaled_state:
+            problems.append(fp16_loss_scaling_problem(name, view.deepspeed))
+        return [p for p in problems if p]

@@ -16,6 +16,15 @@ P-steps and Q-steps alternate, one matmul and one allreduce per step:
     G~ = P Q^T with the aggregated factor
 
 1-D tensors (biases, norm weights) are not compressed; they travel inside the same fused buffers.
+PowerSGD compresses an n x m matrix at rank r only when PyTorch's ``_should_compress`` rule holds,
+``(n + m) * r * min_compression_rate < n * m`` (strict: a matrix exactly at the rate is sent whole;
+``PowerSGDReducer.compresses``); ACP-SGD compresses every matrix (as its reference).
+
+Option names: both reducers take ``rank`` with PyTorch's ``matrix_approximation_rank`` as an alias, and
+``powersgd``'s ``error_feedback`` takes ``use_error_feedback`` (as every error-feedback reducer does).
+fp16: dynamic loss scaling is refused and a static ``loss_scale`` accepted, the policy and message of
+every error-feedback reducer (``base.fp16_loss_scaling_problem``): E keeps the loss scale of the step
+that made it, so a scale change would corrupt it; P Q^T scales with a static scale.
 
 Deliberate choices, named:
 * Factors, error feedback and the communicated buffers are fp32 whatever the gradient dtype
@@ -43,7 +52,7 @@ import torch
 from pydantic import AliasChoices, Field
 
 from ..registry import REDUCERS
-from .base import GradientOptions, Reducer
+from .base import GradientOptions, Reducer, error_feedback_field
 from .buckets import fuse_reverse
 
 
@@ -216,6 +225,10 @@ def greedy_groups(metas: List[_Meta], sizes: Dict[int, int], cap: float) -> List
 
 
 class _LowRankBase(Reducer):
+    #: error feedback E (fp32, in the scale of the gradients it saw): the fp16 policy of
+    #: ``base.fp16_loss_scaling_problem`` (dynamic loss scaling refused, static accepted) applies
+    keeps_scaled_state = True
+
     def _setup(self, rank: int, seed: int, compress_rule) -> None:
         self.metas: List[_Meta] = []
         for i, p in enumerate(self.params):
@@ -272,15 +285,19 @@ class _LowRankBase(Reducer):
         self.steps = int(state["steps"])
 
 
+#: ``rank`` on both low-rank reducers, PyTorch's ``matrix_approximation_rank`` accepted as an alias on both
+RANK_ALIASES = AliasChoices("rank", "matrix_approximation_rank")
+
+
 class PowerSGDOptions(GradientOptions):
     # defaults of torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook.PowerSGDState; its names
     # matrix_approximation_rank and use_error_feedback are accepted as aliases of the package-wide spellings
-    rank: int = Field(1, ge=1, validation_alias=AliasChoices("rank", "matrix_approximation_rank"),
-                      description="factor rank r (alias: PyTorch's matrix_approximation_rank)")
+    rank: int = Field(1, ge=1, validation_alias=RANK_ALIASES,
+                      description="factor rank r, capped at min(n, m) per matrix")
     start_powerSGD_iter: int = Field(1000, ge=0, description="plain allreduce for the first steps")
-    min_compression_rate: float = Field(2.0, ge=0, description="compress only if n*m >= rate * (n+m)*r")
-    error_feedback: bool = Field(True, validation_alias=AliasChoices("error_feedback", "use_error_feedback"),
-                                 description="keep the compression error (alias: PyTorch's use_error_feedback)")
+    min_compression_rate: float = Field(2.0, ge=0, description="compress only if (n+m)*r*rate < n*m (PyTorch's "
+                                                                 "strict rule)")
+    error_feedback: bool = error_feedback_field("keep the compression error E = M - P Q^T")
     warm_start: bool = True
     orthogonalization_epsilon: float = Field(0.0, ge=0)
     seed: int = 0
@@ -298,8 +315,11 @@ class PowerSGDReducer(_LowRankBase):
 
     @staticmethod
     def compresses(n: int, m: int, r: int, rate: float) -> bool:
-        """The compression rule: an (n, m) matrix at rank r is compressed when n*m >= rate*(n+m)*r."""
-        return n * m >= rate * (n + m) * r
+        """The compression rule of PyTorch's ``powerSGD_hook._should_compress``: an (n, m) matrix at rank r
+        is compressed when ``(n + m) * r * rate < n * m`` (strict: a matrix exactly at the rate, e.g. 8 x 8
+        at rank 2 with rate 2, stays uncompressed). The one statement of the rule: the reducer's set-up and
+        ``collectives`` (the cost model's bytes) both call it."""
+        return (n + m) * r * rate < n * m
 
     @classmethod
     def collectives(cls, shapes, world: int, options: PowerSGDOptions, **_) -> list:
@@ -366,7 +386,8 @@ class PowerSGDReducer(_LowRankBase):
 
 
 class ACPSGDOptions(GradientOptions):
-    rank: int = Field(4, ge=1, validation_alias=AliasChoices("rank", "matrix_approximation_rank"))
+    rank: int = Field(4, ge=1, validation_alias=RANK_ALIASES,
+                      description="factor rank r, capped at min(n, m) per matrix")
     bucket_mb: float = Field(25.0, gt=0, validation_alias=AliasChoices("bucket_mb", "fusion_threshold_mb"),
                              description="MiB of original gradient per fused buffer (alias: the reference's "
                                          "fusion_threshold_mb)")

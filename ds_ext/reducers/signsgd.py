@@ -25,7 +25,10 @@ Deliberate choices, named:
   no error feedback); ``error_feedback: false`` gives the scaled-sign compressor without memory;
 * a missing gradient counts as zeros (its sign is +, scale 0, so it contributes nothing);
 * the residual is fp32 whatever the parameter dtype; results are cast back to it. Recipes with fp16
-  dynamic loss scaling are refused for the same reason as for ``topk`` / ``exdyna``.
+  dynamic loss scaling are refused with the policy and message every error-feedback reducer shares
+  (``base.fp16_loss_scaling_problem``: the residual keeps each step's loss scale); a static
+  ``fp16.loss_scale`` is accepted (``mean |p| sign(p)`` scales with it);
+* ``error_feedback`` also accepts PyTorch PowerSGD's spelling ``use_error_feedback``.
 """
 from __future__ import annotations
 
@@ -35,12 +38,12 @@ from pydantic import Field
 
 from .. import ops
 from ..registry import REDUCERS
-from .base import GradientOptions
+from .base import GradientOptions, Reducer, error_feedback_field
 from .flat import FlatReducer
 
 
 class SignSGDOptions(GradientOptions):
-    error_feedback: bool = Field(True, description="EF-SignSGD: keep p - scale*sign(p) and add it to the next gradient")
+    error_feedback: bool = error_feedback_field("EF-SignSGD: keep p - scale*sign(p) and add it to the next gradient")
     scale: Literal["tensor", "global"] = Field(
         "tensor", description="'tensor': one mean|p| scale per parameter tensor; 'global': one for all gradients")
 
@@ -48,6 +51,14 @@ class SignSGDOptions(GradientOptions):
 @REDUCERS.register("signsgd", SignSGDOptions)
 class SignSGDReducer(FlatReducer):
     """EF-SignSGD (Karimireddy et al. 2019) over signSGD's 1-bit sign compression (Bernstein et al. 2018)."""
+
+    keeps_scaled_state = True  # the residual e: base.fp16_loss_scaling_problem applies
+
+    @classmethod
+    def check(cls, view) -> list:
+        """``Reducer.check`` (ZeRO stage, and the fp16 policy shared by every error-feedback reducer,
+        ``base.fp16_loss_scaling_problem``), bypassing ``FlatReducer.check``'s older copy of that refusal."""
+        return Reducer.check.__func__(cls, view)
 
     def __init__(self, named_params, options: SignSGDOptions, **kw):
         super().__init__(named_params, options, **kw)

@@ -88,9 +88,14 @@ Deliberate deviations from the reference code, named:
   ``exchange: union`` is the seed's ``TopKReducer`` (see above).
 * Bytes reported are every tensor handed to a collective, the count all_gather included (the
   reference reports only indices + values).
-* Recipes with fp16 dynamic loss scaling are refused (``check``): the residual would mix
-  gradients scaled differently and keep the inf of overflow steps. The seed trains in fp32; bf16
-  and fp16 gradients are otherwise handled (fp32 residual and arithmetic, result cast back).
+* Recipes with fp16 dynamic loss scaling are refused, with the policy and message every error-feedback
+  reducer shares (``base.fp16_loss_scaling_problem``, reached through ``check``): the residual would keep
+  each step's loss scale, so a scale change corrupts it. A static ``fp16.loss_scale`` is accepted
+  (selection and values scale with it; exdyna's absolute first threshold is the one exception, see
+  there). The seed trains in fp32; bf16 and fp16 gradients are otherwise handled (fp32 residual and
+  arithmetic, result cast back).
+* ``error_feedback`` also accepts PyTorch PowerSGD's spelling ``use_error_feedback`` (one spelling per
+  concept across methods, the other names as aliases: ``registry.Options``).
 """
 from __future__ import annotations
 
@@ -102,7 +107,7 @@ from pydantic import Field, model_validator
 
 from .. import ops
 from ..registry import REDUCERS
-from .base import GradientOptions
+from .base import GradientOptions, Reducer, error_feedback_field
 from .flat import FlatReducer
 
 # constants of the reference code, written as it writes them
@@ -114,10 +119,19 @@ SF_UP, SF_ON_TARGET, SF_DOWN = 1.005, 1.00125, 0.995
 class _SparseBase(FlatReducer):
     """A flat reducer with a target count ``k = density * N`` and the last selection (diagnostics)."""
 
+    keeps_scaled_state = True  # the residual e: base.fp16_loss_scaling_problem applies
+
     def __init__(self, named_params, options, **kw):
         super().__init__(named_params, options, **kw)
         self.k = max(1, int(options.density * self.numel))
         self.last: dict = {}  # the last step's selection, for diagnostics and tests
+
+    @classmethod
+    def check(cls, view) -> list:
+        """``Reducer.check`` (ZeRO stage, and the fp16 policy shared by every error-feedback reducer,
+        ``base.fp16_loss_scaling_problem``). It bypasses ``FlatReducer.check``, whose only rule was an
+        older copy of that fp16 refusal with its own message."""
+        return Reducer.check.__func__(cls, view)
 
 
 # ================================================================================================ topk
@@ -128,8 +142,8 @@ class TopKOptions(GradientOptions):
     exchange: Literal["allgather", "union"] = Field(
         "allgather", description="'allgather': all_gather (index, value) of every rank's top-k; "
                                  "'union': the seed's TopKReducer (all_gather indices, all_reduce values at the union)")
-    error_feedback: bool = Field(True, description="keep unsent coordinates in a residual added to the next "
-                                                   "gradient (the seed's optimizer_memory)")
+    error_feedback: bool = error_feedback_field("keep unsent coordinates in a residual added to the next "
+                                                "gradient (the seed's optimizer_memory)")
     value_dtype: Literal["fp32", "fp16", "bf16"] = Field(
         "fp32", description="dtype of the values on the wire (exchange 'allgather' only): fp16/bf16 halve the value "
                             "bytes; the rounding error stays in the residual (error feedback)")
@@ -316,8 +330,8 @@ class ExDynaOptions(GradientOptions):
         None, ge=0, description="first threshold; None = the seed's 1/(2 sqrt(k)); 0 selects everything")
     num_blocks: int = Field(1024, ge=1, description="blocks the gradient vector is cut into (seed: 1024)")
     block_align: int = Field(32, ge=1, description="block size is a multiple of this (seed: 32)")
-    error_feedback: bool = Field(True, description="keep unsent coordinates in a residual added to the next "
-                                                   "gradient (the seed's optimizer_memory)")
+    error_feedback: bool = error_feedback_field("keep unsent coordinates in a residual added to the next "
+                                                "gradient (the seed's optimizer_memory)")
 
 
 @REDUCERS.register("exdyna", ExDynaOptions)

@@ -20,7 +20,30 @@ reshuffled each time by a permutation every rank draws from the same seeded gene
 reference's 4-worker alternation {0,1}{2,3} / {0,3}{1,2} is the default for 4 ranks and 2 groups).
 It composes with any period: averaging in shuffled groups every H steps (``period: qsr``) is valid.
 
-Deliberate deviations from the reference code, named:
+Deliberate deviations from the reference code, named (Local SGD / QSR):
+* The last round: with a constant H the last round is shortened to end, with an averaging, on the last
+  step (``schedules.Period._clamp``), so a run always ends on averaged parameters; the reference
+  (``localopt.py``) clamps H to the remaining steps only in its QSR branch, so with a constant H its
+  trailing ``total % H`` local steps are never averaged.
+* (Not a deviation: the first QSR round is the reference's, the rule at the first step's learning rate
+  unless step 0 is in the LR warm-up, ``schedules.QSR``; ``init_h`` is the warm-up's H.)
+* ``power`` defaults to 2 (eq. 3; the reference's command-line default is 1.0, its scripts pass 2) and
+  ``init_h`` to ``h_base`` (the reference's: 1); an LR <= 0 gives H = the remaining steps (the reference
+  divides by 0); every trainable parameter is averaged (the reference: those with a gradient).
+
+Deliberate deviations from the reference code, named (DS-Sync):
+* Pattern counter at epoch boundaries (``pattern_restart``, ``DSSync.pattern_index``). The reference is
+  split: its CIFAR-10/100 scripts (iteration counter passed by value into ``train()``) and its DeepFM
+  script (iteration within the epoch) restart the counter every epoch, so when an epoch has an odd
+  number of syncs the first pattern runs twice in a row at each boundary; its ImageNet and SQuAD
+  scripts count over the whole run. ``never`` (default) alternates strictly by sync count;
+  ``epoch`` restarts every epoch. ``never`` is the default because the paper's method reshuffles the
+  groups at every synchronisation, not per epoch; a repeated pattern re-averages groups that were just
+  averaged (with the default 4-rank patterns, A then B is the exact global mean, A then A is not),
+  which delays consensus by one sync at every odd-length epoch; the sequence depends neither on the
+  epoch length (world size, batch sizes, ``train.steps_per_epoch``, D-GraB's plan) nor on the caller
+  having epochs at all (``attach`` from a user's loop; ``epoch`` needs ``steps_per_epoch``); and runs
+  and checkpoints made before the option keep their sequence.
 * DS-Sync averages one fused flat buffer per sync (the reference: one allreduce per parameter tensor)
   and divides by the group size (the reference divides by world/2, right only for 2 groups).
 * DS-Sync averages after the optimizer step (as the reference's SQuAD / DeepFM scripts; its CIFAR and
@@ -106,6 +129,16 @@ class DSSyncOptions(AveragingOptions):
     shuffle_pool: int = Field(16, ge=0, description="grouping 'shuffle': draw each sync's partition from this many "
                                                     "seeded partitions (bounds the process groups to pool x groups); "
                                                     "0: a fresh permutation every sync, as the reference")
+    pattern_restart: Literal["never", "epoch"] = Field(
+        "never", description="grouping 'patterns': 'never' alternates strictly by sync count over the run; 'epoch' "
+                             "restarts the pattern counter every epoch, as the reference's CIFAR and DeepFM scripts")
+
+    @model_validator(mode="after")
+    def _restart_needs_patterns(self):
+        if self.pattern_restart == "epoch" and self.grouping != "patterns":
+            raise ValueError("pattern_restart 'epoch' applies to grouping 'patterns' (the reference's pattern counter); "
+                             "grouping 'shuffle' draws each sync's partition from (seed, sync index)")
+        return self
 
 
 def _check_common(view, name: str) -> list:
@@ -236,7 +269,10 @@ class _Averaging(Synchronizer):
 
         self.period = make_period(options, warmup, self.total_steps)
         self.view = EvalView(self.params, self.module, self.comm, options.bn_batches)
-        self.h = self.period.first_h()
+        # the first round: QSR applies its rule at step 0's learning rate (init_h inside the warm-up), as the
+        # reference's adjust_h() before training; None (no schedule, no optimizer): init_h
+        lr0 = self._lr(0) if (self.lr_at is not None or self.optimizer is not None) else None
+        self.h = self.period.first_h(lr0)
         self.step_ctr = 0  # optimizer steps done
         self.local_steps = 0  # steps since the last averaging
         self.rounds = 0  # averagings done
@@ -412,6 +448,32 @@ class DSSync(_Averaging):
             self.patterns = options.patterns or default_patterns(n, g)
         self.pool = [self._permutation(i) for i in range(options.shuffle_pool)] \
             if options.grouping == "shuffle" else []
+        if options.pattern_restart == "epoch" and not self.steps_per_epoch:
+            raise ValueError("dssync: pattern_restart 'epoch' needs the run's optimizer steps per epoch (the "
+                             "synchronizer's steps_per_epoch, handed in by attach); use pattern_restart 'never'")
+        # pattern_restart 'epoch': the epoch the syncs are being counted in, and how many it has had
+        self.count_epoch, self.epoch_syncs = 0, 0
+        self.last_grouping: Optional[List[List[int]]] = None
+
+    def pattern_index(self) -> int:
+        """The index of the sync being made now into the grouping sequence (``grouping(index)``); in
+        ``epoch`` mode it also advances the per-epoch count.
+
+        ``pattern_restart: never``: the number of syncs made so far (``rounds``), over the whole run, as
+        the reference's ImageNet and SQuAD scripts count. ``epoch``: the number of syncs made so far in
+        the epoch of the step just taken (epoch ``(step_ctr - 1) // steps_per_epoch``), restarting at 0
+        with every epoch, as its CIFAR-10/100 and DeepFM scripts count (the CIFAR loop receives its
+        counter by value, so it restarts; DeepFM indexes by the iteration within the epoch). With h = 1
+        the sync after step s of an epoch uses pattern s % len(patterns): DeepFM's sequence exactly, and
+        CIFAR's with its averaging made after step s instead of before it (as every averaging here)."""
+        if self.options.pattern_restart == "never":
+            return self.rounds
+        epoch = (self.step_ctr - 1) // self.steps_per_epoch
+        if epoch != self.count_epoch:
+            self.count_epoch, self.epoch_syncs = epoch, 0
+        index = self.epoch_syncs
+        self.epoch_syncs += 1
+        return index
 
     @property
     def synced_globally(self) -> bool:
@@ -436,15 +498,27 @@ class DSSync(_Averaging):
         return perm
 
     def _average_now(self) -> None:
+        index = self.pattern_index()
         if self.group_size == 1:
             return
-        groups = self.grouping(self.rounds)
+        groups = self.grouping(index)
+        self.last_grouping = groups
         mine = None
         for grp in groups:  # every rank makes every group's communicator, in the same order (collective)
             c = self.comm.subgroup(grp) if self.group_size < self.world_size else self.comm
             if self.rank in grp:
                 mine = c
         average(self._tensors(), mine, self.group_size)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "count_epoch": self.count_epoch, "epoch_syncs": self.epoch_syncs}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if "count_epoch" in state:
+            self.count_epoch, self.epoch_syncs = int(state["count_epoch"]), int(state["epoch_syncs"])
+        elif self.options.pattern_restart == "epoch":  # a checkpoint from before the option: count afresh
+            self.count_epoch, self.epoch_syncs = -1, 0
 
     @classmethod
     def collectives(cls, shapes, world: int, options: DSSyncOptions, lr: float = 0.0, **_) -> list:

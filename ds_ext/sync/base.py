@@ -28,17 +28,20 @@ class Synchronizer:
     def __init__(self, named_params: List[Tuple[str, torch.nn.Parameter]], options: Options,
                  comm: Optional[Communicator] = None, module: Optional[torch.nn.Module] = None, optimizer=None,
                  lr_at=None, warmup_steps: Optional[int] = None, total_steps: Optional[int] = None,
-                 group=None, meter=None, hierarchy=None):
+                 group=None, meter=None, hierarchy=None, steps_per_epoch: Optional[int] = None):
         """What a synchronizer works with, handed in by ``attach`` (never the engine): the parameters,
         the communicator (without one: a communicator over ``group`` on the parameters' device, metered by
         ``meter``), the module (buffers, evaluation), the torch optimizer (moments), the learning rate at
-        a step (``lr_at``; QSR), the schedule's warm-up length and the run's length in steps."""
+        a step (``lr_at``; QSR), the schedule's warm-up length, the run's length in steps and the
+        optimizer steps per epoch (``steps_per_epoch``; None when the caller has no epochs: DS-Sync's
+        ``pattern_restart: epoch`` needs it)."""
         self.named_params = named_params
         self.options = options
         self.comm = comm if comm is not None else for_params([p for _, p in named_params], group=group, meter=meter)
         self.module, self.optimizer = module, optimizer
         self.lr_at, self.warmup_steps = lr_at, warmup_steps
         self.total_steps = total_steps
+        self.steps_per_epoch = steps_per_epoch
         #: ``ds_ext.hierarchy.HierarchicalAveraging`` in hierarchical mode (``hierarchical: true``), else None
         self.hierarchy = hierarchy
 

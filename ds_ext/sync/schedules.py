@@ -5,19 +5,25 @@
   Synchronization Rule for Distributed Deep Learning", ICLR 2024, eq. (3):
   H = max(H_base, floor((alpha / eta)^power)) with power = 2, where eta is the learning rate of the
   first step of the new round. As the reference (hmgxr128/QSR ``localopt.py: adjust_h``) computes it:
-  after each averaging, from the learning rate already set for the next step; ``init_h`` while that
-  step is inside the LR warm-up; clamped to the remaining steps so the last round ends exactly at the
-  last step; ``int()`` = floor.
+  once before training for the first round and after each averaging for the next one, from the
+  learning rate already set for the round's first step; ``init_h`` while that step is inside the LR
+  warm-up (so with ``warmup_steps`` 0 and alpha > 0 the first round already follows the rule at the
+  first step's learning rate, not ``init_h``); clamped to the remaining steps so the last round ends
+  exactly at the last step; ``int()`` = floor.
 * ``postlocal``: post-local SGD (Lin, Stich, Patel, Jaggi, "Don't Use Large Mini-Batches, Use Local
   SGD", ICLR 2020): gradients are averaged every step (data-parallel) until ``switch_step``, then local
   rounds of ``h`` steps.
 
-Every period clamps H to [1, remaining steps] when the total is known.
+Every period clamps H to [1, remaining steps] when the total is known. A deliberate deviation for
+``constant`` (the reference clamps only in its QSR branch): with a constant H the last round is
+shortened to end, with an averaging, on the last step, so the run ends on averaged parameters; the
+reference runs its trailing ``total % H`` local steps without averaging them.
 
     python -m ds_ext.sync.schedules --recipe R [--set k=v ...] [--world-size N] [--csv]
 
 prints a recipe's whole schedule without training: total steps, sync rounds, fraction of steps that
-communicate, and the H in force at 10 %, 20 %, ..., 100 % of training (``--csv``: every round).
+communicate, and the H in force at step 0 (the first round's) and at 10 %, 20 %, ..., 100 % of training
+(``--csv``: every round).
 """
 from __future__ import annotations
 
@@ -28,9 +34,10 @@ from typing import Callable, List, Optional, Tuple
 
 
 class Period:
-    """``first_h()`` before step 0; ``next_h(step, lr)`` right after an averaging that ended ``step``
-    optimizer steps (``lr`` = learning rate of step ``step``, the first of the new round);
-    ``data_parallel(step)``: whether step ``step`` averages gradients instead of stepping locally."""
+    """``first_h(lr)`` before step 0 (``lr`` = learning rate of step 0; None when unknown);
+    ``next_h(step, lr)`` right after an averaging that ended ``step`` optimizer steps (``lr`` = learning
+    rate of step ``step``, the first of the new round); ``data_parallel(step)``: whether step ``step``
+    averages gradients instead of stepping locally."""
 
     name = "period"
 
@@ -42,8 +49,8 @@ class Period:
             h = min(h, self.total_steps - step)
         return max(int(h), 1)
 
-    def first_h(self) -> int:
-        return self._clamp(self._first(), 0)
+    def first_h(self, lr: Optional[float] = None) -> int:
+        return self._clamp(self._first(lr), 0)
 
     def next_h(self, step: int, lr: float) -> int:
         return self._clamp(self._next(step, lr), step)
@@ -51,7 +58,7 @@ class Period:
     def data_parallel(self, step: int) -> bool:
         return False
 
-    def _first(self) -> int:
+    def _first(self, lr: Optional[float]) -> int:
         raise NotImplementedError
 
     def _next(self, step: int, lr: float) -> int:
@@ -68,7 +75,7 @@ class Constant(Period):
         super().__init__(total_steps)
         self.h = int(h)
 
-    def _first(self):
+    def _first(self, lr):
         return self.h
 
     def _next(self, step, lr):
@@ -79,7 +86,11 @@ class Constant(Period):
 
 
 class QSR(Period):
-    """H = max(H_base, floor((alpha / lr)^power)); ``init_h`` during warm-up (QSR eq. 3 + reference)."""
+    """H = max(H_base, floor((alpha / lr)^power)); ``init_h`` during warm-up (QSR eq. 3 + reference).
+
+    The first round is the rule at step 0 (``_next(0, lr)``, as the reference's ``adjust_h()`` before
+    training): ``init_h`` when step 0 is in the warm-up or alpha is 0, else the rule at the first
+    learning rate. Without a learning rate (``first_h()``) it falls back to ``init_h``."""
 
     name = "qsr"
 
@@ -97,8 +108,8 @@ class QSR(Period):
             return sys.maxsize  # lr 0: no reason to communicate; the clamp ends the round at the last step
         return max(int((self.alpha / lr) ** self.power), self.h_base)
 
-    def _first(self):
-        return self.init_h
+    def _first(self, lr):
+        return self.init_h if lr is None else self._next(0, lr)
 
     def _next(self, step, lr):
         if step < self.warmup_steps or self.alpha == 0:
@@ -122,7 +133,7 @@ class PostLocal(Period):
     def data_parallel(self, step):
         return step < self.switch_step
 
-    def _first(self):
+    def _first(self, lr):
         return 1 if self.switch_step > 0 else self.h
 
     def _next(self, step, lr):
@@ -147,7 +158,7 @@ def make_period(options, warmup_steps: int = 0, total_steps: Optional[int] = Non
 
 def simulate(period: Period, lr_at: Callable[[int], float], total_steps: int) -> List[Tuple[int, int, bool]]:
     """Every round as (first step, H, data-parallel), exactly as the synchronizer walks them."""
-    rounds, step, h = [], 0, period.first_h()
+    rounds, step, h = [], 0, period.first_h(lr_at(0))
     while step < total_steps:
         h = min(h, total_steps - step)
         rounds.append((step, h, period.data_parallel(step)))
@@ -220,6 +231,9 @@ def main(argv=None) -> int:
           f"{syncs} sync rounds; {syncs / max(total, 1):.2%} of steps communicate "
           f"(data-parallel: 100%)")
     print(f"{'progress':>9} {'step':>9} {'lr':>11} {'H':>7}")
+    if not rounds:
+        return 0
+    print(f"{0:>8}% {0:>9} {lr.lr_at(0):>11.4g} {rounds[0][1]:>7}")  # the first round's H
     k = 0
     for pct in range(10, 101, 10):
         step = min(total - 1, math.ceil(total * pct / 100) - 1)
