@@ -23,11 +23,13 @@ def initialize(recipe, model, steps_per_epoch, meter=None, order=None):
 
 
 def attach(engine, method=None, meter=None, group=None, check_every=0, total_steps=None, order=None,
-           nonfinite="skip", check=True):
+           nonfinite="skip", check=True, steps_per_epoch=None):
+    """``ds_ext.engine.attach``: the methods onto a DeepSpeed engine (``method`` None: the ds_ext block of its
+    DeepSpeed config)."""
     from .engine import attach as _attach
 
     return _attach(engine, method, meter=meter, group=group, check_every=check_every, total_steps=total_steps,
-                   order=order, nonfinite=nonfinite, check=check)
+                   order=order, nonfinite=nonfinite, check=check, steps_per_epoch=steps_per_epoch)
 
 
 load_builtin()

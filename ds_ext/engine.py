@@ -922,7 +922,7 @@ def method_spec(engine, method=None):
 
 def attach(engine, method: Union[None, Dict[str, Any], Any] = None, meter: Optional[CommMeter] = None,
            group=None, check_every: int = 0, total_steps: Optional[int] = None, order=None,
-           nonfinite: str = "skip", check: bool = True) -> Attachment:
+           nonfinite: str = "skip", check: bool = True, steps_per_epoch: Optional[int] = None) -> Attachment:
     """Attach a reducer, a synchronizer and (optionally) a data order to a DeepSpeed engine.
 
     ``order`` (an ``ds_ext.order.Order``) is only wired in when it observes gradients (D-GraB,
@@ -934,7 +934,9 @@ def attach(engine, method: Union[None, Dict[str, Any], Any] = None, meter: Optio
     the ``ds_ext`` block of the engine's DeepSpeed config (the same schema). A bad block raises
     ``recipe.RecipeError`` (a ``ValueError``) naming the key and listing what is allowed. A gradient-driven
     order named there (``dgrab``) needs its ``order`` object (else ``ValueError``). ``total_steps`` (the
-    run's optimizer steps) lets period schedules end their last round exactly at the last step.
+    run's optimizer steps) lets period schedules end their last round exactly at the last step;
+    ``steps_per_epoch`` (default: the LR schedule's, when it has one) marks epoch boundaries for a
+    synchronizer that needs them (``dssync`` with ``pattern_restart: epoch``).
 
     While attached, ``engine.save_checkpoint`` / ``engine.load_checkpoint`` also save and restore every
     rank's method state (``Attachment.save_checkpoint``).
@@ -986,7 +988,9 @@ def attach(engine, method: Union[None, Dict[str, Any], Any] = None, meter: Optio
     sched = engine.lr_scheduler
     sync = SYNCS.build(sname, sopts, named, comm=comm, module=engine.module, optimizer=_torch_optimizer(engine),
                        lr_at=getattr(sched, "lr_at", None), warmup_steps=getattr(sched, "warmup", None),
-                       total_steps=total_steps, hierarchy=hierarchy)
+                       total_steps=total_steps, hierarchy=hierarchy,
+                       steps_per_epoch=steps_per_epoch if steps_per_epoch is not None
+                       else getattr(sched, "steps_per_epoch", None))
     return Attachment(engine, reducer, sync, comm, check_every=check_every, order=order, nonfinite=nonfinite)
 
 
@@ -1115,5 +1119,6 @@ def initialize(recipe, model: torch.nn.Module, steps_per_epoch: int, meter: Opti
                                                config=config, mpu=mpu)
     total = steps_per_epoch * recipe.train.epochs
     attachment = attach(engine, recipe.method, meter=meter, check_every=recipe.train.check_consistency_every,
-                        total_steps=total, order=order, nonfinite=getattr(recipe.train, "nonfinite", "skip"))
+                        total_steps=total, order=order, nonfinite=getattr(recipe.train, "nonfinite", "skip"),
+                        steps_per_epoch=steps_per_epoch)
     return engine, attachment, schedule
