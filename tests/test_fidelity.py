@@ -318,3 +318,29 @@ def test_cards_name_the_aliases():
     for name, field, alias in cases:
         row = next(r for r in CARDS[name].options if r.name == field)
         assert alias in row.meaning, (name, field)
+
+
+# ------------------------------------------------------------------ low-rank statistics for the logs
+def test_lowrank_stats_compression_ratio_and_error_feedback_norm():
+    """PowerSGD and ACP-SGD report the compression ratio (gradient elements over elements sent per step,
+    from the shapes) and the residual's norm (the error-feedback buffer), on 2 loopback ranks."""
+    shapes = [(8, 16), (16,)]
+
+    def body(comm):
+        g = torch.Generator().manual_seed(comm.rank)
+        named = [(f"p{i}", torch.nn.Parameter(torch.zeros(s))) for i, s in enumerate(shapes)]
+        out = {}
+        for name, opts in (("powersgd", {"rank": 2, "start_powerSGD_iter": 0}), ("acpsgd", {"rank": 2})):
+            red = REDUCERS.build(name, opts, named, comm=comm)
+            for _, p in named:
+                p.grad = torch.randn(p.shape, generator=g)
+            red.finish()
+            out[name] = (red.stats(), [float(c.E.norm()) for c in red.classes.values()])
+        return out
+
+    res = LoopbackWorld(2).run(body)
+    st, norms = res[0]["powersgd"]
+    assert st["compression_ratio"] == pytest.approx((128 + 16) / ((8 + 16) * 2 + 16))
+    assert st["error_feedback_norm"] == pytest.approx(norms[0]) and st["error_feedback_norm"] > 0
+    st, _ = res[0]["acpsgd"]
+    assert st["compression_ratio"] == pytest.approx((128 + 16) / ((8 * 2 + 16 * 2) / 2 + 16))

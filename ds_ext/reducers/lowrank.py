@@ -268,6 +268,22 @@ class _LowRankBase(Reducer):
     def compressed_fraction(self) -> float:
         return sum(m.p.numel() for m in self.metas if m.compressed) / max(1, sum(m.p.numel() for m in self.metas))
 
+    def _sent_elements(self) -> float:
+        """Elements one rank sends per step at the last step (the method's own rule)."""
+        raise NotImplementedError
+
+    def stats(self) -> dict:
+        """For the logs, read on logging steps only: ``compression_ratio`` (gradient elements over elements
+        sent per step), ``compressed_fraction`` and ``error_feedback_norm`` (the residual's L2 norm over every
+        compressed matrix: one reduction and one host read, on logging steps)."""
+        dense = sum(m.p.numel() for m in self.metas)
+        out = {"compression_ratio": dense / max(self._sent_elements(), 1.0),
+               "compressed_fraction": self.compressed_fraction()}
+        if self.classes and getattr(self.options, "error_feedback", True):
+            sq = torch.stack([c.E.float().pow(2).sum() for c in self.classes.values()]).sum()
+            out["error_feedback_norm"] = float(sq.sqrt())
+        return out
+
     def state_dict(self) -> dict:
         cpu = lambda d: {k: v.detach().cpu().clone() for k, v in d.items()}  # noqa: E731
         return {"E": cpu(self.E), "P": cpu(self.P), "Q": cpu(self.Q), "steps": self.steps}
@@ -372,6 +388,11 @@ class PowerSGDReducer(_LowRankBase):
                 c.E.baddbmm_(c.P, c.Q.transpose(1, 2), alpha=-1.0)  # E = M - P Q^T (aggregated)
             _decompress(c.metas, c.P, c.Q)
 
+    def _sent_elements(self) -> float:
+        if self.steps <= self.options.start_powerSGD_iter:  # still exact allreduce
+            return float(sum(m.p.numel() for m in self.metas))
+        return float(sum((m.n + m.m) * m.r if m.compressed else m.p.numel() for m in self.metas))
+
     def _unpack_plain(self, flat, off: int, metas: Optional[List[_Meta]] = None) -> None:
         for m in self.plain if metas is None else metas:
             n = m.p.numel()
@@ -415,6 +436,10 @@ class ACPSGDReducer(_LowRankBase):
         self.pindex = {id(p): i for i, p in enumerate(self.params)}
         self.where = {phase: {m.index: gi for gi, g in enumerate(gs) for m in g} for phase, gs in self.groups.items()}
         self._reset_round()
+
+    def _sent_elements(self) -> float:
+        """The P and Q steps alternate: their mean (each phase's fused buffers, 1-D tensors included)."""
+        return (sum(self.sizes["p"].values()) + sum(self.sizes["q"].values())) / 2.0
 
     @classmethod
     def group_bytes(cls, shapes, rank: int, fusion_mb: float = 25.0) -> tuple:
