@@ -1,7 +1,7 @@
 """Compression cost of the gradient reducers on a real model's gradient shapes (``run/bench-compress.sh``).
 
     python -m ds_ext.bench.compress [--model resnet50] [--rank 4] [--steps 5] [--dtype fp32|bf16|fp16]
-                                    [--device auto|cpu|cuda] [--no-torch-hooks]
+                                    [--device auto|cpu|cuda] [--no-torch-hooks] [--fresh-grads]
 
 One process, world size 1 (gloo on CPU, NCCL on CUDA), so no network is involved: what is timed is
 the work a reducer adds to a step -- packing, compression, orthogonalisation, decompression, error
@@ -11,6 +11,11 @@ feedback -- plus a world-1 collective. Rows:
   floor any fused reducer pays.
 * ``allreduce`` (S-SGD), ``powersgd``, ``acpsgd``: ours, driven exactly as the engine drives them
   (``grad_ready`` for every parameter in reverse order, then ``finish``), on fixed random gradients.
+  Before each step the gradients are written into the existing ``p.grad`` (as a backward after
+  ``zero_grad(set_to_none=False)`` accumulates): ``allreduce``'s gradients are views into its buckets
+  (issue 19), so it copies nothing. ``--fresh-grads`` gives every ``p.grad`` a new tensor instead, as
+  DeepSpeed's ``zero_grad`` (set to None after every step) leaves them: then it copies each gradient
+  into its bucket once.
 * ``torch powerSGD_hook`` / ``torch batched_powerSGD_hook`` / ``torch allreduce_hook``: PyTorch DDP
   comm hooks at the same rank, timed inside a wrapper hook (call + ``future.wait()``) during a real
   DDP backward on a tiny input; a hook that raises is reported as crashed with its message.
@@ -74,7 +79,8 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype) -> torch.nn
     return MODELS.build(name, {}).to(device=device, dtype=dtype)
 
 
-def bench_ours(model, method: str, options: dict, steps: int, warmup: int, device) -> Dict[str, float]:
+def bench_ours(model, method: str, options: dict, steps: int, warmup: int, device,
+               fresh_grads: bool = False) -> Dict[str, float]:
     from ..metrics import CommMeter
     from ..registry import REDUCERS
 
@@ -84,12 +90,17 @@ def bench_ours(model, method: str, options: dict, steps: int, warmup: int, devic
     meter = CommMeter()
     red = REDUCERS.build(method, options, list(model.named_parameters()), meter=meter)
 
+    handed: list = []  # --fresh-grads: the tensors handed over, freed before the next step (untimed)
+
     def before():
+        handed.clear()
         for p, g in zip(params, grads):
-            if p.grad is None:
+            if p.grad is None or fresh_grads:
                 p.grad = g.clone()
             else:
                 p.grad.copy_(g)
+        if fresh_grads:
+            handed.extend(p.grad for p in params)
 
     sent = []
 
@@ -166,6 +177,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--no-torch-hooks", action="store_true", help="skip the PyTorch DDP hook rows")
+    ap.add_argument("--fresh-grads", action="store_true",
+                    help="a new p.grad tensor before every step of ours (as DeepSpeed's zero_grad leaves them: "
+                         "set to None), instead of writing into the existing one")
     ap.add_argument("--hook-input", default="3,32,32", help="C,H,W of the tiny input driving DDP backward")
     ap.add_argument("--step-ms", type=float, default=None,
                     help="a training step time (ms) to express costs as a fraction of (e.g. 30 for ResNet-50 "
@@ -182,7 +196,7 @@ def main(argv=None) -> int:
     print(f"# {args.model}: {nparams:,} parameters in {len(list(model.parameters()))} tensors, {args.dtype} "
           f"gradients, device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}, rank {args.rank}, median of {args.steps} "
-          f"steps after {args.warmup} warm-up", flush=True)
+          f"steps after {args.warmup} warm-up{', fresh p.grad every step' if args.fresh_grads else ''}", flush=True)
 
     rows: List[tuple] = []
     rows.append(("copy", bench_copy(model, args.steps, args.warmup, device)))
@@ -190,7 +204,7 @@ def main(argv=None) -> int:
             ("powersgd", "powersgd", {"matrix_approximation_rank": args.rank, "start_powerSGD_iter": 0}),
             ("acpsgd", "acpsgd", {"rank": args.rank})]
     for label, name, opts in ours:
-        rows.append((label, bench_ours(model, name, opts, args.steps, args.warmup, device)))
+        rows.append((label, bench_ours(model, name, opts, args.steps, args.warmup, device, args.fresh_grads)))
         print(f"  measured {label}", file=sys.stderr, flush=True)
     if not args.no_torch_hooks:
         shape = tuple(int(v) for v in args.hook_input.split(","))

@@ -7,7 +7,19 @@ backward (wait-free backpropagation, as torch DDP and Horovod do; DeepSpeed's ow
 runs after backward). The average is sum / world size in the gradient dtype, the same arithmetic as
 DeepSpeed's ``buffered_allreduce_fallback`` with default settings. The buckets travel in DeepSpeed's
 ``communication_data_type`` (``engine.communication_data_type``: the gradient dtype unless the config
-sets it): a bf16 model whose config asks for fp32 communication sends fp32 buckets, as DeepSpeed does.
+sets it): a bf16 model whose config asks for fp32 communication sends fp32 buckets, as DeepSpeed does
+(then the cast to and from the wire dtype still copies each bucket).
+
+Zero-copy (issue 19): the gradients are views into the buckets (``buckets.BucketedCollective``, as DDP's
+``gradient_as_bucket_view``). After ``finish()`` every ``p.grad`` is its slot of a bucket, so the average
+is never copied back. Whether backward also writes straight into the bucket depends on what happens
+to ``p.grad`` between steps: left in place and zeroed (``optimizer.zero_grad(set_to_none=False)``, the
+benchmarks' loops) the next backward accumulates into the bucket and nothing is copied at all; set to
+None, as DeepSpeed 0.19 does after every optimizer step in every configuration (``engine.zero_grad`` at
+fp32 ZeRO-0, ``optimizer.zero_grad()`` with ``set_to_none=True`` for bf16/fp16 and ZeRO 1/2), autograd
+hands over a fresh tensor and the ready hook copies it into the bucket once and rebinds ``p.grad``
+(one copy instead of two; DDP does the same then). ``bucket_view = False`` (class attribute) restores
+the copy-in/copy-out path, which gives bit-identical results.
 """
 from __future__ import annotations
 
@@ -26,9 +38,13 @@ class AllreduceOptions(GradientOptions):
 class AllreduceReducer(Reducer):
     """S-SGD: bucketed asynchronous allreduce of gradients, overlapped with backward."""
 
+    #: gradients as views into the fusion buckets (module docstring); False: copy in and back
+    bucket_view = True
+
     def __init__(self, named_params, options: AllreduceOptions, **kw):
         super().__init__(named_params, options, **kw)
-        self.fusion = BucketedCollective(self.params, int(options.bucket_mb * 2**20), self._launch)
+        self.fusion = BucketedCollective(self.params, int(options.bucket_mb * 2**20), self._launch,
+                                         views=self.bucket_view)
 
     def _launch(self, buf):
         return self.comm.all_reduce_mean(buf, "allreduce", async_op=True, wire=True)

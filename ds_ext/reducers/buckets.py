@@ -5,6 +5,26 @@ gradients) and kept per dtype/device. A bucket's collective is *launched in buck
 full bucket waits until all earlier buckets have been launched. Every rank therefore issues the same
 collectives in the same order even when autograd finishes parameters in a slightly different order,
 or a parameter receives no gradient on some rank (its slot is zero-filled at ``finish``).
+
+**Gradients as bucket views** (``views=True``, as torch DDP's ``gradient_as_bucket_view``): every
+parameter whose layout is dense (contiguous, channels-last, any non-overlapping dense strides) owns a
+``p``-shaped alias of its slot in the bucket (made with ``Tensor.set_`` on the bucket's storage, so it
+is not an autograd view and DeepSpeed's ``p.grad.detach_()`` works on it). When a gradient is ready:
+
+* ``p.grad`` already *is* that alias (same data pointer, same strides: a host-side metadata check,
+  nothing is read from the device): backward accumulated straight into the bucket, nothing is copied;
+* otherwise (``p.grad`` was set to None and autograd allocated a fresh tensor, as DeepSpeed's
+  ``zero_grad`` does after every optimizer step, or someone replaced it): the gradient is copied into
+  the slot once and ``p.grad`` is rebound to the alias (the fresh tensor is freed).
+
+After the collective the result is already in ``p.grad``: nothing is copied back. A parameter that
+produced no gradient gets its zero-filled slot as ``p.grad``. A parameter with a non-dense layout
+(overlapping or gapped strides) keeps the copy path: copied in, copied back. ``views=False`` is the
+copy path for every parameter (the behaviour before issue 19; bit-identical results).
+
+With views, a gradient written into a bucket after its collective was launched (a second backward
+inside the same boundary micro-batch) would race with the collective; the copy path ignored such a
+late gradient (it was overwritten by the copy back). Neither is supported: one backward per micro-batch.
 """
 from __future__ import annotations
 
@@ -26,6 +46,9 @@ class Bucket:
         self.dtype = params[0].dtype
         self.device = params[0].device
         self.buffer: Optional[torch.Tensor] = None
+        self.slots: List[torch.Tensor] = []  # 1-D views of the buffer, one per parameter
+        self.aliases: List[Optional[torch.Tensor]] = []  # p-shaped aliases of the slots (None: copy path)
+        self.ptrs: List[int] = []  # data pointer of each slot
         self.filled = set()
         self.work = None
         self.launched = False
@@ -38,6 +61,29 @@ class Bucket:
     @property
     def full(self) -> bool:
         return len(self.filled) == len(self.params)
+
+
+def dense_strides(t: torch.Tensor) -> Optional[tuple]:
+    """``t``'s strides when its elements fill ``t.numel()`` consecutive memory slots exactly once
+    (contiguous, channels-last, any permutation of a dense layout), else None. A gradient with these
+    strides can live in a bucket slot of ``t.numel()`` elements."""
+    dims = sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1)
+    expected = 1
+    for st, sz in dims:
+        if st != expected:
+            return None
+        expected *= sz
+    return tuple(t.stride())
+
+
+def _alias(buffer: torch.Tensor, offset: int, p: torch.Tensor) -> Optional[torch.Tensor]:
+    """A ``p``-shaped tensor over ``buffer[offset:offset + p.numel()]`` with ``p``'s strides, sharing the
+    storage but not an autograd view (``detach_()`` is allowed on it), or None if ``p`` is not dense."""
+    strides = dense_strides(p)
+    if strides is None or p.numel() == 0:
+        return None
+    t = torch.empty(0, dtype=buffer.dtype, device=buffer.device)
+    return t.set_(buffer.untyped_storage(), buffer.storage_offset() + offset, tuple(p.shape), strides)
 
 
 def fuse_reverse(sizes: Sequence[float], cap: float) -> List[List[int]]:
@@ -92,32 +138,80 @@ def build_buckets(params: List[torch.nn.Parameter], bucket_bytes: int) -> List[B
 
 
 class BucketedCollective:
-    """Copies ready gradients into bucket buffers and launches ``launch(buffer)`` per bucket in order."""
+    """Gathers ready gradients into bucket buffers and launches ``launch(buffer)`` per bucket in order.
+
+    ``views`` (default): gradients become views into the buckets (module docstring); False: every
+    gradient is copied into its bucket and the result copied back. ``copied`` / ``in_place``: how many
+    gradients the last completed window (``wait_and_unpack``) copied into a bucket / found already there
+    (host-side counters, for tests and benchmarks)."""
 
     def __init__(self, params: List[torch.nn.Parameter], bucket_bytes: int,
-                 launch: Callable[[torch.Tensor], object]):
+                 launch: Callable[[torch.Tensor], object], views: bool = True):
         self.buckets = build_buckets(params, bucket_bytes)
+        self.views = views
         self.where = {}
         for b in self.buckets:
+            b.buffer = torch.empty(b.numel, dtype=b.dtype, device=b.device)
             for i, p in enumerate(b.params):
                 self.where[p] = (b, i)
+                slot = b.buffer.narrow(0, b.offsets[i], p.numel())
+                b.slots.append(slot)
+                b.ptrs.append(slot.data_ptr())
+                b.aliases.append(_alias(b.buffer, b.offsets[i], p) if views else None)
         self.launch_fn = launch
         self.next_launch = 0
+        self.copied = self.in_place = 0
+        self._copied = self._in_place = 0  # of the current window
+        if views:  # gradients that exist already move into their buckets now (as DDP does at construction)
+            for b in self.buckets:
+                for i, p in enumerate(b.params):
+                    if p.grad is not None and b.aliases[i] is not None:
+                        self._take(b, i, p)
+            self._copied = self._in_place = 0
 
     def _buffer(self, b: Bucket) -> torch.Tensor:
-        if b.buffer is None:
-            b.buffer = torch.empty(b.numel, dtype=b.dtype, device=b.device)
         return b.buffer
 
     def _slot(self, b: Bucket, i: int) -> torch.Tensor:
-        p = b.params[i]
-        return self._buffer(b)[b.offsets[i]:b.offsets[i] + p.numel()]
+        return b.slots[i]
+
+    def is_view(self, p: torch.nn.Parameter) -> bool:
+        """Whether ``p.grad`` is ``p``'s alias into its bucket (host-side metadata only)."""
+        b, i = self.where[p]
+        return self._is_alias(b, i, p.grad)
+
+    @staticmethod
+    def _is_alias(b: Bucket, i: int, g: Optional[torch.Tensor]) -> bool:
+        alias = b.aliases[i]
+        return (alias is not None and g is not None and g.data_ptr() == b.ptrs[i] and g.dtype == b.dtype
+                and g.device == b.device and g.stride() == alias.stride())
+
+    def _take(self, b: Bucket, i: int, p: torch.nn.Parameter) -> None:
+        """``p``'s gradient into slot ``i`` (nothing to do if it is already there); missing: zeros."""
+        g = p.grad
+        alias = b.aliases[i]
+        if alias is None:  # copy path
+            if g is None:
+                b.slots[i].zero_()
+            else:
+                b.slots[i].copy_(g.reshape(-1))
+                self._copied += 1
+            return
+        if self._is_alias(b, i, g):
+            self._in_place += 1
+            return
+        if g is None:
+            alias.zero_()
+        else:
+            alias.copy_(g)
+            self._copied += 1
+        p.grad = alias
 
     def ready(self, p: torch.nn.Parameter) -> None:
         b, i = self.where[p]
         if i in b.filled or b.launched:
             return
-        self._slot(b, i).copy_(p.grad.reshape(-1))
+        self._take(b, i, p)
         b.filled.add(i)
         self._launch_ready()
 
@@ -133,11 +227,7 @@ class BucketedCollective:
         for b in self.buckets[self.next_launch:]:
             for i, p in enumerate(b.params):
                 if i not in b.filled:
-                    slot = self._slot(b, i)
-                    if p.grad is None:
-                        slot.zero_()
-                    else:
-                        slot.copy_(p.grad.reshape(-1))
+                    self._take(b, i, p)
                     b.filled.add(i)
         self._launch_ready()
 
@@ -148,10 +238,17 @@ class BucketedCollective:
             if post is not None:
                 post(b.buffer)
             for i, p in enumerate(b.params):
-                view = self._slot(b, i).view_as(p)
+                alias = b.aliases[i]
+                if alias is not None:  # the result is in the bucket, which p.grad is (or becomes) a view of
+                    if not self._is_alias(b, i, p.grad):
+                        p.grad = alias
+                    continue
+                view = b.slots[i].view_as(p)
                 if p.grad is None:
                     p.grad = view.clone()
                 else:
                     p.grad.copy_(view)
             b.reset()
         self.next_launch = 0
+        self.copied, self.in_place = self._copied, self._in_place
+        self._copied = self._in_place = 0
