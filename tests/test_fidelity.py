@@ -297,11 +297,7 @@ def _audit_cases():
         for reg in (REDUCERS, SYNCS, ORDERS):
             for n in reg.names():
                 if f in reg.get(n).options.model_fields:
-                    marks = []
-                    if (reg.kind, n, f) == ("reducer", "allreduce", "bucket_mb"):
-                        marks = [pytest.mark.xfail(reason="ds_ext/reducers/allreduce.py (not in this change) still "
-                                                          "lacks AliasChoices('bucket_mb', 'fusion_threshold_mb')")]
-                    cases.append(pytest.param(reg.kind, n, f, sorted(aliases), marks=marks, id=f"{n}.{f}"))
+                    cases.append(pytest.param(reg.kind, n, f, sorted(aliases), id=f"{n}.{f}"))
     return cases
 
 

@@ -23,7 +23,7 @@ the copy-in/copy-out path, which gives bit-identical results.
 """
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 
 from ..registry import REDUCERS
 from .base import GradientOptions, Reducer
@@ -31,7 +31,9 @@ from .buckets import BucketedCollective, bucket_sizes
 
 
 class AllreduceOptions(GradientOptions):
-    bucket_mb: float = Field(25.0, gt=0, description="fusion bucket size in MiB of gradient")
+    bucket_mb: float = Field(25.0, gt=0, validation_alias=AliasChoices("bucket_mb", "fusion_threshold_mb"),
+                             description="fusion bucket size in MiB of gradient (alias fusion_threshold_mb, as on "
+                                         "acpsgd)")
 
 
 @REDUCERS.register("allreduce", AllreduceOptions)

@@ -69,18 +69,6 @@ class FlatReducer(Reducer):
     def stats(self) -> dict:
         return dict(self._stats)
 
-    @classmethod
-    def check(cls, view) -> list:
-        problems = []
-        fp16 = view.deepspeed.get("fp16") or {}
-        if fp16.get("enabled", False) and not fp16.get("loss_scale"):
-            name = view.names["reducer"]
-            problems.append(("method.reducer", f"reducer {name!r} keeps an error-feedback residual of the gradients it sees, which under fp16 "
-                    "dynamic loss scaling are multiplied by a scale that changes between steps (and hold inf on "
-                    "overflow steps, which would poison the residual for good); use bf16, or a static "
-                    "deepspeed.fp16.loss_scale > 0"))
-        return problems + super().check(view)
-
     def _base_state(self) -> dict:
         return {"numel": self.numel, "world_size": self.world_size, "iteration": self.iteration,
                 "error": None if self.error is None else self.error.detach().cpu().clone()}

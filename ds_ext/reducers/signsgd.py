@@ -38,7 +38,7 @@ from pydantic import Field
 
 from .. import ops
 from ..registry import REDUCERS
-from .base import GradientOptions, Reducer, error_feedback_field
+from .base import GradientOptions, error_feedback_field
 from .flat import FlatReducer
 
 
@@ -53,12 +53,6 @@ class SignSGDReducer(FlatReducer):
     """EF-SignSGD (Karimireddy et al. 2019) over signSGD's 1-bit sign compression (Bernstein et al. 2018)."""
 
     keeps_scaled_state = True  # the residual e: base.fp16_loss_scaling_problem applies
-
-    @classmethod
-    def check(cls, view) -> list:
-        """``Reducer.check`` (ZeRO stage, and the fp16 policy shared by every error-feedback reducer,
-        ``base.fp16_loss_scaling_problem``), bypassing ``FlatReducer.check``'s older copy of that refusal."""
-        return Reducer.check.__func__(cls, view)
 
     def __init__(self, named_params, options: SignSGDOptions, **kw):
         super().__init__(named_params, options, **kw)

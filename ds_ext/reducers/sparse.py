@@ -107,7 +107,7 @@ from pydantic import Field, model_validator
 
 from .. import ops
 from ..registry import REDUCERS
-from .base import GradientOptions, Reducer, error_feedback_field
+from .base import GradientOptions, error_feedback_field
 from .flat import FlatReducer
 
 # constants of the reference code, written as it writes them
@@ -125,13 +125,6 @@ class _SparseBase(FlatReducer):
         super().__init__(named_params, options, **kw)
         self.k = max(1, int(options.density * self.numel))
         self.last: dict = {}  # the last step's selection, for diagnostics and tests
-
-    @classmethod
-    def check(cls, view) -> list:
-        """``Reducer.check`` (ZeRO stage, and the fp16 policy shared by every error-feedback reducer,
-        ``base.fp16_loss_scaling_problem``). It bypasses ``FlatReducer.check``, whose only rule was an
-        older copy of that fp16 refusal with its own message."""
-        return Reducer.check.__func__(cls, view)
 
 
 # ================================================================================================ topk
