@@ -77,10 +77,23 @@ not overlap with backward (the node mean needs every gradient). The hierarchical
 (0, the bound a fast GPU implementation approaches) unless ``--compress-ms`` gives it; a hierarchical rank then
 compresses its 1/G shard: given / G (an assumption).
 
-Overlap (projection only): the communication of methods launched during backward (``allreduce``,
-``acpsgd``) can hide behind the backward pass, taken as ``backward_fraction`` (default 2/3) of the
-compute time; every other method communicates after backward. The emulated measurements have no
-compute to overlap with, so the model check compares serial times.
+Overlap: the communication of methods launched during backward (``allreduce``, ``acpsgd``) can hide behind
+the backward pass. Two terms:
+
+* window (the default): up to ``backward_fraction`` (default 2/3) of the compute time is hidden; every other
+  method communicates after backward;
+* launch (``--overlap launch``, ``--overlap-from BENCH_TRAIN_DIR``; ``overlap_step``, issue 19): each bucket /
+  fusion group (``backward_schedule``) is launched when the last of its gradients is ready -- at the fraction of
+  backward the readiness profile gives, measured by ``run/bench-train.sh`` (compute alone) or estimated from the
+  layers' multiply-accumulates (``flop_ready_fractions``) -- and in order; the link serves launches one after
+  another, and whatever is on it when backward ends is exposed:
+  ``step = fwd + max(backward, link free) + compression + comm(after backward) + opt``.
+  What it adds to the window: the last bucket (the first layers' gradients) is ready only when backward ends, so
+  it is never hidden; a bucket launched early can use the rest of backward, not a fixed share of compute; and
+  work in the gradient hooks (copies, ACP-SGD's compression) lengthens the backward it hides behind.
+  ``train_check`` compares both terms with real training steps measured by ``run/bench-train.sh`` (2 emulated
+  hosts, ResNet-50, real backward), per method; ``--overlap-from`` prints that check before the projection.
+The bench-cluster measurements have no compute to overlap with, so their model check compares serial times.
 
 Inputs, not measurements: the compute time (default 30.5 ms, a ResNet-50 bf16 step at batch 64 on an
 H100) and the backward fraction. Compression times are the bench's measurements on this CPU
@@ -100,11 +113,11 @@ import json
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .comm import Collective
 from .reducers.buckets import bucket_sizes as _bucket_sizes
-from .reducers.buckets import numel_of
+from .reducers.buckets import fuse_reverse, numel_of
 
 # ---------------------------------------------------------------------------------------- methods
 # name -> (reducer name, reducer options, sync name, sync options, launched during backward, label)
@@ -624,19 +637,340 @@ def model_shapes(name: str) -> List[Tuple[int, ...]]:
     return [tuple(p.shape) for p in model.parameters() if p.requires_grad]
 
 
+# ------------------------------------------------------------------------- overlap with backward (launch model)
+# What ``run/bench-train.sh`` measured (real training on the emulated cluster) and the window term above does not
+# have: a collective launched during backward waits for its last gradient, the link serves launched collectives
+# one after another, and whatever is still on the link when backward ends is exposed. ``overlap_step`` is that
+# queue; ``backward_schedule`` says, per method, which collectives wait for which gradients; the readiness profile
+# (the fraction of backward elapsed when each parameter's gradient is ready) is measured (bench-train's compute
+# alone) or estimated from the layers' multiply-accumulates (``flop_ready_fractions``).
+
+#: PyTorch DDP, the peer bench-train runs beside us (``ds_ext.bench.train``)
+DDP_METHODS = ("ddp_allreduce", "ddp_powersgd")
+TRAIN_METHODS = tuple(ALL_METHODS) + ("deepspeed",) + DDP_METHODS
+DDP_FIRST_BUCKET_MB = 1.0     # torch.distributed._DEFAULT_FIRST_BUCKET_BYTES, with DDP's default bucket_cap_mb
+DDP_BUCKET_MB = 25.0
+
+
+@dataclass
+class Launch:
+    """Collectives issued one after another once the gradients of parameters ``members`` are ready."""
+    members: List[int]
+    colls: List[Collective]
+
+
+def ddp_bucket_groups(sizes: Sequence[float], first_cap: float, cap: float) -> List[List[int]]:
+    """DDP's bucket assignment on sizes alone: reverse parameter order, a bucket closed once it reaches its limit
+    (``first_cap`` for the first, ``cap`` after; a bucket may exceed its limit by its last tensor)."""
+    groups: List[List[int]] = []
+    cur: List[int] = []
+    acc = 0.0
+    for i in reversed(range(len(sizes))):
+        cur.append(i)
+        acc += sizes[i]
+        if acc >= (first_cap if not groups else cap):
+            groups.append(cur)
+            cur, acc = [], 0.0
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def ddp_powersgd_bytes(shapes, rank: int, min_rate: float = 2.0) -> Tuple[int, int, int]:
+    """(uncompressed, P, Q) fp32 bytes of PyTorch's ``powerSGD_hook`` on one bucket holding ``shapes``: each
+    gradient viewed as (shape[0], rest), compressed when (n + m) r * min_rate < n m with r = min(n, m, rank)."""
+    unc = p = q = 0
+    for s in shapes:
+        numel = numel_of(s)
+        n = int(s[0]) if len(s) else 1
+        m = numel // n if n else 0
+        r = min(n, m, rank)
+        if (n + m) * r * min_rate < n * m:
+            p, q = p + n * r, q + m * r
+        else:
+            unc += numel
+    return 4 * unc, 4 * p, 4 * q
+
+
+def backward_schedule(method: str, shapes, n: int, opts: MethodOptions, ddp_one_bucket: bool = True
+                      ) -> List[Tuple[float, List[Launch], List[Collective]]]:
+    """Per variant of a step (weight, collectives launched during backward in launch order, collectives after
+    backward): ``allreduce`` one all_reduce per bucket (``reducers/buckets.py``'s layout) and ``acpsgd`` one per
+    fusion group (a P-step and a Q-step, weight 1/2 each) wait for their gradients; ``ddp_allreduce`` per DDP
+    bucket (first 1 MiB, then 25 MiB); ``ddp_powersgd`` with one bucket (what bench-train runs: PyTorch's hook
+    races on gloo with more, ``ds_ext.bench.train.DDP_POWERSGD_ONE_BUCKET``) all_reduces the uncompressed
+    tensors, P and Q after backward (with DDP's buckets: that chain per bucket, during backward); ``deepspeed``
+    one flat all_reduce of every gradient after backward; every other method after backward (``collectives``)."""
+    sizes = [4 * numel_of(s) for s in shapes]
+    if method == "allreduce":
+        groups = fuse_reverse(sizes, int(opts.bucket_mb * 2**20))
+        return [(1.0, [Launch(g, [Collective("all_reduce", sum(sizes[i] for i in g), n)]) for g in groups], [])]
+    if method == "acpsgd":
+        from .reducers.lowrank import _phase_sizes, fusion_caps, matrix_dims
+
+        dims = [matrix_dims(s, opts.rank) for s in shapes]
+        sp, sq = _phase_sizes(dims, [bool(d[2]) for d in dims])
+        cap_p, cap_q = fusion_caps(sum(sp), sum(sq), sum(d[3] for d in dims), opts.bucket_mb)
+        out = []
+        for ph, cap in ((sp, cap_p), (sq, cap_q)):
+            out.append((0.5, [Launch(g, [Collective("all_reduce", 4 * sum(ph[i] for i in g), n)])
+                              for g in fuse_reverse(ph, cap)], []))
+        return out
+    if method == "ddp_allreduce":
+        groups = ddp_bucket_groups(sizes, DDP_FIRST_BUCKET_MB * 2**20, DDP_BUCKET_MB * 2**20)
+        return [(1.0, [Launch(g, [Collective("all_reduce", sum(sizes[i] for i in g), n)]) for g in groups], [])]
+    if method == "ddp_powersgd":
+        def chain(idx):
+            u, p, q = ddp_powersgd_bytes([shapes[i] for i in idx], opts.rank)
+            return [Collective("all_reduce", b, n) for b in (u, p, q)]
+        if ddp_one_bucket:
+            return [(1.0, [], chain(list(range(len(shapes)))))]
+        groups = ddp_bucket_groups(sizes, DDP_FIRST_BUCKET_MB * 2**20, DDP_BUCKET_MB * 2**20)
+        return [(1.0, [Launch(g, chain(g)) for g in groups], [])]
+    if method == "deepspeed":
+        return [(1.0, [], [Collective("all_reduce", sum(sizes), n)])]
+    return [(1.0, [], collectives(method, shapes, n, opts))]
+
+
+def overlap_step(fwd_ms: float, bwd_ms: float, opt_ms: float, ready: Sequence[float],
+                 variants: List[Tuple[float, List[Launch], List[Collective]]],
+                 comm_ms_of: Callable[[List[Collective]], float],
+                 compress_bwd_ms: float = 0.0, compress_post_ms: float = 0.0) -> dict:
+    """The launch-during-backward term. Backward lasts ``B = bwd_ms + compress_bwd_ms`` (compression done in the
+    gradient hooks lengthens it); a launch becomes ready at ``ready_j * B`` with ``ready_j`` the largest readiness
+    of its members and of every earlier launch (launches go in order), starts when the link is free, and holds it
+    for ``comm_ms_of`` of its collectives. Then, after both backward and the link are done, the post-backward
+    compression and collectives, in series, and the optimizer:
+
+        step = fwd + max(B, link free) + compress_post + comm(after backward) + opt
+
+    Returns the step, the communication (``comm_ms``), the part of it inside backward (``hidden_ms``) and the rest
+    (``exposed_ms``), averaged over the variants by weight (ACP-SGD: its P- and Q-steps)."""
+    acc = {"step_ms": 0.0, "comm_ms": 0.0, "hidden_ms": 0.0, "exposed_ms": 0.0}
+    wsum = sum(w for w, _, _ in variants) or 1.0
+    for w, launches, after in variants:
+        b = bwd_ms + compress_bwd_ms
+        link, busy, r_prev = 0.0, 0.0, 0.0
+        for la in launches:
+            r = max([r_prev] + [ready[i] for i in la.members])
+            r_prev = r
+            d = comm_ms_of(la.colls)
+            link = max(r * b, link) + d
+            busy += d
+        tail = max(0.0, link - b)           # the link is busy without a gap from B on: every launch is ready by B
+        after_ms = comm_ms_of(after)
+        step = fwd_ms + max(b, link) + compress_post_ms + after_ms + opt_ms
+        for k, v in (("step_ms", step), ("comm_ms", busy + after_ms), ("hidden_ms", busy - tail),
+                     ("exposed_ms", tail + after_ms)):
+            acc[k] += w * v / wsum
+    return acc
+
+
+def flop_ready_fractions(name: str, image_size: int = 224, shapes=None) -> List[float]:
+    """Readiness profile estimated from multiply-accumulates: a meta-device forward of the registered model at
+    ``image_size`` records each parameter-holding module's cost (convolution: output elements x in/groups x kernel;
+    linear: output elements x inputs; other modules: output elements); backward visits them in reverse forward
+    order at twice the forward cost, and a parameter is ready when its module is done. A model that does not take
+    3 x H x W images: parameter bytes in reverse order instead."""
+    import torch
+
+    from .registry import MODELS, load_builtin
+
+    load_builtin()
+    with torch.device("meta"):
+        model = MODELS.build(name, {})
+    params = [p for p in model.parameters() if p.requires_grad]
+    index = {id(p): i for i, p in enumerate(params)}
+    order: List[Tuple[List[int], float]] = []
+
+    def hook(mod, inp, out):
+        o = out.numel() if isinstance(out, torch.Tensor) else 0
+        if isinstance(mod, torch.nn.Conv2d):
+            k = mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels // mod.groups
+            cost = float(o * k)
+        elif isinstance(mod, torch.nn.Linear):
+            cost = float(o * mod.in_features)
+        else:
+            cost = float(o)
+        order.append(([index[id(p)] for p in mod.parameters(recurse=False) if id(p) in index], 2.0 * cost))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+    try:
+        with torch.device("meta"), torch.no_grad():
+            model(torch.empty(1, 3, image_size, image_size))
+    except Exception:
+        order = []
+    finally:
+        for h in handles:
+            h.remove()
+    ready = [1.0] * len(params)
+    seen = {i for ids, _ in order for i in ids}
+    if not order or len(seen) < len(params):
+        sizes = [p.numel() for p in params]
+        total, acc = float(sum(sizes)) or 1.0, 0.0
+        for i in reversed(range(len(params))):
+            acc += sizes[i]
+            ready[i] = acc / total
+        return ready
+    total = sum(c for _, c in order) or 1.0
+    acc = 0.0
+    for ids, c in reversed(order):  # a module used twice: ready after its first forward use's backward (the last)
+        acc += c
+        for i in ids:
+            ready[i] = acc / total
+    return ready
+
+
+def _launch_ready(schedule, ready) -> List[float]:
+    """Ready fraction of each launch of the first variant (launch order), for printing."""
+    out, prev = [], 0.0
+    for la in schedule[0][1]:
+        prev = max([prev] + [ready[i] for i in la.members])
+        out.append(prev)
+    return out
+
+
+# ----------------------------------------------------------------------------- model check against bench-train
+#: collectives that run after backward with nothing to overlap: their measured in-flight time calibrates the
+#: network constants of the check (the overlap term is then tested on the others)
+SERIAL_TRAIN_METHODS = ("powersgd", "topk", "exdyna", "signsgd", "local_qsr", "dssync", "deepspeed", "ddp_powersgd")
+
+
+#: methods whose compression runs on the communication threads: PyTorch's powerSGD_hook orthogonalises P, computes
+#: Q and decompresses in future callbacks, which gloo runs on its own threads (between its collectives)
+CALLBACK_COMPRESSION = ("ddp_powersgd",)
+
+
+def train_inputs(method: str, row: dict) -> Tuple[float, float, float]:
+    """(work added to forward, to backward, and after backward) of one bench-train row, ms, from CPU time beyond
+    the compute alone's (measured right before the method): in forward, the main thread's (the engine's or DDP's
+    wrappers); in backward, the main thread's (compression or bucket copies in the gradient hooks) plus the other
+    threads' (gloo's socket and reduction work for collectives launched during backward takes the same pinned
+    core from autograd); after backward, the main thread's beyond the optimizer's, plus, for
+    ``CALLBACK_COMPRESSION``, the other threads' (its callbacks sit between its collectives). Other-thread CPU
+    after backward is otherwise not added: it happens while the main thread waits for the link."""
+    al = row["alone"]
+    c_fwd = max(0.0, row.get("cpu_fwd_ms", 0.0) - al.get("cpu_fwd_ms", 0.0))
+    c_bwd = (max(0.0, row["cpu_bwd_ms"] - al["cpu_bwd_ms"])
+             + max(0.0, row.get("other_bwd_ms", 0.0) - al.get("other_bwd_ms", 0.0)))
+    c_post = max(0.0, row["cpu_tail_ms"] - al["cpu_opt_ms"])
+    if method in CALLBACK_COMPRESSION:
+        c_post += max(0.0, row.get("other_tail_ms", 0.0) - al.get("other_tail_ms", 0.0))
+    return c_fwd, c_bwd, c_post
+
+
+def train_check(mg: dict, consts: Optional[Constants] = None, ready: Optional[Sequence[float]] = None) -> dict:
+    """The overlap model against a merged bench-train result (``ds_ext.bench.train.merged``): per method the
+    modelled step (compute alone + compression + communication, the launch term for collectives launched during
+    backward) and its error, the window term's (``step_ms``, 2/3 of compute) for comparison, and the modelled
+    hidden communication. ``consts`` None: alpha and eta fitted on the measured communication of the methods that
+    communicate after backward (``SERIAL_TRAIN_METHODS``); ``ready`` None: the measured readiness profile."""
+    from .bench.cluster import parse_rate
+
+    rows = mg["rows"]
+    shapes = [tuple(s) for s in mg["shapes"]]
+    n = int(mg["world"])
+    opts = MethodOptions(**{k: v for k, v in mg["options"].items() if k in MethodOptions.__dataclass_fields__})
+    bw = parse_rate(str(mg["bandwidth"]))
+    if bw <= 0:
+        return {"rows": {}, "note": f"links {mg['bandwidth']}: no link rate to model"}
+    any_row = next(iter(rows.values()))
+    prof = list(ready) if ready is not None else list(any_row["alone"]["ready_frac"])
+    src = "given" if consts is not None else None
+    if consts is None:
+        pts = []
+        for m in SERIAL_TRAIN_METHODS:
+            r = rows.get(m)
+            if r is None or r["comm_ms"] <= 0:
+                continue
+            colls = [c for _, la, after in backward_schedule(m, shapes, n, opts) for c in after]
+            if sum(c.wire_bytes() for c in colls) > 0:
+                pts.append((colls, bw, r["comm_ms"] / 1e3))
+        consts = fit_constants(pts) if len(pts) >= 2 else replace(EMULATION_FIT_CONSTANTS)
+        src = (f"fitted on the measured communication of {len(pts)} post-backward methods" if len(pts) >= 2
+               else EMULATION_FIT_CONSTANTS.source)
+        consts.source = src
+
+    def comm_ms_of(colls):
+        return 1e3 * comm_seconds(colls, bw, consts)
+
+    out = {}
+    for m, r in rows.items():
+        al = r["alone"]
+        c_fwd, c_bwd, c_post = train_inputs(m, r)
+        sched = backward_schedule(m, shapes, n, opts)
+        mod = overlap_step(al["fwd_ms"] + c_fwd, al["bwd_ms"], al["opt_ms"], prof, sched, comm_ms_of, c_bwd, c_post)
+        # the window term (before issue 19): compute + compression + comm beyond 2/3 of compute for allreduce/acpsgd
+        comm_all = sum(w * comm_ms_of([c for la in launches for c in la.colls] + after) for w, launches, after in sched)
+        compute = al["fwd_ms"] + al["bwd_ms"] + al["opt_ms"]
+        win = step_ms("allreduce" if m in ("allreduce", "acpsgd", "ddp_allreduce") else "powersgd", comm_all / 1e3,
+                      compute, c_fwd + c_bwd + c_post, True, 2.0 / 3.0)
+        out[m] = {"meas_step_ms": r["step_ms"], "model_step_ms": mod["step_ms"],
+                  "err": (mod["step_ms"] - r["step_ms"]) / r["step_ms"], "window_step_ms": win,
+                  "window_err": (win - r["step_ms"]) / r["step_ms"], "meas_comm_ms": r["comm_ms"],
+                  "model_comm_ms": mod["comm_ms"], "meas_hidden_ms": r["hidden_ms"],
+                  "model_hidden_ms": mod["hidden_ms"],
+                  "extra_fwd_ms": c_fwd, "compress_bwd_ms": c_bwd, "compress_post_ms": c_post,
+                  "serial_fit": m in SERIAL_TRAIN_METHODS, "alone_step_ms": al.get("step_ms", 0.0),
+                  "launch_ready": _launch_ready(sched, prof) if sched[0][1] else [],
+                  "meas_launch_frac": r.get("launch_frac", [])}
+    return {"rows": out, "alpha_us": consts.alpha_s * 1e6, "eta": consts.eta, "constants": src,
+            "bandwidth_bits": bw, "world": n}
+
+
+def print_train_check(check: dict) -> None:
+    rows = check.get("rows") or {}
+    if not rows:
+        print(f"# model check: {check.get('note', 'nothing to check')}")
+        return
+    print(f"## cost model vs bench-train (launch-during-backward overlap term; alpha {check['alpha_us']:.0f} us per "
+          f"hop, eta {check['eta']:.3f}: {check['constants']})")
+    print("# model step = compute alone (fwd + bwd + opt, measured right before the method) + CPU beyond it "
+          "(train_inputs: +fwd, +bwd, +post) + communication not hidden (queue of launches against backward); "
+          "window = the earlier term (comm beyond 2/3 of compute hidden for allreduce/acpsgd/ddp_allreduce)")
+    print(f"{'method':<14} {'step meas':>9} {'model':>8} {'err':>7} {'window':>8} {'err':>7} {'comm meas':>9} "
+          f"{'model':>8} {'hidden meas':>11} {'model':>8} {'alone':>6} {'+fwd':>5} {'+bwd':>5} {'+post':>6}")
+    for m in TRAIN_METHODS:
+        x = rows.get(m)
+        if x is None:
+            continue
+        print(f"{m:<14} {x['meas_step_ms']:9.0f} {x['model_step_ms']:8.0f} {100 * x['err']:+6.1f}% "
+              f"{x['window_step_ms']:8.0f} {100 * x['window_err']:+6.1f}% {x['meas_comm_ms']:9.0f} "
+              f"{x['model_comm_ms']:8.0f} {x['meas_hidden_ms']:11.0f} {x['model_hidden_ms']:8.0f} "
+              f"{x['alone_step_ms']:6.0f} {x['extra_fwd_ms']:5.0f} {x['compress_bwd_ms']:5.0f} "
+              f"{x['compress_post_ms']:6.0f}" + ("  (constants fitted on it)" if x["serial_fit"] else ""))
+    errs = [abs(x["err"]) for x in rows.values()]
+    print(f"# largest |error| {100 * max(errs):.1f}%; within 15%: {sum(e <= 0.15 for e in errs)}/{len(errs)} methods")
+    for m in ("allreduce", "acpsgd", "ddp_allreduce"):
+        x = rows.get(m)
+        if x and x["launch_ready"]:
+            print(f"# {m}: launches ready at " + ", ".join(f"{v:.2f}" for v in x["launch_ready"])
+                  + " of backward (readiness profile); measured launch times: "
+                  + (", ".join(f"{v:.2f}" for v in x["meas_launch_frac"]) or "-"))
+
+
 # ----------------------------------------------------------------------------------------- project
 def project(methods, gpus, bws, shapes, opts, consts, compression: Dict[str, Compression], compute_ms: float,
-            overlap: bool, backward_fraction: float) -> Dict[tuple, float]:
-    """(Gbit/s, N, method) -> modelled step time in ms."""
+            overlap: bool, backward_fraction: float, ready: Optional[Sequence[float]] = None) -> Dict[tuple, float]:
+    """(Gbit/s, N, method) -> modelled step time in ms. ``ready`` (a readiness profile): the launch-during-backward
+    term (``overlap_step``: backward = ``backward_fraction`` x compute, the rest before it, compression after
+    backward) instead of the window term (``step_ms``)."""
     table = {}
     for bw in bws:
         for n in gpus:
             for m in methods:
                 if applicable(m, n, opts):
                     continue
-                t = comm_seconds(collectives(m, shapes, n, opts), bw * 1e9, consts)
                 c = compression.get(m)
-                table[(bw, n, m)] = step_ms(m, t, compute_ms, c.at(n) if c else 0.0, overlap, backward_fraction)
+                cms = c.at(n) if c else 0.0
+                if ready is not None and overlap:
+                    fn = lambda colls, bw=bw: 1e3 * comm_seconds(colls, bw * 1e9, consts)  # noqa: E731
+                    table[(bw, n, m)] = overlap_step((1 - backward_fraction) * compute_ms,
+                                                     backward_fraction * compute_ms, 0.0, ready,
+                                                     backward_schedule(m, shapes, n, opts), fn, 0.0, cms)["step_ms"]
+                    continue
+                t = comm_seconds(collectives(m, shapes, n, opts), bw * 1e9, consts)
+                table[(bw, n, m)] = step_ms(m, t, compute_ms, cms, overlap, backward_fraction)
     return table
 
 
@@ -694,7 +1028,8 @@ DEFAULT_COMPUTE_MS = 30.5   # a ResNet-50 bf16 step at batch 64 on an H100: an i
 
 def assumption_lines(consts: Constants, bws: Sequence[float], compute_ms: float, overlap: bool,
                      backward_fraction: float, hierarchical: bool = False, gpus_per_node: int = 8,
-                     nics_per_node: int = 1, model: str = "", numel: int = 0, compression: str = "") -> List[str]:
+                     nics_per_node: int = 1, model: str = "", numel: int = 0, compression: str = "",
+                     overlap_text: Optional[str] = None) -> List[str]:
     """The projection's assumptions, as the CLI prints them next to its table: link bandwidth, latency per hop
     and its source, efficiency and its source, compute time, overlap, intra-node link (hierarchical),
     compression."""
@@ -718,6 +1053,8 @@ def assumption_lines(consts: Constants, bws: Sequence[float], compute_ms: float,
     ov = (f"allreduce/acpsgd communication (launched during backward) hides behind backward = "
           f"{backward_fraction:.2f} x compute (input); the other methods communicate after backward"
           if overlap else "none (--no-overlap): compute + compression + communication in series")
+    if overlap and overlap_text:
+        ov = overlap_text
     lines.append(f"# overlap: {'flat: ' if hierarchical else ''}{ov}"
                  + ("; hierarchical: none (the node mean needs every gradient)" if hierarchical else ""))
     if hierarchical:
@@ -776,6 +1113,17 @@ def main(argv=None) -> int:
     ap.add_argument("--backward-fraction", type=float, default=2.0 / 3.0,
                     help="share of the compute that is backward (allreduce/acpsgd communication hides there)")
     ap.add_argument("--no-overlap", action="store_true", help="serial: no communication hidden behind backward")
+    ap.add_argument("--overlap", choices=("window", "launch"), default=None,
+                    help="window (default): allreduce/acpsgd hide up to --backward-fraction x compute; launch: each "
+                         "bucket / fusion group is launched when its gradients are ready during backward and the link "
+                         "serves launches in order (overlap_step), readiness estimated from multiply-accumulates at "
+                         "--image-size unless --overlap-from gives a measured profile")
+    ap.add_argument("--overlap-from", default=None, metavar="BENCH_TRAIN_DIR",
+                    help="run/bench-train.sh results: check the launch term against them (per method) and project "
+                         "with it, using their measured readiness profile when they trained --model (implies "
+                         "--overlap launch)")
+    ap.add_argument("--image-size", type=int, default=224,
+                    help="input size of the readiness estimate (--overlap launch)")
     ap.add_argument("--fit", nargs="*", default=None, metavar="RESULTS",
                     help="use the CPU emulation's constants instead of the GPU default: fit them on bench-cluster "
                          "result files/directories (default runs/bench-cluster; without results there, the fit "
@@ -870,6 +1218,33 @@ def main(argv=None) -> int:
     shapes = model_shapes(args.model)
     numel = sum(_numel(s) for s in shapes)
     overlap = not args.no_overlap
+    ready, overlap_text = None, None
+    if args.overlap_from is not None or args.overlap == "launch":
+        if args.hierarchical:
+            print("--overlap launch / --overlap-from: flat projections only (hierarchical mode never overlaps)",
+                  file=sys.stderr)
+            return 2
+        src = None
+        if args.overlap_from is not None:
+            from .bench.train import load_dir, merged
+
+            mg = merged(load_dir(args.overlap_from))
+            print_train_check(train_check(mg))
+            print()
+            if mg["model"] == args.model:
+                ready = list(next(iter(mg["rows"].values()))["alone"]["ready_frac"])
+                src = (f"measured in {args.overlap_from} ({mg['model']} {mg['image_size']}px, compute alone on this "
+                       f"CPU)")
+        if ready is None:
+            ready = flop_ready_fractions(args.model, args.image_size)
+            src = f"estimated from multiply-accumulates ({args.model}, {args.image_size}px)"
+        sched = backward_schedule("allreduce", shapes, 2, opts)
+        overlap_text = (f"launch term: allreduce buckets and acpsgd fusion groups are launched during backward "
+                        f"(= {args.backward_fraction:.2f} x compute, input) when their gradients are ready (readiness "
+                        f"{src}; allreduce's {len(sched[0][1])} buckets ready at "
+                        + ", ".join(f"{v:.2f}" for v in _launch_ready(sched, ready))
+                        + " of backward), the link serves launches in order and what remains at the end of backward "
+                          "is exposed; compression after backward; the other methods communicate after backward")
     if args.hierarchical:
         hier_given = {m: v for m, v in given.items() if m in methods and m in HIER_METHODS}
         comp_note = (f"given: {', '.join(f'{k} {v:g} ms' for k, v in hier_given.items())} for the flat method, "
@@ -880,7 +1255,7 @@ def main(argv=None) -> int:
                      f"approaches)")
     print("\n".join(assumption_lines(consts, bws, args.compute_ms, overlap, args.backward_fraction,
                                      args.hierarchical, args.gpus_per_node, args.nics_per_node, args.model, numel,
-                                     comp_note)))
+                                     comp_note, overlap_text)))
     if args.hierarchical:
         print(f"# local_qsr: H = {opts.qsr_h}; rank {opts.rank}; density {opts.density}")
         return _main_hierarchical(args, methods, gpus, bws, shapes, opts, consts, given, overlap)
@@ -895,9 +1270,9 @@ def main(argv=None) -> int:
     print(f"# local_qsr: H = {opts.qsr_h}; dssync: {opts.dssync_groups} groups, every step; rank {opts.rank}; "
           f"density {opts.density}")
     with_c = project(methods, gpus, bws, shapes, opts, consts, compression, args.compute_ms, overlap,
-                     args.backward_fraction)
+                     args.backward_fraction, ready)
     without = project(methods, gpus, bws, shapes, opts, consts, {}, args.compute_ms, overlap,
-                      args.backward_fraction)
+                      args.backward_fraction, ready)
     print_projection("projection A: compression at the speed measured on this CPU (one thread)",
                      with_c, methods, gpus, bws)
     print_projection("projection B: compression free (communication + compute only; the bound a fast GPU "

@@ -158,3 +158,84 @@ def test_missing_matplotlib_is_one_clear_line(tmp_path, monkeypatch, capsys):
     assert cm.main(SMALL[:-2] + ["--png", str(png)]) == 0
     cap = capsys.readouterr()
     assert cap.err.splitlines() == [cm.MATPLOTLIB_MISSING] and "## projection B" in cap.out and not png.exists()
+
+
+# ------------------------------------------------------------------ issue 19: the launch-during-backward overlap term
+def _bytes_ms(colls):
+    """Test pricing: a collective's payload bytes are its milliseconds."""
+    return float(sum(c.nbytes for c in colls))
+
+
+def test_overlap_step_against_a_hand_computed_queue():
+    from ds_ext.comm import Collective
+
+    ready = [1.0, 0.9, 0.2]                       # parameter 2 ready at 20 % of backward, 0 and 1 at the end
+    ar = lambda ms: Collective("all_reduce", ms, 2)  # noqa: E731
+    launches = [cm.Launch([2], [ar(50.0)]), cm.Launch([0, 1], [ar(30.0)])]
+    got = cm.overlap_step(10.0, 100.0, 5.0, ready, [(1.0, launches, [ar(7.0)])], _bytes_ms, 0.0, 3.0)
+    # B = 100; launch 1 at 20, link free at 70; launch 2 ready at 100 (max of 1.0, 0.9), link free at 130:
+    # 30 ms left after backward. step = 10 + 130 + 3 (compression) + 7 (after backward) + 5 = 155
+    assert got == pytest.approx({"step_ms": 155.0, "comm_ms": 87.0, "hidden_ms": 50.0, "exposed_ms": 37.0})
+    # the link backs up: launch 1 holds it until 110, launch 2 waits for it (not for its gradients) and ends at 140
+    launches[0] = cm.Launch([2], [ar(90.0)])
+    got = cm.overlap_step(10.0, 100.0, 5.0, ready, [(1.0, launches, [])], _bytes_ms)
+    assert got == pytest.approx({"step_ms": 155.0, "comm_ms": 120.0, "hidden_ms": 80.0, "exposed_ms": 40.0})
+    # compression in the gradient hooks stretches backward (B = 150): launch 1 at 30 -> 120, launch 2 at 150 -> 180
+    got = cm.overlap_step(10.0, 100.0, 5.0, ready, [(1.0, launches, [])], _bytes_ms, 50.0, 0.0)
+    assert got == pytest.approx({"step_ms": 195.0, "comm_ms": 120.0, "hidden_ms": 90.0, "exposed_ms": 30.0})
+    # launches go in order: a later launch whose gradients are ready early still waits for the earlier one's
+    early_last = [cm.Launch([0], [ar(10.0)]), cm.Launch([2], [ar(10.0)])]
+    got = cm.overlap_step(0.0, 100.0, 0.0, ready, [(1.0, early_last, [])], _bytes_ms)
+    assert got["step_ms"] == pytest.approx(120.0) and got["exposed_ms"] == pytest.approx(20.0)
+    # all communication fits in backward: nothing exposed, the step is compute alone
+    small = [cm.Launch([2], [ar(10.0)])]
+    got = cm.overlap_step(10.0, 100.0, 5.0, ready, [(1.0, small, [])], _bytes_ms)
+    assert got == pytest.approx({"step_ms": 115.0, "comm_ms": 10.0, "hidden_ms": 10.0, "exposed_ms": 0.0})
+    # variants are averaged by weight (ACP-SGD's P- and Q-steps)
+    v = cm.overlap_step(0.0, 100.0, 0.0, ready, [(0.5, small, []), (0.5, [], [ar(40.0)])], _bytes_ms)
+    assert v == pytest.approx({"step_ms": 120.0, "comm_ms": 25.0, "hidden_ms": 5.0, "exposed_ms": 20.0})
+
+
+def test_backward_schedule_matches_the_methods_own_traffic():
+    shapes = [tuple(s) for s in cm.model_shapes("resnet18")]
+    opts = cm.MethodOptions()
+    (w, launches, after), = cm.backward_schedule("allreduce", shapes, 4, opts)
+    assert w == 1.0 and after == []
+    assert [la.colls[0].nbytes for la in launches] == cm.bucket_sizes(shapes, opts.bucket_mb)
+    assert sorted(i for la in launches for i in la.members) == list(range(len(shapes)))
+    p, q = cm.backward_schedule("acpsgd", shapes, 4, opts)
+    gp, gq = cm.acpsgd_groups(shapes, opts.rank, opts.bucket_mb)
+    assert (p[0], q[0]) == (0.5, 0.5)
+    assert [la.colls[0].nbytes for la in p[1]] == gp and [la.colls[0].nbytes for la in q[1]] == gq
+    # post-backward methods: their collectives, after backward
+    (_, la, after), = cm.backward_schedule("powersgd", shapes, 4, opts)
+    assert la == [] and after == cm.collectives("powersgd", shapes, 4, opts)
+    (_, la, after), = cm.backward_schedule("deepspeed", shapes, 4, opts)
+    assert la == [] and [c.nbytes for c in after] == [4 * sum(cm.numel_of(s) for s in shapes)]
+    # DDP: first bucket closes once it reaches 1 MiB, then 25 MiB, in reverse order
+    assert cm.ddp_bucket_groups([3, 3, 3, 3, 3], 4, 6) == [[4, 3], [2, 1], [0]]
+    (_, la, _), = cm.backward_schedule("ddp_allreduce", shapes, 4, opts)
+    assert sum(x.colls[0].nbytes for x in la) == 4 * sum(cm.numel_of(s) for s in shapes)
+    assert la[0].colls[0].nbytes >= 2**20 and len(la) >= 2
+    # PyTorch's powerSGD_hook: (n, rest) views, compressed when (n + m) r 2 < n m
+    assert cm.ddp_powersgd_bytes([(64, 32, 3, 3), (64,), (10, 4)], 4) == (4 * (64 + 40), 4 * 64 * 4, 4 * 288 * 4)
+
+
+def test_flop_readiness_is_monotone_in_reverse_order_and_ends_at_one():
+    ready = cm.flop_ready_fractions("resnet18", 64)
+    shapes = cm.model_shapes("resnet18")
+    assert len(ready) == len(shapes) and max(ready) == pytest.approx(1.0) and min(ready) > 0
+    assert ready[0] == pytest.approx(1.0)          # the stem's convolution: the last gradient of backward
+    assert ready[-1] < 0.05                         # the classifier: among the first
+    # a model that takes no images: parameter bytes in reverse order
+    lstm = cm.flop_ready_fractions("lstm_lm", 64)
+    assert lstm[-1] <= lstm[0] == pytest.approx(1.0)
+
+
+def test_cli_overlap_launch_prints_its_assumption(capsys):
+    assert cm.main(SMALL + ["--overlap", "launch", "--image-size", "8"]) == 0
+    out = capsys.readouterr().out
+    block = _assumptions(out)
+    assert "# overlap: launch term: allreduce buckets and acpsgd fusion groups are launched during backward" in block
+    assert "readiness estimated from multiply-accumulates (digits_cnn, 8px)" in block
+    assert "## projection A" in out
