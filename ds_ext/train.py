@@ -13,8 +13,9 @@ WARNING and above from every rank, plus INFO from ``ds_ext.data`` (what a data s
 criteo's ``field_dims``) on rank 0. A program that configures the ``ds_ext`` logger itself (gives it a
 handler) before calling ``main`` keeps its configuration.
 
-Run directory (``log.dir``, rank 0): ``summary.json`` (written at the end: the result and the logged
-``history`` of the whole run, across resumes), ``history.jsonl`` (one logged record per line, appended on
+Run directory (``log.dir``, rank 0): ``summary.json`` (written at the end: the result, ``epoch_losses`` (the
+training loss of every epoch averaged over ALL ranks, logged as ``train/epoch_loss_all_ranks`` on the epoch's
+last step; ``train/loss`` is rank 0's) and the logged ``history`` of the whole run, across resumes), ``history.jsonl`` (one logged record per line, appended on
 logging steps; a resumed run keeps the records up to its checkpoint's step and drops later ones),
 ``wandb_run_id`` (a resumed run continues that wandb run) and ``wandb/``.
 """
@@ -268,6 +269,19 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state(st["cuda"])
 
 
+def _batch_loader(dataset, batches, num_workers: int, seed: int):
+    """A ``DataLoader`` yielding one microbatch per list of ``batches`` (example indices; the lists may differ
+    in length: ``remainder: visit`` of the dgrab orders), with ``make_loader``'s settings otherwise."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from .faults import ignore_stop_signals
+
+    return DataLoader(dataset, batch_sampler=[list(b) for b in batches], num_workers=num_workers,
+                      persistent_workers=False, generator=torch.Generator().manual_seed(seed),
+                      pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_stop_signals if num_workers > 0 else None)
+
+
 def evaluate(engine, bundle, batch_size: int, rank: int, world: int, comm=None) -> dict:
     """Each rank scores a strided shard of the validation set; the sums stay on the communication
     device (no host read per batch), are all-reduced there and read once."""
@@ -367,6 +381,7 @@ def train(recipe) -> int:
 
 
 def _train(recipe, rank: int, world: int, locks: list) -> int:
+    import torch
     import torch.distributed as dist
     import torch.nn.functional as F
 
@@ -439,6 +454,13 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
             return EXIT_RECIPE
         if note and is0:
             print(f"[ds_ext] {note}", file=sys.stderr)
+    variable_units = bool(getattr(order, "variable_units", False))  # dgrab remainder: visit
+    if variable_units and getattr(bundle, "loader_factory", None) is not None:
+        if is0:
+            print(f"recipe error:\n{recipe.source}: method.order: remainder: visit makes microbatches of different "
+                  f"sizes, which data set {recipe.data.name!r}'s own loader cannot serve; use remainder: drop",
+                  file=sys.stderr)
+        return EXIT_RECIPE
     if steps_per_epoch < 1:
         if is0:
             print(f"recipe error:\n{recipe.source}: train.global_batch_size: {t.global_batch_size} exceeds the "
@@ -453,6 +475,7 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
     names = recipe.method_names()
 
     start_epoch, start_step = 0, 0
+    resumed_epoch_loss = None  # (sum of this rank's microbatch losses so far in the epoch, their count)
     if resume_path is not None:
         faults.progress(0, f"loading checkpoint {resume_path.name}")
         err = None
@@ -462,6 +485,7 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
             order.load_state_dict(state["order"])
             _set_rng_state(state["rng"])
             start_epoch, start_step = state["epoch"], state["step_in_epoch"]
+            resumed_epoch_loss = state.get("epoch_loss")  # absent in checkpoints of older versions
         except ckpt.CheckpointError as e:
             err = str(e)
         except Exception as e:  # a rank file whose content does not fit this run's state
@@ -479,10 +503,12 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
     run_dir = recipe.log.dir
     if is0:
         os.makedirs(run_dir, exist_ok=True)
+        rem = getattr(order, "remainder_note", None)  # dgrab / cdgrab: what happens to each shard's remainder
+        rem = rem() if rem is not None else None
         print(f"[ds_ext] {recipe.source}: world {world}, micro batch {micro} x accumulation {gas} = global "
               f"{t.global_batch_size}; {steps_per_epoch} steps/epoch x {t.epochs} epochs; "
               f"reducer={names['reducer']} sync={names['sync']} order={names['order']} "
-              f"precision={recipe.precision()}; run dir {run_dir}", file=sys.stderr)
+              f"precision={recipe.precision()}; {f'{rem}; ' if rem else ''}run dir {run_dir}", file=sys.stderr)
     history = _history_start(run_dir, engine.global_steps if resume_path is not None else None) if is0 else []
     wb = WandbLogger(recipe.log.wandb, run_dir, recipe.model_dump(mode="json"), enabled=is0, name=run_name(recipe),
                      resume=resume_path is not None)
@@ -500,8 +526,11 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
             return None
         if step_in_epoch == steps_per_epoch:
             epoch, step_in_epoch = epoch + 1, 0
+        # the epoch's running loss sum (read here, at a save, not per step): a resumed epoch's mean is exact
+        el = None if step_in_epoch == 0 or epoch_loss[0] is None else \
+            (epoch_loss[0].detach().cpu().clone(), epoch_loss[1])
         st = {"rng": _rng_state(), "epoch": epoch, "step_in_epoch": step_in_epoch, "attachment": att.state_dict(),
-              "order": order.state_dict(), "global_step": engine.global_steps}
+              "order": order.state_dict(), "global_step": engine.global_steps, "epoch_loss": el}
         try:
             path = ckpt.save(engine, ce.dir, f"step_{engine.global_steps:07d}", st, meta, keep=ce.keep,
                              integrity=ce.integrity, job=job["job"])
@@ -529,6 +558,14 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
     def purposes() -> dict:
         return {f"{k} ({who[k]})" if k in who else k: v for k, v in meter.by_purpose().items()}
 
+    def epoch_loss_all_ranks() -> float:
+        """The epoch's training loss over all ranks: each rank's mean microbatch loss (summed on the device
+        during the epoch), averaged over the ranks by one all-reduce (control data, not metered), read once.
+        Every rank runs the same number of microbatches, so this is the mean over all microbatches."""
+        total, count = epoch_loss
+        v = (total.detach().to(att.comm.device, torch.float64) / max(count, 1)).reshape(1)
+        return float(att.comm.all_reduce_mean(v))
+
     smoothing = t.label_smoothing
     window = StepWindow()  # step time and samples/s between logging steps (host timers)
     order_stats = getattr(order, "stats", None)
@@ -537,14 +574,23 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
     t0 = time.perf_counter()
     samples_done = 0
     skips_seen = att.skipped_steps
+    epoch_loss: list = [None, 0]
     for epoch in range(start_epoch, t.epochs):
         skip = start_step if epoch == start_epoch else 0
         if hasattr(bundle.train, "set_epoch"):  # e.g. NCF draws fresh negatives every epoch
             bundle.train.set_epoch(epoch)
-        idx = order.epoch_indices(epoch)[: steps_per_epoch * gas * micro]
-        loader = bundle.loader("train", idx[skip * gas * micro:], micro, recipe.data.num_workers,
-                               seed=(t.seed * 1_000_003 + epoch) * 4099 + rank)
+        loader_seed = (t.seed * 1_000_003 + epoch) * 4099 + rank
+        if variable_units:  # microbatches of different sizes: one list of indices per microbatch
+            units = order.epoch_batches(epoch)[: steps_per_epoch * gas]
+            loader = _batch_loader(bundle.train, units[skip * gas:], recipe.data.num_workers, loader_seed)
+        else:
+            idx = order.epoch_indices(epoch)[: steps_per_epoch * gas * micro]
+            loader = bundle.loader("train", idx[skip * gas * micro:], micro, recipe.data.num_workers, seed=loader_seed)
         step_in_epoch, loss_acc, n_micro = skip, None, 0  # the loss stays on the device until a logging step
+        # the epoch's loss sum on this rank (device) and microbatch count: all-reduced at the epoch's end
+        epoch_loss = [None, 0]
+        if epoch == start_epoch and skip and resumed_epoch_loss is not None:
+            epoch_loss = [resumed_epoch_loss[0].to(p0.device), int(resumed_epoch_loss[1])]
         batches = iter(loader)
         while True:
             step = engine.global_steps + 1  # the optimizer step this micro-batch belongs to
@@ -587,6 +633,8 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
                             f"from the last checkpoint (exit {faults.EXIT_DIVERGED})")
             step_loss_t, micro_in_step = loss_acc, n_micro
             loss_acc, n_micro = None, 0
+            epoch_loss[0] = step_loss_t if epoch_loss[0] is None else epoch_loss[0] + step_loss_t
+            epoch_loss[1] += micro_in_step
             lr = schedule.get_last_lr()[0]
             if gstep % recipe.log.every_steps == 0 or step_in_epoch == steps_per_epoch:
                 last_loss = float(step_loss_t) / micro_in_step  # the loss is read on logging steps only
@@ -594,6 +642,8 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
                 rec = {"train/loss": last_loss, "train/lr": lr, "train/step_time_s": step_time,
                        "train/samples_per_s": samples_per_s, "comm/bytes_step": meter.last_step_bytes,
                        "comm/bytes_total": meter.total_bytes, "epoch": epoch + step_in_epoch / steps_per_epoch}
+                if step_in_epoch == steps_per_epoch:  # the epoch's last step: every rank is here
+                    rec["train/epoch_loss_all_ranks"] = epoch_loss_all_ranks()
                 rec.update({f"comm/bytes_total/{purpose_key(k)}": v for k, v in meter.by_purpose().items()})
                 rec.update({f"reducer/{k}": v for k, v in att.reducer.stats().items()})
                 rec["train/skipped_steps"] = att.skipped_steps  # non-finite gradients (train.nonfinite=skip)
@@ -648,8 +698,10 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
     if not last_eval:
         last_eval = eval_now(t.epochs - 1)
     parts = purposes()
+    # the all-rank training loss of every epoch, from the logged records (a resumed run keeps the earlier ones)
+    epoch_losses = [r["train/epoch_loss_all_ranks"] for r in history if "train/epoch_loss_all_ranks" in r]
     summary = {"recipe": recipe.source, "world_size": world, "steps": engine.global_steps, "epochs": t.epochs,
-               **names, **last_eval, "comm_bytes_total": meter.total_bytes,
+               **names, **last_eval, "epoch_losses": epoch_losses, "comm_bytes_total": meter.total_bytes,
                "comm_bytes_per_step": meter.total_bytes / max(meter.steps, 1), "comm_bytes_by_kind": dict(meter.by_kind),
                "comm_bytes_by_purpose": parts, "train_seconds": elapsed,
                "skipped_steps": att.skipped_steps, "nonfinite_events": [list(e) for e in att.nonfinite_events]}

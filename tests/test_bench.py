@@ -21,7 +21,7 @@ def test_bench_compress_prints_every_row():
               "--hook-input", "1,8,8", "--device", "cpu"])
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [line.split()[0] for line in r.stdout.splitlines()[1:]]
-    assert rows[1:5] == ["copy", "allreduce", "powersgd", "acpsgd"], r.stdout
+    assert rows[1:6] == ["copy", "allreduce", "allreduce_view", "powersgd", "acpsgd"], r.stdout
     assert "torch" in rows and "powerSGD_hook" in r.stdout
 
 

@@ -30,10 +30,10 @@ def engine_runs(rank, world, configs, steps=4):
             if zero and reducer != "allreduce" or zero and not views:  # ZeRO: what its optimizer reads
                 continue  # (exactness under ZeRO: tests/test_zero.py)
             engine = workers.make_engine(precision, gas, world=world, zero=zero)
-            AllreduceReducer.bucket_view = True if views is None else views
+            AllreduceReducer.force_bucket_view = True if views is None else views
             spec = {"name": reducer, "bucket_mb": 0.002} if reducer == "allreduce" else {"name": reducer}
             att = ds_ext.attach(engine, {"reducer": spec})
-            AllreduceReducer.bucket_view = True
+            AllreduceReducer.force_bucket_view = None
             seen, counts = [], []
             if reducer == "allreduce":
                 fusion, params, outer = att.reducer.fusion, att.reducer.params, engine.optimizer
@@ -72,10 +72,10 @@ def own_loop(rank, world, steps=5, gas=2, set_to_none=False):
     for views in (True, False):
         model = workers.tiny_model()
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        AllreduceReducer.bucket_view = views
+        AllreduceReducer.force_bucket_view = views
         red = AllreduceReducer(list(model.named_parameters()), AllreduceOptions(bucket_mb=0.002),
                                comm=Communicator())
-        AllreduceReducer.bucket_view = True
+        AllreduceReducer.force_bucket_view = None
         boundary = {"on": False}
         for p in red.params:
             p.register_post_accumulate_grad_hook(lambda p, red=red: red.grad_ready(p) if boundary["on"] else None)

@@ -12,10 +12,11 @@ feedback -- plus a world-1 collective. Rows:
 * ``allreduce`` (S-SGD), ``powersgd``, ``acpsgd``: ours, driven exactly as the engine drives them
   (``grad_ready`` for every parameter in reverse order, then ``finish``), on fixed random gradients.
   Before each step the gradients are written into the existing ``p.grad`` (as a backward after
-  ``zero_grad(set_to_none=False)`` accumulates): ``allreduce``'s gradients are views into its buckets
-  (issue 19), so it copies nothing. ``--fresh-grads`` gives every ``p.grad`` a new tensor instead, as
-  DeepSpeed's ``zero_grad`` (set to None after every step) leaves them: then it copies each gradient
-  into its bucket once.
+  ``zero_grad(set_to_none=False)`` accumulates). ``allreduce`` is the default copy path (copied into its
+  buckets and back); ``allreduce_view`` has ``bucket_view: true`` (issue 19): the gradients are views into
+  its buckets, so it copies nothing. ``--fresh-grads`` gives every ``p.grad`` a new tensor instead, as
+  DeepSpeed's ``zero_grad`` (set to None after every step) leaves them: then the view path copies each
+  gradient into its bucket once.
 * ``torch powerSGD_hook`` / ``torch batched_powerSGD_hook`` / ``torch allreduce_hook``: PyTorch DDP
   comm hooks at the same rank, timed inside a wrapper hook (call + ``future.wait()``) during a real
   DDP backward on a tiny input; a hook that raises is reported as crashed with its message.
@@ -201,6 +202,7 @@ def main(argv=None) -> int:
     rows: List[tuple] = []
     rows.append(("copy", bench_copy(model, args.steps, args.warmup, device)))
     ours = [("allreduce", "allreduce", {}),
+            ("allreduce_view", "allreduce", {"bucket_view": True}),
             ("powersgd", "powersgd", {"matrix_approximation_rank": args.rank, "start_powerSGD_iter": 0}),
             ("acpsgd", "acpsgd", {"rank": args.rank})]
     for label, name, opts in ours:

@@ -40,8 +40,20 @@ Decisions on the reference code's quirks:
   where the optimizer steps fall.
 * m even: the number of microbatches per epoch must be even (pairs). The trainer drops the last
   optimizer step of the epoch when steps x grad_acc is odd (only possible with odd grad_acc) and says
-  so; the examples of the shard that do not fill the epoch's units are dropped and reported (v1:
-  ``last_even_num``). ``PairBalance`` itself refuses an odd m.
+  so. ``PairBalance`` itself refuses an odd m.
+* The remainder (option ``remainder``): the r = shard - m x B examples of the shard that do not fill
+  the epoch's m units of B. ``drop`` (default, the reference's behaviour, v1: ``last_even_num``): they
+  are never visited, in any epoch; the trainer's start-up line names the count. ``visit`` (an
+  addition): remainder example k (k = 0..r-1, in shard order) joins unit ``floor(k m / r)`` for the
+  whole run, so r units hold B + 1 examples instead of B (r > m: every unit holds B + floor(r/m) or
+  B + ceil(r/m)): every example of the shard is visited exactly once per epoch, the number of units (so of
+  microbatches and optimizer steps) and the pairing are unchanged, equal on every rank, and the
+  assignment is a fixed function of the seeded shard (deterministic). The units stay fixed for the
+  whole run, so the balancing still orders the same units every epoch. Cost: those microbatches are
+  larger, and the trainer's per-microbatch mean loss gives each of their examples the weight
+  B / (B + 1) of an example in a unit of B (B = 1: a half). Refused when a unit would more than double
+  (only when ``train.steps_per_epoch`` caps the epoch far below the shard), and with a data set that
+  brings its own loader (``loader_factory``, e.g. FFCV), which cannot serve variable microbatches.
 * Epoch 0 uses the identity order of the (seeded, randomly drawn) shard, as v1 (its partition is a
   random shuffle); CD-GraB's ``randperm`` initial order is not used.
 * Sign test: ``<s, v> <= 0`` (CD-GraB's form), equal to v1's ``||s+v|| <= ||s-v||`` in exact
@@ -60,7 +72,7 @@ Decisions on the reference code's quirks:
 from __future__ import annotations
 
 import time
-from typing import List, Optional, Tuple
+from typing import List, Literal, Optional, Tuple
 
 import torch
 from pydantic import Field
@@ -201,12 +213,27 @@ class CountSketch:
 class DGrabOptions(Options):
     project_dim: int = Field(0, ge=0, description="balance a seeded CountSketch projection of the gradient to "
                                                   "this many dims (0: the full gradient, as the paper)")
+    remainder: Literal["drop", "visit"] = Field(
+        "drop", description="the shard's examples that do not fill the epoch's units: drop (never visited, as the "
+                            "reference) or visit (spread over the units, one more example in r of them; every "
+                            "example once per epoch)")
+
+
+def spread(r: int, m: int) -> List[List[int]]:
+    """``remainder: visit``: which of the r remainder examples (0..r-1) join each of the m units: example k
+    joins unit ``floor(k m / r)`` (r <= m: r distinct units, spread over the shard; r > m: every unit gets
+    floor(r/m) or ceil(r/m))."""
+    out: List[List[int]] = [[] for _ in range(m)]
+    for k in range(r):
+        out[k * m // r].append(k)
+    return out
 
 
 @ORDERS.register("dgrab", DGrabOptions)
 class DGrab(Order):
     """D-GraB PairBalance: all_gather of pair differences every 2 microbatches, one shared running sum."""
 
+    Options = DGrabOptions  # the defaults when built without the registry
     observes_gradients = True
 
     def __init__(self, num_examples, rank, world_size, seed, options=None):
@@ -217,7 +244,9 @@ class DGrab(Order):
         self.seen = 0  # microbatches observed in the current epoch
         self.cache: Optional[torch.Tensor] = None
         self.comm, self.sketch = None, None
-        self.dropped_examples = 0
+        self.dropped_examples = 0  # remainder examples never visited (remainder: drop)
+        self.remainder_examples = 0  # r: the shard's examples that do not fill the m units
+        self.extras: Optional[List[List[int]]] = None  # remainder: visit, the examples each unit gets
         # the balancing cost, for the logs (this process's, not checkpointed): host seconds in the pair step
         # (the exchange and PairBalance's sign decisions) and the bytes this rank sent for it
         self.balance_seconds, self.balance_bytes = 0.0, 0
@@ -233,12 +262,45 @@ class DGrab(Order):
         m = steps_per_epoch * grad_acc
         if m < 2:
             raise ValueError(f"{self.name}: needs at least 2 microbatches per epoch per rank, got {m}")
-        self.micro = micro_batch_size
+        B, r = micro_batch_size, self.shard_size - m * micro_batch_size
+        visit = self.options.remainder == "visit"
+        if visit and r and -(-r // m) > B:
+            raise ValueError(f"{self.name}: remainder: visit would put {r} remainder examples into {m} units of {B} "
+                             f"(more than doubling them); train.steps_per_epoch caps the epoch far below the shard of "
+                             f"{self.shard_size}: use remainder: drop")
+        self.micro = B
         self.sorter = PairBalance(self.world, m)
-        self.dropped_examples = self.shard_size - m * micro_batch_size
-        notes.append(f"m={m} units of {micro_batch_size} example(s) per rank per epoch; {self.dropped_examples} of "
-                     f"the {self.shard_size} examples of each local shard are not used")
+        self.remainder_examples = r
+        self.dropped_examples = 0 if visit else r
+        self.extras = None
+        if visit and r:
+            base = m * B
+            self.extras = [[self.shard[base + k] for k in ks] for ks in spread(r, m)]
+            notes.append(f"m={m} units of {B} example(s) per rank per epoch; the {r} remainder examples of each "
+                         f"local shard of {self.shard_size} join {sum(1 for e in self.extras if e)} of the units "
+                         f"(remainder: visit)")
+        else:
+            notes.append(f"m={m} units of {B} example(s) per rank per epoch; {r} of the {self.shard_size} "
+                         f"examples of each local shard are not used")
         return steps_per_epoch, f"order {self.name}: " + "; ".join(notes)
+
+    def remainder_note(self) -> Optional[str]:
+        """What happens to the shard's remainder, for the trainer's start-up line (None: no remainder)."""
+        self._ensure_plan()
+        r = self.remainder_examples
+        if not r:
+            return None
+        if self.extras is None:
+            return f"{self.name} drops {r} examples per rank per epoch (remainder: drop)"
+        k = sum(1 for e in self.extras if e)
+        return f"{self.name} visits its {r} remainder examples per rank in {k} enlarged units (remainder: visit)"
+
+    @property
+    def variable_units(self) -> bool:
+        """True when the units differ in size (``remainder: visit`` with a remainder): the trainer then
+        takes the epoch's microbatches from ``epoch_batches``."""
+        self._ensure_plan()
+        return self.extras is not None
 
     def _ensure_plan(self) -> None:
         if self.sorter is None:  # used without the trainer: per-example units, remainder dropped
@@ -260,6 +322,11 @@ class DGrab(Order):
 
     # ---- the order -----------------------------------------------------------------------------
     def epoch_indices(self, epoch: int) -> List[int]:
+        return [i for unit in self.epoch_batches(epoch) for i in unit]
+
+    def epoch_batches(self, epoch: int) -> List[List[int]]:
+        """The epoch's units in visiting order, one list of example indices per microbatch (B examples,
+        B + 1 or more for units holding remainder examples with ``remainder: visit``)."""
         self._ensure_plan()
         if epoch == self.epoch + 1:
             self.sorter.sort()
@@ -269,7 +336,9 @@ class DGrab(Order):
                              "order can only move to the next epoch after seeing all of the current one")
         B = self.micro
         row = self.sorter.orders[self.rank].tolist()
-        return [self.shard[u * B + b] for u in row for b in range(B)]
+        if self.extras is None:
+            return [self.shard[u * B:(u + 1) * B] for u in row]
+        return [self.shard[u * B:(u + 1) * B] + self.extras[u] for u in row]
 
     def local_order(self) -> List[int]:
         """This rank's current order of local units (row ``rank`` of the table)."""
@@ -301,8 +370,11 @@ class DGrab(Order):
     # ---- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         self._ensure_plan()
-        return {"epoch": self.epoch, "seen": self.seen, "micro": self.micro, "sorter": self.sorter.state_dict(),
-                "cache": None if self.cache is None else self.cache.detach().cpu().clone()}
+        st = {"epoch": self.epoch, "seen": self.seen, "micro": self.micro, "sorter": self.sorter.state_dict(),
+              "cache": None if self.cache is None else self.cache.detach().cpu().clone()}
+        if self.extras is not None:  # absent with remainder: drop (the state of every earlier checkpoint)
+            st["remainder"] = "visit"
+        return st
 
     def load_state_dict(self, state: dict) -> None:
         if not state:
@@ -310,6 +382,10 @@ class DGrab(Order):
         self._ensure_plan()
         if int(state["micro"]) != self.micro:
             raise ValueError(f"{self.name}: checkpoint orders units of {state['micro']} examples, this run {self.micro}")
+        theirs, mine = state.get("remainder", "drop"), ("visit" if self.extras is not None else "drop")
+        if theirs != mine:
+            raise ValueError(f"{self.name}: checkpoint's units were built with remainder: {theirs}, this run's with "
+                             f"remainder: {mine}")
         self.sorter.load_state_dict(state["sorter"])  # tensors move to the gradients' device on first use
         self.epoch, self.seen = int(state["epoch"]), int(state["seen"])
         self.cache = None if state["cache"] is None else state["cache"].clone()

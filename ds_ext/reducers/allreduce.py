@@ -18,8 +18,16 @@ benchmarks' loops) the next backward accumulates into the bucket and nothing is 
 None, as DeepSpeed 0.19 does after every optimizer step in every configuration (``engine.zero_grad`` at
 fp32 ZeRO-0, ``optimizer.zero_grad()`` with ``set_to_none=True`` for bf16/fp16 and ZeRO 1/2), autograd
 hands over a fresh tensor and the ready hook copies it into the bucket once and rebinds ``p.grad``
-(one copy instead of two; DDP does the same then). ``bucket_view = False`` (class attribute) restores
-the copy-in/copy-out path, which gives bit-identical results.
+(one copy instead of two; DDP does the same then).
+
+Off by default (option ``bucket_view: false``): with views, the buckets' all_reduces, launched during
+backward, write into ``p.grad`` itself, so between the accumulation-boundary backward and
+``engine.step()`` a ``p.grad`` may hold a partly reduced value (DDP waits at the end of backward; here
+``finish()`` waits in ``step``). Code that reads gradients there (hand-made clipping or gradient-norm
+logging between ``engine.backward`` and ``engine.step``) would read in-flight data. With
+``bucket_view: true`` read gradients after ``step`` or from a data order's hooks. The copy path keeps
+each rank's local gradient in ``p.grad`` until ``step``. Both give bit-identical results
+(``tests/test_zero_copy.py``). The class attribute ``force_bucket_view`` (tests) overrides the option.
 """
 from __future__ import annotations
 
@@ -34,19 +42,22 @@ class AllreduceOptions(GradientOptions):
     bucket_mb: float = Field(25.0, gt=0, validation_alias=AliasChoices("bucket_mb", "fusion_threshold_mb"),
                              description="fusion bucket size in MiB of gradient (alias fusion_threshold_mb, as on "
                                          "acpsgd)")
+    bucket_view: bool = Field(False, description=(
+        "gradients as views into the fusion buckets (zero-copy, as DDP's gradient_as_bucket_view); p.grad then "
+        "holds in-flight data between the boundary backward and engine.step()"))
 
 
 @REDUCERS.register("allreduce", AllreduceOptions)
 class AllreduceReducer(Reducer):
     """S-SGD: bucketed asynchronous allreduce of gradients, overlapped with backward."""
 
-    #: gradients as views into the fusion buckets (module docstring); False: copy in and back
-    bucket_view = True
+    #: tests: force the views on (True) or off (False) whatever the option says; None: the option decides
+    force_bucket_view = None
 
     def __init__(self, named_params, options: AllreduceOptions, **kw):
         super().__init__(named_params, options, **kw)
-        self.fusion = BucketedCollective(self.params, int(options.bucket_mb * 2**20), self._launch,
-                                         views=self.bucket_view)
+        views = options.bucket_view if self.force_bucket_view is None else self.force_bucket_view
+        self.fusion = BucketedCollective(self.params, int(options.bucket_mb * 2**20), self._launch, views=views)
 
     def _launch(self, buf):
         return self.comm.all_reduce_mean(buf, "allreduce", async_op=True, wire=True)
