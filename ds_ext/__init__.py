@@ -13,20 +13,20 @@ recipe names to implementations. Importing ds_ext does not import deepspeed.
 __version__ = "0.1.0"
 
 from .registry import DATASETS, MODELS, OPTIMIZERS, ORDERS, REDUCERS, SYNCS, load_builtin  # noqa: F401
-from .recipe import Recipe, RecipeError, load_recipe  # noqa: F401
+from .trainer.recipe import Recipe, RecipeError, load_recipe  # noqa: F401
 
 
 def initialize(recipe, model, steps_per_epoch, meter=None, order=None):
-    from .engine import initialize as _initialize
+    from .deepspeed.attach import initialize as _initialize
 
     return _initialize(recipe, model, steps_per_epoch, meter, order=order)
 
 
 def attach(engine, method=None, meter=None, group=None, check_every=0, total_steps=None, order=None,
            nonfinite="skip", check=True, steps_per_epoch=None):
-    """``ds_ext.engine.attach``: the methods onto a DeepSpeed engine (``method`` None: the ds_ext block of its
+    """``ds_ext.deepspeed.attach.attach``: the methods onto a DeepSpeed engine (``method`` None: the ds_ext block of its
     DeepSpeed config)."""
-    from .engine import attach as _attach
+    from .deepspeed.attach import attach as _attach
 
     return _attach(engine, method, meter=meter, group=group, check_every=check_every, total_steps=total_steps,
                    order=order, nonfinite=nonfinite, check=check, steps_per_epoch=steps_per_epoch)

@@ -25,17 +25,20 @@ collective is called anywhere else in the package). A communicator is
 * **``communication_data_type``**: ``all_reduce_mean(..., wire=True)`` sends a gradient payload in
   ``wire_dtype`` (DeepSpeed's ``engine.communication_data_type``) and casts the result back.
 
-``LoopbackWorld`` simulates n ranks in one process (one thread per rank, a shared exchange and a
-barrier; sums in rank order), so method arithmetic is tested in milliseconds; the real multi-process
-tests (gloo through DeepSpeed) cover what is distributed.
+Process-group start-up (``init_distributed``) lives here too: the run's collective timeout, handed to
+every group this module creates, and the release of DeepSpeed's CPU shared-memory names (the reasons
+are in ``docs/dev/notes/process-groups.md``).
+
+``ds_ext.testing.LoopbackWorld`` simulates n ranks in one process over the same ``Communicator`` rules.
 """
 from __future__ import annotations
 
 import logging
-import threading
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from datetime import timedelta
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -320,7 +323,6 @@ class Communicator:
         _dscomm().barrier(group=self.group)
 
     def _new_subgroup(self, key: tuple) -> Optional["Communicator"]:
-        from .distributed import collective_timeout
 
         dist = _dist()
         ranks = [dist.get_global_rank(self.group, r) for r in key] if self.group is not None else list(key)
@@ -362,105 +364,74 @@ def for_params(params, group=None, meter=None, device=None) -> Communicator:
     return Communicator(group, device=device, meter=meter)
 
 
-# ============================================================================== loopback (tests)
-class LoopbackWorld:
-    """n simulated ranks in one process: ``run(fn)`` calls ``fn(comm)`` on one thread per rank."""
-
-    def __init__(self, n: int, device="cpu"):
-        self.n, self.device = n, torch.device(device)
-        self._barrier = threading.Barrier(n)
-        self._slots: List[Optional[torch.Tensor]] = [None] * n
-        self._lock = threading.Lock()
-        self._subworlds: Dict[tuple, "LoopbackWorld"] = {}
-        self.calls = 0
-
-    def _sync(self) -> None:
-        self._barrier.wait()
-
-    def _subworld(self, key: tuple) -> "LoopbackWorld":
-        with self._lock:
-            if key not in self._subworlds:
-                self._subworlds[key] = LoopbackWorld(len(key), self.device)
-            return self._subworlds[key]
-
-    def comm(self, rank: int, meter=None) -> "LoopbackComm":
-        return LoopbackComm(self, rank, meter=meter)
-
-    def run(self, fn: Callable[["LoopbackComm"], object], meters: Optional[Sequence] = None) -> list:
-        """``[fn(comm_0), ..., fn(comm_{n-1})]``; an exception on any rank breaks the barrier for the
-        others and is re-raised here (the first one, by rank)."""
-        results: List[object] = [None] * self.n
-        errors: List[Optional[BaseException]] = [None] * self.n
-
-        def body(r):
-            try:
-                results[r] = fn(self.comm(r, meters[r] if meters else None))
-            except BaseException as e:  # noqa: BLE001 -- re-raised below
-                errors[r] = e
-                self._barrier.abort()
-
-        threads = [threading.Thread(target=body, args=(r,), name=f"loopback-rank{r}") for r in range(self.n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        real = [e for e in errors if e is not None and not isinstance(e, threading.BrokenBarrierError)]
-        if real or any(errors):
-            raise (real or [e for e in errors if e is not None])[0]
-        return results
+# ============================================================================== process-group start-up
+_TIMEOUT: Optional[timedelta] = None  # what init_distributed was given (None: DeepSpeed's default)
 
 
-class LoopbackComm(Communicator):
-    """A ``Communicator`` over a ``LoopbackWorld``: the same metering, placement and control rules,
-    collectives computed in rank order."""
+def _shm_name(rank: int) -> str:
+    addr = os.environ.get("MASTER_ADDR", "")
+    port = os.environ.get("MASTER_PORT", "")
+    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
 
-    def __init__(self, world: LoopbackWorld, rank: int, meter=None, wire_dtype=None):
-        self.world = world
-        self.group = None
-        self.meter = meter
-        self.device = world.device
-        self.wire_dtype = wire_dtype
-        self.world_size, self.rank, self.global_rank = world.n, rank, rank
-        self._init_state()
 
-    def _exchange(self, t: torch.Tensor) -> List[torch.Tensor]:
-        w = self.world
-        w._slots[self.rank] = t.detach().clone()
-        w._sync()
-        got = list(w._slots)
-        w._sync()  # nobody overwrites a slot before everyone has read it
-        return got
+def release_shm_names() -> None:
+    """Collective. Unlink this rank's DeepSpeed CPU shm segment name once every rank has mapped it."""
+    import torch.distributed as dist
 
-    def _all_reduce(self, t, op, async_op, kind):
-        got = self._exchange(t)
-        acc = got[0].clone()
-        for x in got[1:]:
-            if op == "sum":
-                acc.add_(x)
-            elif op == "max":
-                torch.maximum(acc, x, out=acc)
-            else:
-                torch.minimum(acc, x, out=acc)
-        t.copy_(acc)
-        return None
-
-    def _all_gather(self, out, t, async_op, kind):
-        for r, x in enumerate(self._exchange(t)):
-            out[r].copy_(x.view_as(out[r]))
-        return None
-
-    def _broadcast(self, t, src, kind):
-        t.copy_(self._exchange(t)[src])
-
-    def _barrier(self):
-        self.world._sync()
-
-    def _new_subgroup(self, key):
-        self.world._sync()  # collective, as torch's new_group
-        if self.rank not in key:
-            return None
-        return LoopbackComm(self.world._subworld(key), key.index(self.rank), meter=self.meter,
-                            wire_dtype=self.wire_dtype)
-
-    def _destroy_subgroup(self, sub) -> None:
+    if not dist.is_initialized():
+        return
+    path = _shm_name(dist.get_rank())
+    if not os.path.exists(path):
+        return
+    barrier()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
         pass
+
+
+_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
+_MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
+
+
+def standalone_env(environ=os.environ) -> bool:
+    """Run without any launcher (``python -m ds_ext.train ...``, how people debug): then the process
+    is rank 0 of a world of 1. Sets the launcher's variables (a free local port) and returns True;
+    leaves a launched or MPI-started process alone (returns False). Without this DeepSpeed would try
+    MPI discovery and die importing ``mpi4py``."""
+    if any(k in environ for k in _LAUNCHER_ENV) or any(k in environ for k in _MPI_ENV):
+        return False
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port))
+    return True
+
+
+def init_distributed(timeout_s: Optional[float] = None, backend: Optional[str] = None) -> None:
+    """``deepspeed.init_distributed`` (with a collective timeout, seconds; DeepSpeed's 10 min or
+    ``$DEEPSPEED_TIMEOUT`` minutes when None) without leaving shm behind. Without a launcher the
+    process runs as world size 1 (``standalone_env``)."""
+    import deepspeed
+
+    standalone_env()
+
+    kw = {}
+    if timeout_s is not None:
+        kw["timeout"] = timedelta(seconds=timeout_s)
+    if backend is not None:
+        kw["dist_backend"] = backend
+    deepspeed.init_distributed(**kw)
+    global _TIMEOUT
+    _TIMEOUT = kw.get("timeout")
+    release_shm_names()
+
+
+def collective_timeout() -> Optional[timedelta]:
+    """The timeout the default process group was started with here (None when DeepSpeed chose it)."""
+    return _TIMEOUT
+
+

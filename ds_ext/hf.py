@@ -2,7 +2,7 @@
 
 Install the optional extra (``pip install 'ds_ext[hf]'``: transformers, accelerate). The method goes in the
 ``ds_ext`` block of the ordinary DeepSpeed config the Trainer is given (the schema of a recipe's ``method``
-section; ``ds_ext.recipe.method_section`` validates it with the recipe's messages)::
+section; ``ds_ext.trainer.recipe.method_section`` validates it with the recipe's messages)::
 
     ds_config = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
                  "gradient_accumulation_steps": "auto", "zero_optimization": {"stage": 1},
@@ -18,7 +18,7 @@ checkpoint to resume from, and adds a ``TrainerCallback`` that checks it when tr
 ``DeepSpeedEngineWrapper.backward`` marks the accumulation boundary, calls ``engine.backward`` and, at the
 boundary, ``engine.step``, which is the attachment's. The Trainer's checkpoints go through
 ``engine.save_checkpoint`` / ``load_checkpoint``, which keep every rank's method state while attached
-(``ds_ext/engine.py: Attachment.save_checkpoint``), so ``resume_from_checkpoint`` resumes the methods too.
+(``ds_ext/deepspeed/attach.py: Attachment.save_checkpoint``), so ``resume_from_checkpoint`` resumes the methods too.
 
 Accelerate users with their own loop: after ``accelerator.prepare(model, optimizer, ...)``,
 ``attach_accelerator(accelerator)`` attaches to ``accelerator.deepspeed_engine_wrapped.engine``.
@@ -41,7 +41,7 @@ from typing import Any, Dict, Optional
 
 from transformers import TrainerCallback
 
-from .engine import _block, attach, method_spec
+from .deepspeed.attach import _block, attach, method_spec
 
 log = logging.getLogger(__name__)
 

@@ -76,7 +76,7 @@ def _normalised(value: Optional[str]) -> str:
 def mode_problem(value: Optional[str]) -> Optional[str]:
     """Why ``value``, the text of ``$DS_EXT_OPS`` (None: unset), selects no mode, or None when it does.
     Case and surrounding blanks do not matter; unset or blank means ``auto``. The trainer's preflight
-    refuses a bad value before any process group starts (``ds_ext.recipe.preflight``)."""
+    refuses a bad value before any process group starts (``ds_ext.trainer.recipe.preflight``)."""
     if _normalised(value) in MODES:
         return None
     return f"{value!r} is not a kernel mode; allowed: {', '.join(MODES)} (unset or empty: auto)"

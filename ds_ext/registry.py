@@ -157,5 +157,9 @@ ORDERS = Registry("order")
 
 def load_builtin() -> None:
     """Import the modules that register the built-in implementations (cheap: no deepspeed import)."""
-    from . import models, data, optim  # noqa: F401
-    from . import reducers, sync, order  # noqa: F401
+    from . import models  # noqa: F401
+    from . import data
+    from .trainer import optim
+    from . import reducers  # noqa: F401
+    from . import sync
+    from . import order

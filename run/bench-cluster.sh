@@ -7,7 +7,7 @@
 #        [--compress-file GPU_BENCH_COMPRESS_OUTPUT] [--out runs/bench-cluster] [--id 7]
 #
 # 1. run/cluster.sh up HOSTS BW: HOSTS network namespaces with their own sshd, links shaped by tc;
-# 2. for each bandwidth: `deepspeed --hostfile ... --module ds_ext.bench.cluster run` through
+# 2. for each bandwidth: `deepspeed --hostfile ... --module benchmarks.cluster run` through
 #    pdsh/ssh, one rank per host, every method on ResNet-50-shaped gradients (real reducers, real gloo
 #    collectives); results in OUT/N<hosts>-<bw>.json;
 # 3. the calibration sizes (default 3 and 2 hosts) at the first bandwidth, for the model check;
@@ -60,7 +60,7 @@ measure() {  # measure N BW
   say "N=$n hosts at $bw"
   DS_ENV_FILE="$ROOT/run/.cluster/$ID/deepspeed_env" "$(dirname "$PY")/deepspeed" \
     --hostfile "$ROOT/run/.cluster/$ID/hostfile" --master_addr "10.213.$ID.11" --master_port "$(PY=$PY ds_ext_free_port)" \
-    --module ds_ext.bench.cluster run --bandwidth "$bw" --steps "$STEPS" --warmup "$WARMUP" \
+    --module benchmarks.cluster run --bandwidth "$bw" --steps "$STEPS" --warmup "$WARMUP" \
     --compute-ms "$COMPUTE" --out "$OUT/N$n-$bw.json" "${extra[@]}" 2>&1 \
     | grep -v -E "^[0-9.]+: \[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]|^\[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]" \
     | sed -e 's/^10\.213\.[0-9]*\.11: //' || true
@@ -84,7 +84,7 @@ for n in "${CALL[@]}"; do
   "${CL[@]}" down --id "$ID"
 done
 say "measurements done"
-rep=("$PY" -m ds_ext.bench.cluster report "$OUT" --compute-ms "$COMPUTE")
+rep=("$PY" -m benchmarks.cluster report "$OUT" --compute-ms "$COMPUTE")
 [ -n "$CFILE" ] && rep+=(--compress-file "$CFILE")
 "${rep[@]}"
 echo

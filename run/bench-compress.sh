@@ -8,9 +8,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="$(bash "$ROOT/run/setup.sh" | tail -n 1)"
 cd "$ROOT"
 source "$ROOT/run/env.sh"
-"$PY" -m ds_ext.bench.compress --device cpu "$@"
+"$PY" -m benchmarks.compress --device cpu "$@"
 if "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-  "$PY" -m ds_ext.bench.compress --device cuda "$@"
+  "$PY" -m benchmarks.compress --device cuda "$@"
 else
   echo "# no CUDA device visible: GPU rows not measured"
 fi

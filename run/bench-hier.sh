@@ -6,18 +6,18 @@
 #        [--out runs/bench-hier] [--id 43] [--report-only]
 #
 # 1. run/cluster.sh up 2 BW --slots 2 (2 network namespaces with their own sshd, links shaped by tc);
-# 2. python -m ds_ext.bench.hier plan: the trainer runs (recipes/quickstart.yaml + --set overrides):
+# 2. python -m benchmarks.hier plan: the trainer runs (recipes/quickstart.yaml + --set overrides):
 #    (a) allreduce, powersgd, acpsgd, topk, exdyna and local QSR, flat and hierarchical, on a widened
 #        digits CNN (model.width=64 model.hidden=2048, 2 epochs, seed 0);
 #    (b) the digits quickstart over 5 seeds, flat and hierarchical, for powersgd rank 1 and topk 1 %,
 #        and flat allreduce (S-SGD) as the reference;
 #    (c) acpsgd flat and hierarchical at ZeRO stage 0 and 1 (part (a)'s model; the stage-0 runs are part
 #        (a)'s when both parts run; hierarchical ZeRO 1 partitions the optimizer state within the host,
-#        ds_ext.engine.node_mpu, so ZeRO's all-gather stays off the network); part c alone: --parts c;
-# 3. deepspeed --hostfile ... --module ds_ext.bench.hier worker, once for parts a+c and once for part b:
+#        ds_ext.deepspeed.attach.node_mpu, so ZeRO's all-gather stays off the network); part c alone: --parts c;
+# 3. deepspeed --hostfile ... --module benchmarks.hier worker, once for parts a+c and once for part b:
 #    every run of the plan in the same 4 processes, one progress line per run; raw JSON per run and rank in
 #    OUT/raw/<run>/rank<R>.json, trainer logs in OUT/logs/<run>/;
-# 4. python -m ds_ext.bench.hier report: OUT/tables.md and OUT/results.json; the cost model's
+# 4. python -m benchmarks.hier report: OUT/tables.md and OUT/results.json; the cost model's
 #    projection (python -m ds_ext.costmodel --hierarchical) in OUT/projection.txt, appended to tables.md.
 # The cluster is removed on exit, also after a failure. --report-only redoes step 4 from OUT.
 set -euo pipefail
@@ -51,7 +51,7 @@ say() { echo "[bench-hier $((SECONDS - T0))s] $*" >&2; }
 report() {
   "$PY" -m ds_ext.costmodel --hierarchical --png '' > "$OUT/projection.txt" \
     || say "the cost model's projection failed (tables without it)"
-  "$PY" -m ds_ext.bench.hier report "$OUT" --meta "$OUT/meta.json" --projection "$OUT/projection.txt"
+  "$PY" -m benchmarks.hier report "$OUT" --meta "$OUT/meta.json" --projection "$OUT/projection.txt"
 }
 
 if [ "$REPORT_ONLY" = 1 ]; then
@@ -73,7 +73,7 @@ CL=(bash "$ROOT/run/cluster.sh")
 trap '"${CL[@]}" down --id "$ID" >/dev/null 2>&1 || true' EXIT
 STARTED="$(date '+%Y-%m-%d %H:%M:%S')"
 rm -rf "$OUT/raw" "$OUT/logs"
-"$PY" -m ds_ext.bench.hier plan --out "$OUT/plan.json" --parts "$PARTS" --seeds "$SEEDS" --a-epochs "$AEPOCHS" >&2
+"$PY" -m benchmarks.hier plan --out "$OUT/plan.json" --parts "$PARTS" --seeds "$SEEDS" --a-epochs "$AEPOCHS" >&2
 "${CL[@]}" down --id "$ID" >/dev/null 2>&1 || true
 "${CL[@]}" up 2 "$BW" --slots 2 --id "$ID"
 
@@ -82,7 +82,7 @@ launch() {  # launch PARTS: every run of those parts in one deepspeed launch thr
   DS_ENV_FILE="$ROOT/run/.cluster/$ID/deepspeed_env" "$(dirname "$PY")/deepspeed" \
     --hostfile "$ROOT/run/.cluster/$ID/hostfile" --master_addr "10.213.$ID.11" \
     --master_port "$(PY=$PY ds_ext_free_port)" \
-    --module ds_ext.bench.hier worker --plan "$OUT/plan.json" --out "$OUT" --parts "$1" \
+    --module benchmarks.hier worker --plan "$OUT/plan.json" --out "$OUT" --parts "$1" \
     > "$OUT/launch-${1//,/}.log" 2>&1 &
   local pid=$!
   # one progress line per run, as rank 0 prints it

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Data orders x seeds on a recipe, then the paired comparison against the first order (not a test): wins, mean
 # ratio with a 95% confidence interval, paired t-test and sign-test p-values for the final all-rank training loss,
-# validation accuracy and loss, and a plot of the mean all-rank training loss per epoch (python -m ds_ext.bench.orders).
+# validation accuracy and loss, and a plot of the mean all-rank training loss per epoch (python -m benchmarks.orders).
 #   bash run/bench-orders.sh                              # digits quickstart, rr vs dgrab, seeds 0..2, 4 ranks,
 #                                                         # one example per microbatch (the D-GraB paper's setting)
 #   bash run/bench-orders.sh --set optimizer.lr=0.02      # the same with extra overrides (appended to the defaults)
@@ -21,4 +21,4 @@ elif ! has --out; then
   stem="$(basename "$(for ((i = 0; i < ${#args[@]}; i++)); do [ "${args[$i]}" = --recipe ] && echo "${args[$((i + 1))]}"; done)" .yaml)"
   args+=(--out "runs/orders-$stem")
 fi
-exec "$PY" -m ds_ext.bench.orders "${args[@]}"
+exec "$PY" -m benchmarks.orders "${args[@]}"

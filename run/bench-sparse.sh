@@ -15,4 +15,4 @@ source "$ROOT/run/env.sh"
 if ! "$PY" -c 'import matplotlib' 2>/dev/null; then
   "$PY" -m pip install -q -e "$ROOT[bench]" >/dev/null 2>&1 || echo "[bench-sparse] could not install matplotlib: CSV only" >&2
 fi
-exec "$PY" -m ds_ext.bench.sparse "$@"
+exec "$PY" -m benchmarks.sparse "$@"

@@ -9,13 +9,13 @@
 #   bash run/bench-train.sh --local [...]     # no cluster, no root: 2 local ranks, no shaping
 #
 # 1. run/cluster.sh up HOSTS BW --slots SLOTS (network namespaces with their own sshd, links shaped by tc);
-# 2. deepspeed --hostfile ... --module ds_ext.bench.train run (through pdsh/ssh), twice: ds_ext's methods and
+# 2. deepspeed --hostfile ... --module benchmarks.train run (through pdsh/ssh), twice: ds_ext's methods and
 #    DeepSpeed's own reduction (OUT/ds.json), then PyTorch DDP with allreduce_hook and powerSGD_hook, without
 #    DeepSpeed (--ddp, OUT/ddp.json). Every rank is pinned to one core (os.sched_setaffinity on all its
 #    threads; core = global rank mod cores): 2 hosts x 1 rank on 2 cores gives each rank its own core;
 # 3. --unshaped: the same two launches again with the links unshaped (run/cluster.sh shape unlimited), in
 #    OUT/unshaped/, for the with/without-shaping comparison of step times;
-# 4. python -m ds_ext.bench.train report OUT (OUT/table.md, OUT/results.json; the cost model's check of its
+# 4. python -m benchmarks.train report OUT (OUT/table.md, OUT/results.json; the cost model's check of its
 #    overlap term against the measurement) and python -m ds_ext.costmodel --overlap-from OUT (16-64 GPUs,
 #    OUT/projection.txt).
 # The cluster is removed on exit, also after a failure. --report-only redoes step 4 from OUT.
@@ -68,7 +68,7 @@ if [ -n "$METHODS" ]; then
 fi
 
 report() {
-  "$PY" -m ds_ext.bench.train report "$OUT"
+  "$PY" -m benchmarks.train report "$OUT"
   "$PY" -m ds_ext.costmodel --overlap-from "$OUT" --gpus 16,32,64 --png '' > "$OUT/projection.txt" \
     || say "the cost model's projection failed (table without it)"
   say "projection (16-64 GPUs, overlap from this run): $OUT/projection.txt"
@@ -88,7 +88,7 @@ launch() {  # launch OUTFILE LABEL [--ddp] : one deepspeed launch of the worker,
   fi
   say "$label: starting"
   "$(dirname "$PY")/deepspeed" "${where[@]}" --master_port "$(PY=$PY ds_ext_free_port)" \
-    --module ds_ext.bench.train run --model "$MODEL" --image-size "$IMG" --batch "$BATCH" --steps "$STEPS" \
+    --module benchmarks.train run --model "$MODEL" --image-size "$IMG" --batch "$BATCH" --steps "$STEPS" \
     --warmup "$WARMUP" --bandwidth "$label" --out "$out" "${extra[@]}" > "${out%.json}.log" 2>&1 &
   local pid=$!
   tail -n +1 -F "${out%.json}.log" 2>/dev/null --pid "$pid" \
@@ -134,7 +134,7 @@ EOF
 say "measurements done in ${WALL} s"
 report
 if [ "$UNSHAPED" = 1 ]; then
-  "$PY" -m ds_ext.bench.train report "$OUT/unshaped" --no-check > /dev/null
-  "$PY" -m ds_ext.bench.train compare "$OUT" "$OUT/unshaped" | tee "$OUT/shaping.md"
+  "$PY" -m benchmarks.train report "$OUT/unshaped" --no-check > /dev/null
+  "$PY" -m benchmarks.train compare "$OUT" "$OUT/unshaped" | tee "$OUT/shaping.md"
 fi
 say "done (results in $OUT)"

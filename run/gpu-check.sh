@@ -91,9 +91,9 @@ for red in allreduce acpsgd exdyna; do
     --num_gpus 1 --master_port 29517 --module ds_ext.train --recipe recipes/quickstart.yaml \
     --set "method.reducer={name: $red}" --set train.epochs=2 --set "log.dir=$LOGDIR/train-$red" --set log.progress=false
 done
-step "6a bench-compress on CUDA (ResNet-50, rank 4)" 300 "$PY" -m ds_ext.bench.compress --device cuda --rank 4
-step "6b bench-sparse on CUDA (25.6M, density 0.001)" 300 "$PY" -m ds_ext.bench.sparse --devices cuda --out "$LOGDIR/bench-sparse"
-step "6c bench-ops on CUDA" 300 "$PY" -m ds_ext.bench.ops --devices cuda
+step "6a bench-compress on CUDA (ResNet-50, rank 4)" 300 "$PY" -m benchmarks.compress --device cuda --rank 4
+step "6b bench-sparse on CUDA (25.6M, density 0.001)" 300 "$PY" -m benchmarks.sparse --devices cuda --out "$LOGDIR/bench-sparse"
+step "6c bench-ops on CUDA" 300 "$PY" -m benchmarks.ops --devices cuda
 say ""
 say "gpu-check: $FAILED step(s) failed; log $LOG"
 exit "$FAILED"

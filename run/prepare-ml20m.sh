@@ -20,7 +20,7 @@ PY=${PY:-.venv/bin/python}
 
 ROOT=${1:-}
 if [ -z "$ROOT" ]; then
-  ROOT=$("$PY" -c 'from ds_ext.recipe import find_host_config, load_host_config
+  ROOT=$("$PY" -c 'from ds_ext.trainer.recipe import find_host_config, load_host_config
 print(load_host_config(find_host_config()).data_root or "")')
 fi
 if [ -z "$ROOT" ]; then

@@ -31,7 +31,7 @@ def _entry(rank, fn, world_size, port, outdir, kwargs):
                       LOCAL_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch.distributed as dist
 
-    from ds_ext.distributed import init_distributed
+    from ds_ext.comm import init_distributed
 
     init_distributed(120, backend="gloo")
     try:

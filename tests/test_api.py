@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ds_ext.recipe import RecipeError, method_section
+from ds_ext.trainer.recipe import RecipeError, method_section
 from tests import harness
 from tests import workers_api as W
 
@@ -57,7 +57,7 @@ def test_own_loop_save_and_load_keep_the_methods_state(tmp_path):
 
 def test_a_gradient_driven_order_without_its_object_is_refused():
     """``{"order": "dgrab"}`` without ``order=``: nothing would see the gradients nor order the examples."""
-    from ds_ext.engine import attach
+    from ds_ext.deepspeed.attach import attach
 
     class FakeEngine:  # attach refuses before touching the engine
         _config = None

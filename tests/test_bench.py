@@ -17,7 +17,7 @@ def _run(args, timeout=240):
 
 
 def test_bench_compress_prints_every_row():
-    r = _run(["ds_ext.bench.compress", "--model", "digits_cnn", "--rank", "2", "--steps", "2", "--warmup", "1",
+    r = _run(["benchmarks.compress", "--model", "digits_cnn", "--rank", "2", "--steps", "2", "--warmup", "1",
               "--hook-input", "1,8,8", "--device", "cpu"])
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [line.split()[0] for line in r.stdout.splitlines()[1:]]
@@ -30,7 +30,7 @@ def test_perf_runs_two_ranks_through_deepspeed():
     bindir = os.path.dirname(sys.executable)
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     r = subprocess.run([os.path.join(bindir, "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-                        "--module", "ds_ext.bench.perf", "--opt", "acpsgd", "--dnn", "resnet18", "--bs", "2",
+                        "--module", "benchmarks.perf", "--opt", "acpsgd", "--dnn", "resnet18", "--bs", "2",
                         "--image-size", "32", "--warmup", "1", "--iters", "2", "--batches", "1"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

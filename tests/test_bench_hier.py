@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from ds_ext import costmodel as cm
-from ds_ext.bench import hier as bh
+from ds_ext.costmodel import model as cm
+from benchmarks import hier as bh
 from ds_ext.comm import Collective
 from ds_ext.hierarchy import HierarchicalAveraging, NodeCollective, hierarchical_collectives
 from ds_ext.registry import REDUCERS, SYNCS, load_builtin
@@ -137,8 +137,8 @@ def test_plan_and_overrides():
     b = next(r for r in plan["runs"] if r["name"] == "b-powersgd-hier-z0-s3")
     assert b["sets"][0] == "method.reducer={name: powersgd, rank: 1, start_powerSGD_iter: 0, hierarchical: true}"
     assert "train.seed=3" in b["sets"] and not any(s.startswith("model.") for s in b["sets"])
-    from ds_ext.engine import hierarchical_zero
-    from ds_ext.recipe import load_recipe  # every override is a valid recipe
+    from ds_ext.deepspeed.attach import hierarchical_zero
+    from ds_ext.trainer.recipe import load_recipe  # every override is a valid recipe
 
     for r in (hq, b, hz1, next(x for x in plan["runs"] if x["name"] == "c-acpsgd-flat-z1-s0")):
         recipe = load_recipe("recipes/quickstart.yaml", r["sets"])

@@ -1,4 +1,4 @@
-"""The end-to-end benchmark's driver (``ds_ext.bench.train``, the body of ``run/bench-train.sh``) on 2 local ranks
+"""The end-to-end benchmark's driver (``benchmarks.train``, the body of ``run/bench-train.sh``) on 2 local ranks
 without shaping (no cluster, no root): its output structure, not its figures (a benchmark, not a timed test);
 PyTorch DDP's baseline registers PyTorch's own hook functions, unmodified, and runs without DeepSpeed; the report
 and the cost model's check read the result."""
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ds_ext import costmodel as cm
-from ds_ext.bench import train as bt
+from ds_ext.costmodel import model as cm
+from benchmarks import train as bt
 from tests.harness import run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +50,7 @@ def local_result():
 
 def test_driver_runs_on_two_local_ranks(local_result, tmp_path):
     res, other = local_result
-    assert other is None and res["kind"] == "ds_ext.bench.train" and res["world"] == 2 and res["pinned"]
+    assert other is None and res["kind"] == "benchmarks.train" and res["world"] == 2 and res["pinned"]
     cores = [r["core"] for r in res["ranks"]]
     assert all(r["masks"] == [[r["core"]]] for r in res["ranks"]), "every thread of a rank on its core"
     assert len(set(cores)) == min(2, len(os.sched_getaffinity(0)))
@@ -115,7 +115,7 @@ import os, sys, json
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="{_free_port()}", RANK="0", WORLD_SIZE="1")
 import torch.distributed as dist
 dist.init_process_group("gloo")
-from ds_ext.bench import train as bt
+from benchmarks import train as bt
 before = "deepspeed" in sys.modules
 res = bt.bench(dict(methods=["ddp_allreduce"], model="resnet18", image_size=16, batch=2, classes=10, steps=1,
                     warmup=2, bandwidth="local", ddp=True, core=None))

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ds_ext import costmodel as cm
+from ds_ext.costmodel import model as cm
 from tests import harness, workers_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,7 +119,7 @@ def test_fit_recovers_known_constants_and_compression_scaling():
 def test_model_payloads_equal_the_real_meter_on_two_ranks():
     """The cost model's bytes per step = what the real reducers / synchronizers hand to collectives
     (the communication meter), and the benchmark's kind -> collective mapping matches the calls."""
-    from ds_ext.bench.cluster import GATHER_KINDS
+    from benchmarks.cluster import GATHER_KINDS
 
     kw = dict(rank=2, density=0.01, qsr_alpha=0.0, qsr_h_base=2, dssync_groups=1)
     methods = ["allreduce", "powersgd", "acpsgd", "topk", "exdyna", "signsgd", "local_qsr", "dssync"]
@@ -147,7 +147,7 @@ def test_model_payloads_equal_the_real_meter_on_two_ranks():
 # ---------------------------------------------------------------------------------- plumbing
 def _result(world, bw_bits, comm, compress, shapes):
     opts = cm.MethodOptions()
-    return {"kind": "ds_ext.bench.cluster", "world": world, "bw_bits": bw_bits, "bandwidth": "1gbit",
+    return {"kind": "benchmarks.cluster", "world": world, "bw_bits": bw_bits, "bandwidth": "1gbit",
             "model": "digits_cnn", "numel": sum(cm._numel(s) for s in shapes), "shapes": shapes, "steps": 4,
             "warmup": 1, "options": opts.__dict__,
             "methods": {m: {"comm_ms": comm[m], "compress_ms": compress[m], "wall_ms": comm[m] + compress[m],
@@ -192,7 +192,7 @@ def test_costmodel_cli_fits_checks_and_projects(tmp_path):
 
 
 def test_report_prints_ratios_to_allreduce_and_reads_gpu_compression(tmp_path, capsys):
-    from ds_ext.bench.cluster import print_table
+    from benchmarks.cluster import print_table
 
     shapes = [list(s) for s in cm.model_shapes("digits_cnn")]
     res = _result(4, 1e9, {"allreduce": 200.0, "powersgd": 20.0}, {"allreduce": 10.0, "powersgd": 40.0}, shapes)
@@ -319,7 +319,7 @@ def test_interface_bytes_match_the_meter(cluster3, tmp_path):
     steps are within 5 % of the meter's payload x the ring factor 2(N-1)/N (allreduce, acpsgd)."""
     out = tmp_path / "bytes.json"
     r = _deepspeed(["--hostfile", str(cluster3["hostfile"]), "--master_addr", cluster3["master"]],
-                   ["--module", "ds_ext.bench.cluster", "run", "--methods", "allreduce,acpsgd", "--steps", "2",
+                   ["--module", "benchmarks.cluster", "run", "--methods", "allreduce,acpsgd", "--steps", "2",
                     "--warmup", "1", "--bandwidth", "1gbit", "--out", str(out)],
                    env={"DS_ENV_FILE": str(cluster3["env"])})
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]

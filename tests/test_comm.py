@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ds_ext.comm import Communicator, Handle, LoopbackWorld
-from ds_ext.metrics import CommMeter
+from ds_ext.comm import Communicator, Handle
+from ds_ext.testing import LoopbackWorld
+from ds_ext.meter import CommMeter
 
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "ds_ext"

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from ds_ext import costmodel as cm
+from ds_ext.costmodel import model as cm
 
 SMALL = ["--model", "digits_cnn", "--gpus", "8,16", "--bandwidth", "1,100", "--png", ""]
 
@@ -68,7 +68,7 @@ def test_hierarchical_cli_prints_the_intra_node_link_and_no_overlap(capsys):
 
 def _result(world, shapes, comm_ms):
     opts = cm.MethodOptions()
-    return {"kind": "ds_ext.bench.cluster", "world": world, "bw_bits": 1e9, "bandwidth": "1gbit",
+    return {"kind": "benchmarks.cluster", "world": world, "bw_bits": 1e9, "bandwidth": "1gbit",
             "model": "digits_cnn", "shapes": shapes, "options": opts.__dict__,
             "methods": {m: {"comm_ms": ms, "compress_ms": 1.0, "wall_ms": ms + 1.0,
                             "meter_bytes": sum(c.calls * c.nbytes for c in cm.collectives(m, shapes, world, opts))}

@@ -13,7 +13,7 @@ The ranks here are a ``LoopbackWorld`` (ds_ext/comm.py); tests/test_gpu.py runs 
 import pytest
 import torch
 
-from ds_ext.comm import LoopbackWorld
+from ds_ext.testing import LoopbackWorld
 from ds_ext.order.dgrab import CountSketch
 from ds_ext.registry import REDUCERS
 

@@ -1,6 +1,6 @@
 """A recipe that points at an existing DeepSpeed config (recipe key ``deepspeed_config``, issue 18): its keys
 join the deepspeed section, its ``ds_ext`` block becomes the method, and every conflict is named with the
-reason (``ds_ext/recipe.py: ds_config_problems``). No processes: recipe loading only."""
+reason (``ds_ext/trainer/recipe.py: ds_config_problems``). No processes: recipe loading only."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,8 @@ import json
 import pytest
 import yaml
 
-from ds_ext.engine import deepspeed_config
-from ds_ext.recipe import RecipeError, load_recipe
+from ds_ext.deepspeed.attach import deepspeed_config
+from ds_ext.trainer.recipe import RecipeError, load_recipe
 
 BASE = {"name": "mine", "model": {"name": "digits_cnn", "width": 8, "hidden": 16}, "data": {"name": "digits"},
         "optimizer": {"name": "sgd", "lr": 0.1}, "train": {"epochs": 1, "global_batch_size": 64,

@@ -1,7 +1,7 @@
 """Issue 9, items 2 and 3: a dying rank, atomic checkpoints, refusing a checkpoint from another run.
 
 Kills are real: ``DS_EXT_FAULT=<phase>:<rank>:<step>`` makes that trainer process send itself SIGKILL
-at that point (``ds_ext/faults.py``). Ranks run as plain processes (``tests/workers_faults.Ranks``:
+at that point (``ds_ext/trainer/faults.py``). Ranks run as plain processes (``tests/workers_faults.Ranks``:
 nobody kills the survivors for them) or under the deepspeed launcher (as users run it). Every fault
 case checks that each survivor exits with code 4 within 60 s of the kill, with a line naming the
 lost rank and the step and no traceback, and prints how long that took (``pytest -s`` shows it).
@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ds_ext import checkpoint as ck
-from ds_ext import faults
+from ds_ext.trainer import checkpoint as ck
+from ds_ext.trainer import faults
 from tests import workers_faults as wf
 
 PEER_LOST = faults.EXIT_PEER_LOST
@@ -247,7 +247,7 @@ def test_fault_spec_errors_name_the_variable():
 
 
 def test_which_main_thread_errors_count_as_a_failed_collective():
-    from ds_ext.engine import DesyncError
+    from ds_ext.deepspeed.attach import DesyncError
 
     gloo = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
             "[127.0.0.1]:5021")  # as raised by a survivor's allreduce here
@@ -262,7 +262,7 @@ def test_which_main_thread_errors_count_as_a_failed_collective():
 # ---- what a resume may change -----------------------------------------------------------------------
 
 def _recipe(tmp_path, *sets):
-    from ds_ext.recipe import load_recipe
+    from ds_ext.trainer.recipe import load_recipe
 
     return load_recipe(wf.QUICK, [f"log.dir={tmp_path / 'run'}", *sets])
 

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from ds_ext import methods
-from ds_ext.comm import LoopbackWorld
-from ds_ext.recipe import RecipeError, load_recipe
+from ds_ext.testing import LoopbackWorld
+from ds_ext.trainer.recipe import RecipeError, load_recipe
 from ds_ext.registry import ORDERS, REDUCERS, SYNCS, MethodView, load_builtin
 
 load_builtin()
@@ -99,7 +99,7 @@ def test_local_sync_starts_with_the_rule_at_step_0(source):
 
 
 def test_schedule_printer_shows_the_rule_at_step_0_without_warmup(capsys):
-    from ds_ext.optim import LRSchedule
+    from ds_ext.trainer.optim import LRSchedule
     from ds_ext.sync import schedules
 
     args = ["--recipe", str(QUICK), "--world-size", "2", "--steps-per-epoch", "22",

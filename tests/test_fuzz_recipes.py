@@ -38,8 +38,9 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
-from ds_ext.recipe import (DataPathError, Recipe, RecipeError, data_problems, load_recipe, path_problems, preflight,
-                           world_size_from, _DATA_FILES)
+from ds_ext.trainer.recipe import (
+    DataPathError, Recipe, RecipeError, data_problems, load_recipe, path_problems, preflight, world_size_from,
+    _DATA_FILES)
 from ds_ext.registry import DATASETS, MODELS, OPTIMIZERS, ORDERS, REDUCERS, SYNCS, load_builtin
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -822,8 +823,8 @@ def test_unusable_output_paths(work, tmp_path):
 
 GAPS = {
     "wrn depth not 6n+2 (ds_ext/models/wrn.py WRNCifarOptions.depth)": _m(model={"name": "wrn26_10", "depth": 27}),
-    "nesterov without momentum (ds_ext/optim.py SGDOptions)": _m(optimizer={"name": "sgd", "lr": 0.1, "nesterov": True}),
-    "adam betas outside [0, 1) (ds_ext/optim.py AdamOptions.betas)": _m(optimizer={"name": "adam", "lr": 0.1,
+    "nesterov without momentum (ds_ext/trainer/optim.py SGDOptions)": _m(optimizer={"name": "sgd", "lr": 0.1, "nesterov": True}),
+    "adam betas outside [0, 1) (ds_ext/trainer/optim.py AdamOptions.betas)": _m(optimizer={"name": "adam", "lr": 0.1,
                                                                                    "betas": [1.5, 0.9]}),
     "synthetic shape empty (ds_ext/data/digits.py SyntheticOptions.shape)": _m(data={"name": "synthetic", "shape": []}),
     "mlp hidden width 0 (ds_ext/models/small.py MLPOptions.hidden)": _m(model={"name": "mlp", "hidden": [0]}),

@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ds_ext.comm import LoopbackWorld
-from ds_ext.hierarchy import (HierarchicalAveraging, HierarchicalReducer, NodeCollective, Topology, balanced_shards,
-                              build_hierarchical, cross_node_bytes, hierarchical_collectives, inner_problem,
-                              intra_node_bytes, layout_problem, shard_params)
-from ds_ext.metrics import CommMeter
+from ds_ext.testing import LoopbackWorld
+from ds_ext.hierarchy import (
+    HierarchicalAveraging, HierarchicalReducer, NodeCollective, Topology, balanced_shards, build_hierarchical,
+    cross_node_bytes, hierarchical_collectives, inner_problem, intra_node_bytes, layout_problem, shard_params)
+from ds_ext.meter import CommMeter
 from ds_ext.registry import REDUCERS, load_builtin
 from tests import harness
 from tests import workers_hierarchy as W

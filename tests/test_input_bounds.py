@@ -21,12 +21,13 @@ import pytest
 import torch
 import yaml
 
-import ds_ext.train as trainer
+import ds_ext.trainer.loop as trainer
 from ds_ext import ops
-from ds_ext.checkpoint import resume_fields
-from ds_ext.metrics import Progress
-from ds_ext.recipe import (COLLECTIVE_TIMEOUT_MAX_S, SEED_MAX, YAML_MAX_CHARS, YAML_MAX_VALUES, CheckpointSection,
-                           RecipeError, TrainSection, _expansion_problem, environment_problems, load_recipe, preflight)
+from ds_ext.trainer.checkpoint import resume_fields
+from ds_ext.trainer.records import Progress
+from ds_ext.trainer.recipe import (
+    COLLECTIVE_TIMEOUT_MAX_S, SEED_MAX, YAML_MAX_CHARS, YAML_MAX_VALUES, CheckpointSection, RecipeError,
+    TrainSection, _expansion_problem, environment_problems, load_recipe, preflight)
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ROOT / "recipes" / "quickstart.yaml"
@@ -138,7 +139,7 @@ def test_seed_bounds_refused(host, seed, fragment):
 
 
 def test_max_seed_is_usable_everywhere_it_flows():
-    """Every seed the trainer derives from train.seed (ds_ext/train.py: ``_seed_all(seed)``,
+    """Every seed the trainer derives from train.seed (ds_ext/trainer/loop.py: ``_seed_all(seed)``,
     ``_seed_all(seed + 1 + rank)``, the order's ``seeded_generator``, the loader seed
     ``(seed * 1_000_003 + epoch) * 4099 + rank``) is accepted at the maximum seed, for a large epoch and
     rank. Before the bound, 2**100 raised "Overflow when unpacking long long" there. (The slow test below

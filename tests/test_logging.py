@@ -1,5 +1,5 @@
 """Library logging (issue 18, item 4): the library logs through the ``ds_ext`` logger, which a user can
-silence or route; the trainer shows it as ``[ds_ext] <message>`` lines (``ds_ext.train.console_logging``).
+silence or route; the trainer shows it as ``[ds_ext] <message>`` lines (``ds_ext.trainer.loop.console_logging``).
 Also the wandb logger's run name and run id file, the step-time window and the history carried across
 resumes, at unit level (no processes; the real runs: tests/test_run_records.py)."""
 from __future__ import annotations
@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from ds_ext import metrics
-from ds_ext.engine import NonFiniteGuard
-from ds_ext.train import ConsoleHandler, _history_start, console_logging, run_name
+from ds_ext import meter
+from ds_ext.trainer import records
+from ds_ext.deepspeed.attach import NonFiniteGuard
+from ds_ext.trainer.loop import ConsoleHandler, _history_start, console_logging, run_name
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = str(ROOT / "recipes" / "quickstart.yaml")
@@ -86,7 +87,7 @@ def test_trainer_console_format_once_and_restored(clean_logger, capsys, monkeypa
             skip_event(5, [0, 1])
             logging.getLogger("ds_ext.data.criteo").info("criteo: 9 rows from x (8 train); field_dims=[3]")
             logging.getLogger("ds_ext.hierarchy").info("hierarchical: an INFO the trainer did not print")
-            logging.getLogger("ds_ext.engine").debug("debug: never shown")
+            logging.getLogger("ds_ext.deepspeed.attach").debug("debug: never shown")
     finally:
         root.removeHandler(on_root)
     err = capsys.readouterr().err.splitlines()
@@ -101,7 +102,7 @@ def test_trainer_console_shows_warnings_only_on_other_ranks(clean_logger, capsys
     monkeypatch.setenv("RANK", "1")
     with console_logging():
         logging.getLogger("ds_ext.data.criteo").info("criteo: rank 0 says this")
-        logging.getLogger("ds_ext.checkpoint").warning("a warning on rank 1")
+        logging.getLogger("ds_ext.trainer.checkpoint").warning("a warning on rank 1")
     assert capsys.readouterr().err.splitlines() == ["[ds_ext] a warning on rank 1"]
 
 
@@ -147,7 +148,7 @@ class FakeWandb(types.ModuleType):
 
 
 def cfg(**kw):
-    from ds_ext.recipe import WandbSection
+    from ds_ext.trainer.recipe import WandbSection
 
     return WandbSection(**kw)
 
@@ -155,35 +156,35 @@ def cfg(**kw):
 def test_wandb_run_name_and_id_persist_for_resumed_runs(tmp_path, monkeypatch):
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    a = metrics.WandbLogger(cfg(mode="offline"), str(tmp_path), {}, enabled=True, name="quickstart")
-    rid = (tmp_path / metrics.RUN_ID_FILE).read_text().strip()
+    a = records.WandbLogger(cfg(mode="offline"), str(tmp_path), {}, enabled=True, name="quickstart")
+    rid = (tmp_path / records.RUN_ID_FILE).read_text().strip()
     assert a.run_id == rid and fake.calls[-1]["id"] == rid and fake.calls[-1]["resume"] == "allow"
     assert fake.calls[-1]["name"] == "quickstart" and fake.calls[-1]["mode"] == "offline"
-    metrics.WandbLogger(cfg(mode="offline", name="mine"), str(tmp_path), {}, enabled=True, name="quickstart",
+    records.WandbLogger(cfg(mode="offline", name="mine"), str(tmp_path), {}, enabled=True, name="quickstart",
                         resume=True)
     assert fake.calls[-1]["id"] == rid and fake.calls[-1]["name"] == "mine"  # log.wandb.name wins
-    metrics.WandbLogger(cfg(mode="offline"), str(tmp_path), {}, enabled=True, resume=False)  # a fresh run
-    fresh = (tmp_path / metrics.RUN_ID_FILE).read_text().strip()
+    records.WandbLogger(cfg(mode="offline"), str(tmp_path), {}, enabled=True, resume=False)  # a fresh run
+    fresh = (tmp_path / records.RUN_ID_FILE).read_text().strip()
     assert fresh != rid and fake.calls[-1]["id"] == fresh
-    assert not metrics.WandbLogger(cfg(mode="offline"), str(tmp_path), {}, enabled=False).run  # not rank 0
+    assert not records.WandbLogger(cfg(mode="offline"), str(tmp_path), {}, enabled=False).run  # not rank 0
     assert len(fake.calls) == 3
 
 
 def test_wandb_disabled_imports_nothing_and_online_falls_back_with_a_warning(tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "wandb", None)  # an import would raise
-    off = metrics.WandbLogger(cfg(mode="disabled"), str(tmp_path / "d"), {}, enabled=True)
+    off = records.WandbLogger(cfg(mode="disabled"), str(tmp_path / "d"), {}, enabled=True)
     assert off.run is None and not (tmp_path / "d").exists()
     fake = FakeWandb(fail_modes={"online"})
     monkeypatch.setitem(sys.modules, "wandb", fake)
     with caplog.at_level(logging.WARNING, logger="ds_ext"):
-        metrics.WandbLogger(cfg(mode="online"), str(tmp_path), {}, enabled=True, name="q")
+        records.WandbLogger(cfg(mode="online"), str(tmp_path), {}, enabled=True, name="q")
     assert [c["mode"] for c in fake.calls] == ["online", "offline"] and fake.calls[0]["id"] == fake.calls[1]["id"]
-    assert [r.name for r in caplog.records] == ["ds_ext.metrics"]
+    assert [r.name for r in caplog.records] == ["ds_ext.trainer.records"]
     assert "wandb online init failed (no network); logging offline instead" in caplog.records[0].getMessage()
 
 
 def test_run_name_from_the_recipe(tmp_path):
-    from ds_ext.recipe import load_recipe
+    from ds_ext.trainer.recipe import load_recipe
 
     base = ["log.dir=" + str(tmp_path)]
     assert run_name(load_recipe(QUICK, base)) == "quickstart"
@@ -197,8 +198,8 @@ def test_run_name_from_the_recipe(tmp_path):
 
 def test_step_window_uses_host_time_and_leaves_out_pauses(monkeypatch):
     clock = [100.0]
-    monkeypatch.setattr(metrics.time, "perf_counter", lambda: clock[0])
-    w = metrics.StepWindow()
+    monkeypatch.setattr(records.time, "perf_counter", lambda: clock[0])
+    w = records.StepWindow()
     for _ in range(4):
         clock[0] += 0.5
         w.step(64)
@@ -211,7 +212,7 @@ def test_step_window_uses_host_time_and_leaves_out_pauses(monkeypatch):
 
 
 def test_purpose_key():
-    assert [metrics.purpose_key(p) for p in ("parameter averaging", "ZeRO all-gather", "gradient exchange")] == \
+    assert [meter.purpose_key(p) for p in ("parameter averaging", "ZeRO all-gather", "gradient exchange")] == \
         ["parameter_averaging", "zero_all_gather", "gradient_exchange"]
 
 

@@ -22,8 +22,9 @@ import pytest
 import torch
 
 from ds_ext import ops
-from ds_ext.op_builder import (BUILDERS, CHECKOUT_TAG, CommCPUBuilder, CommCUDABuilder, build_requested,
-                               install_ext_modules, normalize_arch_list, prebuilt_arch_list)
+from ds_ext.op_builder import (
+    BUILDERS, CHECKOUT_TAG, CommCPUBuilder, CommCUDABuilder, build_requested, install_ext_modules,
+    normalize_arch_list, prebuilt_arch_list)
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

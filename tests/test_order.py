@@ -6,7 +6,7 @@ import torch
 
 from ds_ext.order.dgrab import DGrab, PairBalance, sign_by_inner, sign_by_norm
 from ds_ext.order.rr import RandomReshuffling
-from ds_ext.recipe import RecipeError, load_recipe
+from ds_ext.trainer.recipe import RecipeError, load_recipe
 from tests import harness, workers, workers_order
 from tests.harness import assert_tree_equal, load_ckpt
 from tests.test_trainer import QUICK, argv
@@ -98,7 +98,7 @@ def test_rr_and_sequential_unchanged():
 
 def test_herding_bound_dgrab_below_drr():
     """m=1000, n=10, d=16, centred random unit vectors: D-GraB after 3 rounds < 0.3 x D-RR."""
-    from ds_ext.order import herding
+    from benchmarks import herding
 
     res = herding.simulate(1000, 10, 16, rounds=3, trials=2, methods=("D-GraB", "D-RR"), threads=1)
     dg, rr = res["D-GraB"].mean(0), res["D-RR"].mean(0)
@@ -109,7 +109,7 @@ def test_herding_bound_dgrab_below_drr():
 
 def test_herding_kernels_match_numpy_reference():
     """The compiled D-GraB round equals a direct numpy transcription of the reference loop."""
-    from ds_ext.order import herding
+    from benchmarks import herding
 
     z = herding.make_vectors(6, 3, 4, trial=1)
     perm = torch.arange(6).repeat(3, 1).numpy()

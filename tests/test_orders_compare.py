@@ -1,6 +1,6 @@
 """Issue 20 item 7: comparing data orders honestly.
 
-* ``ds_ext.bench.orders``' statistics (t distribution, confidence interval, paired t-test, sign test)
+* ``benchmarks.orders``' statistics (t distribution, confidence interval, paired t-test, sign test)
   against values worked out by hand (closed forms of Student's t for 1 and 2 degrees of freedom);
 * the command's report on synthetic ``summary.json`` files (no training): per-run table, wins, ratio,
   p-values, one line per failed run with its log, exit 1, the plot;
@@ -17,8 +17,8 @@ import math
 import pytest
 import torch
 
-from ds_ext.bench import orders as B
-from ds_ext.comm import LoopbackWorld
+from benchmarks import orders as B
+from ds_ext.testing import LoopbackWorld
 from ds_ext.order.dgrab import DGrab, spread
 from ds_ext.registry import ORDERS, load_builtin
 
@@ -218,7 +218,7 @@ def _trainer_recording_losses(rank, world, argv):
 
     import torch.nn.functional as F
 
-    from ds_ext.train import main
+    from ds_ext.trainer.loop import main
 
     seen, orig = [], F.cross_entropy
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ds_ext.recipe import RecipeError, load_recipe
+from ds_ext.trainer.recipe import RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ROOT / "recipes" / "quickstart.yaml"

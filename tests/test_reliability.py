@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ds_ext import checkpoint as ck
-from ds_ext import faults
+from ds_ext.trainer import checkpoint as ck
+from ds_ext.trainer import faults
 from tests import harness
 from tests import workers_faults as wf
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ds_ext.recipe import RecipeError, load_recipe
+from ds_ext.trainer.recipe import RecipeError, load_recipe
 from tests import harness, workers
 from tests.harness import assert_tree_equal, load_ckpt
 

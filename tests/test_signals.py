@@ -1,4 +1,4 @@
-"""Stop signals (SIGTERM, SIGINT, SIGUSR1) and the waiting lines of ``ds_ext/faults.py``.
+"""Stop signals (SIGTERM, SIGINT, SIGUSR1) and the waiting lines of ``ds_ext/trainer/faults.py``.
 
 Real processes (``tests/workers_signals.py``: gloo, the watchdog, a loop of all_reduces that agrees
 on ``faults.stop_requested()`` every step), real signals. The tests block on lines the ranks print
@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional
 
 import pytest
 
-from ds_ext import faults
+from ds_ext.trainer import faults
 from tests import harness
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,8 +18,9 @@ import torch
 from pydantic import ValidationError
 
 from ds_ext import ops
-from ds_ext.reducers.sparse import (ExDynaOptions, TopKOptions, block_layout, initial_partitions, partition_loads,
-                                    partition_range, reallocate, threshold_factor)
+from ds_ext.reducers.sparse import (
+    ExDynaOptions, TopKOptions, block_layout, initial_partitions, partition_loads, partition_range, reallocate,
+    threshold_factor)
 from tests import harness
 from tests import workers_sparse as W
 
@@ -377,7 +378,7 @@ def test_topk_fp16_values_on_the_wire(two):
     for rec in recs:
         sent = rec["error"][rec["local"][-1]]
         assert sent.abs().max() > 0 and sent.abs().max() < 1e-3 * rec["applied"][-1].abs().max() * 2
-    from ds_ext.recipe import RecipeError, load_recipe
+    from ds_ext.trainer.recipe import RecipeError, load_recipe
     with pytest.raises(RecipeError, match="value_dtype 'fp16' needs exchange 'allgather'"):
         load_recipe(str(Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml"),
                     ["method.reducer={name: topk, exchange: union, value_dtype: fp16}"])
@@ -455,7 +456,7 @@ def test_three_ranks_topk_union_size(three):
 
 # ------------------------------------------------------------------------------------ recipes, bench
 def test_recipe_refuses_fp16_dynamic_loss_scaling_and_names_the_field():
-    from ds_ext.recipe import RecipeError, load_recipe
+    from ds_ext.trainer.recipe import RecipeError, load_recipe
 
     quick = ROOT / "recipes" / "quickstart.yaml"
     r = load_recipe(quick, ["method.reducer={name: exdyna, density: 0.01, threshold_rule: hold}"])
@@ -472,7 +473,7 @@ def test_recipe_refuses_fp16_dynamic_loss_scaling_and_names_the_field():
 def test_bench_sparse_runs(tmp_path):
     """The benchmark (not a test) still runs at tiny sizes; its numbers are not asserted."""
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    r = subprocess.run([sys.executable, "-m", "ds_ext.bench.sparse", "--numel", "200000", "--reps", "1",
+    r = subprocess.run([sys.executable, "-m", "benchmarks.sparse", "--numel", "200000", "--reps", "1",
                         "--devices", "cpu", "--trace-steps", "30", "--trace-numel", "20000", "--out", str(tmp_path)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -5,8 +5,8 @@ from types import SimpleNamespace as NS
 import pytest
 import torch
 
-from ds_ext.optim import LRSchedule
-from ds_ext.recipe import RecipeError, load_recipe
+from ds_ext.trainer.optim import LRSchedule
+from ds_ext.trainer.recipe import RecipeError, load_recipe
 from ds_ext.sync import schedules
 from ds_ext.sync.averaging import DSSyncOptions, LocalOptions, default_patterns
 from ds_ext.sync.schedules import QSR, Constant, PostLocal, simulate

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from ds_ext.models.resnet import ResNet, Bottleneck, BasicBlock  # noqa: F401
-from ds_ext.optim import LRSchedule
+from ds_ext.trainer.optim import LRSchedule
 from ds_ext.order.rr import RandomReshuffling
-from ds_ext.recipe import ScheduleSection
+from ds_ext.trainer.recipe import ScheduleSection
 from ds_ext.reducers.buckets import BucketedCollective, build_buckets
 from ds_ext.registry import MODELS
 
@@ -89,7 +89,7 @@ def test_rr_order_is_a_disjoint_per_epoch_permutation():
 def test_checkpoint_latest_ignores_staging_and_refuses_mismatch(tmp_path):
     import json
 
-    from ds_ext import checkpoint as ck
+    from ds_ext.trainer import checkpoint as ck
 
     done = tmp_path / "step_0000010"
     done.mkdir()

@@ -18,10 +18,10 @@ def make_engine(precision: str = "fp32", gas: int = 1, micro: int = 8, world: in
                 clip: float = 0.0, adam: bool = False, extra: Optional[dict] = None, mpu=None):
     """The tiny model under DeepSpeed: SGD with momentum (``adam``: AdamW, lr 1e-3), DeepSpeed's gradient
     clipping at ``clip`` (0: off), ``extra`` merged into the config (e.g. the comms logger), ``mpu``
-    (``ds_ext.engine.node_mpu()``: ZeRO partitioned within the node; DeepSpeed's batch counts its ranks)."""
+    (``ds_ext.deepspeed.attach.node_mpu()``: ZeRO partitioned within the node; DeepSpeed's batch counts its ranks)."""
     import deepspeed
 
-    from ds_ext.engine import _scoped_mpu
+    from ds_ext.deepspeed.attach import _scoped_mpu
 
     model = tiny_model()
     opt = (torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01) if adam
@@ -78,7 +78,7 @@ def compare_reducers(rank, world, configs, steps=10, bucket_mb=0.002):
 def per_step_params(rank, world, reducer, steps=6, check_every=0, precision="fp32", options=None):
     """Parameters after every step with rank-specific data; also whether the runtime check fired."""
     import ds_ext
-    from ds_ext.engine import DesyncError
+    from ds_ext.deepspeed.attach import DesyncError
 
     engine = make_engine(precision, 1, world=world)
     # reducer 'none' alone never communicates (the check refuses it): here it is the deliberate negative control
@@ -94,7 +94,7 @@ def per_step_params(rank, world, reducer, steps=6, check_every=0, precision="fp3
 
 
 def run_trainer(rank, world, argv):
-    from ds_ext.train import main
+    from ds_ext.trainer.loop import main
 
     return main(argv)
 
@@ -114,7 +114,7 @@ def lowrank_invariants(rank, world, reducer, options, steps=6, seed_per_rank=Fal
     ``dtype``; ``round_to`` first rounds the random gradients to that dtype (to compare runs).
     ``comm``: a communicator (``LoopbackWorld`` rank) instead of the process group."""
     from ds_ext.comm import Communicator
-    from ds_ext.metrics import CommMeter
+    from ds_ext.meter import CommMeter
     from ds_ext.registry import REDUCERS
 
     params = [torch.nn.Parameter(torch.zeros(s, dtype=dtype)) for s in LOWRANK_SHAPES]
@@ -159,7 +159,7 @@ def lowrank_dtypes(rank, world, runs, comm=None):
 def loopback(fn, world, **kw):
     """``fn(rank, world, comm=..., **kw)`` on every rank of a ``LoopbackWorld`` (threads, one process):
     the method arithmetic of a multi-rank run in milliseconds; returns the per-rank results."""
-    from ds_ext.comm import LoopbackWorld
+    from ds_ext.testing import LoopbackWorld
 
     return LoopbackWorld(world).run(lambda comm: fn(comm.rank, world, comm=comm, **kw))
 

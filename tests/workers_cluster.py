@@ -9,9 +9,9 @@ def payloads(rank, world, model="digits_cnn", methods=(), opts=None, steps=2):
     ``model``'s shapes (as the cluster benchmark drives them, collectives timed and recorded) and
     return, per method: the meter's bytes per step, its bytes by kind, the recorded collectives
     ``(op, payload bytes, group size)`` of all steps in order, and the reducer's stats."""
-    from ds_ext.bench.cluster import CollectiveTimer, build_method, drive_step
-    from ds_ext.costmodel import MethodOptions
-    from ds_ext.metrics import CommMeter
+    from benchmarks.cluster import CollectiveTimer, build_method, drive_step
+    from ds_ext.costmodel.model import MethodOptions
+    from ds_ext.meter import CommMeter
     from ds_ext.registry import MODELS, load_builtin
 
     load_builtin()

@@ -63,7 +63,7 @@ def compare(rank, world, reducers=None, steps=4, ops_mode="torch"):
 
     import deepspeed.comm as dc
 
-    from ds_ext.engine import attach
+    from ds_ext.deepspeed.attach import attach
     from tests.workers import rank_batches
 
     os.environ["DS_EXT_OPS"] = ops_mode

@@ -48,9 +48,9 @@ def reference(name: str, options: dict, shapes, node_grads, local_size: int, dty
     hierarchical shards, each shard run as its own method instance, as its owner would (``grad_ready`` in
     reverse order, then ``finish``). Returns
     ``{"applied": [node][t] {i: grad}, "state": [node][shard], "bytes": [node][shard] by_kind}``."""
-    from ds_ext.comm import LoopbackWorld
+    from ds_ext.testing import LoopbackWorld
     from ds_ext.hierarchy import shard_params
-    from ds_ext.metrics import CommMeter
+    from ds_ext.meter import CommMeter
     from ds_ext.registry import REDUCERS, load_builtin
 
     load_builtin()
@@ -89,9 +89,9 @@ def hier_loopback(name: str, options: dict, shapes, grads, local_size: int, flat
     """``HierarchicalReducer`` around ``name`` on a ``LoopbackWorld`` of ``len(grads[0])`` ranks, fed
     ``grads[t][rank]``; per rank: applied gradients per step, inner state, meter kinds, local rank. With
     ``flat_too`` the flat method runs next to it on the same gradients (its own parameters and meter)."""
-    from ds_ext.comm import LoopbackWorld
+    from ds_ext.testing import LoopbackWorld
     from ds_ext.hierarchy import Topology, build_hierarchical
-    from ds_ext.metrics import CommMeter
+    from ds_ext.meter import CommMeter
     from ds_ext.registry import REDUCERS
 
     world = len(grads[0])
@@ -175,13 +175,13 @@ def engine_run(rank: int, world: int, runs: dict, steps: int = 3, local_size: in
 
 def zero_node_run(rank: int, world: int, steps: int = 3, local_size: int = 2, stages=(1,)) -> dict:
     """4 gloo ranks as 2 nodes x 2: hierarchical acpsgd (rank 2) at ZeRO 0, then at each ZeRO stage of
-    ``stages`` with the optimizer state partitioned within the node (``ds_ext.engine.node_mpu``). Per stage:
+    ``stages`` with the optimizer state partitioned within the node (``ds_ext.deepspeed.attach.node_mpu``). Per stage:
     the parameters after every step, this rank's optimizer-state bytes, the meter's kinds, the ranks of ZeRO's group, DeepSpeed's
     save flags while attached; at stage 1 also what ``engine.step`` says after ``detach``."""
     import torch.distributed as dist
 
     import ds_ext
-    from ds_ext.engine import node_mpu
+    from ds_ext.deepspeed.attach import node_mpu
     from tests.workers import flat_params, make_engine, train_steps
     from tests.workers_zero import _drop, optimizer_state_bytes
 
@@ -213,8 +213,8 @@ def zero_node_run(rank: int, world: int, steps: int = 3, local_size: int = 2, st
 
 
 def run_trainer_as_nodes(rank: int, world: int, argv: list, local_size: int = 2) -> int:
-    """The trainer (``ds_ext.train.main``) on ranks laid out as nodes of ``local_size`` (launcher variables)."""
-    from ds_ext.train import main
+    """The trainer (``ds_ext.trainer.loop.main``) on ranks laid out as nodes of ``local_size`` (launcher variables)."""
+    from ds_ext.trainer.loop import main
 
     _launcher_env(rank, world, local_size)
     return main(argv)

@@ -162,7 +162,7 @@ def methods_two_ranks() -> dict:
         # groups of one rank, which never communicate); real subgroups: methods_four_ranks
         "dssync groups=1": {"method": {"reducer": {"name": "none"}, "sync": {"name": "dssync", "groups": 1}}},
         # the negative control: the consistency check digests every parameter on the host each step
-        # (ds_ext.engine.parameter_fingerprint: .cpu() and .numpy() per parameter), so it must be caught
+        # (ds_ext.deepspeed.attach.parameter_fingerprint: .cpu() and .numpy() per parameter), so it must be caught
         CONTROL: {"method": {"reducer": {"name": "allreduce"}}, "check_every": 1},
     }
 
@@ -194,7 +194,7 @@ def measure(rank, world, methods, warmup=3, steps=4, ops_mode="torch", names=Non
     in Python; the compiled kernels' internals are not). A method that fails is reported with its error."""
     import traceback
 
-    from ds_ext.engine import attach
+    from ds_ext.deepspeed.attach import attach
     from ds_ext.registry import ORDERS, load_builtin
     from tests.workers import rank_batches
 

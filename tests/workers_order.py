@@ -8,7 +8,7 @@ import torch.nn.functional as F
 def sorter_tables(rank, world, m=8, d=5, epochs=3, odd_rank=None, project_dim=0):
     """Drive a ``dgrab`` order through real gloo all_gathers with random per-rank gradients; rank
     ``odd_rank`` gets gradients of another scale and distribution. Returns every epoch's full table."""
-    from ds_ext.metrics import CommMeter
+    from ds_ext.meter import CommMeter
     from ds_ext.order.dgrab import DGrab, DGrabOptions
 
     order = DGrab(m * world, rank, world, seed=3, options=DGrabOptions(project_dim=project_dim))
@@ -32,7 +32,7 @@ def sorter_tables(rank, world, m=8, d=5, epochs=3, odd_rank=None, project_dim=0)
 def engine_dgrab(rank, world, gas=2, epochs=2, order_name="dgrab", reducer="allreduce", scale_rank1=1.0):
     """A real DeepSpeed engine (tiny CNN, per-example microbatches) with a gradient-driven order
     attached; records what the order observes next to the change of ``p.grad`` over each backward."""
-    from ds_ext.engine import attach
+    from ds_ext.deepspeed.attach import attach
     from ds_ext.registry import ORDERS
     from tests.workers import make_engine
 
@@ -73,7 +73,7 @@ def engine_dgrab(rank, world, gas=2, epochs=2, order_name="dgrab", reducer="allr
 def cdgrab_vs_allreduce(rank, world, gas=2, steps=6):
     """Same data, same init: reducer allreduce vs reducer+order cdgrab; the applied gradient of each
     step (params after the step) and the gradients written before the step are compared."""
-    from ds_ext.engine import attach
+    from ds_ext.deepspeed.attach import attach
     from ds_ext.registry import ORDERS
     from tests.workers import make_engine
 

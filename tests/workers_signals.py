@@ -19,7 +19,7 @@ collectives go through ``faults.explain_failure`` as in the trainer.
   call ``faults.ignore_stop_signals`` unless ``--loader-init plain``.
 * ``--fork-child``: a forked child that waits for good, holding copies of the rank's sockets.
 
-With ``WORLD_SIZE=1`` there is no process group and torch is not even imported (``ds_ext/faults.py``
+With ``WORLD_SIZE=1`` there is no process group and torch is not even imported (``ds_ext/trainer/faults.py``
 is loaded on its own: the signal handling does not depend on torch, and the tests start faster).
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ if os.environ.get("WORLD_SIZE") == "1":
     faults = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(faults)
 else:
-    from ds_ext import faults  # noqa: E402
+    from ds_ext.trainer import faults  # noqa: E402
 
 MAX_STEPS = 100_000
 STEP_COMPUTE_S = 0.01  # stands in for a step's computation, so the loop does not spin two cores

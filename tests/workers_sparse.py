@@ -73,7 +73,7 @@ def _gather_list(t: torch.Tensor, world: int):
 def drive(rank, world, reducer, options, steps=8, dtype="fp32", prof="flat", scale=0.01, seed=0,
           resume_at=None):
     """Run ``steps`` reducer steps; record applied gradients and the exact references."""
-    from ds_ext.metrics import CommMeter
+    from ds_ext.meter import CommMeter
 
     dt = DTYPES[dtype]
     meter = CommMeter()

@@ -78,7 +78,7 @@ def local_run(rank, world, sync, reducer=None, optimizer="sgd", steps=10, moment
 def dssync_direct(rank, world, options, syncs=2, local_update=False):
     """Drive ``dssync`` directly on rank-specific parameters: groups seen, parameters after each sync,
     and the cross-rank sum before / after."""
-    from ds_ext.metrics import CommMeter
+    from ds_ext.meter import CommMeter
     from ds_ext.registry import SYNCS, load_builtin
 
     load_builtin()

@@ -12,4 +12,10 @@ Readers of local files (nothing downloads; each module docstring gives the on-di
 never needs ffcv, and using it without ffcv raises an ImportError saying what to install).
 """
 from .base import DataBundle  # noqa: F401
-from . import digits, cifar, wikitext, movielens, criteo, glue, ffcv_imagenet  # noqa: F401  (registration)
+from . import digits  # noqa: F401  (registration)
+from . import cifar
+from . import wikitext
+from . import movielens
+from . import criteo
+from . import glue
+from . import ffcv_imagenet

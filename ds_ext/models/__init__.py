@@ -11,4 +11,10 @@ Modules: ``small`` (digits_cnn, mlp), ``resnet`` (resnet18..152; ``small_input``
 Factories whose sizes depend on the data (lstm_lm, ncf, deepfm) also accept ``data=<DataBundle>`` and
 check or fill those sizes from it.
 """
-from . import small, resnet, wrn, vgg, vit, lstm_lm, recsys  # noqa: F401  (registration)
+from . import small  # noqa: F401  (registration)
+from . import resnet
+from . import wrn
+from . import vgg
+from . import vit
+from . import lstm_lm
+from . import recsys

@@ -7,4 +7,5 @@ epoch, identical in length on every rank; gradient-driven sorters (``dgrab``, ``
 gathered gradients from the ``cdgrab`` reducer). State goes through ``state_dict``.
 """
 from .base import Order  # noqa: F401
-from . import dgrab, rr  # noqa: F401  (registration)
+from . import dgrab  # noqa: F401  (registration)
+from . import rr

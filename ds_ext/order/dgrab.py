@@ -66,8 +66,8 @@ Decisions on the reference code's quirks:
   the gradient to k dims (each coordinate i goes to bucket h(i) with sign s(i), the same on every
   rank; inner products are preserved in expectation). It cuts the gathered tensor from n x d to n x k
   floats and the sequential balancing loop from d to k per worker. Not in the paper; its effect on the
-  herding bound and on training loss is measured by ``python -m ds_ext.order.herding --project-dim k``
-  and ``python -m ds_ext.bench.order``.
+  herding bound and on training loss is measured by ``python -m benchmarks.herding --project-dim k``
+  and ``python -m benchmarks.order``.
 """
 from __future__ import annotations
 

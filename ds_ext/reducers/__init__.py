@@ -6,5 +6,9 @@ local/parameter-averaging synchronizers), ``powersgd`` and ``acpsgd`` (low-rank 
 and ``exdyna`` (sparsification with error feedback).
 """
 from .base import Reducer  # noqa: F401
-from . import allreduce, cdgrab, lowrank, reference, sparse  # noqa: F401  (registration)
+from . import allreduce  # noqa: F401  (registration)
+from . import cdgrab
+from . import lowrank
+from . import reference
+from . import sparse
 from . import signsgd  # noqa: F401  (registration: 1-bit EF-SignSGD on the ds_ext.ops sign kernels)

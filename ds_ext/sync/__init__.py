@@ -3,4 +3,5 @@ whom, to average parameters. ``none`` relies on the gradient reducer alone (data
 ``local`` (Local SGD / Local AdamW with a constant, QSR or post-local period) and ``dssync``
 (divide-and-shuffle groups) live in ``averaging.py``; the periods in ``schedules.py``."""
 from .base import Synchronizer  # noqa: F401
-from . import base, averaging  # noqa: F401  (registration)
+from . import base  # noqa: F401  (registration)
+from . import averaging

@@ -169,7 +169,7 @@ def simulate(period: Period, lr_at: Callable[[int], float], total_steps: int) ->
 
 
 def _recipe_schedule(recipe, world: int, steps_per_epoch: Optional[int]):
-    from ..optim import LRSchedule
+    from ..trainer.optim import LRSchedule
     from ..registry import DATASETS, ORDERS, load_builtin
 
     load_builtin()
@@ -188,7 +188,7 @@ def _recipe_schedule(recipe, world: int, steps_per_epoch: Optional[int]):
 
 
 def main(argv=None) -> int:
-    from ..recipe import RecipeError, load_recipe
+    from ..trainer.recipe import RecipeError, load_recipe
 
     ap = argparse.ArgumentParser(prog="python -m ds_ext.sync.schedules",
                                  description="Print a recipe's synchronisation schedule without training.")

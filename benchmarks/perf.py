@@ -1,7 +1,7 @@
 """Training throughput with synthetic input: the ACP-SGD seed's ``perf.sh`` / ``imagenet_benchmark.py``
 through a DeepSpeed engine (``run/perf.sh``).
 
-    deepspeed --num_gpus N --module ds_ext.bench.perf --opt acpsgd --rank 4 --dnn resnet50 --bs 64
+    deepspeed --num_gpus N --module benchmarks.perf --opt acpsgd --rank 4 --dnn resnet50 --bs 64
 
 ``--opt`` picks the reducer: ``ssgd`` (our bucketed allreduce; ``deepspeed`` for the engine's own),
 ``powersgd`` (rank ``--rank``, compression from iteration 3 as the seed's DDP ``powerSGD_hook``
@@ -57,7 +57,7 @@ def build(dnn: str, seq_len: int, image_size: int = 224):
             return (lambda m: m(input_ids=ids, labels=labels, next_sentence_label=nsp).loss)
         return model, batch
 
-    from ..registry import MODELS, load_builtin
+    from ds_ext.registry import MODELS, load_builtin
 
     load_builtin()
     if dnn not in MODELS:
@@ -72,7 +72,7 @@ def build(dnn: str, seq_len: int, image_size: int = 224):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ds_ext.bench.perf", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.perf", description=__doc__.split("\n\n")[0])
     ap.add_argument("--opt", default="acpsgd", help="ssgd | deepspeed | powersgd | acpsgd")
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--dnn", default="resnet50")
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
 
     import ds_ext
 
-    from ..distributed import init_distributed
+    from ds_ext.comm import init_distributed
 
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()

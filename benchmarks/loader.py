@@ -1,7 +1,7 @@
 """FFCV loader throughput against a torch ``DataLoader`` over the same JPEG folder (benchmark, not a test).
 
-    python -m ds_ext.bench.loader                        # synthetic folder: --images 1024 --size 256
-    python -m ds_ext.bench.loader --src /data/imagenet    # an ImageNet-style folder (<src>/train/<class>/*)
+    python -m benchmarks.loader                        # synthetic folder: --images 1024 --size 256
+    python -m benchmarks.loader --src /data/imagenet    # an ImageNet-style folder (<src>/train/<class>/*)
 
 Both sides do the training transform of ``ds_ext.data.ffcv_imagenet``: JPEG decode, random-resized crop
 (scale 0.08-1, aspect 3/4-4/3) to ``--res``, horizontal flip with p = 0.5, then the same ImageNet
@@ -116,7 +116,7 @@ def _time_epochs(make_iter, epochs: int):
 
 
 def run(a) -> list:
-    from ..data import ffcv_imagenet as fi
+    from ds_ext.data import ffcv_imagenet as fi
 
     fi.require_ffcv()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="ds_ext_bench_loader_"))
@@ -156,7 +156,7 @@ def run(a) -> list:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ds_ext.bench.loader", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.loader", description=__doc__.splitlines()[0])
     ap.add_argument("--src", help="ImageNet-style folder (<src>/train/<class>/*); default: a synthetic one")
     ap.add_argument("--images", type=int, default=1024, help="synthetic folder: number of images")
     ap.add_argument("--size", type=int, default=256, help="synthetic folder: image side in pixels")

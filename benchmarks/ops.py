@@ -1,4 +1,4 @@
-"""Kernel benchmark (not a test): ``bash run/bench-ops.sh`` or ``python -m ds_ext.bench.ops``.
+"""Kernel benchmark (not a test): ``bash run/bench-ops.sh`` or ``python -m benchmarks.ops``.
 
 Each compiled kernel (``DS_EXT_OPS=compiled``) against its torch fallback (``DS_EXT_OPS=torch``) and
 against a plain copy of the same bytes (``dst.copy_(src)`` of the input the kernel must read), all in
@@ -36,7 +36,7 @@ from typing import Callable
 
 import torch
 
-from .. import ops
+from ds_ext import ops
 
 
 def _sync(dev):
@@ -145,7 +145,7 @@ def bench_device(dev: torch.device, numel: int, density: float, reps: int, segme
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ds_ext.bench.ops", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.ops", description=__doc__.split("\n\n")[0])
     ap.add_argument("--numel", type=int, default=25_600_000)
     ap.add_argument("--density", type=float, default=0.001)
     ap.add_argument("--reps", type=int, default=7)

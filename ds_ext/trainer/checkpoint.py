@@ -16,7 +16,7 @@ process dies, however it dies. A second job is refused before training starts (`
 naming the holder. On a shared file system the lock needs working ``flock`` (NFSv4, Lustre with
 ``-o flock``, GPFS); where ``flock`` is not supported the lock is skipped with a logged warning.
 
-``save`` (collective) goes through these phases, each a fault-injection point of ``ds_ext.faults``
+``save`` (collective) goes through these phases, each a fault-injection point of ``ds_ext.trainer.faults``
 (``ckpt_<phase>``); a process killed at any of them leaves ``latest`` naming a complete checkpoint:
 
 1. ``start``: rank 0 removes leftovers of interrupted saves (``.staging-*``, ``.deleting-*``, a
@@ -87,7 +87,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import faults
-from .comm import gather_objects, world
+from ..comm import gather_objects, world
 
 log = logging.getLogger(__name__)
 
@@ -376,7 +376,7 @@ def save(engine, ckpt_dir: str, tag: str, rank_state: dict, meta: dict, keep: in
     err = shared_verdict(err)
     if err is None:
         faults.point("ckpt_start", step)
-        from .engine import deferred_checkpoint_writes
+        from ..deepspeed.attach import deferred_checkpoint_writes
 
         here = rank_file(staging / tag, rank)
         with deferred_checkpoint_writes(engine) as failed:  # DeepSpeed's own collectives still run
@@ -771,7 +771,7 @@ def load(engine, path: Path, rank: int, world: int = 1, step: Optional[int] = No
     if not f.is_file():
         raise CheckpointError(f"{path} has no state for rank {rank} ({f.name})")
     try:
-        from .engine import checkpoint_managed
+        from ..deepspeed.attach import checkpoint_managed
 
         with checkpoint_managed(engine):  # this module reads the rank file itself (below)
             load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)

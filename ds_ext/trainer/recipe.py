@@ -32,8 +32,9 @@ from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple,
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator)
 
-from .registry import (DATASETS, MODELS, OPTIMIZERS, ORDERS, REDUCERS, SYNCS, Options, Registry,
-                       UnknownName, load_builtin, precision_of, zero_stage_of)
+from ..registry import (
+    DATASETS, MODELS, OPTIMIZERS, ORDERS, REDUCERS, SYNCS, Options, Registry, UnknownName, load_builtin,
+    precision_of, zero_stage_of)
 
 
 class RecipeError(ValueError):
@@ -162,7 +163,7 @@ class TrainSection(Section):
     nonfinite: Literal["skip", "raise", "off"] = Field(
         "skip", description="a NaN/inf in any rank's gradient: 'skip' the update on every rank (zeroed before any "
                             "reducer or error-feedback buffer sees it; logged), 'raise' stop, 'off' no check "
-                            "(see ds_ext.engine.attach)")
+                            "(see ds_ext.deepspeed.attach.attach)")
     max_consecutive_skips: int = Field(20, ge=0, description=(
         "stop the run (exit 8) after this many optimizer steps in a row were skipped for non-finite gradients "
         "(train.nonfinite: skip); 0 = no limit"))
@@ -281,7 +282,7 @@ class Recipe(Section):
     def method_view(self, world_size: Optional[int] = None):
         """The ``MethodView`` the methods' ``check`` classmethods read (names, validated options, the
         deepspeed section, the world size if known)."""
-        from .registry import MethodView
+        from ..registry import MethodView
 
         kinds = ("reducer", "sync", "order")
         return MethodView(names=self.method_names(), options={k: getattr(self.method, k)._options for k in kinds},
@@ -908,7 +909,7 @@ def _resolve_paths(recipe: Recipe, host: HostConfig, source: str, host_file: Opt
 
 def load_recipe(path: Union[str, Path], overrides: Sequence[str] = (), host_config: Optional[str] = None) -> Recipe:
     """Read a recipe YAML, apply ``--set`` overrides and the per-host file, validate everything. A bare
-    name with no such file (``"quickstart"``) is a bundled recipe (``python -m ds_ext.recipes list``)."""
+    name with no such file (``"quickstart"``) is a bundled recipe (``python -m ds_ext.trainer.recipes list``)."""
     path = Path(path)
     if not path.exists():
         from .recipes import bundled_path
@@ -1025,7 +1026,7 @@ def data_problems(recipe: Recipe) -> List[Tuple[str, str]]:
 def environment_problems(environ: Mapping[str, str]) -> List[Tuple[str, str]]:
     """Environment variables the run reads later, checked up front: ``DS_EXT_OPS`` (the kernel mode,
     otherwise a ValueError at the first training step)."""
-    from . import ops
+    from .. import ops
 
     problem = ops.mode_problem(environ.get(ops.ENV))
     return [(ops.ENV, problem)] if problem else []

@@ -18,7 +18,7 @@ from typing import Annotated, List, Tuple
 import torch
 from pydantic import Field, model_validator
 
-from .registry import OPTIMIZERS, Options
+from ..registry import OPTIMIZERS, Options
 
 
 class SGDOptions(Options):

@@ -1,13 +1,13 @@
 """Every method side by side on an emulated multi-host cluster (the body of ``run/bench-cluster.sh``).
 
-    deepspeed --hostfile run/cluster.hostfile --module ds_ext.bench.cluster run --out DIR/N4-1gbit.json \
+    deepspeed --hostfile run/cluster.hostfile --module benchmarks.cluster run --out DIR/N4-1gbit.json \
         --bandwidth 1gbit [--model resnet50] [--methods ...] [--steps 8] [--warmup 1]
-    python -m ds_ext.bench.cluster report DIR [--compute-ms 30.5] [--compress-file GPU_OUTPUT]
+    python -m benchmarks.cluster report DIR [--compute-ms 30.5] [--compress-file GPU_OUTPUT]
 
 ``run`` (one process per emulated host, started by the DeepSpeed launcher through pdsh/ssh): every
 rank holds the gradient shapes of ``--model`` (ResNet-50: 25,557,032 fp32 values) filled with fixed
 random values (seeded by rank), builds each method's real reducer and synchronizer from the
-registries exactly as ``ds_ext.engine.attach`` does (``ds_ext.costmodel.method_specs``: allreduce,
+registries exactly as ``ds_ext.deepspeed.attach.attach`` does (``ds_ext.costmodel.model.method_specs``: allreduce,
 powersgd rank 4, acpsgd rank 4, topk and exdyna at density 0.001, signsgd, local + QSR, dssync with
 2 groups) and drives them as the engine does at an accumulation boundary (``grad_ready`` for every
 parameter in reverse order, ``finish``, the synchronizer's ``before_step`` / ``after_step``, the
@@ -34,7 +34,7 @@ Measured per step and rank:
   to be equal), and the bytes the host's interface sent / received during the timed steps
   (``/proc/net/dev`` inside the host's network namespace; ``GLOO_SOCKET_IFNAME`` names it), compared
   with the ring-algorithm expectation from the meter: all_reduce 2(g-1)/g x payload, all_gather
-  (g-1) x payload (``ds_ext.costmodel.wire_factor``).
+  (g-1) x payload (``ds_ext.costmodel.model.wire_factor``).
 
 Each rank's samples are gathered to rank 0, which writes one JSON file (``--out``) and prints the
 table. A barrier (not timed) precedes each step. ``report`` prints the tables of one or more such
@@ -53,9 +53,10 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from ..comm import barrier as world_barrier
-from ..comm import world as comm_world
-from ..costmodel import (ALL_METHODS, MethodOptions, applicable, method_specs, read_compress_file, wire_factor)
+from ds_ext.comm import barrier as world_barrier
+from ds_ext.comm import world as comm_world
+from ds_ext.costmodel.model import (
+    ALL_METHODS, MethodOptions, applicable, method_specs, read_compress_file, wire_factor)
 
 # communication meter kinds -> the collective that carries them (for the interface comparison)
 GATHER_KINDS = ("topk_indices", "topk_values", "exdyna_counts", "exdyna_indices", "signsgd_bits", "signsgd_scales")
@@ -70,7 +71,7 @@ class CollectiveTimer:
     OPS = ("_all_reduce", "_all_gather")
 
     def __init__(self):
-        from ..comm import Communicator
+        from ds_ext.comm import Communicator
 
         self.cls = Communicator
         self.orig = {name: getattr(Communicator, name) for name in self.OPS}
@@ -136,9 +137,9 @@ def iface_counters(name: Optional[str]) -> Optional[tuple]:
 
 # -------------------------------------------------------------------------------------------- run
 def build_method(method: str, named, opts: MethodOptions, meter):
-    """(reducer, synchronizer) of ``method`` from the registries, as ``ds_ext.engine.attach`` builds
+    """(reducer, synchronizer) of ``method`` from the registries, as ``ds_ext.deepspeed.attach.attach`` builds
     them (no engine: the QSR period reads a constant learning rate ``opts.qsr_lr``)."""
-    from ..registry import REDUCERS, SYNCS, load_builtin
+    from ds_ext.registry import REDUCERS, SYNCS, load_builtin
 
     load_builtin()
     rname, ropts, sname, sopts = method_specs(opts)[method]
@@ -169,9 +170,9 @@ def run(args) -> int:
     import torch
     import torch.distributed as dist
 
-    from ..distributed import init_distributed
-    from ..metrics import CommMeter
-    from ..registry import MODELS, load_builtin
+    from ds_ext.comm import init_distributed
+    from ds_ext.meter import CommMeter
+    from ds_ext.registry import MODELS, load_builtin
 
     init_distributed(timeout_s=1800)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -254,7 +255,7 @@ def run(args) -> int:
     timer.uninstall()
     gathered = comm_world().all_gather_object(per_method)
     if rank == 0:
-        result = {"kind": "ds_ext.bench.cluster", "world": world, "local_size": local_size,
+        result = {"kind": "benchmarks.cluster", "world": world, "local_size": local_size,
                   "bandwidth": args.bandwidth, "bw_bits": parse_rate(args.bandwidth), "model": args.model,
                   "numel": numel, "shapes": shapes, "steps": args.steps, "warmup": args.warmup,
                   "interface": ifname, "aligned": not args.no_align, "options": opts.__dict__, "torch": torch.__version__,
@@ -362,7 +363,7 @@ def print_table(result: dict, compute_ms: float, gpu_compress: Dict[str, float])
 
 
 def report(args) -> int:
-    from ..costmodel import load_results
+    from ds_ext.costmodel.model import load_results
 
     results = load_results(args.results)
     gpu = read_compress_file(args.compress_file) if args.compress_file else {}
@@ -372,7 +373,7 @@ def report(args) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ds_ext.bench.cluster", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.cluster", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="one measurement (every rank; under the deepspeed launcher)")
     r.add_argument("--methods", default=",".join(ALL_METHODS))

@@ -1,6 +1,6 @@
 """Sorter overhead per optimizer step (the order half of ``run/bench-order.sh``).
 
-    python -m ds_ext.bench.order [--world 2] [--gas 16] [--steps 30] [--warmup 5] [--project-dim 64]
+    python -m benchmarks.order [--world 2] [--gas 16] [--steps 30] [--warmup 5] [--project-dim 64]
 
 ``--world`` gloo processes on CPU (DeepSpeed engine, digits CNN of the quickstart recipe, one example
 per microbatch as in the D-GraB paper, ``--gas`` microbatches per optimizer step). Each row times
@@ -36,8 +36,8 @@ def _rank_main(rank, world, port, outdir, args):
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from ds_ext.distributed import init_distributed
-    from ds_ext.engine import attach
+    from ds_ext.comm import init_distributed
+    from ds_ext.deepspeed.attach import attach
     from ds_ext.registry import MODELS, ORDERS, load_builtin
 
     init_distributed(300, backend="gloo")
@@ -87,7 +87,7 @@ def _rank_main(rank, world, port, outdir, args):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ds_ext.bench.order", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.order", description=__doc__.split("\n\n")[0])
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--gas", type=int, default=16, help="microbatches (examples) per optimizer step per rank")
     ap.add_argument("--steps", type=int, default=30)

@@ -1,4 +1,4 @@
-"""Sparse selection benchmark (not a test): ``bash run/bench-sparse.sh`` or ``python -m ds_ext.bench.sparse``.
+"""Sparse selection benchmark (not a test): ``bash run/bench-sparse.sh`` or ``python -m benchmarks.sparse``.
 
 1. Selection time for one gradient of ``--numel`` (25.6M) fp32 elements at ``--density`` (0.001), each
    row's median over ``--reps`` runs and its ratio to a plain copy of the same gradient measured in
@@ -35,8 +35,8 @@ from typing import Callable, Dict, List
 
 import torch
 
-from .. import ops
-from ..registry import REDUCERS, load_builtin
+from ds_ext import ops
+from ds_ext.registry import REDUCERS, load_builtin
 
 
 def _sync(device: torch.device) -> None:

@@ -30,9 +30,9 @@ from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 
-from .comm import Communicator
-from .metrics import CommMeter
-from .registry import OPTIMIZERS, ORDERS, REDUCERS, SYNCS, MethodView, load_builtin
+from ..comm import Communicator
+from ..meter import CommMeter
+from ..registry import OPTIMIZERS, ORDERS, REDUCERS, SYNCS, MethodView, load_builtin
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +334,7 @@ class ZeroBridge:
             if comm.distributed and any(dist.get_world_size(group=pg) != comm.world_size for pg in groups):
                 raise ValueError("reducer 'deepspeed' averages over ZeRO's data-parallel group, which here is not "
                                  f"every rank ({dist.get_world_size(group=groups[0])} of {comm.world_size}, e.g. one "
-                                 "node: ds_ext.engine.node_mpu); nodes would drift apart. Use a ds_ext reducer "
+                                 "node: ds_ext.deepspeed.attach.node_mpu); nodes would drift apart. Use a ds_ext reducer "
                                  "with hierarchical: true, or build the engine without that mpu")
             return
         version = _deepspeed_version()
@@ -372,7 +372,7 @@ class ZeroBridge:
             if node is not None and list(dist.get_process_group_ranks(pg)) == node:
                 self.node_partitioned = True
                 continue
-            within = (f" or this rank's node (ranks {node[0]}-{node[-1]}, ds_ext.engine.node_mpu)"
+            within = (f" or this rank's node (ranks {node[0]}-{node[-1]}, ds_ext.deepspeed.attach.node_mpu)"
                       if node is not None else "")
             raise ValueError(f"ZeRO's data-parallel group of parameter group {i} (rank {rank} of {size}) is not "
                              f"the reducer's (rank {comm.rank} of {comm.world_size}){within}: attach over ZeRO's "
@@ -514,7 +514,7 @@ class Attachment:
         if reducer.observes_microbatches and not (order is not None and order.observes_gradients):
             raise ValueError(f"reducer {type(reducer).__name__} needs the matching gradient-driven order")
         if reducer.uses_kernels:  # compile or load the kernels now, with a message, not inside step 1
-            from . import ops
+            from .. import ops
 
             ops.prepare(comm.device)
         self.guard = NonFiniteGuard(engine, reducer.params, comm, nonfinite,
@@ -677,14 +677,14 @@ class Attachment:
         rank's writes succeeded and rank 0 has fsynced the checkpoint's files, ``latest`` (so ``latest`` never
         names a checkpoint without our state). A failed write on any rank (DeepSpeed's or ours, or
         ``latest``) raises ``checkpoint.CheckpointSaveError`` on every rank and leaves ``latest`` as it was.
-        Returns what DeepSpeed's returns. Inside ``ds_ext.checkpoint`` (the trainer), DeepSpeed's own call.
+        Returns what DeepSpeed's returns. Inside ``ds_ext.trainer.checkpoint`` (the trainer), DeepSpeed's own call.
         A decoupled (asynchronous) DeepSpeed checkpoint engine is refused: it commits after returning."""
         if getattr(self.engine, "_ds_ext_checkpoint_managed", False):
             return self._orig_save(save_dir, tag=tag, client_state=client_state or {}, save_latest=save_latest,
                                    exclude_frozen_parameters=exclude_frozen_parameters)
         from pathlib import Path
 
-        from . import checkpoint as ckpt
+        from ..trainer import checkpoint as ckpt
 
         ce = getattr(self.engine, "checkpoint_engine", None)
         if ce is not None and callable(getattr(ce, "is_decoupled", None)) and ce.is_decoupled():
@@ -736,7 +736,7 @@ class Attachment:
             return self._orig_load(load_dir, tag=tag, **kwargs)
         from pathlib import Path
 
-        from . import checkpoint as ckpt
+        from ..trainer import checkpoint as ckpt
 
         path, client = self._orig_load(load_dir, tag=tag, **kwargs)
         if path is None:
@@ -813,7 +813,7 @@ def deferred_checkpoint_writes(engine):
     read-only, I/O error) is recorded, as ``(path, exception)`` in the yielded list, instead of raised,
     and the rest of that rank's writes are skipped: ``save_checkpoint`` runs collectives after its
     writes (a barrier), and a rank that raised out of it would leave the others waiting there while it
-    went on to the next collective. ``ds_ext.checkpoint.save`` turns the list into a verdict shared by
+    went on to the next collective. ``ds_ext.trainer.checkpoint.save`` turns the list into a verdict shared by
     every rank. Written against DeepSpeed 0.19's ``engine.checkpoint_engine.save(state_dict, path)``;
     an engine without it is left alone."""
     ce = getattr(engine, "checkpoint_engine", None)
@@ -848,7 +848,7 @@ def deferred_checkpoint_writes(engine):
 @contextlib.contextmanager
 def checkpoint_managed(engine):
     """Inside, ``engine.save_checkpoint`` / ``load_checkpoint`` are DeepSpeed's own even while attached:
-    ``ds_ext.checkpoint`` (the trainer) writes and reads every rank's state itself, with more in it."""
+    ``ds_ext.trainer.checkpoint`` (the trainer) writes and reads every rank's state itself, with more in it."""
     before = getattr(engine, "_ds_ext_checkpoint_managed", False)
     engine._ds_ext_checkpoint_managed = True
     try:
@@ -879,7 +879,7 @@ _KIND_REGISTRIES = {"reducer": REDUCERS, "sync": SYNCS, "order": ORDERS}
 def _typed_block(kind: str, block):
     """A method block given as a typed options object (``PowerSGDOptions(rank=2)``) or ``(name, options)``:
     the equivalent ``{name: ..., <option>: ...}`` dict, so that it is validated like any other block."""
-    from .registry import Options
+    from ..registry import Options
 
     registry = _KIND_REGISTRIES.get(kind)
     if isinstance(block, tuple) and len(block) == 2 and isinstance(block[0], str) and isinstance(block[1], Options):
@@ -902,7 +902,7 @@ def method_spec(engine, method=None):
     ``method`` is None, the ``ds_ext`` block of the engine's DeepSpeed config (the same schema; absent:
     ``allreduce``, no sync, ``rr``). A bad block raises ``recipe.RecipeError`` (a ``ValueError``) naming the
     key and what is allowed, as the recipe check does."""
-    from .recipe import MethodSection, method_section
+    from ..trainer.recipe import MethodSection, method_section
 
     if isinstance(method, MethodSection):
         return method
@@ -976,7 +976,7 @@ def attach(engine, method: Union[None, Dict[str, Any], Any] = None, meter: Optio
     hier_reducer, hier_sync = bool(getattr(ropts, "hierarchical", False)), bool(getattr(sopts, "hierarchical", False))
     topology = hierarchy = None
     if hier_reducer or hier_sync:  # node layout from the launcher, checked by every rank (collective)
-        from .hierarchy import HierarchicalAveraging, Topology, build_hierarchical
+        from ..hierarchy import HierarchicalAveraging, Topology, build_hierarchical
 
         topology = Topology.from_env(comm)
     if hier_reducer:
@@ -1037,7 +1037,7 @@ def node_mpu(comm: Optional[Communicator] = None) -> Optional[NodeMPU]:
     checks that every node starts alike; seed the model alike on every rank), and the sampler of its
     ``training_data=`` loader splits the data over one node's ranks (every node would read the same shard:
     build your own loader over all ranks, as the ds_ext trainer does)."""
-    from .hierarchy import Topology
+    from ..hierarchy import Topology
 
     comm = comm or Communicator()
     topo = Topology.from_env(comm)
@@ -1067,7 +1067,7 @@ def _scoped_mpu():
 
 def hierarchical_zero(recipe) -> bool:
     """Whether a recipe runs a hierarchical reducer under ZeRO 1/2 (``initialize`` then partitions within nodes)."""
-    from .registry import zero_stage_of
+    from ..registry import zero_stage_of
 
     load_builtin()
     method = recipe.method
@@ -1102,7 +1102,7 @@ def initialize(recipe, model: torch.nn.Module, steps_per_epoch: int, meter: Opti
     (``deepspeed.init_distributed``)."""
     import deepspeed
 
-    from .optim import LRSchedule
+    from ..trainer.optim import LRSchedule
 
     import torch.distributed as dist
 

@@ -1,10 +1,10 @@
 """What checkpoint integrity costs (benchmark, not a test).
 
-    python -m ds_ext.bench.checkpoint [--models resnet50 vit_b16] [--dir /tmp] [--repeat 2]
+    python -m benchmarks.checkpoint [--models resnet50 vit_b16] [--dir /tmp] [--repeat 2]
 
 For each model, the file a DeepSpeed fp32 ZeRO-0 checkpoint holds on rank 0 (the module's state plus
 the optimizer's: SGD with momentum for ResNet-50, AdamW for ViT-B/16, as the QSR recipes train them)
-is written with ``torch.save`` (fsynced, as ``ds_ext.checkpoint`` does), then fingerprinted and verified
+is written with ``torch.save`` (fsynced, as ``ds_ext.trainer.checkpoint`` does), then fingerprinted and verified
 with each ``checkpoint.integrity`` setting. The table gives seconds and the ratio to the write measured
 in the same run. The file is read back from the page cache, as it is right after a save; a load on
 another node reads it from disk or the network instead, where reading dominates. Verification is split
@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint as ck
+from ds_ext.trainer import checkpoint as ck
 
 
 def _state(name: str) -> dict:
-    from ..registry import MODELS, load_builtin
+    from ds_ext.registry import MODELS, load_builtin
 
     load_builtin()
     model = MODELS.build(name, {})
@@ -74,7 +74,7 @@ def measure(name: str, root: Path, repeat: int) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ds_ext.bench.checkpoint", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.checkpoint", description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=["resnet50", "vit_b16"])
     ap.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
     ap.add_argument("--repeat", type=int, default=2, help="best of N")

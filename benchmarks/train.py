@@ -1,10 +1,10 @@
 """Real training steps of every method on the emulated cluster, beside PyTorch DDP's own hooks (the body of
 ``run/bench-train.sh``; the cluster run is root only, ``--local`` is not).
 
-    deepspeed --hostfile H --module ds_ext.bench.train run --out DIR/ds.json [--methods ...] [--model resnet50]
+    deepspeed --hostfile H --module benchmarks.train run --out DIR/ds.json [--methods ...] [--model resnet50]
         [--image-size 128] [--batch 4] [--steps 8] [--warmup 2] [--bandwidth 500mbit]
-    deepspeed --hostfile H --module ds_ext.bench.train run --ddp --out DIR/ddp.json      # PyTorch DDP, no DeepSpeed
-    python -m ds_ext.bench.train report DIR                   # DIR/table.md, DIR/results.json, the model check
+    deepspeed --hostfile H --module benchmarks.train run --ddp --out DIR/ddp.json      # PyTorch DDP, no DeepSpeed
+    python -m benchmarks.train report DIR                   # DIR/table.md, DIR/results.json, the model check
 
 ``run`` (every rank, one process per emulated host, started by the DeepSpeed launcher through pdsh/ssh, or
 locally by ``tests/harness.run``) trains a real model -- forward, cross-entropy loss, backward, optimizer step
@@ -17,7 +17,7 @@ initial weights:
   buckets launched during backward), ``powersgd`` rank 4, ``acpsgd`` rank 4, ``topk`` and ``exdyna`` at
   density 0.001, ``signsgd``, ``local_qsr`` (reducer ``none`` + ``local``, period ``qsr``, alpha 0.0175 at
   lr 0.008: H = 4; timed over whole periods), ``dssync`` (2 groups; needs 4 ranks) -- the settings of
-  ``ds_ext.costmodel.method_specs`` -- and ``deepspeed``: DeepSpeed's own ZeRO-0 reduction (one flat
+  ``ds_ext.costmodel.model.method_specs`` -- and ``deepspeed``: DeepSpeed's own ZeRO-0 reduction (one flat
   all_reduce inside ``engine.backward``, after autograd);
 * with ``--ddp``: PyTorch ``DistributedDataParallel`` without DeepSpeed (the process group from
   ``torch.distributed.init_process_group("gloo")``; ``deepspeed`` is not imported while measuring, which the result
@@ -62,12 +62,12 @@ model's overlap term reads); and again, 1 + ``--alone-steps`` steps, right befor
 the machine's speed can drift between methods when it is shared). ``exdyna`` starts at the threshold that
 selects its target density of the compute-alone gradients (mean over ranks of a 1M-value sample quantile; the
 seed's ``1/(2 sqrt k)`` start is far off for real gradient magnitudes and adapts over ~1,000 steps) -- a
-deliberate deviation, as in ``ds_ext.bench.cluster``.
+deliberate deviation, as in ``benchmarks.cluster``.
 
 Summaries (``summarize``): per rank the median over timed steps (``local_qsr``: the mean per step of each
 whole period, median over periods), then the mean over ranks; samples/s = world x batch / median step time.
 ``report`` merges the result files of one directory into ``table.md`` / ``results.json`` and runs the cost
-model's check (``ds_ext.costmodel.train_check``).
+model's check (``ds_ext.costmodel.model.train_check``).
 """
 from __future__ import annotations
 
@@ -82,9 +82,9 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from ..comm import barrier as world_barrier
-from ..comm import world as comm_world
-from ..costmodel import ALL_METHODS, MethodOptions, applicable, method_specs
+from ds_ext.comm import barrier as world_barrier
+from ds_ext.comm import world as comm_world
+from ds_ext.costmodel.model import ALL_METHODS, MethodOptions, applicable, method_specs
 
 DS_METHODS = tuple(ALL_METHODS) + ("deepspeed",)
 DDP_METHODS = ("ddp_allreduce", "ddp_powersgd")
@@ -200,7 +200,7 @@ class CollectiveRecorder:
                              async_op)
 
         dist.all_reduce = all_reduce
-        from ..comm import Communicator  # imports no DeepSpeed
+        from ds_ext.comm import Communicator  # imports no DeepSpeed
 
         orig_ag = Communicator._all_gather
         self._orig["_all_gather"] = orig_ag
@@ -217,7 +217,7 @@ class CollectiveRecorder:
         if "all_reduce" in self._orig:
             dist.all_reduce = self._orig.pop("all_reduce")
         if "_all_gather" in self._orig:
-            from ..comm import Communicator
+            from ds_ext.comm import Communicator
 
             Communicator._all_gather = self._orig.pop("_all_gather")
 
@@ -316,7 +316,7 @@ def make_batch(rank: int, batch: int, image: int, classes: int):
 def build_model(name: str, classes: int):
     import torch
 
-    from ..registry import MODELS, load_builtin
+    from ds_ext.registry import MODELS, load_builtin
 
     load_builtin()
     torch.manual_seed(0)
@@ -521,13 +521,13 @@ def bench(cfg: dict) -> Optional[dict]:
         import deepspeed.comm as dc
 
         if not dc.is_initialized():  # a DDP launch: DeepSpeed's comm layer over the existing process group
-            from ..distributed import init_distributed
+            from ds_ext.comm import init_distributed
 
             init_distributed(timeout_s=1800)
     gathered = comm_world().all_gather_object(mine)
     if rank != 0:
         return None
-    return {"kind": "ds_ext.bench.train", "world": world, "local_size": int(os.environ.get("LOCAL_SIZE", "1")),
+    return {"kind": "benchmarks.train", "world": world, "local_size": int(os.environ.get("LOCAL_SIZE", "1")),
             "bandwidth": cfg["bandwidth"], "model": cfg["model"], "image_size": cfg["image_size"],
             "batch": cfg["batch"], "classes": cfg["classes"] or 1000, "steps": cfg["steps"], "warmup": cfg["warmup"],
             "ddp": cfg["ddp"], "deepspeed_imported": deepspeed_imported, "pinned": core is not None,
@@ -612,7 +612,7 @@ def load_dir(path) -> List[dict]:
             d = json.loads(f.read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(d, dict) and d.get("kind") == "ds_ext.bench.train":
+        if isinstance(d, dict) and d.get("kind") == "benchmarks.train":
             d["_file"] = str(f)
             out.append(d)
     if not out:
@@ -683,7 +683,7 @@ def table_markdown(mg: dict, check: Optional[dict] = None) -> str:
 
 
 def report(args) -> int:
-    from ..costmodel import print_train_check, train_check
+    from ds_ext.costmodel.model import print_train_check, train_check
 
     results = load_dir(args.dir)
     mg = merged(results)
@@ -769,7 +769,7 @@ def run(args) -> int:
 
         dist.init_process_group("gloo", timeout=timedelta(seconds=1800))
     else:
-        from ..distributed import init_distributed
+        from ds_ext.comm import init_distributed
 
         init_distributed(timeout_s=1800)
     if core is not None:
@@ -788,7 +788,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ds_ext.bench.train", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="one measurement (every rank; under the deepspeed launcher)")
     r.add_argument("--methods", default=None, help=f"comma list (default: {','.join(DS_METHODS)}; with --ddp: "

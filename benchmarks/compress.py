@@ -1,6 +1,6 @@
 """Compression cost of the gradient reducers on a real model's gradient shapes (``run/bench-compress.sh``).
 
-    python -m ds_ext.bench.compress [--model resnet50] [--rank 4] [--steps 5] [--dtype fp32|bf16|fp16]
+    python -m benchmarks.compress [--model resnet50] [--rank 4] [--steps 5] [--dtype fp32|bf16|fp16]
                                     [--device auto|cpu|cuda] [--no-torch-hooks] [--fresh-grads]
 
 One process, world size 1 (gloo on CPU, NCCL on CUDA), so no network is involved: what is timed is
@@ -73,7 +73,7 @@ def _ensure_pg(device: torch.device) -> None:
 
 
 def build_model(name: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    from ..registry import MODELS, load_builtin
+    from ds_ext.registry import MODELS, load_builtin
 
     load_builtin()
     torch.manual_seed(0)
@@ -82,8 +82,8 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype) -> torch.nn
 
 def bench_ours(model, method: str, options: dict, steps: int, warmup: int, device,
                fresh_grads: bool = False) -> Dict[str, float]:
-    from ..metrics import CommMeter
-    from ..registry import REDUCERS
+    from ds_ext.meter import CommMeter
+    from ds_ext.registry import REDUCERS
 
     params = [p for p in model.parameters() if p.requires_grad]
     gen = torch.Generator(device="cpu").manual_seed(1)
@@ -170,7 +170,7 @@ def bench_torch_hook(model, hook_name: str, rank: int, steps: int, warmup: int, 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ds_ext.bench.compress", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.compress", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="resnet50")
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--steps", type=int, default=5)

@@ -8,7 +8,7 @@ Communication is the sum over the collectives one rank issues per optimizer step
     all_reduce  of B payload bytes in a group of g ranks:  2(g-1) * alpha + 2(g-1)/g * B / (eta * BW)
     all_gather  of B payload bytes per rank, g ranks:        (g-1) * alpha +  (g-1)   * B / (eta * BW)
 
-``B`` is what the communication meter (``ds_ext.metrics.CommMeter``) counts: the tensor handed to the
+``B`` is what the communication meter (``ds_ext.meter.CommMeter``) counts: the tensor handed to the
 collective on one rank. ``alpha`` is the per-message latency (one ring hop) and ``eta`` the fraction of
 the link rate ``BW`` a stream achieves: the model's two constants.
 
@@ -115,9 +115,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .comm import Collective
-from .reducers.buckets import bucket_sizes as _bucket_sizes
-from .reducers.buckets import fuse_reverse, numel_of
+from ..comm import Collective
+from ..reducers.buckets import bucket_sizes as _bucket_sizes
+from ..reducers.buckets import fuse_reverse, numel_of
 
 # ---------------------------------------------------------------------------------------- methods
 # name -> (reducer name, reducer options, sync name, sync options, launched during backward, label)
@@ -153,7 +153,7 @@ class MethodOptions:
 
 
 def method_specs(opts: MethodOptions) -> Dict[str, Tuple[str, dict, str, dict]]:
-    """(reducer, reducer options, sync, sync options) per method, as ``ds_ext.engine.attach`` takes them."""
+    """(reducer, reducer options, sync, sync options) per method, as ``ds_ext.deepspeed.attach.attach`` takes them."""
     return {
         "allreduce": ("allreduce", {"bucket_mb": opts.bucket_mb}, "none", {}),
         "powersgd": ("powersgd", {"rank": opts.rank, "start_powerSGD_iter": 0}, "none", {}),
@@ -192,7 +192,7 @@ def bucket_sizes(shapes: Sequence[Sequence[int]], bucket_mb: float, elem: int = 
 
 def powersgd_bytes(shapes, rank: int, min_rate: float = 2.0) -> Tuple[int, int]:
     """(P bytes incl. the uncompressed tensors, Q bytes) of one PowerSGD step (``PowerSGDReducer.collectives``)."""
-    from .reducers.lowrank import PowerSGDOptions, PowerSGDReducer
+    from ..reducers.lowrank import PowerSGDOptions, PowerSGDReducer
 
     p, q = PowerSGDReducer.collectives(shapes, 1, PowerSGDOptions(rank=rank,
                                                                    min_compression_rate=min_rate))
@@ -201,7 +201,7 @@ def powersgd_bytes(shapes, rank: int, min_rate: float = 2.0) -> Tuple[int, int]:
 
 def acpsgd_groups(shapes, rank: int, fusion_mb: float = 25.0) -> Tuple[List[int], List[int]]:
     """Bytes of each fused all_reduce of a P-step and of a Q-step (``ACPSGDReducer.group_bytes``)."""
-    from .reducers.lowrank import ACPSGDReducer
+    from ..reducers.lowrank import ACPSGDReducer
 
     return ACPSGDReducer.group_bytes(shapes, rank, fusion_mb)
 
@@ -211,7 +211,7 @@ def collectives(method: str, shapes: Sequence[Sequence[int]], n: int, opts: Meth
     """The collectives one rank issues per optimizer step (averaged over a period where it has one): the
     method's reducer and synchronizer describe their own traffic (their ``collectives`` classmethods,
     found through the registries), with the options ``method_specs`` gives them."""
-    from .registry import REDUCERS, SYNCS, load_builtin
+    from ..registry import REDUCERS, SYNCS, load_builtin
 
     if method not in ALL_METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(ALL_METHODS)}")
@@ -237,8 +237,8 @@ def hierarchical_method_collectives(method: str, shapes: Sequence[Sequence[int]]
     between the nodes, node gather) and, for ``local_qsr``, ``HierarchicalAveraging.collectives`` (node
     gradient mean every step, the shard's parameter average across nodes every H steps, node gather).
     ``local_rank`` None: the local rank whose shard costs the most (as there)."""
-    from .hierarchy import HierarchicalAveraging, hierarchical_collectives
-    from .registry import REDUCERS, SYNCS, load_builtin
+    from ..hierarchy import HierarchicalAveraging, hierarchical_collectives
+    from ..registry import REDUCERS, SYNCS, load_builtin
 
     if method not in HIER_METHODS:
         raise ValueError(f"{method!r} has no hierarchical mode; methods with one: {', '.join(HIER_METHODS)}")
@@ -491,7 +491,7 @@ def fit_compression(method: str, points: Sequence[Tuple[int, float]]) -> Compres
 
 # ------------------------------------------------------------------------------- measured results
 def load_results(paths: Sequence[str]) -> List[dict]:
-    """Bench result files (``ds_ext.bench.cluster`` JSON), from files or directories."""
+    """Bench result files (``benchmarks.cluster`` JSON), from files or directories."""
     out = []
     for p in paths:
         path = Path(p)
@@ -503,7 +503,7 @@ def load_results(paths: Sequence[str]) -> List[dict]:
                 d = json.loads(f.read_text())
             except (OSError, json.JSONDecodeError) as e:
                 raise SystemExit(f"{f}: not a readable bench-cluster result ({e})") from None
-            if isinstance(d, dict) and d.get("kind") == "ds_ext.bench.cluster":
+            if isinstance(d, dict) and d.get("kind") == "benchmarks.cluster":
                 d["_file"] = str(f)
                 out.append(d)
     if not out:
@@ -629,7 +629,7 @@ def model_shapes(name: str) -> List[Tuple[int, ...]]:
     device (no memory, no initialisation cost)."""
     import torch
 
-    from .registry import MODELS, load_builtin
+    from ..registry import MODELS, load_builtin
 
     load_builtin()
     with torch.device("meta"):
@@ -645,7 +645,7 @@ def model_shapes(name: str) -> List[Tuple[int, ...]]:
 # (the fraction of backward elapsed when each parameter's gradient is ready) is measured (bench-train's compute
 # alone) or estimated from the layers' multiply-accumulates (``flop_ready_fractions``).
 
-#: PyTorch DDP, the peer bench-train runs beside us (``ds_ext.bench.train``)
+#: PyTorch DDP, the peer bench-train runs beside us (``benchmarks.train``)
 DDP_METHODS = ("ddp_allreduce", "ddp_powersgd")
 TRAIN_METHODS = tuple(ALL_METHODS) + ("deepspeed",) + DDP_METHODS
 DDP_FIRST_BUCKET_MB = 1.0     # torch.distributed._DEFAULT_FIRST_BUCKET_BYTES, with DDP's default bucket_cap_mb
@@ -698,7 +698,7 @@ def backward_schedule(method: str, shapes, n: int, opts: MethodOptions, ddp_one_
     backward): ``allreduce`` one all_reduce per bucket (``reducers/buckets.py``'s layout) and ``acpsgd`` one per
     fusion group (a P-step and a Q-step, weight 1/2 each) wait for their gradients; ``ddp_allreduce`` per DDP
     bucket (first 1 MiB, then 25 MiB); ``ddp_powersgd`` with one bucket (what bench-train runs: PyTorch's hook
-    races on gloo with more, ``ds_ext.bench.train.DDP_POWERSGD_ONE_BUCKET``) all_reduces the uncompressed
+    races on gloo with more, ``benchmarks.train.DDP_POWERSGD_ONE_BUCKET``) all_reduces the uncompressed
     tensors, P and Q after backward (with DDP's buckets: that chain per bucket, during backward); ``deepspeed``
     one flat all_reduce of every gradient after backward; every other method after backward (``collectives``)."""
     sizes = [4 * numel_of(s) for s in shapes]
@@ -706,7 +706,7 @@ def backward_schedule(method: str, shapes, n: int, opts: MethodOptions, ddp_one_
         groups = fuse_reverse(sizes, int(opts.bucket_mb * 2**20))
         return [(1.0, [Launch(g, [Collective("all_reduce", sum(sizes[i] for i in g), n)]) for g in groups], [])]
     if method == "acpsgd":
-        from .reducers.lowrank import _phase_sizes, fusion_caps, matrix_dims
+        from ..reducers.lowrank import _phase_sizes, fusion_caps, matrix_dims
 
         dims = [matrix_dims(s, opts.rank) for s in shapes]
         sp, sq = _phase_sizes(dims, [bool(d[2]) for d in dims])
@@ -774,7 +774,7 @@ def flop_ready_fractions(name: str, image_size: int = 224, shapes=None) -> List[
     3 x H x W images: parameter bytes in reverse order instead."""
     import torch
 
-    from .registry import MODELS, load_builtin
+    from ..registry import MODELS, load_builtin
 
     load_builtin()
     with torch.device("meta"):
@@ -860,12 +860,12 @@ def train_inputs(method: str, row: dict) -> Tuple[float, float, float]:
 
 
 def train_check(mg: dict, consts: Optional[Constants] = None, ready: Optional[Sequence[float]] = None) -> dict:
-    """The overlap model against a merged bench-train result (``ds_ext.bench.train.merged``): per method the
+    """The overlap model against a merged bench-train result (``benchmarks.train.merged``): per method the
     modelled step (compute alone + compression + communication, the launch term for collectives launched during
     backward) and its error, the window term's (``step_ms``, 2/3 of compute) for comparison, and the modelled
     hidden communication. ``consts`` None: alpha and eta fitted on the measured communication of the methods that
     communicate after backward (``SERIAL_TRAIN_METHODS``); ``ready`` None: the measured readiness profile."""
-    from .bench.cluster import parse_rate
+    from benchmarks.cluster import parse_rate
 
     rows = mg["rows"]
     shapes = [tuple(s) for s in mg["shapes"]]
@@ -1074,7 +1074,7 @@ def _has_results(path: str) -> bool:
             d = json.loads(f.read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(d, dict) and d.get("kind") == "ds_ext.bench.cluster":
+        if isinstance(d, dict) and d.get("kind") == "benchmarks.cluster":
             return True
     return False
 
@@ -1226,7 +1226,7 @@ def main(argv=None) -> int:
             return 2
         src = None
         if args.overlap_from is not None:
-            from .bench.train import load_dir, merged
+            from benchmarks.train import load_dir, merged
 
             mg = merged(load_dir(args.overlap_from))
             print_train_check(train_check(mg))

@@ -1,6 +1,6 @@
 """Herding-bound simulation (the D-GraB seed's ``herding_bound_simulation.py`` experiment).
 
-    python -m ds_ext.order.herding --d 1000 --m 10000 --n 100 [--trials 5] [--rounds 15]
+    python -m benchmarks.herding --d 1000 --m 10000 --n 100 [--trials 5] [--rounds 15]
                                    [--project-dim 64] [--out runs/herding]
 
 Random unit vectors z (``m*n`` rows of dimension ``d``, row-normalised, reshaped ``(m, n, d)`` and
@@ -343,7 +343,7 @@ def format_table(res: dict, rounds_to_show=None) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ds_ext.order.herding", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.herding", description=__doc__.split("\n\n")[0])
     ap.add_argument("--d", type=int, required=True)
     ap.add_argument("--m", type=int, required=True, help="examples per worker (even)")
     ap.add_argument("--n", type=int, required=True, help="workers")

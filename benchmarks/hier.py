@@ -1,18 +1,18 @@
 """Flat vs hierarchical (node-aware) communication, measured with the real trainer on the emulated cluster
 (the body of ``run/bench-hier.sh``; root only there, not a test).
 
-    python -m ds_ext.bench.hier plan --out DIR/plan.json [--parts a,b,c] [--seeds 0,1,2,3,4] ...
-    deepspeed --hostfile H --module ds_ext.bench.hier worker --plan DIR/plan.json --out DIR
-    python -m ds_ext.bench.hier report DIR [--md DIR/tables.md]
+    python -m benchmarks.hier plan --out DIR/plan.json [--parts a,b,c] [--seeds 0,1,2,3,4] ...
+    deepspeed --hostfile H --module benchmarks.hier worker --plan DIR/plan.json --out DIR
+    python -m benchmarks.hier report DIR [--md DIR/tables.md]
 
 ``worker`` (every rank, started by the deepspeed launcher through pdsh/ssh on ``run/cluster.sh up 2 BW
 --slots 2``: 2 emulated hosts x 2 ranks) runs every trainer run of the plan one after the other in the
-same processes (``ds_ext.train.train`` on the recipe with the run's ``--set`` overrides; the process group
+same processes (``ds_ext.trainer.loop.train`` on the recipe with the run's ``--set`` overrides; the process group
 and the imports are made once, which saves ~45 s of start-up per run on these 2 cores; the peer watchdog
 is off, ``DS_EXT_WATCHDOG=0``, because its address is published once per process group). Around the
 trainer, without changing it:
 
-* the communication meter (``ds_ext.metrics.CommMeter``) is replaced by a subclass that, at every
+* the communication meter (``ds_ext.meter.CommMeter``) is replaced by a subclass that, at every
   ``end_step`` (after the step's collectives and DeepSpeed's step), records the meter's bytes by kind,
   the wall clock, and this host's interface counters (``/sys/class/net/<GLOO_SOCKET_IFNAME>/statistics``:
   tx/rx bytes and packets; ``lo`` too). Both ranks of a host read the same ``eth0``, which counts only
@@ -20,7 +20,7 @@ trainer, without changing it:
 * every collective of the communication layer (``Communicator._all_reduce`` / ``_all_gather``, through
   which all of ds_ext's traffic passes, metered or control) is recorded with its payload and its
   group's ranks, so the bytes that must cross hosts can be computed from the real calls too;
-* ``ds_ext.engine.initialize`` is wrapped to keep the engine and its attachment, whose optimizer state is
+* ``ds_ext.deepspeed.attach.initialize`` is wrapped to keep the engine and its attachment, whose optimizer state is
   measured after the run (part c), with the ranks of ZeRO's data-parallel group(s) and the kind its parameter
   all-gather is metered under. The wrapper only calls the original, so everything ``initialize`` does inside
   stays as it is, in particular ``node_mpu``: a hierarchical reducer under ZeRO 1/2 gets ZeRO's
@@ -70,7 +70,7 @@ PART_A = tuple(METHODS)
 PART_B = ("powersgd", "topk")
 #: meter kinds whose collectives run inside a node (over its ranks only; nothing crosses hosts):
 #: hierarchical mode's intra-node steps and ZeRO 1/2's parameter all-gather when ZeRO is partitioned within
-#: the node (``ds_ext.engine.node_mpu``; ``ZeroBridge`` meters it as ``node_zero_allgather``)
+#: the node (``ds_ext.deepspeed.attach.node_mpu``; ``ZeroBridge`` meters it as ``node_zero_allgather``)
 NODE_KINDS = ("node_mean", "node_gather", "node_zero_allgather")
 #: meter kinds carried by an all_gather (every other kind: an all_reduce)
 GATHER_KINDS = ("topk_indices", "topk_values", "exdyna_counts", "exdyna_indices", "signsgd_bits", "signsgd_scales",
@@ -113,7 +113,7 @@ def build_plan(parts: Sequence[str] = ("a", "b", "c"), seeds: Sequence[int] = (0
     overrides: the wider model) for ``a_epochs``; part (b): the quickstart over ``seeds``, flat and
     hierarchical, for powersgd and topk, and flat allreduce (S-SGD) as the reference; part (c): acpsgd flat and
     hierarchical at ZeRO stage 0 and 1 (seed 0, part (a)'s model and length; hierarchical ZeRO 1 is partitioned
-    within the node, ``ds_ext.engine.node_mpu``). A run that two parts need with the same settings is run once
+    within the node, ``ds_ext.deepspeed.attach.node_mpu``). A run that two parts need with the same settings is run once
     (part (c)'s stage-0 runs are part (a)'s flat and hierarchical acpsgd)."""
     a_opts = dict(DEFAULTS, **(a_opts or {}))
     b_opts = dict(B_DEFAULTS, **(b_opts or {}))
@@ -147,7 +147,7 @@ def build_plan(parts: Sequence[str] = ("a", "b", "c"), seeds: Sequence[int] = (0
             for m in PART_B:
                 for mode in ("flat", "hier"):
                     add("b", m, mode, s, b_opts, epochs=b_epochs)
-    return {"kind": "ds_ext.bench.hier.plan", "recipe": recipe, "a_options": a_opts, "b_options": b_opts,
+    return {"kind": "benchmarks.hier.plan", "recipe": recipe, "a_options": a_opts, "b_options": b_opts,
             "a_sets": list(a_sets), "a_epochs": a_epochs, "b_epochs": b_epochs, "seeds": list(seeds),
             "runs": list(runs.values())}
 
@@ -201,11 +201,11 @@ class _Recorder:
 
 def _install(rec: _Recorder):
     """Patch the meter class, the communication layer's two data collectives and ``initialize``."""
-    from .. import engine as eng
-    from .. import metrics
-    from ..comm import Communicator
+    from ds_ext.deepspeed import attach as eng
+    from ds_ext import meter
+    from ds_ext.comm import Communicator
 
-    base = metrics.CommMeter
+    base = meter.CommMeter
 
     class RecordingMeter(base):
         def end_step(self):
@@ -213,7 +213,7 @@ def _install(rec: _Recorder):
             rec.on_end_step(self)
             return b
 
-    metrics.CommMeter = RecordingMeter
+    meter.CommMeter = RecordingMeter
     orig_ar, orig_ag = Communicator._all_reduce, Communicator._all_gather
 
     def _all_reduce(comm, t, op, async_op, kind):
@@ -280,10 +280,10 @@ def worker(args) -> int:
     os.environ.setdefault("DS_EXT_WATCHDOG", "0")
     import torch.distributed as dist
 
-    from .. import train as tr
-    from ..comm import barrier
-    from ..distributed import init_distributed
-    from ..recipe import load_recipe, preflight
+    from ds_ext.trainer import loop as tr
+    from ds_ext.comm import barrier
+    from ds_ext.comm import init_distributed
+    from ds_ext.trainer.recipe import load_recipe, preflight
 
     plan = json.loads(Path(args.plan).read_text())
     out = Path(args.out).absolute()  # a relative log.dir would be put under the host's log_root
@@ -723,7 +723,7 @@ def tables_markdown(runs: List[dict], meta: Optional[dict] = None) -> str:
     c = [f"## (c) ZeRO-1 vs ZeRO-0, acpsgd rank {a_opts['acp_rank']}, flat and hierarchical (part (a)'s "
          "model and length)", "",
          "Flat ZeRO 1 partitions the optimizer state over all 4 ranks and all-gathers the updated parameters "
-         "over all of them (kind zero_allgather, crossing hosts); hierarchical ZeRO 1 (ds_ext.engine.node_mpu) "
+         "over all of them (kind zero_allgather, crossing hosts); hierarchical ZeRO 1 (ds_ext.deepspeed.attach.node_mpu) "
          "partitions it within the node (ZeRO group = the host's 2 ranks, one copy per host) and all-gathers "
          "inside the host (kind node_zero_allgather, excluded from the expected eth0 bytes). 'ZeRO group': the "
          "ranks of the ZeRO optimizer's dp_process_group as recorded on every rank after the run. Optimizer "
@@ -763,7 +763,7 @@ def report(args) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ds_ext.bench.hier", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.hier", description=__doc__.split("\n\n")[0])
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # the launcher's
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("plan", help="write the plan of trainer runs")
@@ -811,4 +811,4 @@ if __name__ == "__main__":
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)  # as ds_ext.train: no interpreter teardown of gloo threads
+    os._exit(code)  # as ds_ext.trainer.loop: no interpreter teardown of gloo threads

@@ -1,6 +1,6 @@
 """Data orders x seeds on a recipe: train every pair, then the paired comparison against a baseline order.
 
-    python -m ds_ext.bench.orders --recipe R --orders rr,dgrab --seeds 0..9 [--set k=v ...] [--world-size 4]
+    python -m benchmarks.orders --recipe R --orders rr,dgrab --seeds 0..9 [--set k=v ...] [--world-size 4]
         --out DIR [--order 'LABEL={name: dgrab, remainder: visit}'] [--baseline rr] [--reuse | --report-only]
 
 For every order and seed it launches the trainer (``python -m ds_ext.train``) on ``--world-size`` local
@@ -477,7 +477,7 @@ def plot(runs: List[Run], orders: List[OrderSpec], baseline: str, path: Path) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m ds_ext.bench.orders", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.orders", description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", required=True)
     ap.add_argument("--orders", default=None, help="comma-separated order names, e.g. rr,dgrab")
     ap.add_argument("--order", dest="custom", action="append", default=[], metavar="LABEL=YAML",

@@ -1,0 +1,82 @@
+"""The communication meter: bytes each collective hands to the network, by kind.
+
+Bytes are counted as the payload each method hands to collectives on this rank (tensor numel x
+element size per all_reduce / all_gather call), not the algorithm-dependent wire traffic of the
+collective itself (a ring all_reduce moves about 2(n-1)/n times its payload per rank).
+
+The trainer's console progress, wandb logging and step timing live in ``ds_ext/trainer/records.py``.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from collections import defaultdict
+from typing import Dict
+
+log = logging.getLogger(__name__)
+
+
+#: what a kind's bytes are for, where it is not the method's gradient exchange (a reducer's or an order's own
+#: kinds): ZeRO's collectives, hierarchical mode's intra-node traffic, a synchronizer's parameter averaging
+#: (``node_zero_allgather``: ZeRO partitioned within the node, hierarchical mode; inside nodes too), an order's
+#: balancing (``order_balance``: the D-GraB order's pair-difference all_gather, ``ds_ext/order/dgrab.py``)
+PURPOSES = {"zero_allgather": "ZeRO all-gather", "node_zero_allgather": "ZeRO all-gather", "zero_reduce": "ZeRO reduction",
+            "node_mean": "inside nodes", "node_gather": "inside nodes", "param_allreduce": "parameter averaging",
+            "order_balance": "order balancing"}
+
+
+def purpose_key(purpose: str) -> str:
+    """A purpose as a metric-name fragment: ``"parameter averaging"`` -> ``"parameter_averaging"``."""
+    return re.sub(r"[^a-z0-9]+", "_", purpose.lower()).strip("_")
+
+
+class CommMeter:
+    def __init__(self):
+        self.step_bytes = 0
+        self.step_calls = 0
+        self.total_bytes = 0
+        self.total_calls = 0
+        self.steps = 0
+        self.by_kind: Dict[str, int] = defaultdict(int)
+        self.last_step_bytes = 0
+
+    def add(self, kind: str, nbytes: int, calls: int = 1) -> None:
+        self.step_bytes += int(nbytes)
+        self.step_calls += calls
+        self.by_kind[kind] += int(nbytes)
+
+    def end_step(self) -> int:
+        """Close one optimizer step; returns the bytes of that step."""
+        b = self.step_bytes
+        self.total_bytes += b
+        self.total_calls += self.step_calls
+        self.steps += 1
+        self.last_step_bytes = b
+        self.step_bytes = 0
+        self.step_calls = 0
+        return b
+
+    def by_purpose(self, exchange: str = "gradient exchange") -> Dict[str, int]:
+        """Bytes grouped by what they were for (``PURPOSES``; every other kind under ``exchange``)."""
+        out: Dict[str, int] = defaultdict(int)
+        for kind, n in self.by_kind.items():
+            out[PURPOSES.get(kind, exchange)] += n
+        return dict(out)
+
+    def state_dict(self) -> dict:
+        return {"total_bytes": self.total_bytes, "total_calls": self.total_calls, "steps": self.steps,
+                "by_kind": dict(self.by_kind)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.total_bytes = int(state["total_bytes"])
+        self.total_calls = int(state["total_calls"])
+        self.steps = int(state["steps"])
+        self.by_kind = defaultdict(int, state.get("by_kind", {}))
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024.0
+    return f"{n:.1f} TiB"

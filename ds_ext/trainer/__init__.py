@@ -1,0 +1,1 @@
+"""The application layer: the ``ds-ext`` trainer, recipes, run records, the checkpoint store, faults."""
