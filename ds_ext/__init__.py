@@ -13,6 +13,9 @@ recipe names to implementations. Importing ds_ext does not import deepspeed.
 __version__ = "0.1.0"
 
 from .registry import DATASETS, MODELS, OPTIMIZERS, ORDERS, REDUCERS, SYNCS, load_builtin  # noqa: F401
+# the built-in plugins register themselves on import (the registries live in registry.py, which imports none)
+from . import data, models, order, reducers, sync  # noqa: F401,E402
+from .trainer import optim  # noqa: F401,E402
 from .trainer.recipe import Recipe, RecipeError, load_recipe  # noqa: F401
 
 
@@ -31,5 +34,3 @@ def attach(engine, method=None, meter=None, group=None, check_every=0, total_ste
     return _attach(engine, method, meter=meter, group=group, check_every=check_every, total_steps=total_steps,
                    order=order, nonfinite=nonfinite, check=check, steps_per_epoch=steps_per_epoch)
 
-
-load_builtin()

@@ -7,6 +7,8 @@ accepts. Adding a method is adding one module with one ``@REGISTRY.register(...)
 """
 from __future__ import annotations
 
+import importlib
+
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Type
 
@@ -156,10 +158,6 @@ ORDERS = Registry("order")
 
 
 def load_builtin() -> None:
-    """Import the modules that register the built-in implementations (cheap: no deepspeed import)."""
-    from . import models  # noqa: F401
-    from . import data
-    from .trainer import optim
-    from . import reducers  # noqa: F401
-    from . import sync
-    from . import order
+    """Make sure the built-in implementations are registered. They register when the package ``ds_ext`` is
+    imported (``ds_ext/__init__.py`` imports its plugin packages); this ground-floor module knows no plugin."""
+    importlib.import_module("ds_ext")

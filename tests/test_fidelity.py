@@ -22,12 +22,13 @@ from ds_ext import methods
 from ds_ext.testing import LoopbackWorld
 from ds_ext.trainer.recipe import RecipeError, load_recipe
 from ds_ext.registry import ORDERS, REDUCERS, SYNCS, MethodView, load_builtin
+from ds_ext.reducers.base import error_feedback_reducers, fp16_dynamic_refusal
 
 load_builtin()
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "recipes" / "quickstart.yaml"
 CARDS = methods.all_cards()
-EF_REDUCERS = ["powersgd", "acpsgd", "topk", "exdyna", "signsgd"]
+EF_REDUCERS = error_feedback_reducers()  # from the registry (Reducer.keeps_scaled_state), never a hand list
 
 
 # ------------------------------------------------------------------ 1. PowerSGD's compression rule
@@ -224,16 +225,16 @@ def _view(reducer: str, ds: dict, options=None) -> MethodView:
     return MethodView(names={"reducer": reducer, "sync": "none", "order": "rr"}, options=opts, deepspeed=ds)
 
 
-def test_exactly_the_error_feedback_reducers_carry_scaled_state():
-    carrying = sorted(n for n in REDUCERS.names() if getattr(REDUCERS.get(n).factory, "keeps_scaled_state", False))
-    assert carrying == sorted(EF_REDUCERS)
+def test_every_reducer_with_an_error_feedback_option_carries_scaled_state():
+    with_option = {n for n in REDUCERS.names() if "error_feedback" in REDUCERS.get(n).options.model_fields}
+    assert with_option and with_option <= set(EF_REDUCERS)
+    assert "acpsgd" in EF_REDUCERS  # always error feedback (no option): declared on the class
+    assert "allreduce" not in EF_REDUCERS
 
 
 @pytest.mark.parametrize("reducer", EF_REDUCERS)
 def test_fp16_dynamic_loss_scaling_refused_alike(reducer):
-    from ds_ext.reducers.base import FP16_DYNAMIC_REFUSAL
-
-    want = [("method.reducer", FP16_DYNAMIC_REFUSAL.format(reducer=reducer))]
+    want = [("method.reducer", fp16_dynamic_refusal(reducer))]
     assert _view(reducer, {"fp16": {"enabled": True}}).problems() == want
     assert _view(reducer, {"fp16": {"enabled": True, "loss_scale": 0}}).problems() == want
     if reducer != "acpsgd":  # the rule does not depend on the error_feedback option
@@ -241,17 +242,16 @@ def test_fp16_dynamic_loss_scaling_refused_alike(reducer):
     for ok in ({"fp16": {"enabled": True, "loss_scale": 128}}, {"bf16": {"enabled": True}}, {}):
         assert _view(reducer, ok).problems() == [], ok
     msg = want[0][1].replace(repr(reducer), repr("R"), 1)
-    assert msg == FP16_DYNAMIC_REFUSAL.format(reducer="R")  # one message, only the name differs
+    assert msg == fp16_dynamic_refusal("R")  # one message, only the name differs
+    assert ", ".join(EF_REDUCERS) in msg  # the message names the family from the registry
 
 
 @pytest.mark.parametrize("reducer", EF_REDUCERS)
 def test_fp16_policy_through_the_recipe_check(reducer):
-    from ds_ext.reducers.base import FP16_DYNAMIC_REFUSAL
-
     block = f"method.reducer={{name: {reducer}}}"
     with pytest.raises(RecipeError) as ei:
         load_recipe(QUICK, [block, "deepspeed.fp16={enabled: true}"])
-    assert FP16_DYNAMIC_REFUSAL.format(reducer=reducer) in str(ei.value)
+    assert fp16_dynamic_refusal(reducer) in str(ei.value)
     assert str(ei.value).count("error-feedback method") == 1  # once, not once per copy of the rule
     load_recipe(QUICK, [block, "deepspeed.fp16={enabled: true, loss_scale: 128}"])
 

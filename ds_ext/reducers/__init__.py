@@ -1,14 +1,13 @@
 """Gradient reducers (``method.reducer``): each owns gradient averaging across the data-parallel group.
 
-Built in: ``deepspeed`` (the engine's own allreduce, kept as the reference), ``allreduce`` (S-SGD:
-bucketed, asynchronous, overlapped with backward) and ``none`` (no gradient communication, for the
-local/parameter-averaging synchronizers), ``powersgd`` and ``acpsgd`` (low-rank compression), ``topk``
-and ``exdyna`` (sparsification with error feedback).
+The built-in reducers are the modules of this package; the list is the registry
+(``ds_ext.REDUCERS.names()``, ``python -m ds_ext.methods list``), never typed out by hand.
 """
+import importlib
+import pkgutil
+
 from .base import Reducer  # noqa: F401
-from . import allreduce  # noqa: F401  (registration)
-from . import cdgrab
-from . import lowrank
-from . import reference
-from . import sparse
-from . import signsgd  # noqa: F401  (registration: 1-bit EF-SignSGD on the ds_ext.ops sign kernels)
+
+# every module of this package is imported, so a new method registers by adding its module (no list to edit)
+for _m in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_m.name}")

@@ -13,9 +13,9 @@
 * ``stats()`` returns scalar diagnostics of the last step (e.g. achieved density); the trainer logs
   them as ``reducer/<name>``.
 * ``keeps_scaled_state``: the reducer carries state computed from the gradient values from one step to
-  the next (an error-feedback residual). Every such reducer (``powersgd``, ``acpsgd``, ``topk``,
-  ``exdyna``, ``signsgd``) follows one fp16 policy, ``fp16_loss_scaling_problem``: DeepSpeed's fp16
-  *dynamic* loss scaling is refused, a static ``fp16.loss_scale`` is accepted.
+  the next (an error-feedback residual). Every such reducer (``error_feedback_reducers()``) follows one
+  fp16 policy, ``fp16_loss_scaling_problem``: DeepSpeed's fp16 *dynamic* loss scaling is refused, a static
+  ``fp16.loss_scale`` is accepted.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import torch
 from pydantic import AliasChoices, Field
 
 from ..comm import Communicator, for_params
-from ..registry import NoOptions, Options, precision_of, zero_stage_of
+from ..registry import REDUCERS, NoOptions, Options, precision_of, zero_stage_of
 
 
 def error_feedback_field(description: str, default: bool = True):
@@ -104,15 +104,21 @@ def fp16_loss_scaling_problem(reducer: str, ds) -> Optional[Tuple[str, str]]:
     fp16 = ds.get("fp16") if isinstance(ds, Mapping) else None
     if not isinstance(fp16, Mapping) or not fp16.get("enabled", False) or fp16.get("loss_scale"):
         return None
-    return ("method.reducer", FP16_DYNAMIC_REFUSAL.format(reducer=reducer))
+    return ("method.reducer", fp16_dynamic_refusal(reducer))
 
 
-#: the one message of the fp16 policy (``fp16_loss_scaling_problem``), the same for every error-feedback reducer
-FP16_DYNAMIC_REFUSAL = (
-    "reducer {reducer!r} is an error-feedback method: the residual it carries from step to step stays in the loss "
-    "scale of the step that made it, so under fp16 dynamic loss scaling every change of the scale corrupts it "
-    "(refused alike for powersgd, acpsgd, topk, exdyna and signsgd); use bf16 or fp32, or a static "
-    "deepspeed.fp16.loss_scale > 0")
+def error_feedback_reducers() -> List[str]:
+    """The registered reducers that declare ``keeps_scaled_state`` (read from the registry, never typed out)."""
+    return [n for n in REDUCERS.names() if getattr(REDUCERS.get(n).factory, "keeps_scaled_state", False)]
+
+
+def fp16_dynamic_refusal(reducer: str) -> str:
+    """The one message of the fp16 policy (``fp16_loss_scaling_problem``), the same for every error-feedback
+    reducer; it names them from the registry."""
+    return (f"reducer {reducer!r} is an error-feedback method: the residual it carries from step to step stays in "
+            "the loss scale of the step that made it, so under fp16 dynamic loss scaling every change of the scale "
+            f"corrupts it (refused alike for {', '.join(error_feedback_reducers())}); use bf16 or fp32, or a static "
+            "deepspeed.fp16.loss_scale > 0")
 
 
 class Reducer:

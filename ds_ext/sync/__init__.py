@@ -2,6 +2,11 @@
 whom, to average parameters. ``none`` relies on the gradient reducer alone (data-parallel SGD).
 ``local`` (Local SGD / Local AdamW with a constant, QSR or post-local period) and ``dssync``
 (divide-and-shuffle groups) live in ``averaging.py``; the periods in ``schedules.py``."""
+import importlib
+import pkgutil
+
 from .base import Synchronizer  # noqa: F401
-from . import base  # noqa: F401  (registration)
-from . import averaging
+
+# every module of this package is imported, so a new method registers by adding its module (no list to edit)
+for _m in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_m.name}")
