@@ -19,20 +19,9 @@ Importing this module never builds or needs a compiler. ``prepare(device)`` load
 front, with one log line before a build, so that the build does not happen inside the first training
 step; ``status()`` tells what is in use (see ``python -m ds_ext.report``).
 
-Results are identical whichever path runs (same indices, same bits, same values), except:
-
-* ``sign_pack``'s scale (mean |x|): both paths accumulate in fp64 but in a different order, so the
-  fp32 scale may differ by one ulp (tests: ``rtol=1e-6``), and the residual ``x - scale*sign(x)`` by as
-  much; the same for each scale of ``sign_pack_segments``. Within one path, ``sign_pack_segments``
-  equals a loop of ``sign_pack`` over the segments bit for bit (scales included);
-* ``scatter_add_`` on CUDA with repeated indices adds with atomics in an unspecified order, as
-  ``index_add_`` on CUDA does (sums of more than two terms may differ in the last bits).
-
-Host synchronisation (CUDA): none of these functions reads the device, except ``threshold_select``
-without ``count`` (it must size its output: one read of the count). ``threshold_count`` followed by
-``threshold_select(..., count=...)`` moves that read to where the caller wants it (e.g. one exchange of
-every rank's count). Out-of-range indices in ``scatter_add_`` / ``pack_values`` are device-side asserts
-on CUDA (reported at the next synchronisation, as torch's own ``index_add_`` does), errors on the CPU.
+Results are identical whichever path runs, with two named exceptions (``sign_pack``'s fp32 scale may differ
+by one ulp between paths; ``scatter_add_`` with repeated indices on CUDA); host reads and device asserts are
+listed with them in ``docs/dev/notes/ops.md``.
 
 Conventions shared by all functions:
 

@@ -122,7 +122,7 @@ fi
 
 stamp="$VENV/.ds_ext-setup-stamp"
 want="$( (cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml" "$ROOT/setup.py"; echo "ffcv=$with_ffcv"; echo "$build_vars") | sha256sum | cut -c1-16)"
-check="import ds_ext, deepspeed, matplotlib"  # matplotlib: a default dependency (the plots), re-installed when missing
+check="import ds_ext, deepspeed, matplotlib"  # matplotlib: from the test extra (the benchmarks' plots), re-installed when missing
 [ "$with_ffcv" = 1 ] && check="$check, importlib.util; assert importlib.util.find_spec('ffcv')"
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ] || ! "$PY" -c "$check" >/dev/null 2>&1; then
   if [ "$with_ffcv" = 1 ]; then

@@ -129,7 +129,9 @@ def test_declared_dependencies(wheel):
     (lo, hi) = _zero_bridge_range()
     spec = set(plain["deepspeed"][len("deepspeed"):].split(","))
     assert spec == {f">={lo[0]}.{lo[1]}", f"<{hi[0]}.{hi[1]}"}, plain["deepspeed"]
-    assert "matplotlib" in plain  # the plots come with the default install
+    assert "matplotlib" not in plain and "numba" not in plain  # research tools are extras, not install requirements
+    bench = {r.split(";")[0].strip().split(">")[0] for r in reqs if 'extra == "bench"' in r}
+    assert bench == {"numba", "matplotlib"}
     hf = {r.split(";")[0].strip() for r in reqs if 'extra == "hf"' in r}
     assert hf == {"transformers>=4.40", "accelerate>=0.30"}
 
