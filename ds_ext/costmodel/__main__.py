@@ -1,3 +1,3 @@
 from .model import main
 
-main()
+raise SystemExit(main())
