@@ -1,7 +1,7 @@
 """The one communication layer: every collective ds_ext makes goes through a ``Communicator``.
 
 Methods (reducers, synchronizers, orders), the engine's step hooks and the trainer are handed a
-communicator and never call ``torch.distributed`` themselves (``tests/test_comm.py`` fails if a
+communicator and never call ``torch.distributed`` themselves (``tests/unit/test_comm.py`` fails if a
 collective is called anywhere else in the package). A communicator is
 
 * **on ``deepspeed.comm``**: ``all_reduce``, ``all_gather_into_tensor``, ``broadcast`` and ``barrier``

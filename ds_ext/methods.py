@@ -2,7 +2,7 @@
 
 A card says what a method sends and when (collectives, bytes per step as a formula in the parameter
 shapes), its options (name, default, meaning: checked against the method's ``Options`` class by
-``tests/test_method_cards.py``), when to use it and when not, the paper's recommended hyper-parameters,
+``tests/unit/test_method_cards.py``), when to use it and when not, the paper's recommended hyper-parameters,
 its failure modes and its deviations from the papers' reference code.
 
     python -m ds_ext.methods list              # name, kind, one line per card

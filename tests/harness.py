@@ -26,7 +26,7 @@ def free_port() -> int:
 
 
 def _entry(rank, fn, world_size, port, outdir, kwargs):
-    one_gpu = os.environ.get("DS_EXT_TEST_ONE_GPU") == "1"  # tests/test_gpu.py: every rank on cuda:0
+    one_gpu = os.environ.get("DS_EXT_TEST_ONE_GPU") == "1"  # tests/dist/test_gpu.py: every rank on cuda:0
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(0 if one_gpu else rank), WORLD_SIZE=str(world_size),
                       LOCAL_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch.distributed as dist
@@ -41,7 +41,7 @@ def _entry(rank, fn, world_size, port, outdir, kwargs):
         if dist.is_initialized():
             dist.destroy_process_group()
     # Result saved, process group gone: leave without interpreter teardown. Intermittently (1 CI run, 2 of
-    # ~40 local runs of tests/test_nonfinite.py) a rank died there with SIGABRT, "terminate called without
+    # ~40 local runs of tests/dist/test_nonfinite.py) a rank died there with SIGABRT, "terminate called without
     # an active exception" (a C++ thread object destroyed while joinable, after the work was done); that
     # is not what these tests test. An exception in fn still propagates above with its traceback.
     sys.stdout.flush()

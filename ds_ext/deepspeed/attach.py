@@ -1087,7 +1087,7 @@ def deepspeed_config(recipe, world_size: int, data_parallel: Optional[int] = Non
     cfg.update(recipe.deepspeed)
     if int((cfg.get("zero_optimization") or {}).get("stage", 0) or 0) >= 1:
         # our optimizers are torch's (SGD, AdamW, ...), which ZeRO steps like any other on its fp32 partition;
-        # DeepSpeed otherwise refuses any optimizer it has not listed as tested (tests/test_zero.py runs them)
+        # DeepSpeed otherwise refuses any optimizer it has not listed as tested (tests/dist/test_zero.py runs them)
         cfg.setdefault("zero_allow_untested_optimizer", True)
     batch = recipe.train.global_batch_size if data_parallel is None else micro * gas * data_parallel
     cfg.update(train_batch_size=batch, train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=gas)

@@ -27,7 +27,7 @@ backward, write into ``p.grad`` itself, so between the accumulation-boundary bac
 logging between ``engine.backward`` and ``engine.step``) would read in-flight data. With
 ``bucket_view: true`` read gradients after ``step`` or from a data order's hooks. The copy path keeps
 each rank's local gradient in ``p.grad`` until ``step``. Both give bit-identical results
-(``tests/test_zero_copy.py``). The class attribute ``force_bucket_view`` (tests) overrides the option.
+(``tests/dist/test_zero_copy.py``). The class attribute ``force_bucket_view`` (tests) overrides the option.
 """
 from __future__ import annotations
 

@@ -178,7 +178,7 @@ class Reducer:
     def collectives(cls, shapes, world: int, options, **model) -> list:
         """The collectives one rank issues per optimizer step for parameters of these shapes
         (``ds_ext.comm.Collective``; fp32 gradients, steady state): what the cost model adds up and what
-        the meter counts (tests/test_cluster.py checks the two agree). ``model``: assumptions a
+        the meter counts (tests/e2e/test_cluster.py checks the two agree). ``model``: assumptions a
         data-dependent method needs (``imbalance`` for exdyna, ``lr`` for a QSR period)."""
         return []
 

@@ -11,7 +11,7 @@ fp32 (or bf16) gradients on W ranks:
 
 which is the hook's arithmetic (``buffer.to(dtype).div_(world_size)``, all_reduce, ``buffer.copy_``),
 so with the same inputs the result equals DDP's bit for bit wherever the summation order is the same (2
-ranks always; ``tests/test_half_reducer.py``). The payload per step is 2 bytes per element instead of 4.
+ranks always; ``tests/dist/test_half_reducer.py``). The payload per step is 2 bytes per element instead of 4.
 
 Deliberate differences from the hook: ``dtype`` is an option of one method, not two hooks; the buckets
 are ds_ext's (``bucket_mb``, as ``allreduce``), not DDP's; DeepSpeed's ``communication_data_type`` is not

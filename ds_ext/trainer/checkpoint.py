@@ -63,8 +63,8 @@ core here). See the README for measured costs at ResNet-50 and ViT-B/16 sizes.
 Resuming checks the checkpoint's ``meta.json`` against this run (``check_meta``): see
 ``resume_fields`` for what must match and what may change.
 
-Deviations from the previous version of this module, each found by ``tests/test_faults.py`` or
-``tests/test_reliability.py``: re-saving an existing tag used to delete the old copy before renaming
+Deviations from the previous version of this module, each found by ``tests/e2e/test_faults.py`` or
+``tests/e2e/test_reliability.py``: re-saving an existing tag used to delete the old copy before renaming
 the new one in, pruning deleted in place, pruning sorted by name (wrong past step 9,999,999), a
 missing ``latest`` meant a fresh start (whose saves then pruned the good checkpoints), and files were
 not fingerprinted.

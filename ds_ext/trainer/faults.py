@@ -60,7 +60,7 @@ with them (``exit`` still waits, as for SIGTERM). Then, by ``on_signal``:
   once``. The ranks must agree on the request (a signal may reach only some): the trainer does it
   with ``engine.StopVote`` (each rank's request rides on the step's gradient control exchange); a
   loop of one's own can all_reduce (max) ``stop_code()`` and call ``stop_agreed(code)``, which
-  prints the line on ranks without a request of their own (``tests/workers_signals.py``). Then every
+  prints the line on ranks without a request of their own (``tests/e2e/workers_signals.py``). Then every
   rank saves and leaves with ``EXIT_PREEMPTED`` (75; resume with ``checkpoint.resume=auto``).
 
 In both modes a second signal less than ``REPEAT_S`` (2 s) after the first is the same request (the

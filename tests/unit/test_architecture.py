@@ -9,7 +9,7 @@ from typing import Dict, List, Set
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PKG = ROOT / "ds_ext"
 
 GROUND = {"ds_ext.comm", "ds_ext.meter", "ds_ext.registry", "ds_ext.spec", "ds_ext.testing"}

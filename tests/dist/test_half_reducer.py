@@ -63,7 +63,7 @@ def _own_loop_resume(rank: int, world: int, ckpt: str) -> dict:
     """``half`` attached to a DeepSpeed engine: 2 steps, save, 2 more (straight); a fresh engine loads and runs
     the same 2 steps (resumed)."""
     import ds_ext
-    from tests.workers import flat_params, make_engine, rank_batches
+    from tests.dist.workers import flat_params, make_engine, rank_batches
 
     def steps(engine, first, n):
         for x, y in list(rank_batches(rank, first + n, 8, torch.float32))[first:]:
