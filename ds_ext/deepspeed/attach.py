@@ -32,7 +32,8 @@ import torch
 from ..comm import Communicator
 from ..meter import CommMeter
 from ..registry import ORDERS, REDUCERS, SYNCS, MethodView, load_builtin
-from .step_hooks import ConsistencyCheck, DesyncError, NonFiniteGuard, StopVote, check_consistency
+from .step_hooks import (ConsistencyCheck, DesyncError, NonFiniteGuard, StepInfo, StopVote, check_consistency,
+                         split_rows)
 from .zero import ZeroBridge, _node_partitioned_detached
 
 log = logging.getLogger(__name__)
@@ -61,12 +62,20 @@ def _copy_into(view: torch.Tensor):
 class Attachment:
     """The methods attached to one engine; hold on to it (it owns the hooks). It only wires: gradient
     hooks to the reducer (and the non-finite screen), microbatch gradients to a gradient-driven order,
-    and ``engine.step`` to the step sequence reducer -> ``NonFiniteGuard`` -> synchronizer ->
-    DeepSpeed's step -> synchronizer -> meter -> ``ConsistencyCheck``. What a method can do is declared on
-    its base class (``Reducer.observes_microbatches``, ``Reducer.uses_kernels``, ``Order.observes_gradients``)."""
+    and ``engine.step`` to the step sequence: the step hooks' control vectors posted, the reducer's
+    ``finish()`` (or, on a local step in hierarchical mode, the synchronizer's node exchange), the hooks'
+    ``before_step``, the synchronizer's ``before_step``, DeepSpeed's step wrapped by the hooks, the
+    synchronizer's ``after_step``, the hooks' ``after_step``, the meter's ``end_step``. The hooks
+    (``step_hooks.StepHook``) run in the order of ``hooks``: ``NonFiniteGuard``, ``StopVote``, ``ZeroBridge``
+    (ZeRO 1/2 only), ``ConsistencyCheck``. What a method can do is declared on its base class
+    (``Reducer.observes_microbatches``, ``Reducer.uses_kernels``, ``Order.observes_gradients``).
+
+    ``method``: the reducer's name in messages (default: its class name). ``topology``: the node layout
+    (``hierarchy.Topology``) in hierarchical mode, else None: ZeRO may then be partitioned within the node,
+    and a local step's node exchange shares the non-finite verdict over the node's ranks."""
 
     def __init__(self, engine, reducer, sync, comm: Communicator, check_every: int = 0, order=None,
-                 nonfinite: str = "skip"):
+                 nonfinite: str = "skip", method: Optional[str] = None, topology=None):
         self.engine, self.reducer, self.sync, self.comm = engine, reducer, sync, comm
         self.meter = comm.meter
         self.order = order
@@ -80,12 +89,11 @@ class Attachment:
             from .. import ops
 
             ops.prepare(comm.device)
-        self.guard = NonFiniteGuard(engine, reducer.params, comm, nonfinite,
-                                    getattr(reducer, "inner_cls", type(reducer)).__name__,
-                                    engine_reduces=not reducer.replaces_engine_allreduce)
+        self.guard = NonFiniteGuard(engine, reducer.params, comm, nonfinite, method or type(reducer).__name__,
+                                    engine_reduces=not reducer.replaces_engine_allreduce,
+                                    sharers=topology.node_members() if topology is not None else None)
         # ZeRO stage 1/2: the method's exchange replaces ZeRO's reduction (see ZeroBridge)
-        self.zero = (ZeroBridge(engine, comm, replace=reducer.replaces_engine_allreduce,
-                                topology=getattr(reducer, "topology", None))
+        self.zero = (ZeroBridge(engine, comm, replace=reducer.replaces_engine_allreduce, topology=topology)
                      if engine.zero_optimization_stage() in (1, 2) else None)
         if self.zero is not None and self.zero.node_partitioned:
             # DeepSpeed broadcast the initial parameters over its data-parallel group, i.e. inside each node
@@ -99,6 +107,8 @@ class Attachment:
                                   f"rank or broadcast it before deepspeed.initialize): {e}") from None
         self.check = ConsistencyCheck(engine.module, comm, check_every)
         self.vote = StopVote(comm)
+        #: the step hooks, run in this order in every phase of ``step``
+        self.hooks = [h for h in (self.guard, self.vote, self.zero, self.check) if h is not None]
         self.steps = 0
         self.last_step_communicated = False
         self._handles = []
@@ -176,41 +186,34 @@ class Attachment:
                 self.guard.screen(self._flat)
             self._feed(self._flat)
             self._flat.zero_()
-        boundary = self.engine.is_gradient_accumulation_boundary()
-        skip = False
-        if boundary:
-            reduced = self.sync.reduce_gradients_now()
-            communicates = reduced and self.comm.distributed
-            flags, vote = self.guard.control(communicates), self.vote.control(communicates)
-            posted = [t for t in (flags, vote) if t is not None]
-            if posted:  # rides on the step's one control exchange (a method's own, or one all_gather)
-                self.comm.post_control(torch.cat(posted) if len(posted) > 1 else posted[0])
-            if reduced:
-                self.reducer.finish()
-            rows = self.comm.collect_control() if posted else None
-            shared = sharers = None
-            if not reduced and self.sync.hierarchy is not None:  # the node's exact gradient mean, flag aboard
-                shared = self.sync.local_gradient_exchange(self.guard.local_input_flag())
-                sharers = self.sync.hierarchy.topology.node_members()
-            k = 0 if flags is None else flags.numel()
-            skip = self.guard.verdict(reduced, communicates, [r[:k] for r in rows] if flags is not None else None,
-                                      shared=shared, sharers=sharers)
-            self.vote.settle(communicates, [r[k:] for r in rows] if vote is not None else None)
-            if not skip:
-                self.sync.before_step()
-        orig = self._orig_step
-        if boundary and self.zero is not None and self.zero.replace:
-            def orig(*a, **k):  # ZeRO's step reads this rank's partition of the reduced gradients
-                self.zero.fill()
-                return self._orig_step(*a, **k)
-        out = self.guard.skipped_step(orig, *args, **kwargs) if skip else orig(*args, **kwargs)
-        if boundary:
-            self.last_step_communicated = bool(self.sync.after_step())
-            if self.zero is not None:
-                self.zero.record(self.meter)
-            self.meter.end_step()
-            self.steps += 1
-            self.check.after_step(self.steps, self.sync.synced_globally, self.engine.global_steps)
+        if not self.engine.is_gradient_accumulation_boundary():
+            return self._orig_step(*args, **kwargs)
+        reduced = self.sync.reduce_gradients_now()
+        info = StepInfo(reduced=reduced, communicates=reduced and self.comm.distributed)
+        posted = [h.control(info) for h in self.hooks]
+        sent = [t for t in posted if t is not None]
+        if sent:  # rides on the step's one control exchange (a method's own, or one all_gather)
+            self.comm.post_control(torch.cat(sent) if len(sent) > 1 else sent[0])
+        if reduced:
+            self.reducer.finish()
+        rows = self.comm.collect_control() if sent else None
+        if not reduced and self.sync.hierarchy is not None:  # the node's exact gradient mean, flag aboard
+            info.shared = self.sync.local_gradient_exchange(self.guard.local_input_flag())
+        for hook, mine in zip(self.hooks, split_rows(rows, posted)):
+            info.skip = hook.before_step(info, mine) or info.skip
+        if not info.skip:
+            self.sync.before_step()
+        run = self._orig_step
+        for hook in reversed(self.hooks):  # the first hook's wrapper outermost
+            run = hook.wrap(run, info)
+        out = run(*args, **kwargs)
+        self.last_step_communicated = bool(self.sync.after_step())
+        self.steps += 1
+        info.steps, info.synced_globally, info.global_step = (self.steps, self.sync.synced_globally,
+                                                              self.engine.global_steps)
+        for hook in self.hooks:
+            hook.after_step(info)
+        self.meter.end_step()
         return out
 
     def detach(self, restore_engine: bool = True) -> None:
@@ -554,4 +557,5 @@ def attach(engine, method: Union[None, Dict[str, Any], Any] = None, meter: Optio
                        total_steps=total_steps, hierarchy=hierarchy,
                        steps_per_epoch=steps_per_epoch if steps_per_epoch is not None
                        else getattr(sched, "steps_per_epoch", None))
-    return Attachment(engine, reducer, sync, comm, check_every=check_every, order=order, nonfinite=nonfinite)
+    return Attachment(engine, reducer, sync, comm, check_every=check_every, order=order, nonfinite=nonfinite,
+                      method=REDUCERS.get(rname).factory.__name__, topology=topology)

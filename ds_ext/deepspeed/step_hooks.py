@@ -1,14 +1,19 @@
-"""Step hooks: what runs around the optimizer step at an accumulation boundary (``Attachment.step``).
+"""Step hooks: what runs around the optimizer step at an accumulation boundary.
 
+One small protocol (``StepHook``) that ``Attachment.step`` runs in order over its hooks ``[NonFiniteGuard,
+StopVote, ZeroBridge, ConsistencyCheck]`` (the bridge only under ZeRO 1/2, ``ds_ext/deepspeed/zero.py``):
 ``NonFiniteGuard`` (a NaN or inf in any rank's gradient skips the update on every rank), ``StopVote`` (every
 rank stops after the same step when a signal asked one of them to) and ``ConsistencyCheck`` (every rank holds
-the same parameters, by ``parameter_fingerprint``); the ZeRO bridge (``ds_ext/deepspeed/zero.py``) is the fourth.
+the same parameters, by ``parameter_fingerprint``). Each hook gets what it needs when it is built; per step
+it sees a ``StepInfo`` and its own slice of the step's control rows.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -26,6 +31,61 @@ class NonFiniteError(FloatingPointError):
 
 
 NONFINITE_MODES = ("skip", "raise", "off")
+
+
+@dataclass
+class StepInfo:
+    """One optimizer step (an accumulation boundary) as the hooks see it; ``Attachment.step`` fills it in."""
+
+    reduced: bool  #: the reducer ran this step (``Synchronizer.reduce_gradients_now``)
+    communicates: bool  #: ... and exchanged gradients between ranks: the step's control exchange runs
+    #: a local step in hierarchical mode: this rank's non-finite flag summed by the synchronizer's node exchange
+    shared: Optional[torch.Tensor] = None
+    skip: bool = False  #: a hook's ``before_step`` skipped the optimizer update
+    steps: int = 0  #: the attachment's optimizer steps, this one included (set before ``after_step``)
+    synced_globally: bool = False  #: every rank must now hold identical parameters (set before ``after_step``)
+    global_step: int = 0  #: DeepSpeed's ``global_steps`` after the step (set before ``after_step``)
+
+
+class StepHook:
+    """What runs around the optimizer step at an accumulation boundary. ``Attachment.step`` runs each phase
+    over its hooks in order (the defaults do nothing):
+
+    1. ``control(info)``, before the reducer's ``finish()``: a 1-D int64 vector on ``comm.device`` to ride on
+       the step's one control exchange, or None. The hooks' vectors are posted together, once
+       (``Communicator.post_control``: a method's own exchange carries them, or one all_gather).
+    2. ``before_step(info, rows)``, after ``finish()``: ``rows`` holds every rank's copy of this hook's own
+       vector (one list of ints per rank; None when it posted none). True skips the optimizer update.
+    3. ``wrap(step, info)``: the step function to run (DeepSpeed's, already wrapped by the later hooks):
+       ``step`` itself or a function around it.
+    4. ``after_step(info)``, after the step and the synchronizer's ``after_step``, before the meter closes
+       the step."""
+
+    def control(self, info: StepInfo) -> Optional[torch.Tensor]:
+        return None
+
+    def before_step(self, info: StepInfo, rows: Optional[List[List[int]]]) -> bool:
+        return False
+
+    def wrap(self, step: Callable, info: StepInfo) -> Callable:
+        return step
+
+    def after_step(self, info: StepInfo) -> None:
+        pass
+
+
+def split_rows(rows: Optional[List[List[int]]], posted: Sequence[Optional[torch.Tensor]]) -> list:
+    """Each hook's slice of the control rows, in the order of ``posted`` (the hooks' ``control`` vectors,
+    concatenated in that order on every rank): a list of rows per hook, None for a hook that posted none."""
+    out, k = [], 0
+    for t in posted:
+        if t is None:
+            out.append(None)
+            continue
+        n = t.numel()
+        out.append([r[k:k + n] for r in rows])
+        k += n
+    return out
 
 
 def parameter_fingerprint(module: torch.nn.Module) -> torch.Tensor:
@@ -61,7 +121,7 @@ def check_consistency(module: torch.nn.Module, comm: Optional[Communicator] = No
                               f"{other[bad].item() & (2**64 - 1):016x})")
 
 
-class NonFiniteGuard:
+class NonFiniteGuard(StepHook):
     """Step hook: a NaN or inf in any rank's gradient never reaches a method's state, and the update is
     skipped on every rank (``mode``: ``skip``, ``raise`` or ``off``; see ``attach``).
 
@@ -71,12 +131,15 @@ class NonFiniteGuard:
     on a local step (Local SGD / DS-Sync between averagings) this rank's flag is read alone."""
 
     def __init__(self, engine, params, comm: Communicator, mode: str = "skip", method: str = "reducer",
-                 engine_reduces: bool = False):
+                 engine_reduces: bool = False, sharers: Optional[Sequence[int]] = None):
+        """``method``: the reducer's name in messages; ``sharers``: the ranks a synchronizer's node exchange
+        sums this rank's flag over on a local step (hierarchical mode: this rank's node), else None."""
         if mode not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {mode!r}")
         if mode != "off" and engine_reduces and engine.zero_optimization_stage() != 0:
             mode = "off"  # ZeRO reduces inside its own hooks (reducer deepspeed): DeepSpeed's overflow handling
         self.engine, self.params, self.comm, self.mode, self.method = engine, params, comm, mode, method
+        self.sharers = None if sharers is None else list(sharers)
         self._bad = []  # 0-dim bool device flags of the current window's screened gradients
         self._out_bad = None  # the last communicating step's "non-finite result" flag (device), checked next step
         self._out_step = 0
@@ -111,10 +174,10 @@ class NonFiniteGuard:
             return self.comm.zeros((), dtype=torch.bool)
         return ~torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf"))).float()).all().to(self.comm.device)
 
-    def control(self, communicates: bool) -> Optional[torch.Tensor]:
+    def control(self, info: StepInfo) -> Optional[torch.Tensor]:
         """Before the reducer's ``finish``: this rank's two flags (int64, device) to ride on the step's one
         control exchange (``Attachment.step`` posts them), or None when there is nothing to send."""
-        if not self.on or not communicates:
+        if not self.on or not info.communicates:
             return None
         out = self._out_bad if self._out_bad is not None else self.comm.zeros((), dtype=torch.bool)
         return torch.stack([self._local_flag(), out]).to(torch.int64)
@@ -129,6 +192,12 @@ class NonFiniteGuard:
             if p.grad is not None:
                 self.screen(p.grad)
         return self._local_flag().float()
+
+    def before_step(self, info: StepInfo, rows) -> bool:
+        return self.verdict(info.reduced, info.communicates, rows, shared=info.shared, sharers=self.sharers)
+
+    def wrap(self, step: Callable, info: StepInfo) -> Callable:
+        return functools.partial(self.skipped_step, step) if info.skip else step
 
     def verdict(self, reduced: bool, communicates: bool, rows=None, shared=None, sharers=None) -> bool:
         """Whether this step's optimizer update is skipped. After a gradient reduction the verdict is
@@ -216,7 +285,7 @@ class NonFiniteGuard:
                 outer._hp_optimizer_states_linked = linked
 
 
-class StopVote:
+class StopVote(StepHook):
     """Step hook: whether every rank stops after this step because a signal asked one of them to
     (``checkpoint.on_signal: save``, preemption). ``source`` says whether this rank was asked. On a step
     that communicates gradients each rank's answer rides on the step's one control exchange (one int64
@@ -232,10 +301,14 @@ class StopVote:
         self.source: Optional[Callable[[], bool]] = None
         self.agreed = False
 
-    def control(self, communicates: bool) -> Optional[torch.Tensor]:
-        if self.source is None or not communicates:
+    def control(self, info: StepInfo) -> Optional[torch.Tensor]:
+        if self.source is None or not info.communicates:
             return None
         return self.comm.tensor([1 if self.source() else 0], dtype=torch.int64)
+
+    def before_step(self, info: StepInfo, rows) -> bool:
+        self.settle(info.communicates, rows)
+        return False
 
     def settle(self, communicates: bool, rows) -> None:
         if self.source is None:
@@ -246,7 +319,7 @@ class StopVote:
             self.agreed = any(r[0] for r in rows)
 
 
-class ConsistencyCheck:
+class ConsistencyCheck(StepHook):
     """Step hook: every ``every`` optimizer steps (at the next step where ranks must agree: local methods
     only agree right after a global averaging), ``check_consistency`` on the module. 0: off."""
 
@@ -254,9 +327,9 @@ class ConsistencyCheck:
         self.module, self.comm, self.every = module, comm, every
         self._due = False
 
-    def after_step(self, steps: int, synced_globally: bool, global_step: int) -> None:
-        if self.every and steps % self.every == 0:
+    def after_step(self, info: StepInfo) -> None:
+        if self.every and info.steps % self.every == 0:
             self._due = True
-        if self._due and synced_globally:
-            check_consistency(self.module, self.comm, global_step)
+        if self._due and info.synced_globally:
+            check_consistency(self.module, self.comm, info.global_step)
             self._due = False

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from ..comm import Communicator
+from .step_hooks import StepHook, StepInfo
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,8 @@ def zero_bridge_version_problem(version: str) -> Optional[str]:
             f"reducer 'deepspeed'")
 
 
-class ZeroBridge:
-    """ZeRO stage 1 and 2 under a replacing reducer (every method but ``deepspeed``).
+class ZeroBridge(StepHook):
+    """Step hook: ZeRO stage 1 and 2 under a replacing reducer (every method but ``deepspeed``).
 
     DeepSpeed's ZeRO-1/2 optimizer (``DeepSpeedZeroOptimizer``) reduces gradients itself, from gradient
     hooks registered on every parameter, into the partition each rank owns. Here the method's exchange
@@ -168,6 +169,21 @@ class ZeroBridge:
                 if lo < hi:
                     segs.append((p, lo - off, lo - start, hi - lo))
             self.segments.append((size, segs))
+
+    def wrap(self, step: Callable, info: StepInfo) -> Callable:
+        """A replacing reducer: ZeRO's step reads this rank's partition of the reduced gradients (``fill``,
+        inside the step: on a skipped fp16 step after the guard's inf is written)."""
+        if not self.replace:
+            return step
+
+        def filled(*args, **kwargs):
+            self.fill()
+            return step(*args, **kwargs)
+
+        return filled
+
+    def after_step(self, info: StepInfo) -> None:
+        self.record(self.comm.meter)
 
     def fill(self) -> None:
         """After the reducer's ``finish()``, before ZeRO's ``step()``: this rank's partition of the averaged
