@@ -523,7 +523,7 @@ def attach(engine, method: Union[None, Dict[str, Any], Any] = None, meter: Optio
     sname, sopts = _block(method.sync, "none")
     ropts, sopts = REDUCERS.validated(rname, ropts), SYNCS.validated(sname, sopts)
     oname_spec = _block(method.order, "rr")[0]
-    if order is None and oname_spec in ORDERS and getattr(ORDERS.get(oname_spec).factory, "observes_gradients", False):
+    if order is None and oname_spec in ORDERS and ORDERS.get(oname_spec).factory.observes_gradients:
         raise ValueError(f"method.order {oname_spec!r} sees every micro-batch gradient and orders the examples: pass "
                          f"the order object that drives your sampler (attach(..., order=ds_ext.ORDERS.build("
                          f"{oname_spec!r}, ...))), or use the ds_ext trainer")
