@@ -201,7 +201,7 @@ class _Recorder:
 
 def _install(rec: _Recorder):
     """Patch the meter class, the communication layer's two data collectives and ``initialize``."""
-    from ds_ext.deepspeed import attach as eng
+    from ds_ext.trainer import setup as eng
     from ds_ext import meter
     from ds_ext.comm import Communicator
 

@@ -20,7 +20,7 @@ from .trainer.recipe import Recipe, RecipeError, load_recipe  # noqa: F401
 
 
 def initialize(recipe, model, steps_per_epoch, meter=None, order=None):
-    from .deepspeed.attach import initialize as _initialize
+    from .trainer.setup import initialize as _initialize
 
     return _initialize(recipe, model, steps_per_epoch, meter, order=order)
 

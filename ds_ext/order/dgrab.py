@@ -71,6 +71,7 @@ Decisions on the reference code's quirks:
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import List, Literal, Optional, Tuple
 
@@ -80,7 +81,7 @@ from pydantic import Field
 from ..registry import ORDERS, Options
 from .base import Order, seeded_generator
 
-#: the meter's kind of D-GraB's pair-difference all_gather (``metrics.PURPOSES``: "order balancing")
+#: the meter's kind of D-GraB's pair-difference all_gather (``ds_ext.meter.PURPOSES``: "order balancing")
 ORDER_KIND = "order_balance"
 
 
@@ -238,7 +239,6 @@ class DGrab(Order):
 
     def __init__(self, num_examples, rank, world_size, seed, options=None):
         super().__init__(num_examples, rank, world_size, seed, options)
-        self.micro = 1
         self.sorter: Optional[PairBalance] = None
         self.epoch = 0
         self.seen = 0  # microbatches observed in the current epoch
@@ -311,14 +311,21 @@ class DGrab(Order):
     def name(self) -> str:
         return "dgrab"
 
-    def bind(self, comm=None, numel: int = 0, device=None, group=None, meter=None) -> None:
-        """Called by ``attach``: the communicator, gradient size and device (without a communicator:
-        one over ``group`` on ``device``, metered by ``meter``)."""
-        from ..comm import Communicator
-
-        self.comm = comm if comm is not None else Communicator(group, device=device or "cpu", meter=meter)
+    def bind(self, comm, numel: int, device=None) -> None:
+        """Called by ``attach`` (``Order.bind``): the communicator, the gradient's size and device."""
+        self.comm = comm
         if self.options.project_dim:
-            self.sketch = CountSketch(numel, self.options.project_dim, self.seed, device)
+            self.sketch = CountSketch(numel, self.options.project_dim, self.seed,
+                                      device if device is not None else comm.device)
+
+    @classmethod
+    def collectives(cls, shapes, world: int, options: DGrabOptions, grad_acc: int = 1, **_) -> list:
+        """One all_gather of a pair difference (fp32, the gradient's d floats or ``project_dim``) every two
+        microbatches: ``grad_acc / 2`` per optimizer step, metered as ``order_balance``."""
+        from ..comm import Collective
+
+        d = options.project_dim or sum(math.prod(s) for s in shapes)
+        return [Collective("all_gather", 4 * d, world, calls=grad_acc / 2)]
 
     # ---- the order -----------------------------------------------------------------------------
     def epoch_indices(self, epoch: int) -> List[int]:
@@ -402,6 +409,11 @@ class CDGrab(DGrab):
 
     def observe_microbatch(self, flat_grad):
         raise RuntimeError("order 'cdgrab' is fed by the 'cdgrab' reducer (set method.reducer={name: cdgrab})")
+
+    @classmethod
+    def collectives(cls, shapes, world: int, options: DGrabOptions, grad_acc: int = 1, **_) -> list:
+        """None of its own: the ``cdgrab`` reducer's gather (counted there) feeds it."""
+        return []
 
     def observe_gathered(self, gathered: torch.Tensor) -> None:
         """The [n, d] microbatch gradients of all ranks (identical on every rank)."""

@@ -388,7 +388,7 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
     from . import checkpoint as ckpt
     from . import faults
     from ..comm import gather_objects
-    from ..deepspeed.attach import initialize
+    from .setup import initialize
     from ..meter import CommMeter, human_bytes, purpose_key
     from .records import Progress, StepWindow, WandbLogger
     from .recipe import RecipeError

@@ -137,7 +137,7 @@ def test_plan_and_overrides():
     b = next(r for r in plan["runs"] if r["name"] == "b-powersgd-hier-z0-s3")
     assert b["sets"][0] == "method.reducer={name: powersgd, rank: 1, start_powerSGD_iter: 0, hierarchical: true}"
     assert "train.seed=3" in b["sets"] and not any(s.startswith("model.") for s in b["sets"])
-    from ds_ext.deepspeed.attach import hierarchical_zero
+    from ds_ext.trainer.setup import hierarchical_zero
     from ds_ext.trainer.recipe import load_recipe  # every override is a valid recipe
 
     for r in (hq, b, hz1, next(x for x in plan["runs"] if x["name"] == "c-acpsgd-flat-z1-s0")):

@@ -77,7 +77,7 @@ def test_one_host_read_per_step_every_method():
     ctl = results[0][W.CONTROL]
     assert ctl["error"] is None, ctl["error"]
     assert sum(ctl["reads"].values()) > 2 * ctl["steps"], table
-    assert any(site.startswith("ds_ext/deepspeed/attach.py") and fn in ("cpu", "numpy") for site, fn in ctl["reads"]), table
+    assert any(site.startswith("ds_ext/deepspeed/step_hooks.py") and fn in ("cpu", "numpy") for site, fn in ctl["reads"]), table
     bad = _over_budget(results, skip={W.CONTROL})
     assert not bad, "over the budget of one host read per step:\n" + "\n".join(bad) + "\n\n" + table
 
@@ -135,9 +135,9 @@ def test_counter_attributes_reads_to_the_nearest_frame_outside_torch():
 
 
 def test_counter_counts_reads_in_ds_ext_frames():
-    """``ds_ext.deepspeed.attach.parameter_fingerprint`` reads every parameter on the host (``.cpu()`` and
+    """``ds_ext.deepspeed.step_hooks.parameter_fingerprint`` reads every parameter on the host (``.cpu()`` and
     ``.numpy()``): two reads per parameter at one ds_ext site, counted with the default prefix."""
-    from ds_ext.deepspeed.attach import parameter_fingerprint
+    from ds_ext.deepspeed.step_hooks import parameter_fingerprint
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))  # 4 parameters
     with W.HostReadCounter() as c:
@@ -145,7 +145,7 @@ def test_counter_counts_reads_in_ds_ext_frames():
         torch.ones(2).sum().item()  # this file is not ds_ext: not counted as ours
     assert c.total == 8, c.reads
     sites = {site for site, _ in c.reads}
-    assert len(sites) == 1 and next(iter(sites)).startswith("ds_ext/deepspeed/attach.py:"), sites
+    assert len(sites) == 1 and next(iter(sites)).startswith("ds_ext/deepspeed/step_hooks.py:"), sites
     assert {fn for _, fn in c.reads} == {"cpu", "numpy"}
     assert sum(c.foreign.values()) == 1
 

@@ -83,3 +83,96 @@ def test_raise_mode_stops_every_rank():
     for r in (0, 1):
         assert "step 3: non-finite gradient on rank(s) [1]" in res[r]["allreduce"]["error"]
         assert len(res[r]["allreduce"]["record"]) == 2
+
+
+# ------------------------------------------------------------------ the step-hook contract (in-process)
+class _FakeEngine:
+    """What ``Attachment`` touches of a DeepSpeed engine at ZeRO stage 0, every micro-batch a boundary."""
+
+    def __init__(self, module):
+        self.module, self.global_steps, self.enable_backward_allreduce = module, 0, True
+        self.optimizer = torch.optim.SGD(module.parameters(), lr=0.5)
+
+    def zero_optimization_stage(self):
+        return 0
+
+    def is_gradient_accumulation_boundary(self):
+        return True
+
+    def fp16_enabled(self):
+        return False
+
+    def step(self):
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.global_steps += 1
+
+    def save_checkpoint(self, *a, **k):
+        pass
+
+    def load_checkpoint(self, *a, **k):
+        pass
+
+
+def test_step_hooks_run_in_order_each_with_its_own_control_rows():
+    """``Attachment.step`` runs its hooks [guard, vote, check] (+ a probe appended here) phase by phase; the
+    probe posts its own vector and gets back exactly every rank's copy of it, behind the guard's flags and the
+    vote's answer; a NaN on rank 1 makes the guard skip the update on both ranks, which the probe sees in
+    ``wrap`` and ``after_step``."""
+    from ds_ext.deepspeed.attach import Attachment
+    from ds_ext.deepspeed.step_hooks import NonFiniteGuard, StepHook, StopVote, ConsistencyCheck, split_rows
+    from ds_ext.meter import CommMeter
+    from ds_ext.registry import REDUCERS, SYNCS
+    from ds_ext.testing import LoopbackWorld
+
+    assert split_rows([[1, 0, 5, 6], [0, 0, 7, 8]], [torch.zeros(2), None, torch.zeros(2)]) == \
+        [[[1, 0], [0, 0]], None, [[5, 6], [7, 8]]]
+    assert split_rows(None, [None, None]) == [None, None]
+
+    class Probe(StepHook):
+        def __init__(self, comm, log):
+            self.comm, self.log = comm, log
+
+        def control(self, info):
+            self.log.append("control")
+            return self.comm.tensor([10 + self.comm.rank, 7], dtype=torch.int64)
+
+        def before_step(self, info, rows):
+            self.log.append(("before", rows))
+            return False
+
+        def wrap(self, step, info):
+            self.log.append(("wrap", info.skip))
+            return step
+
+        def after_step(self, info):
+            self.log.append(("after", info.steps, info.skip))
+
+    def body(comm):
+        module = torch.nn.Linear(3, 2)
+        with torch.no_grad():  # the same on both ranks (threads share the global generator)
+            module.weight.copy_(torch.arange(6.0).view(2, 3) / 10)
+            module.bias.zero_()
+        engine = _FakeEngine(module)
+        named = list(module.named_parameters())
+        att = Attachment(engine, REDUCERS.build("allreduce", {}, named, comm=comm, engine=engine),
+                         SYNCS.build("none", {}, named, comm=comm), comm)
+        assert [type(h) for h in att.hooks] == [NonFiniteGuard, StopVote, ConsistencyCheck]
+        log = []
+        att.hooks.append(Probe(comm, log))
+        att.vote_stop(lambda: comm.rank == 0)
+        before = [p.detach().clone() for p in module.parameters()]
+        for step in range(2):
+            x = torch.ones(4, 3) * (float("nan") if step == 1 and comm.rank == 1 else 1.0)
+            module(x).sum().backward()
+            engine.step()
+        after = [p.detach().clone() for p in module.parameters()]
+        return log, att.skipped_steps, att.stop_agreed, before, after, engine.global_steps
+
+    results = LoopbackWorld(2).run(body, meters=[CommMeter(), CommMeter()])
+    for log, skipped, agreed, before, after, global_steps in results:
+        rows = [[10, 7], [11, 7]]
+        assert log == ["control", ("before", rows), ("wrap", False), ("after", 1, False),
+                       "control", ("before", rows), ("wrap", True), ("after", 2, True)], log
+        assert skipped == 1 and agreed and global_steps == 2
+    assert all(torch.equal(a, b) for a, b in zip(results[0][4], results[1][4]))  # same parameters after the skip

@@ -225,3 +225,47 @@ def test_resume_mid_epoch_same_orders_and_parameters(tmp_path, case):
     assert torch.equal(sorter["orders"], ra[1]["order"]["sorter"]["orders"])  # identical tables on both ranks
     assert all(is_perm(r, sorter["m"]) for r in sorter["next_orders"])  # the finished epoch's next table
     assert not torch.equal(sorter["orders"], torch.arange(sorter["m"]).repeat(2, 1))  # epoch 2's order is sorted
+
+
+def test_order_contract_defaults_and_dgrab_traffic():
+    """An order that overrides only ``epoch_indices`` binds with the one ``bind(comm, numel, device)`` and
+    reports every declared default; D-GraB's ``collectives()`` (its pair-difference all_gather) is what the
+    meter counts, and CD-GraB has none of its own."""
+    import math
+
+    from ds_ext.comm import Communicator
+    from ds_ext.meter import CommMeter
+    from ds_ext.order.base import Order
+    from ds_ext.order.dgrab import CDGrab, DGrabOptions
+    from ds_ext.testing import LoopbackWorld
+
+    class Plain(Order):
+        def epoch_indices(self, epoch):
+            return list(self.shard)
+
+    o = Plain(10, 0, 1, seed=0)
+    o.bind(Communicator(device="cpu"), 12, None)
+    assert not o.observes_gradients and not o.variable_units and o.remainder_note() is None
+    assert o.stats() == {} and o.state_dict() == {} and Plain.collectives([(3, 4)], 2, None, grad_acc=2) == []
+    o.load_state_dict({})
+    assert o.plan(4, 1, 2) == (2, None)
+    assert o.epoch_batches(0) == [o.shard[0:4], o.shard[4:8], o.shard[8:10]]
+
+    steps, gas, shapes = 4, 2, [(2, 3), (5,)]
+    d = sum(math.prod(s) for s in shapes)
+
+    def body(comm):
+        order = DGrab(steps * gas * 2, comm.rank, 2, seed=3)
+        order.plan(1, gas, steps)
+        order.bind(comm, d, "cpu")
+        g = torch.Generator().manual_seed(comm.rank)
+        for _ in range(steps * gas):
+            order.observe_microbatch(torch.randn(d, generator=g))
+        return comm.meter.by_kind["order_balance"]
+
+    metered = LoopbackWorld(2).run(body, meters=[CommMeter(), CommMeter()])
+    (c,) = DGrab.collectives(shapes, 2, DGrabOptions(), grad_acc=gas)
+    assert c.op == "all_gather" and c.group == 2 and metered == [c.nbytes * c.calls * steps] * 2
+    (k,) = DGrab.collectives(shapes, 2, DGrabOptions(project_dim=3), grad_acc=gas)
+    assert k.nbytes == 4 * 3
+    assert CDGrab.collectives(shapes, 2, DGrabOptions(), grad_acc=gas) == []

@@ -1,4 +1,4 @@
-"""ZeRO stage 1 and 2 under every gradient reducer (``ds_ext.deepspeed.attach.ZeroBridge``), 2 gloo ranks through DeepSpeed.
+"""ZeRO stage 1 and 2 under every gradient reducer (``ds_ext.deepspeed.zero.ZeroBridge``), 2 gloo ranks through DeepSpeed.
 
 The method's exchange replaces ZeRO's gradient reduction; ZeRO keeps partitioning the optimizer state and
 all-gathers the updated parameter partitions. What must hold:
@@ -113,7 +113,7 @@ def test_resume_under_zero_is_exact(tmp_path, reducer, stage):
 
 
 def test_deepspeed_version_outside_the_bridge_range_is_refused():
-    from ds_ext.deepspeed.attach import zero_bridge_version_problem
+    from ds_ext.deepspeed.zero import zero_bridge_version_problem
 
     assert zero_bridge_version_problem("0.19.8") is None and zero_bridge_version_problem("0.19.0+abc") is None
     for v in ("0.18.9", "0.20.0", "1.0.0", "unknown"):

@@ -21,7 +21,7 @@ def make_engine(precision: str = "fp32", gas: int = 1, micro: int = 8, world: in
     (``ds_ext.deepspeed.attach.node_mpu()``: ZeRO partitioned within the node; DeepSpeed's batch counts its ranks)."""
     import deepspeed
 
-    from ds_ext.deepspeed.attach import _scoped_mpu
+    from ds_ext.deepspeed.zero import _scoped_mpu
 
     model = tiny_model()
     opt = (torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01) if adam
@@ -78,7 +78,7 @@ def compare_reducers(rank, world, configs, steps=10, bucket_mb=0.002):
 def per_step_params(rank, world, reducer, steps=6, check_every=0, precision="fp32", options=None):
     """Parameters after every step with rank-specific data; also whether the runtime check fired."""
     import ds_ext
-    from ds_ext.deepspeed.attach import DesyncError
+    from ds_ext.deepspeed.step_hooks import DesyncError
 
     engine = make_engine(precision, 1, world=world)
     # reducer 'none' alone never communicates (the check refuses it): here it is the deliberate negative control

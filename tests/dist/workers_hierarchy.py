@@ -181,7 +181,7 @@ def zero_node_run(rank: int, world: int, steps: int = 3, local_size: int = 2, st
     import torch.distributed as dist
 
     import ds_ext
-    from ds_ext.deepspeed.attach import node_mpu
+    from ds_ext.deepspeed.zero import node_mpu
     from tests.dist.workers import flat_params, make_engine, train_steps
     from tests.dist.workers_zero import _drop, optimizer_state_bytes
 

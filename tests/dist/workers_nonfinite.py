@@ -35,7 +35,7 @@ def inject(rank, world, cases, steps=6, bad_rank=1, bad_step=3, value=float("nan
     (1-based; every microbatch of that window). Record parameters after every step, whether all
     reducer / sync / order state tensors are finite at the end, and the skip events."""
     import ds_ext
-    from ds_ext.deepspeed.attach import NonFiniteError
+    from ds_ext.deepspeed.step_hooks import NonFiniteError
 
     out = {}
     for label, method, order_name, precision, gas, *zero in cases:  # optional 6th: the ZeRO stage
@@ -68,7 +68,7 @@ def inject(rank, world, cases, steps=6, bad_rank=1, bad_step=3, value=float("nan
 def swapped_elements(rank, world):
     """Rank 1 swaps two elements of one parameter (sum, sum of squares and first element unchanged):
     the runtime consistency check must still name that parameter."""
-    from ds_ext.deepspeed.attach import DesyncError, check_consistency
+    from ds_ext.deepspeed.step_hooks import DesyncError, check_consistency
 
     engine = make_engine("fp32", 1, world=world)
     check_consistency(engine.module, step=0)  # identical at start: no error

@@ -247,7 +247,7 @@ def test_fault_spec_errors_name_the_variable():
 
 
 def test_which_main_thread_errors_count_as_a_failed_collective():
-    from ds_ext.deepspeed.attach import DesyncError
+    from ds_ext.deepspeed.step_hooks import DesyncError
 
     gloo = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
             "[127.0.0.1]:5021")  # as raised by a survivor's allreduce here

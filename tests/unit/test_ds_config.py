@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 
-from ds_ext.deepspeed.attach import deepspeed_config
+from ds_ext.trainer.setup import deepspeed_config
 from ds_ext.trainer.recipe import RecipeError, load_recipe
 
 BASE = {"name": "mine", "model": {"name": "digits_cnn", "width": 8, "hidden": 16}, "data": {"name": "digits"},

@@ -14,7 +14,7 @@ import pytest
 
 from ds_ext import meter
 from ds_ext.trainer import records
-from ds_ext.deepspeed.attach import NonFiniteGuard
+from ds_ext.deepspeed.step_hooks import NonFiniteGuard
 from ds_ext.trainer.loop import ConsoleHandler, _history_start, console_logging, run_name
 
 ROOT = Path(__file__).resolve().parents[2]
