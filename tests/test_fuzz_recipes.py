@@ -39,8 +39,8 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from ds_ext.trainer.recipe import (
-    DataPathError, Recipe, RecipeError, data_problems, load_recipe, path_problems, preflight, world_size_from,
-    _DATA_FILES)
+    DataPathError, Recipe, RecipeError, data_problems, load_recipe, path_problems, preflight, world_size_from)
+from ds_ext.trainer.recipe.preflight import _DATA_FILES
 from ds_ext.registry import DATASETS, MODELS, OPTIMIZERS, ORDERS, REDUCERS, SYNCS, load_builtin
 
 ROOT = Path(__file__).resolve().parent.parent
