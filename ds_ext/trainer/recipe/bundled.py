@@ -22,9 +22,9 @@ from typing import Dict, List, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
-_HERE = Path(__file__).resolve().parents[1]
-BUNDLED_DIR = _HERE / "_recipes"  # inside an installed wheel
-CHECKOUT_DIR = _HERE.parent / "recipes"  # source checkout / editable install
+_PACKAGE = Path(__file__).resolve().parents[2]  # the ds_ext package directory
+BUNDLED_DIR = _PACKAGE / "_recipes"  # inside an installed wheel
+CHECKOUT_DIR = _PACKAGE.parent / "recipes"  # source checkout / editable install
 DESCRIPTION_WIDTH = 100
 
 
@@ -34,7 +34,7 @@ def recipe_dir() -> Optional[Path]:
     is never read); None when neither exists."""
     if BUNDLED_DIR.is_dir():
         return BUNDLED_DIR
-    if CHECKOUT_DIR.is_dir() and (_HERE.parent / "setup.cfg").is_file():
+    if CHECKOUT_DIR.is_dir() and (_PACKAGE.parent / "setup.cfg").is_file():
         return CHECKOUT_DIR
     return None
 

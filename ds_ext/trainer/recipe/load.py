@@ -122,7 +122,7 @@ def find_host_config(explicit: Optional[str] = None) -> Optional[Path]:
     if env:
         return Path(env)
     name = f".config_{socket.gethostname()}.yml"
-    for d in (Path.cwd(), Path(__file__).resolve().parents[2]):
+    for d in (Path.cwd(), Path(__file__).resolve().parents[3]):  # ./ and the repository root
         if (d / name).is_file():
             return d / name
     return None
