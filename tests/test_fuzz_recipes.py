@@ -40,7 +40,6 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from ds_ext.trainer.recipe import (
     DataPathError, Recipe, RecipeError, data_problems, load_recipe, path_problems, preflight, world_size_from)
-from ds_ext.trainer.recipe.preflight import _DATA_FILES
 from ds_ext.registry import DATASETS, MODELS, OPTIMIZERS, ORDERS, REDUCERS, SYNCS, load_builtin
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -775,15 +774,27 @@ def test_missing_data_paths(work, tmp_path):
     preflight(r, 2)
 
 
-@pytest.mark.parametrize("name", sorted(set(_DATA_FILES) - {"ffcv_imagenet"}))
+def declared_files(name):
+    """A reader's ``files(options)`` declaration (what preflight looks for), or None."""
+    return getattr(DATASETS.get(name).factory, "files", None)
+
+
+FILE_BACKED = sorted(n for n in DATASETS.names() if declared_files(n) is not None)
+
+
+def test_every_file_backed_reader_declares_its_files():
+    assert FILE_BACKED == ["cifar10", "cifar100", "criteo", "ffcv_imagenet", "glue_embeddings", "ml20m", "wikitext2"]
+
+
+@pytest.mark.parametrize("name", [n for n in FILE_BACKED if n != "ffcv_imagenet"])
 def test_data_file_table_matches_the_readers(tmp_path, name):
-    """``_DATA_FILES`` (what preflight looks for) names files the reader refuses to start without: with
-    each one left out and the others present (empty), the reader's FileNotFoundError names exactly that
-    file (so it checks all of them before reading any). Not ``ffcv_imagenet``: its reader opens the train
-    .beton before it looks for the val one, and importing ffcv alone takes ~7 s (test_ffcv.py covers its
-    missing-file messages)."""
+    """A reader's ``files(options)`` (what preflight looks for) names files the reader refuses to start
+    without: with each one left out and the others present (empty), the reader's FileNotFoundError names
+    exactly that file (so it checks all of them before reading any). Not ``ffcv_imagenet``: its reader opens
+    the train .beton before it looks for the val one, and importing ffcv alone takes ~7 s (test_ffcv.py
+    covers its missing-file messages)."""
     opts = DATASETS.get(name).options()
-    entries = _DATA_FILES[name](opts)
+    entries = declared_files(name)(opts)
     assert entries
     for skip in range(len(entries)):
         root = tmp_path / f"root{skip}"

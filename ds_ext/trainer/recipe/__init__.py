@@ -15,8 +15,8 @@ the trainer before ``init_distributed`` (the world size from ``--world-size`` or
 Every YAML text read (recipe, ``--set`` value, per-host file) is measured before use: one that expands to
 more than ``YAML_MAX_VALUES`` values through aliases (a "billion laughs") is refused unexpanded.
 Deliberate limits: in the ``deepspeed`` section only the keys ds_ext reads are type-checked (DeepSpeed
-validates the rest when the engine is built); the data-file check knows the built-in readers' first files
-only and lets the reader itself produce the message.
+validates the rest when the engine is built); the data-file check knows only the files each reader
+declares (``files(options)``, see ds_ext/data/files.py) and lets the reader itself produce the message.
 
 Modules: ``schema`` (the sections), ``load`` (YAML, ``--set``, the per-host file, the alias-bomb limits),
 ``ds_config`` (an existing DeepSpeed config), ``preflight`` (checks before the process group starts),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import List, Mapping, Optional, Sequence, Tuple
+from typing import List, Mapping, Optional, Tuple
 
 from ...registry import DATASETS
 from ...spec import RecipeError
@@ -69,33 +69,17 @@ def path_problems(recipe: Recipe) -> List[Tuple[str, str]]:
     return problems
 
 
-def _cifar_files(sub: str, names: Sequence[str]):
-    return lambda o: [("data.root", f"{sub}/{n}") for n in names]
-
-
-# The files each built-in reader opens first, relative to data.root unless absolute, with the recipe key
-# that names them. Only a trigger: when one is missing, ``data_problems`` builds the data set, and the
-# reader's own FileNotFoundError (path, layout, how to get the data) is what the user sees; when the
-# reader finds its files after all, nothing is refused.
-_DATA_FILES = {
-    "cifar10": _cifar_files("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]),
-    "cifar100": _cifar_files("cifar-100-python", ["train", "test"]),
-    "wikitext2": lambda o: [("data.root", "wikitext-2/wiki.train.tokens"),
-                            ("data.root", f"wikitext-2/wiki.{o.val_split}.tokens")],
-    "ml20m": lambda o: [("data.root", "ml-20m/ratings.csv")],
-    "criteo": lambda o: [("data.file" if os.path.isabs(o.file) else "data.root", o.file)],
-    "glue_embeddings": lambda o: [("data.root", f"glue-embeddings/{o.task}/{n}") for n in ("train.pt", "dev.pt")],
-    "ffcv_imagenet": lambda o: [(f"data.{k}" if os.path.isabs(getattr(o, k)) else "data.root", getattr(o, k))
-                                for k in ("train_file", "val_file")],
-}
-
-
 def data_problems(recipe: Recipe) -> List[Tuple[str, str]]:
-    """Missing input files of a file-backed data set, found before the process group starts (see
-    ``_DATA_FILES``); data sets without an entry check their own files when they are built."""
+    """Missing input files of a file-backed data set, found before the process group starts: the files its
+    reader declares as ``files(options)`` (``needs_files`` in ds_ext/data/files.py). Only a trigger: when one
+    is missing, the data set is built, and the reader's own FileNotFoundError (path, layout, how to get the
+    data) is what the user sees; when the reader finds its files after all, nothing is refused. Data sets
+    whose reader declares no files check their own files when they are built."""
     d = recipe.data
-    files = _DATA_FILES.get(d.name)
-    if files is None or d._options is None:
+    if d._options is None or d.name not in DATASETS:
+        return []
+    files = getattr(DATASETS.get(d.name).factory, "files", None)
+    if files is None:
         return []
     missing = []
     for key, rel in files(d.options):
