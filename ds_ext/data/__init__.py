@@ -9,7 +9,9 @@ Readers of local files (nothing downloads; each module docstring gives the on-di
 ``cifar`` (cifar10, cifar100), ``wikitext`` (wikitext2), ``movielens`` (ml20m), ``criteo`` (criteo),
 ``glue`` (glue_embeddings: frozen BERT-base pooled embeddings of QNLI / QQP), ``ffcv_imagenet``
 (ImageNet as FFCV ``.beton`` files; ffcv is imported only when that data set is built, so registering it
-never needs ffcv, and using it without ffcv raises an ImportError saying what to install).
+never needs ffcv, and using it without ffcv raises an ImportError saying what to install). Each of them
+declares the files it opens first (``needs_files`` in ``files.py``), which the trainer looks for before the
+process group starts.
 """
 from .base import DataBundle  # noqa: F401
 from . import digits  # noqa: F401  (registration)

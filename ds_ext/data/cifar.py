@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 
 from ..registry import DATASETS, Options
 from .base import DataBundle
-from .files import data_root, require
+from .files import data_root, needs_files, require, under_root
 
 
 class CIFARImages(Dataset):
@@ -124,15 +124,19 @@ def _bundle(name, root, sub, train_files, test_files, label_key, num_classes, op
                       (3, 32, 32), num_classes)
 
 
+_C10_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
+
+
 @DATASETS.register("cifar10", CIFAR10Options)
+@needs_files(under_root(*(f"cifar-10-batches-py/{n}" for n in _C10_TRAIN + ["test_batch"])))
 def cifar10(options: CIFAR10Options, root: Optional[str] = None, **_) -> DataBundle:
     """CIFAR-10 from <root>/cifar-10-batches-py (50k train with crop+flip, 10k test as validation)."""
-    files = [f"data_batch_{i}" for i in range(1, 6)]
-    return _bundle("cifar10", root, "cifar-10-batches-py", files, ["test_batch"], "labels", 10, options,
+    return _bundle("cifar10", root, "cifar-10-batches-py", _C10_TRAIN, ["test_batch"], "labels", 10, options,
                    "cifar-10-batches-py/{data_batch_1..data_batch_5, test_batch}", _C10_FIX)
 
 
 @DATASETS.register("cifar100", CIFAR100Options)
+@needs_files(under_root("cifar-100-python/train", "cifar-100-python/test"))
 def cifar100(options: CIFAR100Options, root: Optional[str] = None, **_) -> DataBundle:
     """CIFAR-100 from <root>/cifar-100-python (50k train with crop+flip, 10k test as validation)."""
     key, n = ("fine_labels", 100) if options.labels == "fine" else ("coarse_labels", 20)

@@ -50,7 +50,7 @@ from torch.utils.data import Dataset
 
 from ..registry import DATASETS, Options
 from .base import DataBundle
-from .files import data_root, require
+from .files import data_root, needs_files, option_file, require
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +267,7 @@ class CriteoOptions(Options):
 
 
 @DATASETS.register("criteo", CriteoOptions)
+@needs_files(lambda o: [option_file(o, "file")])
 def criteo(options: CriteoOptions, root: Optional[str] = None, **_) -> DataBundle:
     """Criteo display-ads clicks for DeepFM: x = 39 field indices (int64), y = click; 90/10 seeded split."""
     o = options

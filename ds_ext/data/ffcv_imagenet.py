@@ -73,7 +73,7 @@ from pydantic import Field
 
 from ..registry import DATASETS, Options
 from .base import DataBundle
-from .files import data_root
+from .files import data_root, needs_files, option_file
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -377,6 +377,7 @@ class FFCVImageNetOptions(Options):
 
 
 @DATASETS.register("ffcv_imagenet", FFCVImageNetOptions)
+@needs_files(lambda o: [option_file(o, k) for k in ("train_file", "val_file")])
 def ffcv_imagenet(options: FFCVImageNetOptions, root: Optional[str] = None, device=None) -> DataBundle:
     """ImageNet from FFCV .beton files (RRC + flip / centre crop, normalised on the device, channels-last)."""
     require_ffcv()

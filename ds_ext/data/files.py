@@ -5,9 +5,14 @@ the recipe leaves it out, from ``data_root`` in the per-host file ``.config_<hos
 """
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, List, Optional, Tuple
+
+#: what a reader's ``files(options)`` returns: (recipe key, path) pairs, each path relative to ``data.root``
+#: unless absolute, each key the recipe setting that locates the file
+FileList = List[Tuple[str, str]]
 
 
 def _where() -> str:
@@ -39,3 +44,29 @@ def require(path: Path, dataset: str, root: Path, layout: str, fix: str) -> Path
         f"  data root: {root} (set by {_where()})\n"
         f"  expected layout: {root}/{layout}\n"
         f"  to provide it: {fix}")
+
+
+def needs_files(declare: Callable[[Any], FileList]):
+    """Declares the files a reader opens first, as the reader's ``files(options)`` (a ``FileList``: keyed
+    ``data.root``, or ``data.<option>`` for a path option given as an absolute path). The trainer's
+    preflight reads it through the registry (``DATASETS.get(name).factory.files``) before the process group
+    starts. Only a trigger: when one is missing, the preflight builds the data set, and the reader's own
+    FileNotFoundError (path, layout, how to get the data) is what the user sees; when the reader finds its
+    files after all, nothing is refused. A reader without a declaration checks its files when it is built."""
+    def deco(reader):
+        reader.files = declare
+        return reader
+
+    return deco
+
+
+def under_root(*paths: str) -> Callable[[Any], FileList]:
+    """A declaration of fixed files under ``data.root``."""
+    return lambda options: [("data.root", p) for p in paths]
+
+
+def option_file(options: Any, key: str) -> Tuple[str, str]:
+    """The file a path option names: keyed ``data.<key>`` when it is absolute (``data.root`` is then not
+    used), else ``data.root``."""
+    value = getattr(options, key)
+    return (f"data.{key}" if os.path.isabs(value) else "data.root", value)

@@ -34,7 +34,7 @@ from torch.utils.data import TensorDataset
 
 from ..registry import DATASETS, Options
 from .base import DataBundle
-from .files import data_root, require
+from .files import data_root, needs_files, require
 
 TASKS = {
     # task: (text columns, label column, label map)
@@ -64,6 +64,7 @@ def _load(path: Path, task: str) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 @DATASETS.register("glue_embeddings", GlueOptions)
+@needs_files(lambda o: [("data.root", f"glue-embeddings/{o.task}/{n}") for n in ("train.pt", "dev.pt")])
 def glue_embeddings(options: GlueOptions, root=None, **_) -> DataBundle:
     """Pre-computed BERT-base pooled embeddings of a GLUE task: train split and dev split."""
     task = options.task

@@ -47,7 +47,7 @@ from torch.utils.data import Dataset
 
 from ..registry import DATASETS, Options
 from .base import DataBundle
-from .files import data_root, require
+from .files import data_root, needs_files, require, under_root
 
 LAYOUT = "ml-20m/ratings.csv"
 FIX = ("download ml-20m.zip from https://grouplens.org/datasets/movielens/20m/ and unzip it into the data root: "
@@ -199,6 +199,7 @@ class ML20MOptions(Options):
 
 
 @DATASETS.register("ml20m", ML20MOptions)
+@needs_files(under_root("ml-20m/ratings.csv"))
 def ml20m(options: ML20MOptions, root: Optional[str] = None, **_) -> DataBundle:
     """MovieLens-20M leave-one-out implicit feedback for NCF: x = [user, item] int64, y = click 0/1."""
     base = data_root(root, "ml20m", LAYOUT, FIX)

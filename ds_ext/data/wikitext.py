@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 
 from ..registry import DATASETS, Options
 from .base import DataBundle
-from .files import data_root, require
+from .files import data_root, needs_files, require
 
 LAYOUT = "wikitext-2/{wiki.train.tokens, wiki.valid.tokens, wiki.test.tokens}"
 FIX = ("get wikitext-2-v1.zip (the word-level, tokenised WikiText-2 release) and unzip it into the data root: "
@@ -102,6 +102,8 @@ class WikiText2Options(Options):
 
 
 @DATASETS.register("wikitext2", WikiText2Options)
+@needs_files(lambda o: [("data.root", "wikitext-2/wiki.train.tokens"),
+                        ("data.root", f"wikitext-2/wiki.{o.val_split}.tokens")])
 def wikitext2(options: WikiText2Options, root: Optional[str] = None, **_) -> DataBundle:
     """WikiText-2 word-level LM: [bptt] token windows x with next-token targets y; vocab from train."""
     base = data_root(root, "wikitext2", LAYOUT, FIX)

@@ -468,7 +468,7 @@ def method_spec(engine, method=None):
     ``method`` is None, the ``ds_ext`` block of the engine's DeepSpeed config (the same schema; absent:
     ``allreduce``, no sync, ``rr``). A bad block raises ``recipe.RecipeError`` (a ``ValueError``) naming the
     key and what is allowed, as the recipe check does."""
-    from ..trainer.recipe import MethodSection, method_section
+    from ..spec import MethodSection, method_section
 
     if isinstance(method, MethodSection):
         return method

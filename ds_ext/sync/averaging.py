@@ -543,7 +543,7 @@ class DSSync(_Averaging):
             return [("method.sync.groups", f"groups={g} does not divide the world size {world}; allowed: {divisors}")]
         problems = []
         if o.grouping == "patterns" and o.patterns is not None:
-            from ..trainer.recipe import _short
+            from ..spec import _short
 
             size = world // g
             for i, pat in enumerate(o.patterns):

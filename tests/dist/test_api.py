@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ds_ext.trainer.recipe import RecipeError, method_section
+from ds_ext.spec import RecipeError, method_section
 from tests import harness
 from tests.dist import workers_api as W
 

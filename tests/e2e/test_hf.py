@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ds_ext.trainer.recipe import method_section
+from ds_ext.spec import method_section
 from tests.harness import free_port
 
 ROOT = Path(__file__).resolve().parents[2]

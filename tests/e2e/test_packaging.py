@@ -1,5 +1,5 @@
 """Packaging: the wheel (and sdist) carry the recipes and the PEP 561 marker, the declared dependency range
-matches the DeepSpeed internals ds_ext.deepspeed.attach patches, ``python -m ds_ext.trainer.recipes`` works from an installed
+matches the DeepSpeed internals ds_ext.deepspeed.attach patches, ``python -m ds_ext.trainer.recipe.bundled`` works from an installed
 wheel, and ``import ds_ext`` stays light.
 
 The wheel is built offline (``pip wheel --no-deps --no-build-isolation``) from a copy of the files a build
@@ -66,7 +66,7 @@ def _run(args, site: Path, cwd: Path):
 
 
 def _cli(args, site, cwd):
-    return _run(["-m", "ds_ext.trainer.recipes", *args], site, cwd)
+    return _run(["-m", "ds_ext.trainer.recipe.bundled", *args], site, cwd)
 
 
 def _metadata(wheel: Path) -> str:
@@ -90,7 +90,7 @@ def test_wheel_contains_every_recipe_and_py_typed(wheel, source_copy):
             assert member in names, f"{f.name} missing from {wheel.name}"
             assert z.read(member) == f.read_bytes(), f"{member} differs from recipes/{f.name}"
         assert "ds_ext/py.typed" in names
-        assert "ds_ext/trainer/recipes.py" in names and "ds_ext/__init__.py" in names
+        assert "ds_ext/trainer/recipe/bundled.py" in names and "ds_ext/__init__.py" in names
     # nothing of the package left behind: every file of the built copy's ds_ext/ (modules, and data such as
     # csrc/ and cards/; __pycache__, *.pyc and built *.so were not copied)
     for f in (source_copy / "ds_ext").rglob("*"):
@@ -136,7 +136,7 @@ def test_declared_dependencies(wheel):
     assert hf == {"transformers>=4.40", "accelerate>=0.30"}
 
 
-# ---- python -m ds_ext.trainer.recipes from the installed wheel -------------------------------------------
+# ---- python -m ds_ext.trainer.recipe.bundled from the installed wheel -------------------------------------------
 
 QUICK = ROOT / "recipes" / "quickstart.yaml"
 EDITED = "edited: true\n"
@@ -214,7 +214,7 @@ def test_cli_copy_refuses_to_overwrite(cli):
 
 
 def test_copy_into_directory(tmp_path, monkeypatch, capsys):
-    from ds_ext.trainer.recipes import main
+    from ds_ext.trainer.recipe.bundled import main
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mine").mkdir()
@@ -232,7 +232,7 @@ def test_copy_into_directory(tmp_path, monkeypatch, capsys):
 # ---- in-process helpers ---------------------------------------------------------------------------
 
 def test_describe():
-    from ds_ext.trainer.recipes import describe
+    from ds_ext.trainer.recipe.bundled import describe
 
     assert describe("name: x\n") == ""
     assert describe("# Short one. Second sentence.\n#   an indented usage line\nname: x\n") == "Short one."

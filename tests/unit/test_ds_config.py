@@ -1,6 +1,6 @@
 """A recipe that points at an existing DeepSpeed config (recipe key ``deepspeed_config``, issue 18): its keys
 join the deepspeed section, its ``ds_ext`` block becomes the method, and every conflict is named with the
-reason (``ds_ext/trainer/recipe.py: ds_config_problems``). No processes: recipe loading only."""
+reason (``ds_ext/trainer/recipe/ds_config.py: ds_config_problems``). No processes: recipe loading only."""
 from __future__ import annotations
 
 import json

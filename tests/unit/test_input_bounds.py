@@ -27,7 +27,8 @@ from ds_ext.trainer.checkpoint import resume_fields
 from ds_ext.trainer.records import Progress
 from ds_ext.trainer.recipe import (
     COLLECTIVE_TIMEOUT_MAX_S, SEED_MAX, YAML_MAX_CHARS, YAML_MAX_VALUES, CheckpointSection, RecipeError,
-    TrainSection, _expansion_problem, environment_problems, load_recipe, preflight)
+    TrainSection, environment_problems, load_recipe, preflight)
+from ds_ext.trainer.recipe.load import _expansion_problem
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = ROOT / "recipes" / "quickstart.yaml"

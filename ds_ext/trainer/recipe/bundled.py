@@ -1,8 +1,8 @@
 """The bundled recipes, usable from an installed package.
 
-    python -m ds_ext.trainer.recipes list                 # every bundled recipe with a one-line description
-    python -m ds_ext.trainer.recipes show NAME            # print the YAML
-    python -m ds_ext.trainer.recipes copy NAME [DEST]     # write it to DEST (default ./NAME.yaml) to edit and run
+    python -m ds_ext.trainer.recipe.bundled list             # every bundled recipe with a one-line description
+    python -m ds_ext.trainer.recipe.bundled show NAME        # print the YAML
+    python -m ds_ext.trainer.recipe.bundled copy NAME [DEST] # write it to DEST (default ./NAME.yaml) to edit and run
 
 The repository's top-level ``recipes/*.yaml`` are the source: a wheel carries copies of them as
 ``ds_ext/_recipes/*.yaml`` (written by the ``build_py`` step of ``setup.py``), and a source checkout or
@@ -22,9 +22,9 @@ from typing import Dict, List, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
-_HERE = Path(__file__).resolve().parent
-BUNDLED_DIR = _HERE / "_recipes"  # inside an installed wheel
-CHECKOUT_DIR = _HERE.parent / "recipes"  # source checkout / editable install
+_PACKAGE = Path(__file__).resolve().parents[2]  # the ds_ext package directory
+BUNDLED_DIR = _PACKAGE / "_recipes"  # inside an installed wheel
+CHECKOUT_DIR = _PACKAGE.parent / "recipes"  # source checkout / editable install
 DESCRIPTION_WIDTH = 100
 
 
@@ -34,7 +34,7 @@ def recipe_dir() -> Optional[Path]:
     is never read); None when neither exists."""
     if BUNDLED_DIR.is_dir():
         return BUNDLED_DIR
-    if CHECKOUT_DIR.is_dir() and (_HERE.parent / "setup.cfg").is_file():
+    if CHECKOUT_DIR.is_dir() and (_PACKAGE.parent / "setup.cfg").is_file():
         return CHECKOUT_DIR
     return None
 
@@ -96,7 +96,7 @@ def _unknown(name: str, known: Sequence[str]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ds_ext.trainer.recipes", description="List, show or copy the bundled recipes.")
+    ap = argparse.ArgumentParser(prog="python -m ds_ext.trainer.recipe.bundled", description="List, show or copy the bundled recipes.")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="{list,show,copy}")
     sub.add_parser("list", help="the bundled recipes, one line each")
     p = sub.add_parser("show", help="print a recipe's YAML")

@@ -1,0 +1,129 @@
+"""Checks before the process group starts: the world size, the environment, the paths the run writes
+or resumes from and the data files (``preflight``).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List, Mapping, Optional, Tuple
+
+from ...registry import DATASETS
+from ...spec import RecipeError
+from .schema import Recipe
+
+
+class DataPathError(RecipeError):
+    """A file or directory the run needs is missing (found before the process group starts). The
+    trainer prints it as ``data error:`` and exits 3, as it does for a data error found later."""
+
+
+# ---- checks before the process group starts ------------------------------------------------------
+
+def world_size_from(explicit: Optional[int], environ: Mapping[str, str]) -> Optional[int]:
+    """The world size known before start-up: ``--world-size`` if given, else ``$WORLD_SIZE`` (which the
+    DeepSpeed launcher sets for every process it starts), else None (unknown)."""
+    if explicit is not None:
+        if explicit < 1:
+            raise RecipeError("--world-size", [("", f"must be a positive integer (got {explicit})")])
+        return explicit
+    raw = environ.get("WORLD_SIZE")
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise RecipeError("environment", [("WORLD_SIZE", f"must be a positive integer (got {raw!r})")])
+    return n
+
+
+def _first_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def path_problems(recipe: Recipe) -> List[Tuple[str, str]]:
+    """Paths the run writes or resumes from: ``log.dir`` (and ``checkpoint.dir`` when checkpoints are
+    written or resumed) must be creatable directories; an explicit ``checkpoint.resume`` path must exist.
+    Whether a checkpoint there is complete and matches the run is decided when it is loaded."""
+    ck = recipe.checkpoint
+    keys = [("log.dir", recipe.log.dir)]
+    if ck.every_steps or ck.every_epochs or recipe.train.stop_at_step or ck.resume not in (False, "false", "no"):
+        keys.append(("checkpoint.dir", ck.dir))
+    problems = []
+    for key, value in keys:
+        path = Path(value)
+        anc = _first_existing(path)
+        origin = recipe._origin.get(key)
+        note = f" [{key} is under {origin}]" if origin else ""
+        if not anc.is_dir():
+            problems.append((key, f"{path} cannot be a directory: {anc} exists and is not a directory{note}"))
+        elif not os.access(anc, os.W_OK | os.X_OK):
+            problems.append((key, f"{path} cannot be created: {anc} is not writable{note}"))
+    r = ck.resume
+    if isinstance(r, str) and r not in ("false", "no", "auto", "latest", "true") and not Path(r).exists():
+        problems.append(("checkpoint.resume", f"{r}: no such checkpoint (allowed: false, auto = the newest "
+                                              f"checkpoint in checkpoint.dir if any, or an existing path)"))
+    return problems
+
+
+def data_problems(recipe: Recipe) -> List[Tuple[str, str]]:
+    """Missing input files of a file-backed data set, found before the process group starts: the files its
+    reader declares as ``files(options)`` (``needs_files`` in ds_ext/data/files.py). Only a trigger: when one
+    is missing, the data set is built, and the reader's own FileNotFoundError (path, layout, how to get the
+    data) is what the user sees; when the reader finds its files after all, nothing is refused. Data sets
+    whose reader declares no files check their own files when they are built."""
+    d = recipe.data
+    if d._options is None or d.name not in DATASETS:
+        return []
+    files = getattr(DATASETS.get(d.name).factory, "files", None)
+    if files is None:
+        return []
+    missing = []
+    for key, rel in files(d.options):
+        path = Path(rel).expanduser()
+        if not path.is_absolute():
+            if d.root is None:
+                missing.append(key)
+                continue
+            path = Path(d.root).expanduser() / path
+        if not path.is_file():
+            missing.append(key)
+    if not missing:
+        return []
+    try:
+        DATASETS.build(d.name, d.options, root=d.root)
+    except (FileNotFoundError, ImportError, ValueError, OSError) as e:
+        origin = recipe._origin.get("data.root")
+        note = f"\n  (data.root = {d.root} comes from {origin})" if origin and missing[0] == "data.root" else ""
+        return [(missing[0], f"{e}{note}")]
+    return []  # the reader found its files after all
+
+
+def environment_problems(environ: Mapping[str, str]) -> List[Tuple[str, str]]:
+    """Environment variables the run reads later, checked up front: ``DS_EXT_OPS`` (the kernel mode,
+    otherwise a ValueError at the first training step)."""
+    from ... import ops
+
+    problem = ops.mode_problem(environ.get(ops.ENV))
+    return [(ops.ENV, problem)] if problem else []
+
+
+def preflight(recipe: Recipe, world_size: Optional[int], environ: Optional[Mapping[str, str]] = None) -> None:
+    """What the trainer checks before ``init_distributed``: the environment (``environment_problems``,
+    ``environ`` default ``os.environ``; a ``RecipeError`` from the source "environment"), the world-size
+    rules (when the world size is known), the paths it writes and resumes from (``RecipeError``), then the
+    data files (``DataPathError``). Every rank runs it on its own files, so a rank with a bad per-host file
+    stops before any process group exists."""
+    problems = environment_problems(os.environ if environ is None else environ)
+    if problems:
+        raise RecipeError("environment", problems)
+    problems = recipe.world_problems(world_size) if world_size is not None else []
+    problems += path_problems(recipe)
+    if problems:
+        raise RecipeError(recipe.source, problems)
+    problems = data_problems(recipe)
+    if problems:
+        raise DataPathError(recipe.source, problems)
