@@ -2,7 +2,7 @@
 
 Recipes: ``build_py`` copies the top-level ``recipes/*.yaml`` into the built package as
 ``ds_ext/_recipes/*.yaml`` (real files in the wheel; MANIFEST.in puts ``recipes/`` in the sdist, so a wheel
-built from the sdist has them too). ``ds_ext.trainer.recipes`` reads them there, or ``recipes/`` itself in a source
+built from the sdist has them too). ``ds_ext.trainer.recipe.bundled`` reads them there, or ``recipes/`` itself in a source
 checkout or an editable install (which therefore skips the copy).
 
 Prebuilt ops: ``DS_BUILD_OPS=1`` (every compatible op) or ``DS_BUILD_DS_EXT_COMM_CPU=1`` /
@@ -28,7 +28,7 @@ class BuildPyWithRecipes(build_py):
 
     def _recipe_files(self):
         if getattr(self, "editable_mode", False):
-            return []  # an editable install reads the checkout's recipes/ (ds_ext.trainer.recipes.recipe_dir)
+            return []  # an editable install reads the checkout's recipes/ (ds_ext.trainer.recipe.bundled.recipe_dir)
         files = sorted(RECIPES.glob("*.yaml"))
         if not files:
             raise SystemExit(f"no recipes found in {RECIPES}: the wheel would ship without them")

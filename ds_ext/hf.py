@@ -2,7 +2,7 @@
 
 Install the optional extra (``pip install 'ds_ext[hf]'``: transformers, accelerate). The method goes in the
 ``ds_ext`` block of the ordinary DeepSpeed config the Trainer is given (the schema of a recipe's ``method``
-section; ``ds_ext.trainer.recipe.method_section`` validates it with the recipe's messages)::
+section; ``ds_ext.spec.method_section`` validates it with the recipe's messages)::
 
     ds_config = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
                  "gradient_accumulation_steps": "auto", "zero_optimization": {"stage": 1},
@@ -50,7 +50,7 @@ __all__ = ["DsExtCallback", "attach_to_trainer", "attach_accelerator", "cpu_deep
 
 def hf_problem(method) -> Optional[str]:
     """Why a method cannot run under the Trainer / Accelerate (None when it can); ``method`` is a validated
-    ``recipe.MethodSection``."""
+    ``spec.MethodSection``."""
     order, _ = _block(method.order, "rr")
     reducer, _ = _block(method.reducer, "allreduce")
     if order != "rr":

@@ -24,7 +24,7 @@ import yaml
 from ds_ext.trainer.recipe import (
     DataPathError, RecipeError, data_problems, load_recipe, path_problems, preflight, world_size_from)
 from ds_ext.registry import DATASETS
-from tests.test_fuzz_recipes import QUICK, ROOT, base, dump, keys, load, refused, set_path
+from tests.e2e.test_fuzz_recipes import QUICK, ROOT, base, dump, keys, load, refused, set_path
 
 
 @pytest.fixture(scope="module")
