@@ -1,4 +1,4 @@
-"""Stop signals (SIGTERM, SIGINT, SIGUSR1) and the waiting lines of ``ds_ext/trainer/faults.py``.
+"""Stop signals (SIGTERM, SIGINT, SIGUSR1) and the waiting lines of ``ds_ext/trainer/faults/``.
 
 Real processes (``tests/workers_signals.py``: gloo, the watchdog, a loop of all_reduces that agrees
 on ``faults.stop_requested()`` every step), real signals. The tests block on lines the ranks print

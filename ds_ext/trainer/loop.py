@@ -275,7 +275,7 @@ def _batch_loader(dataset, batches, num_workers: int, seed: int):
     import torch
     from torch.utils.data import DataLoader
 
-    from .faults import ignore_stop_signals
+    from ..stop_signals import ignore_stop_signals
 
     return DataLoader(dataset, batch_sampler=[list(b) for b in batches], num_workers=num_workers,
                       persistent_workers=False, generator=torch.Generator().manual_seed(seed),
