@@ -2,7 +2,18 @@
 
 The trainer itself is ``ds_ext/trainer/``; this module only keeps the launch command short and stable.
 """
-from .trainer.loop import main
+import os
+import sys
+
+from .trainer.cli import train_main as main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    if code == 0:
+        # A finished run (summary written, wandb finished, process group destroyed) leaves without
+        # interpreter teardown: a C++ thread destroyed while joinable there has aborted a finished run
+        # ("terminate called without an active exception", SIGABRT) and turned its exit code non-zero.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    sys.exit(code)

@@ -1,5 +1,5 @@
 """Library logging (issue 18, item 4): the library logs through the ``ds_ext`` logger, which a user can
-silence or route; the trainer shows it as ``[ds_ext] <message>`` lines (``ds_ext.trainer.loop.console_logging``).
+silence or route; the trainer shows it as ``[ds_ext] <message>`` lines (``ds_ext.trainer.records.console_logging``).
 Also the wandb logger's run name and run id file, the step-time window and the history carried across
 resumes, at unit level (no processes; the real runs: tests/test_run_records.py)."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from ds_ext import meter
 from ds_ext.trainer import records
 from ds_ext.deepspeed.attach import NonFiniteGuard
-from ds_ext.trainer.loop import ConsoleHandler, _history_start, console_logging, run_name
+from ds_ext.trainer.records import ConsoleHandler, _history_start, console_logging, run_name
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = str(ROOT / "recipes" / "quickstart.yaml")

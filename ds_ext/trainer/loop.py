@@ -1,36 +1,17 @@
-"""The trainer.
+"""The trainer's training loop: ``train(recipe)`` starts the process group and runs one recipe on every rank.
 
-    deepspeed [--hostfile H | --num_gpus N] --module ds_ext.train --recipe recipes/X.yaml [--set k=v ...]
-    python -m ds_ext.train --recipe recipes/X.yaml [--set k=v ...] --check [--world-size N]
-
-``--check`` validates the recipe (overrides, per-host file, method combination, batch arithmetic
-for ``--world-size``, default $WORLD_SIZE or 1) and exits 0, or 2 with one line per problem,
-without starting training.
-
-Console: the trainer prints its own lines; the library logs through ``logging`` under the ``ds_ext``
-logger, which ``main`` routes to stderr as ``[ds_ext] <message>`` while it runs (``console_logging``):
-WARNING and above from every rank, plus INFO from ``ds_ext.data`` (what a data set reader found, e.g.
-criteo's ``field_dims``) on rank 0. A program that configures the ``ds_ext`` logger itself (gives it a
-handler) before calling ``main`` keeps its configuration.
-
-Run directory (``log.dir``, rank 0): ``summary.json`` (written at the end: the result, ``epoch_losses`` (the
-training loss of every epoch averaged over ALL ranks, logged as ``train/epoch_loss_all_ranks`` on the epoch's
-last step; ``train/loss`` is rank 0's) and the logged ``history`` of the whole run, across resumes), ``history.jsonl`` (one logged record per line, appended on
-logging steps; a resumed run keeps the records up to its checkpoint's step and drops later ones),
-``wandb_run_id`` (a resumed run continues that wandb run) and ``wandb/``.
+The command line is ``ds_ext.trainer.cli``; the console lines of the library, ``history.jsonl`` and the
+run directory's other records are ``ds_ext.trainer.records``.
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
-import logging
 import os
 import random
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 EXIT_RECIPE = 2
 EXIT_DATA = 3
@@ -43,200 +24,6 @@ class _Exit(Exception):
         super().__init__(message)
         self.code, self.message = code, message
 
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m ds_ext.train", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--recipe", required=True, help="recipe YAML")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a recipe field, e.g. --set train.epochs=3 (repeatable)")
-    ap.add_argument("--host-config", default=None,
-                    help="per-host paths file (default: $DS_EXT_HOST_CONFIG or ./.config_<hostname>.yml)")
-    ap.add_argument("--check", action="store_true", help="validate the recipe and exit (0 ok, 2 errors)")
-    ap.add_argument("--world-size", type=int, default=None, help="world size assumed by --check")
-    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return ap
-
-
-def check(recipe, world_size: int) -> int:
-    from .recipe import data_problems, path_problems
-
-    micro, gas = recipe.check_world(world_size)
-    # missing paths are warnings here (a recipe may be linted where its data is not mounted); a run refuses them
-    for key, msg in path_problems(recipe) + data_problems(recipe):
-        print(f"warning: {recipe.source}: {key}: {msg}", file=sys.stderr)
-    names = recipe.method_names()
-    print(f"ok: {recipe.source}: model={recipe.model.name} data={recipe.data.name} "
-          f"reducer={names['reducer']} sync={names['sync']} order={names['order']} precision={recipe.precision()} "
-          f"zero={recipe.zero_stage()}; world {world_size}: micro batch {micro} x accumulation {gas} "
-          f"= global {recipe.train.global_batch_size}")
-    return 0
-
-
-CONSOLE_FORMAT = "[ds_ext] %(message)s"
-
-
-def _rank_now() -> int:
-    """This process's rank: the process group's once it exists, else $RANK (the launcher's), else 0."""
-    d = sys.modules.get("torch.distributed")
-    if d is not None and d.is_available() and d.is_initialized():
-        return d.get_rank()
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
-
-
-class ConsoleFilter(logging.Filter):
-    """What the trainer shows of the library's records: WARNING and above from every rank; INFO from
-    ``ds_ext.data`` (data set readers) on rank 0 only, as the trainer printed them before they were logged."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.WARNING:
-            return True
-        data = record.name == "ds_ext.data" or record.name.startswith("ds_ext.data.")
-        return record.levelno >= logging.INFO and data and _rank_now() == 0
-
-
-class ConsoleHandler(logging.Handler):
-    """``[ds_ext] <message>`` lines on the current ``sys.stderr`` (flushed); through tqdm when a progress
-    bar is showing, so the bar is redrawn below the line."""
-
-    def __init__(self):
-        super().__init__()
-        self.setFormatter(logging.Formatter(CONSOLE_FORMAT))
-        self.addFilter(ConsoleFilter())
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            msg = self.format(record)
-            tq = sys.modules.get("tqdm")
-            if tq is not None and getattr(getattr(tq, "tqdm", None), "_instances", None):
-                tq.tqdm.write(msg, file=sys.stderr)
-            else:
-                sys.stderr.write(msg + "\n")
-            sys.stderr.flush()
-        except Exception:
-            self.handleError(record)
-
-
-@contextlib.contextmanager
-def console_logging() -> Iterator[Optional[logging.Handler]]:
-    """While the trainer runs: the ``ds_ext`` logger's records on stderr through a ``ConsoleHandler``
-    (yielded), with ``propagate`` off so that a handler on the root logger (DeepSpeed's or the user's)
-    does not print them a second time, and the logger's level set to INFO when it has none (the handler
-    filters; a level the user set, e.g. CRITICAL to silence the library, is kept). Everything is put back
-    on exit (``main`` may be called in-process). When the ``ds_ext`` logger already has a handler (the
-    caller configured it), nothing is changed and None is yielded."""
-    lg = logging.getLogger("ds_ext")
-    if lg.handlers:
-        yield None
-        return
-    handler = ConsoleHandler()
-    level, propagate = lg.level, lg.propagate
-    lg.addHandler(handler)
-    lg.propagate = False
-    if level == logging.NOTSET:
-        lg.setLevel(logging.INFO)
-    try:
-        yield handler
-    finally:
-        lg.removeHandler(handler)
-        lg.propagate = propagate
-        lg.setLevel(level)
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    with console_logging():
-        return _main(argv)
-
-
-def _main(argv: Optional[List[str]] = None) -> int:
-    from .recipe import DataPathError, RecipeError, load_recipe, preflight, world_size_from
-
-    args = build_parser().parse_args(argv)
-    try:
-        recipe = load_recipe(args.recipe, args.overrides, args.host_config)
-        world = world_size_from(args.world_size, os.environ)  # the launcher sets WORLD_SIZE per process
-        if args.check:
-            return check(recipe, world or 1)
-        preflight(recipe, world)  # world-size rules, paths, data files: before any process group starts
-    except DataPathError as e:
-        print(f"data error:\n{e}", file=sys.stderr)
-        return EXIT_DATA
-    except RecipeError as e:
-        print(f"recipe error:\n{e}", file=sys.stderr)
-        return EXIT_RECIPE
-    try:
-        return train(recipe)
-    finally:
-        # tear the process group down before interpreter exit: leaving it to the c10d / gloo destructors
-        # at exit has ended a finished run with "terminate called without an active exception" (exit 250)
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-# ---------------------------------------------------------------------------------------------
-
-HISTORY_FILE = "history.jsonl"
-
-
-def run_name(recipe) -> Optional[str]:
-    """The wandb run name: ``log.wandb.name``, else the recipe's ``name``, else the recipe file's stem
-    (None for a recipe built in memory: wandb then picks one)."""
-    src = recipe.source or ""
-    return (recipe.log.wandb.name or recipe.name
-            or (Path(src).stem if src and not src.startswith("<") else None))
-
-
-def _history_start(run_dir: str, upto: Optional[int]) -> List[dict]:
-    """Rank 0, before the first step: the logged records this run continues. A fresh run (``upto`` None)
-    starts empty; a resumed one keeps ``<run_dir>/history.jsonl``'s records up to step ``upto`` (its
-    checkpoint's; later ones belong to a timeline that is being replaced) in step order, one per step.
-    The file is rewritten to that (atomically) and then appended to by ``_history_append``."""
-    path = Path(run_dir, HISTORY_FILE)
-    kept: dict = {}
-    if upto is not None:
-        try:
-            lines = path.read_text().splitlines()
-        except (OSError, UnicodeDecodeError):
-            lines = []
-        for line in lines:
-            try:
-                rec = json.loads(line)
-                step = int(rec["step"])
-            except (ValueError, TypeError, KeyError):  # a line cut short by a killed process
-                continue
-            if step <= upto:
-                kept[step] = rec
-    out = [kept[k] for k in sorted(kept)]
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in out))
-        os.replace(tmp, path)
-    except OSError as e:  # the records stay in memory (summary.json); only this file is missing
-        _history_warn(path, e)
-    return out
-
-
-_history_failed: List[str] = []
-
-
-def _history_warn(path: Path, e: OSError) -> None:
-    if not _history_failed:  # once per process
-        print(f"[ds_ext] warning: cannot write {path} ({e}); summary.json will still hold this run's history",
-              file=sys.stderr)
-        _history_failed.append(str(path))
-
-
-def _history_append(run_dir: str, rec: dict) -> None:
-    path = Path(run_dir, HISTORY_FILE)
-    try:
-        with open(path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-    except OSError as e:
-        _history_warn(path, e)
 
 
 def _seed_all(seed: int) -> None:
@@ -390,7 +177,7 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
     from ..comm import gather_objects
     from ..deepspeed.attach import initialize
     from ..meter import CommMeter, human_bytes, purpose_key
-    from .records import Progress, StepWindow, WandbLogger
+    from .records import Progress, StepWindow, WandbLogger, _history_append, _history_start, run_name
     from .recipe import RecipeError
     from ..registry import DATASETS, MODELS, ORDERS
 
@@ -724,15 +511,3 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
                   f"count; summary.json lists step and ranks)")
     att.comm.barrier()
     return 0
-
-
-if __name__ == "__main__":
-    code = main()
-    if code == 0:
-        # A finished run (summary written, wandb finished, process group destroyed) leaves without
-        # interpreter teardown: a C++ thread destroyed while joinable there has aborted a finished run
-        # ("terminate called without an active exception", SIGABRT) and turned its exit code non-zero.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-    sys.exit(code)
