@@ -18,7 +18,7 @@ import sys
 from typing import List, Optional
 
 from . import loop
-from .loop import EXIT_DATA, EXIT_RECIPE
+from .exit_codes import ExitCode
 from .records import console_logging
 
 
@@ -67,10 +67,10 @@ def _main(argv: Optional[List[str]] = None) -> int:
         preflight(recipe, world)  # world-size rules, paths, data files: before any process group starts
     except DataPathError as e:
         print(f"data error:\n{e}", file=sys.stderr)
-        return EXIT_DATA
+        return ExitCode.DATA
     except RecipeError as e:
         print(f"recipe error:\n{e}", file=sys.stderr)
-        return EXIT_RECIPE
+        return ExitCode.RECIPE
     try:
         return loop.train(recipe)
     finally:

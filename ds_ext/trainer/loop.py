@@ -13,9 +13,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-EXIT_RECIPE = 2
-EXIT_DATA = 3
-
+from .exit_codes import ExitCode
 
 class _Exit(Exception):
     """Leave the run on purpose with ``code``; rank 0 prints ``message`` (the same verdict on every rank)."""
@@ -103,14 +101,14 @@ def train(recipe) -> int:
 
     A peer watchdog (``ds_ext.trainer.faults.Watchdog``) runs beside the training: when another rank dies
     (SIGKILL, crash, out of memory) or stops on an error, this rank prints one line naming that rank
-    and the step and exits with ``faults.EXIT_PEER_LOST`` (4) within seconds, without a traceback;
+    and the step and exits with ``ExitCode.PEER_LOST`` (4) within seconds, without a traceback;
     a failed collective on this thread leads to the same line (``faults.explain_failure``). Every
     other way out is one verdict shared by every rank, printed once by rank 0, with one exit code:
-    a checkpoint that cannot be resumed from (``faults.EXIT_CHECKPOINT``, 5), a run or checkpoint
-    directory held by another job (``checkpoint.EXIT_BUSY``, 6), a failed save (``checkpoint.EXIT_SAVE``,
-    7; the previous checkpoint is intact), divergence (``faults.EXIT_DIVERGED``, 8:
+    a checkpoint that cannot be resumed from (``ExitCode.CHECKPOINT``, 5), a run or checkpoint
+    directory held by another job (``ExitCode.BUSY``, 6), a failed save (``ExitCode.SAVE``,
+    7; the previous checkpoint is intact), divergence (``ExitCode.DIVERGED``, 8:
     ``train.max_consecutive_skips`` skipped steps in a row), a signal with ``checkpoint.on_signal: save``
-    (``faults.EXIT_PREEMPTED``, 75, after saving). Leaving normally or on purpose tells the other ranks
+    (``ExitCode.PREEMPTED``, 75, after saving). Leaving normally or on purpose tells the other ranks
     the exit code.
     ``DS_EXT_FAULT`` (tests only) kills this rank at a chosen point; see ``ds_ext.trainer.faults``."""
     import torch.distributed as dist
@@ -127,7 +125,7 @@ def train(recipe) -> int:
     except faults.FaultSpecError as e:  # the same environment on every rank
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
-        return EXIT_RECIPE
+        return ExitCode.RECIPE
     faults.progress(0, "start-up")
     # saving on a signal needs a per-step stop vote, which rides on the gradient exchange (engine.StopVote)
     load_builtin()
@@ -147,7 +145,7 @@ def train(recipe) -> int:
             print(e.message, file=sys.stderr, flush=True)
         return code
     except ckpt.CheckpointError as e:  # a damaged or missing file while loading: may concern this rank only
-        code, reason = faults.EXIT_CHECKPOINT, f"checkpoint error on rank {rank}"
+        code, reason = ExitCode.CHECKPOINT, f"checkpoint error on rank {rank}"
         print(f"checkpoint error (rank {rank}):\n{recipe.source}: checkpoint.resume: {e}", file=sys.stderr)
         return code
     except BaseException as e:
@@ -155,10 +153,7 @@ def train(recipe) -> int:
         code, reason = 1, f"{type(e).__name__}: {e}"
         raise
     finally:
-        reason = {0: "finished", EXIT_RECIPE: "recipe error", EXIT_DATA: "data error",
-                  faults.EXIT_CHECKPOINT: "checkpoint error", ckpt.EXIT_BUSY: "directory in use by another job",
-                  ckpt.EXIT_SAVE: "checkpoint save failed", faults.EXIT_PREEMPTED: "saved and stopped on a signal",
-                  faults.EXIT_DIVERGED: "training diverged"}.get(code, reason)
+        reason = ExitCode.reason_of(code, reason)
         for lock in locks:
             lock.release()
         if wd is not None:
@@ -187,7 +182,7 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
     except RecipeError as e:  # same verdict on every rank, so every rank exits
         if is0:
             print(f"recipe error:\n{e}", file=sys.stderr)
-        return EXIT_RECIPE
+        return ExitCode.RECIPE
     ce = recipe.checkpoint
     # one job per run and checkpoint directory, for the whole run (rank 0 holds the locks)
     job, busy = None, None
@@ -199,7 +194,7 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
             busy = str(e)
     job, busy = gather_objects((job, busy))[0]  # rank 0's
     if busy:
-        raise _Exit(ckpt.EXIT_BUSY, f"error: {recipe.source}: {busy}")
+        raise _Exit(ExitCode.BUSY, f"error: {recipe.source}: {busy}")
     # the checkpoint to resume from (every rank verifies a share of it and all choose alike), and
     # whether this run may continue it
     meta = ckpt.run_meta(recipe, world)
@@ -209,7 +204,7 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
         if resume_path is not None:
             ckpt.check_meta(resume_path, meta)
     except ckpt.CheckpointError as e:
-        raise _Exit(faults.EXIT_CHECKPOINT, f"checkpoint error:\n{recipe.source}: checkpoint.resume: {e}") from None
+        raise _Exit(ExitCode.CHECKPOINT, f"checkpoint error:\n{recipe.source}: checkpoint.resume: {e}") from None
     if is0:
         for n in notes:
             print(f"[ds_ext] warning: checkpoint.resume: {n}", file=sys.stderr)
@@ -226,7 +221,7 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
     except (FileNotFoundError, ImportError, ValueError) as e:  # same files on every rank: every rank exits
         if is0:
             print(f"data error: {recipe.source}: data ({recipe.data.name}): {e}", file=sys.stderr)
-        return EXIT_DATA
+        return ExitCode.DATA
     model = MODELS.build(recipe.model.name, recipe.model.options, data=bundle)  # sizes from the data (vocab, fields)
     order = ORDERS.build(recipe.method.order.name, recipe.method.order.options, len(bundle.train), rank, world, t.seed)
     micro_per_epoch = order.shard_size // micro
@@ -239,7 +234,7 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
         except ValueError as e:  # same verdict on every rank
             if is0:
                 print(f"recipe error:\n{recipe.source}: method.order: {e}", file=sys.stderr)
-            return EXIT_RECIPE
+            return ExitCode.RECIPE
         if note and is0:
             print(f"[ds_ext] {note}", file=sys.stderr)
     variable_units = bool(getattr(order, "variable_units", False))  # dgrab remainder: visit
@@ -248,12 +243,12 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
             print(f"recipe error:\n{recipe.source}: method.order: remainder: visit makes microbatches of different "
                   f"sizes, which data set {recipe.data.name!r}'s own loader cannot serve; use remainder: drop",
                   file=sys.stderr)
-        return EXIT_RECIPE
+        return ExitCode.RECIPE
     if steps_per_epoch < 1:
         if is0:
             print(f"recipe error:\n{recipe.source}: train.global_batch_size: {t.global_batch_size} exceeds the "
                   f"{order.shard_size * world} training examples usable on {world} ranks", file=sys.stderr)
-        return EXIT_RECIPE
+        return ExitCode.RECIPE
     total_steps = steps_per_epoch * t.epochs
 
     meter = CommMeter()
@@ -283,7 +278,7 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
                    f"{' '.join(str(e).split())[:160]})")
         err = ckpt.shared_verdict(err)  # every rank's verdict before anyone says "resumed"
         if err:
-            raise _Exit(faults.EXIT_CHECKPOINT, f"checkpoint error:\n{recipe.source}: checkpoint.resume: {err}")
+            raise _Exit(ExitCode.CHECKPOINT, f"checkpoint error:\n{recipe.source}: checkpoint.resume: {err}")
         if is0:
             print(f"[ds_ext] resumed from {resume_path} at step {engine.global_steps} "
                   f"(epoch {start_epoch}, step {start_step} of {steps_per_epoch})", file=sys.stderr)
@@ -323,7 +318,7 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
             path = ckpt.save(engine, ce.dir, f"step_{engine.global_steps:07d}", st, meta, keep=ce.keep,
                              integrity=ce.integrity, job=job["job"])
         except ckpt.CheckpointSaveError as e:
-            raise _Exit(ckpt.EXIT_SAVE, f"[ds_ext] error: {e}; stopping (exit {ckpt.EXIT_SAVE}); free space and "
+            raise _Exit(ExitCode.SAVE, f"[ds_ext] error: {e}; stopping (exit {ExitCode.SAVE}); free space and "
                                         f"resume with --set checkpoint.resume=auto") from None
         if is0:
             bar.write(f"[ds_ext] checkpoint {path}")
@@ -413,12 +408,12 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
                 skip_streak[:] = [0, gstep]
             skips_seen = att.skipped_steps
             if t.max_consecutive_skips and skip_streak[0] >= t.max_consecutive_skips:
-                raise _Exit(faults.EXIT_DIVERGED,
+                raise _Exit(ExitCode.DIVERGED,
                             f"[ds_ext] error: training diverged: {skip_streak[0]} optimizer steps in a row (up to step "
                             f"{gstep}) had non-finite gradients and were skipped (train.max_consecutive_skips="
                             f"{t.max_consecutive_skips}); last finite step {skip_streak[1]}; no checkpoint was saved "
                             f"since then. Lower optimizer.lr, add warm-up or deepspeed.gradient_clipping, and resume "
-                            f"from the last checkpoint (exit {faults.EXIT_DIVERGED})")
+                            f"from the last checkpoint (exit {ExitCode.DIVERGED})")
             step_loss_t, micro_in_step = loss_acc, n_micro
             loss_acc, n_micro = None, 0
             epoch_loss[0] = step_loss_t if epoch_loss[0] is None else epoch_loss[0] + step_loss_t
@@ -450,11 +445,11 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
                 bar.close()
                 wb.finish()
                 got = faults.stop_requested()
-                raise _Exit(faults.EXIT_PREEMPTED,
+                raise _Exit(ExitCode.PREEMPTED,
                             f"[ds_ext] stopped at step {gstep} on {got or 'a signal to another rank'} "
                             f"(checkpoint.on_signal=save); "
                             + (f"saved {path}; resume with --set checkpoint.resume=auto" if path else
-                               "nothing saved (see above)") + f" (exit {faults.EXIT_PREEMPTED})")
+                               "nothing saved (see above)") + f" (exit {ExitCode.PREEMPTED})")
             stopping = t.stop_at_step is not None and gstep >= t.stop_at_step and gstep < total_steps
             if stopping or (ce.every_steps and gstep % ce.every_steps == 0 and gstep < total_steps):
                 with window.paused():

@@ -10,14 +10,16 @@ import time
 from typing import List, Optional
 
 from ...stop_signals import STOP_SIGNALS
+from ..exit_codes import ExitCode
 
-EXIT_PEER_LOST = 4    # another rank died or stopped, or a collective failed
-EXIT_CHECKPOINT = 5   # a checkpoint cannot be resumed from (mismatch, missing or damaged files)
-EXIT_DIVERGED = 8     # training diverged (train.max_consecutive_skips skipped steps in a row)
-EXIT_PREEMPTED = 75   # saved a checkpoint and stopped on a signal; resume with checkpoint.resume=auto
-EXIT_SIGINT = 128 + signal.SIGINT     # 130
-EXIT_SIGUSR1 = 128 + signal.SIGUSR1   # 138
-EXIT_SIGTERM = 128 + signal.SIGTERM   # 143
+# the codes these modules leave with (their reasons: ds_ext/trainer/exit_codes.py, the one table)
+EXIT_PEER_LOST = ExitCode.PEER_LOST    # 4: another rank died or stopped, or a collective failed
+EXIT_CHECKPOINT = ExitCode.CHECKPOINT  # 5: a checkpoint cannot be resumed from
+EXIT_DIVERGED = ExitCode.DIVERGED      # 8: training diverged
+EXIT_PREEMPTED = ExitCode.PREEMPTED    # 75: saved a checkpoint and stopped on a signal
+EXIT_SIGINT = ExitCode.SIGINT          # 130
+EXIT_SIGUSR1 = ExitCode.SIGUSR1        # 138
+EXIT_SIGTERM = ExitCode.SIGTERM        # 143
 
 ON_SIGNAL = ("exit", "save")
 # a peer leaving with one of these is not a verdict: every rank leaves by itself at the same step
