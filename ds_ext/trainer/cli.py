@@ -17,7 +17,6 @@ import os
 import sys
 from typing import List, Optional
 
-from . import loop
 from .exit_codes import ExitCode
 from .records import console_logging
 
@@ -72,6 +71,8 @@ def _main(argv: Optional[List[str]] = None) -> int:
         print(f"recipe error:\n{e}", file=sys.stderr)
         return ExitCode.RECIPE
     try:
+        from . import loop
+
         return loop.train(recipe)
     finally:
         # tear the process group down before interpreter exit: leaving it to the c10d / gloo destructors

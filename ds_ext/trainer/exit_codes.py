@@ -39,7 +39,8 @@ class ExitCode(IntEnum):
     DIVERGED = 8, "training diverged", ("training diverged (train.max_consecutive_skips skipped steps in a "
                                         "row)")
     PREEMPTED = 75, "saved and stopped on a signal", ("saved a checkpoint and stopped on a signal "
-                                                      "(checkpoint.on_signal: save); resume with checkpoint.resume=auto")
+                                                      "(checkpoint.on_signal: save); resume with "
+                                                      "checkpoint.resume=auto")
     SIGINT = 128 + signal.SIGINT, "stopped by SIGINT", _AT_ONCE.format("SIGINT")
     SIGUSR1 = 128 + signal.SIGUSR1, "stopped by SIGUSR1", _AT_ONCE.format("SIGUSR1")
     SIGTERM = 128 + signal.SIGTERM, "stopped by SIGTERM", _AT_ONCE.format("SIGTERM")

@@ -13,7 +13,8 @@ handler) before calling the trainer keeps its configuration.
 Run directory (``log.dir``, rank 0): ``summary.json`` (written at the end: the result, ``epoch_losses`` (the
 training loss of every epoch averaged over ALL ranks, logged as ``train/epoch_loss_all_ranks`` on the epoch's
 last step; ``train/loss`` is rank 0's) and the logged ``history`` of the whole run, across resumes),
-``history.jsonl`` (one logged record per line, appended on logging steps; a resumed run keeps the records up to its checkpoint's step and drops later ones),
+``history.jsonl`` (one logged record per line, appended on logging steps; a resumed run keeps the records up
+to its checkpoint's step and drops later ones),
 ``wandb_run_id`` (a resumed run continues that wandb run) and ``wandb/``.
 """
 from __future__ import annotations
@@ -323,3 +324,78 @@ def _history_append(run_dir: str, rec: dict) -> None:
             f.write(json.dumps(rec) + "\n")
     except OSError as e:
         _history_warn(path, e)
+
+
+SUMMARY_FILE = "summary.json"
+
+
+class RunRecords:
+    """What rank 0 shows and keeps of one training run: its console lines (``say``; ``write`` goes through
+    the progress bar), the progress bar, wandb, ``history.jsonl`` and ``summary.json``. Every rank builds
+    one (the trainer's calls are the same on every rank); wandb and the bar are off and nothing is printed
+    or written elsewhere."""
+
+    def __init__(self, rank0: bool, run_dir: str):
+        self.is0, self.run_dir = rank0, run_dir
+        self.history: List[dict] = []
+        self.wb: Optional[WandbLogger] = None
+        self.bar: Optional[Progress] = None
+
+    def say(self, line: str) -> None:
+        """Rank 0: one line on stderr."""
+        if self.is0:
+            print(line, file=sys.stderr)
+
+    def write(self, line: str) -> None:
+        """Rank 0: one line on stderr through the progress bar (redrawn below it)."""
+        if self.is0:
+            self.bar.write(line)
+
+    def open(self, recipe, start_line: str, total_steps: int, step: int, resumed: bool) -> None:
+        """The run directory, the start-up line, the history this run continues (up to ``step`` when
+        ``resumed``), wandb (continuing the run's wandb run when resumed) and the progress bar."""
+        if self.is0:
+            os.makedirs(self.run_dir, exist_ok=True)
+            print(start_line, file=sys.stderr)
+        self.history = _history_start(self.run_dir, step if resumed else None) if self.is0 else []
+        self.wb = WandbLogger(recipe.log.wandb, self.run_dir, recipe.model_dump(mode="json"), enabled=self.is0,
+                              name=run_name(recipe), resume=resumed)
+        self.bar = Progress(total_steps, step, enabled=self.is0 and recipe.log.progress, console=self.is0)
+
+    def log(self, rec: dict, step: int) -> None:
+        """A logging step's record: to wandb and (rank 0) to the history."""
+        self.wb.log(rec, step=step)
+        if self.is0:
+            self.history.append({"step": step, **rec})
+            _history_append(self.run_dir, self.history[-1])
+
+    def epoch_losses(self) -> List[float]:
+        """The all-rank training loss of every epoch, from the logged records (a resumed run keeps the earlier
+        ones)."""
+        return [r["train/epoch_loss_all_ranks"] for r in self.history if "train/epoch_loss_all_ranks" in r]
+
+    def close(self) -> None:
+        """The progress bar's end (wandb stays open for the summary)."""
+        self.bar.close()
+
+    def finish(self) -> None:
+        self.wb.finish()
+
+    def summary(self, summary: dict, parts: dict, meter) -> None:
+        """Rank 0: ``summary.json`` (``summary`` and the history) and the final lines: validation, the bytes per
+        rank of ``meter`` (split by ``parts``: its purposes named by method), the train time, skipped steps."""
+        if not self.is0:
+            return
+        from ..meter import human_bytes
+
+        Path(self.run_dir, SUMMARY_FILE).write_text(json.dumps({**summary, "history": self.history}, indent=1))
+        print(f"[ds_ext] final: val accuracy {summary['val_acc']:.4f} ({summary['val_correct']}/"
+              f"{summary['val_total']}), val loss {summary['val_loss']:.4f}, {summary['steps']} steps")
+        split = ", ".join(f"{k} {human_bytes(v / max(meter.steps, 1))}" for k, v in parts.items()) \
+            if len(parts) > 1 else next(iter(parts), "nothing metered")
+        print(f"[ds_ext] communicated {human_bytes(meter.total_bytes)} per rank over {meter.steps} steps "
+              f"({human_bytes(summary['comm_bytes_per_step'])}/step; {split}), "
+              f"train time {summary['train_seconds']:.1f} s; summary {Path(self.run_dir, SUMMARY_FILE)}")
+        if summary["skipped_steps"]:
+            print(f"[ds_ext] {summary['skipped_steps']} optimizer step(s) skipped for non-finite gradients (rank 0's "
+                  f"count; summary.json lists step and ranks)")
