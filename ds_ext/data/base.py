@@ -54,8 +54,8 @@ def make_loader(dataset: Dataset, indices: Sequence[int], batch_size: int, num_w
                 drop_last: bool = True, seed: int = 0) -> DataLoader:
     # An explicit generator: creating the iterator must not draw from the global RNG, or a resumed run
     # (which creates its loader at a different point of the RNG stream) would not be bit-exact.
-    # Workers ignore the stop signals (faults.ignore_stop_signals): a rank saving on SIGTERM still needs them.
-    from ..trainer.faults import ignore_stop_signals
+    # Workers ignore the stop signals (ds_ext.stop_signals): a rank saving on SIGTERM still needs them.
+    from ..stop_signals import ignore_stop_signals
 
     return DataLoader(dataset, batch_size=batch_size, sampler=IndexSampler(indices), num_workers=num_workers,
                       drop_last=drop_last, persistent_workers=False, generator=torch.Generator().manual_seed(seed),

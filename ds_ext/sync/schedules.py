@@ -19,16 +19,11 @@ Every period clamps H to [1, remaining steps] when the total is known. A deliber
 shortened to end, with an averaging, on the last step, so the run ends on averaged parameters; the
 reference runs its trailing ``total % H`` local steps without averaging them.
 
-    python -m ds_ext.sync.schedules --recipe R [--set k=v ...] [--world-size N] [--csv]
-
-prints a recipe's whole schedule without training: total steps, sync rounds, fraction of steps that
-communicate, and the H in force at step 0 (the first round's) and at 10 %, 20 %, ..., 100 % of training
-(``--csv``: every round).
+``ds-ext schedule --recipe R [--set k=v ...] [--world-size N] [--csv]`` (``ds_ext/trainer/cli.py``, which reads
+the recipe) prints a recipe's whole schedule without training, from ``make_period`` and ``simulate``.
 """
 from __future__ import annotations
 
-import argparse
-import math
 import sys
 from typing import Callable, List, Optional, Tuple
 
@@ -166,82 +161,3 @@ def simulate(period: Period, lr_at: Callable[[int], float], total_steps: int) ->
         if step < total_steps:
             h = period.next_h(step, lr_at(step))
     return rounds
-
-
-def _recipe_schedule(recipe, world: int, steps_per_epoch: Optional[int]):
-    from ..trainer.optim import LRSchedule
-    from ..registry import DATASETS, ORDERS, load_builtin
-
-    load_builtin()
-    micro, gas = recipe.batch_plan(world)
-    if steps_per_epoch is None:
-        if recipe.train.steps_per_epoch:
-            steps_per_epoch = recipe.train.steps_per_epoch
-        else:
-            bundle = DATASETS.build(recipe.data.name, recipe.data.options, root=recipe.data.root)
-            order = ORDERS.build(recipe.method.order.name, recipe.method.order.options, len(bundle.train), 0, world,
-                                 recipe.train.seed)
-            steps_per_epoch = order.shard_size // micro // gas
-    total = int(steps_per_epoch * recipe.train.epochs)
-    lr = LRSchedule(None, recipe.schedule, recipe.optimizer.options.lr, steps_per_epoch, recipe.train.epochs)
-    return lr, total, steps_per_epoch
-
-
-def main(argv=None) -> int:
-    from ..trainer.recipe import RecipeError, load_recipe
-
-    ap = argparse.ArgumentParser(prog="python -m ds_ext.sync.schedules",
-                                 description="Print a recipe's synchronisation schedule without training.")
-    ap.add_argument("--recipe", required=True)
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--host-config", default=None)
-    ap.add_argument("--world-size", type=int, default=None, help="default: $WORLD_SIZE or 1")
-    ap.add_argument("--steps-per-epoch", type=int, default=None,
-                    help="default: train.steps_per_epoch, else computed from the data set")
-    ap.add_argument("--csv", action="store_true", help="print every round: round,first_step,H,lr,data_parallel")
-    args = ap.parse_args(argv)
-    import os
-
-    world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-    try:
-        recipe = load_recipe(args.recipe, args.overrides, args.host_config)
-    except RecipeError as e:
-        print(f"recipe error:\n{e}", file=sys.stderr)
-        return 2
-    sync = recipe.method.sync
-    if sync.name not in ("local", "dssync"):
-        print(f"{recipe.source}: method.sync is {sync.name!r}: parameters are not averaged on a period "
-              f"(every step communicates through reducer {recipe.method.reducer.name!r})")
-        return 0
-    try:
-        lr, total, spe = _recipe_schedule(recipe, world, args.steps_per_epoch)
-    except (FileNotFoundError, RecipeError) as e:
-        print(f"cannot size the schedule: {e}\n(pass --steps-per-epoch N)", file=sys.stderr)
-        return 2
-    period = make_period(sync.options, lr.warmup, total)
-    rounds = simulate(period, lr.lr_at, total)
-    if args.csv:
-        print("round,first_step,H,lr,data_parallel")
-        for i, (s, h, dp) in enumerate(rounds):
-            print(f"{i},{s},{h},{lr.lr_at(s):.6g},{int(dp)}")
-        return 0
-    syncs = len(rounds)
-    print(f"{recipe.source}: sync={sync.name} period: {period.describe()}")
-    print(f"world {world}: {spe} steps/epoch x {recipe.train.epochs} epochs = {total} optimizer steps; "
-          f"{syncs} sync rounds; {syncs / max(total, 1):.2%} of steps communicate "
-          f"(data-parallel: 100%)")
-    print(f"{'progress':>9} {'step':>9} {'lr':>11} {'H':>7}")
-    if not rounds:
-        return 0
-    print(f"{0:>8}% {0:>9} {lr.lr_at(0):>11.4g} {rounds[0][1]:>7}")  # the first round's H
-    k = 0
-    for pct in range(10, 101, 10):
-        step = min(total - 1, math.ceil(total * pct / 100) - 1)
-        while k + 1 < len(rounds) and rounds[k + 1][0] <= step:
-            k += 1
-        print(f"{pct:>8}% {step:>9} {lr.lr_at(step):>11.4g} {rounds[k][1]:>7}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

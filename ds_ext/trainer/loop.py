@@ -1,39 +1,31 @@
-"""The trainer.
+"""The trainer's training loop: ``train(recipe)`` starts the process group and runs one recipe on every rank.
 
-    deepspeed [--hostfile H | --num_gpus N] --module ds_ext.train --recipe recipes/X.yaml [--set k=v ...]
-    python -m ds_ext.train --recipe recipes/X.yaml [--set k=v ...] --check [--world-size N]
-
-``--check`` validates the recipe (overrides, per-host file, method combination, batch arithmetic
-for ``--world-size``, default $WORLD_SIZE or 1) and exits 0, or 2 with one line per problem,
-without starting training.
-
-Console: the trainer prints its own lines; the library logs through ``logging`` under the ``ds_ext``
-logger, which ``main`` routes to stderr as ``[ds_ext] <message>`` while it runs (``console_logging``):
-WARNING and above from every rank, plus INFO from ``ds_ext.data`` (what a data set reader found, e.g.
-criteo's ``field_dims``) on rank 0. A program that configures the ``ds_ext`` logger itself (gives it a
-handler) before calling ``main`` keeps its configuration.
-
-Run directory (``log.dir``, rank 0): ``summary.json`` (written at the end: the result, ``epoch_losses`` (the
-training loss of every epoch averaged over ALL ranks, logged as ``train/epoch_loss_all_ranks`` on the epoch's
-last step; ``train/loss`` is rank 0's) and the logged ``history`` of the whole run, across resumes), ``history.jsonl`` (one logged record per line, appended on
-logging steps; a resumed run keeps the records up to its checkpoint's step and drops later ones),
-``wandb_run_id`` (a resumed run continues that wandb run) and ``wandb/``.
+The command line is ``ds_ext.trainer.cli``; the console lines of the library, ``history.jsonl`` and the
+run directory's other records are ``ds_ext.trainer.records``.
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
-import logging
-import os
 import random
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
-EXIT_RECIPE = 2
-EXIT_DATA = 3
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from . import checkpoint as ckpt
+from . import faults
+from ..comm import Communicator, gather_objects
+from .setup import initialize
+from ..meter import CommMeter, purpose_key
+from ..registry import DATASETS, MODELS, ORDERS
+from ..stop_signals import ignore_stop_signals
+from .exit_codes import ExitCode
+from .records import RunRecords, StepWindow
 
 
 class _Exit(Exception):
@@ -44,214 +36,13 @@ class _Exit(Exception):
         self.code, self.message = code, message
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m ds_ext.train", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--recipe", required=True, help="recipe YAML")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a recipe field, e.g. --set train.epochs=3 (repeatable)")
-    ap.add_argument("--host-config", default=None,
-                    help="per-host paths file (default: $DS_EXT_HOST_CONFIG or ./.config_<hostname>.yml)")
-    ap.add_argument("--check", action="store_true", help="validate the recipe and exit (0 ok, 2 errors)")
-    ap.add_argument("--world-size", type=int, default=None, help="world size assumed by --check")
-    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return ap
-
-
-def check(recipe, world_size: int) -> int:
-    from .recipe import data_problems, path_problems
-
-    micro, gas = recipe.check_world(world_size)
-    # missing paths are warnings here (a recipe may be linted where its data is not mounted); a run refuses them
-    for key, msg in path_problems(recipe) + data_problems(recipe):
-        print(f"warning: {recipe.source}: {key}: {msg}", file=sys.stderr)
-    names = recipe.method_names()
-    print(f"ok: {recipe.source}: model={recipe.model.name} data={recipe.data.name} "
-          f"reducer={names['reducer']} sync={names['sync']} order={names['order']} precision={recipe.precision()} "
-          f"zero={recipe.zero_stage()}; world {world_size}: micro batch {micro} x accumulation {gas} "
-          f"= global {recipe.train.global_batch_size}")
-    return 0
-
-
-CONSOLE_FORMAT = "[ds_ext] %(message)s"
-
-
-def _rank_now() -> int:
-    """This process's rank: the process group's once it exists, else $RANK (the launcher's), else 0."""
-    d = sys.modules.get("torch.distributed")
-    if d is not None and d.is_available() and d.is_initialized():
-        return d.get_rank()
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
-
-
-class ConsoleFilter(logging.Filter):
-    """What the trainer shows of the library's records: WARNING and above from every rank; INFO from
-    ``ds_ext.data`` (data set readers) on rank 0 only, as the trainer printed them before they were logged."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.WARNING:
-            return True
-        data = record.name == "ds_ext.data" or record.name.startswith("ds_ext.data.")
-        return record.levelno >= logging.INFO and data and _rank_now() == 0
-
-
-class ConsoleHandler(logging.Handler):
-    """``[ds_ext] <message>`` lines on the current ``sys.stderr`` (flushed); through tqdm when a progress
-    bar is showing, so the bar is redrawn below the line."""
-
-    def __init__(self):
-        super().__init__()
-        self.setFormatter(logging.Formatter(CONSOLE_FORMAT))
-        self.addFilter(ConsoleFilter())
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            msg = self.format(record)
-            tq = sys.modules.get("tqdm")
-            if tq is not None and getattr(getattr(tq, "tqdm", None), "_instances", None):
-                tq.tqdm.write(msg, file=sys.stderr)
-            else:
-                sys.stderr.write(msg + "\n")
-            sys.stderr.flush()
-        except Exception:
-            self.handleError(record)
-
-
-@contextlib.contextmanager
-def console_logging() -> Iterator[Optional[logging.Handler]]:
-    """While the trainer runs: the ``ds_ext`` logger's records on stderr through a ``ConsoleHandler``
-    (yielded), with ``propagate`` off so that a handler on the root logger (DeepSpeed's or the user's)
-    does not print them a second time, and the logger's level set to INFO when it has none (the handler
-    filters; a level the user set, e.g. CRITICAL to silence the library, is kept). Everything is put back
-    on exit (``main`` may be called in-process). When the ``ds_ext`` logger already has a handler (the
-    caller configured it), nothing is changed and None is yielded."""
-    lg = logging.getLogger("ds_ext")
-    if lg.handlers:
-        yield None
-        return
-    handler = ConsoleHandler()
-    level, propagate = lg.level, lg.propagate
-    lg.addHandler(handler)
-    lg.propagate = False
-    if level == logging.NOTSET:
-        lg.setLevel(logging.INFO)
-    try:
-        yield handler
-    finally:
-        lg.removeHandler(handler)
-        lg.propagate = propagate
-        lg.setLevel(level)
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    with console_logging():
-        return _main(argv)
-
-
-def _main(argv: Optional[List[str]] = None) -> int:
-    from .recipe import DataPathError, RecipeError, load_recipe, preflight, world_size_from
-
-    args = build_parser().parse_args(argv)
-    try:
-        recipe = load_recipe(args.recipe, args.overrides, args.host_config)
-        world = world_size_from(args.world_size, os.environ)  # the launcher sets WORLD_SIZE per process
-        if args.check:
-            return check(recipe, world or 1)
-        preflight(recipe, world)  # world-size rules, paths, data files: before any process group starts
-    except DataPathError as e:
-        print(f"data error:\n{e}", file=sys.stderr)
-        return EXIT_DATA
-    except RecipeError as e:
-        print(f"recipe error:\n{e}", file=sys.stderr)
-        return EXIT_RECIPE
-    try:
-        return train(recipe)
-    finally:
-        # tear the process group down before interpreter exit: leaving it to the c10d / gloo destructors
-        # at exit has ended a finished run with "terminate called without an active exception" (exit 250)
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-# ---------------------------------------------------------------------------------------------
-
-HISTORY_FILE = "history.jsonl"
-
-
-def run_name(recipe) -> Optional[str]:
-    """The wandb run name: ``log.wandb.name``, else the recipe's ``name``, else the recipe file's stem
-    (None for a recipe built in memory: wandb then picks one)."""
-    src = recipe.source or ""
-    return (recipe.log.wandb.name or recipe.name
-            or (Path(src).stem if src and not src.startswith("<") else None))
-
-
-def _history_start(run_dir: str, upto: Optional[int]) -> List[dict]:
-    """Rank 0, before the first step: the logged records this run continues. A fresh run (``upto`` None)
-    starts empty; a resumed one keeps ``<run_dir>/history.jsonl``'s records up to step ``upto`` (its
-    checkpoint's; later ones belong to a timeline that is being replaced) in step order, one per step.
-    The file is rewritten to that (atomically) and then appended to by ``_history_append``."""
-    path = Path(run_dir, HISTORY_FILE)
-    kept: dict = {}
-    if upto is not None:
-        try:
-            lines = path.read_text().splitlines()
-        except (OSError, UnicodeDecodeError):
-            lines = []
-        for line in lines:
-            try:
-                rec = json.loads(line)
-                step = int(rec["step"])
-            except (ValueError, TypeError, KeyError):  # a line cut short by a killed process
-                continue
-            if step <= upto:
-                kept[step] = rec
-    out = [kept[k] for k in sorted(kept)]
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in out))
-        os.replace(tmp, path)
-    except OSError as e:  # the records stay in memory (summary.json); only this file is missing
-        _history_warn(path, e)
-    return out
-
-
-_history_failed: List[str] = []
-
-
-def _history_warn(path: Path, e: OSError) -> None:
-    if not _history_failed:  # once per process
-        print(f"[ds_ext] warning: cannot write {path} ({e}); summary.json will still hold this run's history",
-              file=sys.stderr)
-        _history_failed.append(str(path))
-
-
-def _history_append(run_dir: str, rec: dict) -> None:
-    path = Path(run_dir, HISTORY_FILE)
-    try:
-        with open(path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-    except OSError as e:
-        _history_warn(path, e)
-
-
 def _seed_all(seed: int) -> None:
-    import numpy as np
-    import torch
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
 def _rng_state() -> dict:
-    import numpy as np
-    import torch
-
     st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state()
@@ -259,9 +50,6 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(st: dict) -> None:
-    import numpy as np
-    import torch
-
     random.setstate(st["python"])
     np.random.set_state(st["numpy"])
     torch.set_rng_state(st["torch"])
@@ -272,24 +60,15 @@ def _set_rng_state(st: dict) -> None:
 def _batch_loader(dataset, batches, num_workers: int, seed: int):
     """A ``DataLoader`` yielding one microbatch per list of ``batches`` (example indices; the lists may differ
     in length: ``remainder: visit`` of the dgrab orders), with ``make_loader``'s settings otherwise."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    from .faults import ignore_stop_signals
-
     return DataLoader(dataset, batch_sampler=[list(b) for b in batches], num_workers=num_workers,
                       persistent_workers=False, generator=torch.Generator().manual_seed(seed),
-                      pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_stop_signals if num_workers > 0 else None)
+                      pin_memory=torch.cuda.is_available(),
+                      worker_init_fn=ignore_stop_signals if num_workers > 0 else None)
 
 
 def evaluate(engine, bundle, batch_size: int, rank: int, world: int, comm=None) -> dict:
     """Each rank scores a strided shard of the validation set; the sums stay on the communication
     device (no host read per batch), are all-reduced there and read once."""
-    import torch
-    import torch.nn.functional as F
-
-    from ..comm import Communicator
-
     comm = comm if comm is not None else Communicator()
     module = engine.module
     p0 = next(module.parameters())
@@ -312,24 +91,22 @@ def evaluate(engine, bundle, batch_size: int, rank: int, world: int, comm=None) 
 
 
 def train(recipe) -> int:
-    """Start the process group, run the training (``_train``) and make every way out explicit.
+    """Start the process group, run the training (``Trainer``) and make every way out explicit.
 
     A peer watchdog (``ds_ext.trainer.faults.Watchdog``) runs beside the training: when another rank dies
     (SIGKILL, crash, out of memory) or stops on an error, this rank prints one line naming that rank
-    and the step and exits with ``faults.EXIT_PEER_LOST`` (4) within seconds, without a traceback;
+    and the step and exits with ``ExitCode.PEER_LOST`` (4) within seconds, without a traceback;
     a failed collective on this thread leads to the same line (``faults.explain_failure``). Every
     other way out is one verdict shared by every rank, printed once by rank 0, with one exit code:
-    a checkpoint that cannot be resumed from (``faults.EXIT_CHECKPOINT``, 5), a run or checkpoint
-    directory held by another job (``checkpoint.EXIT_BUSY``, 6), a failed save (``checkpoint.EXIT_SAVE``,
-    7; the previous checkpoint is intact), divergence (``faults.EXIT_DIVERGED``, 8:
+    a checkpoint that cannot be resumed from (``ExitCode.CHECKPOINT``, 5), a run or checkpoint
+    directory held by another job (``ExitCode.BUSY``, 6), a failed save (``ExitCode.SAVE``,
+    7; the previous checkpoint is intact), divergence (``ExitCode.DIVERGED``, 8:
     ``train.max_consecutive_skips`` skipped steps in a row), a signal with ``checkpoint.on_signal: save``
-    (``faults.EXIT_PREEMPTED``, 75, after saving). Leaving normally or on purpose tells the other ranks
+    (``ExitCode.PREEMPTED``, 75, after saving). Leaving normally or on purpose tells the other ranks
     the exit code.
     ``DS_EXT_FAULT`` (tests only) kills this rank at a chosen point; see ``ds_ext.trainer.faults``."""
     import torch.distributed as dist
 
-    from . import checkpoint as ckpt
-    from . import faults
     from ..comm import init_distributed
     from ..registry import REDUCERS, load_builtin
 
@@ -340,7 +117,7 @@ def train(recipe) -> int:
     except faults.FaultSpecError as e:  # the same environment on every rank
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
-        return EXIT_RECIPE
+        return ExitCode.RECIPE
     faults.progress(0, "start-up")
     # saving on a signal needs a per-step stop vote, which rides on the gradient exchange (engine.StopVote)
     load_builtin()
@@ -352,7 +129,7 @@ def train(recipe) -> int:
     code, reason = 1, "exception"
     locks: list = []
     try:
-        code = _train(recipe, rank, world, locks)
+        code = Trainer(recipe, rank, world, locks).run()
         return code
     except _Exit as e:
         code = e.code
@@ -360,7 +137,7 @@ def train(recipe) -> int:
             print(e.message, file=sys.stderr, flush=True)
         return code
     except ckpt.CheckpointError as e:  # a damaged or missing file while loading: may concern this rank only
-        code, reason = faults.EXIT_CHECKPOINT, f"checkpoint error on rank {rank}"
+        code, reason = ExitCode.CHECKPOINT, f"checkpoint error on rank {rank}"
         print(f"checkpoint error (rank {rank}):\n{recipe.source}: checkpoint.resume: {e}", file=sys.stderr)
         return code
     except BaseException as e:
@@ -368,10 +145,7 @@ def train(recipe) -> int:
         code, reason = 1, f"{type(e).__name__}: {e}"
         raise
     finally:
-        reason = {0: "finished", EXIT_RECIPE: "recipe error", EXIT_DATA: "data error",
-                  faults.EXIT_CHECKPOINT: "checkpoint error", ckpt.EXIT_BUSY: "directory in use by another job",
-                  ckpt.EXIT_SAVE: "checkpoint save failed", faults.EXIT_PREEMPTED: "saved and stopped on a signal",
-                  faults.EXIT_DIVERGED: "training diverged"}.get(code, reason)
+        reason = ExitCode.reason_of(code, reason)
         for lock in locks:
             lock.release()
         if wd is not None:
@@ -380,218 +154,197 @@ def train(recipe) -> int:
             faults.restore_signal_handlers()
 
 
-def _train(recipe, rank: int, world: int, locks: list) -> int:
-    import torch
-    import torch.distributed as dist
-    import torch.nn.functional as F
+class Trainer:
+    """One training run of ``recipe`` on this rank: ``run()`` goes through the phases ``setup`` (batch plan,
+    directory locks, the checkpoint to resume from, data, model, order, engine), ``resume``, ``open_records``,
+    then ``run_epoch`` for each epoch (``on_step`` after each optimizer step: divergence, logging, progress,
+    a stop on a signal, saves, ``train.stop_at_step``) with ``end_epoch`` (evaluation, the epoch's save), and
+    ``finish`` (the final evaluation, the summary). ``save`` and ``evaluate`` are called from those. A verdict
+    shared by every rank leaves through ``_Exit`` (rank 0 prints it in ``train``); rank 0's console lines and
+    records go through ``self.records`` (``records.RunRecords``). ``locks`` receives the directory locks,
+    which ``train`` releases."""
 
-    from . import checkpoint as ckpt
-    from . import faults
-    from ..comm import gather_objects
-    from .setup import initialize
-    from ..meter import CommMeter, human_bytes, purpose_key
-    from .records import Progress, StepWindow, WandbLogger
-    from .recipe import RecipeError
-    from ..registry import DATASETS, MODELS, ORDERS
+    def __init__(self, recipe, rank: int, world: int, locks: list):
+        self.recipe, self.rank, self.world, self.locks = recipe, rank, world, locks
+        self.is0 = rank == 0
+        self.t, self.ce = recipe.train, recipe.checkpoint
+        self.records = RunRecords(self.is0, recipe.log.dir)
 
-    is0 = rank == 0
-    try:
-        micro, gas = recipe.batch_plan(world)
-    except RecipeError as e:  # same verdict on every rank, so every rank exits
-        if is0:
-            print(f"recipe error:\n{e}", file=sys.stderr)
-        return EXIT_RECIPE
-    ce = recipe.checkpoint
-    # one job per run and checkpoint directory, for the whole run (rank 0 holds the locks)
-    job, busy = None, None
-    if is0:
-        job = ckpt.job_identity()
+    def run(self) -> int:
+        self.setup()
+        self.resume()
+        self.open_records()
+        for epoch in range(self.start_epoch, self.t.epochs):
+            if self.run_epoch(epoch):  # train.stop_at_step
+                return 0
+            self.end_epoch(epoch)
+        return self.finish()
+
+    # ---- setup ------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        from .recipe import RecipeError
+
         try:
-            locks.extend(ckpt.lock_dirs([recipe.log.dir, ce.dir], job))
-        except ckpt.DirectoryBusy as e:
-            busy = str(e)
-    job, busy = gather_objects((job, busy))[0]  # rank 0's
-    if busy:
-        raise _Exit(ckpt.EXIT_BUSY, f"error: {recipe.source}: {busy}")
-    # the checkpoint to resume from (every rank verifies a share of it and all choose alike), and
-    # whether this run may continue it
-    meta = ckpt.run_meta(recipe, world)
-    notes: List[str] = []
-    try:
-        resume_path = ckpt.choose(ce.resume, ce.dir, ce.integrity, warn=notes.append)
-        if resume_path is not None:
-            ckpt.check_meta(resume_path, meta)
-    except ckpt.CheckpointError as e:
-        raise _Exit(faults.EXIT_CHECKPOINT, f"checkpoint error:\n{recipe.source}: checkpoint.resume: {e}") from None
-    if is0:
-        for n in notes:
-            print(f"[ds_ext] warning: checkpoint.resume: {n}", file=sys.stderr)
-        earlier = ckpt.complete_checkpoints(ce.dir) if resume_path is None else []
-        if earlier:
-            print(f"[ds_ext] checkpoint.resume={json.dumps(ce.resume)}: {ce.dir} holds {len(earlier)} checkpoint(s) of an earlier "
-                  f"run (newest {earlier[0].name}); this run starts afresh and its saves replace checkpoints of the "
-                  f"same step", file=sys.stderr)
+            self.micro, self.gas = self.recipe.batch_plan(self.world)
+        except RecipeError as e:  # same verdict on every rank, so every rank exits
+            raise _Exit(ExitCode.RECIPE, f"recipe error:\n{e}") from None
+        self._lock_dirs()
+        self._choose_checkpoint()
+        self._build()
+        self.meter = CommMeter()
+        self.engine, self.att, self.schedule = initialize(self.recipe, self.model, self.steps_per_epoch, self.meter,
+                                                          order=self.order)
+        _seed_all(self.t.seed + 1 + self.rank)  # per-rank stream for dropout / augmentation
+        self.p0 = next(self.engine.module.parameters())
+        self.names = self.recipe.method_names()
 
-    t = recipe.train
-    _seed_all(t.seed)  # identical model initialisation on every rank
-    try:
-        bundle = DATASETS.build(recipe.data.name, recipe.data.options, root=recipe.data.root)
-    except (FileNotFoundError, ImportError, ValueError) as e:  # same files on every rank: every rank exits
-        if is0:
-            print(f"data error: {recipe.source}: data ({recipe.data.name}): {e}", file=sys.stderr)
-        return EXIT_DATA
-    model = MODELS.build(recipe.model.name, recipe.model.options, data=bundle)  # sizes from the data (vocab, fields)
-    order = ORDERS.build(recipe.method.order.name, recipe.method.order.options, len(bundle.train), rank, world, t.seed)
-    micro_per_epoch = order.shard_size // micro
-    steps_per_epoch = micro_per_epoch // gas
-    if t.steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, t.steps_per_epoch)
-    if steps_per_epoch >= 1:  # gradient-driven orders may need fewer (D-GraB: an even microbatch count)
+    def _lock_dirs(self) -> None:
+        """One job per run and checkpoint directory, for the whole run (rank 0 holds the locks)."""
+        job, busy = None, None
+        if self.is0:
+            job = ckpt.job_identity()
+            try:
+                self.locks.extend(ckpt.lock_dirs([self.recipe.log.dir, self.ce.dir], job))
+            except ckpt.DirectoryBusy as e:
+                busy = str(e)
+        self.job, busy = gather_objects((job, busy))[0]  # rank 0's
+        if busy:
+            raise _Exit(ExitCode.BUSY, f"error: {self.recipe.source}: {busy}")
+
+    def _choose_checkpoint(self) -> None:
+        """The checkpoint to resume from (every rank verifies a share of it and all choose alike), and whether
+        this run may continue it."""
+        ce = self.ce
+        self.meta = ckpt.run_meta(self.recipe, self.world)
+        notes: List[str] = []
         try:
-            steps_per_epoch, note = order.plan(micro, gas, steps_per_epoch)
-        except ValueError as e:  # same verdict on every rank
-            if is0:
-                print(f"recipe error:\n{recipe.source}: method.order: {e}", file=sys.stderr)
-            return EXIT_RECIPE
-        if note and is0:
-            print(f"[ds_ext] {note}", file=sys.stderr)
-    variable_units = bool(getattr(order, "variable_units", False))  # dgrab remainder: visit
-    if variable_units and getattr(bundle, "loader_factory", None) is not None:
-        if is0:
-            print(f"recipe error:\n{recipe.source}: method.order: remainder: visit makes microbatches of different "
-                  f"sizes, which data set {recipe.data.name!r}'s own loader cannot serve; use remainder: drop",
-                  file=sys.stderr)
-        return EXIT_RECIPE
-    if steps_per_epoch < 1:
-        if is0:
-            print(f"recipe error:\n{recipe.source}: train.global_batch_size: {t.global_batch_size} exceeds the "
-                  f"{order.shard_size * world} training examples usable on {world} ranks", file=sys.stderr)
-        return EXIT_RECIPE
-    total_steps = steps_per_epoch * t.epochs
+            self.resume_path = ckpt.choose(ce.resume, ce.dir, ce.integrity, warn=notes.append)
+            if self.resume_path is not None:
+                ckpt.check_meta(self.resume_path, self.meta)
+        except ckpt.CheckpointError as e:
+            raise _Exit(ExitCode.CHECKPOINT,
+                        f"checkpoint error:\n{self.recipe.source}: checkpoint.resume: {e}") from None
+        if self.is0:
+            for n in notes:
+                self.records.say(f"[ds_ext] warning: checkpoint.resume: {n}")
+            earlier = ckpt.complete_checkpoints(ce.dir) if self.resume_path is None else []
+            if earlier:
+                self.records.say(f"[ds_ext] checkpoint.resume={json.dumps(ce.resume)}: {ce.dir} holds {len(earlier)} "
+                                 f"checkpoint(s) of an earlier run (newest {earlier[0].name}); this run starts afresh "
+                                 f"and its saves replace checkpoints of the same step")
 
-    meter = CommMeter()
-    engine, att, schedule = initialize(recipe, model, steps_per_epoch, meter, order=order)
-    _seed_all(t.seed + 1 + rank)  # per-rank stream for dropout / augmentation
-    p0 = next(engine.module.parameters())
-    names = recipe.method_names()
+    def _build(self) -> None:
+        """The data, the model, the order and the steps per epoch."""
+        recipe, t, micro, gas, world = self.recipe, self.t, self.micro, self.gas, self.world
+        _seed_all(t.seed)  # identical model initialisation on every rank
+        try:
+            self.bundle = DATASETS.build(recipe.data.name, recipe.data.options, root=recipe.data.root)
+        except (FileNotFoundError, ImportError, ValueError) as e:  # same files on every rank: every rank exits
+            raise _Exit(ExitCode.DATA, f"data error: {recipe.source}: data ({recipe.data.name}): {e}") from None
+        # sizes from the data (vocab, fields)
+        self.model = MODELS.build(recipe.model.name, recipe.model.options, data=self.bundle)
+        order = self.order = ORDERS.build(recipe.method.order.name, recipe.method.order.options, len(self.bundle.train),
+                                          self.rank, world, t.seed)
+        steps_per_epoch = order.shard_size // micro // gas
+        if t.steps_per_epoch:
+            steps_per_epoch = min(steps_per_epoch, t.steps_per_epoch)
+        if steps_per_epoch >= 1:  # gradient-driven orders may need fewer (D-GraB: an even microbatch count)
+            try:
+                steps_per_epoch, note = order.plan(micro, gas, steps_per_epoch)
+            except ValueError as e:  # same verdict on every rank
+                raise _Exit(ExitCode.RECIPE, f"recipe error:\n{recipe.source}: method.order: {e}") from None
+            if note:
+                self.records.say(f"[ds_ext] {note}")
+        self.variable_units = bool(order.variable_units)  # dgrab remainder: visit
+        if self.variable_units and getattr(self.bundle, "loader_factory", None) is not None:
+            raise _Exit(ExitCode.RECIPE,
+                        f"recipe error:\n{recipe.source}: method.order: remainder: visit makes microbatches of "
+                        f"different sizes, which data set {recipe.data.name!r}'s own loader cannot serve; use "
+                        f"remainder: drop")
+        if steps_per_epoch < 1:
+            raise _Exit(ExitCode.RECIPE,
+                        f"recipe error:\n{recipe.source}: train.global_batch_size: {t.global_batch_size} exceeds "
+                        f"the {order.shard_size * world} training examples usable on {world} ranks")
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = steps_per_epoch * t.epochs
 
-    start_epoch, start_step = 0, 0
-    resumed_epoch_loss = None  # (sum of this rank's microbatch losses so far in the epoch, their count)
-    if resume_path is not None:
-        faults.progress(0, f"loading checkpoint {resume_path.name}")
+    # ---- resume -----------------------------------------------------------------------------------
+    def resume(self) -> None:
+        """Load the chosen checkpoint (none: start at epoch 0): the engine, the attachment, the order, the RNG
+        streams, the position in the epoch and the epoch's running loss; one verdict for every rank."""
+        self.start_epoch, self.start_step = 0, 0
+        self.resumed_epoch_loss = None  # (sum of this rank's microbatch losses so far in the epoch, their count)
+        path, rank = self.resume_path, self.rank
+        if path is None:
+            return
+        faults.progress(0, f"loading checkpoint {path.name}")
         err = None
         try:
-            state = ckpt.load(engine, resume_path, rank, world, step=ckpt.read_meta(resume_path).get("step"))
-            att.load_state_dict(state["attachment"])
-            order.load_state_dict(state["order"])
+            state = ckpt.load(self.engine, path, rank, self.world, step=ckpt.read_meta(path).get("step"))
+            self.att.load_state_dict(state["attachment"])
+            self.order.load_state_dict(state["order"])
             _set_rng_state(state["rng"])
-            start_epoch, start_step = state["epoch"], state["step_in_epoch"]
-            resumed_epoch_loss = state.get("epoch_loss")  # absent in checkpoints of older versions
+            self.start_epoch, self.start_step = state["epoch"], state["step_in_epoch"]
+            self.resumed_epoch_loss = state.get("epoch_loss")  # absent in checkpoints of older versions
         except ckpt.CheckpointError as e:
             err = str(e)
         except Exception as e:  # a rank file whose content does not fit this run's state
             if faults.looks_distributed(e):
                 raise
-            err = (f"{ckpt.rank_file(resume_path, rank)}: does not fit this run ({type(e).__name__}: "
+            err = (f"{ckpt.rank_file(path, rank)}: does not fit this run ({type(e).__name__}: "
                    f"{' '.join(str(e).split())[:160]})")
         err = ckpt.shared_verdict(err)  # every rank's verdict before anyone says "resumed"
         if err:
-            raise _Exit(faults.EXIT_CHECKPOINT, f"checkpoint error:\n{recipe.source}: checkpoint.resume: {err}")
-        if is0:
-            print(f"[ds_ext] resumed from {resume_path} at step {engine.global_steps} "
-                  f"(epoch {start_epoch}, step {start_step} of {steps_per_epoch})", file=sys.stderr)
+            raise _Exit(ExitCode.CHECKPOINT, f"checkpoint error:\n{self.recipe.source}: checkpoint.resume: {err}")
+        self.records.say(f"[ds_ext] resumed from {path} at step {self.engine.global_steps} "
+                         f"(epoch {self.start_epoch}, step {self.start_step} of {self.steps_per_epoch})")
 
-    run_dir = recipe.log.dir
-    if is0:
-        os.makedirs(run_dir, exist_ok=True)
-        rem = getattr(order, "remainder_note", None)  # dgrab / cdgrab: what happens to each shard's remainder
-        rem = rem() if rem is not None else None
-        print(f"[ds_ext] {recipe.source}: world {world}, micro batch {micro} x accumulation {gas} = global "
-              f"{t.global_batch_size}; {steps_per_epoch} steps/epoch x {t.epochs} epochs; "
-              f"reducer={names['reducer']} sync={names['sync']} order={names['order']} "
-              f"precision={recipe.precision()}; {f'{rem}; ' if rem else ''}run dir {run_dir}", file=sys.stderr)
-    history = _history_start(run_dir, engine.global_steps if resume_path is not None else None) if is0 else []
-    wb = WandbLogger(recipe.log.wandb, run_dir, recipe.model_dump(mode="json"), enabled=is0, name=run_name(recipe),
-                     resume=resume_path is not None)
-    bar = Progress(total_steps, engine.global_steps, enabled=is0 and recipe.log.progress, console=is0)
-    att.vote_stop(lambda: faults.stop_requested() is not None)
-    skip_streak = [0, 0]  # consecutive skipped steps on this rank, the last step that was not skipped
+    def open_records(self) -> None:
+        """The start-up line, the run records, the stop vote and the counters of the loop."""
+        recipe, t, names = self.recipe, self.t, self.names
+        rem = self.order.remainder_note() if self.is0 else None  # dgrab / cdgrab: each shard's remainder
+        line = (f"[ds_ext] {recipe.source}: world {self.world}, micro batch {self.micro} x accumulation {self.gas} "
+                f"= global {t.global_batch_size}; {self.steps_per_epoch} steps/epoch x {t.epochs} epochs; "
+                f"reducer={names['reducer']} sync={names['sync']} order={names['order']} "
+                f"precision={recipe.precision()}; {f'{rem}; ' if rem else ''}run dir {recipe.log.dir}")
+        self.records.open(recipe, line, self.total_steps, self.engine.global_steps, self.resume_path is not None)
+        self.att.vote_stop(lambda: faults.stop_requested() is not None)
+        self.skip_streak = [0, 0]  # consecutive skipped steps on this rank, the last step that was not skipped
+        # what the bytes were for, naming the method that sent them (meter.PURPOSES; the rest is the reducer's)
+        self.who = {"gradient exchange": f"reducer={names['reducer']}", "parameter averaging": f"sync={names['sync']}",
+                    "order balancing": f"order={names['order']}"}
+        self.window = StepWindow()  # step time and samples/s between logging steps (host timers)
+        self.last_eval: dict = {}
+        self.last_loss = float("nan")  # the last logged training loss (the progress bar shows it)
+        self.t0 = time.perf_counter()
+        self.samples_done = 0
+        self.skips_seen = self.att.skipped_steps
+        self.epoch_loss: list = [None, 0]
 
-    def save(epoch: int, step_in_epoch: int) -> Optional[Path]:
-        att.check_pending()  # a method that produced a non-finite gradient must not be checkpointed
-        streak = max(gather_objects(skip_streak[0]))  # skips on local steps differ between ranks
-        if streak:  # never replace a good checkpoint with a model that is diverging
-            if is0:
-                bar.write(f"[ds_ext] step {engine.global_steps}: checkpoint not saved: the last {streak} optimizer "
-                          f"step(s) were skipped for non-finite gradients; the previous checkpoint is kept")
-            return None
-        if step_in_epoch == steps_per_epoch:
-            epoch, step_in_epoch = epoch + 1, 0
-        # the epoch's running loss sum (read here, at a save, not per step): a resumed epoch's mean is exact
-        el = None if step_in_epoch == 0 or epoch_loss[0] is None else \
-            (epoch_loss[0].detach().cpu().clone(), epoch_loss[1])
-        st = {"rng": _rng_state(), "epoch": epoch, "step_in_epoch": step_in_epoch, "attachment": att.state_dict(),
-              "order": order.state_dict(), "global_step": engine.global_steps, "epoch_loss": el}
-        try:
-            path = ckpt.save(engine, ce.dir, f"step_{engine.global_steps:07d}", st, meta, keep=ce.keep,
-                             integrity=ce.integrity, job=job["job"])
-        except ckpt.CheckpointSaveError as e:
-            raise _Exit(ckpt.EXIT_SAVE, f"[ds_ext] error: {e}; stopping (exit {ckpt.EXIT_SAVE}); free space and "
-                                        f"resume with --set checkpoint.resume=auto") from None
-        if is0:
-            bar.write(f"[ds_ext] checkpoint {path}")
-        return path
+    # ---- the epochs -------------------------------------------------------------------------------
+    def _loader(self, epoch: int, skip: int):
+        """This rank's microbatches of ``epoch`` from optimizer step ``skip`` of the epoch on."""
+        recipe, order, micro, gas = self.recipe, self.order, self.micro, self.gas
+        loader_seed = (self.t.seed * 1_000_003 + epoch) * 4099 + self.rank
+        if self.variable_units:  # microbatches of different sizes: one list of indices per microbatch
+            units = order.epoch_batches(epoch)[: self.steps_per_epoch * gas]
+            return _batch_loader(self.bundle.train, units[skip * gas:], recipe.data.num_workers, loader_seed)
+        idx = order.epoch_indices(epoch)[: self.steps_per_epoch * gas * micro]
+        return self.bundle.loader("train", idx[skip * gas * micro:], micro, recipe.data.num_workers, seed=loader_seed)
 
-    def eval_now(epoch: int) -> dict:
-        # training batches for BatchNorm re-estimation (local methods with bn_batches > 0)
-        def train_batches():
-            return iter(bundle.loader("train", order.epoch_indices(epoch), micro, recipe.data.num_workers,
-                                      seed=epoch))
-
-        faults.progress(engine.global_steps, "evaluation")
-        with att.sync.eval_view(engine.module, train_batches):
-            return evaluate(engine, bundle, recipe.data.eval_micro_batch_size or 2 * micro, rank, world, att.comm)
-
-    # what the bytes were for, naming the method that sent them (metrics.PURPOSES; the rest is the reducer's)
-    who = {"gradient exchange": f"reducer={names['reducer']}", "parameter averaging": f"sync={names['sync']}",
-           "order balancing": f"order={names['order']}"}
-
-    def purposes() -> dict:
-        return {f"{k} ({who[k]})" if k in who else k: v for k, v in meter.by_purpose().items()}
-
-    def epoch_loss_all_ranks() -> float:
-        """The epoch's training loss over all ranks: each rank's mean microbatch loss (summed on the device
-        during the epoch), averaged over the ranks by one all-reduce (control data, not metered), read once.
-        Every rank runs the same number of microbatches, so this is the mean over all microbatches."""
-        total, count = epoch_loss
-        v = (total.detach().to(att.comm.device, torch.float64) / max(count, 1)).reshape(1)
-        return float(att.comm.all_reduce_mean(v))
-
-    smoothing = t.label_smoothing
-    window = StepWindow()  # step time and samples/s between logging steps (host timers)
-    order_stats = getattr(order, "stats", None)
-    last_eval = {}
-    last_loss = float("nan")  # the last logged training loss (the progress bar shows it)
-    t0 = time.perf_counter()
-    samples_done = 0
-    skips_seen = att.skipped_steps
-    epoch_loss: list = [None, 0]
-    for epoch in range(start_epoch, t.epochs):
-        skip = start_step if epoch == start_epoch else 0
-        if hasattr(bundle.train, "set_epoch"):  # e.g. NCF draws fresh negatives every epoch
-            bundle.train.set_epoch(epoch)
-        loader_seed = (t.seed * 1_000_003 + epoch) * 4099 + rank
-        if variable_units:  # microbatches of different sizes: one list of indices per microbatch
-            units = order.epoch_batches(epoch)[: steps_per_epoch * gas]
-            loader = _batch_loader(bundle.train, units[skip * gas:], recipe.data.num_workers, loader_seed)
-        else:
-            idx = order.epoch_indices(epoch)[: steps_per_epoch * gas * micro]
-            loader = bundle.loader("train", idx[skip * gas * micro:], micro, recipe.data.num_workers, seed=loader_seed)
+    def run_epoch(self, epoch: int) -> bool:
+        """Train ``epoch`` (from the resumed position in the first one); True when the run stops here
+        (``train.stop_at_step``)."""
+        engine, p0 = self.engine, self.p0
+        skip = self.start_step if epoch == self.start_epoch else 0
+        if hasattr(self.bundle.train, "set_epoch"):  # e.g. NCF draws fresh negatives every epoch
+            self.bundle.train.set_epoch(epoch)
+        loader = self._loader(epoch, skip)
         step_in_epoch, loss_acc, n_micro = skip, None, 0  # the loss stays on the device until a logging step
         # the epoch's loss sum on this rank (device) and microbatch count: all-reduced at the epoch's end
-        epoch_loss = [None, 0]
-        if epoch == start_epoch and skip and resumed_epoch_loss is not None:
-            epoch_loss = [resumed_epoch_loss[0].to(p0.device), int(resumed_epoch_loss[1])]
+        self.epoch_loss = [None, 0]
+        if epoch == self.start_epoch and skip and self.resumed_epoch_loss is not None:
+            self.epoch_loss = [self.resumed_epoch_loss[0].to(p0.device), int(self.resumed_epoch_loss[1])]
         batches = iter(loader)
         while True:
             step = engine.global_steps + 1  # the optimizer step this micro-batch belongs to
@@ -605,7 +358,7 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
             x = x.to(p0.device, dtype=p0.dtype if x.is_floating_point() else x.dtype, non_blocking=True)
             y = y.to(p0.device, non_blocking=True)
             out = engine(x)
-            loss = F.cross_entropy(out.float(), y, label_smoothing=smoothing)
+            loss = F.cross_entropy(out.float(), y, label_smoothing=self.t.label_smoothing)
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
             if boundary:  # the reducer's collectives were launched during backward; step() waits for them
@@ -617,122 +370,176 @@ def _train(recipe, rank: int, world: int, locks: list) -> int:
             if not boundary:
                 continue
             step_in_epoch += 1
-            samples_done += t.global_batch_size
-            window.step(t.global_batch_size)
-            gstep = engine.global_steps
-            if att.skipped_steps > skips_seen:  # host counters: no device read
-                skip_streak[0] += 1
-            else:
-                skip_streak[:] = [0, gstep]
-            skips_seen = att.skipped_steps
-            if t.max_consecutive_skips and skip_streak[0] >= t.max_consecutive_skips:
-                raise _Exit(faults.EXIT_DIVERGED,
-                            f"[ds_ext] error: training diverged: {skip_streak[0]} optimizer steps in a row (up to step "
-                            f"{gstep}) had non-finite gradients and were skipped (train.max_consecutive_skips="
-                            f"{t.max_consecutive_skips}); last finite step {skip_streak[1]}; no checkpoint was saved "
-                            f"since then. Lower optimizer.lr, add warm-up or deepspeed.gradient_clipping, and resume "
-                            f"from the last checkpoint (exit {faults.EXIT_DIVERGED})")
-            step_loss_t, micro_in_step = loss_acc, n_micro
+            if self.on_step(epoch, step_in_epoch, loss_acc, n_micro):
+                return True
             loss_acc, n_micro = None, 0
-            epoch_loss[0] = step_loss_t if epoch_loss[0] is None else epoch_loss[0] + step_loss_t
-            epoch_loss[1] += micro_in_step
-            lr = schedule.get_last_lr()[0]
-            if gstep % recipe.log.every_steps == 0 or step_in_epoch == steps_per_epoch:
-                last_loss = float(step_loss_t) / micro_in_step  # the loss is read on logging steps only
-                step_time, samples_per_s = window.read()  # after that read: the window's device work is done
-                rec = {"train/loss": last_loss, "train/lr": lr, "train/step_time_s": step_time,
-                       "train/samples_per_s": samples_per_s, "comm/bytes_step": meter.last_step_bytes,
-                       "comm/bytes_total": meter.total_bytes, "epoch": epoch + step_in_epoch / steps_per_epoch}
-                if step_in_epoch == steps_per_epoch:  # the epoch's last step: every rank is here
-                    rec["train/epoch_loss_all_ranks"] = epoch_loss_all_ranks()
-                rec.update({f"comm/bytes_total/{purpose_key(k)}": v for k, v in meter.by_purpose().items()})
-                rec.update({f"reducer/{k}": v for k, v in att.reducer.stats().items()})
-                rec["train/skipped_steps"] = att.skipped_steps  # non-finite gradients (train.nonfinite=skip)
-                rec.update({f"sync/{k}": v for k, v in att.sync.stats().items()})
-                if order_stats is not None:
-                    rec.update({f"order/{k}": v for k, v in order_stats().items()})
-                wb.log(rec, step=gstep)
-                if is0:
-                    history.append({"step": gstep, **rec})
-                    _history_append(run_dir, history[-1])
-            bar.update(1, loss=f"{last_loss:.4f}", lr=f"{lr:.3g}",
-                       sps=f"{samples_done / max(time.perf_counter() - t0, 1e-9):.0f}")
-            if att.stop_agreed and gstep < total_steps:  # a signal (preemption): every rank at this same step
-                with window.paused():
-                    path = save(epoch, step_in_epoch)
-                bar.close()
-                wb.finish()
-                got = faults.stop_requested()
-                raise _Exit(faults.EXIT_PREEMPTED,
-                            f"[ds_ext] stopped at step {gstep} on {got or 'a signal to another rank'} "
-                            f"(checkpoint.on_signal=save); "
-                            + (f"saved {path}; resume with --set checkpoint.resume=auto" if path else
-                               "nothing saved (see above)") + f" (exit {faults.EXIT_PREEMPTED})")
-            stopping = t.stop_at_step is not None and gstep >= t.stop_at_step and gstep < total_steps
-            if stopping or (ce.every_steps and gstep % ce.every_steps == 0 and gstep < total_steps):
-                with window.paused():
-                    save(epoch, step_in_epoch)
-            if stopping:
-                bar.close()
-                if is0:
-                    print(f"[ds_ext] stopped at step {gstep} (train.stop_at_step); resume with "
-                          f"--set checkpoint.resume=auto", file=sys.stderr)
-                wb.finish()
-                att.comm.barrier()
-                return 0
-            if step_in_epoch == steps_per_epoch:
+            if step_in_epoch == self.steps_per_epoch:
                 break
+        return False
+
+    def on_step(self, epoch: int, step_in_epoch: int, step_loss_t, micro_in_step: int) -> bool:
+        """After optimizer step ``step_in_epoch`` of ``epoch`` (its summed microbatch loss on the device):
+        divergence, the epoch's loss, logging, progress, a stop on a signal, saves; True when the run stops
+        here (``train.stop_at_step``)."""
+        t, att, gstep = self.t, self.att, self.engine.global_steps
+        self.samples_done += t.global_batch_size
+        self.window.step(t.global_batch_size)
+        self._count_skips(gstep)
+        el = self.epoch_loss
+        el[0] = step_loss_t if el[0] is None else el[0] + step_loss_t
+        el[1] += micro_in_step
+        lr = self.schedule.get_last_lr()[0]
+        if gstep % self.recipe.log.every_steps == 0 or step_in_epoch == self.steps_per_epoch:
+            self.last_loss = float(step_loss_t) / micro_in_step  # the loss is read on logging steps only
+            self._log_step(epoch, step_in_epoch, gstep, lr)
+        self.records.bar.update(1, loss=f"{self.last_loss:.4f}", lr=f"{lr:.3g}",
+                                sps=f"{self.samples_done / max(time.perf_counter() - self.t0, 1e-9):.0f}")
+        if att.stop_agreed and gstep < self.total_steps:  # a signal (preemption): every rank at this same step
+            self._preempted(epoch, step_in_epoch, gstep)
+        stopping = t.stop_at_step is not None and gstep >= t.stop_at_step and gstep < self.total_steps
+        if stopping or (self.ce.every_steps and gstep % self.ce.every_steps == 0 and gstep < self.total_steps):
+            with self.window.paused():
+                self.save(epoch, step_in_epoch)
+        if stopping:
+            self.records.close()
+            self.records.say(f"[ds_ext] stopped at step {gstep} (train.stop_at_step); resume with "
+                             f"--set checkpoint.resume=auto")
+            self.records.finish()
+            att.comm.barrier()
+        return stopping
+
+    def _count_skips(self, gstep: int) -> None:
+        """The streak of skipped steps (non-finite gradients; host counters, no device read); a streak of
+        ``train.max_consecutive_skips`` ends the run."""
+        t, att, streak = self.t, self.att, self.skip_streak
+        if att.skipped_steps > self.skips_seen:
+            streak[0] += 1
+        else:
+            streak[:] = [0, gstep]
+        self.skips_seen = att.skipped_steps
+        if t.max_consecutive_skips and streak[0] >= t.max_consecutive_skips:
+            raise _Exit(ExitCode.DIVERGED,
+                        f"[ds_ext] error: training diverged: {streak[0]} optimizer steps in a row (up to step "
+                        f"{gstep}) had non-finite gradients and were skipped (train.max_consecutive_skips="
+                        f"{t.max_consecutive_skips}); last finite step {streak[1]}; no checkpoint was saved "
+                        f"since then. Lower optimizer.lr, add warm-up or deepspeed.gradient_clipping, and resume "
+                        f"from the last checkpoint (exit {ExitCode.DIVERGED})")
+
+    def _log_step(self, epoch: int, step_in_epoch: int, gstep: int, lr: float) -> None:
+        meter, att = self.meter, self.att
+        step_time, samples_per_s = self.window.read()  # after the loss read: the window's device work is done
+        rec = {"train/loss": self.last_loss, "train/lr": lr, "train/step_time_s": step_time,
+               "train/samples_per_s": samples_per_s, "comm/bytes_step": meter.last_step_bytes,
+               "comm/bytes_total": meter.total_bytes, "epoch": epoch + step_in_epoch / self.steps_per_epoch}
+        if step_in_epoch == self.steps_per_epoch:  # the epoch's last step: every rank is here
+            rec["train/epoch_loss_all_ranks"] = self._epoch_loss_all_ranks()
+        rec.update({f"comm/bytes_total/{purpose_key(k)}": v for k, v in meter.by_purpose().items()})
+        rec.update({f"reducer/{k}": v for k, v in att.reducer.stats().items()})
+        rec["train/skipped_steps"] = att.skipped_steps  # non-finite gradients (train.nonfinite=skip)
+        rec.update({f"sync/{k}": v for k, v in att.sync.stats().items()})
+        rec.update({f"order/{k}": v for k, v in self.order.stats().items()})
+        self.records.log(rec, gstep)
+
+    def _epoch_loss_all_ranks(self) -> float:
+        """The epoch's training loss over all ranks: each rank's mean microbatch loss (summed on the device
+        during the epoch), averaged over the ranks by one all-reduce (control data, not metered), read once.
+        Every rank runs the same number of microbatches, so this is the mean over all microbatches."""
+        total, count = self.epoch_loss
+        v = (total.detach().to(self.att.comm.device, torch.float64) / max(count, 1)).reshape(1)
+        return float(self.att.comm.all_reduce_mean(v))
+
+    def _preempted(self, epoch: int, step_in_epoch: int, gstep: int) -> None:
+        """The ranks agreed to stop on a signal (``checkpoint.on_signal: save``): save and leave."""
+        with self.window.paused():
+            path = self.save(epoch, step_in_epoch)
+        self.records.close()
+        self.records.finish()
+        got = faults.stop_requested()
+        raise _Exit(ExitCode.PREEMPTED,
+                    f"[ds_ext] stopped at step {gstep} on {got or 'a signal to another rank'} "
+                    f"(checkpoint.on_signal=save); "
+                    + (f"saved {path}; resume with --set checkpoint.resume=auto" if path else
+                       "nothing saved (see above)") + f" (exit {ExitCode.PREEMPTED})")
+
+    def end_epoch(self, epoch: int) -> None:
+        """After ``epoch``: its evaluation (every ``train.eval_every_epochs`` and after the last) and its save
+        (``checkpoint.every_epochs``; after the last whenever checkpoints are taken)."""
+        t, ce, engine = self.t, self.ce, self.engine
         last_epoch = epoch + 1 == t.epochs
         if (t.eval_every_epochs and (epoch + 1) % t.eval_every_epochs == 0) or last_epoch:
-            with window.paused():
-                last_eval = eval_now(epoch)
-            wb.log({f"val/{k[4:]}": v for k, v in last_eval.items()}, step=engine.global_steps)
-            if is0:
-                bar.write(f"[ds_ext] epoch {epoch + 1}/{t.epochs} step {engine.global_steps}: "
-                          f"val acc {last_eval['val_acc']:.4f} loss {last_eval['val_loss']:.4f}")
-        if (ce.every_epochs and (epoch + 1) % ce.every_epochs == 0) or (last_epoch and (ce.every_epochs or ce.every_steps)):
-            with window.paused():
-                save(epoch, steps_per_epoch)
-    bar.close()
-    att.check_pending()
-    elapsed = time.perf_counter() - t0
-    if not last_eval:
-        last_eval = eval_now(t.epochs - 1)
-    parts = purposes()
-    # the all-rank training loss of every epoch, from the logged records (a resumed run keeps the earlier ones)
-    epoch_losses = [r["train/epoch_loss_all_ranks"] for r in history if "train/epoch_loss_all_ranks" in r]
-    summary = {"recipe": recipe.source, "world_size": world, "steps": engine.global_steps, "epochs": t.epochs,
-               **names, **last_eval, "epoch_losses": epoch_losses, "comm_bytes_total": meter.total_bytes,
-               "comm_bytes_per_step": meter.total_bytes / max(meter.steps, 1), "comm_bytes_by_kind": dict(meter.by_kind),
-               "comm_bytes_by_purpose": parts, "train_seconds": elapsed,
-               "skipped_steps": att.skipped_steps, "nonfinite_events": [list(e) for e in att.nonfinite_events]}
-    wb.log({"summary/val_acc": last_eval.get("val_acc", 0.0), "summary/comm_bytes": meter.total_bytes,
-            **{f"summary/comm_bytes/{purpose_key(k)}": v for k, v in meter.by_purpose().items()}},
-           step=engine.global_steps)
-    wb.finish()
-    if is0:
-        Path(run_dir, "summary.json").write_text(json.dumps({**summary, "history": history}, indent=1))
-        print(f"[ds_ext] final: val accuracy {last_eval['val_acc']:.4f} ({last_eval['val_correct']}/"
-              f"{last_eval['val_total']}), val loss {last_eval['val_loss']:.4f}, {engine.global_steps} steps")
-        split = ", ".join(f"{k} {human_bytes(v / max(meter.steps, 1))}" for k, v in parts.items()) \
-            if len(parts) > 1 else next(iter(parts), "nothing metered")
-        print(f"[ds_ext] communicated {human_bytes(meter.total_bytes)} per rank over {meter.steps} steps "
-              f"({human_bytes(summary['comm_bytes_per_step'])}/step; {split}), "
-              f"train time {elapsed:.1f} s; summary {Path(run_dir, 'summary.json')}")
-        if att.skipped_steps:
-            print(f"[ds_ext] {att.skipped_steps} optimizer step(s) skipped for non-finite gradients (rank 0's "
-                  f"count; summary.json lists step and ranks)")
-    att.comm.barrier()
-    return 0
+            with self.window.paused():
+                self.last_eval = self.evaluate(epoch)
+            self.records.wb.log({f"val/{k[4:]}": v for k, v in self.last_eval.items()}, step=engine.global_steps)
+            self.records.write(f"[ds_ext] epoch {epoch + 1}/{t.epochs} step {engine.global_steps}: "
+                               f"val acc {self.last_eval['val_acc']:.4f} loss {self.last_eval['val_loss']:.4f}")
+        if (ce.every_epochs and (epoch + 1) % ce.every_epochs == 0) or \
+                (last_epoch and (ce.every_epochs or ce.every_steps)):
+            with self.window.paused():
+                self.save(epoch, self.steps_per_epoch)
 
+    # ---- save, evaluate, finish -------------------------------------------------------------------
+    def save(self, epoch: int, step_in_epoch: int) -> Optional[Path]:
+        """A checkpoint after optimizer step ``step_in_epoch`` of ``epoch`` (collective); None when the last
+        steps were skipped for non-finite gradients (the previous checkpoint is kept)."""
+        att, engine, ce = self.att, self.engine, self.ce
+        att.check_pending()  # a method that produced a non-finite gradient must not be checkpointed
+        streak = max(gather_objects(self.skip_streak[0]))  # skips on local steps differ between ranks
+        if streak:  # never replace a good checkpoint with a model that is diverging
+            self.records.write(f"[ds_ext] step {engine.global_steps}: checkpoint not saved: the last {streak} "
+                               f"optimizer step(s) were skipped for non-finite gradients; the previous checkpoint "
+                               f"is kept")
+            return None
+        if step_in_epoch == self.steps_per_epoch:
+            epoch, step_in_epoch = epoch + 1, 0
+        # the epoch's running loss sum (read here, at a save, not per step): a resumed epoch's mean is exact
+        loss_sum, count = self.epoch_loss
+        el = None if step_in_epoch == 0 or loss_sum is None else (loss_sum.detach().cpu().clone(), count)
+        st = {"rng": _rng_state(), "epoch": epoch, "step_in_epoch": step_in_epoch, "attachment": att.state_dict(),
+              "order": self.order.state_dict(), "global_step": engine.global_steps, "epoch_loss": el}
+        try:
+            path = ckpt.save(engine, ce.dir, f"step_{engine.global_steps:07d}", st, self.meta, keep=ce.keep,
+                             integrity=ce.integrity, job=self.job["job"])
+        except ckpt.CheckpointSaveError as e:
+            raise _Exit(ExitCode.SAVE, f"[ds_ext] error: {e}; stopping (exit {ExitCode.SAVE}); free space and "
+                                       f"resume with --set checkpoint.resume=auto") from None
+        self.records.write(f"[ds_ext] checkpoint {path}")
+        return path
 
-if __name__ == "__main__":
-    code = main()
-    if code == 0:
-        # A finished run (summary written, wandb finished, process group destroyed) leaves without
-        # interpreter teardown: a C++ thread destroyed while joinable there has aborted a finished run
-        # ("terminate called without an active exception", SIGABRT) and turned its exit code non-zero.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-    sys.exit(code)
+    def evaluate(self, epoch: int) -> dict:
+        """The validation loss and accuracy over all ranks (after ``epoch``)."""
+        recipe, order, micro = self.recipe, self.order, self.micro
+
+        # training batches for BatchNorm re-estimation (local methods with bn_batches > 0)
+        def train_batches():
+            return iter(self.bundle.loader("train", order.epoch_indices(epoch), micro, recipe.data.num_workers,
+                                           seed=epoch))
+
+        faults.progress(self.engine.global_steps, "evaluation")
+        with self.att.sync.eval_view(self.engine.module, train_batches):
+            return evaluate(self.engine, self.bundle, recipe.data.eval_micro_batch_size or 2 * micro, self.rank,
+                            self.world, self.att.comm)
+
+    def finish(self) -> int:
+        """The end of the last epoch: the final evaluation (when the last epoch had none), the summary (wandb,
+        ``summary.json``, the final lines)."""
+        engine, meter, att = self.engine, self.meter, self.att
+        self.records.close()
+        att.check_pending()
+        elapsed = time.perf_counter() - self.t0
+        if not self.last_eval:
+            self.last_eval = self.evaluate(self.t.epochs - 1)
+        parts = {f"{k} ({self.who[k]})" if k in self.who else k: v for k, v in meter.by_purpose().items()}
+        summary = {"recipe": self.recipe.source, "world_size": self.world, "steps": engine.global_steps,
+                   "epochs": self.t.epochs, **self.names, **self.last_eval,
+                   "epoch_losses": self.records.epoch_losses(), "comm_bytes_total": meter.total_bytes,
+                   "comm_bytes_per_step": meter.total_bytes / max(meter.steps, 1),
+                   "comm_bytes_by_kind": dict(meter.by_kind), "comm_bytes_by_purpose": parts, "train_seconds": elapsed,
+                   "skipped_steps": att.skipped_steps, "nonfinite_events": [list(e) for e in att.nonfinite_events]}
+        self.records.wb.log({"summary/val_acc": self.last_eval.get("val_acc", 0.0),
+                             "summary/comm_bytes": meter.total_bytes,
+                             **{f"summary/comm_bytes/{purpose_key(k)}": v for k, v in meter.by_purpose().items()}},
+                            step=engine.global_steps)
+        self.records.finish()
+        self.records.summary(summary, parts, meter)
+        att.comm.barrier()
+        return 0

@@ -1,11 +1,26 @@
-"""The trainer's run records: console progress, wandb logging, step timing.
+"""The trainer's run records: console progress, the library's log lines on the console, the run directory's
+records (``history.jsonl``), wandb logging, step timing.
 
 Messages of this module go to its ``logging`` logger, except the trainer's own console output
-(``Progress``), which prints.
+(``Progress``, ``ConsoleHandler``), which prints.
+
+Console: the trainer prints its own lines; the library logs through ``logging`` under the ``ds_ext``
+logger, which the trainer's CLI routes to stderr as ``[ds_ext] <message>`` while it runs (``console_logging``):
+WARNING and above from every rank, plus INFO from ``ds_ext.data`` (what a data set reader found, e.g.
+criteo's ``field_dims``) on rank 0. A program that configures the ``ds_ext`` logger itself (gives it a
+handler) before calling the trainer keeps its configuration.
+
+Run directory (``log.dir``, rank 0): ``summary.json`` (written at the end: the result, ``epoch_losses`` (the
+training loss of every epoch averaged over ALL ranks, logged as ``train/epoch_loss_all_ranks`` on the epoch's
+last step; ``train/loss`` is rank 0's) and the logged ``history`` of the whole run, across resumes),
+``history.jsonl`` (one logged record per line, appended on logging steps; a resumed run keeps the records up
+to its checkpoint's step and drops later ones),
+``wandb_run_id`` (a resumed run continues that wandb run) and ``wandb/``.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -14,7 +29,7 @@ import string
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 log = logging.getLogger(__name__)
 
@@ -176,3 +191,211 @@ class Timer:
         t = time.perf_counter()
         dt, self.t0 = t - self.t0, t
         return dt
+
+
+CONSOLE_FORMAT = "[ds_ext] %(message)s"
+
+
+def _rank_now() -> int:
+    """This process's rank: the process group's once it exists, else $RANK (the launcher's), else 0."""
+    d = sys.modules.get("torch.distributed")
+    if d is not None and d.is_available() and d.is_initialized():
+        return d.get_rank()
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+class ConsoleFilter(logging.Filter):
+    """What the trainer shows of the library's records: WARNING and above from every rank; INFO from
+    ``ds_ext.data`` (data set readers) on rank 0 only, as the trainer printed them before they were logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        data = record.name == "ds_ext.data" or record.name.startswith("ds_ext.data.")
+        return record.levelno >= logging.INFO and data and _rank_now() == 0
+
+
+class ConsoleHandler(logging.Handler):
+    """``[ds_ext] <message>`` lines on the current ``sys.stderr`` (flushed); through tqdm when a progress
+    bar is showing, so the bar is redrawn below the line."""
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(logging.Formatter(CONSOLE_FORMAT))
+        self.addFilter(ConsoleFilter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = self.format(record)
+            tq = sys.modules.get("tqdm")
+            if tq is not None and getattr(getattr(tq, "tqdm", None), "_instances", None):
+                tq.tqdm.write(msg, file=sys.stderr)
+            else:
+                sys.stderr.write(msg + "\n")
+            sys.stderr.flush()
+        except Exception:
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def console_logging() -> Iterator[Optional[logging.Handler]]:
+    """While the trainer runs: the ``ds_ext`` logger's records on stderr through a ``ConsoleHandler``
+    (yielded), with ``propagate`` off so that a handler on the root logger (DeepSpeed's or the user's)
+    does not print them a second time, and the logger's level set to INFO when it has none (the handler
+    filters; a level the user set, e.g. CRITICAL to silence the library, is kept). Everything is put back
+    on exit (``main`` may be called in-process). When the ``ds_ext`` logger already has a handler (the
+    caller configured it), nothing is changed and None is yielded."""
+    lg = logging.getLogger("ds_ext")
+    if lg.handlers:
+        yield None
+        return
+    handler = ConsoleHandler()
+    level, propagate = lg.level, lg.propagate
+    lg.addHandler(handler)
+    lg.propagate = False
+    if level == logging.NOTSET:
+        lg.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        lg.removeHandler(handler)
+        lg.propagate = propagate
+        lg.setLevel(level)
+
+
+HISTORY_FILE = "history.jsonl"
+
+
+def run_name(recipe) -> Optional[str]:
+    """The wandb run name: ``log.wandb.name``, else the recipe's ``name``, else the recipe file's stem
+    (None for a recipe built in memory: wandb then picks one)."""
+    src = recipe.source or ""
+    return (recipe.log.wandb.name or recipe.name
+            or (Path(src).stem if src and not src.startswith("<") else None))
+
+
+def _history_start(run_dir: str, upto: Optional[int]) -> List[dict]:
+    """Rank 0, before the first step: the logged records this run continues. A fresh run (``upto`` None)
+    starts empty; a resumed one keeps ``<run_dir>/history.jsonl``'s records up to step ``upto`` (its
+    checkpoint's; later ones belong to a timeline that is being replaced) in step order, one per step.
+    The file is rewritten to that (atomically) and then appended to by ``_history_append``."""
+    path = Path(run_dir, HISTORY_FILE)
+    kept: dict = {}
+    if upto is not None:
+        try:
+            lines = path.read_text().splitlines()
+        except (OSError, UnicodeDecodeError):
+            lines = []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+                step = int(rec["step"])
+            except (ValueError, TypeError, KeyError):  # a line cut short by a killed process
+                continue
+            if step <= upto:
+                kept[step] = rec
+    out = [kept[k] for k in sorted(kept)]
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in out))
+        os.replace(tmp, path)
+    except OSError as e:  # the records stay in memory (summary.json); only this file is missing
+        _history_warn(path, e)
+    return out
+
+
+_history_failed: List[str] = []
+
+
+def _history_warn(path: Path, e: OSError) -> None:
+    if not _history_failed:  # once per process
+        print(f"[ds_ext] warning: cannot write {path} ({e}); summary.json will still hold this run's history",
+              file=sys.stderr)
+        _history_failed.append(str(path))
+
+
+def _history_append(run_dir: str, rec: dict) -> None:
+    path = Path(run_dir, HISTORY_FILE)
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    except OSError as e:
+        _history_warn(path, e)
+
+
+SUMMARY_FILE = "summary.json"
+
+
+class RunRecords:
+    """What rank 0 shows and keeps of one training run: its console lines (``say``; ``write`` goes through
+    the progress bar), the progress bar, wandb, ``history.jsonl`` and ``summary.json``. Every rank builds
+    one (the trainer's calls are the same on every rank); wandb and the bar are off and nothing is printed
+    or written elsewhere."""
+
+    def __init__(self, rank0: bool, run_dir: str):
+        self.is0, self.run_dir = rank0, run_dir
+        self.history: List[dict] = []
+        self.wb: Optional[WandbLogger] = None
+        self.bar: Optional[Progress] = None
+
+    def say(self, line: str) -> None:
+        """Rank 0: one line on stderr."""
+        if self.is0:
+            print(line, file=sys.stderr)
+
+    def write(self, line: str) -> None:
+        """Rank 0: one line on stderr through the progress bar (redrawn below it)."""
+        if self.is0:
+            self.bar.write(line)
+
+    def open(self, recipe, start_line: str, total_steps: int, step: int, resumed: bool) -> None:
+        """The run directory, the start-up line, the history this run continues (up to ``step`` when
+        ``resumed``), wandb (continuing the run's wandb run when resumed) and the progress bar."""
+        if self.is0:
+            os.makedirs(self.run_dir, exist_ok=True)
+            print(start_line, file=sys.stderr)
+        self.history = _history_start(self.run_dir, step if resumed else None) if self.is0 else []
+        self.wb = WandbLogger(recipe.log.wandb, self.run_dir, recipe.model_dump(mode="json"), enabled=self.is0,
+                              name=run_name(recipe), resume=resumed)
+        self.bar = Progress(total_steps, step, enabled=self.is0 and recipe.log.progress, console=self.is0)
+
+    def log(self, rec: dict, step: int) -> None:
+        """A logging step's record: to wandb and (rank 0) to the history."""
+        self.wb.log(rec, step=step)
+        if self.is0:
+            self.history.append({"step": step, **rec})
+            _history_append(self.run_dir, self.history[-1])
+
+    def epoch_losses(self) -> List[float]:
+        """The all-rank training loss of every epoch, from the logged records (a resumed run keeps the earlier
+        ones)."""
+        return [r["train/epoch_loss_all_ranks"] for r in self.history if "train/epoch_loss_all_ranks" in r]
+
+    def close(self) -> None:
+        """The progress bar's end (wandb stays open for the summary)."""
+        self.bar.close()
+
+    def finish(self) -> None:
+        self.wb.finish()
+
+    def summary(self, summary: dict, parts: dict, meter) -> None:
+        """Rank 0: ``summary.json`` (``summary`` and the history) and the final lines: validation, the bytes per
+        rank of ``meter`` (split by ``parts``: its purposes named by method), the train time, skipped steps."""
+        if not self.is0:
+            return
+        from ..meter import human_bytes
+
+        Path(self.run_dir, SUMMARY_FILE).write_text(json.dumps({**summary, "history": self.history}, indent=1))
+        print(f"[ds_ext] final: val accuracy {summary['val_acc']:.4f} ({summary['val_correct']}/"
+              f"{summary['val_total']}), val loss {summary['val_loss']:.4f}, {summary['steps']} steps")
+        split = ", ".join(f"{k} {human_bytes(v / max(meter.steps, 1))}" for k, v in parts.items()) \
+            if len(parts) > 1 else next(iter(parts), "nothing metered")
+        print(f"[ds_ext] communicated {human_bytes(meter.total_bytes)} per rank over {meter.steps} steps "
+              f"({human_bytes(summary['comm_bytes_per_step'])}/step; {split}), "
+              f"train time {summary['train_seconds']:.1f} s; summary {Path(self.run_dir, SUMMARY_FILE)}")
+        if summary["skipped_steps"]:
+            print(f"[ds_ext] {summary['skipped_steps']} optimizer step(s) skipped for non-finite gradients (rank 0's "
+                  f"count; summary.json lists step and ranks)")

@@ -218,7 +218,7 @@ def _trainer_recording_losses(rank, world, argv):
 
     import torch.nn.functional as F
 
-    from ds_ext.trainer.loop import main
+    from ds_ext.trainer.cli import train_main as main
 
     seen, orig = [], F.cross_entropy
 

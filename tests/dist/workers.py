@@ -94,7 +94,7 @@ def per_step_params(rank, world, reducer, steps=6, check_every=0, precision="fp3
 
 
 def run_trainer(rank, world, argv):
-    from ds_ext.trainer.loop import main
+    from ds_ext.trainer.cli import train_main as main
 
     return main(argv)
 

@@ -213,8 +213,8 @@ def zero_node_run(rank: int, world: int, steps: int = 3, local_size: int = 2, st
 
 
 def run_trainer_as_nodes(rank: int, world: int, argv: list, local_size: int = 2) -> int:
-    """The trainer (``ds_ext.trainer.loop.main``) on ranks laid out as nodes of ``local_size`` (launcher variables)."""
-    from ds_ext.trainer.loop import main
+    """The trainer (``ds_ext.trainer.cli.train_main``) on ranks laid out as nodes of ``local_size`` (launcher variables)."""
+    from ds_ext.trainer.cli import train_main as main
 
     _launcher_env(rank, world, local_size)
     return main(argv)

@@ -1,7 +1,7 @@
 """Issue 9, items 2 and 3: a dying rank, atomic checkpoints, refusing a checkpoint from another run.
 
 Kills are real: ``DS_EXT_FAULT=<phase>:<rank>:<step>`` makes that trainer process send itself SIGKILL
-at that point (``ds_ext/trainer/faults.py``). Ranks run as plain processes (``tests/workers_faults.Ranks``:
+at that point (``ds_ext/trainer/faults/``). Ranks run as plain processes (``tests/workers_faults.Ranks``:
 nobody kills the survivors for them) or under the deepspeed launcher (as users run it). Every fault
 case checks that each survivor exits with code 4 within 60 s of the kill, with a line naming the
 lost rank and the step and no traceback, and prints how long that took (``pytest -s`` shows it).

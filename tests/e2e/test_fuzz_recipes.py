@@ -1,7 +1,7 @@
 """Bad input, fuzzed (issue 9, item 5): malformed recipes, per-host files, world sizes and paths are
 refused before any process group starts, with a message naming the file and the key, never a traceback.
 
-Three layers, the first in this file, the others in ``tests/test_recipe_refusals.py``:
+Three layers, the first in this file, the others in ``tests/e2e/test_recipe_refusals.py``:
 
 * property-based cases (``hypothesis``, fixed profile ``FUZZ``: derandomized, so CI draws the same
   inputs every time) on files written to a temporary directory and read by ``load_recipe`` in-process:

@@ -1,9 +1,9 @@
-"""Bad input, by hand: the hand-written refusals the generators of ``tests/test_fuzz_recipes.py`` do not
+"""Bad input, by hand: the hand-written refusals the generators of ``tests/e2e/test_fuzz_recipes.py`` do not
 reach (deepspeed keys ds_ext reads, files that are not UTF-8 or nested too deeply, missing data files,
 unusable log / checkpoint paths, the world size from ``--world-size`` or ``$WORLD_SIZE``), the known gaps
 that need an option check in another module (``GAPS``), and ``python -m ds_ext.train --recipe bad.yaml``
 subprocesses with the environment the DeepSpeed launcher gives a rank (see the docstring of
-``tests/test_fuzz_recipes.py``, whose helpers this file uses).
+``tests/e2e/test_fuzz_recipes.py``, whose helpers this file uses).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from tests.e2e.test_fuzz_recipes import QUICK, ROOT, base, dump, keys, load, ref
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    """As in tests/test_fuzz_recipes.py: a directory for the files and an empty per-host file (so a
+    """As in tests/e2e/test_fuzz_recipes.py: a directory for the files and an empty per-host file (so a
     .config_<hostname>.yml on this machine cannot leak into the cases), with log_root inside the directory."""
     d = tmp_path_factory.mktemp("refusals")
     host = d / "host.yml"

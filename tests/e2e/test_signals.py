@@ -1,4 +1,4 @@
-"""Stop signals (SIGTERM, SIGINT, SIGUSR1) and the waiting lines of ``ds_ext/trainer/faults.py``.
+"""Stop signals (SIGTERM, SIGINT, SIGUSR1) and the waiting lines of ``ds_ext/trainer/faults/``.
 
 Real processes (``tests/e2e/workers_signals.py``: gloo, the watchdog, a loop of all_reduces that agrees
 on ``faults.stop_requested()`` every step), real signals. The tests block on lines the ranks print
@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Optional
 import pytest
 
 from ds_ext.trainer import faults
+from ds_ext.trainer.exit_codes import ExitCode
 from tests import harness
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -377,6 +378,13 @@ def test_without_watchdog_repeat_signal_stops_at_once():
 def test_exit_codes():
     assert (faults.EXIT_SIGTERM, faults.EXIT_SIGINT, faults.EXIT_SIGUSR1) == (143, 130, 138)
     assert (faults.EXIT_PREEMPTED, faults.EXIT_DIVERGED, faults.EXIT_PEER_LOST) == (75, 8, 4)
+    # the one table (ds_ext/trainer/exit_codes.py): every code of the README's "Exit codes" section, once
+    assert [int(c) for c in ExitCode] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 75, 130, 138, 143]
+    assert faults.EXIT_PEER_LOST is ExitCode.PEER_LOST and f"{ExitCode.SAVE}" == "7"
+    assert ExitCode.reason_of(6, "x") == "directory in use by another job"
+    assert ExitCode.reason_of(1, "RuntimeError: boom") == "RuntimeError: boom"
+    assert ExitCode.reason_of(99, "exit 99") == "exit 99"
+    assert len(ExitCode.table()) == len(ExitCode)
 
 
 def test_repeat_rule():

@@ -19,8 +19,9 @@ collectives go through ``faults.explain_failure`` as in the trainer.
   call ``faults.ignore_stop_signals`` unless ``--loader-init plain``.
 * ``--fork-child``: a forked child that waits for good, holding copies of the rank's sockets.
 
-With ``WORLD_SIZE=1`` there is no process group and torch is not even imported (``ds_ext/trainer/faults.py``
-is loaded on its own: the signal handling does not depend on torch, and the tests start faster).
+With ``WORLD_SIZE=1`` there is no process group and torch is not even imported (``ds_ext/trainer/faults/``
+is loaded without the ``ds_ext`` and ``ds_ext.trainer`` package ``__init__``s: the signal handling needs only
+the standard library, and the tests start faster).
 """
 from __future__ import annotations
 
@@ -35,13 +36,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 if os.environ.get("WORLD_SIZE") == "1":
-    # faults.py only needs the standard library; loaded on its own it spares the package's torch import
-    import importlib.util
+    # the faults package only needs the standard library: empty parent packages spare ds_ext's torch import
+    import types
 
-    _spec = importlib.util.spec_from_file_location("ds_ext_faults", Path(__file__).resolve().parents[2]
-                                                   / "ds_ext" / "faults.py")
-    faults = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(faults)
+    for _name in ("ds_ext", "ds_ext.trainer"):
+        _pkg = types.ModuleType(_name)
+        _pkg.__path__ = [str(Path(__file__).resolve().parents[2].joinpath(*_name.split(".")))]
+        sys.modules[_name] = _pkg
+    from ds_ext.trainer import faults  # noqa: E402
 else:
     from ds_ext.trainer import faults  # noqa: E402
 

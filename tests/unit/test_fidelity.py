@@ -102,6 +102,7 @@ def test_local_sync_starts_with_the_rule_at_step_0(source):
 def test_schedule_printer_shows_the_rule_at_step_0_without_warmup(capsys):
     from ds_ext.trainer.optim import LRSchedule
     from ds_ext.sync import schedules
+    from ds_ext.trainer.cli import schedule_main
 
     args = ["--recipe", str(QUICK), "--world-size", "2", "--steps-per-epoch", "22",
             "--set", "method.reducer={name: none}",
@@ -112,13 +113,13 @@ def test_schedule_printer_shows_the_rule_at_step_0_without_warmup(capsys):
     want = schedules.QSR(0.5, 4).rule(lr0)
     assert want == 25 and want != 4  # init_h (= h_base) would be 4
 
-    assert schedules.main(args + ["--csv"]) == 0
+    assert schedule_main(args + ["--csv"]) == 0
     rows = capsys.readouterr().out.strip().splitlines()
     assert rows[0] == "round,first_step,H,lr,data_parallel"
     first = rows[1].split(",")
     assert first[:3] == ["0", "0", str(want)] and float(first[3]) == pytest.approx(lr0)
 
-    assert schedules.main(args) == 0
+    assert schedule_main(args) == 0
     out = capsys.readouterr().out
     row0 = next(ln for ln in out.splitlines() if ln.split()[:2] == ["0%", "0"])
     assert int(row0.split()[-1]) == want

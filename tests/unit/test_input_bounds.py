@@ -22,6 +22,7 @@ import torch
 import yaml
 
 import ds_ext.trainer.loop as trainer
+from ds_ext.trainer import cli
 from ds_ext import ops
 from ds_ext.trainer.checkpoint import resume_fields
 from ds_ext.trainer.records import Progress
@@ -195,7 +196,7 @@ def test_collective_timeout_refused(host, value, fragment):
 @pytest.mark.parametrize("setting, key", [(f"train.seed={2**100}", "train.seed"),
                                           ("train.collective_timeout_s=1.0e+300", "train.collective_timeout_s")])
 def test_check_exits_2_naming_the_key(host, capsys, setting, key):
-    assert trainer.main(["--recipe", str(QUICK), "--host-config", host, "--set", setting, "--check"]) == 2
+    assert cli.train_main(["--recipe", str(QUICK), "--host-config", host, "--set", setting, "--check"]) == 2
     err = capsys.readouterr().err
     assert f"{QUICK}: {key}: " in err and "Traceback" not in err
 
@@ -297,7 +298,7 @@ def test_alias_bomb_exit_code(tmp_path, host, capsys, monkeypatch, check):
     monkeypatch.setattr(trainer, "train", lambda recipe: started.append(recipe) or 0)
     p = tmp_path / "bomb.yaml"
     p.write_text(recipe_text(deepspeed=["  zero_optimization: {stage: 0}"] + bomb()))
-    assert trainer.main(["--recipe", str(p), "--host-config", host] + (["--check"] if check else [])) == 2
+    assert cli.train_main(["--recipe", str(p), "--host-config", host] + (["--check"] if check else [])) == 2
     err = capsys.readouterr().err
     assert f"{p}: deepspeed: expands to more than" in err and not started
 
@@ -333,12 +334,12 @@ def test_run_refuses_bad_ds_ext_ops_before_training(host, capsys, monkeypatch):
     monkeypatch.setattr(trainer, "train", lambda recipe: started.append(recipe) or 0)
     monkeypatch.setenv(ops.ENV, "bogus")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert trainer.main(["--recipe", str(QUICK), "--host-config", host]) == 2
+    assert cli.train_main(["--recipe", str(QUICK), "--host-config", host]) == 2
     assert not started
     err = capsys.readouterr().err
     assert "recipe error:" in err and "DS_EXT_OPS: 'bogus'" in err and "auto, compiled, torch" in err
     monkeypatch.setenv(ops.ENV, "torch")  # the control: a valid value gets to train()
-    assert trainer.main(["--recipe", str(QUICK), "--host-config", host]) == 0 and len(started) == 1
+    assert cli.train_main(["--recipe", str(QUICK), "--host-config", host]) == 0 and len(started) == 1
 
 
 # ---- Progress.write -----------------------------------------------------------------------------------

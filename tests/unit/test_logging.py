@@ -1,5 +1,5 @@
 """Library logging (issue 18, item 4): the library logs through the ``ds_ext`` logger, which a user can
-silence or route; the trainer shows it as ``[ds_ext] <message>`` lines (``ds_ext.trainer.loop.console_logging``).
+silence or route; the trainer shows it as ``[ds_ext] <message>`` lines (``ds_ext.trainer.records.console_logging``).
 Also the wandb logger's run name and run id file, the step-time window and the history carried across
 resumes, at unit level (no processes; the real runs: tests/e2e/test_run_records.py)."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from ds_ext import meter
 from ds_ext.trainer import records
 from ds_ext.deepspeed.step_hooks import NonFiniteGuard
-from ds_ext.trainer.loop import ConsoleHandler, _history_start, console_logging, run_name
+from ds_ext.trainer.records import ConsoleHandler, _history_start, console_logging, run_name
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = str(ROOT / "recipes" / "quickstart.yaml")
@@ -118,7 +118,7 @@ def test_trainer_console_keeps_a_level_the_user_set(clean_logger, capsys, monkey
 
 def test_criteo_reader_line_reaches_the_trainer_console(clean_logger, capsys, monkeypatch, tmp_path):
     from ds_ext.registry import DATASETS, load_builtin
-    from tests.unit.test_models_data import _criteo_lines
+    from tests.test_models_data import _criteo_lines
 
     load_builtin()
     monkeypatch.setenv("RANK", "0")

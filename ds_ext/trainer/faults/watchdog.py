@@ -1,17 +1,4 @@
-"""A dying rank, a stop signal, a stuck rank: the peer watchdog, the messages, the test-only fault hook.
-
-What happens without this module (measured with gloo through DeepSpeed's launcher, 3 ranks, one
-SIGKILLed in an allreduce): the survivors' next collective raises ``RuntimeError: [.../pair.cc:553]
-Connection closed by peer [127.0.0.1]:5021`` (or ``Read error ... Connection reset by peer``) within
-milliseconds, each with a Python traceback. The address names a socket, not a rank (every local rank
-is ``127.0.0.1``), a survivor that is computing rather than communicating learns nothing until its
-next collective, and with NCCL nothing is raised at all until the collective timeout. DeepSpeed's
-local launcher (``deepspeed/launcher/launch.py``) polls its children once a second; when one exits
-non-zero it sends SIGTERM to all the others (SIGKILL 30 s later), logs ``... exits with return code
-= -9`` naming the command line of the *last* child it started rather than the one that died, and
-exits with that code (-9 becomes 247). So the run does stop, but nobody says which rank was lost.
-
-The watchdog (``Watchdog.start``, one daemon thread per rank) says it. Rank 0 listens on a TCP port
+"""The watchdog (``Watchdog.start``, one daemon thread per rank) says it. Rank 0 listens on a TCP port
 (an ephemeral one, published through the c10d TCPStore that rank 0 already hosts for the
 rendezvous); every other rank connects once, says ``hello <rank> <pid> <host>`` and keeps the
 connection open for the life of the run. The operating system closes a process's sockets when it
@@ -41,50 +28,6 @@ main thread's collective fails first (gloo), ``explain_failure`` waits briefly f
 verdict and prints the same line. ``DS_EXT_WATCHDOG=0`` turns the watchdog off (a firewall that only
 opens MASTER_PORT); failures are then reported from the main thread without the rank.
 
-Stop signals: SIGTERM (what the deepspeed launcher and Slurm's ``scancel`` send), SIGINT (Ctrl-C:
-the terminal sends it to every process of the foreground group, the launcher and each rank) and
-SIGUSR1 (Slurm's ``--signal=USR1@T`` before the time limit). Their Python handlers (installed by
-``Watchdog.start``) never raise on the main thread, so no ``KeyboardInterrupt`` is ever raised inside
-a collective; the signal number also reaches the watchdog thread through ``signal.set_wakeup_fd``,
-which acts on it even while the main thread sits in a C++ call. For SIGTERM the watchdog first waits
-up to ``SIGNAL_VERDICT_WAIT_S`` (3 s) for a peer verdict (the launcher's SIGTERM follows a peer's
-death by up to a second: the peer-lost line and exit 4 win then); SIGUSR1 and SIGINT under ``save``
-are recorded at once, by the main-thread handler, so the step the main thread is in already votes
-with them (``exit`` still waits, as for SIGTERM). Then, by ``on_signal``:
-
-* ``"exit"``: one line ``[ds_ext] rank R: at step S (what); stopped by SIGINT (exit 130)`` and exit
-  ``128 + signum`` (``EXIT_SIGTERM`` 143, ``EXIT_SIGINT`` 130, ``EXIT_SIGUSR1`` 138).
-* ``"save"``: the first signal records a stop request that the main thread polls with
-  ``stop_requested()`` (the signal's name, or None) and prints ``... SIGUSR1 at step S (what):
-  finishing this step, saving a checkpoint, then stopping (exit 75); send it again to stop at
-  once``. The ranks must agree on the request (a signal may reach only some): the trainer does it
-  with ``engine.StopVote`` (each rank's request rides on the step's gradient control exchange); a
-  loop of one's own can all_reduce (max) ``stop_code()`` and call ``stop_agreed(code)``, which
-  prints the line on ranks without a request of their own (``tests/e2e/workers_signals.py``). Then every
-  rank saves and leaves with ``EXIT_PREEMPTED`` (75; resume with ``checkpoint.resume=auto``).
-
-In both modes a second signal less than ``REPEAT_S`` (2 s) after the first is the same request (the
-deepspeed launcher answers a Ctrl-C by sending SIGTERM to rank 0's process tree right after the
-SIGINT every rank received from the terminal; it then waits up to 30 s for that rank to exit before
-it does the same to the next rank, SIGKILLs what is left after 30 s, and exits 1 itself) and is
-ignored; one at least 2 s after the first stops the rank at once with the exit line (``... SIGTERM
-5 s after SIGINT, at step S (what); stopped by SIGTERM (exit 143)``). Without a watchdog (one rank,
-``DS_EXT_WATCHDOG=0``, or a failed set-up: ``Watchdog.start`` returned None)
-``install_signal_handlers(on_signal)`` gives the same behaviour from main-thread handlers, which then
-run only between Python bytecodes (not inside a C++ collective), without the verdict wait.
-``restore_signal_handlers()`` (and ``Watchdog.close``) put back the previous handlers.
-
-Forked children (DataLoader workers under the default ``fork`` start method) are in the rank's
-process group, so a Ctrl-C or Slurm's signals reach them too. A fork hook gives them do-nothing
-handlers for the three signals (their rank decides; they end with it), drops the inherited wakeup fd
-(their signals would otherwise be written into the rank's pipe and counted as the rank's) and closes
-their copies of the watchdog's sockets (a dead rank's connection would otherwise stay open for as
-long as its workers live). torch installs its own C-level SIGTERM handler in each worker, which
-kills it: ``ignore_stop_signals`` (as or inside the DataLoader's ``worker_init_fn``) undoes that, so
-that the launcher's tree-wide SIGTERM or ``scancel`` does not take the workers away from a rank
-that is finishing its step to save (its next batch would raise "DataLoader worker ... is killed by
-signal: Terminated").
-
 Waiting lines (``Watchdog``): every rank other than 0 sends ``at <step> <what>`` (its ``progress``)
 to rank 0 every ``REPORT_S`` seconds (``DS_EXT_WAIT_REPORT_S``) from its watchdog thread; rank 0
 notes when each report arrived. When a rank's own ``progress`` record has not changed for ``WAIT_S``
@@ -93,22 +36,6 @@ seconds (``DS_EXT_WAIT_S``; 0 turns the lines and the reports off) its watchdog 
 reported N s ago at step S' (what')`` for each rank whose last report is older than ``WAIT_S`` (a
 SIGSTOPped rank stops reporting) or ``; every rank reported within the last N s``, and again every
 ``WAIT_S`` while it stays there. These lines only inform; they never stop anything.
-
-Fault injection (tests only): ``DS_EXT_FAULT=<phase>:<rank>:<step>`` makes that rank send itself
-SIGKILL (a real kill of the real process, after one line on stderr with the time) when it reaches
-``point(phase, step)``; ``<phase>:<rank>:<step>:stop`` sends SIGSTOP instead (a rank that is alive
-but stuck: its sockets stay open). Phases:
-
-* ``data``: fetching the first micro-batch of optimizer step ``step``;
-* ``collective``: after the backward of the last micro-batch of step ``step``, with the reducer's
-  gradient collectives launched, before ``engine.step()`` waits for them;
-* ``checkpoint.save`` for the checkpoint taken after step ``step``: ``ckpt_start`` (staging
-  directory made), ``ckpt_deepspeed`` (DeepSpeed's files written), ``ckpt_rankfile`` (this rank's
-  ds_ext file written), ``ckpt_meta`` (rank 0: ``meta.json`` written in staging), ``ckpt_replace``
-  (rank 0, only when the tag exists already: the old copy moved aside, the new one not yet in
-  place), ``ckpt_rename`` (rank 0: renamed into place, ``latest`` not yet replaced), ``ckpt_latest``
-  (rank 0: ``latest`` replaced, nothing pruned), ``ckpt_prune`` (rank 0: an old checkpoint renamed
-  away, not yet deleted), ``ckpt_end`` (after the final barrier).
 """
 from __future__ import annotations
 
@@ -118,352 +45,15 @@ import select
 import selectors
 import signal
 import socket
-import sys
 import threading
 import time
-from typing import Dict, List, Optional, Tuple
-
-EXIT_PEER_LOST = 4    # another rank died or stopped, or a collective failed
-EXIT_CHECKPOINT = 5   # a checkpoint cannot be resumed from (mismatch, missing or damaged files)
-EXIT_DIVERGED = 8     # training diverged (train.max_consecutive_skips skipped steps in a row)
-EXIT_PREEMPTED = 75   # saved a checkpoint and stopped on a signal; resume with checkpoint.resume=auto
-EXIT_SIGINT = 128 + signal.SIGINT     # 130
-EXIT_SIGUSR1 = 128 + signal.SIGUSR1   # 138
-EXIT_SIGTERM = 128 + signal.SIGTERM   # 143
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-ON_SIGNAL = ("exit", "save")
-# a peer leaving with one of these is not a verdict: every rank leaves by itself at the same step
-# codes every rank leaves with by itself at the same step: no countdown for the others. Not
-# EXIT_DIVERGED: a skip on a Local SGD / DS-Sync local step is one rank's, so its streak is too.
-LEAVING_TOGETHER = (0, EXIT_PREEMPTED)
-
-GRACE_S = 10.0          # how long a peer's deliberate non-zero exit waits for this rank to leave by itself
-VERDICT_WAIT_S = 5.0    # how long a failed collective in the main thread waits for the watchdog's verdict
-SIGNAL_VERDICT_WAIT_S = 3.0  # how long a stop signal waits for a peer verdict before it is acted on
-REPEAT_S = 2.0          # a second stop signal sooner than this after the first is the same request
-REPORT_S = 15.0         # progress reports to rank 0 (DS_EXT_WAIT_REPORT_S)
-WAIT_S = 60.0           # a rank whose progress is unchanged this long says so (DS_EXT_WAIT_S)
-CONNECT_TIMEOUT_S = 60.0
-STORE_KEY = "ds_ext/watchdog/address"
-
-PHASES = ("data", "collective", "ckpt_start", "ckpt_deepspeed", "ckpt_rankfile", "ckpt_meta", "ckpt_replace",
-          "ckpt_rename", "ckpt_latest", "ckpt_prune", "ckpt_end")
-ACTIONS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}
-
-
-def _say(line: str) -> None:
-    try:
-        sys.stdout.flush()
-    except Exception:
-        pass
-    data = line.rstrip("\n") + "\n"
-    try:
-        sys.stderr.write(data)
-        sys.stderr.flush()
-    except Exception:  # e.g. a signal handler interrupting a write to stderr: write around the buffer
-        try:
-            os.write(2, data.encode(errors="replace"))
-        except OSError:
-            pass
-
-
-# ---- where this rank is (read by the messages) ------------------------------------------------
-
-_progress: List = [0, "start-up", time.monotonic()]  # step, what, when it was recorded
-
-
-def progress(step: int, what: str) -> None:
-    """Record the optimizer step this rank is working on (or has just finished) and what it does."""
-    _progress[0] = step
-    _progress[1] = what
-    _progress[2] = time.monotonic()
-
-
-def where() -> str:
-    """``step N (what)`` for the messages."""
-    return f"step {_progress[0]} ({_progress[1]})"
-
-
-# ---- fault injection (tests) ------------------------------------------------------------------
-
-class FaultSpecError(ValueError):
-    """A malformed ``DS_EXT_FAULT`` value."""
-
-
-_fault: Optional[Tuple[str, int, int, str, str]] = None  # (phase, rank, step, action, raw) for this rank
-_fault_rank = -1
-
-
-def load_fault_plan(rank: int, env: Optional[Dict[str, str]] = None) -> None:
-    """Read ``DS_EXT_FAULT`` for this rank; raise ``FaultSpecError`` naming the variable and value."""
-    global _fault, _fault_rank
-    raw = (env if env is not None else os.environ).get("DS_EXT_FAULT", "").strip()
-    _fault, _fault_rank = None, rank
-    if not raw:
-        return
-    parts = raw.split(":")
-    if len(parts) == 3:
-        parts.append("kill")
-    if (len(parts) != 4 or parts[0] not in PHASES or not parts[1].isdigit() or not parts[2].isdigit()
-            or parts[3] not in ACTIONS):
-        raise FaultSpecError(f"DS_EXT_FAULT={raw!r}: expected <phase>:<rank>:<step>[:kill|stop] with phase one of "
-                             f"{', '.join(PHASES)} and non-negative integers")
-    if int(parts[1]) == rank:
-        _fault = (parts[0], int(parts[1]), int(parts[2]), parts[3], raw)
-
-
-def point(phase: str, step: int) -> None:
-    """A fault-injection point: SIGKILL (or SIGSTOP) this process if ``DS_EXT_FAULT`` names this phase,
-    rank and step. It fires once (``data`` is reached once per micro-batch: a stopped rank that is
-    continued must not stop again at the next micro-batch of the same step)."""
-    global _fault
-    f = _fault
-    if f is None or f[0] != phase or f[2] != step:
-        return
-    _fault = None
-    sig = ACTIONS[f[3]]
-    _say(f"[ds_ext] fault injection DS_EXT_FAULT={f[4]}: {signal.Signals(sig).name} rank {_fault_rank} "
-         f"(pid {os.getpid()}) in {phase} at step {step} t={time.time():.3f}")
-    os.kill(os.getpid(), sig)
-
-
-# ---- stop signals ---------------------------------------------------------------------------------
-
-def _signame(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
-
-
-def _signal_of_code(code: int) -> Optional[str]:
-    """``SIGINT`` for 130 and so on (the exit codes of ``STOP_SIGNALS``), else None."""
-    return _signame(code - 128) if code - 128 in STOP_SIGNALS else None
-
-
-class _Signals:
-    """What the stop signals have asked of this process so far (one instance: ``_signals``)."""
-
-    def __init__(self):
-        self.reset("exit", 0)
-
-    def reset(self, mode: str, rank: int) -> None:
-        if mode not in ON_SIGNAL:
-            raise ValueError(f"on_signal={mode!r}: expected one of {', '.join(ON_SIGNAL)}")
-        self.mode, self.rank = mode, rank
-        self.first: Optional[Tuple[float, str]] = None  # (time.monotonic(), its name) of the first signal
-        self.request: Optional[str] = None              # what stop_requested() returns
-
-    def arrive(self, signum: int, now: float) -> str:
-        """``first``, ``same`` (less than ``REPEAT_S`` after the first: ignore it) or ``repeat``."""
-        if self.first is None:
-            self.first = (now, _signame(signum))
-            return "first"
-        return "same" if now - self.first[0] < REPEAT_S else "repeat"
-
-    def repeat_line(self, signum: int, now: float) -> str:
-        t, first = self.first
-        return (f"[ds_ext] rank {self.rank}: {_signame(signum)} {now - t:.0f} s after {first}, at {where()}; "
-                f"stopped by {_signame(signum)} (exit {128 + signum})")
-
-    def exit_line(self, signum: int) -> str:
-        return f"[ds_ext] rank {self.rank}: at {where()}; stopped by {_signame(signum)} (exit {128 + signum})"
-
-    def record(self, signum: int) -> None:
-        """The ``save`` mode's answer to a first signal (silent when the ranks already agreed to stop)."""
-        if self.request is not None:
-            return
-        self.request = _signame(signum)
-        _say(f"[ds_ext] rank {self.rank}: {self.request} at {where()}: finishing this step, saving a checkpoint, "
-             f"then stopping (exit {EXIT_PREEMPTED}); send it again to stop at once")
-
-
-_signals = _Signals()
-_saved_handlers: Dict[int, object] = {}  # the handlers ours replaced (restore_signal_handlers)
-_saved_wakeup_fd: Optional[int] = None
-
-
-def stop_requested() -> Optional[str]:
-    """The name of the stop signal (``"SIGUSR1"``...) this rank was asked to save and stop on, or None.
-    Only set under ``on_signal="save"``; the main thread polls it once per step (the ranks must then
-    agree, e.g. with an all_reduce (max) of the flag, since a signal may reach only some of them)."""
-    return _signals.request
-
-
-def stop_code() -> int:
-    """This rank's stop request as a number for the ranks' agreement: the signal's number, or 0. A
-    loop of one's own all_reduces it (max) every step and, when the result is not 0, calls
-    ``stop_agreed`` with it on every rank (the trainer votes through ``engine.StopVote`` instead): a
-    signal may reach only some ranks (Slurm's SIGUSR1 to one task, a ``kill``), and
-    one rank's watchdog may record its request a little after another's."""
-    name = _signals.request
-    return int(signal.Signals[name]) if name else 0
-
-
-def stop_agreed(code: int) -> str:
-    """The ranks agreed to save and stop at this step on ``code`` (the all_reduce (max) of
-    ``stop_code()``); returns the signal's name. A rank without a request of its own records one and
-    prints ``[ds_ext] rank R: SIGUSR1 on another rank, at step S (what): finishing this step, saving a
-    checkpoint, then stopping (exit 75); a signal to this rank stops it at once`` (its own signal
-    arriving later prints nothing more; a second one from 2 s on stops it at once)."""
-    name = _signame(code)
-    if _signals.request is None:
-        _signals.request = name
-        if _signals.first is None:
-            _signals.first = (time.monotonic(), f"{name} on another rank")
-        _say(f"[ds_ext] rank {_signals.rank}: {name} on another rank, at {where()}: finishing this step, saving a "
-             f"checkpoint, then stopping (exit {EXIT_PREEMPTED}); a signal to this rank stops it at once")
-    return _signals.request
-
-
-def _handle_in_main(signum: int, frame=None) -> None:
-    """The main-thread handler without a watchdog thread: the same rules, without the verdict wait."""
-    now = time.monotonic()
-    kind = _signals.arrive(signum, now)
-    if kind == "same":
-        return
-    if kind == "repeat":
-        line = _signals.repeat_line(signum, now)
-    elif _signals.mode == "exit":
-        line = _signals.exit_line(signum)
-    else:
-        _signals.record(signum)
-        return
-    _say(line)
-    os._exit(128 + signum)
-
-
-def _install(handler, wakeup_fd: Optional[int] = None) -> bool:
-    """Install ``handler`` for ``STOP_SIGNALS`` (and the wakeup fd); main thread only."""
-    global _saved_wakeup_fd
-    if threading.current_thread() is not threading.main_thread():
-        return False
-    try:
-        for sig in STOP_SIGNALS:
-            old = signal.signal(sig, handler)
-            _saved_handlers.setdefault(sig, old)
-        if wakeup_fd is not None:
-            old_fd = signal.set_wakeup_fd(wakeup_fd, warn_on_full_buffer=False)
-            if _saved_wakeup_fd is None:
-                _saved_wakeup_fd = old_fd
-    except (ValueError, OSError):
-        return False
-    return True
-
-
-def install_signal_handlers(on_signal: str, rank: Optional[int] = None) -> None:
-    """For runs without a watchdog (``Watchdog.start`` returned None): main-thread handlers for
-    SIGTERM, SIGINT and SIGUSR1 with the rules of the module docstring (``on_signal``: ``"exit"`` or
-    ``"save"``; ``rank`` for the messages, default the process group's rank or ``$RANK``). Call it
-    from the main thread; ``restore_signal_handlers()`` undoes it."""
-    if rank is None:
-        rank = _default_rank()
-    _signals.reset(on_signal, rank)
-    _install(_handle_in_main)
-
-
-def restore_signal_handlers() -> None:
-    """Put back the handlers (and wakeup fd) that ``install_signal_handlers`` / ``Watchdog.start``
-    replaced. Main thread only; harmless when nothing is installed."""
-    global _saved_wakeup_fd
-    if threading.current_thread() is not threading.main_thread():
-        return
-    try:
-        if _saved_wakeup_fd is not None:
-            signal.set_wakeup_fd(_saved_wakeup_fd)
-        for sig, old in _saved_handlers.items():
-            signal.signal(sig, old if old is not None else signal.SIG_DFL)
-    except (ValueError, OSError):
-        pass
-    _saved_wakeup_fd = None
-    _saved_handlers.clear()
-
-
-_active: Optional["Watchdog"] = None  # the running watchdog (the fork hook closes its descriptors)
-
-
-def _set_active(wd: Optional["Watchdog"]) -> None:
-    global _active
-    _active = wd
-
-
-def _ignore_in_child(signum, frame) -> None:
-    """A forked child's handler for ``STOP_SIGNALS``: nothing (its rank decides)."""
-
-
-def _after_fork_in_child() -> None:
-    """In a process forked from a rank (a DataLoader worker): the Ctrl-C, the launcher's tree-wide
-    SIGTERM or Slurm's SIGUSR1 that reach it must neither kill it while its rank finishes a step nor
-    count as its rank's signal (the wakeup fd would write into the rank's pipe) nor print the rank's
-    lines. So the stop signals get a do-nothing handler (a handled signal is reset to the default by
-    exec, unlike an ignored one), the wakeup fd is dropped, and the child closes its copies of the
-    watchdog's sockets (so that a rank's death still ends its connection while its workers live on;
-    closing a copy sends nothing). The child ends with its rank (torch's workers check their parent)."""
-    global _saved_wakeup_fd, _active
-    wd, _active = _active, None
-    if _saved_handlers:
-        try:
-            if _saved_wakeup_fd is not None:
-                signal.set_wakeup_fd(-1)
-            for sig in _saved_handlers:
-                signal.signal(sig, _ignore_in_child)
-        except (ValueError, OSError):
-            pass
-        _saved_handlers.clear()
-        _saved_wakeup_fd = None
-    if wd is not None:
-        wd._closing = True
-        wd._close_fds()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def ignore_stop_signals(worker_id: int = 0) -> None:
-    """For a DataLoader's ``worker_init_fn`` (pass it, or call it from yours): make SIGTERM, SIGINT and
-    SIGUSR1 do nothing in the worker. torch installs a C-level SIGTERM handler in each worker (before
-    ``worker_init_fn`` runs) that kills it; the deepspeed launcher's answer to a Ctrl-C (SIGTERM to
-    each rank's whole process tree) and Slurm's ``scancel`` would then take the workers away from a
-    rank that is finishing its step to save (``on_signal="save"``): its next batch raises "DataLoader
-    worker ... is killed by signal: Terminated". The workers still end with their rank (torch's
-    workers check their parent every 5 s). The cost: torch's last-resort ``terminate()`` of a worker
-    that does not answer its shutdown request no longer works (it ends when the rank ends)."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for sig in STOP_SIGNALS:
-        try:
-            signal.signal(sig, _ignore_in_child)
-        except (ValueError, OSError):
-            pass
-
-
-def _default_rank() -> int:
-    dist = sys.modules.get("torch.distributed")  # never import torch just for this
-    try:
-        if dist is not None and dist.is_available() and dist.is_initialized():
-            return dist.get_rank()
-    except Exception:
-        pass
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
-
-
-def _env_seconds(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        _say(f"[ds_ext] {name}={raw!r} is not a number of seconds; using {default:g}")
-        return default
-    return value if math.isfinite(value) else default
-
-
-# ---- the watchdog -----------------------------------------------------------------------------
+from typing import Dict, Optional, Tuple
+
+from . import signals as _sig
+from .common import (CONNECT_TIMEOUT_S, EXIT_PEER_LOST, GRACE_S, LEAVING_TOGETHER, ON_SIGNAL, REPORT_S,
+                     SIGNAL_VERDICT_WAIT_S, STOP_SIGNALS, STORE_KEY, VERDICT_WAIT_S, WAIT_S, _env_seconds, _oneline,
+                     _progress, _say, _signal_of_code, where)
+from .signals import _handle_in_main, _install, _set_active, _signals, restore_signal_handlers
 
 def _default_store():
     import torch.distributed as dist
@@ -473,10 +63,6 @@ def _default_store():
     except Exception:  # private API: without it there is no watchdog, nothing else changes
         return None
 
-
-def _oneline(text: str, limit: int = 300) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _Return(Exception):
@@ -915,7 +501,7 @@ class Watchdog:
             self._thread.join(5.0)
         if threading.current_thread() is threading.main_thread():
             restore_signal_handlers()
-        if _active is self:
+        if _sig._active is self:
             _set_active(None)
         self._close_fds()
 
