@@ -118,7 +118,7 @@ def test_trainer_console_keeps_a_level_the_user_set(clean_logger, capsys, monkey
 
 def test_criteo_reader_line_reaches_the_trainer_console(clean_logger, capsys, monkeypatch, tmp_path):
     from ds_ext.registry import DATASETS, load_builtin
-    from tests.test_models_data import _criteo_lines
+    from tests.unit.test_models_data import _criteo_lines
 
     load_builtin()
     monkeypatch.setenv("RANK", "0")
