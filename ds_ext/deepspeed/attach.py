@@ -462,13 +462,13 @@ def _typed_block(kind: str, block):
 
 
 def method_spec(engine, method=None):
-    """What ``attach`` runs, as a validated ``recipe.MethodSection``: ``method`` as given (a recipe's ``method``
+    """What ``attach`` runs, as a validated ``spec.MethodSection``: ``method`` as given (a recipe's ``method``
     section; a dict of ``reducer`` / ``sync`` / ``order`` blocks, each a name, a ``{name: ..., <option>: ...}``
     dict, a typed options object such as ``PowerSGDOptions(rank=2)`` or ``(name, options)``), or, when
     ``method`` is None, the ``ds_ext`` block of the engine's DeepSpeed config (the same schema; absent:
     ``allreduce``, no sync, ``rr``). A bad block raises ``recipe.RecipeError`` (a ``ValueError``) naming the
     key and what is allowed, as the recipe check does."""
-    from ..trainer.recipe import MethodSection, method_section
+    from ..spec import MethodSection, method_section
 
     if isinstance(method, MethodSection):
         return method
