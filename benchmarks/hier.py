@@ -20,7 +20,7 @@ trainer, without changing it:
 * every collective of the communication layer (``Communicator._all_reduce`` / ``_all_gather``, through
   which all of ds_ext's traffic passes, metered or control) is recorded with its payload and its
   group's ranks, so the bytes that must cross hosts can be computed from the real calls too;
-* ``ds_ext.deepspeed.attach.initialize`` is wrapped to keep the engine and its attachment, whose optimizer state is
+* ``ds_ext.trainer.setup.initialize`` is wrapped to keep the engine and its attachment, whose optimizer state is
   measured after the run (part c), with the ranks of ZeRO's data-parallel group(s) and the kind its parameter
   all-gather is metered under. The wrapper only calls the original, so everything ``initialize`` does inside
   stays as it is, in particular ``node_mpu``: a hierarchical reducer under ZeRO 1/2 gets ZeRO's
@@ -70,7 +70,7 @@ PART_A = tuple(METHODS)
 PART_B = ("powersgd", "topk")
 #: meter kinds whose collectives run inside a node (over its ranks only; nothing crosses hosts):
 #: hierarchical mode's intra-node steps and ZeRO 1/2's parameter all-gather when ZeRO is partitioned within
-#: the node (``ds_ext.deepspeed.attach.node_mpu``; ``ZeroBridge`` meters it as ``node_zero_allgather``)
+#: the node (``ds_ext.deepspeed.zero.node_mpu``; ``ZeroBridge`` meters it as ``node_zero_allgather``)
 NODE_KINDS = ("node_mean", "node_gather", "node_zero_allgather")
 #: meter kinds carried by an all_gather (every other kind: an all_reduce)
 GATHER_KINDS = ("topk_indices", "topk_values", "exdyna_counts", "exdyna_indices", "signsgd_bits", "signsgd_scales",
@@ -113,7 +113,7 @@ def build_plan(parts: Sequence[str] = ("a", "b", "c"), seeds: Sequence[int] = (0
     overrides: the wider model) for ``a_epochs``; part (b): the quickstart over ``seeds``, flat and
     hierarchical, for powersgd and topk, and flat allreduce (S-SGD) as the reference; part (c): acpsgd flat and
     hierarchical at ZeRO stage 0 and 1 (seed 0, part (a)'s model and length; hierarchical ZeRO 1 is partitioned
-    within the node, ``ds_ext.deepspeed.attach.node_mpu``). A run that two parts need with the same settings is run once
+    within the node, ``ds_ext.deepspeed.zero.node_mpu``). A run that two parts need with the same settings is run once
     (part (c)'s stage-0 runs are part (a)'s flat and hierarchical acpsgd)."""
     a_opts = dict(DEFAULTS, **(a_opts or {}))
     b_opts = dict(B_DEFAULTS, **(b_opts or {}))
@@ -723,7 +723,7 @@ def tables_markdown(runs: List[dict], meta: Optional[dict] = None) -> str:
     c = [f"## (c) ZeRO-1 vs ZeRO-0, acpsgd rank {a_opts['acp_rank']}, flat and hierarchical (part (a)'s "
          "model and length)", "",
          "Flat ZeRO 1 partitions the optimizer state over all 4 ranks and all-gathers the updated parameters "
-         "over all of them (kind zero_allgather, crossing hosts); hierarchical ZeRO 1 (ds_ext.deepspeed.attach.node_mpu) "
+         "over all of them (kind zero_allgather, crossing hosts); hierarchical ZeRO 1 (ds_ext.deepspeed.zero.node_mpu) "
          "partitions it within the node (ZeRO group = the host's 2 ranks, one copy per host) and all-gathers "
          "inside the host (kind node_zero_allgather, excluded from the expected eth0 bytes). 'ZeRO group': the "
          "ranks of the ZeRO optimizer's dp_process_group as recorded on every rank after the run. Optimizer "

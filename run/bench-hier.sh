@@ -13,7 +13,7 @@
 #        and flat allreduce (S-SGD) as the reference;
 #    (c) acpsgd flat and hierarchical at ZeRO stage 0 and 1 (part (a)'s model; the stage-0 runs are part
 #        (a)'s when both parts run; hierarchical ZeRO 1 partitions the optimizer state within the host,
-#        ds_ext.deepspeed.attach.node_mpu, so ZeRO's all-gather stays off the network); part c alone: --parts c;
+#        ds_ext.deepspeed.zero.node_mpu, so ZeRO's all-gather stays off the network); part c alone: --parts c;
 # 3. deepspeed --hostfile ... --module benchmarks.hier worker, once for parts a+c and once for part b:
 #    every run of the plan in the same 4 processes, one progress line per run; raw JSON per run and rank in
 #    OUT/raw/<run>/rank<R>.json, trainer logs in OUT/logs/<run>/;

@@ -47,7 +47,7 @@ def zero_stage_problem(reducer: str, ds) -> Optional[Tuple[str, str]]:
     """Why a gradient reducer (one that replaces DeepSpeed's reduction) cannot run under this DeepSpeed
     config's ZeRO settings, as ``(recipe key, message)``, or None. The one statement of the rule: the recipe check and ``attach`` both
     reach it through ``Reducer.check``. Stages 1 and 2 work: the method's exchange replaces ZeRO's
-    gradient reduce-scatter and ZeRO keeps its optimizer-state partitions (``engine.ZeroBridge``)."""
+    gradient reduce-scatter and ZeRO keeps its optimizer-state partitions (``ds_ext.deepspeed.zero.ZeroBridge``)."""
     zero = ds.get("zero_optimization") or {}
     stage = zero_stage_of(ds)
     if stage == 0:
@@ -131,7 +131,7 @@ class Reducer:
     #: uses ``ds_ext.ops`` kernels (``attach`` prepares them at start-up, not inside step 1)
     uses_kernels = False
     #: exchanges gradients on the steps the synchronizer reduces them (``none`` does not: nothing is
-    #: exchanged per step, so no per-step control vote can ride on it; see ``engine.StopVote``)
+    #: exchanged per step, so no per-step control vote can ride on it; see ``ds_ext.deepspeed.step_hooks.StopVote``)
     communicates_gradients = True
     #: consumes every microbatch gradient itself (``microbatch``; with the matching order, ``bind_order``)
     observes_microbatches = False

@@ -119,7 +119,7 @@ def train(recipe) -> int:
             print(f"error: {e}", file=sys.stderr)
         return ExitCode.RECIPE
     faults.progress(0, "start-up")
-    # saving on a signal needs a per-step stop vote, which rides on the gradient exchange (engine.StopVote)
+    # saving on a signal needs a per-step stop vote, which rides on the gradient exchange (ds_ext.deepspeed.step_hooks.StopVote)
     load_builtin()
     votes = world == 1 or REDUCERS.get(recipe.method.reducer.name).factory.communicates_gradients
     on_signal = recipe.checkpoint.on_signal if votes else "exit"

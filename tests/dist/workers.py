@@ -18,7 +18,7 @@ def make_engine(precision: str = "fp32", gas: int = 1, micro: int = 8, world: in
                 clip: float = 0.0, adam: bool = False, extra: Optional[dict] = None, mpu=None):
     """The tiny model under DeepSpeed: SGD with momentum (``adam``: AdamW, lr 1e-3), DeepSpeed's gradient
     clipping at ``clip`` (0: off), ``extra`` merged into the config (e.g. the comms logger), ``mpu``
-    (``ds_ext.deepspeed.attach.node_mpu()``: ZeRO partitioned within the node; DeepSpeed's batch counts its ranks)."""
+    (``ds_ext.deepspeed.zero.node_mpu()``: ZeRO partitioned within the node; DeepSpeed's batch counts its ranks)."""
     import deepspeed
 
     from ds_ext.deepspeed.zero import _scoped_mpu

@@ -175,7 +175,7 @@ def engine_run(rank: int, world: int, runs: dict, steps: int = 3, local_size: in
 
 def zero_node_run(rank: int, world: int, steps: int = 3, local_size: int = 2, stages=(1,)) -> dict:
     """4 gloo ranks as 2 nodes x 2: hierarchical acpsgd (rank 2) at ZeRO 0, then at each ZeRO stage of
-    ``stages`` with the optimizer state partitioned within the node (``ds_ext.deepspeed.attach.node_mpu``). Per stage:
+    ``stages`` with the optimizer state partitioned within the node (``ds_ext.deepspeed.zero.node_mpu``). Per stage:
     the parameters after every step, this rank's optimizer-state bytes, the meter's kinds, the ranks of ZeRO's group, DeepSpeed's
     save flags while attached; at stage 1 also what ``engine.step`` says after ``detach``."""
     import torch.distributed as dist

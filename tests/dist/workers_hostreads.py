@@ -162,7 +162,7 @@ def methods_two_ranks() -> dict:
         # groups of one rank, which never communicate); real subgroups: methods_four_ranks
         "dssync groups=1": {"method": {"reducer": {"name": "none"}, "sync": {"name": "dssync", "groups": 1}}},
         # the negative control: the consistency check digests every parameter on the host each step
-        # (ds_ext.deepspeed.attach.parameter_fingerprint: .cpu() and .numpy() per parameter), so it must be caught
+        # (ds_ext.deepspeed.step_hooks.parameter_fingerprint: .cpu() and .numpy() per parameter), so it must be caught
         CONTROL: {"method": {"reducer": {"name": "allreduce"}}, "check_every": 1},
     }
 

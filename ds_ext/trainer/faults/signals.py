@@ -15,7 +15,7 @@ with them (``exit`` still waits, as for SIGTERM). Then, by ``on_signal``:
   ``stop_requested()`` (the signal's name, or None) and prints ``... SIGUSR1 at step S (what):
   finishing this step, saving a checkpoint, then stopping (exit 75); send it again to stop at
   once``. The ranks must agree on the request (a signal may reach only some): the trainer does it
-  with ``engine.StopVote`` (each rank's request rides on the step's gradient control exchange); a
+  with ``ds_ext.deepspeed.step_hooks.StopVote`` (each rank's request rides on the step's gradient control exchange); a
   loop of one's own can all_reduce (max) ``stop_code()`` and call ``stop_agreed(code)``, which
   prints the line on ranks without a request of their own (``tests/e2e/workers_signals.py``). Then every
   rank saves and leaves with ``EXIT_PREEMPTED`` (75; resume with ``checkpoint.resume=auto``).
@@ -108,7 +108,7 @@ def stop_requested() -> Optional[str]:
 def stop_code() -> int:
     """This rank's stop request as a number for the ranks' agreement: the signal's number, or 0. A
     loop of one's own all_reduces it (max) every step and, when the result is not 0, calls
-    ``stop_agreed`` with it on every rank (the trainer votes through ``engine.StopVote`` instead): a
+    ``stop_agreed`` with it on every rank (the trainer votes through ``ds_ext.deepspeed.step_hooks.StopVote`` instead): a
     signal may reach only some ranks (Slurm's SIGUSR1 to one task, a ``kill``), and
     one rank's watchdog may record its request a little after another's."""
     name = _signals.request
