@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ds_ext.trainer import checkpoint as ck
+from ds_ext.trainer.checkpoint import store as ck
 
 
 def _state(name: str) -> dict:

@@ -10,12 +10,6 @@ Layout of ``<dir>``::
     .deleting-step_0000040/      an old checkpoint being pruned (removed by the next save)
     .replaced-step_0000120/      the previous copy of a tag that is being saved again (see below)
 
-**One job per directory** (``lock``): the trainer's rank 0 holds an exclusive ``flock`` on
-``<dir>/.ds_ext.lock`` (and on the run directory's) for the whole run; the kernel releases it when the
-process dies, however it dies. A second job is refused before training starts (``EXIT_BUSY``, 6),
-naming the holder. On a shared file system the lock needs working ``flock`` (NFSv4, Lustre with
-``-o flock``, GPFS); where ``flock`` is not supported the lock is skipped with a logged warning.
-
 ``save`` (collective) goes through these phases, each a fault-injection point of ``ds_ext.trainer.faults``
 (``ckpt_<phase>``); a process killed at any of them leaves ``latest`` naming a complete checkpoint:
 
@@ -60,9 +54,6 @@ Verification cost (``integrity``): ``size`` is one ``stat`` per file; ``hash`` r
 at save (from the page cache) and once at load, split over the ranks (SHA-256, about 1.4 GB/s per
 core here). See the README for measured costs at ResNet-50 and ViT-B/16 sizes.
 
-Resuming checks the checkpoint's ``meta.json`` against this run (``check_meta``): see
-``resume_fields`` for what must match and what may change.
-
 Deviations from the previous version of this module, each found by ``tests/test_faults.py`` or
 ``tests/test_reliability.py``: re-saving an existing tag used to delete the old copy before renaming
 the new one in, pruning deleted in place, pruning sorted by name (wrong past step 9,999,999), a
@@ -71,107 +62,35 @@ not fingerprinted.
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-import socket
-import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from . import faults
-from ..comm import gather_objects, world
+from .. import faults
+from ...comm import gather_objects, world
+from ...deepspeed.checkpoint import (CheckpointError, CheckpointSaveError, free_space, fsync_dir, fsync_path,
+                                     rank_file, reason, shared_verdict, torch_save_atomic, write_atomic)
 
 log = logging.getLogger(__name__)
 
 META = "meta.json"
-LOCK = ".ds_ext.lock"
 FORMAT = 3  # meta.json layout: 1 = top-level names only, 2 = + "recipe" (dotted fields), 3 = + "files", "step"
 INTEGRITY = ("hash", "size", "off")
-EXIT_BUSY = 6    # another job holds the run or checkpoint directory
 EXIT_SAVE = 7    # a checkpoint could not be written (the previous one is intact)
 _TAG = re.compile(r"step_(\d+)")
 _HASH_CHUNK = 8 << 20
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used (missing, incomplete, damaged)."""
-
-
-class CheckpointMismatch(CheckpointError):
-    """The checkpoint was made by a run this one cannot continue (same verdict on every rank)."""
-
-
-class CheckpointSaveError(RuntimeError):
-    """A save failed on some rank; the previous checkpoint is intact (same verdict on every rank)."""
-
-
-class DirectoryBusy(RuntimeError):
-    """Another job holds the run or checkpoint directory."""
-
-
 def _rank_world() -> Tuple[int, int]:
     c = world()
     return c.global_rank, c.world_size
-
-
-# ---- small file helpers ---------------------------------------------------------------------------
-
-def _fsync_path(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-_fsync_dir = _fsync_path
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _torch_save_atomic(obj, path: Path, keep_tmp: bool = False) -> None:
-    """``torch.save`` to a temporary name, fsync, rename. On failure the temporary file is removed
-    (``keep_tmp``: left for the caller to probe the reason, then remove)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if not keep_tmp:
-            tmp.unlink(missing_ok=True)
-        raise
-
-
-def rank_file(ckpt: Path, rank: int) -> Path:
-    return ckpt / f"ds_ext_rank{rank}.pt"
 
 
 def step_of(name: str) -> Optional[int]:
@@ -182,119 +101,6 @@ def step_of(name: str) -> Optional[int]:
 
 def _complete(path: Path) -> bool:
     return (path / META).is_file()
-
-
-def free_space(path: Path) -> str:
-    """``"12.3 GiB free"`` on the file system holding ``path`` (or its nearest existing parent)."""
-    p = Path(path)
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    try:
-        free = shutil.disk_usage(p).free
-    except OSError:
-        return "free space unknown"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if free < 1024 or unit == "TiB":
-            return f"{free:.0f} {unit} free" if unit == "B" else f"{free:.1f} {unit} free"
-        free /= 1024
-    return "free space unknown"
-
-
-def _probe(path: Path) -> Optional[OSError]:
-    """The operating system's reason for a write that failed without one: torch's writer reports a
-    full disk or a file-size limit as ``RuntimeError`` ("unexpected pos ..."), so append up to 4 MiB
-    to the (already damaged, staged) file and return the ``OSError`` that this raises, if any."""
-    try:
-        with open(path, "ab", buffering=0) as f:
-            for _ in range(64):
-                f.write(b"\0" * 65536)
-    except OSError as e:
-        return e
-    return None
-
-
-def _reason(e: BaseException, path: Path) -> str:
-    """One line for a failed write: the file and the operating system's reason."""
-    if not isinstance(e, OSError) or e.errno is None:
-        e = _probe(Path(path)) or e
-    if isinstance(e, OSError) and e.errno is not None:
-        where = e.filename or path
-        return f"{where}: {os.strerror(e.errno)} (errno {errno.errorcode.get(e.errno, e.errno)})"
-    return f"{path}: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
-
-
-# ---- one job per directory ------------------------------------------------------------------------
-
-class DirLock:
-    """An exclusive ``flock`` on ``<dir>/.ds_ext.lock`` for the life of this object (see the module
-    docstring). ``acquire`` raises ``DirectoryBusy`` naming the holder."""
-
-    def __init__(self, directory: Path, fd: Optional[int]):
-        self.directory, self._fd = directory, fd
-
-    @classmethod
-    def acquire(cls, directory, job: dict) -> "DirLock":
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        path = d / LOCK
-        fd = os.open(str(path), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                holder = _read_holder(fd)
-                os.close(fd)
-                raise DirectoryBusy(f"{d} is in use by another job ({holder}; lock file {path}); wait for it to "
-                                    f"end or give this run another log.dir / checkpoint.dir") from None
-            os.close(fd)  # e.g. ENOLCK / EOPNOTSUPP: a file system without flock
-            log.warning("cannot lock %s (%s): running without the one-job-per-directory lock", path,
-                        os.strerror(e.errno or 0))
-            return cls(d, None)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(job, sort_keys=True) + "\n").encode(), 0)
-        return cls(d, fd)
-
-    def release(self) -> None:
-        if self._fd is not None:
-            try:
-                os.ftruncate(self._fd, 0)
-            except OSError:
-                pass
-            os.close(self._fd)  # closing the descriptor releases the flock
-            self._fd = None
-
-
-def _read_holder(fd: int) -> str:
-    try:
-        raw = os.pread(fd, 4096, 0).decode("utf-8", "replace")
-        h = json.loads(raw)
-        return f"pid {h.get('pid')} on {h.get('host')}, started {h.get('started')}"
-    except (OSError, ValueError, AttributeError):
-        return "holder unknown: the lock file is empty or unreadable"
-
-
-def job_identity() -> dict:
-    """Who holds a lock: this process, its host and its start time (rank 0's, shared with every rank)."""
-    return {"pid": os.getpid(), "host": socket.gethostname(),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "job": f"{socket.gethostname()}.{os.getpid()}"}
-
-
-def lock_dirs(dirs, job: dict) -> List[DirLock]:
-    """Rank 0: lock each directory (the run and the checkpoint directory), or raise ``DirectoryBusy``."""
-    held: List[DirLock] = []
-    try:
-        seen = set()
-        for d in dirs:
-            key = os.path.realpath(str(d))
-            if key in seen:
-                continue
-            seen.add(key)
-            held.append(DirLock.acquire(d, job))
-    except BaseException:
-        for h in held:
-            h.release()
-        raise
-    return held
 
 
 # ---- saving -------------------------------------------------------------------------------------
@@ -348,12 +154,6 @@ def _share(names: List[str], rank: int, world: int) -> List[str]:
     return [n for i, n in enumerate(names) if i % world == rank]
 
 
-def shared_verdict(err: Optional[str]) -> Optional[str]:
-    """Every rank's error (or None) gathered; the first one (lowest rank) is everybody's verdict."""
-    errs = gather_objects(err)
-    return next((e for e in errs if e), None)
-
-
 def save(engine, ckpt_dir: str, tag: str, rank_state: dict, meta: dict, keep: int = 2,
          client_state: Optional[dict] = None, integrity: str = "hash", job: str = "") -> Path:
     """Collective: every rank calls it. Returns the final checkpoint path; raises ``CheckpointSaveError``
@@ -372,26 +172,26 @@ def save(engine, ckpt_dir: str, tag: str, rank_state: dict, meta: dict, keep: in
             _recover(root)
             staging.mkdir()
         except OSError as e:
-            err = _reason(e, staging)
+            err = reason(e, staging)
     err = shared_verdict(err)
     if err is None:
         faults.point("ckpt_start", step)
-        from ..deepspeed.attach import deferred_checkpoint_writes
+        from ...deepspeed.checkpoint import deferred_checkpoint_writes
 
         here = rank_file(staging / tag, rank)
         with deferred_checkpoint_writes(engine) as failed:  # DeepSpeed's own collectives still run
             engine.save_checkpoint(str(staging), tag=tag, client_state=client_state or {}, save_latest=False)
         if failed:
-            err = _reason(failed[0][1], failed[0][0])
+            err = reason(failed[0][1], failed[0][0])
         else:
             faults.point("ckpt_deepspeed", step)
             tmp = here.with_name(f".{here.name}.tmp{os.getpid()}")
             try:
-                _torch_save_atomic({**rank_state, "rank": rank, "world_size": world, "global_step": step}, here,
+                torch_save_atomic({**rank_state, "rank": rank, "world_size": world, "global_step": step}, here,
                                    keep_tmp=True)
                 faults.point("ckpt_rankfile", step)
             except (OSError, RuntimeError) as e:  # ENOSPC / EROFS / EIO / EFBIG, torch's writer errors
-                err = _reason(e, tmp)
+                err = reason(e, tmp)
             tmp.unlink(missing_ok=True)
         err = shared_verdict(err)
     final = root / tag
@@ -403,7 +203,7 @@ def save(engine, ckpt_dir: str, tag: str, rank_state: dict, meta: dict, keep: in
             try:
                 prints[n] = _fingerprint(staging / tag / n, integrity)
             except OSError as e:
-                err = _reason(e, staging / tag / n)
+                err = reason(e, staging / tag / n)
                 break
         got = gather_objects((prints, err))
         err = next((e for _, e in got if e), None)
@@ -412,12 +212,12 @@ def save(engine, ckpt_dir: str, tag: str, rank_state: dict, meta: dict, keep: in
         try:
             for f in (staging / tag).iterdir():
                 if f.is_file() and not f.name.startswith("ds_ext_rank"):
-                    _fsync_path(f)  # DeepSpeed's files: written with torch.save, never fsynced
+                    fsync_path(f)  # DeepSpeed's files: written with torch.save, never fsynced
             body = {**meta, "tag": tag, "step": step, "integrity": integrity, "files": files}
-            _write_atomic(staging / tag / META, json.dumps(body, indent=1, sort_keys=True).encode())
-            _fsync_dir(staging / tag)
+            write_atomic(staging / tag / META, json.dumps(body, indent=1, sort_keys=True).encode())
+            fsync_dir(staging / tag)
         except OSError as e:
-            err = _reason(e, staging / tag / META)
+            err = reason(e, staging / tag / META)
     if err is None and rank == 0:
         faults.point("ckpt_meta", step)
         aside = root / f".replaced-{tag}"
@@ -428,11 +228,11 @@ def save(engine, ckpt_dir: str, tag: str, rank_state: dict, meta: dict, keep: in
                 os.rename(final, aside)
                 faults.point("ckpt_replace", step)
             os.rename(staging / tag, final)
-            _fsync_dir(root)
+            fsync_dir(root)
             faults.point("ckpt_rename", step)
-            _write_atomic(root / "latest", tag.encode())
+            write_atomic(root / "latest", tag.encode())
         except OSError as e:
-            err = _reason(e, root / "latest")
+            err = reason(e, root / "latest")
     if err is None and rank == 0:
         faults.point("ckpt_latest", step)
         shutil.rmtree(staging, ignore_errors=True)
@@ -441,7 +241,7 @@ def save(engine, ckpt_dir: str, tag: str, rank_state: dict, meta: dict, keep: in
         try:
             _prune(root, keep, protect=tag, step=step)
         except OSError as e:  # the new checkpoint is complete and named by latest: not a failed save
-            log.warning("pruning old checkpoints in %s failed: %s", root, _reason(e, root))
+            log.warning("pruning old checkpoints in %s failed: %s", root, reason(e, root))
     if err is not None and rank == 0:
         shutil.rmtree(staging, ignore_errors=True)
     err = shared_verdict(err)  # rank 0's commit verdict reaches everybody (and ends the save together)
@@ -646,122 +446,6 @@ def resolve(resume, ckpt_dir: str) -> Optional[Path]:
     return paths[0] if paths else None
 
 
-# ---- what a resumed run must share with the checkpoint --------------------------------------------
-
-# Options of data readers that name files or tune speed: moving the data or changing the cache does
-# not change the examples (validation-only options do not touch the training state either).
-FREE_DATA_OPTIONS = frozenset({"file", "cache", "cache_dir", "chunk_rows", "train_file", "val_file", "os_cache",
-                               "batches_ahead", "threads", "write_max_resolution", "write_jpeg_quality",
-                               "write_compress_probability", "max_val", "val_split", "val_resolution",
-                               "val_crop_ratio"})
-# DeepSpeed keys that only log, print or profile.
-FREE_DEEPSPEED_KEYS = frozenset({"steps_per_print", "wall_clock_breakdown", "dump_state", "flops_profiler",
-                                 "comms_logger", "tensorboard", "wandb", "csv_monitor", "memory_breakdown",
-                                 "timers", "monitor_config"})
-# train.* keys that define the optimisation (the others may change).
-FIXED_TRAIN_KEYS = ("global_batch_size", "seed", "steps_per_epoch", "label_smoothing")
-ORDERS_FIXING_MICRO = ("dgrab", "cdgrab")  # their state is indexed by micro-batches
-
-MAY_CHANGE = ("name", "description", "data.root", "data.num_workers", "data.eval_micro_batch_size",
-              "data options " + "/".join(sorted(FREE_DATA_OPTIONS)), "train.epochs", "train.stop_at_step",
-              "train.eval_every_epochs", "train.collective_timeout_s", "train.check_consistency_every",
-              "train.nonfinite", "train.max_consecutive_skips",
-              "train.micro_batch_size (except with order dgrab/cdgrab)", "log.*", "checkpoint.*",
-              "deepspeed." + "/".join(sorted(FREE_DEEPSPEED_KEYS)))
-
-
-def _named(prefix: str, block, free=frozenset()) -> Dict[str, Any]:
-    out = {f"{prefix}.name": block.name}
-    opts = block.options.model_dump(mode="json") if block.checked is not None else block.params
-    out.update({f"{prefix}.{k}": v for k, v in opts.items() if k not in free})
-    return out
-
-
-def resume_fields(recipe, world_size: int) -> Dict[str, Any]:
-    """The recipe fields a resumed run must share with its checkpoint, as ``{dotted key: JSON value}``.
-
-    Must match: the world size (each rank's data shard, order state and method state are per rank;
-    no method here is resharded, so a different world size is refused rather than silently
-    re-split), the model and its options, the data set and every option that selects or transforms
-    training examples, the optimizer and its options, the whole ``schedule`` section,
-    ``train.global_batch_size``, ``train.seed``, ``train.steps_per_epoch``,
-    ``train.label_smoothing``, ``train.micro_batch_size`` with the orders ``dgrab``/``cdgrab`` (their
-    state counts micro-batches), every ``method`` block with all its options (defaults filled in, so
-    writing a default explicitly is no change), the precision and every ``deepspeed`` key except
-    logging and profiling ones.
-
-    May change (``MAY_CHANGE``): ``name``, ``description``, ``data.root``, ``data.num_workers``,
-    ``data.eval_micro_batch_size``, data options that name files, tune speed or only touch
-    validation (``FREE_DATA_OPTIONS``), ``train.epochs`` (note: with ``schedule.epochs_for_schedule``
-    unset the LR decay then stretches to the new length), ``train.stop_at_step``,
-    ``train.eval_every_epochs``, ``train.collective_timeout_s``, ``train.check_consistency_every``,
-    ``train.micro_batch_size`` with the other orders (the accumulation adapts; the data position is
-    counted in optimizer steps, so it is unchanged), ``log.*``, ``checkpoint.*`` and DeepSpeed's
-    logging/profiling keys (``FREE_DEEPSPEED_KEYS``). Keys added to ``train`` later are free unless
-    listed in ``FIXED_TRAIN_KEYS``.
-    """
-    f: Dict[str, Any] = {"world_size": world_size}
-    f.update(_named("model", recipe.model))
-    f.update(_named("data", recipe.data, FREE_DATA_OPTIONS))
-    f.update(_named("optimizer", recipe.optimizer))
-    f.update({f"schedule.{k}": v for k, v in recipe.schedule.model_dump(mode="json").items()})
-    t = recipe.train.model_dump(mode="json")
-    f.update({f"train.{k}": t[k] for k in FIXED_TRAIN_KEYS if k in t})
-    if recipe.method.order.name in ORDERS_FIXING_MICRO:
-        f["train.micro_batch_size"] = t["micro_batch_size"]
-    for part in ("reducer", "sync", "order"):
-        f.update(_named(f"method.{part}", getattr(recipe.method, part)))
-    f["precision"] = recipe.precision()
-    ds = json.loads(json.dumps(recipe.deepspeed, default=str))
-    f.update({f"deepspeed.{k}": v for k, v in ds.items() if k not in FREE_DEEPSPEED_KEYS})
-    return f
-
-
-def run_meta(recipe, world_size: int) -> dict:
-    """``meta.json`` content for a run: the format-1 summary plus ``recipe`` (``resume_fields``)."""
-    return {"format": FORMAT, "world_size": world_size, "model": recipe.model.name, **recipe.method_names(),
-            "global_batch_size": recipe.train.global_batch_size, "precision": recipe.precision(),
-            "recipe_file": recipe.source, "recipe": resume_fields(recipe, world_size)}
-
-
-_IGNORED_TOP = ("format", "recipe", "recipe_file", "tag")
-
-
-def check_meta(path: Path, expected: dict) -> None:
-    """Refuse a checkpoint made by a run this one cannot continue, naming every difference.
-
-    ``expected`` is this run's ``run_meta`` (or any dict of top-level meta keys). When both sides
-    have ``recipe`` (format 2), its fields are compared (world size first, then by key; a key present
-    on one side only is a difference; when a block's ``name`` differs, that block's options are not
-    listed one by one). Otherwise (a format-1 checkpoint, written before the recipe fields were
-    recorded, or a plain dict) the top-level keys of ``expected`` are compared."""
-    meta = read_meta(path)
-    diffs = []
-    mine, theirs = expected.get("recipe"), meta.get("recipe")
-    if isinstance(mine, dict) and isinstance(theirs, dict):
-        missing = object()
-        renamed = [k[: -len(".name")] for k in set(mine) | set(theirs)
-                   if k.endswith(".name") and theirs.get(k, missing) != mine.get(k, missing)]
-        for k in sorted(set(mine) | set(theirs), key=lambda k: (k != "world_size", k)):
-            if any(k.startswith(block + ".") and k != block + ".name" for block in renamed):
-                continue
-            a, b = theirs.get(k, missing), mine.get(k, missing)
-            if a != b:
-                a = "(absent)" if a is missing else repr(a)
-                b = "(absent)" if b is missing else repr(b)
-                diffs.append(f"{k}: checkpoint has {a}, this run has {b}")
-    else:
-        for k, v in expected.items():
-            if k not in _IGNORED_TOP and meta.get(k) != v:
-                diffs.append(f"{k}: checkpoint has {meta.get(k)!r}, this run has {v!r}")
-    if diffs:
-        made_by = f" (made by {meta['recipe_file']})" if meta.get("recipe_file") else ""
-        raise CheckpointMismatch(
-            f"cannot resume from {path}{made_by}: " + "; ".join(diffs)
-            + ". Fields that may change on resume: " + ", ".join(MAY_CHANGE)
-            + " (set checkpoint.resume=false or another checkpoint.dir to start afresh)")
-
-
 def load(engine, path: Path, rank: int, world: int = 1, step: Optional[int] = None) -> dict:
     """Load DeepSpeed state (module, optimizer, LR schedule) and return this rank's ds_ext state,
     checking that the rank file is this rank's, for this world size and for the checkpoint's step
@@ -771,7 +455,7 @@ def load(engine, path: Path, rank: int, world: int = 1, step: Optional[int] = No
     if not f.is_file():
         raise CheckpointError(f"{path} has no state for rank {rank} ({f.name})")
     try:
-        from ..deepspeed.attach import checkpoint_managed
+        from ...deepspeed.checkpoint import checkpoint_managed
 
         with checkpoint_managed(engine):  # this module reads the rank file itself (below)
             load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
