@@ -671,26 +671,17 @@ class Attachment:
     # ---- DeepSpeed's checkpoint calls, with the methods' state ------------------------------------------
     def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest: bool = True,
                         exclude_frozen_parameters: bool = False):
-        """``engine.save_checkpoint`` while attached (collective, every rank): DeepSpeed's files, then every
-        rank's method state (error feedback, factors, sync and meter state, the order's state when one is
-        attached) in ``<save_dir>/<tag>/ds_ext_rank<r>.pt`` (temporary name, fsync, rename), then, once every
-        rank's writes succeeded and rank 0 has fsynced the checkpoint's files, ``latest`` (so ``latest`` never
-        names a checkpoint without our state). A failed write on any rank (DeepSpeed's or ours, or
-        ``latest``) raises ``checkpoint.CheckpointSaveError`` on every rank and leaves ``latest`` as it was.
-        Returns what DeepSpeed's returns. Inside ``ds_ext.trainer.checkpoint`` (the trainer), DeepSpeed's own call.
-        A decoupled (asynchronous) DeepSpeed checkpoint engine is refused: it commits after returning."""
+        """``engine.save_checkpoint`` while attached (collective): DeepSpeed's files, every rank's method state,
+        ``meta.json``, then ``latest``; ``CheckpointSaveError`` on every rank when a write failed anywhere
+        (``ds_ext/deepspeed/checkpoint.py``: ``save_checkpoint``). Returns what DeepSpeed's returns."""
         from .checkpoint import save_checkpoint
 
         return save_checkpoint(self, save_dir, tag, client_state, save_latest, exclude_frozen_parameters)
 
     def load_checkpoint(self, load_dir, tag=None, **kwargs):
         """``engine.load_checkpoint`` while attached (collective): DeepSpeed's files, then this rank's method
-        state from ``ds_ext_rank<r>.pt`` (``save_checkpoint``), checked to be from the same step as DeepSpeed's
-        files and the same number of ranks (per-rank error feedback cannot be split or merged). A checkpoint
-        without any rank's ds_ext state (saved before the attachment existed) leaves the methods fresh, with a
-        warning; so do ``load_module_only=True`` and ``load_optimizer_states=False`` (the methods' state is
-        optimizer-like state), without one. A file missing on some ranks only, from another step or another
-        world size, or unreadable, raises ``ValueError`` on every rank. Returns what DeepSpeed's returns."""
+        state, checked to be this rank's, this world size's and DeepSpeed's step; ``CheckpointError`` on every
+        rank otherwise (``ds_ext/deepspeed/checkpoint.py``: ``load_checkpoint``). Returns what DeepSpeed's returns."""
         from .checkpoint import load_checkpoint
 
         return load_checkpoint(self, load_dir, tag=tag, **kwargs)

@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 from typing import Any, Dict
 
-from ...deepspeed.checkpoint import CheckpointError
-from .store import FORMAT, read_meta
+from ...deepspeed.checkpoint import FORMAT, OWN_LOOP, CheckpointError
+from .store import read_meta
 
 
 class CheckpointMismatch(CheckpointError):
@@ -102,8 +102,16 @@ def check_meta(path: Path, expected: dict) -> None:
     have ``recipe`` (format 2), its fields are compared (world size first, then by key; a key present
     on one side only is a difference; when a block's ``name`` differs, that block's options are not
     listed one by one). Otherwise (a format-1 checkpoint, written before the recipe fields were
-    recorded, or a plain dict) the top-level keys of ``expected`` are compared."""
+    recorded, or a plain dict) the top-level keys of ``expected`` are compared. A checkpoint saved by
+    ``engine.save_checkpoint`` in an own loop (``saved_by``) records no recipe: it is refused in one line
+    that says so."""
     meta = read_meta(path)
+    if meta.get("saved_by") == OWN_LOOP and not isinstance(meta.get("recipe"), dict):
+        raise CheckpointMismatch(
+            f"cannot resume from {path}: it was saved by engine.save_checkpoint in an own training loop, which "
+            "records neither the recipe this run must match (model, data, method, optimizer) nor the trainer's "
+            "data position and random state; load it with engine.load_checkpoint in an own loop, or set "
+            "checkpoint.resume=false or another checkpoint.dir to start afresh")
     diffs = []
     mine, theirs = expected.get("recipe"), meta.get("recipe")
     if isinstance(mine, dict) and isinstance(theirs, dict):

@@ -37,7 +37,10 @@ Layout of ``<dir>``::
    alone). Each is first renamed to ``.deleting-<tag>`` (atomic), then deleted, so a half-deleted
    checkpoint never looks complete. Every rank then learns rank 0's verdict (``end``).
 
-The directory must be on a file system shared by all nodes (DeepSpeed's assumption as well).
+The directory must be on a file system shared by all nodes (DeepSpeed's assumption as well). The rank files
+and ``meta.json`` are written and read by ``ds_ext/deepspeed/checkpoint.py`` (``write_rank_file``,
+``read_rank_file``, ``write_meta``), as an own loop's ``engine.save_checkpoint`` writes them: the store adds
+the staging, ``latest``, pruning and the choice of the checkpoint to resume from.
 
 **Choosing the checkpoint to resume from** (``choose``, collective): ``checkpoint.resume: auto`` takes
 the checkpoint ``latest`` names. When ``latest`` is missing, empty, not UTF-8, not a plain tag name
@@ -62,7 +65,6 @@ not fingerprinted.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -71,21 +73,17 @@ import shutil
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
-import torch
-
 from .. import faults
-from ...comm import gather_objects, world
-from ...deepspeed.checkpoint import (CheckpointError, CheckpointSaveError, free_space, fsync_dir, fsync_path,
-                                     rank_file, reason, shared_verdict, torch_save_atomic, write_atomic)
+from ...comm import world
+from ...deepspeed.checkpoint import (INTEGRITY, META, CheckpointError, CheckpointSaveError,
+                                     deepspeed_own, deferred_checkpoint_writes, free_space, fsync_dir,
+                                     rank_file, read_rank_file, reason, share, shared_verdict, verify_files,
+                                     write_atomic, write_meta, write_rank_file)
 
 log = logging.getLogger(__name__)
 
-META = "meta.json"
-FORMAT = 3  # meta.json layout: 1 = top-level names only, 2 = + "recipe" (dotted fields), 3 = + "files", "step"
-INTEGRITY = ("hash", "size", "off")
 EXIT_SAVE = 7    # a checkpoint could not be written (the previous one is intact)
 _TAG = re.compile(r"step_(\d+)")
-_HASH_CHUNK = 8 << 20
 
 
 def _rank_world() -> Tuple[int, int]:
@@ -123,37 +121,6 @@ def _recover(root: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(_HASH_CHUNK)
-            if not chunk:
-                break
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fingerprint(path: Path, integrity: str) -> dict:
-    out = {"size": path.stat().st_size}
-    if integrity == "hash":
-        out["sha256"] = _digest(path)
-    return out
-
-
-def _files(ckpt: Path) -> List[str]:
-    """Every regular file of a checkpoint directory (relative names, sorted), except ``meta.json``."""
-    out = []
-    for p in sorted(ckpt.rglob("*")):
-        if p.is_file() and p.name != META and not p.name.startswith("."):
-            out.append(p.relative_to(ckpt).as_posix())
-    return out
-
-
-def _share(names: List[str], rank: int, world: int) -> List[str]:
-    return [n for i, n in enumerate(names) if i % world == rank]
-
-
 def save(engine, ckpt_dir: str, tag: str, rank_state: dict, meta: dict, keep: int = 2,
          client_state: Optional[dict] = None, integrity: str = "hash", job: str = "") -> Path:
     """Collective: every rank calls it. Returns the final checkpoint path; raises ``CheckpointSaveError``
@@ -176,48 +143,20 @@ def save(engine, ckpt_dir: str, tag: str, rank_state: dict, meta: dict, keep: in
     err = shared_verdict(err)
     if err is None:
         faults.point("ckpt_start", step)
-        from ...deepspeed.checkpoint import deferred_checkpoint_writes
-
-        here = rank_file(staging / tag, rank)
+        save_files = deepspeed_own(engine, "save_checkpoint")  # the rank files are written here, with more in them
         with deferred_checkpoint_writes(engine) as failed:  # DeepSpeed's own collectives still run
-            engine.save_checkpoint(str(staging), tag=tag, client_state=client_state or {}, save_latest=False)
+            save_files(str(staging), tag=tag, client_state=client_state or {}, save_latest=False)
         if failed:
             err = reason(failed[0][1], failed[0][0])
         else:
             faults.point("ckpt_deepspeed", step)
-            tmp = here.with_name(f".{here.name}.tmp{os.getpid()}")
-            try:
-                torch_save_atomic({**rank_state, "rank": rank, "world_size": world, "global_step": step}, here,
-                                   keep_tmp=True)
+            err = write_rank_file(staging / tag, rank_state, rank, world, step)
+            if err is None:
                 faults.point("ckpt_rankfile", step)
-            except (OSError, RuntimeError) as e:  # ENOSPC / EROFS / EIO / EFBIG, torch's writer errors
-                err = reason(e, tmp)
-            tmp.unlink(missing_ok=True)
         err = shared_verdict(err)
     final = root / tag
-    if err is None:  # fingerprints: each rank a share of the files, rank 0 gathers them
-        names = _files(staging / tag) if rank == 0 else None
-        names = gather_objects(names)[0]
-        prints, err = {}, None
-        for n in _share(names, rank, world):
-            try:
-                prints[n] = _fingerprint(staging / tag / n, integrity)
-            except OSError as e:
-                err = reason(e, staging / tag / n)
-                break
-        got = gather_objects((prints, err))
-        err = next((e for _, e in got if e), None)
-        files = {k: v for p, _ in got for k, v in p.items()}
-    if err is None and rank == 0:
-        try:
-            for f in (staging / tag).iterdir():
-                if f.is_file() and not f.name.startswith("ds_ext_rank"):
-                    fsync_path(f)  # DeepSpeed's files: written with torch.save, never fsynced
-            body = {**meta, "tag": tag, "step": step, "integrity": integrity, "files": files}
-            write_atomic(staging / tag / META, json.dumps(body, indent=1, sort_keys=True).encode())
-            fsync_dir(staging / tag)
-        except OSError as e:
-            err = reason(e, staging / tag / META)
+    if err is None:  # fingerprints (each rank a share), then rank 0 writes meta.json
+        err = write_meta(staging / tag, {**meta, "tag": tag, "step": step}, integrity, rank, world)
     if err is None and rank == 0:
         faults.point("ckpt_meta", step)
         aside = root / f".replaced-{tag}"
@@ -372,27 +311,6 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
-def _verify_share(path: Path, names: List[str], files: dict, integrity: str) -> Optional[str]:
-    for n in names:
-        want, f = files[n], path / n
-        try:
-            size = f.stat().st_size
-        except FileNotFoundError:
-            return f"{f}: missing"
-        except OSError as e:
-            return f"{f}: cannot be read ({os.strerror(e.errno or 0)})"
-        if size != want.get("size"):
-            return f"{f}: {size} bytes, the checkpoint recorded {want.get('size')} (truncated or replaced)"
-        if integrity == "hash" and "sha256" in want:
-            try:
-                got = _digest(f)
-            except OSError as e:
-                return f"{f}: cannot be read ({os.strerror(e.errno or 0)})"
-            if got != want["sha256"]:
-                return f"{f}: SHA-256 differs from the one recorded at save (damaged)"
-    return None
-
-
 def verify(path: Path, integrity: str = "hash", rank: int = 0, world: int = 1) -> Optional[str]:
     """This rank's share of a checkpoint's verification: ``None`` when intact, else one line naming the
     damaged file. Rank 0 also reads ``meta.json``; every rank checks that its own rank file exists."""
@@ -405,7 +323,7 @@ def verify(path: Path, integrity: str = "hash", rank: int = 0, world: int = 1) -
     files = meta.get("files")
     if integrity == "off" or not files:
         return None
-    return _verify_share(path, _share(sorted(files), rank, world), files, integrity)
+    return verify_files(path, share(sorted(files), rank, world), files, integrity)
 
 
 def choose(resume, ckpt_dir: str, integrity: str = "hash", warn: Callable[[str], None] = log.warning
@@ -447,34 +365,26 @@ def resolve(resume, ckpt_dir: str) -> Optional[Path]:
 
 
 def load(engine, path: Path, rank: int, world: int = 1, step: Optional[int] = None) -> dict:
-    """Load DeepSpeed state (module, optimizer, LR schedule) and return this rank's ds_ext state,
-    checking that the rank file is this rank's, for this world size and for the checkpoint's step
-    (``step``: ``meta.json``'s; None for checkpoints older than format 3). Raises ``CheckpointError``
-    naming the file; the trainer gathers every rank's verdict before anyone says "resumed"."""
+    """Load DeepSpeed state (module, optimizer, LR schedule) and return this rank's ds_ext state, read by
+    ``read_rank_file`` (this rank's, this world size's, DeepSpeed's step), with DeepSpeed's step checked
+    against the checkpoint's (``step``: ``meta.json``'s; None for checkpoints older than format 3).
+    Raises ``CheckpointError`` naming the file; the trainer gathers every rank's verdict before anyone
+    says "resumed"."""
     f = rank_file(path, rank)
     if not f.is_file():
         raise CheckpointError(f"{path} has no state for rank {rank} ({f.name})")
+    load_files = deepspeed_own(engine, "load_checkpoint")  # the rank file is read here (below)
     try:
-        from ...deepspeed.checkpoint import checkpoint_managed
-
-        with checkpoint_managed(engine):  # this module reads the rank file itself (below)
-            load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
+        load_path, _ = load_files(str(path.parent), tag=path.name)
     except Exception as e:  # a truncated or foreign DeepSpeed file: torch's zip reader, DeepSpeed's asserts
         text = " ".join(str(e).split())[:200] or "no message"
         raise CheckpointError(f"{path}: DeepSpeed could not load its files ({type(e).__name__}: {text})") from None
     if load_path is None:
         raise CheckpointError(f"{path}: DeepSpeed could not load its files")
-    try:
-        state = torch.load(f, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated or foreign file
-        raise CheckpointError(f"{f}: cannot be loaded ({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{f}: not a ds_ext rank file (found {type(state).__name__})")
     ds_step = int(getattr(engine, "global_steps", -1))
-    for key, want in (("rank", rank), ("world_size", world), ("global_step", step if step is not None else ds_step)):
-        if key in state and state[key] != want:
-            raise CheckpointError(f"{f}: records {key} {state[key]}, this checkpoint needs {want} (a file from "
-                                  f"another rank, world size or step)")
     if step is not None and ds_step != step:
         raise CheckpointError(f"{path}: DeepSpeed's files are at step {ds_step}, meta.json says {step}")
+    state = read_rank_file(path, rank, world, ds_step)
+    if state is None:
+        raise CheckpointError(f"{path} has no state for rank {rank} ({f.name})")
     return state
