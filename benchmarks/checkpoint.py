@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ds_ext.trainer import checkpoint as ck
+from ds_ext.deepspeed import checkpoint as ck
 
 
 def _state(name: str) -> dict:
@@ -64,9 +64,9 @@ def measure(name: str, root: Path, repeat: int) -> dict:
         for mode in ("hash", "size"):
             files = {}
             best[f"save_{mode}"] = min(best.get(f"save_{mode}", 1e9),
-                                       _timed(lambda: files.update({f.name: ck._fingerprint(f, mode)})))
+                                       _timed(lambda: files.update({f.name: ck.fingerprint(f, mode)})))
             best[f"load_{mode}"] = min(best.get(f"load_{mode}", 1e9),
-                                       _timed(lambda: ck._verify_share(d, [f.name], files, mode)))
+                                       _timed(lambda: ck.verify_files(d, [f.name], files, mode)))
     out["bytes"] = f.stat().st_size
     out.update(best)
     f.unlink()

@@ -237,129 +237,26 @@ class Attachment:
     # ---- DeepSpeed's checkpoint calls, with the methods' state ------------------------------------------
     def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest: bool = True,
                         exclude_frozen_parameters: bool = False):
-        """``engine.save_checkpoint`` while attached (collective, every rank): DeepSpeed's files, then every
-        rank's method state (error feedback, factors, sync and meter state, the order's state when one is
-        attached) in ``<save_dir>/<tag>/ds_ext_rank<r>.pt`` (temporary name, fsync, rename), then, once every
-        rank's writes succeeded and rank 0 has fsynced the checkpoint's files, ``latest`` (so ``latest`` never
-        names a checkpoint without our state). A failed write on any rank (DeepSpeed's or ours, or
-        ``latest``) raises ``checkpoint.CheckpointSaveError`` on every rank and leaves ``latest`` as it was.
-        Returns what DeepSpeed's returns. Inside ``ds_ext.trainer.checkpoint`` (the trainer), DeepSpeed's own call.
-        A decoupled (asynchronous) DeepSpeed checkpoint engine is refused: it commits after returning."""
-        if getattr(self.engine, "_ds_ext_checkpoint_managed", False):
-            return self._orig_save(save_dir, tag=tag, client_state=client_state or {}, save_latest=save_latest,
-                                   exclude_frozen_parameters=exclude_frozen_parameters)
-        from pathlib import Path
+        """``engine.save_checkpoint`` while attached (collective): DeepSpeed's files, every rank's method state,
+        ``meta.json``, then ``latest``; ``CheckpointSaveError`` on every rank when a write failed anywhere
+        (``ds_ext/deepspeed/checkpoint.py``: ``save_checkpoint``). Returns what DeepSpeed's returns."""
+        from .checkpoint import save_checkpoint
 
-        from ..trainer import checkpoint as ckpt
-
-        ce = getattr(self.engine, "checkpoint_engine", None)
-        if ce is not None and callable(getattr(ce, "is_decoupled", None)) and ce.is_decoupled():
-            raise ValueError("ds_ext's engine.save_checkpoint needs DeepSpeed's synchronous checkpoint engine (a "
-                             "decoupled one commits after the call returns, so ds_ext could not order its state "
-                             "before 'latest'); turn the decoupled checkpoint engine off")
-        self.check_pending()
-        tag = str(tag) if tag is not None else f"global_step{self.engine.global_steps}"
-        with deferred_checkpoint_writes(self.engine) as failed:  # DeepSpeed's own barrier still runs everywhere
-            out = self._orig_save(save_dir, tag=tag, client_state=client_state or {}, save_latest=False,
-                                  exclude_frozen_parameters=exclude_frozen_parameters)
-        err = None
-        if failed:
-            path, e = failed[0]
-            err = f"{path}: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
-        here = ckpt.rank_file(Path(save_dir) / tag, self.comm.global_rank)
-        if err is None:
-            try:
-                ckpt._torch_save_atomic(self.checkpoint_state(), here)
-                ckpt._fsync_dir(here.parent)
-            except Exception as e:  # noqa: BLE001 -- any failure is reported on every rank, not raised on one
-                err = f"{here}: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
-        err = ckpt.shared_verdict(err)
-        if err is None and save_latest and self.comm.global_rank == 0:
-            try:  # DeepSpeed's files first, then latest: a crash in between leaves latest as it was
-                for f in sorted((Path(save_dir) / tag).rglob("*")):
-                    if f.is_file():
-                        ckpt._fsync_path(f)
-                ckpt._fsync_dir(Path(save_dir) / tag)
-                ckpt._write_atomic(Path(save_dir) / "latest", tag.encode())
-            except Exception as e:  # noqa: BLE001
-                err = f"{Path(save_dir) / 'latest'}: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
-        if save_latest:
-            err = ckpt.shared_verdict(err)  # rank 0's latest verdict reaches every rank (and ends the save together)
-        if err is not None:
-            raise ckpt.CheckpointSaveError(f"checkpoint {Path(save_dir) / tag} not saved, 'latest' left as it was: "
-                                           f"{err}")
-        return out
+        return save_checkpoint(self, save_dir, tag, client_state, save_latest, exclude_frozen_parameters)
 
     def load_checkpoint(self, load_dir, tag=None, **kwargs):
         """``engine.load_checkpoint`` while attached (collective): DeepSpeed's files, then this rank's method
-        state from ``ds_ext_rank<r>.pt`` (``save_checkpoint``), checked to be from the same step as DeepSpeed's
-        files and the same number of ranks (per-rank error feedback cannot be split or merged). A checkpoint
-        without any rank's ds_ext state (saved before the attachment existed) leaves the methods fresh, with a
-        warning; so do ``load_module_only=True`` and ``load_optimizer_states=False`` (the methods' state is
-        optimizer-like state), without one. A file missing on some ranks only, from another step or another
-        world size, or unreadable, raises ``ValueError`` on every rank. Returns what DeepSpeed's returns."""
-        if getattr(self.engine, "_ds_ext_checkpoint_managed", False):
-            return self._orig_load(load_dir, tag=tag, **kwargs)
-        from pathlib import Path
+        state, checked to be this rank's, this world size's and DeepSpeed's step; ``CheckpointError`` on every
+        rank otherwise (``ds_ext/deepspeed/checkpoint.py``: ``load_checkpoint``). Returns what DeepSpeed's returns."""
+        from .checkpoint import load_checkpoint
 
-        from ..trainer import checkpoint as ckpt
-
-        path, client = self._orig_load(load_dir, tag=tag, **kwargs)
-        if path is None:
-            return path, client
-        if kwargs.get("load_module_only") or not kwargs.get("load_optimizer_states", True):
-            log.info("load_checkpoint(%s): module only / no optimizer states, so the ds_ext methods start fresh",
-                     load_dir)
-            return path, client
-        if tag is None:
-            universal = callable(getattr(self.engine, "load_universal_checkpoint", None)) and \
-                self.engine.load_universal_checkpoint()
-            tag = (Path(load_dir) / ("latest_universal" if universal else "latest")).read_text().strip()
-        where = Path(load_dir) / str(tag)
-        f = ckpt.rank_file(where, self.comm.global_rank)
-        state, problem = None, None
-        if f.is_file():
-            try:
-                state = torch.load(f, map_location="cpu", weights_only=False)
-                if not isinstance(state, dict) or "attachment" not in state:
-                    raise ValueError(f"not a ds_ext rank file (found {type(state).__name__})")
-                world, step = state.get("world_size"), state.get("global_step")
-                if world != self.comm.world_size:
-                    problem = (f"{f} was saved by a run of {world} ranks, this one has {self.comm.world_size}: "
-                               "per-rank method state (error feedback) cannot be split or merged; load with "
-                               "load_optimizer_states=False to start the methods fresh")
-                elif step is not None and int(step) != int(getattr(self.engine, "global_steps", step)):
-                    problem = (f"{f} is from step {step}, DeepSpeed's files in {where} from step "
-                               f"{self.engine.global_steps} (a tag saved twice?): the methods' state does not "
-                               "belong to these parameters")
-            except Exception as e:  # noqa: BLE001 -- a truncated or foreign file: named, on every rank
-                problem = f"{f}: cannot be loaded ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
-        rows = self.comm.exchange_control(self.comm.tensor([int(state is not None), int(problem is not None)],
-                                                           dtype=torch.int64))
-        have = [r for r, row in enumerate(rows) if row[0]]
-        bad = [r for r, row in enumerate(rows) if row[1]]
-        if problem is not None:
-            raise ValueError(problem)
-        if bad:
-            raise ValueError(f"the ds_ext state of rank(s) {', '.join(map(str, bad))} in {where} cannot be used "
-                             "(see that rank's error)")
-        if not have:
-            log.warning("%s holds no ds_ext state (saved without the attachment): the methods start fresh", where)
-            return path, client
-        if len(have) != len(rows):
-            missing = [r for r in range(len(rows)) if r not in have]
-            raise ValueError(f"{where} has no ds_ext state for rank(s) {', '.join(map(str, missing))} "
-                             "(ds_ext_rank<r>.pt): an incomplete checkpoint")
-        self.load_state_dict(state["attachment"])
-        if self.order is not None and state.get("order") is not None and hasattr(self.order, "load_state_dict"):
-            self.order.load_state_dict(state["order"])
-        return path, client
+        return load_checkpoint(self, load_dir, tag=tag, **kwargs)
 
     def checkpoint_state(self) -> dict:
         """This rank's file of ``save_checkpoint``: the attachment's state, the order's, rank, world, step."""
-        order = self.order.state_dict() if self.order is not None and hasattr(self.order, "state_dict") else None
-        return {"attachment": self.state_dict(), "order": order, "rank": self.comm.global_rank,
-                "world_size": self.comm.world_size, "global_step": int(getattr(self.engine, "global_steps", 0))}
+        from .checkpoint import checkpoint_state
+
+        return checkpoint_state(self)
 
     def state_dict(self) -> dict:
         return {"reducer": self.reducer.state_dict(), "sync": self.sync.state_dict(),
@@ -371,56 +268,6 @@ class Attachment:
         self.meter.load_state_dict(state["meter"])
         self.steps = int(state["steps"])
         self.guard.skipped_steps = int(state.get("skipped_steps", 0))
-
-
-@contextlib.contextmanager
-def deferred_checkpoint_writes(engine):
-    """Inside this context a file write of DeepSpeed's ``save_checkpoint`` that fails (disk full,
-    read-only, I/O error) is recorded, as ``(path, exception)`` in the yielded list, instead of raised,
-    and the rest of that rank's writes are skipped: ``save_checkpoint`` runs collectives after its
-    writes (a barrier), and a rank that raised out of it would leave the others waiting there while it
-    went on to the next collective. ``ds_ext.trainer.checkpoint.save`` turns the list into a verdict shared by
-    every rank. Written against DeepSpeed 0.19's ``engine.checkpoint_engine.save(state_dict, path)``;
-    an engine without it is left alone."""
-    ce = getattr(engine, "checkpoint_engine", None)
-    failed: list = []
-    if ce is None or not callable(getattr(ce, "save", None)):
-        with checkpoint_managed(engine):
-            yield failed
-        return
-    had_own = "save" in vars(ce)
-    orig = ce.save
-
-    def save(state_dict, path, *args, **kwargs):
-        if failed:
-            return None
-        try:
-            return orig(state_dict, path, *args, **kwargs)
-        except (OSError, RuntimeError) as e:  # torch's writer reports a full disk as RuntimeError
-            failed.append((path, e))
-            return None
-
-    ce.save = save
-    try:
-        with checkpoint_managed(engine):
-            yield failed
-    finally:
-        if had_own:
-            ce.save = orig
-        else:
-            del ce.save
-
-
-@contextlib.contextmanager
-def checkpoint_managed(engine):
-    """Inside, ``engine.save_checkpoint`` / ``load_checkpoint`` are DeepSpeed's own even while attached:
-    ``ds_ext.trainer.checkpoint`` (the trainer) writes and reads every rank's state itself, with more in it."""
-    before = getattr(engine, "_ds_ext_checkpoint_managed", False)
-    engine._ds_ext_checkpoint_managed = True
-    try:
-        yield
-    finally:
-        engine._ds_ext_checkpoint_managed = before
 
 
 def _torch_optimizer(engine):

@@ -195,3 +195,58 @@ def comm_dtype_run(rank, world, comm_dtype, steps=3):
         out[reducer] = {"bytes": att.meter.total_bytes // steps, "params": flat_params(engine),
                         "wire": str(att.comm.wire_dtype)}
     return out
+
+
+# ---- one owner of the per-rank state file (tests/e2e/test_checkpoint_owner.py) --------------------------------
+
+def own_loop_save_and_swap(rank: int, world: int, trainer_dir: str, swap_dir: str) -> dict:
+    """An own loop with PowerSGD: 2 steps, ``engine.save_checkpoint(trainer_dir, tag="mid")`` (where a trainer
+    will look); then a save to ``swap_dir`` (tag "t"), rank 0's rank file copied over rank 1's, and what
+    ``engine.load_checkpoint`` raises on each rank (type and text)."""
+    import shutil
+    from pathlib import Path
+
+    import ds_ext
+    from ds_ext.deepspeed.checkpoint import CheckpointError
+
+    engine = make_engine("fp32", 1, world=world)
+    att = ds_ext.attach(engine, {"reducer": {"name": "powersgd", "rank": 2, "start_powerSGD_iter": 0}})
+    train_steps(engine, att, rank, 2, 1, 8)
+    engine.save_checkpoint(trainer_dir, tag="mid")
+    engine.save_checkpoint(swap_dir, tag="t")
+    att.comm.barrier()
+    if rank == 0:
+        shutil.copy(Path(swap_dir) / "t" / "ds_ext_rank0.pt", Path(swap_dir) / "t" / "ds_ext_rank1.pt")
+    att.comm.barrier()
+    out = {"error": None, "type": None, "is_checkpoint_error": False}
+    try:
+        engine.load_checkpoint(swap_dir, tag="t")
+    except Exception as e:  # noqa: BLE001 -- the test reads which
+        out.update(error=str(e), type=type(e).__name__, is_checkpoint_error=isinstance(e, CheckpointError))
+    att.detach()
+    engine.destroy()
+    return out
+
+
+def own_loop_loads_trainer_checkpoint(rank: int, world: int, sets: list, ckpt_dir: str) -> dict:
+    """The quickstart recipe's engine and methods built as the trainer builds them, then an own loop's
+    ``engine.load_checkpoint(ckpt_dir)`` (``latest``): the attachment's state and the parameters it holds."""
+    from ds_ext.deepspeed.attach import initialize
+    from ds_ext.meter import CommMeter
+    from ds_ext.registry import DATASETS, MODELS, ORDERS, load_builtin
+    from ds_ext.trainer.recipe import load_recipe
+    from tests.e2e.workers_faults import QUICK
+
+    load_builtin()
+    recipe = load_recipe(QUICK, sets)
+    bundle = DATASETS.build(recipe.data.name, recipe.data.options, root=recipe.data.root)
+    model = MODELS.build(recipe.model.name, recipe.model.options, data=bundle)
+    order = ORDERS.build(recipe.method.order.name, recipe.method.order.options, len(bundle.train), rank, world,
+                         recipe.train.seed)
+    engine, att, _ = initialize(recipe, model, recipe.train.steps_per_epoch, CommMeter(), order=order)
+    path, _ = engine.load_checkpoint(ckpt_dir)
+    out = {"path": path, "global_steps": engine.global_steps, "attachment": att.state_dict(),
+           "module": {k: v.detach().clone() for k, v in engine.module.state_dict().items()}}
+    att.detach()
+    engine.destroy()
+    return out

@@ -100,7 +100,7 @@ def own_loop_resume(rank: int, world: int, ckpt: str, first: int = 3, then: int 
 
 def with_ds_only(engine, ckpt: str) -> None:
     """DeepSpeed's load alone (what an own loop did before: the methods' state is not restored)."""
-    from ds_ext.deepspeed.attach import checkpoint_managed
+    from ds_ext.deepspeed.checkpoint import checkpoint_managed
 
     with checkpoint_managed(engine):
         engine.load_checkpoint(ckpt, tag="mid")

@@ -128,7 +128,7 @@ def test_damaged_newest_falls_back_with_auto_and_stops_with_a_path(reference, tm
     same_as_reference(reference, run)
 
 
-@pytest.mark.parametrize("case", ["stale_rank_file", "meta_not_an_object"] + [
+@pytest.mark.parametrize("case", ["stale_rank_file", "swapped_rank_file", "meta_not_an_object"] + [
     pytest.param(c, marks=pytest.mark.slow) for c in ("truncated_deepspeed_file", "latest_not_utf8", "latest_outside")])
 def test_damaged_files_end_in_exit_5_naming_the_file(reference, tmp_path, case):
     """Explicit checkpoint (or ``latest``) with no fallback, ``integrity: off`` where the damage would
@@ -138,7 +138,10 @@ def test_damaged_files_end_in_exit_5_naming_the_file(reference, tmp_path, case):
     target, sets = ckd / tag(6), ["checkpoint.integrity=off"]
     if case == "stale_rank_file":  # rank 1's file from step 4: ranks would train at different data positions
         shutil.copy(ckd / tag(4) / "ds_ext_rank1.pt", target / "ds_ext_rank1.pt")
-        want = f"{target / 'ds_ext_rank1.pt'}: records global_step 4, this checkpoint needs 6"
+        want = f"{target / 'ds_ext_rank1.pt'} is from step 4, DeepSpeed's files in {target} from step 6"
+    elif case == "swapped_rank_file":  # rank 0's file copied over rank 1's: that rank's method state
+        shutil.copy(target / "ds_ext_rank0.pt", target / "ds_ext_rank1.pt")
+        want = f"{target / 'ds_ext_rank1.pt'} records rank 0, this is rank 1"
     elif case == "meta_not_an_object":
         (target / ck.META).write_text("[]")
         want = f"{target / ck.META}: not a JSON object"
