@@ -231,7 +231,7 @@ def own_loop_save_and_swap(rank: int, world: int, trainer_dir: str, swap_dir: st
 def own_loop_loads_trainer_checkpoint(rank: int, world: int, sets: list, ckpt_dir: str) -> dict:
     """The quickstart recipe's engine and methods built as the trainer builds them, then an own loop's
     ``engine.load_checkpoint(ckpt_dir)`` (``latest``): the attachment's state and the parameters it holds."""
-    from ds_ext.deepspeed.attach import initialize
+    from ds_ext.trainer.setup import initialize
     from ds_ext.meter import CommMeter
     from ds_ext.registry import DATASETS, MODELS, ORDERS, load_builtin
     from ds_ext.trainer.recipe import load_recipe
