@@ -55,8 +55,9 @@ from typing import Dict, List, Optional
 
 from ds_ext.comm import barrier as world_barrier
 from ds_ext.comm import world as comm_world
-from ds_ext.costmodel.model import (
-    ALL_METHODS, MethodOptions, applicable, method_specs, read_compress_file, wire_factor)
+from benchmarks.results import parse_rate, read_compress_file
+from ds_ext.costmodel.model import wire_factor
+from ds_ext.costmodel.presets import ALL_METHODS, MethodOptions, applicable, method_specs
 
 # communication meter kinds -> the collective that carries them (for the interface comparison)
 GATHER_KINDS = ("topk_indices", "topk_values", "exdyna_counts", "exdyna_indices", "signsgd_bits", "signsgd_scales")
@@ -272,18 +273,6 @@ def run(args) -> int:
     return 0
 
 
-def parse_rate(s: str) -> float:
-    """tc rate ('1gbit', '10gbit', '500mbit') -> bits per second; 0 for 'unlimited'/unknown."""
-    s = s.strip().lower()
-    for unit, mult in (("tbit", 1e12), ("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3), ("bit", 1.0)):
-        if s.endswith(unit):
-            try:
-                return float(s[: -len(unit)]) * mult
-            except ValueError:
-                break
-    return 0.0
-
-
 def summarize_method(method: str, ranks: List[dict], world: int) -> dict:
     """Median over timed steps (of the mean over ranks; the wall time: of the slowest rank); a period
     (QSR) is averaged per step. Interface bytes: mean over ranks, per step."""
@@ -363,7 +352,7 @@ def print_table(result: dict, compute_ms: float, gpu_compress: Dict[str, float])
 
 
 def report(args) -> int:
-    from ds_ext.costmodel.model import load_results
+    from benchmarks.results import load_results
 
     results = load_results(args.results)
     gpu = read_compress_file(args.compress_file) if args.compress_file else {}

@@ -80,11 +80,12 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 from ds_ext.comm import barrier as world_barrier
 from ds_ext.comm import world as comm_world
-from ds_ext.costmodel.model import ALL_METHODS, MethodOptions, applicable, method_specs
+from benchmarks.results import load_dir, merged, summarize_rank
+from ds_ext.costmodel.presets import ALL_METHODS, MethodOptions, applicable, method_specs
 
 DS_METHODS = tuple(ALL_METHODS) + ("deepspeed",)
 DDP_METHODS = ("ddp_allreduce", "ddp_powersgd")
@@ -226,23 +227,6 @@ class CollectiveRecorder:
         return out
 
 
-def union_length(intervals: Sequence[Sequence[float]], lo: float = float("-inf"), hi: float = float("inf")) -> float:
-    """Length of the union of [a, b] intervals clipped to [lo, hi]."""
-    iv = sorted((max(a, lo), min(b, hi)) for a, b in intervals if min(b, hi) > max(a, lo))
-    total, cur_a, cur_b = 0.0, None, None
-    for a, b in iv:
-        if cur_b is None or a > cur_b:
-            if cur_b is not None:
-                total += cur_b - cur_a
-            cur_a, cur_b = a, b
-        else:
-            cur_b = max(cur_b, b)
-    if cur_b is not None:
-        total += cur_b - cur_a
-    return total
-
-
-# ------------------------------------------------------------------------------------ the training loop
 class ReadyClock:
     """``post_accumulate_grad`` hooks on every parameter: when each gradient was ready (and the main thread's CPU
     time at the last one)."""
@@ -537,107 +521,7 @@ def bench(cfg: dict) -> Optional[dict]:
             "ranks": gathered}
 
 
-# ------------------------------------------------------------------------------------------ summaries
-def step_values(smp: dict) -> dict:
-    """Per-step derived values (ms) of one sample."""
-    iv = [(c[2], c[3]) for c in smp["colls"]]
-    comm = union_length(iv)
-    hidden = union_length(iv, smp["t_fwd"], smp["t_ready"])
-    return {"step_ms": smp["t_end"], "fwd_ms": smp["t_fwd"], "bwd_ms": smp["t_ready"] - smp["t_fwd"],
-            "tail_ms": smp["t_end"] - smp["t_ready"], "comm_ms": comm, "hidden_ms": hidden,
-            "exposed_ms": comm - hidden, "cpu_bwd_ms": smp["cpu_bwd"], "cpu_tail_ms": smp["cpu_tail"],
-            "cpu_process_ms": smp["cpu_process"], "cpu_fwd_ms": smp["cpu_fwd"],
-            "payload_bytes": float(sum(c[1] for c in smp["colls"])), "collectives": float(len(smp["colls"])),
-            "other_fwd_ms": smp.get("other_fwd", 0.0), "other_bwd_ms": smp.get("other_bwd", 0.0),
-            "other_tail_ms": smp.get("other_tail", 0.0)}
-
-
-def summarize_rank(rec: dict) -> dict:
-    """Median over steps (whole periods: the mean per step of each period, median over periods)."""
-    period = rec["period"]
-    vals = [step_values(s) for s in rec["samples"]]
-    n = len(vals)
-    out = {}
-    for key in vals[0]:
-        col = [v[key] for v in vals]
-        chunks = [sum(col[j:j + period]) / len(col[j:j + period]) for j in range(0, n, period)]
-        out[key] = statistics.median(chunks)
-    tot_c = sum(v["comm_ms"] for v in vals)
-    out["hidden_frac"] = sum(v["hidden_ms"] for v in vals) / tot_c if tot_c > 0 else 0.0
-    out["mean_step_ms"] = sum(v["step_ms"] for v in vals) / n
-    # launch of each during-backward collective as a fraction of backward (median over steps, by index)
-    fr = []
-    for s in rec["samples"]:
-        b0, b1 = s["t_fwd"], s["t_ready"]
-        fr.append([(c[2] - b0) / (b1 - b0) for c in s["colls"] if b0 <= c[2] <= b1 and b1 > b0])
-    k = min((len(f) for f in fr), default=0)
-    out["launch_frac"] = [statistics.median(f[i] for f in fr) for i in range(k)] if period == 1 else []
-    return out
-
-
-def summarize(result: dict) -> Dict[str, dict]:
-    """Per method: the mean over ranks of each rank's summary; samples/s from the median step."""
-    out = {}
-    methods = [m for m in METHODS if all(m in r["methods"] for r in result["ranks"])]
-    for m in methods:
-        per = [summarize_rank(r["methods"][m]) for r in result["ranks"]]
-        s = {k: sum(p[k] for p in per) / len(per) for k in per[0] if k != "launch_frac"}
-        s["launch_frac"] = per[0]["launch_frac"]
-        s["samples_per_s"] = result["world"] * result["batch"] / (s["step_ms"] / 1e3)
-        s["info"] = result["ranks"][0]["methods"][m]["info"]
-        s["period"] = result["ranks"][0]["methods"][m]["period"]
-        out[m] = s
-    return out
-
-
-def alone_summary(result: dict, method: Optional[str] = None) -> dict:
-    """Compute alone, mean over ranks: the run's first measurement (with the readiness profile), or, for
-    ``method``, the one taken right before it (the readiness profile from the first)."""
-    first = [r["alone"] for r in result["ranks"]]
-    al = first
-    if method is not None and all("alone" in r["methods"].get(method, {}) for r in result["ranks"]):
-        al = [r["methods"][method]["alone"] for r in result["ranks"]]
-    keys = [k for k in al[0] if isinstance(al[0][k], (int, float))]
-    out = {k: sum(a[k] for a in al) / len(al) for k in keys}
-    n = len(first[0]["ready_frac"])
-    out["ready_frac"] = [sum(a["ready_frac"][i] for a in first) / len(first) for i in range(n)]
-    return out
-
-
 # ------------------------------------------------------------------------------------------ report
-def load_dir(path) -> List[dict]:
-    out = []
-    for f in sorted(Path(path).glob("*.json")):
-        try:
-            d = json.loads(f.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(d, dict) and d.get("kind") == "benchmarks.train":
-            d["_file"] = str(f)
-            out.append(d)
-    if not out:
-        raise SystemExit(f"no bench-train results in {path} (run: bash run/bench-train.sh)")
-    return out
-
-
-def merged(results: List[dict]) -> dict:
-    """The ds_ext and DDP files of one directory as one table: per method its summary and its file's compute
-    alone."""
-    rows: Dict[str, dict] = {}
-    for r in results:
-        for m, s in summarize(r).items():
-            rows[m] = dict(s, alone=alone_summary(r, m), file=Path(r["_file"]).name, world=r["world"],
-                           batch=r["batch"])
-    base = results[0]
-    return {"world": base["world"], "local_size": base["local_size"], "bandwidth": base["bandwidth"],
-            "model": base["model"], "image_size": base["image_size"], "batch": base["batch"], "steps": base["steps"],
-            "warmup": base["warmup"], "shapes": base["shapes"], "options": base["options"], "rows": rows,
-            "files": {Path(r["_file"]).name: {"ddp": r["ddp"], "deepspeed_imported": r["deepspeed_imported"],
-                                                "time": r["time"], "pinned": r["pinned"],
-                                                "cores": [x["core"] for x in r["ranks"]],
-                                                "masks": [x["masks"] for x in r["ranks"]]} for r in results}}
-
-
 def table_markdown(mg: dict, check: Optional[dict] = None) -> str:
     rows = mg["rows"]
     base = rows.get("allreduce")
@@ -683,7 +567,7 @@ def table_markdown(mg: dict, check: Optional[dict] = None) -> str:
 
 
 def report(args) -> int:
-    from ds_ext.costmodel.model import print_train_check, train_check
+    from benchmarks.costmodel_fit import print_train_check, train_check
 
     results = load_dir(args.dir)
     mg = merged(results)

@@ -9,19 +9,21 @@ import math
 import pytest
 
 from ds_ext.costmodel import model as cm
+from ds_ext.costmodel import project as pj
+from ds_ext.costmodel import presets as ps
 from benchmarks import hier as bh
 from ds_ext.comm import Collective
 from ds_ext.hierarchy import HierarchicalAveraging, NodeCollective, hierarchical_collectives
 from ds_ext.registry import REDUCERS, SYNCS, load_builtin
 
 SHAPES = [(32, 16, 3, 3), (32,), (64, 512), (64,), (10, 64), (10,)]   # a small CNN-like parameter list
-OPTS = cm.MethodOptions(rank=2, density=0.01)
+OPTS = ps.MethodOptions(rank=2, density=0.01)
 
 
 def _inner_collectives(method, n, g, local_rank=None):
     """``ds_ext.hierarchy``'s own description of a hierarchical step (not through the cost model)."""
     load_builtin()
-    rname, ropts, sname, sopts = cm.method_specs(OPTS)[method]
+    rname, ropts, sname, sopts = ps.method_specs(OPTS)[method]
     if rname != "none":
         e = REDUCERS.get(rname)
         return hierarchical_collectives(e.factory, SHAPES, n, g, e.options(**ropts), local_rank=local_rank,
@@ -104,7 +106,7 @@ def test_flat_term_is_the_flat_model_and_one_node_runs_inside_it():
 
 def test_costmodel_cli_hierarchical_table(tmp_path, capsys):
     csv = tmp_path / "h.csv"
-    assert cm.main(["--hierarchical", "--model", "digits_cnn", "--bandwidth", "1,100", "--png", "",
+    assert pj.main(["--hierarchical", "--model", "digits_cnn", "--bandwidth", "1,100", "--png", "",
                     "--csv", str(csv)]) == 0
     out = capsys.readouterr().out
     assert "flat vs hierarchical (node-aware): 8 GPUs per node, 1 network link(s)" in out
@@ -113,7 +115,7 @@ def test_costmodel_cli_hierarchical_table(tmp_path, capsys):
     assert rows[0].startswith("bandwidth_gbit,gpus,nodes,method,")
     assert len(rows) == 1 + 2 * 3 * 6  # 2 rates x 16/32/64 GPUs x 6 methods
     assert {r.split(",")[1] for r in rows[1:]} == {"16", "32", "64"}
-    assert cm.main(["--hierarchical", "--gpus", "12", "--png", ""]) == 2  # not a multiple of 8 per node
+    assert pj.main(["--hierarchical", "--gpus", "12", "--png", ""]) == 2  # not a multiple of 8 per node
     assert "not a multiple of --gpus-per-node 8" in capsys.readouterr().err
 
 

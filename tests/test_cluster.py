@@ -24,6 +24,9 @@ import pytest
 import torch
 
 from ds_ext.costmodel import model as cm
+from benchmarks import costmodel_fit as fit
+from ds_ext.costmodel import presets as ps
+from benchmarks import results as bench_results
 from tests import harness, workers_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +37,7 @@ SHAPES = [(8, 4), (8,), (16, 2, 2, 2)]          # 32 + 8 + 128 = 168 values, 672
 
 
 def colls(method, n=4, **kw):
-    return [(c.op, c.nbytes, c.group, c.calls) for c in cm.collectives(method, SHAPES, n, cm.MethodOptions(**kw))]
+    return [(c.op, c.nbytes, c.group, c.calls) for c in cm.collectives(method, SHAPES, n, ps.MethodOptions(**kw))]
 
 
 # ------------------------------------------------------------------------------ formulas by hand
@@ -68,11 +71,11 @@ def test_method_payloads_by_hand():
     assert colls("signsgd") == [("all_gather", 21, 4, 1.0), ("all_gather", 12, 4, 1.0)]
     # Local SGD with H = max(3, floor((0 / lr)^2)) = 3: the parameters once every 3 steps
     assert colls("local_qsr", qsr_h_base=3, qsr_alpha=0.0) == [("all_reduce", 672, 4, 1 / 3)]
-    assert cm.MethodOptions().qsr_h == 4  # the QSR ViT-B recipe at peak LR: floor((0.0175/0.008)^2) = 4
+    assert ps.MethodOptions().qsr_h == 4  # the QSR ViT-B recipe at peak LR: floor((0.0175/0.008)^2) = 4
     # DS-Sync: the parameters inside groups of N / G
     assert colls("dssync", n=8, dssync_groups=2) == [("all_reduce", 672, 4, 1.0)]
-    assert cm.applicable("dssync", 3, cm.MethodOptions()) is not None
-    assert cm.applicable("dssync", 4, cm.MethodOptions()) is None
+    assert ps.applicable("dssync", 3, ps.MethodOptions()) is not None
+    assert ps.applicable("dssync", 4, ps.MethodOptions()) is None
 
 
 def test_resnet50_payloads_match_the_compression_benchmark():
@@ -95,25 +98,25 @@ def test_step_time_overlap_by_hand():
 def test_fit_recovers_known_constants_and_compression_scaling():
     truth = cm.Constants(alpha_s=2.5e-4, eta=0.8)
     pts = []
-    for m in cm.ALL_METHODS:
+    for m in ps.ALL_METHODS:
         for n in (2, 4):
-            c = cm.collectives(m, SHAPES, n, cm.MethodOptions(density=0.1))
+            c = cm.collectives(m, SHAPES, n, ps.MethodOptions(density=0.1))
             t = cm.comm_seconds(c, 1e9, truth)
             if t > 0:
                 pts.append((c, 1e9, t))
-    got = cm.fit_constants(pts)
+    got = fit.fit_constants(pts)
     assert math.isclose(got.alpha_s, truth.alpha_s, rel_tol=1e-9) and math.isclose(got.eta, truth.eta, rel_tol=1e-9)
     # the latency constant is never negative: data with no latency at all fits alpha = 0
-    zero = cm.fit_constants([(c, 1e9, cm.comm_seconds(c, 1e9, cm.Constants(0.0, 0.5))) for c, _, _ in pts])
+    zero = fit.fit_constants([(c, 1e9, cm.comm_seconds(c, 1e9, cm.Constants(0.0, 0.5))) for c, _, _ in pts])
     assert zero.alpha_s == 0.0 and math.isclose(zero.eta, 0.5, rel_tol=1e-9)
     # compression: signsgd a + b N, exdyna a + b / N, others constant
-    s = cm.fit_compression("signsgd", [(2, 16.0), (3, 19.0), (4, 22.0)])
+    s = fit.fit_compression("signsgd", [(2, 16.0), (3, 19.0), (4, 22.0)])
     assert (s.form, round(s.a, 9), round(s.b, 9)) == ("linear", 10.0, 3.0) and math.isclose(s.at(64), 202.0)
-    e = cm.fit_compression("exdyna", [(2, 14.0), (4, 12.0)])
+    e = fit.fit_compression("exdyna", [(2, 14.0), (4, 12.0)])
     assert (e.form, round(e.a, 9), round(e.b, 9)) == ("inverse", 10.0, 8.0)
-    assert cm.fit_compression("powersgd", [(2, 80.0), (4, 90.0)]) == cm.Compression("constant", 85.0, 0.0)
-    assert cm.fit_compression("topk", [(2, 30.0), (4, 10.0)]).form == "constant"  # no negative slope
-    assert cm.fit_compression("signsgd", [(4, 7.0)]) == cm.Compression("constant", 7.0, 0.0)
+    assert fit.fit_compression("powersgd", [(2, 80.0), (4, 90.0)]) == ps.Compression("constant", 85.0, 0.0)
+    assert fit.fit_compression("topk", [(2, 30.0), (4, 10.0)]).form == "constant"  # no negative slope
+    assert fit.fit_compression("signsgd", [(4, 7.0)]) == ps.Compression("constant", 7.0, 0.0)
 
 
 def test_model_payloads_equal_the_real_meter_on_two_ranks():
@@ -125,7 +128,7 @@ def test_model_payloads_equal_the_real_meter_on_two_ranks():
     methods = ["allreduce", "powersgd", "acpsgd", "topk", "exdyna", "signsgd", "local_qsr", "dssync"]
     res = harness.run(workers_cluster.payloads, 2, methods=methods, opts=kw, steps=2)
     shapes = cm.model_shapes("digits_cnn")
-    opts = cm.MethodOptions(**kw)
+    opts = ps.MethodOptions(**kw)
     for rank_out in res:
         for m in methods:
             got = rank_out[m]
@@ -146,7 +149,7 @@ def test_model_payloads_equal_the_real_meter_on_two_ranks():
 
 # ---------------------------------------------------------------------------------- plumbing
 def _result(world, bw_bits, comm, compress, shapes):
-    opts = cm.MethodOptions()
+    opts = ps.MethodOptions()
     return {"kind": "benchmarks.cluster", "world": world, "bw_bits": bw_bits, "bandwidth": "1gbit",
             "model": "digits_cnn", "numel": sum(cm._numel(s) for s in shapes), "shapes": shapes, "steps": 4,
             "warmup": 1, "options": opts.__dict__,
@@ -162,7 +165,7 @@ def test_costmodel_cli_fits_checks_and_projects(tmp_path):
     shapes = [list(s) for s in cm.model_shapes("digits_cnn")]
     truth = cm.Constants(alpha_s=3e-4, eta=0.9)
     for world in (2, 4):
-        opts = cm.MethodOptions()
+        opts = ps.MethodOptions()
         comm = {m: 1e3 * cm.comm_seconds(cm.collectives(m, shapes, world, opts), 1e9, truth)
                 for m in ("allreduce", "powersgd", "signsgd")}
         compress = {"allreduce": 1.0, "powersgd": 5.0, "signsgd": 2.0 + 0.5 * world}
@@ -205,10 +208,10 @@ def test_report_prints_ratios_to_allreduce_and_reads_gpu_compression(tmp_path, c
     f.write_text("# resnet50: ... device cpu, torch\nmethod ms/step\ncopy 37.7 1.00\nallreduce 52.6 1.39\n"
                  "# resnet50: ... device cuda:0 (NVIDIA H100), torch\nmethod ms/step\ncopy 0.9 1.00\n"
                  "allreduce 1.2 1.3\npowersgd 3.4 3.7\nacpsgd 2.5 2.7\n")
-    assert cm.read_compress_file(str(f)) == {"allreduce": 1.2, "powersgd": 3.4, "acpsgd": 2.5}
+    assert bench_results.read_compress_file(str(f)) == {"allreduce": 1.2, "powersgd": 3.4, "acpsgd": 2.5}
     (tmp_path / "cpu.txt").write_text("# device cpu\nallreduce 52.6 1.39\n")
     with pytest.raises(SystemExit, match="no CUDA rows"):
-        cm.read_compress_file(str(tmp_path / "cpu.txt"))
+        bench_results.read_compress_file(str(tmp_path / "cpu.txt"))
 
 
 def test_cluster_script_checks_its_arguments_before_anything_else():

@@ -10,7 +10,7 @@ def payloads(rank, world, model="digits_cnn", methods=(), opts=None, steps=2):
     return, per method: the meter's bytes per step, its bytes by kind, the recorded collectives
     ``(op, payload bytes, group size)`` of all steps in order, and the reducer's stats."""
     from benchmarks.cluster import CollectiveTimer, build_method, drive_step
-    from ds_ext.costmodel.model import MethodOptions
+    from ds_ext.costmodel.presets import MethodOptions
     from ds_ext.meter import CommMeter
     from ds_ext.registry import MODELS, load_builtin
 
