@@ -3,13 +3,19 @@ on bench-cluster results, the model check per method (``check_rows``), and the l
 bench-train steps (``train_check``)."""
 from __future__ import annotations
 
+import argparse
+import sys
+import tempfile
 from dataclasses import replace
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ds_ext.comm import Collective
 from ds_ext.costmodel.model import EMULATION_FIT_ALPHA_SOURCE, EMULATION_FIT_CONSTANTS, Constants, collectives, comm_seconds, fmt_bw, step_ms
 from ds_ext.costmodel.overlap import backward_schedule, launch_ready, overlap_step
-from benchmarks.results import parse_rate
+from benchmarks.results import has_results, load_dir, load_results, merged, parse_rate, read_compress_file
+from ds_ext.costmodel.project import DEFAULT_COMPUTE_MS, write_constants, write_readiness
+from ds_ext.costmodel.project import main as project_main
 from ds_ext.costmodel.presets import (CALLBACK_COMPRESSION, COMPRESS_SCALING, SERIAL_TRAIN_METHODS, TRAIN_METHODS,
                                       Compression, MethodOptions)
 
@@ -246,3 +252,75 @@ def print_train_check(check: dict) -> None:
             print(f"# {m}: launches ready at " + ", ".join(f"{v:.2f}" for v in x["launch_ready"])
                   + " of backward (readiness profile); measured launch times: "
                   + (", ".join(f"{v:.2f}" for v in x["meas_launch_frac"]) or "-"))
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def _fit_constants_file(fit_paths: List[str], compute_ms: float, out: str) -> str:
+    """Fit (or, with no results given and none in runs/bench-cluster, the fit recorded in the README), print the
+    model check, and write the constants file ``python -m ds_ext.costmodel --constants`` reads."""
+    if not fit_paths and not has_results("runs/bench-cluster"):
+        print("# --fit: no bench-cluster results in runs/bench-cluster: the CPU emulation's fit recorded in the "
+              "README (run: sudo bash run/bench-cluster.sh to fit your own)")
+        return write_constants(out, replace(EMULATION_FIT_CONSTANTS))
+    results = load_results(fit_paths or ["runs/bench-cluster"])
+    consts, compression = fit_from_results(results)
+    opts = options_of(next((r for r in results if r["world"] == 4), results[0]))
+    bw = fit_bandwidth(results, 4)
+    comp_src = "fitted on " + ", ".join(sorted({Path(r["_file"]).name for r in results if r["bw_bits"] == bw}))
+    print_check(results, consts, compute_ms)
+    return write_constants(out, consts, compression, comp_src, opts)
+
+
+def _readiness_file(bench_train_dir: str, model: str, out: str) -> Optional[str]:
+    """Print the launch-term check against bench-train results; their readiness profile as a file when they
+    trained ``model``."""
+    mg = merged(load_dir(bench_train_dir))
+    print_train_check(train_check(mg))
+    print()
+    if mg["model"] != model:
+        return None
+    ready = list(next(iter(mg["rows"].values()))["alone"]["ready_frac"])
+    src = f"measured in {bench_train_dir} ({mg['model']} {mg['image_size']}px, compute alone on this CPU)"
+    return write_readiness(out, ready, src, model)
+
+
+def main(argv=None) -> int:
+    """``python -m benchmarks.costmodel_fit [--fit [RESULTS ...]] [--overlap-from DIR] [--compress-file F]
+    [projection options]``: the benchmark side of the cost model, then the projection
+    (``python -m ds_ext.costmodel``, every other option passed on) with what it produced."""
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.costmodel_fit",
+                                 description="Fit the cost model's constants on bench-cluster results and check it "
+                                             "against them (--fit), check its launch term against bench-train "
+                                             "results (--overlap-from), then project with them; other options "
+                                             "go to python -m ds_ext.costmodel")
+    ap.add_argument("--fit", nargs="*", default=None, metavar="RESULTS",
+                    help="fit alpha and eta on bench-cluster result files/directories (default runs/bench-cluster; "
+                         "without results there, the fit recorded in the README), compression on every N, and print "
+                         "the model's error at every N")
+    ap.add_argument("--overlap-from", default=None, metavar="BENCH_TRAIN_DIR",
+                    help="run/bench-train.sh results: check the launch term against them (per method) and project "
+                         "with it, using their measured readiness profile when they trained --model")
+    ap.add_argument("--compress-file", default=None,
+                    help="run/bench-compress.sh output from a GPU machine: its CUDA times replace allreduce/"
+                         "powersgd/acpsgd compression")
+    ap.add_argument("--write-constants", default=None, metavar="FILE",
+                    help="keep the constants file (--fit) here (default: a temporary file)")
+    ap.add_argument("--model", default="resnet50")
+    ap.add_argument("--compute-ms", type=float, default=DEFAULT_COMPUTE_MS)
+    args, rest = ap.parse_known_args(argv)
+    rest = rest + ["--model", args.model, "--compute-ms", repr(args.compute_ms)]
+    with tempfile.TemporaryDirectory(prefix="costmodel_fit_") as tmp:
+        if args.fit is not None:
+            out = args.write_constants or str(Path(tmp) / "constants.json")
+            rest += ["--constants", _fit_constants_file(args.fit, args.compute_ms, out)]
+        if args.compress_file:
+            given = read_compress_file(args.compress_file)
+            rest = ["--compress-ms", ",".join(f"{k}={v!r}" for k, v in given.items())] + rest
+        if args.overlap_from is not None:
+            ready = _readiness_file(args.overlap_from, args.model, str(Path(tmp) / "readiness.json"))
+            rest += ["--overlap", "launch"] + (["--readiness", ready] if ready else [])
+        return project_main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -171,7 +171,7 @@ def test_costmodel_cli_fits_checks_and_projects(tmp_path):
         compress = {"allreduce": 1.0, "powersgd": 5.0, "signsgd": 2.0 + 0.5 * world}
         (tmp_path / f"N{world}.json").write_text(json.dumps(_result(world, 1e9, comm, compress, shapes)))
     csv, png = tmp_path / "p.csv", tmp_path / "p.png"
-    r = subprocess.run([sys.executable, "-m", "ds_ext.costmodel", "--fit", str(tmp_path), "--model", "digits_cnn",
+    r = subprocess.run([sys.executable, "-m", "benchmarks.costmodel_fit", "--fit", str(tmp_path), "--model", "digits_cnn",
                         "--methods", "powersgd,signsgd", "--gpus", "8,64", "--bandwidth", "1,100",
                         "--csv", str(csv), "--png", str(png)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -189,7 +189,7 @@ def test_costmodel_cli_fits_checks_and_projects(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "ds_ext.costmodel", "--methods", "allreduce,gossip"],
                          capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "--methods: unknown gossip" in bad.stderr and "Traceback" not in bad.stderr
-    missing = subprocess.run([sys.executable, "-m", "ds_ext.costmodel", "--fit", str(tmp_path / "nope")],
+    missing = subprocess.run([sys.executable, "-m", "benchmarks.costmodel_fit", "--fit", str(tmp_path / "nope")],
                              capture_output=True, text=True, cwd=ROOT)
     assert missing.returncode != 0 and "nope: no such file" in missing.stderr and "Traceback" not in missing.stderr
 

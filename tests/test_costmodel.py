@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from benchmarks import costmodel_fit as fit
 from ds_ext.costmodel import model as cm
 from ds_ext.costmodel import overlap as ov
 from ds_ext.costmodel import project as pj
@@ -80,7 +81,7 @@ def _result(world, shapes, comm_ms):
 
 def test_fit_flag_uses_the_cpu_fit(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no runs/bench-cluster here: --fit takes the fit recorded in the README
-    assert pj.main(SMALL + ["--fit"]) == 0
+    assert fit.main(SMALL + ["--fit"]) == 0
     out = capsys.readouterr().out
     block = _assumptions(out)
     assert "no bench-cluster results in runs/bench-cluster" in out
@@ -93,7 +94,7 @@ def test_fit_flag_uses_the_cpu_fit(tmp_path, monkeypatch, capsys):
             for m in ("allreduce", "powersgd", "signsgd")}
     (tmp_path / "runs" / "bench-cluster").mkdir(parents=True)
     (tmp_path / "runs" / "bench-cluster" / "N4.json").write_text(json.dumps(_result(4, shapes, comm)))
-    assert pj.main(SMALL + ["--fit"]) == 0
+    assert fit.main(SMALL + ["--fit"]) == 0
     out = capsys.readouterr().out
     assert "## model check against the emulation" in out
     block = _assumptions(out)
@@ -242,3 +243,41 @@ def test_cli_overlap_launch_prints_its_assumption(capsys):
     assert "# overlap: launch term: allreduce buckets and acpsgd fusion groups are launched during backward" in block
     assert "readiness estimated from multiply-accumulates (digits_cnn, 8px)" in block
     assert "## projection A" in out
+
+
+def test_cli_runs_without_benchmarks_on_the_path(tmp_path):
+    """The installed package alone: ``python -m ds_ext.costmodel`` (help, and a default projection) imports
+    nothing from the checkout's ``benchmarks/``."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "ds_ext").symlink_to(root / "ds_ext")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    probe = subprocess.run([sys.executable, "-c", "import benchmarks"], cwd=tmp_path, env=env, capture_output=True)
+    assert probe.returncode != 0  # benchmarks/ is out of reach here
+    for args in (["--help"], ["--png", str(tmp_path / "p.png")]):
+        r = subprocess.run([sys.executable, "-m", "ds_ext.costmodel", *args], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "benchmarks" not in r.stderr
+    assert "projection B" in r.stdout and "## assumptions" in r.stdout
+
+
+def test_constants_and_readiness_files_round_trip(tmp_path, capsys):
+    """What ``python -m benchmarks.costmodel_fit`` hands the projection: a constants file (alpha, eta, their
+    sources, compression, options) and a readiness profile, read by ``--constants`` / ``--readiness``."""
+    c = cm.Constants(alpha_s=2e-4, eta=0.5, source="test fit", alpha_source="a-src", eta_source="e-src")
+    path = pj.write_constants(str(tmp_path / "c.json"), c, {"powersgd": ps.Compression("constant", 7.0)}, "mine",
+                              ps.MethodOptions(rank=2))
+    ready = pj.write_readiness(str(tmp_path / "r.json"), [1.0] * len(cm.model_shapes("digits_cnn")), "measured here",
+                               "digits_cnn")
+    assert pj.main(SMALL + ["--constants", path, "--readiness", ready, "--methods", "powersgd"]) == 0
+    out = capsys.readouterr().out
+    block = _assumptions(out)
+    assert "alpha = 200.0 us per ring hop, eta = 0.500" in block and "a-src" in block and "e-src" in block
+    assert "readiness measured here" in block
+    assert "powersgd   7.0" in out and "(mine)" in out and "rank 2" in out
+    with pytest.raises(SystemExit):
+        pj.main(SMALL + ["--constants", str(tmp_path / "nope.json")])

@@ -69,6 +69,8 @@ def applicable(method: str, n: int, opts: MethodOptions) -> Optional[str]:
 
 #: methods with a hierarchical mode (``hierarchical: true`` on the reducer, or on ``sync: local``)
 HIER_METHODS = ("allreduce", "powersgd", "acpsgd", "topk", "exdyna", "signsgd", "local_qsr")
+#: what ``python -m ds_ext.costmodel --hierarchical`` projects unless ``--methods`` says otherwise
+HIER_DEFAULT_METHODS = ("allreduce", "powersgd", "acpsgd", "topk", "exdyna", "local_qsr")
 
 
 # How a method's compression time changes with the number of ranks N (fitted per method on the

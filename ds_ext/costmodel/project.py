@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from . import model as _model
-from .model import (DEFAULT_CONSTANTS, EMULATION_ETA, EMULATION_FIT_CONSTANTS, INTRA_ALPHA_S, INTRA_BW_BITS, INTRA_SOURCE,
+from .model import (DEFAULT_CONSTANTS, EMULATION_ETA, INTRA_ALPHA_S, INTRA_BW_BITS, INTRA_SOURCE,
                     NCCL_NET_ALPHA_S, Constants, _numel, collectives, comm_seconds, model_shapes, project_hierarchical,
                     step_ms)
 from .overlap import backward_schedule, flop_ready_fractions, launch_ready, overlap_step
-from .presets import (ALL_METHODS, DEFAULT_COMPRESSION, HIER_METHODS, LABELS, Compression, MethodOptions,
+from .presets import (ALL_METHODS, DEFAULT_COMPRESSION, HIER_DEFAULT_METHODS, HIER_METHODS, LABELS, Compression, MethodOptions,
                       applicable)
 
 
@@ -154,10 +155,12 @@ def _parse_compress(items: Sequence[str]) -> Dict[str, float]:
     return out
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ds_ext.costmodel", description=_model.__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m ds_ext.costmodel", description=_model.__doc__.split("\n\n")[0],
+                                 epilog="Fitting the constants on bench-cluster results and checking the model against "
+                                        "measurements: python -m benchmarks.costmodel_fit (a checkout, not installed).")
     ap.add_argument("--methods", default=None, help="comma list (default: all; with --hierarchical: "
-                                                    "allreduce,powersgd,acpsgd,topk,exdyna,local_qsr)")
+                                                    + ",".join(HIER_DEFAULT_METHODS) + ")")
     ap.add_argument("--gpus", default=None, help="data-parallel ranks to project to (default 8,16,32,64; "
                                                  "with --hierarchical 16,32,64)")
     ap.add_argument("--bandwidth", default="1,10,100", help="link rates in Gbit/s")
@@ -171,20 +174,15 @@ def main(argv=None) -> int:
                     help="window (default): allreduce/acpsgd hide up to --backward-fraction x compute; launch: each "
                          "bucket / fusion group is launched when its gradients are ready during backward and the link "
                          "serves launches in order (overlap_step), readiness estimated from multiply-accumulates at "
-                         "--image-size unless --overlap-from gives a measured profile")
-    ap.add_argument("--overlap-from", default=None, metavar="BENCH_TRAIN_DIR",
-                    help="run/bench-train.sh results: check the launch term against them (per method) and project "
-                         "with it, using their measured readiness profile when they trained --model (implies "
-                         "--overlap launch)")
+                         "--image-size unless --readiness gives a measured profile")
+    ap.add_argument("--readiness", default=None, metavar="FILE",
+                    help="a measured readiness profile (JSON: ready, source, model; written by python -m "
+                         "benchmarks.costmodel_fit --overlap-from); used when it is --model's (implies --overlap launch)")
     ap.add_argument("--image-size", type=int, default=224,
                     help="input size of the readiness estimate (--overlap launch)")
-    ap.add_argument("--fit", nargs="*", default=None, metavar="RESULTS",
-                    help="use the CPU emulation's constants instead of the GPU default: fit them on bench-cluster "
-                         "result files/directories (default runs/bench-cluster; without results there, the fit "
-                         "recorded in the README), compression on every N, and print the model's error at every N")
-    ap.add_argument("--compress-file", default=None,
-                    help="run/bench-compress.sh output from a GPU machine: its CUDA times replace allreduce/"
-                         "powersgd/acpsgd compression")
+    ap.add_argument("--constants", default=None, metavar="FILE",
+                    help="constants file (JSON: alpha_s, eta, their sources, optionally compression and options; "
+                         "written by python -m benchmarks.costmodel_fit --fit) instead of the GPU default")
     ap.add_argument("--compress-ms", action="append", default=[], metavar="METHOD=MS,...",
                     help="fixed compression times per method (e.g. measured on a GPU)")
     ap.add_argument("--alpha-us", type=float, default=None,
@@ -205,16 +203,58 @@ def main(argv=None) -> int:
                     help="intra-node latency per ring hop, microseconds (an input)")
     ap.add_argument("--png", default="runs/costmodel/projection.png", help="plot path ('' for none)")
     ap.add_argument("--csv", default=None, help="also write both projections as CSV")
-    args = ap.parse_args(argv)
+    return ap
 
+
+class UsageError(Exception):
+    """A bad command line: the message goes to stderr and the CLI exits with 2."""
+
+
+#: what ``python -m benchmarks.costmodel_fit`` writes and ``--constants`` / ``--readiness`` read
+CONSTANTS_KIND = "ds_ext.costmodel.constants"
+READINESS_KIND = "ds_ext.costmodel.readiness"
+
+
+def _read_json(path: str, kind: str, flag: str) -> dict:
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{flag} {path}: not readable ({e})") from None
+    if not isinstance(d, dict) or d.get("kind") != kind:
+        raise SystemExit(f"{flag} {path}: not a {kind} file")
+    return d
+
+
+def write_constants(path: str, consts: Constants, compression: Optional[Dict[str, Compression]] = None,
+                    compression_source: str = "", options: Optional[MethodOptions] = None) -> str:
+    """The file ``--constants`` reads: the two constants with their sources, and optionally fitted compression
+    times (replacing the built-in ones) and the method options the measurements used."""
+    d = {"kind": CONSTANTS_KIND, "alpha_s": consts.alpha_s, "eta": consts.eta, "source": consts.source,
+         "alpha_source": consts.alpha_source, "eta_source": consts.eta_source}
+    if compression is not None:
+        d["compression"] = {m: [c.form, c.a, c.b] for m, c in compression.items()}
+        d["compression_source"] = compression_source
+    if options is not None:
+        d["options"] = dict(options.__dict__)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(d, indent=1))
+    return path
+
+
+def write_readiness(path: str, ready: Sequence[float], source: str, model: str) -> str:
+    """The file ``--readiness`` reads: a measured readiness profile of ``model`` and where it was measured."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"kind": READINESS_KIND, "ready": list(ready), "source": source, "model": model}))
+    return path
+
+
+def _methods_gpus_bws(args) -> tuple:
     if args.methods is None:
-        args.methods = ("allreduce,powersgd,acpsgd,topk,exdyna,local_qsr" if args.hierarchical
-                        else ",".join(ALL_METHODS))
+        args.methods = ",".join(HIER_DEFAULT_METHODS if args.hierarchical else ALL_METHODS)
     methods = [m for m in args.methods.split(",") if m]
     bad = [m for m in methods if m not in LABELS]
     if bad:
-        print(f"--methods: unknown {', '.join(bad)}; known: {', '.join(LABELS)}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--methods: unknown {', '.join(bad)}; known: {', '.join(LABELS)}")
     if "allreduce" not in methods:
         methods.insert(0, "allreduce")  # the baseline of every speed-up
     if args.gpus is None:
@@ -223,86 +263,112 @@ def main(argv=None) -> int:
         gpus = [int(x) for x in _floats(args.gpus)]
         bws = _floats(args.bandwidth)
     except ValueError as e:
-        print(f"--gpus / --bandwidth: comma-separated numbers ({e})", file=sys.stderr)
-        return 2
+        raise UsageError(f"--gpus / --bandwidth: comma-separated numbers ({e})") from None
     if not gpus or not bws or min(gpus) < 1 or min(bws) <= 0:
-        print("--gpus / --bandwidth: positive numbers", file=sys.stderr)
-        return 2
+        raise UsageError("--gpus / --bandwidth: positive numbers")
+    return methods, gpus, bws
+
+
+def _inputs(args) -> tuple:
+    """(constants, compression per method, its source, method options, given compression ms) from the defaults,
+    the constants file and the flags."""
     opts = MethodOptions()
     compression = dict(DEFAULT_COMPRESSION)
     comp_src = "built in (bench-cluster on this CPU)"
-    from benchmarks.costmodel_fit import fit_bandwidth, fit_from_results, options_of, print_check
-    from benchmarks.results import has_results, load_results, read_compress_file
-
-    if args.fit is not None and not args.fit and not has_results("runs/bench-cluster"):
-        consts = replace(EMULATION_FIT_CONSTANTS)
-        print("# --fit: no bench-cluster results in runs/bench-cluster: the CPU emulation's fit recorded in the "
-              "README (run: sudo bash run/bench-cluster.sh to fit your own)")
-    elif args.fit is not None:
-        results = load_results(args.fit or ["runs/bench-cluster"])
-        consts, compression = fit_from_results(results)
-        opts = options_of(next((r for r in results if r["world"] == 4), results[0]))
-        bw = fit_bandwidth(results, 4)
-        comp_src = "fitted on " + ", ".join(sorted({Path(r["_file"]).name for r in results if r["bw_bits"] == bw}))
-        print_check(results, consts, args.compute_ms)
-    else:
-        consts = replace(DEFAULT_CONSTANTS)
+    consts = replace(DEFAULT_CONSTANTS)
+    if args.constants:
+        d = _read_json(args.constants, CONSTANTS_KIND, "--constants")
+        consts = Constants(alpha_s=float(d["alpha_s"]), eta=float(d["eta"]), source=d.get("source", args.constants),
+                           alpha_source=d.get("alpha_source", ""), eta_source=d.get("eta_source", ""))
+        if "compression" in d:
+            compression = {m: Compression(f, a, b) for m, (f, a, b) in d["compression"].items()}
+            comp_src = d.get("compression_source", args.constants)
+        if "options" in d:
+            opts = MethodOptions(**d["options"])
     if args.qsr_h is not None:
         opts.qsr_h_base, opts.qsr_alpha = args.qsr_h, 0.0
     if args.alpha_us is not None:
         if args.alpha_us < 0:
-            print("--alpha-us must be >= 0", file=sys.stderr)
-            return 2
+            raise UsageError("--alpha-us must be >= 0")
         consts = replace(consts, alpha_s=args.alpha_us * 1e-6, source=f"alpha given, eta {consts.source}",
                          alpha_source=f"given (--alpha-us {args.alpha_us:g})")
     if args.eta is not None:
         if args.eta <= 0:
-            print("--eta must be > 0", file=sys.stderr)
-            return 2
+            raise UsageError("--eta must be > 0")
         consts = replace(consts, eta=args.eta, source=f"eta given, alpha {consts.source}",
                          eta_source=f"given (--eta {args.eta:g})")
     if args.intra_bw <= 0 or args.intra_alpha_us < 0 or args.gpus_per_node < 1 or args.nics_per_node < 1:
-        print("--intra-bw must be > 0, --intra-alpha-us >= 0, --gpus-per-node and --nics-per-node >= 1",
-              file=sys.stderr)
-        return 2
+        raise UsageError("--intra-bw must be > 0, --intra-alpha-us >= 0, --gpus-per-node and --nics-per-node >= 1")
     consts.intra_bw_bits, consts.intra_alpha_s = args.intra_bw * 1e9, args.intra_alpha_us * 1e-6
-    given = read_compress_file(args.compress_file) if args.compress_file else {}
-    given.update(_parse_compress(args.compress_ms))
+    given = _parse_compress(args.compress_ms)
     for m, v in given.items():
         compression[m] = Compression("constant", v, 0.0)
     if given:
         comp_src += f"; given: {', '.join(f'{k} {v:g} ms' for k, v in given.items())}"
+    return consts, compression, comp_src, opts, given
+
+
+def _launch_inputs(args, shapes, opts) -> tuple:
+    """(readiness profile, the overlap line of the assumptions) of the launch term, or (None, None)."""
+    if args.readiness is None and args.overlap != "launch":
+        return None, None
+    if args.hierarchical:
+        raise UsageError("--overlap launch / --readiness: flat projections only (hierarchical mode never overlaps)")
+    ready, src = None, None
+    if args.readiness is not None:
+        d = _read_json(args.readiness, READINESS_KIND, "--readiness")
+        if d.get("model") == args.model:
+            ready, src = [float(v) for v in d["ready"]], d.get("source", args.readiness)
+    if ready is None:
+        ready = flop_ready_fractions(args.model, args.image_size)
+        src = f"estimated from multiply-accumulates ({args.model}, {args.image_size}px)"
+    sched = backward_schedule("allreduce", shapes, 2, opts)
+    text = (f"launch term: allreduce buckets and acpsgd fusion groups are launched during backward "
+            f"(= {args.backward_fraction:.2f} x compute, input) when their gradients are ready (readiness "
+            f"{src}; allreduce's {len(sched[0][1])} buckets ready at "
+            + ", ".join(f"{v:.2f}" for v in launch_ready(sched, ready))
+            + " of backward), the link serves launches in order and what remains at the end of backward "
+              "is exposed; compression after backward; the other methods communicate after backward")
+    return ready, text
+
+
+def _print_compression(methods, gpus, compression, comp_src) -> None:
+    print(f"# compression ms/step at N = {', '.join(str(n) for n in gpus)} ({comp_src}):")
+    for m in methods:
+        c = compression.get(m)
+        if c is None:
+            print(f"#   {m:<10} none measured: 0")
+            continue
+        form = {"constant": f"{c.a:.1f}", "linear": f"{c.a:.1f} + {c.b:.2f} N", "inverse": f"{c.a:.1f} + {c.b:.1f} / N"}
+        print(f"#   {m:<10} {form[c.form]:<18} -> " + ", ".join(f"{c.at(n):.0f}" for n in gpus))
+
+
+def _write_csv(path: str, with_c, without) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        f.write("projection,bandwidth_gbit,gpus,method,step_ms,speedup_over_ssgd\n")
+        for name, table in (("A_cpu_compression", with_c), ("B_no_compression", without)):
+            for (bw, n, m), v in sorted(table.items()):
+                f.write(f"{name},{bw:g},{n},{m},{v:.3f},{table[(bw, n, 'allreduce')] / v:.4f}\n")
+    print(f"# csv: {path}")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except UsageError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    methods, gpus, bws = _methods_gpus_bws(args)
+    consts, compression, comp_src, opts, given = _inputs(args)
     shapes = model_shapes(args.model)
     numel = sum(_numel(s) for s in shapes)
     overlap = not args.no_overlap
-    ready, overlap_text = None, None
-    if args.overlap_from is not None or args.overlap == "launch":
-        if args.hierarchical:
-            print("--overlap launch / --overlap-from: flat projections only (hierarchical mode never overlaps)",
-                  file=sys.stderr)
-            return 2
-        src = None
-        if args.overlap_from is not None:
-            from benchmarks.costmodel_fit import print_train_check, train_check
-            from benchmarks.results import load_dir, merged
-
-            mg = merged(load_dir(args.overlap_from))
-            print_train_check(train_check(mg))
-            print()
-            if mg["model"] == args.model:
-                ready = list(next(iter(mg["rows"].values()))["alone"]["ready_frac"])
-                src = (f"measured in {args.overlap_from} ({mg['model']} {mg['image_size']}px, compute alone on this "
-                       f"CPU)")
-        if ready is None:
-            ready = flop_ready_fractions(args.model, args.image_size)
-            src = f"estimated from multiply-accumulates ({args.model}, {args.image_size}px)"
-        sched = backward_schedule("allreduce", shapes, 2, opts)
-        overlap_text = (f"launch term: allreduce buckets and acpsgd fusion groups are launched during backward "
-                        f"(= {args.backward_fraction:.2f} x compute, input) when their gradients are ready (readiness "
-                        f"{src}; allreduce's {len(sched[0][1])} buckets ready at "
-                        + ", ".join(f"{v:.2f}" for v in launch_ready(sched, ready))
-                        + " of backward), the link serves launches in order and what remains at the end of backward "
-                          "is exposed; compression after backward; the other methods communicate after backward")
+    ready, overlap_text = _launch_inputs(args, shapes, opts)
     if args.hierarchical:
         hier_given = {m: v for m, v in given.items() if m in methods and m in HIER_METHODS}
         comp_note = (f"given: {', '.join(f'{k} {v:g} ms' for k, v in hier_given.items())} for the flat method, "
@@ -317,14 +383,7 @@ def main(argv=None) -> int:
     if args.hierarchical:
         print(f"# local_qsr: H = {opts.qsr_h}; rank {opts.rank}; density {opts.density}")
         return _main_hierarchical(args, methods, gpus, bws, shapes, opts, consts, given, overlap)
-    print(f"# compression ms/step at N = {', '.join(str(n) for n in gpus)} ({comp_src}):")
-    for m in methods:
-        c = compression.get(m)
-        if c is None:
-            print(f"#   {m:<10} none measured: 0")
-            continue
-        form = {"constant": f"{c.a:.1f}", "linear": f"{c.a:.1f} + {c.b:.2f} N", "inverse": f"{c.a:.1f} + {c.b:.1f} / N"}
-        print(f"#   {m:<10} {form[c.form]:<18} -> " + ", ".join(f"{c.at(n):.0f}" for n in gpus))
+    _print_compression(methods, gpus, compression, comp_src)
     print(f"# local_qsr: H = {opts.qsr_h}; dssync: {opts.dssync_groups} groups, every step; rank {opts.rank}; "
           f"density {opts.density}")
     with_c = project(methods, gpus, bws, shapes, opts, consts, compression, args.compute_ms, overlap,
@@ -336,13 +395,7 @@ def main(argv=None) -> int:
     print_projection("projection B: compression free (communication + compute only; the bound a fast GPU "
                      "implementation approaches)", without, methods, gpus, bws)
     if args.csv:
-        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.csv, "w") as f:
-            f.write("projection,bandwidth_gbit,gpus,method,step_ms,speedup_over_ssgd\n")
-            for name, table in (("A_cpu_compression", with_c), ("B_no_compression", without)):
-                for (bw, n, m), v in sorted(table.items()):
-                    f.write(f"{name},{bw:g},{n},{m},{v:.3f},{table[(bw, n, 'allreduce')] / v:.4f}\n")
-        print(f"# csv: {args.csv}")
+        _write_csv(args.csv, with_c, without)
     if args.png:
         plot(with_c, without, methods, gpus, bws, args.png, consts, args.compute_ms)
     return 0
