@@ -85,15 +85,12 @@ from typing import Dict, List, Optional
 from ds_ext.comm import barrier as world_barrier
 from ds_ext.comm import world as comm_world
 from benchmarks.results import load_dir, merged, summarize_rank
-from ds_ext.costmodel.presets import ALL_METHODS, MethodOptions, applicable, method_specs
+from ds_ext.costmodel.presets import (ALL_METHODS, DDP_METHODS, TRAIN_METHODS, MethodOptions, applicable, label_of,
+                                      method_specs)
 
-DS_METHODS = tuple(ALL_METHODS) + ("deepspeed",)
-DDP_METHODS = ("ddp_allreduce", "ddp_powersgd")
-METHODS = DS_METHODS + DDP_METHODS
-LABELS = {"allreduce": "S-SGD (allreduce)", "powersgd": "PowerSGD r4", "acpsgd": "ACP-SGD r4", "topk": "top-k 0.001",
-          "exdyna": "ExDyna 0.001", "signsgd": "EF-SignSGD", "local_qsr": "Local SGD + QSR (H=4)",
-          "dssync": "DS-Sync (2 groups)", "deepspeed": "DeepSpeed ZeRO-0 reduction",
-          "ddp_allreduce": "DDP allreduce_hook", "ddp_powersgd": "DDP powerSGD_hook r4"}
+#: ds_ext's methods (the presets and DeepSpeed's own reduction) and PyTorch DDP's hooks, from the one roster
+DS_METHODS = tuple(m for m in TRAIN_METHODS if m not in DDP_METHODS)
+METHODS = TRAIN_METHODS
 LR = 0.008           # the QSR recipe's peak LR: H = max(4, floor((0.0175 / 0.008)^2)) = 4
 MOMENTUM = 0.9
 DDP_START_POWERSGD_ITER = 2  # PyTorch's minimum with error feedback / warm start (its first 2 steps: allreduce)
@@ -522,6 +519,11 @@ def bench(cfg: dict) -> Optional[dict]:
 
 
 # ------------------------------------------------------------------------------------------ report
+def _options(mg: dict) -> MethodOptions:
+    """The method options a merged result ran with."""
+    return MethodOptions(**{k: v for k, v in mg.get("options", {}).items() if k in MethodOptions.__dataclass_fields__})
+
+
 def table_markdown(mg: dict, check: Optional[dict] = None) -> str:
     rows = mg["rows"]
     base = rows.get("allreduce")
@@ -548,7 +550,7 @@ def table_markdown(mg: dict, check: Optional[dict] = None) -> str:
         if r is None:
             continue
         ratio = lambda ref: f"{r['samples_per_s'] / ref['samples_per_s']:.2f}x" if ref else "-"  # noqa: E731
-        line = (f"| `{m}` {LABELS[m]} | {r['samples_per_s']:.2f} | {r['step_ms']:.0f} | {ratio(base)} | "
+        line = (f"| `{m}` {label_of(m, _options(mg))} | {r['samples_per_s']:.2f} | {r['step_ms']:.0f} | {ratio(base)} | "
                 f"{ratio(d_ar)} | {ratio(d_ps)} | {r['comm_ms']:.0f} | {r['hidden_ms']:.0f} | "
                 f"{100 * r['hidden_frac']:.0f} % | "
                 f"{r['exposed_ms']:.0f} | {r['bwd_ms']:.0f} | {r['tail_ms']:.0f} | {r['payload_bytes'] / 1e6:.2f} | "

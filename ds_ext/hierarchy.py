@@ -272,13 +272,24 @@ def inner_problem(inner_cls) -> Optional[str]:
         return f"hierarchical: {name} is not a reducer class"
     if not inner_cls.replaces_engine_allreduce:
         return (f"hierarchical: {name} keeps DeepSpeed's own allreduce over the whole world; wrap a reducer that "
-                f"communicates itself (allreduce, powersgd, acpsgd, topk, exdyna, signsgd)")
+                f"communicates itself ({', '.join(wrappable_reducers())})")
     if not inner_cls.communicates_gradients:
         return (f"hierarchical: {name} exchanges no gradients; for local methods use HierarchicalAveraging in the "
                 f"synchronizer instead")
     if inner_cls.observes_microbatches:
         return f"hierarchical: {name} consumes every microbatch gradient over the whole world and cannot be sharded"
     return None
+
+
+def wrappable_reducers() -> List[str]:
+    """The registered reducers ``HierarchicalReducer`` can wrap (``inner_problem`` None), sorted."""
+    from .registry import REDUCERS
+
+    def wrappable(cls) -> bool:  # inner_problem's conditions, without its messages (which name these reducers)
+        return (isinstance(cls, type) and issubclass(cls, Reducer) and cls.replaces_engine_allreduce
+                and cls.communicates_gradients and not cls.observes_microbatches)
+
+    return sorted(n for n in REDUCERS.names() if wrappable(REDUCERS.get(n).factory))
 
 
 class HierarchicalReducer(Reducer):

@@ -281,3 +281,23 @@ def test_constants_and_readiness_files_round_trip(tmp_path, capsys):
     assert "powersgd   7.0" in out and "(mine)" in out and "rank 2" in out
     with pytest.raises(SystemExit):
         pj.main(SMALL + ["--constants", str(tmp_path / "nope.json")])
+
+
+def test_the_roster_accounts_for_every_registered_method():
+    """One roster: every registered reducer, synchronizer and order has a preset, is a peer, or is declared not
+    modelled (``presets.NOT_MODELLED``); the derived lists agree with the table."""
+    from ds_ext.registry import ORDERS, REDUCERS, SYNCS, load_builtin
+
+    load_builtin()
+    assert ps.uncovered() == []
+    for family, reg in (("reducer", REDUCERS), ("sync", SYNCS), ("order", ORDERS)):
+        assert all(ps.covers(family, n) for n in reg.names())
+    assert not ps.covers("reducer", "qsgd_not_registered")
+    assert set(ps.method_specs(ps.MethodOptions())) == set(ps.ALL_METHODS) == set(ps.LABELS)
+    assert set(ps.DEFAULT_COMPRESSION) == set(ps.ALL_METHODS)
+    # hierarchical mode is read from the methods (their options and hierarchy.inner_problem), not listed
+    assert ps.hier_methods() == ("allreduce", "powersgd", "acpsgd", "topk", "exdyna", "signsgd", "local_qsr")
+    assert "dssync" not in ps.hier_methods() and "signsgd" not in ps.hier_default_methods()
+    assert ps.SERIAL_TRAIN_METHODS == ("powersgd", "topk", "exdyna", "signsgd", "local_qsr", "dssync", "deepspeed",
+                                       "ddp_powersgd")
+    assert ps.label_of("local_qsr") == "Local SGD + QSR (H=4)" and ps.label_of("ddp_powersgd") == "DDP powerSGD_hook r4"

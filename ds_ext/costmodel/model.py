@@ -114,7 +114,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 from ..comm import Collective
 from ..reducers.buckets import bucket_sizes as _bucket_sizes
 from ..reducers.buckets import numel_of
-from .presets import ALL_METHODS, HIER_METHODS, OVERLAPS_BACKWARD, MethodOptions, applicable, method_specs
+from .presets import ALL_METHODS, OVERLAPS_BACKWARD, MethodOptions, applicable, hier_methods, method_specs
 
 
 # ------------------------------------------------------------------------------------ collectives
@@ -178,8 +178,8 @@ def hierarchical_method_collectives(method: str, shapes: Sequence[Sequence[int]]
     from ..hierarchy import HierarchicalAveraging, hierarchical_collectives
     from ..registry import REDUCERS, SYNCS, load_builtin
 
-    if method not in HIER_METHODS:
-        raise ValueError(f"{method!r} has no hierarchical mode; methods with one: {', '.join(HIER_METHODS)}")
+    if method not in hier_methods():
+        raise ValueError(f"{method!r} has no hierarchical mode; methods with one: {', '.join(hier_methods())}")
     load_builtin()
     rname, ropts, sname, sopts = method_specs(opts)[method]
     out: List[Collective] = []
@@ -337,11 +337,12 @@ def project_hierarchical(methods, gpus, bws, shapes, opts, consts, compute_ms: f
     Flat overlaps as ``step_ms`` says; hierarchical never does. ``compress``: ms per step of the flat method
     (a hierarchical rank compresses its 1/gpus_per_node shard); default none."""
     compress = compress or {}
+    with_mode = hier_methods()
     rows = []
     for bw in bws:
         for n in gpus:
             for m in methods:
-                if m not in HIER_METHODS or applicable(m, n, opts) or n % gpus_per_node:
+                if m not in with_mode or applicable(m, n, opts) or n % gpus_per_node:
                     continue
                 f = flat_comm(m, shapes, n, gpus_per_node, opts, consts, bw * 1e9, nics_per_node)
                 h = hierarchical_comm(m, shapes, n, gpus_per_node, opts, consts, bw * 1e9, nics_per_node)

@@ -14,8 +14,8 @@ from .model import (DEFAULT_CONSTANTS, EMULATION_ETA, INTRA_ALPHA_S, INTRA_BW_BI
                     NCCL_NET_ALPHA_S, Constants, _numel, collectives, comm_seconds, model_shapes, project_hierarchical,
                     step_ms)
 from .overlap import backward_schedule, flop_ready_fractions, launch_ready, overlap_step
-from .presets import (ALL_METHODS, DEFAULT_COMPRESSION, HIER_DEFAULT_METHODS, HIER_METHODS, LABELS, Compression, MethodOptions,
-                      applicable)
+from .presets import (ALL_METHODS, DEFAULT_COMPRESSION, LABELS, Compression, MethodOptions,
+                      applicable, hier_default_methods, hier_methods)
 
 
 # ----------------------------------------------------------------------------------------- project
@@ -159,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m ds_ext.costmodel", description=_model.__doc__.split("\n\n")[0],
                                  epilog="Fitting the constants on bench-cluster results and checking the model against "
                                         "measurements: python -m benchmarks.costmodel_fit (a checkout, not installed).")
-    ap.add_argument("--methods", default=None, help="comma list (default: all; with --hierarchical: "
-                                                    + ",".join(HIER_DEFAULT_METHODS) + ")")
+    ap.add_argument("--methods", default=None, help="comma list (default: all; with --hierarchical: the presets "
+                                                    "with a hierarchical mode and hierarchical_table, presets.hier_default_methods)")
     ap.add_argument("--gpus", default=None, help="data-parallel ranks to project to (default 8,16,32,64; "
                                                  "with --hierarchical 16,32,64)")
     ap.add_argument("--bandwidth", default="1,10,100", help="link rates in Gbit/s")
@@ -250,7 +250,7 @@ def write_readiness(path: str, ready: Sequence[float], source: str, model: str) 
 
 def _methods_gpus_bws(args) -> tuple:
     if args.methods is None:
-        args.methods = ",".join(HIER_DEFAULT_METHODS if args.hierarchical else ALL_METHODS)
+        args.methods = ",".join(hier_default_methods() if args.hierarchical else ALL_METHODS)
     methods = [m for m in args.methods.split(",") if m]
     bad = [m for m in methods if m not in LABELS]
     if bad:
@@ -370,7 +370,7 @@ def _run(args) -> int:
     overlap = not args.no_overlap
     ready, overlap_text = _launch_inputs(args, shapes, opts)
     if args.hierarchical:
-        hier_given = {m: v for m, v in given.items() if m in methods and m in HIER_METHODS}
+        hier_given = {m: v for m, v in given.items() if m in methods and m in hier_methods()}
         comp_note = (f"given: {', '.join(f'{k} {v:g} ms' for k, v in hier_given.items())} for the flat method, "
                      f"/ {args.gpus_per_node} (its shard) for hierarchical" if hier_given
                      else "none (left out: the bound a fast GPU implementation approaches; --compress-ms gives it)")
@@ -403,8 +403,9 @@ def _run(args) -> int:
 
 def _main_hierarchical(args, methods, gpus, bws, shapes, opts, consts, given, overlap) -> int:
     g = args.gpus_per_node
-    skipped = [m for m in methods if m not in HIER_METHODS]
-    methods = [m for m in methods if m in HIER_METHODS]
+    with_mode = hier_methods()
+    skipped = [m for m in methods if m not in with_mode]
+    methods = [m for m in methods if m in with_mode]
     bad = [n for n in gpus if n % g]
     if bad:
         print(f"--gpus {', '.join(map(str, bad))}: not a multiple of --gpus-per-node {g}", file=sys.stderr)
