@@ -44,9 +44,9 @@ Measured per step and rank (``time.perf_counter``; timed steps only, after ``--w
   ``post_accumulate_grad`` hook of any parameter: autograd's work is done), backward call returns, step
   returns (``engine.step()`` / ``optimizer.step()`` + ``zero_grad``); the main thread's CPU time
   (``time.thread_time``) of each phase and the process's (every thread: gloo's too);
-* every collective's launch and completion: ``torch.distributed.all_reduce`` (through which ds_ext's
-  all_reduces, DeepSpeed's reduction and both DDP hooks pass) and ds_ext's ``Communicator._all_gather``
-  are wrapped (the hooks themselves are not touched): launch = the call, completion = the work's future
+* every collective's launch and completion: ds_ext's all_reduces and all_gathers through the communication
+  layer's observer (``ds_ext.comm.observe``), DeepSpeed's reduction and both DDP hooks through a wrapped
+  ``torch.distributed.all_reduce`` (the hooks themselves are not touched): launch = the call, completion = the work's future
   completing (a callback on ``work.get_future()``), or the return of a synchronous call. Nothing is made
   synchronous and no barrier runs inside the timed steps (one untimed barrier after the warm-up, DeepSpeed
   launches only): the collectives run as the methods launch them, so a collective's time includes waiting for a
@@ -149,14 +149,17 @@ def thread_masks() -> List[List[int]]:
 
 # ------------------------------------------------------------------------------------- collectives
 class CollectiveRecorder:
-    """Launch and completion times of every collective (module docstring): wraps ``torch.distributed.all_reduce``
-    and ds_ext's ``Communicator._all_gather`` (an all_reduce inside a wrapped call is not counted twice)."""
+    """Launch and completion times of every collective (module docstring): ds_ext's own through the communication
+    layer's observer (``ds_ext.comm.observe``), and DDP's and DeepSpeed's own reductions, which do not pass a
+    ``Communicator``, by wrapping ``torch.distributed.all_reduce`` (an all_reduce inside an observed call is not
+    counted twice)."""
 
     def __init__(self):
         self.records: List[list] = []   # [op, payload bytes, launch, completion (None until done)]
         self.active = False
         self._local = threading.local()
         self._orig = {}
+        self._remove = None
 
     def _note(self, op, nbytes, fn, args, kwargs, async_op):
         if not self.active or getattr(self._local, "inside", False):
@@ -185,39 +188,37 @@ class CollectiveRecorder:
         fut.add_done_callback(done)
         return work
 
+    def __call__(self, comm, op, kind, t, async_op, issue):
+        """The ``Communicator`` observer: ds_ext's all_reduce and all_gather calls (broadcasts are not recorded)."""
+        if op == "broadcast":
+            return issue()
+        return self._note(op, t.numel() * t.element_size(), issue, (), {}, async_op)
+
     def install(self) -> None:
         import torch.distributed as dist
+
+        from ds_ext.comm import observe  # imports no DeepSpeed
 
         orig_ar = dist.all_reduce
         self._orig["all_reduce"] = orig_ar
         rec = self
 
-        def all_reduce(tensor, *args, **kwargs):
+        def all_reduce(tensor, *args, **kwargs):  # DDP's hooks and DeepSpeed's own reduction: not ours
             async_op = kwargs.get("async_op", args[2] if len(args) > 2 else False)
             return rec._note("all_reduce", tensor.numel() * tensor.element_size(), orig_ar, (tensor,) + args, kwargs,
                              async_op)
 
         dist.all_reduce = all_reduce
-        from ds_ext.comm import Communicator  # imports no DeepSpeed
-
-        orig_ag = Communicator._all_gather
-        self._orig["_all_gather"] = orig_ag
-
-        def _all_gather(comm, out, t, async_op, kind):
-            return rec._note("all_gather", t.numel() * t.element_size(), orig_ag, (comm, out, t, async_op, kind),
-                             {}, async_op)
-
-        Communicator._all_gather = _all_gather
+        self._remove = observe(self)
 
     def uninstall(self) -> None:
         import torch.distributed as dist
 
         if "all_reduce" in self._orig:
             dist.all_reduce = self._orig.pop("all_reduce")
-        if "_all_gather" in self._orig:
-            from ds_ext.comm import Communicator
-
-            Communicator._all_gather = self._orig.pop("_all_gather")
+        if self._remove is not None:
+            self._remove()
+            self._remove = None
 
     def take(self) -> List[list]:
         out, self.records = self.records, []

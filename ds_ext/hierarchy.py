@@ -282,14 +282,14 @@ def inner_problem(inner_cls) -> Optional[str]:
 
 
 def wrappable_reducers() -> List[str]:
-    """The registered reducers ``HierarchicalReducer`` can wrap (``inner_problem`` None), sorted."""
+    """The registered reducers ``HierarchicalReducer`` can wrap (``inner_problem``'s conditions), sorted."""
     from .registry import REDUCERS
 
-    def wrappable(cls) -> bool:  # inner_problem's conditions, without its messages (which name these reducers)
-        return (isinstance(cls, type) and issubclass(cls, Reducer) and cls.replaces_engine_allreduce
-                and cls.communicates_gradients and not cls.observes_microbatches)
+    def ok(c) -> bool:
+        return c.replaces_engine_allreduce and c.communicates_gradients and not c.observes_microbatches
 
-    return sorted(n for n in REDUCERS.names() if wrappable(REDUCERS.get(n).factory))
+    classes = {n: REDUCERS.get(n).factory for n in REDUCERS.names()}
+    return sorted(n for n, c in classes.items() if issubclass(c, Reducer) and ok(c))
 
 
 class HierarchicalReducer(Reducer):

@@ -12,6 +12,7 @@ from ds_ext.costmodel import model as cm
 from ds_ext.costmodel import project as pj
 from ds_ext.costmodel import presets as ps
 from benchmarks import hier as bh
+from ds_ext import meter
 from ds_ext.comm import Collective
 from ds_ext.hierarchy import HierarchicalAveraging, NodeCollective, hierarchical_collectives
 from ds_ext.registry import REDUCERS, SYNCS, load_builtin
@@ -160,7 +161,7 @@ def test_ring_arithmetic_and_windows():
     assert bh.kind_group("powersgd_p", 3, 4, 2, True) == [1, 3]
     assert bh.kind_group("zero_allgather", 3, 4, 2, True) == [0, 1, 2, 3]
     # ZeRO partitioned within the node (node_mpu): its all-gather is a node kind and never crosses hosts
-    assert "node_zero_allgather" in bh.NODE_KINDS and "node_zero_allgather" in bh.GATHER_KINDS
+    assert meter.kind_of("node_zero_allgather") == meter.Kind("all_gather", "ZeRO all-gather", "node")
     assert bh.kind_group("node_zero_allgather", 3, 4, 2, True) == [2, 3]
     assert bh.crossing("all_gather", 1000, bh.kind_group("node_zero_allgather", 1, 4, 2, True), 1, 2) == (0.0, 0.0)
     assert bh.kind_group("powersgd_p", 3, 4, 2, False) == [0, 1, 2, 3]
@@ -184,7 +185,7 @@ def _synthetic_run(name, method, mode, seed, parts, acc, kinds, host_tx, zero=0,
                 by_kind[k] = by_kind.get(k, 0) + b
             iface = [iface[0] + host_tx, iface[1] + host_tx, iface[2] + 2, iface[3] + 2]
             t += 0.05
-            colls = [["all_gather" if k in bh.GATHER_KINDS else "all_reduce", b, k,
+            colls = [[meter.kind_of(k).op or "all_reduce", b, k,
                       bh.kind_group(k, rank, 4, 2, mode == "hier")] for k, b in kinds.items()]
             steps.append({"step": i + 1, "t": t, "by_kind": dict(by_kind), "total": sum(by_kind.values()),
                           "iface": list(iface), "lo": [0, 0, 0, 0], "colls": colls})

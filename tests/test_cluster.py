@@ -121,9 +121,8 @@ def test_fit_recovers_known_constants_and_compression_scaling():
 
 def test_model_payloads_equal_the_real_meter_on_two_ranks():
     """The cost model's bytes per step = what the real reducers / synchronizers hand to collectives
-    (the communication meter), and the benchmark's kind -> collective mapping matches the calls."""
-    from benchmarks.cluster import GATHER_KINDS
-
+    (the communication meter), and the collective the meter records per kind (``CommMeter.ops``) matches the
+    calls."""
     kw = dict(rank=2, density=0.01, qsr_alpha=0.0, qsr_h_base=2, dssync_groups=1)
     methods = ["allreduce", "powersgd", "acpsgd", "topk", "exdyna", "signsgd", "local_qsr", "dssync"]
     res = harness.run(workers_cluster.payloads, 2, methods=methods, opts=kw, steps=2)
@@ -134,7 +133,8 @@ def test_model_payloads_equal_the_real_meter_on_two_ranks():
             got = rank_out[m]
             recs = got["colls"]
             assert sum(got["bytes"]) == sum(b for _, b, _ in recs), m  # meter == every collective's payload
-            gathered = sum(b for k, b in got["by_kind"].items() if k in GATHER_KINDS)
+            assert set(got["ops"]) == set(got["by_kind"]), m  # every metered kind names its collective
+            gathered = sum(b for k, b in got["by_kind"].items() if got["ops"][k] == "all_gather")
             assert gathered == sum(b for op, b, _ in recs if op == "all_gather"), m
             if m == "exdyna":  # data-dependent sizes: the structure, and the sizes the reducer reports
                 assert [r[0] for r in recs[:3]] == ["all_gather", "all_gather", "all_reduce"]
@@ -369,3 +369,50 @@ def test_down_leaves_nothing_behind(cluster3):
     assert not rt.exists()
     ssh_cfg = Path(os.path.expanduser("~root")) / ".ssh" / "config"
     assert not ssh_cfg.exists() or f"ds_ext cluster {CID} " not in ssh_cfg.read_text()
+
+
+def test_observer_sees_every_collective_and_the_meter_names_its_op():
+    """``ds_ext.comm.observe``: the benchmarks' recorders see each collective (op, kind, payload) and issue it
+    themselves; a communicator's own ``observer`` sits inside the process-wide ones. The meter records the op
+    each kind went through (``CommMeter.ops``) and ``meter.KINDS`` declares the rest."""
+    import threading
+
+    from ds_ext import comm as dcomm
+    from ds_ext import meter as dmeter
+    from ds_ext.testing import LoopbackWorld
+
+    seen, lock = [], threading.Lock()
+
+    def outer(c, op, kind, t, async_op, issue):
+        with lock:
+            seen.append(("outer", c.rank, op, kind, t.numel() * t.element_size(), async_op))
+        return issue()
+
+    def inner(c, op, kind, t, async_op, issue):
+        with lock:
+            seen.append(("inner", c.rank, op, kind))
+        return issue()
+
+    def body(c):
+        c.observer = inner
+        c.all_reduce(c.tensor([1.0, 2.0]), "param_allreduce")
+        c.all_gather(c.tensor([c.rank], dtype=torch.int64), "topk_indices")
+        c.all_reduce_mean(c.zeros(3), "node_mean", async_op=True).wait()
+        return dict(c.meter.ops)
+
+    remove = dcomm.observe(outer)
+    try:
+        ops = LoopbackWorld(2).run(body, meters=[dmeter.CommMeter(), dmeter.CommMeter()])
+    finally:
+        remove()
+    assert ops[0] == {"param_allreduce": "all_reduce", "topk_indices": "all_gather", "node_mean": "all_reduce"}
+    mine = [x for x in seen if x[1] == 0]
+    assert [x[0] for x in mine] == ["outer", "inner"] * 3
+    assert [x[2:] for x in mine if x[0] == "outer"] == [("all_reduce", "param_allreduce", 8, False),
+                                                         ("all_gather", "topk_indices", 8, False),
+                                                         ("all_reduce", "node_mean", 12, True)]
+    assert dmeter.kind_of("node_gather") == dmeter.Kind("all_gather", "inside nodes", "node")
+    assert dmeter.purpose_of("powersgd_p") == "gradient exchange" and dmeter.kind_of("zero_reduce").scope == "world"
+    m = dmeter.CommMeter()
+    m.add("zero_allgather", 10)            # DeepSpeed's own collective, metered without a Communicator
+    assert m.op_of("zero_allgather") == "all_gather" and m.op_of("unknown_kind") is None

@@ -159,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m ds_ext.costmodel", description=_model.__doc__.split("\n\n")[0],
                                  epilog="Fitting the constants on bench-cluster results and checking the model against "
                                         "measurements: python -m benchmarks.costmodel_fit (a checkout, not installed).")
-    ap.add_argument("--methods", default=None, help="comma list (default: all; with --hierarchical: the presets "
-                                                    "with a hierarchical mode and hierarchical_table, presets.hier_default_methods)")
+    ap.add_argument("--methods", default=None, help="comma list (default: all; with --hierarchical: "
+                                                    "presets.hier_default_methods)")
     ap.add_argument("--gpus", default=None, help="data-parallel ranks to project to (default 8,16,32,64; "
                                                  "with --hierarchical 16,32,64)")
     ap.add_argument("--bandwidth", default="1,10,100", help="link rates in Gbit/s")
@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "--image-size unless --readiness gives a measured profile")
     ap.add_argument("--readiness", default=None, metavar="FILE",
                     help="a measured readiness profile (JSON: ready, source, model; written by python -m "
-                         "benchmarks.costmodel_fit --overlap-from); used when it is --model's (implies --overlap launch)")
+                         "benchmarks.costmodel_fit --overlap-from); used when it is --model's (implies --overlap "
+                         "launch)")
     ap.add_argument("--image-size", type=int, default=224,
                     help="input size of the readiness estimate (--overlap launch)")
     ap.add_argument("--constants", default=None, metavar="FILE",
