@@ -23,7 +23,8 @@ Where the constants come from (the CLI prints its choice, with its source, befor
   bucket-sized messages; ``--alpha-us`` replaces it. ``eta`` = 0.932, the emulation's fit (gloo over TCP
   reached 93 % of the shaped link), kept for GPUs as an assumption (NCCL's tuning model likewise takes
   92 % of a ring's bus bandwidth for its LL128 protocol); ``--eta`` replaces it.
-* ``--fit [RESULTS]``: both constants fitted by weighted least squares (relative error) on the per-step
+* ``--constants FILE``, written by ``python -m benchmarks.costmodel_fit --fit [RESULTS]`` (a checkout's
+  ``benchmarks/``, not installed): both constants fitted by weighted least squares (relative error) on the per-step
   communication times of every method measured on N = 4 emulated hosts (``run/bench-cluster.sh``),
   then checked at N = 2, 3, 4; with no RESULTS and no ``runs/bench-cluster``, the fit recorded in the
   README (``EMULATION_FIT_CONSTANTS``: alpha 1212 us per hop, eta 0.932). That alpha is gloo/TCP
@@ -82,7 +83,7 @@ the backward pass. Two terms:
 
 * window (the default): up to ``backward_fraction`` (default 2/3) of the compute time is hidden; every other
   method communicates after backward;
-* launch (``--overlap launch``, ``--overlap-from BENCH_TRAIN_DIR``; ``overlap_step``, issue 19): each bucket /
+* launch (``--overlap launch``, ``--readiness FILE``; ``overlap.overlap_step``): each bucket /
   fusion group (``backward_schedule``) is launched when the last of its gradients is ready -- at the fraction of
   backward the readiness profile gives, measured by ``run/bench-train.sh`` (compute alone) or estimated from the
   layers' multiply-accumulates (``flop_ready_fractions``) -- and in order; the link serves launches one after
@@ -91,15 +92,16 @@ the backward pass. Two terms:
   What it adds to the window: the last bucket (the first layers' gradients) is ready only when backward ends, so
   it is never hidden; a bucket launched early can use the rest of backward, not a fixed share of compute; and
   work in the gradient hooks (copies, ACP-SGD's compression) lengthens the backward it hides behind.
-  ``train_check`` compares both terms with real training steps measured by ``run/bench-train.sh`` (2 emulated
-  hosts, ResNet-50, real backward), per method; ``--overlap-from`` prints that check before the projection.
+  ``benchmarks/costmodel_fit.py``'s ``train_check`` compares both terms with real training steps measured by
+  ``run/bench-train.sh`` (2 emulated hosts, ResNet-50, real backward), per method; ``python -m
+  benchmarks.costmodel_fit --overlap-from DIR`` prints that check and projects with the measured readiness.
 The bench-cluster measurements have no compute to overlap with, so their model check compares serial times.
 
 Inputs, not measurements: the compute time (default 30.5 ms, a ResNet-50 bf16 step at batch 64 on an
 H100) and the backward fraction. Compression times are the bench's measurements on this CPU
 (main-thread CPU time per step), fitted per method over the measured N: constant, except ``signsgd``
 (a + b N: it decodes N sign vectors) and ``exdyna`` (a + b / N: it scans 1/N of the gradient);
-``--compress-file`` / ``--compress-ms`` replace them (e.g. by GPU times). The CLI prints two
+``--compress-ms`` (or ``benchmarks.costmodel_fit --compress-file``) replaces them (e.g. by GPU times). The CLI prints two
 projections: A with those compression times, B with none (the bound a fast GPU implementation
 approaches). Deliberate simplifications, named: the network is a non-blocking switch (every host's
 link at BW, no contention between groups; in the flat projection every GPU is a host with its own link);
@@ -243,7 +245,7 @@ DEFAULT_CONSTANTS = Constants(alpha_s=NCCL_NET_ALPHA_S, eta=EMULATION_ETA,
 
 
 # The fit of the run recorded in the README (`sudo bash run/bench-cluster.sh` on this project's 2-core CPU
-# machine, gloo over TCP, N = 4 emulated hosts at 1 Gbit/s, 8 methods), used only with an explicit --fit when
+# machine, gloo over TCP, N = 4 emulated hosts at 1 Gbit/s, 8 methods), used only by ``benchmarks.costmodel_fit --fit`` when
 # there are no results to fit. Measured 2026-11-23 with 8 timed steps while other jobs kept the load average at
 # 5-9 on the 2 cores: the latency constant is mostly scheduling delay (see the README), not network latency.
 EMULATION_FIT_ALPHA_SOURCE = ("fitted on the CPU emulation: gloo/TCP software overhead and CPU scheduling delay on "

@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 @dataclass
 class MethodOptions:
-    """The settings the issue fixes (rank 4, density 0.001, one QSR period, 2 DS-Sync groups)."""
+    """The roster's settings (rank 4, density 0.001, one QSR period, 2 DS-Sync groups)."""
     rank: int = 4
     density: float = 0.001
     qsr_alpha: float = 0.0175      # the QSR ViT-B recipe's alpha ...
