@@ -7,7 +7,7 @@
 ``run`` (one process per emulated host, started by the DeepSpeed launcher through pdsh/ssh): every
 rank holds the gradient shapes of ``--model`` (ResNet-50: 25,557,032 fp32 values) filled with fixed
 random values (seeded by rank), builds each method's real reducer and synchronizer from the
-registries exactly as ``ds_ext.deepspeed.attach.attach`` does (``ds_ext.costmodel.model.method_specs``: allreduce,
+registries exactly as ``ds_ext.deepspeed.attach.attach`` does (``ds_ext.costmodel.presets.method_specs``: allreduce,
 powersgd rank 4, acpsgd rank 4, topk and exdyna at density 0.001, signsgd, local + QSR, dssync with
 2 groups) and drives them as the engine does at an accumulation boundary (``grad_ready`` for every
 parameter in reverse order, ``finish``, the synchronizer's ``before_step`` / ``after_step``, the

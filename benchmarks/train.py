@@ -17,7 +17,7 @@ initial weights:
   buckets launched during backward), ``powersgd`` rank 4, ``acpsgd`` rank 4, ``topk`` and ``exdyna`` at
   density 0.001, ``signsgd``, ``local_qsr`` (reducer ``none`` + ``local``, period ``qsr``, alpha 0.0175 at
   lr 0.008: H = 4; timed over whole periods), ``dssync`` (2 groups; needs 4 ranks) -- the settings of
-  ``ds_ext.costmodel.model.method_specs`` -- and ``deepspeed``: DeepSpeed's own ZeRO-0 reduction (one flat
+  ``ds_ext.costmodel.presets.method_specs`` -- and ``deepspeed``: DeepSpeed's own ZeRO-0 reduction (one flat
   all_reduce inside ``engine.backward``, after autograd);
 * with ``--ddp``: PyTorch ``DistributedDataParallel`` without DeepSpeed (the process group from
   ``torch.distributed.init_process_group("gloo")``; ``deepspeed`` is not imported while measuring, which the result
@@ -67,7 +67,7 @@ deliberate deviation, as in ``benchmarks.cluster``.
 Summaries (``summarize``): per rank the median over timed steps (``local_qsr``: the mean per step of each
 whole period, median over periods), then the mean over ranks; samples/s = world x batch / median step time.
 ``report`` merges the result files of one directory into ``table.md`` / ``results.json`` and runs the cost
-model's check (``ds_ext.costmodel.model.train_check``).
+model's check (``benchmarks.costmodel_fit.train_check``).
 """
 from __future__ import annotations
 
