@@ -301,3 +301,18 @@ def test_the_roster_accounts_for_every_registered_method():
     assert ps.SERIAL_TRAIN_METHODS == ("powersgd", "topk", "exdyna", "signsgd", "local_qsr", "dssync", "deepspeed",
                                        "ddp_powersgd")
     assert ps.label_of("local_qsr") == "Local SGD + QSR (H=4)" and ps.label_of("ddp_powersgd") == "DDP powerSGD_hook r4"
+
+
+def test_nothing_under_ds_ext_imports_benchmarks():
+    """Research tooling stays out of the package: no module under ds_ext/ imports benchmarks/ (lazily either)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "ds_ext"
+    bad = []
+    for f in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            bad += [f"{f.relative_to(root.parent)}: {n}" for n in names if n.split(".")[0] == "benchmarks"]
+    assert bad == []
