@@ -7,7 +7,7 @@
 ``run`` (one process per emulated host, started by the DeepSpeed launcher through pdsh/ssh): every
 rank holds the gradient shapes of ``--model`` (ResNet-50: 25,557,032 fp32 values) filled with fixed
 random values (seeded by rank), builds each method's real reducer and synchronizer from the
-registries exactly as ``ds_ext.deepspeed.attach.attach`` does (``ds_ext.costmodel.model.method_specs``: allreduce,
+registries exactly as ``ds_ext.deepspeed.attach.attach`` does (``ds_ext.costmodel.presets.method_specs``: allreduce,
 powersgd rank 4, acpsgd rank 4, topk and exdyna at density 0.001, signsgd, local + QSR, dssync with
 2 groups) and drives them as the engine does at an accumulation boundary (``grad_ready`` for every
 parameter in reverse order, ``finish``, the synchronizer's ``before_step`` / ``after_step``, the
@@ -55,28 +55,24 @@ from typing import Dict, List, Optional
 
 from ds_ext.comm import barrier as world_barrier
 from ds_ext.comm import world as comm_world
-from ds_ext.costmodel.model import (
-    ALL_METHODS, MethodOptions, applicable, method_specs, read_compress_file, wire_factor)
-
-# communication meter kinds -> the collective that carries them (for the interface comparison)
-GATHER_KINDS = ("topk_indices", "topk_values", "exdyna_counts", "exdyna_indices", "signsgd_bits", "signsgd_scales")
+from benchmarks.results import parse_rate, read_compress_file
+from ds_ext.costmodel.model import wire_factor
+from ds_ext.meter import kind_of
+from ds_ext.costmodel.presets import ALL_METHODS, MethodOptions, applicable, method_specs
 
 
 # ------------------------------------------------------------------------------ collective timer
 class CollectiveTimer:
-    """Wraps the communication layer's two data collectives (``ds_ext.comm.Communicator._all_reduce`` and
-    ``_all_gather``, through which every method's traffic passes): each call runs synchronously and is
-    timed; records (op, payload bytes, group size, seconds)."""
+    """Observes the communication layer's data collectives (``ds_ext.comm.observe``: every all_reduce and
+    all_gather of every method passes a ``Communicator``): each call runs synchronously and is timed; records
+    (op, payload bytes, group size, seconds)."""
 
-    OPS = ("_all_reduce", "_all_gather")
+    OPS = ("all_reduce", "all_gather")
 
     def __init__(self):
-        from ds_ext.comm import Communicator
-
-        self.cls = Communicator
-        self.orig = {name: getattr(Communicator, name) for name in self.OPS}
         self.active = False
         self.align = True
+        self._remove = None
         self.reset()
 
     def reset(self):
@@ -84,41 +80,34 @@ class CollectiveTimer:
         self.wall = 0.0
         self.cpu = 0.0
 
-    def _wrap(self, name):
-        orig = self.orig[name]
-        timer = self
-
-        def wrapper(comm, *args):
-            if not timer.active:
-                return orig(comm, *args)
-            args = list(args)
-            t = args[0] if name == "_all_reduce" else args[1]  # (t, op, async, kind) / (out, t, async, kind)
-            want_async = bool(args[2])
-            args[2] = True
-            nbytes = t.numel() * t.element_size()
-            if timer.align:  # untimed: every rank enters the collective together (see the docstring)
-                world_barrier()
-            t0, c0 = time.perf_counter(), time.thread_time()
-            work = orig(comm, *args)
-            if work is not None:
-                work.wait()
-            dt, dc = time.perf_counter() - t0, time.thread_time() - c0
-            timer.wall += dt
-            timer.cpu += dc
-            timer.records.append(("all_reduce" if name == "_all_reduce" else "all_gather", nbytes, comm.world_size, dt))
-            return work if want_async else None
-
-        return wrapper
+    def __call__(self, comm, op, kind, t, async_op, issue):
+        if not self.active or op not in self.OPS:
+            return issue()
+        nbytes = t.numel() * t.element_size()
+        if self.align:  # untimed: every rank enters the collective together (see the docstring)
+            world_barrier()
+        t0, c0 = time.perf_counter(), time.thread_time()
+        work = issue()
+        if work is not None:
+            work.wait()
+        dt, dc = time.perf_counter() - t0, time.thread_time() - c0
+        self.wall += dt
+        self.cpu += dc
+        self.records.append((op, nbytes, comm.world_size, dt))
+        return work
 
     def install(self):
-        for name in self.OPS:
-            setattr(self.cls, name, self._wrap(name))
+        from ds_ext.comm import observe
+
+        self._remove = observe(self)
 
     def uninstall(self):
-        for name, fn in self.orig.items():
-            setattr(self.cls, name, fn)
+        if self._remove is not None:
+            self._remove()
+            self._remove = None
 
 
+# ------------------------------------------------------------------------------ interface counters
 def iface_counters(name: Optional[str]) -> Optional[tuple]:
     """(tx_bytes, rx_bytes) of interface ``name`` in this process's network namespace."""
     if not name:
@@ -243,6 +232,7 @@ def run(args) -> int:
         per_method[m] = {"samples": samples, "period": period,
                          "meter_bytes_total": meter.total_bytes - meter_before,
                          "by_kind": {k: v - kinds_before.get(k, 0) for k, v in meter.by_kind.items()},
+                         "ops": dict(meter.ops),
                          "iface": None if c0 is None or c1 is None else [c1[0] - c0[0], c1[1] - c0[1]],
                          "stats": {k: float(v) for k, v in reducer.stats().items()
                                    if isinstance(v, (int, float))}}
@@ -272,18 +262,6 @@ def run(args) -> int:
     return 0
 
 
-def parse_rate(s: str) -> float:
-    """tc rate ('1gbit', '10gbit', '500mbit') -> bits per second; 0 for 'unlimited'/unknown."""
-    s = s.strip().lower()
-    for unit, mult in (("tbit", 1e12), ("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3), ("bit", 1.0)):
-        if s.endswith(unit):
-            try:
-                return float(s[: -len(unit)]) * mult
-            except ValueError:
-                break
-    return 0.0
-
-
 def summarize_method(method: str, ranks: List[dict], world: int) -> dict:
     """Median over timed steps (of the mean over ranks; the wall time: of the slowest rank); a period
     (QSR) is averaged per step. Interface bytes: mean over ranks, per step."""
@@ -309,7 +287,7 @@ def summarize_method(method: str, ranks: List[dict], world: int) -> dict:
     exp = 0.0
     for r in ranks:  # the meter's bytes of the timed steps, by kind
         for kind, b in r["by_kind"].items():
-            exp += b * wire_factor("all_gather" if kind in GATHER_KINDS else "all_reduce", g)
+            exp += b * wire_factor(r.get("ops", {}).get(kind) or kind_of(kind).op or "all_reduce", g)
     out["expected_wire_bytes"] = exp / len(ranks) / n
     out["records_wire_bytes"] = mean([sum(wire_factor(op, gs) * b for s in r["samples"] for op, b, gs, *_ in s["colls"])
                                       for r in ranks]) / n
@@ -363,7 +341,7 @@ def print_table(result: dict, compute_ms: float, gpu_compress: Dict[str, float])
 
 
 def report(args) -> int:
-    from ds_ext.costmodel.model import load_results
+    from benchmarks.results import load_results
 
     results = load_results(args.results)
     gpu = read_compress_file(args.compress_file) if args.compress_file else {}

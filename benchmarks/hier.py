@@ -17,10 +17,10 @@ trainer, without changing it:
   the wall clock, and this host's interface counters (``/sys/class/net/<GLOO_SOCKET_IFNAME>/statistics``:
   tx/rx bytes and packets; ``lo`` too). Both ranks of a host read the same ``eth0``, which counts only
   what leaves or enters the host (traffic between the two ranks of a host goes over loopback);
-* every collective of the communication layer (``Communicator._all_reduce`` / ``_all_gather``, through
-  which all of ds_ext's traffic passes, metered or control) is recorded with its payload and its
+* every all_reduce / all_gather of the communication layer (a ``ds_ext.comm.observe`` observer: all of
+  ds_ext's traffic passes a ``Communicator``, metered or control) is recorded with its payload and its
   group's ranks, so the bytes that must cross hosts can be computed from the real calls too;
-* ``ds_ext.trainer.setup.initialize`` is wrapped to keep the engine and its attachment, whose optimizer state is
+* ``ds_ext.deepspeed.attach.initialize`` is wrapped to keep the engine and its attachment, whose optimizer state is
   measured after the run (part c), with the ranks of ZeRO's data-parallel group(s) and the kind its parameter
   all-gather is metered under. The wrapper only calls the original, so everything ``initialize`` does inside
   stays as it is, in particular ``node_mpu``: a hierarchical reducer under ZeRO 1/2 gets ZeRO's
@@ -56,6 +56,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ds_ext.meter import kind_of
+
 # ---------------------------------------------------------------------------------------------- methods
 #: part (a)/(b) methods -> (reducer block, sync block) as YAML flow mappings; ``{H}`` is the hierarchical flag
 METHODS: Dict[str, Tuple[str, str]] = {
@@ -68,18 +70,10 @@ METHODS: Dict[str, Tuple[str, str]] = {
 }
 PART_A = tuple(METHODS)
 PART_B = ("powersgd", "topk")
-#: meter kinds whose collectives run inside a node (over its ranks only; nothing crosses hosts):
-#: hierarchical mode's intra-node steps and ZeRO 1/2's parameter all-gather when ZeRO is partitioned within
-#: the node (``ds_ext.deepspeed.zero.node_mpu``; ``ZeroBridge`` meters it as ``node_zero_allgather``)
-NODE_KINDS = ("node_mean", "node_gather", "node_zero_allgather")
-#: meter kinds carried by an all_gather (every other kind: an all_reduce)
-GATHER_KINDS = ("topk_indices", "topk_values", "exdyna_counts", "exdyna_indices", "signsgd_bits", "signsgd_scales",
-                "zero_allgather", "node_zero_allgather", "node_gather", "all_gather")
-#: kinds that run over the whole world even in hierarchical mode (ZeRO partitioned over all ranks: flat, or
-#: hierarchical with one rank per node; node-partitioned ZeRO is ``node_zero_allgather``, a node kind)
-WORLD_KINDS = ("zero_allgather", "zero_reduce")
-#: ZeRO's parameter all-gather, over all ranks or within the node
-ZERO_ALLGATHER_KINDS = ("zero_allgather", "node_zero_allgather")
+# a metered kind's collective, scope and purpose: ds_ext.meter.KINDS (node kinds run inside a node and never cross
+# hosts: hierarchical mode's intra-node steps and ZeRO 1/2's parameter all-gather when ZeRO is partitioned within the
+# node, ``node_zero_allgather``; world kinds run over every rank even in hierarchical mode); a method's own kinds:
+# the op its recorded collectives name
 FRAME_BYTES = 66  # per counted packet: Ethernet 14 + IPv4 20 + TCP 20 + timestamps option 12
 
 DEFAULTS = dict(rank=4, acp_rank=4, density=0.01, qsr_alpha=0.0175, qsr_h_base=4)
@@ -200,10 +194,11 @@ class _Recorder:
 
 
 def _install(rec: _Recorder):
-    """Patch the meter class, the communication layer's two data collectives and ``initialize``."""
+    """Patch the meter class and ``initialize``; observe the communication layer's data collectives
+    (``ds_ext.comm.observe``)."""
     from ds_ext.trainer import setup as eng
     from ds_ext import meter
-    from ds_ext.comm import Communicator
+    from ds_ext.comm import observe
 
     base = meter.CommMeter
 
@@ -214,17 +209,13 @@ def _install(rec: _Recorder):
             return b
 
     meter.CommMeter = RecordingMeter
-    orig_ar, orig_ag = Communicator._all_reduce, Communicator._all_gather
 
-    def _all_reduce(comm, t, op, async_op, kind):
-        rec.on_collective(comm, "all_reduce", t, kind)
-        return orig_ar(comm, t, op, async_op, kind)
+    def observer(comm, op, kind, t, async_op, issue):  # every Communicator's all_reduce / all_gather
+        if op != "broadcast":
+            rec.on_collective(comm, op, t, kind)
+        return issue()
 
-    def _all_gather(comm, out, t, async_op, kind):
-        rec.on_collective(comm, "all_gather", t, kind)
-        return orig_ag(comm, out, t, async_op, kind)
-
-    Communicator._all_reduce, Communicator._all_gather = _all_reduce, _all_gather
+    observe(observer)
     orig_init = eng.initialize
 
     def initialize(*a, **k):  # only observes: node_mpu etc. run inside the original, unchanged
@@ -356,12 +347,17 @@ def crossing(op: str, nbytes: float, members: Sequence[int], rank: int, local_si
     return (f if succ // local_size != host else 0.0), (f if pred // local_size != host else 0.0)
 
 
+def _node(kind: str) -> bool:
+    return kind_of(kind).scope == "node"
+
+
 def kind_group(kind: str, rank: int, world: int, local_size: int, hierarchical: bool) -> List[int]:
     """The ranks a metered kind's collective runs over (see the module docstring)."""
     node = rank // local_size
-    if kind in NODE_KINDS:
+    scope = kind_of(kind).scope
+    if scope == "node":
         return list(range(node * local_size, (node + 1) * local_size))
-    if hierarchical and kind not in WORLD_KINDS:
+    if hierarchical and scope != "world":
         j = rank % local_size
         return list(range(j, world, local_size))
     return list(range(world))
@@ -412,8 +408,9 @@ def analyze_rank(rec: dict, hierarchical: bool) -> dict:
                 out["coll_rx"] += rx
                 if kind is None:
                     out["control_bytes"] += nbytes
+    ops = {kind: op for s in steps for op, _, kind, _ in s["colls"] if kind is not None}
     for k, b in out["by_kind"].items():
-        op = "all_gather" if k in GATHER_KINDS else "all_reduce"
+        op = ops.get(k) or kind_of(k).op or "all_reduce"
         tx, rx = crossing(op, b, kind_group(k, rank, world, local, hierarchical), rank, local)
         out["meter_tx"] += tx
         out["meter_rx"] += rx
@@ -445,15 +442,15 @@ def analyze_run(ranks: List[dict]) -> dict:
             kinds[k] = kinds.get(k, 0.0) + b
     n = len(per)
     res["meter_by_kind_per_rank_step"] = {k: v / n / steps for k, v in sorted(kinds.items())}
-    cross_kinds = {k: v for k, v in kinds.items() if k not in NODE_KINDS}
+    cross_kinds = {k: v for k, v in kinds.items() if not _node(k)}
     res["meter_cross_per_rank_step"] = sum(cross_kinds.values()) / n / steps
-    res["meter_node_per_rank_step"] = sum(v for k, v in kinds.items() if k in NODE_KINDS) / n / steps
+    res["meter_node_per_rank_step"] = sum(v for k, v in kinds.items() if _node(k)) / n / steps
     hosts = []
     for h in range(r0["world"] // local):
         hp = [p for p in per if p["rank"] // local == h]
         first = hp[0]
         row = {"host": h + 1,
-               "meter_payload": sum(sum(v for k, v in p["by_kind"].items() if k not in NODE_KINDS) for p in hp) / steps,
+               "meter_payload": sum(sum(v for k, v in p["by_kind"].items() if not _node(k)) for p in hp) / steps,
                "meter_expected": sum(p["meter_tx"] + p["meter_rx"] for p in hp) / steps,
                "coll_expected": sum(p["coll_tx"] + p["coll_rx"] for p in hp) / steps,
                "control_bytes": sum(p["control_bytes"] for p in hp) / steps}
@@ -576,7 +573,7 @@ def zero_rows(runs: List[dict]) -> List[dict]:
         st = [m["optimizer_state_bytes"] for m in mem]
         ma = [m["fp32_master_bytes"] for m in mem]
         kinds = r.get("meter_by_kind_per_rank_step") or {}
-        zkinds = sorted(k for k in kinds if k in ZERO_ALLGATHER_KINDS)
+        zkinds = sorted(k for k in kinds if kind_of(k).purpose == "ZeRO all-gather")
         groups = [m["zero_dp_group_ranks"] for m in mem if m.get("zero_dp_group_ranks")]
         real = [g for m in mem for g in m.get("zero_real_dp_group_ranks") or []]
         row = {"name": r["name"], "mode": r["mode"], "zero": r["zero"], "ranks": len(mem),

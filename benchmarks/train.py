@@ -17,7 +17,7 @@ initial weights:
   buckets launched during backward), ``powersgd`` rank 4, ``acpsgd`` rank 4, ``topk`` and ``exdyna`` at
   density 0.001, ``signsgd``, ``local_qsr`` (reducer ``none`` + ``local``, period ``qsr``, alpha 0.0175 at
   lr 0.008: H = 4; timed over whole periods), ``dssync`` (2 groups; needs 4 ranks) -- the settings of
-  ``ds_ext.costmodel.model.method_specs`` -- and ``deepspeed``: DeepSpeed's own ZeRO-0 reduction (one flat
+  ``ds_ext.costmodel.presets.method_specs`` -- and ``deepspeed``: DeepSpeed's own ZeRO-0 reduction (one flat
   all_reduce inside ``engine.backward``, after autograd);
 * with ``--ddp``: PyTorch ``DistributedDataParallel`` without DeepSpeed (the process group from
   ``torch.distributed.init_process_group("gloo")``; ``deepspeed`` is not imported while measuring, which the result
@@ -44,9 +44,9 @@ Measured per step and rank (``time.perf_counter``; timed steps only, after ``--w
   ``post_accumulate_grad`` hook of any parameter: autograd's work is done), backward call returns, step
   returns (``engine.step()`` / ``optimizer.step()`` + ``zero_grad``); the main thread's CPU time
   (``time.thread_time``) of each phase and the process's (every thread: gloo's too);
-* every collective's launch and completion: ``torch.distributed.all_reduce`` (through which ds_ext's
-  all_reduces, DeepSpeed's reduction and both DDP hooks pass) and ds_ext's ``Communicator._all_gather``
-  are wrapped (the hooks themselves are not touched): launch = the call, completion = the work's future
+* every collective's launch and completion: ds_ext's all_reduces and all_gathers through the communication
+  layer's observer (``ds_ext.comm.observe``), DeepSpeed's reduction and both DDP hooks through a wrapped
+  ``torch.distributed.all_reduce`` (the hooks themselves are not touched): launch = the call, completion = the work's future
   completing (a callback on ``work.get_future()``), or the return of a synchronous call. Nothing is made
   synchronous and no barrier runs inside the timed steps (one untimed barrier after the warm-up, DeepSpeed
   launches only): the collectives run as the methods launch them, so a collective's time includes waiting for a
@@ -67,7 +67,7 @@ deliberate deviation, as in ``benchmarks.cluster``.
 Summaries (``summarize``): per rank the median over timed steps (``local_qsr``: the mean per step of each
 whole period, median over periods), then the mean over ranks; samples/s = world x batch / median step time.
 ``report`` merges the result files of one directory into ``table.md`` / ``results.json`` and runs the cost
-model's check (``ds_ext.costmodel.model.train_check``).
+model's check (``benchmarks.costmodel_fit.train_check``).
 """
 from __future__ import annotations
 
@@ -80,19 +80,17 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 from ds_ext.comm import barrier as world_barrier
 from ds_ext.comm import world as comm_world
-from ds_ext.costmodel.model import ALL_METHODS, MethodOptions, applicable, method_specs
+from benchmarks.results import merged, summarize_rank
+from benchmarks.train_report import compare, report, table_markdown
+from ds_ext.costmodel.presets import ALL_METHODS, DDP_METHODS, TRAIN_METHODS, MethodOptions, applicable, method_specs
 
-DS_METHODS = tuple(ALL_METHODS) + ("deepspeed",)
-DDP_METHODS = ("ddp_allreduce", "ddp_powersgd")
-METHODS = DS_METHODS + DDP_METHODS
-LABELS = {"allreduce": "S-SGD (allreduce)", "powersgd": "PowerSGD r4", "acpsgd": "ACP-SGD r4", "topk": "top-k 0.001",
-          "exdyna": "ExDyna 0.001", "signsgd": "EF-SignSGD", "local_qsr": "Local SGD + QSR (H=4)",
-          "dssync": "DS-Sync (2 groups)", "deepspeed": "DeepSpeed ZeRO-0 reduction",
-          "ddp_allreduce": "DDP allreduce_hook", "ddp_powersgd": "DDP powerSGD_hook r4"}
+#: ds_ext's methods (the presets and DeepSpeed's own reduction) and PyTorch DDP's hooks, from the one roster
+DS_METHODS = tuple(m for m in TRAIN_METHODS if m not in DDP_METHODS)
+METHODS = TRAIN_METHODS
 LR = 0.008           # the QSR recipe's peak LR: H = max(4, floor((0.0175 / 0.008)^2)) = 4
 MOMENTUM = 0.9
 DDP_START_POWERSGD_ITER = 2  # PyTorch's minimum with error feedback / warm start (its first 2 steps: allreduce)
@@ -151,14 +149,17 @@ def thread_masks() -> List[List[int]]:
 
 # ------------------------------------------------------------------------------------- collectives
 class CollectiveRecorder:
-    """Launch and completion times of every collective (module docstring): wraps ``torch.distributed.all_reduce``
-    and ds_ext's ``Communicator._all_gather`` (an all_reduce inside a wrapped call is not counted twice)."""
+    """Launch and completion times of every collective (module docstring): ds_ext's own through the communication
+    layer's observer (``ds_ext.comm.observe``), and DDP's and DeepSpeed's own reductions, which do not pass a
+    ``Communicator``, by wrapping ``torch.distributed.all_reduce`` (an all_reduce inside an observed call is not
+    counted twice)."""
 
     def __init__(self):
         self.records: List[list] = []   # [op, payload bytes, launch, completion (None until done)]
         self.active = False
         self._local = threading.local()
         self._orig = {}
+        self._remove = None
 
     def _note(self, op, nbytes, fn, args, kwargs, async_op):
         if not self.active or getattr(self._local, "inside", False):
@@ -187,62 +188,43 @@ class CollectiveRecorder:
         fut.add_done_callback(done)
         return work
 
+    def __call__(self, comm, op, kind, t, async_op, issue):
+        """The ``Communicator`` observer: ds_ext's all_reduce and all_gather calls (broadcasts are not recorded)."""
+        if op == "broadcast":
+            return issue()
+        return self._note(op, t.numel() * t.element_size(), issue, (), {}, async_op)
+
     def install(self) -> None:
         import torch.distributed as dist
+
+        from ds_ext.comm import observe  # imports no DeepSpeed
 
         orig_ar = dist.all_reduce
         self._orig["all_reduce"] = orig_ar
         rec = self
 
-        def all_reduce(tensor, *args, **kwargs):
+        def all_reduce(tensor, *args, **kwargs):  # DDP's hooks and DeepSpeed's own reduction: not ours
             async_op = kwargs.get("async_op", args[2] if len(args) > 2 else False)
             return rec._note("all_reduce", tensor.numel() * tensor.element_size(), orig_ar, (tensor,) + args, kwargs,
                              async_op)
 
         dist.all_reduce = all_reduce
-        from ds_ext.comm import Communicator  # imports no DeepSpeed
-
-        orig_ag = Communicator._all_gather
-        self._orig["_all_gather"] = orig_ag
-
-        def _all_gather(comm, out, t, async_op, kind):
-            return rec._note("all_gather", t.numel() * t.element_size(), orig_ag, (comm, out, t, async_op, kind),
-                             {}, async_op)
-
-        Communicator._all_gather = _all_gather
+        self._remove = observe(self)
 
     def uninstall(self) -> None:
         import torch.distributed as dist
 
         if "all_reduce" in self._orig:
             dist.all_reduce = self._orig.pop("all_reduce")
-        if "_all_gather" in self._orig:
-            from ds_ext.comm import Communicator
-
-            Communicator._all_gather = self._orig.pop("_all_gather")
+        if self._remove is not None:
+            self._remove()
+            self._remove = None
 
     def take(self) -> List[list]:
         out, self.records = self.records, []
         return out
 
 
-def union_length(intervals: Sequence[Sequence[float]], lo: float = float("-inf"), hi: float = float("inf")) -> float:
-    """Length of the union of [a, b] intervals clipped to [lo, hi]."""
-    iv = sorted((max(a, lo), min(b, hi)) for a, b in intervals if min(b, hi) > max(a, lo))
-    total, cur_a, cur_b = 0.0, None, None
-    for a, b in iv:
-        if cur_b is None or a > cur_b:
-            if cur_b is not None:
-                total += cur_b - cur_a
-            cur_a, cur_b = a, b
-        else:
-            cur_b = max(cur_b, b)
-    if cur_b is not None:
-        total += cur_b - cur_a
-    return total
-
-
-# ------------------------------------------------------------------------------------ the training loop
 class ReadyClock:
     """``post_accumulate_grad`` hooks on every parameter: when each gradient was ready (and the main thread's CPU
     time at the last one)."""
@@ -535,203 +517,6 @@ def bench(cfg: dict) -> Optional[dict]:
             "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
             "shapes": [list(p.shape) for p in build_model(cfg["model"], cfg["classes"]).parameters()],
             "ranks": gathered}
-
-
-# ------------------------------------------------------------------------------------------ summaries
-def step_values(smp: dict) -> dict:
-    """Per-step derived values (ms) of one sample."""
-    iv = [(c[2], c[3]) for c in smp["colls"]]
-    comm = union_length(iv)
-    hidden = union_length(iv, smp["t_fwd"], smp["t_ready"])
-    return {"step_ms": smp["t_end"], "fwd_ms": smp["t_fwd"], "bwd_ms": smp["t_ready"] - smp["t_fwd"],
-            "tail_ms": smp["t_end"] - smp["t_ready"], "comm_ms": comm, "hidden_ms": hidden,
-            "exposed_ms": comm - hidden, "cpu_bwd_ms": smp["cpu_bwd"], "cpu_tail_ms": smp["cpu_tail"],
-            "cpu_process_ms": smp["cpu_process"], "cpu_fwd_ms": smp["cpu_fwd"],
-            "payload_bytes": float(sum(c[1] for c in smp["colls"])), "collectives": float(len(smp["colls"])),
-            "other_fwd_ms": smp.get("other_fwd", 0.0), "other_bwd_ms": smp.get("other_bwd", 0.0),
-            "other_tail_ms": smp.get("other_tail", 0.0)}
-
-
-def summarize_rank(rec: dict) -> dict:
-    """Median over steps (whole periods: the mean per step of each period, median over periods)."""
-    period = rec["period"]
-    vals = [step_values(s) for s in rec["samples"]]
-    n = len(vals)
-    out = {}
-    for key in vals[0]:
-        col = [v[key] for v in vals]
-        chunks = [sum(col[j:j + period]) / len(col[j:j + period]) for j in range(0, n, period)]
-        out[key] = statistics.median(chunks)
-    tot_c = sum(v["comm_ms"] for v in vals)
-    out["hidden_frac"] = sum(v["hidden_ms"] for v in vals) / tot_c if tot_c > 0 else 0.0
-    out["mean_step_ms"] = sum(v["step_ms"] for v in vals) / n
-    # launch of each during-backward collective as a fraction of backward (median over steps, by index)
-    fr = []
-    for s in rec["samples"]:
-        b0, b1 = s["t_fwd"], s["t_ready"]
-        fr.append([(c[2] - b0) / (b1 - b0) for c in s["colls"] if b0 <= c[2] <= b1 and b1 > b0])
-    k = min((len(f) for f in fr), default=0)
-    out["launch_frac"] = [statistics.median(f[i] for f in fr) for i in range(k)] if period == 1 else []
-    return out
-
-
-def summarize(result: dict) -> Dict[str, dict]:
-    """Per method: the mean over ranks of each rank's summary; samples/s from the median step."""
-    out = {}
-    methods = [m for m in METHODS if all(m in r["methods"] for r in result["ranks"])]
-    for m in methods:
-        per = [summarize_rank(r["methods"][m]) for r in result["ranks"]]
-        s = {k: sum(p[k] for p in per) / len(per) for k in per[0] if k != "launch_frac"}
-        s["launch_frac"] = per[0]["launch_frac"]
-        s["samples_per_s"] = result["world"] * result["batch"] / (s["step_ms"] / 1e3)
-        s["info"] = result["ranks"][0]["methods"][m]["info"]
-        s["period"] = result["ranks"][0]["methods"][m]["period"]
-        out[m] = s
-    return out
-
-
-def alone_summary(result: dict, method: Optional[str] = None) -> dict:
-    """Compute alone, mean over ranks: the run's first measurement (with the readiness profile), or, for
-    ``method``, the one taken right before it (the readiness profile from the first)."""
-    first = [r["alone"] for r in result["ranks"]]
-    al = first
-    if method is not None and all("alone" in r["methods"].get(method, {}) for r in result["ranks"]):
-        al = [r["methods"][method]["alone"] for r in result["ranks"]]
-    keys = [k for k in al[0] if isinstance(al[0][k], (int, float))]
-    out = {k: sum(a[k] for a in al) / len(al) for k in keys}
-    n = len(first[0]["ready_frac"])
-    out["ready_frac"] = [sum(a["ready_frac"][i] for a in first) / len(first) for i in range(n)]
-    return out
-
-
-# ------------------------------------------------------------------------------------------ report
-def load_dir(path) -> List[dict]:
-    out = []
-    for f in sorted(Path(path).glob("*.json")):
-        try:
-            d = json.loads(f.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(d, dict) and d.get("kind") == "benchmarks.train":
-            d["_file"] = str(f)
-            out.append(d)
-    if not out:
-        raise SystemExit(f"no bench-train results in {path} (run: bash run/bench-train.sh)")
-    return out
-
-
-def merged(results: List[dict]) -> dict:
-    """The ds_ext and DDP files of one directory as one table: per method its summary and its file's compute
-    alone."""
-    rows: Dict[str, dict] = {}
-    for r in results:
-        for m, s in summarize(r).items():
-            rows[m] = dict(s, alone=alone_summary(r, m), file=Path(r["_file"]).name, world=r["world"],
-                           batch=r["batch"])
-    base = results[0]
-    return {"world": base["world"], "local_size": base["local_size"], "bandwidth": base["bandwidth"],
-            "model": base["model"], "image_size": base["image_size"], "batch": base["batch"], "steps": base["steps"],
-            "warmup": base["warmup"], "shapes": base["shapes"], "options": base["options"], "rows": rows,
-            "files": {Path(r["_file"]).name: {"ddp": r["ddp"], "deepspeed_imported": r["deepspeed_imported"],
-                                                "time": r["time"], "pinned": r["pinned"],
-                                                "cores": [x["core"] for x in r["ranks"]],
-                                                "masks": [x["masks"] for x in r["ranks"]]} for r in results}}
-
-
-def table_markdown(mg: dict, check: Optional[dict] = None) -> str:
-    rows = mg["rows"]
-    base = rows.get("allreduce")
-    al = (base or next(iter(rows.values()), {})).get("alone", {})
-    lines = [f"## End to end: {mg['world']} ranks ({mg['local_size']} per host), links {mg['bandwidth']}, "
-             f"{mg['model']} {mg['image_size']}x{mg['image_size']}, batch {mg['batch']}/rank, "
-             f"{mg['steps']} timed steps after {mg['warmup']} warm-up (medians)", "",
-             f"Compute alone (plain PyTorch, same core, no communication; measured right before S-SGD): forward "
-             f"{al.get('fwd_ms', 0):.0f} ms, backward {al.get('bwd_ms', 0):.0f} ms, optimizer "
-             f"{al.get('opt_ms', 0):.0f} ms = {al.get('step_ms', 0):.0f} ms/step.", ""]
-    d_ar, d_ps = rows.get("ddp_allreduce"), rows.get("ddp_powersgd")
-    if base is not None and al.get("step_ms"):
-        lines.append(f"S-SGD's communication (union of in-flight collectives) is {base['comm_ms']:.0f} ms per step = "
-                     f"{base['comm_ms'] / al['step_ms']:.2f}x its compute alone.")
-        lines.append("")
-    head = ("| method | samples/s | step ms | x S-SGD | x DDP allreduce_hook | x DDP powerSGD_hook | comm ms | "
-            "hidden behind backward ms | hidden % | exposed ms | backward ms | after backward ms | payload MB/step | "
-            "compute alone ms | step - compute alone ms |")
-    if check:
-        head += " model step ms | model err |"
-    lines += [head, "|" + "---|" * (head.count("|") - 1)]
-    for m in METHODS:
-        r = rows.get(m)
-        if r is None:
-            continue
-        ratio = lambda ref: f"{r['samples_per_s'] / ref['samples_per_s']:.2f}x" if ref else "-"  # noqa: E731
-        line = (f"| `{m}` {LABELS[m]} | {r['samples_per_s']:.2f} | {r['step_ms']:.0f} | {ratio(base)} | "
-                f"{ratio(d_ar)} | {ratio(d_ps)} | {r['comm_ms']:.0f} | {r['hidden_ms']:.0f} | "
-                f"{100 * r['hidden_frac']:.0f} % | "
-                f"{r['exposed_ms']:.0f} | {r['bwd_ms']:.0f} | {r['tail_ms']:.0f} | {r['payload_bytes'] / 1e6:.2f} | "
-                f"{r['alone'].get('step_ms', 0):.0f} | {r['step_ms'] - r['alone'].get('step_ms', 0):.0f} |")
-        if check:
-            c = check["rows"].get(m)
-            line += (f" {c['model_step_ms']:.0f} | {100 * c['err']:+.1f} % |" if c else " - | - |")
-        lines.append(line)
-    lines.append("")
-    lines.append("samples/s = ranks x batch / median step time; hidden = union of the in-flight intervals of the "
-                 "step's collectives inside [forward end, last gradient ready]; exposed = comm - hidden; local_qsr: "
-                 "per step averaged over each H-step period; compute alone = plain PyTorch forward + backward + "
-                 "optimizer on the same core right before the method (where it moves between rows, the machine's "
-                 "speed moved: compare 'step - compute alone').")
-    return "\n".join(lines)
-
-
-def report(args) -> int:
-    from ds_ext.costmodel.model import print_train_check, train_check
-
-    results = load_dir(args.dir)
-    mg = merged(results)
-    check = train_check(mg) if not args.no_check else None
-    md = table_markdown(mg, check)
-    print(md)
-    if check:
-        print()
-        print_train_check(check)
-    out = Path(args.dir)
-    (out / "table.md").write_text(md + "\n")
-    slim = {k: v for k, v in mg.items() if k != "shapes"}
-    for r in slim["rows"].values():
-        r["alone"] = {k: v for k, v in r["alone"].items() if k != "ready_frac"}
-    (out / "results.json").write_text(json.dumps({"merged": slim, "check": check}, indent=1, default=str))
-    print(f"# written: {out / 'table.md'}, {out / 'results.json'}")
-    return 0
-
-
-def compare_markdown(shaped: dict, unshaped: dict) -> str:
-    """Step time with the links shaped against unshaped (the same methods, both merged): the extra communication
-    shaping adds and how much of it reaches the step (the rest was hidden). Each step is taken above its own
-    compute alone (measured right before the method), so that a change of the machine's speed between the two
-    runs does not read as communication."""
-    lines = [f"## Shaping on ({shaped['bandwidth']}) vs off ({unshaped['bandwidth']}): step time above compute alone, "
-             f"and communication", "",
-             "| method | step - compute alone, ms, shaped | unshaped | added | comm ms shaped | unshaped | added | "
-             "hidden share of the added comm |", "|---|---|---|---|---|---|---|---|"]
-    for m in METHODS:
-        a, b = shaped["rows"].get(m), unshaped["rows"].get(m)
-        if a is None or b is None:
-            continue
-        oa = a["step_ms"] - a["alone"].get("step_ms", 0.0)
-        ob = b["step_ms"] - b["alone"].get("step_ms", 0.0)
-        ds, dc = oa - ob, a["comm_ms"] - b["comm_ms"]
-        hid = f"{100 * (1 - ds / dc):.0f} %" if dc > 50.0 else "- (added comm < 50 ms)"
-        lines.append(f"| `{m}` | {oa:.0f} | {ob:.0f} | {ds:+.0f} | {a['comm_ms']:.0f} | {b['comm_ms']:.0f} | "
-                     f"{dc:+.0f} | {hid} |")
-    lines += ["", "hidden share = 1 - (added step time above compute alone) / (added communication time): the part of "
-                  "the communication that shaping made longer without making the step longer (meaningful where "
-                  "shaping adds much communication: the full-gradient methods)."]
-    return "\n".join(lines)
-
-
-def compare(args) -> int:
-    md = compare_markdown(merged(load_dir(args.shaped)), merged(load_dir(args.unshaped)))
-    print(md)
-    return 0
 
 
 # ------------------------------------------------------------------------------------------ entry points

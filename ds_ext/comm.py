@@ -33,12 +33,13 @@ are in ``docs/dev/notes/process-groups.md``).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 
@@ -120,15 +121,41 @@ def _indexed(device: torch.device) -> torch.device:
     return device
 
 
+#: ``observer(comm, op, kind, tensor, async_op, issue)``: called in place of each collective of a communicator
+#: (``op``: all_reduce, all_gather or broadcast; ``tensor``: the payload this rank sends; ``kind``: its meter kind,
+#: None for control data); it must call ``issue()`` once and return its result (the backend's work handle with
+#: ``async_op``, else None). Benchmarks time and record collectives with it (``benchmarks/cluster.py``,
+#: ``benchmarks/train.py``).
+Observer = Callable[["Communicator", str, Optional[str], torch.Tensor, bool, Callable[[], Any]], Any]
+_OBSERVERS: List[Observer] = []
+
+
+def observe(observer: Observer) -> Callable[[], None]:
+    """Add a process-wide observer: every communicator's collectives (those built inside ``attach``, reducers and
+    synchronizers too) go through it. Returns the function that removes it again."""
+    _OBSERVERS.append(observer)
+
+    def remove() -> None:
+        if observer in _OBSERVERS:
+            _OBSERVERS.remove(observer)
+
+    return remove
+
+
 class Communicator:
     """Collectives over one process group, on one device, metered (see the module docstring)."""
 
     #: the most communicators ``subgroup`` keeps (each NCCL one holds GPU memory and threads)
     max_subgroups = 64
 
-    def __init__(self, group=None, device=None, meter=None, wire_dtype: Optional[torch.dtype] = None):
+    #: called around each of this communicator's collectives (``observe`` for the call; class default: none)
+    observer: Optional["Observer"] = None
+
+    def __init__(self, group=None, device=None, meter=None, wire_dtype: Optional[torch.dtype] = None,
+                 observer: Optional["Observer"] = None):
         self.group = group
         self.meter = meter
+        self.observer = observer
         self.device = _indexed(torch.device(device) if device is not None else default_device())
         self.wire_dtype = wire_dtype
         dist = _dist()
@@ -172,15 +199,15 @@ class Communicator:
         if not t.is_contiguous():
             raise ValueError(f"ds_ext.comm: tensor for {kind or 'control data'!r} is not contiguous")
 
-    def _count(self, kind: Optional[str], t: torch.Tensor) -> None:
+    def _count(self, kind: Optional[str], t: torch.Tensor, op: str) -> None:
         if kind is not None and self.meter is not None:
-            self.meter.add(kind, t.numel() * t.element_size())
+            self.meter.add(kind, t.numel() * t.element_size(), op=op)
 
-    def record(self, kind: str, nbytes: int) -> None:
+    def record(self, kind: str, nbytes: int, op: Optional[str] = None) -> None:
         """Traffic another layer sent for us (reducer ``deepspeed``: DeepSpeed's own allreduce, which
-        its comms logger sees directly), entered in the same meter."""
+        its comms logger sees directly), entered in the same meter (``op``: its collective, where known)."""
         if self.meter is not None:
-            self.meter.add(kind, nbytes)
+            self.meter.add(kind, nbytes, op=op)
 
     # -- collectives -----------------------------------------------------------------------------------
     def all_reduce(self, t: torch.Tensor, kind: Optional[str] = None, op: str = "sum", async_op: bool = False):
@@ -189,8 +216,9 @@ class Communicator:
             raise ValueError(f"ds_ext.comm: all_reduce op {op!r} for {kind or 'control data'!r}; allowed: "
                              f"{', '.join(_OPS)}")
         self._check(t, kind)
-        self._count(kind, t)
-        work = self._all_reduce(t, op, async_op, kind) if self.distributed else None
+        self._count(kind, t, "all_reduce")
+        work = (self._issue("all_reduce", kind, t, async_op, lambda: self._all_reduce(t, op, async_op, kind))
+                if self.distributed else None)
         return Handle(work, t) if async_op else t
 
     def all_reduce_mean(self, t: torch.Tensor, kind: Optional[str] = None, async_op: bool = False,
@@ -203,10 +231,10 @@ class Communicator:
         send = t
         if wire and self.distributed and self.wire_dtype is not None and self.wire_dtype != t.dtype:
             send = t.to(self.wire_dtype)
-        self._count(kind, send)  # what crosses the network
+        self._count(kind, send, "all_reduce")  # what crosses the network
         if not self.distributed:
             return Handle(None, t) if async_op else t
-        work = self._all_reduce(send, "sum", async_op, kind)
+        work = self._issue("all_reduce", kind, send, async_op, lambda: self._all_reduce(send, "sum", async_op, kind))
 
         def post():
             send.div_(n)
@@ -221,20 +249,20 @@ class Communicator:
     def all_gather(self, t: torch.Tensor, kind: Optional[str] = None, async_op: bool = False):
         """Every rank's ``t`` stacked: ``[world, *t.shape]`` (one ``all_gather_into_tensor``)."""
         self._check(t, kind)
-        self._count(kind, t)
+        self._count(kind, t, "all_gather")
         out = torch.empty((self.world_size,) + tuple(t.shape), dtype=t.dtype, device=t.device)
         if not self.distributed:
             out[0].copy_(t)
             return Handle(None, out) if async_op else out
-        work = self._all_gather(out, t, async_op, kind)
+        work = self._issue("all_gather", kind, t, async_op, lambda: self._all_gather(out, t, async_op, kind))
         return Handle(work, out) if async_op else out
 
     def broadcast(self, t: torch.Tensor, src: int = 0, kind: Optional[str] = None) -> torch.Tensor:
         """In place from group rank ``src``."""
         self._check(t, kind)
-        self._count(kind, t)
+        self._count(kind, t, "broadcast")
         if self.distributed:
-            self._broadcast(t, src, kind)
+            self._issue("broadcast", kind, t, False, lambda: self._broadcast(t, src, kind))
         return t
 
     def barrier(self) -> None:
@@ -304,6 +332,15 @@ class Communicator:
     def live_subgroups(self) -> int:
         return len(self._subgroups)
 
+    # -- observers ----------------------------------------------------------------------------------------
+    def _issue(self, op: str, kind: Optional[str], t: torch.Tensor, async_op: bool, issue: Callable[[], Any]):
+        """Run ``issue`` (the backend primitive) through the process-wide observers (``observe``, outermost first)
+        and then this communicator's own; returns what the primitive returned (its work, or None)."""
+        observers = _OBSERVERS + ([self.observer] if self.observer is not None else [])
+        for obs in reversed(observers):
+            issue = functools.partial(obs, self, op, kind, t, async_op, issue)
+        return issue()
+
     # -- backend primitives (deepspeed.comm); LoopbackComm overrides these ------------------------------
     def _all_reduce(self, t, op, async_op, kind):
         dc = _dscomm()
@@ -330,7 +367,8 @@ class Communicator:
         pg = dist.new_group(ranks) if t is None else dist.new_group(ranks, timeout=t)
         if self.rank not in key:
             return None
-        return Communicator(pg, device=self.device, meter=self.meter, wire_dtype=self.wire_dtype)
+        return Communicator(pg, device=self.device, meter=self.meter, wire_dtype=self.wire_dtype,
+                            observer=self.observer)
 
     def _destroy_subgroup(self, sub: Optional["Communicator"]) -> None:
         if sub is not None and sub.group is not None:

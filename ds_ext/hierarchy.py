@@ -272,13 +272,24 @@ def inner_problem(inner_cls) -> Optional[str]:
         return f"hierarchical: {name} is not a reducer class"
     if not inner_cls.replaces_engine_allreduce:
         return (f"hierarchical: {name} keeps DeepSpeed's own allreduce over the whole world; wrap a reducer that "
-                f"communicates itself (allreduce, powersgd, acpsgd, topk, exdyna, signsgd)")
+                f"communicates itself ({', '.join(wrappable_reducers())})")
     if not inner_cls.communicates_gradients:
         return (f"hierarchical: {name} exchanges no gradients; for local methods use HierarchicalAveraging in the "
                 f"synchronizer instead")
     if inner_cls.observes_microbatches:
         return f"hierarchical: {name} consumes every microbatch gradient over the whole world and cannot be sharded"
     return None
+
+
+def wrappable_reducers() -> List[str]:
+    """The registered reducers ``HierarchicalReducer`` can wrap (``inner_problem``'s conditions), sorted."""
+    from .registry import REDUCERS
+
+    def ok(c) -> bool:
+        return c.replaces_engine_allreduce and c.communicates_gradients and not c.observes_microbatches
+
+    classes = {n: REDUCERS.get(n).factory for n in REDUCERS.names()}
+    return sorted(n for n, c in classes.items() if issubclass(c, Reducer) and ok(c))
 
 
 class HierarchicalReducer(Reducer):

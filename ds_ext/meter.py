@@ -11,18 +11,47 @@ from __future__ import annotations
 import logging
 import re
 from collections import defaultdict
-from typing import Dict
+from dataclasses import dataclass
+from typing import Dict, Optional
 
 log = logging.getLogger(__name__)
 
 
-#: what a kind's bytes are for, where it is not the method's gradient exchange (a reducer's or an order's own
-#: kinds): ZeRO's collectives, hierarchical mode's intra-node traffic, a synchronizer's parameter averaging
-#: (``node_zero_allgather``: ZeRO partitioned within the node, hierarchical mode; inside nodes too), an order's
-#: balancing (``order_balance``: the D-GraB order's pair-difference all_gather, ``ds_ext/order/dgrab.py``)
-PURPOSES = {"zero_allgather": "ZeRO all-gather", "node_zero_allgather": "ZeRO all-gather", "zero_reduce": "ZeRO reduction",
-            "node_mean": "inside nodes", "node_gather": "inside nodes", "param_allreduce": "parameter averaging",
-            "order_balance": "order balancing"}
+@dataclass(frozen=True)
+class Kind:
+    """What a metered kind's bytes are: the collective that carries them, what they are for, and the ranks it runs
+    over (``scope``: ``node`` inside one node, ``world`` every rank, ``method`` the method's own group: the world,
+    or the cross-node group of this local rank in hierarchical mode)."""
+    op: Optional[str]
+    purpose: str
+    scope: str = "method"
+
+
+#: the one table of the kinds that are not a method's own gradient exchange: ZeRO's collectives, hierarchical mode's
+#: intra-node traffic, a synchronizer's parameter averaging (``node_zero_allgather``: ZeRO partitioned within the
+#: node, hierarchical mode), an order's balancing (``order_balance``: the D-GraB order's pair-difference all_gather,
+#: ``ds_ext/order/dgrab.py``). Every other kind is the method's gradient exchange (``EXCHANGE``), its op the one the
+#: ``Communicator`` call names (``CommMeter.op_of``).
+KINDS: Dict[str, Kind] = {
+    "zero_allgather": Kind("all_gather", "ZeRO all-gather", "world"),
+    "node_zero_allgather": Kind("all_gather", "ZeRO all-gather", "node"),
+    "zero_reduce": Kind("all_reduce", "ZeRO reduction", "world"),
+    "node_mean": Kind("all_reduce", "inside nodes", "node"),
+    "node_gather": Kind("all_gather", "inside nodes", "node"),
+    "param_allreduce": Kind("all_reduce", "parameter averaging"),
+    "order_balance": Kind("all_gather", "order balancing"),
+}
+EXCHANGE = Kind(None, "gradient exchange")
+
+
+def kind_of(kind: str) -> Kind:
+    """A metered kind's properties (``KINDS``; any other kind: the method's gradient exchange)."""
+    return KINDS.get(kind, EXCHANGE)
+
+
+def purpose_of(kind: str) -> str:
+    """What a kind's bytes are for, e.g. ``"parameter averaging"`` (the trainer names its byte totals with it)."""
+    return kind_of(kind).purpose
 
 
 def purpose_key(purpose: str) -> str:
@@ -39,11 +68,19 @@ class CommMeter:
         self.steps = 0
         self.by_kind: Dict[str, int] = defaultdict(int)
         self.last_step_bytes = 0
+        #: kind -> the collective its calls went through, as the ``Communicator`` named it
+        self.ops: Dict[str, str] = {}
 
-    def add(self, kind: str, nbytes: int, calls: int = 1) -> None:
+    def add(self, kind: str, nbytes: int, calls: int = 1, op: Optional[str] = None) -> None:
         self.step_bytes += int(nbytes)
         self.step_calls += calls
         self.by_kind[kind] += int(nbytes)
+        if op is not None:
+            self.ops[kind] = op
+
+    def op_of(self, kind: str) -> Optional[str]:
+        """The collective that carried ``kind``: as metered, else as ``KINDS`` declares it (None: unknown)."""
+        return self.ops.get(kind) or kind_of(kind).op
 
     def end_step(self) -> int:
         """Close one optimizer step; returns the bytes of that step."""
@@ -57,10 +94,10 @@ class CommMeter:
         return b
 
     def by_purpose(self, exchange: str = "gradient exchange") -> Dict[str, int]:
-        """Bytes grouped by what they were for (``PURPOSES``; every other kind under ``exchange``)."""
+        """Bytes grouped by what they were for (``KINDS``; every other kind under ``exchange``)."""
         out: Dict[str, int] = defaultdict(int)
         for kind, n in self.by_kind.items():
-            out[PURPOSES.get(kind, exchange)] += n
+            out[KINDS[kind].purpose if kind in KINDS else exchange] += n
         return dict(out)
 
     def state_dict(self) -> dict:

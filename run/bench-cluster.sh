@@ -88,7 +88,7 @@ rep=("$PY" -m benchmarks.cluster report "$OUT" --compute-ms "$COMPUTE")
 [ -n "$CFILE" ] && rep+=(--compress-file "$CFILE")
 "${rep[@]}"
 echo
-cm=("$PY" -m ds_ext.costmodel --fit "$OUT" --compute-ms "$COMPUTE" --png "$OUT/projection.png" --csv "$OUT/projection.csv")
+cm=("$PY" -m benchmarks.costmodel_fit --fit "$OUT" --compute-ms "$COMPUTE" --png "$OUT/projection.png" --csv "$OUT/projection.csv")
 [ -n "$CFILE" ] && cm+=(--compress-file "$CFILE")
 "${cm[@]}"
 say "done (results in $OUT)"

@@ -16,7 +16,7 @@
 # 3. --unshaped: the same two launches again with the links unshaped (run/cluster.sh shape unlimited), in
 #    OUT/unshaped/, for the with/without-shaping comparison of step times;
 # 4. python -m benchmarks.train report OUT (OUT/table.md, OUT/results.json; the cost model's check of its
-#    overlap term against the measurement) and python -m ds_ext.costmodel --overlap-from OUT (16-64 GPUs,
+#    overlap term against the measurement) and python -m benchmarks.costmodel_fit --overlap-from OUT (16-64 GPUs,
 #    OUT/projection.txt).
 # The cluster is removed on exit, also after a failure. --report-only redoes step 4 from OUT.
 set -euo pipefail
@@ -69,7 +69,7 @@ fi
 
 report() {
   "$PY" -m benchmarks.train report "$OUT"
-  "$PY" -m ds_ext.costmodel --overlap-from "$OUT" --gpus 16,32,64 --png '' > "$OUT/projection.txt" \
+  "$PY" -m benchmarks.costmodel_fit --overlap-from "$OUT" --gpus 16,32,64 --png '' > "$OUT/projection.txt" \
     || say "the cost model's projection failed (table without it)"
   say "projection (16-64 GPUs, overlap from this run): $OUT/projection.txt"
 }

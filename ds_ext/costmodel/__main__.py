@@ -1,3 +1,5 @@
-from .model import main
+import sys
 
-raise SystemExit(main())
+from .project import main
+
+sys.exit(main())

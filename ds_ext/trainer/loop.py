@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from . import checkpoint as ckpt
 from . import faults
 from ..comm import Communicator, gather_objects
-from .setup import initialize
+from . import setup
 from ..meter import CommMeter, purpose_key
 from ..registry import DATASETS, MODELS, ORDERS
 from ..stop_signals import ignore_stop_signals
@@ -192,7 +192,7 @@ class Trainer:
         self._choose_checkpoint()
         self._build()
         self.meter = CommMeter()
-        self.engine, self.att, self.schedule = initialize(self.recipe, self.model, self.steps_per_epoch, self.meter,
+        self.engine, self.att, self.schedule = setup.initialize(self.recipe, self.model, self.steps_per_epoch, self.meter,
                                                           order=self.order)
         _seed_all(self.t.seed + 1 + self.rank)  # per-rank stream for dropout / augmentation
         self.p0 = next(self.engine.module.parameters())

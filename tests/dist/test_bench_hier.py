@@ -9,19 +9,22 @@ import math
 import pytest
 
 from ds_ext.costmodel import model as cm
+from ds_ext.costmodel import project as pj
+from ds_ext.costmodel import presets as ps
 from benchmarks import hier as bh
+from ds_ext import meter
 from ds_ext.comm import Collective
 from ds_ext.hierarchy import HierarchicalAveraging, NodeCollective, hierarchical_collectives
 from ds_ext.registry import REDUCERS, SYNCS, load_builtin
 
 SHAPES = [(32, 16, 3, 3), (32,), (64, 512), (64,), (10, 64), (10,)]   # a small CNN-like parameter list
-OPTS = cm.MethodOptions(rank=2, density=0.01)
+OPTS = ps.MethodOptions(rank=2, density=0.01)
 
 
 def _inner_collectives(method, n, g, local_rank=None):
     """``ds_ext.hierarchy``'s own description of a hierarchical step (not through the cost model)."""
     load_builtin()
-    rname, ropts, sname, sopts = cm.method_specs(OPTS)[method]
+    rname, ropts, sname, sopts = ps.method_specs(OPTS)[method]
     if rname != "none":
         e = REDUCERS.get(rname)
         return hierarchical_collectives(e.factory, SHAPES, n, g, e.options(**ropts), local_rank=local_rank,
@@ -104,7 +107,7 @@ def test_flat_term_is_the_flat_model_and_one_node_runs_inside_it():
 
 def test_costmodel_cli_hierarchical_table(tmp_path, capsys):
     csv = tmp_path / "h.csv"
-    assert cm.main(["--hierarchical", "--model", "digits_cnn", "--bandwidth", "1,100", "--png", "",
+    assert pj.main(["--hierarchical", "--model", "digits_cnn", "--bandwidth", "1,100", "--png", "",
                     "--csv", str(csv)]) == 0
     out = capsys.readouterr().out
     assert "flat vs hierarchical (node-aware): 8 GPUs per node, 1 network link(s)" in out
@@ -113,7 +116,7 @@ def test_costmodel_cli_hierarchical_table(tmp_path, capsys):
     assert rows[0].startswith("bandwidth_gbit,gpus,nodes,method,")
     assert len(rows) == 1 + 2 * 3 * 6  # 2 rates x 16/32/64 GPUs x 6 methods
     assert {r.split(",")[1] for r in rows[1:]} == {"16", "32", "64"}
-    assert cm.main(["--hierarchical", "--gpus", "12", "--png", ""]) == 2  # not a multiple of 8 per node
+    assert pj.main(["--hierarchical", "--gpus", "12", "--png", ""]) == 2  # not a multiple of 8 per node
     assert "not a multiple of --gpus-per-node 8" in capsys.readouterr().err
 
 
@@ -158,7 +161,7 @@ def test_ring_arithmetic_and_windows():
     assert bh.kind_group("powersgd_p", 3, 4, 2, True) == [1, 3]
     assert bh.kind_group("zero_allgather", 3, 4, 2, True) == [0, 1, 2, 3]
     # ZeRO partitioned within the node (node_mpu): its all-gather is a node kind and never crosses hosts
-    assert "node_zero_allgather" in bh.NODE_KINDS and "node_zero_allgather" in bh.GATHER_KINDS
+    assert meter.kind_of("node_zero_allgather") == meter.Kind("all_gather", "ZeRO all-gather", "node")
     assert bh.kind_group("node_zero_allgather", 3, 4, 2, True) == [2, 3]
     assert bh.crossing("all_gather", 1000, bh.kind_group("node_zero_allgather", 1, 4, 2, True), 1, 2) == (0.0, 0.0)
     assert bh.kind_group("powersgd_p", 3, 4, 2, False) == [0, 1, 2, 3]
@@ -182,7 +185,7 @@ def _synthetic_run(name, method, mode, seed, parts, acc, kinds, host_tx, zero=0,
                 by_kind[k] = by_kind.get(k, 0) + b
             iface = [iface[0] + host_tx, iface[1] + host_tx, iface[2] + 2, iface[3] + 2]
             t += 0.05
-            colls = [["all_gather" if k in bh.GATHER_KINDS else "all_reduce", b, k,
+            colls = [[meter.kind_of(k).op or "all_reduce", b, k,
                       bh.kind_group(k, rank, 4, 2, mode == "hier")] for k, b in kinds.items()]
             steps.append({"step": i + 1, "t": t, "by_kind": dict(by_kind), "total": sum(by_kind.values()),
                           "iface": list(iface), "lo": [0, 0, 0, 0], "colls": colls})

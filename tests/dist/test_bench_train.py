@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import costmodel_fit as fit
 from ds_ext.costmodel import model as cm
+from ds_ext.costmodel import presets as ps
+from benchmarks import results as bench_results
 from benchmarks import train as bt
 from tests.harness import run
 
@@ -28,7 +31,7 @@ def test_ddp_baseline_hooks_are_pytorchs_own_functions():
     hook, state = bt.ddp_hook("ddp_powersgd", rank=4)
     assert hook is powerSGD_hook.powerSGD_hook and type(state) is powerSGD_hook.PowerSGDState
     # the same rank and compression rule as our powersgd; PyTorch's smallest start with error feedback / warm start
-    ours = cm.method_specs(cm.MethodOptions())["powersgd"][1]
+    ours = ps.method_specs(ps.MethodOptions())["powersgd"][1]
     assert state.matrix_approximation_rank == ours["rank"] == 4
     assert state.min_compression_rate == 2 and state.use_error_feedback and state.warm_start
     assert state.start_powerSGD_iter == bt.DDP_START_POWERSGD_ITER == 2
@@ -37,9 +40,9 @@ def test_ddp_baseline_hooks_are_pytorchs_own_functions():
 
 
 def test_union_length():
-    assert bt.union_length([(0, 2), (1, 3), (5, 6)]) == 4
-    assert bt.union_length([(0, 2), (1, 3), (5, 6)], 1.5, 5.5) == 2.0
-    assert bt.union_length([]) == 0
+    assert bench_results.union_length([(0, 2), (1, 3), (5, 6)]) == 4
+    assert bench_results.union_length([(0, 2), (1, 3), (5, 6)], 1.5, 5.5) == 2.0
+    assert bench_results.union_length([]) == 0
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +70,7 @@ def test_driver_runs_on_two_local_ranks(local_result, tmp_path):
                 for op, nbytes, a, d in s["colls"]:
                     assert op in ("all_reduce", "all_gather") and nbytes > 0 and 0 <= a <= d <= s["t_end"] + 1e-6
     # every method's gradients went through a collective during or after backward; ours launch during backward
-    rows = bt.summarize(res)
+    rows = bench_results.summarize(res)
     assert set(rows) == set(METHODS)
     for m, row in rows.items():
         assert row["samples_per_s"] > 0 and row["comm_ms"] > 0 and 0 <= row["hidden_ms"] <= row["comm_ms"] + 1e-9
@@ -100,7 +103,7 @@ def test_driver_runs_on_two_local_ranks(local_result, tmp_path):
     assert set(out["merged"]["rows"]) == set(METHODS)
     # the check needs a link rate: the same result labelled 500mbit is checked for every method
     res_500 = dict(res, bandwidth="500mbit", _file=str(tmp_path / "ds.json"))
-    check = cm.train_check(bt.merged([res_500]))
+    check = fit.train_check(bench_results.merged([res_500]))
     assert set(check["rows"]) == set(METHODS) and check["eta"] > 0
     for m, x in check["rows"].items():
         assert x["model_step_ms"] > 0 and math.isfinite(x["err"])

@@ -24,6 +24,9 @@ import pytest
 import torch
 
 from ds_ext.costmodel import model as cm
+from benchmarks import costmodel_fit as fit
+from ds_ext.costmodel import presets as ps
+from benchmarks import results as bench_results
 from tests import harness
 from tests.e2e import workers_cluster
 
@@ -35,7 +38,7 @@ SHAPES = [(8, 4), (8,), (16, 2, 2, 2)]          # 32 + 8 + 128 = 168 values, 672
 
 
 def colls(method, n=4, **kw):
-    return [(c.op, c.nbytes, c.group, c.calls) for c in cm.collectives(method, SHAPES, n, cm.MethodOptions(**kw))]
+    return [(c.op, c.nbytes, c.group, c.calls) for c in cm.collectives(method, SHAPES, n, ps.MethodOptions(**kw))]
 
 
 # ------------------------------------------------------------------------------ formulas by hand
@@ -69,11 +72,11 @@ def test_method_payloads_by_hand():
     assert colls("signsgd") == [("all_gather", 21, 4, 1.0), ("all_gather", 12, 4, 1.0)]
     # Local SGD with H = max(3, floor((0 / lr)^2)) = 3: the parameters once every 3 steps
     assert colls("local_qsr", qsr_h_base=3, qsr_alpha=0.0) == [("all_reduce", 672, 4, 1 / 3)]
-    assert cm.MethodOptions().qsr_h == 4  # the QSR ViT-B recipe at peak LR: floor((0.0175/0.008)^2) = 4
+    assert ps.MethodOptions().qsr_h == 4  # the QSR ViT-B recipe at peak LR: floor((0.0175/0.008)^2) = 4
     # DS-Sync: the parameters inside groups of N / G
     assert colls("dssync", n=8, dssync_groups=2) == [("all_reduce", 672, 4, 1.0)]
-    assert cm.applicable("dssync", 3, cm.MethodOptions()) is not None
-    assert cm.applicable("dssync", 4, cm.MethodOptions()) is None
+    assert ps.applicable("dssync", 3, ps.MethodOptions()) is not None
+    assert ps.applicable("dssync", 4, ps.MethodOptions()) is None
 
 
 def test_resnet50_payloads_match_the_compression_benchmark():
@@ -96,43 +99,43 @@ def test_step_time_overlap_by_hand():
 def test_fit_recovers_known_constants_and_compression_scaling():
     truth = cm.Constants(alpha_s=2.5e-4, eta=0.8)
     pts = []
-    for m in cm.ALL_METHODS:
+    for m in ps.ALL_METHODS:
         for n in (2, 4):
-            c = cm.collectives(m, SHAPES, n, cm.MethodOptions(density=0.1))
+            c = cm.collectives(m, SHAPES, n, ps.MethodOptions(density=0.1))
             t = cm.comm_seconds(c, 1e9, truth)
             if t > 0:
                 pts.append((c, 1e9, t))
-    got = cm.fit_constants(pts)
+    got = fit.fit_constants(pts)
     assert math.isclose(got.alpha_s, truth.alpha_s, rel_tol=1e-9) and math.isclose(got.eta, truth.eta, rel_tol=1e-9)
     # the latency constant is never negative: data with no latency at all fits alpha = 0
-    zero = cm.fit_constants([(c, 1e9, cm.comm_seconds(c, 1e9, cm.Constants(0.0, 0.5))) for c, _, _ in pts])
+    zero = fit.fit_constants([(c, 1e9, cm.comm_seconds(c, 1e9, cm.Constants(0.0, 0.5))) for c, _, _ in pts])
     assert zero.alpha_s == 0.0 and math.isclose(zero.eta, 0.5, rel_tol=1e-9)
     # compression: signsgd a + b N, exdyna a + b / N, others constant
-    s = cm.fit_compression("signsgd", [(2, 16.0), (3, 19.0), (4, 22.0)])
+    s = fit.fit_compression("signsgd", [(2, 16.0), (3, 19.0), (4, 22.0)])
     assert (s.form, round(s.a, 9), round(s.b, 9)) == ("linear", 10.0, 3.0) and math.isclose(s.at(64), 202.0)
-    e = cm.fit_compression("exdyna", [(2, 14.0), (4, 12.0)])
+    e = fit.fit_compression("exdyna", [(2, 14.0), (4, 12.0)])
     assert (e.form, round(e.a, 9), round(e.b, 9)) == ("inverse", 10.0, 8.0)
-    assert cm.fit_compression("powersgd", [(2, 80.0), (4, 90.0)]) == cm.Compression("constant", 85.0, 0.0)
-    assert cm.fit_compression("topk", [(2, 30.0), (4, 10.0)]).form == "constant"  # no negative slope
-    assert cm.fit_compression("signsgd", [(4, 7.0)]) == cm.Compression("constant", 7.0, 0.0)
+    assert fit.fit_compression("powersgd", [(2, 80.0), (4, 90.0)]) == ps.Compression("constant", 85.0, 0.0)
+    assert fit.fit_compression("topk", [(2, 30.0), (4, 10.0)]).form == "constant"  # no negative slope
+    assert fit.fit_compression("signsgd", [(4, 7.0)]) == ps.Compression("constant", 7.0, 0.0)
 
 
 def test_model_payloads_equal_the_real_meter_on_two_ranks():
     """The cost model's bytes per step = what the real reducers / synchronizers hand to collectives
-    (the communication meter), and the benchmark's kind -> collective mapping matches the calls."""
-    from benchmarks.cluster import GATHER_KINDS
-
+    (the communication meter), and the collective the meter records per kind (``CommMeter.ops``) matches the
+    calls."""
     kw = dict(rank=2, density=0.01, qsr_alpha=0.0, qsr_h_base=2, dssync_groups=1)
     methods = ["allreduce", "powersgd", "acpsgd", "topk", "exdyna", "signsgd", "local_qsr", "dssync"]
     res = harness.run(workers_cluster.payloads, 2, methods=methods, opts=kw, steps=2)
     shapes = cm.model_shapes("digits_cnn")
-    opts = cm.MethodOptions(**kw)
+    opts = ps.MethodOptions(**kw)
     for rank_out in res:
         for m in methods:
             got = rank_out[m]
             recs = got["colls"]
             assert sum(got["bytes"]) == sum(b for _, b, _ in recs), m  # meter == every collective's payload
-            gathered = sum(b for k, b in got["by_kind"].items() if k in GATHER_KINDS)
+            assert set(got["ops"]) == set(got["by_kind"]), m  # every metered kind names its collective
+            gathered = sum(b for k, b in got["by_kind"].items() if got["ops"][k] == "all_gather")
             assert gathered == sum(b for op, b, _ in recs if op == "all_gather"), m
             if m == "exdyna":  # data-dependent sizes: the structure, and the sizes the reducer reports
                 assert [r[0] for r in recs[:3]] == ["all_gather", "all_gather", "all_reduce"]
@@ -147,7 +150,7 @@ def test_model_payloads_equal_the_real_meter_on_two_ranks():
 
 # ---------------------------------------------------------------------------------- plumbing
 def _result(world, bw_bits, comm, compress, shapes):
-    opts = cm.MethodOptions()
+    opts = ps.MethodOptions()
     return {"kind": "benchmarks.cluster", "world": world, "bw_bits": bw_bits, "bandwidth": "1gbit",
             "model": "digits_cnn", "numel": sum(cm._numel(s) for s in shapes), "shapes": shapes, "steps": 4,
             "warmup": 1, "options": opts.__dict__,
@@ -163,13 +166,13 @@ def test_costmodel_cli_fits_checks_and_projects(tmp_path):
     shapes = [list(s) for s in cm.model_shapes("digits_cnn")]
     truth = cm.Constants(alpha_s=3e-4, eta=0.9)
     for world in (2, 4):
-        opts = cm.MethodOptions()
+        opts = ps.MethodOptions()
         comm = {m: 1e3 * cm.comm_seconds(cm.collectives(m, shapes, world, opts), 1e9, truth)
                 for m in ("allreduce", "powersgd", "signsgd")}
         compress = {"allreduce": 1.0, "powersgd": 5.0, "signsgd": 2.0 + 0.5 * world}
         (tmp_path / f"N{world}.json").write_text(json.dumps(_result(world, 1e9, comm, compress, shapes)))
     csv, png = tmp_path / "p.csv", tmp_path / "p.png"
-    r = subprocess.run([sys.executable, "-m", "ds_ext.costmodel", "--fit", str(tmp_path), "--model", "digits_cnn",
+    r = subprocess.run([sys.executable, "-m", "benchmarks.costmodel_fit", "--fit", str(tmp_path), "--model", "digits_cnn",
                         "--methods", "powersgd,signsgd", "--gpus", "8,64", "--bandwidth", "1,100",
                         "--csv", str(csv), "--png", str(png)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -187,7 +190,7 @@ def test_costmodel_cli_fits_checks_and_projects(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "ds_ext.costmodel", "--methods", "allreduce,gossip"],
                          capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "--methods: unknown gossip" in bad.stderr and "Traceback" not in bad.stderr
-    missing = subprocess.run([sys.executable, "-m", "ds_ext.costmodel", "--fit", str(tmp_path / "nope")],
+    missing = subprocess.run([sys.executable, "-m", "benchmarks.costmodel_fit", "--fit", str(tmp_path / "nope")],
                              capture_output=True, text=True, cwd=ROOT)
     assert missing.returncode != 0 and "nope: no such file" in missing.stderr and "Traceback" not in missing.stderr
 
@@ -206,10 +209,10 @@ def test_report_prints_ratios_to_allreduce_and_reads_gpu_compression(tmp_path, c
     f.write_text("# resnet50: ... device cpu, torch\nmethod ms/step\ncopy 37.7 1.00\nallreduce 52.6 1.39\n"
                  "# resnet50: ... device cuda:0 (NVIDIA H100), torch\nmethod ms/step\ncopy 0.9 1.00\n"
                  "allreduce 1.2 1.3\npowersgd 3.4 3.7\nacpsgd 2.5 2.7\n")
-    assert cm.read_compress_file(str(f)) == {"allreduce": 1.2, "powersgd": 3.4, "acpsgd": 2.5}
+    assert bench_results.read_compress_file(str(f)) == {"allreduce": 1.2, "powersgd": 3.4, "acpsgd": 2.5}
     (tmp_path / "cpu.txt").write_text("# device cpu\nallreduce 52.6 1.39\n")
     with pytest.raises(SystemExit, match="no CUDA rows"):
-        cm.read_compress_file(str(tmp_path / "cpu.txt"))
+        bench_results.read_compress_file(str(tmp_path / "cpu.txt"))
 
 
 def test_cluster_script_checks_its_arguments_before_anything_else():
@@ -367,3 +370,50 @@ def test_down_leaves_nothing_behind(cluster3):
     assert not rt.exists()
     ssh_cfg = Path(os.path.expanduser("~root")) / ".ssh" / "config"
     assert not ssh_cfg.exists() or f"ds_ext cluster {CID} " not in ssh_cfg.read_text()
+
+
+def test_observer_sees_every_collective_and_the_meter_names_its_op():
+    """``ds_ext.comm.observe``: the benchmarks' recorders see each collective (op, kind, payload) and issue it
+    themselves; a communicator's own ``observer`` sits inside the process-wide ones. The meter records the op
+    each kind went through (``CommMeter.ops``) and ``meter.KINDS`` declares the rest."""
+    import threading
+
+    from ds_ext import comm as dcomm
+    from ds_ext import meter as dmeter
+    from ds_ext.testing import LoopbackWorld
+
+    seen, lock = [], threading.Lock()
+
+    def outer(c, op, kind, t, async_op, issue):
+        with lock:
+            seen.append(("outer", c.rank, op, kind, t.numel() * t.element_size(), async_op))
+        return issue()
+
+    def inner(c, op, kind, t, async_op, issue):
+        with lock:
+            seen.append(("inner", c.rank, op, kind))
+        return issue()
+
+    def body(c):
+        c.observer = inner
+        c.all_reduce(c.tensor([1.0, 2.0]), "param_allreduce")
+        c.all_gather(c.tensor([c.rank], dtype=torch.int64), "topk_indices")
+        c.all_reduce_mean(c.zeros(3), "node_mean", async_op=True).wait()
+        return dict(c.meter.ops)
+
+    remove = dcomm.observe(outer)
+    try:
+        ops = LoopbackWorld(2).run(body, meters=[dmeter.CommMeter(), dmeter.CommMeter()])
+    finally:
+        remove()
+    assert ops[0] == {"param_allreduce": "all_reduce", "topk_indices": "all_gather", "node_mean": "all_reduce"}
+    mine = [x for x in seen if x[1] == 0]
+    assert [x[0] for x in mine] == ["outer", "inner"] * 3
+    assert [x[2:] for x in mine if x[0] == "outer"] == [("all_reduce", "param_allreduce", 8, False),
+                                                         ("all_gather", "topk_indices", 8, False),
+                                                         ("all_reduce", "node_mean", 12, True)]
+    assert dmeter.kind_of("node_gather") == dmeter.Kind("all_gather", "inside nodes", "node")
+    assert dmeter.purpose_of("powersgd_p") == "gradient exchange" and dmeter.kind_of("zero_reduce").scope == "world"
+    m = dmeter.CommMeter()
+    m.add("zero_allgather", 10)            # DeepSpeed's own collective, metered without a Communicator
+    assert m.op_of("zero_allgather") == "all_gather" and m.op_of("unknown_kind") is None

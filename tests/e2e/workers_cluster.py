@@ -10,7 +10,7 @@ def payloads(rank, world, model="digits_cnn", methods=(), opts=None, steps=2):
     return, per method: the meter's bytes per step, its bytes by kind, the recorded collectives
     ``(op, payload bytes, group size)`` of all steps in order, and the reducer's stats."""
     from benchmarks.cluster import CollectiveTimer, build_method, drive_step
-    from ds_ext.costmodel.model import MethodOptions
+    from ds_ext.costmodel.presets import MethodOptions
     from ds_ext.meter import CommMeter
     from ds_ext.registry import MODELS, load_builtin
 
@@ -36,7 +36,7 @@ def payloads(rank, world, model="digits_cnn", methods=(), opts=None, steps=2):
                 timer.active = True
                 per_step.append(drive_step(reducer, sync, params, meter))
                 timer.active = False
-            out[m] = {"bytes": per_step, "by_kind": dict(meter.by_kind),
+            out[m] = {"bytes": per_step, "by_kind": dict(meter.by_kind), "ops": dict(meter.ops),
                       "colls": [list(r[:3]) for r in timer.records],
                       "stats": {k: float(v) for k, v in reducer.stats().items() if isinstance(v, (int, float))}}
     finally:
