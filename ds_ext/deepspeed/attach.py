@@ -71,7 +71,7 @@ class Attachment:
     (``Reducer.observes_microbatches``, ``Reducer.uses_kernels``, ``Order.observes_gradients``).
 
     ``method``: the reducer's name in messages (default: its class name). ``topology``: the node layout
-    (``hierarchy.Topology``) in hierarchical mode, else None: ZeRO may then be partitioned within the node,
+    (``topology.Topology``) in hierarchical mode, else None: ZeRO may then be partitioned within the node,
     and a local step's node exchange shares the non-finite verdict over the node's ranks."""
 
     def __init__(self, engine, reducer, sync, comm: Communicator, check_every: int = 0, order=None,
@@ -389,7 +389,8 @@ def attach(engine, method: Union[None, Dict[str, Any], Any] = None, meter: Optio
     hier_reducer, hier_sync = bool(getattr(ropts, "hierarchical", False)), bool(getattr(sopts, "hierarchical", False))
     topology = hierarchy = None
     if hier_reducer or hier_sync:  # node layout from the launcher, checked by every rank (collective)
-        from ..hierarchy import HierarchicalAveraging, Topology, build_hierarchical
+        from ..hierarchy import HierarchicalAveraging, build_hierarchical
+        from ..topology import Topology
 
         topology = Topology.from_env(comm)
     if hier_reducer:

@@ -79,7 +79,7 @@ class ZeroBridge(StepHook):
 
     def __init__(self, engine, comm: Communicator, replace: bool = True, topology=None):
         """``replace=False`` (reducer ``deepspeed``): ZeRO keeps its own reduction; only ``record()`` is used.
-        ``topology`` (a hierarchical reducer's ``hierarchy.Topology``): ZeRO's group may also be this rank's
+        ``topology`` (a hierarchical reducer's ``topology.Topology``): ZeRO's group may also be this rank's
         node (``node_mpu``), which makes the bridge node-partitioned (class docstring)."""
         self.engine, self.opt, self.comm, self.replace = engine, engine.optimizer, comm, replace
         self.node_partitioned, self.kind, self._save_flags = False, "zero_allgather", None
@@ -255,7 +255,7 @@ class NodeMPU:
 
 def node_mpu(comm: Optional[Communicator] = None) -> Optional[NodeMPU]:
     """Collective (every rank, before ``deepspeed.initialize``): a ``NodeMPU`` over this rank's node, from
-    the launcher's ``LOCAL_RANK`` / ``LOCAL_SIZE`` (``hierarchy.Topology.from_env``, checked on every rank).
+    the launcher's ``LOCAL_RANK`` / ``LOCAL_SIZE`` (``topology.Topology.from_env``, checked on every rank).
     None where node partitioning means nothing: one node (ZeRO's default group is the node already) or one
     rank per node (no partition at all; ZeRO then partitions over every rank, as without hierarchical mode).
     For an own loop: ``deepspeed.initialize(..., mpu=node_mpu(), config=cfg)`` with ``cfg``'s
@@ -264,7 +264,7 @@ def node_mpu(comm: Optional[Communicator] = None) -> Optional[NodeMPU]:
     checks that every node starts alike; seed the model alike on every rank), and the sampler of its
     ``training_data=`` loader splits the data over one node's ranks (every node would read the same shard:
     build your own loader over all ranks, as the ds_ext trainer does)."""
-    from ..hierarchy import Topology
+    from ..topology import Topology
 
     comm = comm or Communicator()
     topo = Topology.from_env(comm)

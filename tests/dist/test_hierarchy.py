@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from ds_ext.testing import LoopbackWorld
-from ds_ext.hierarchy import (
-    HierarchicalAveraging, HierarchicalReducer, NodeCollective, Topology, balanced_shards, build_hierarchical,
-    cross_node_bytes, hierarchical_collectives, inner_problem, intra_node_bytes, layout_problem, shard_params)
+from ds_ext.hierarchy import (HierarchicalAveraging, HierarchicalReducer, NodeCollective, build_hierarchical,
+                              cross_node_bytes, hierarchical_collectives, inner_problem, intra_node_bytes)
+from ds_ext.topology import Topology, balanced_shards, layout_problem, shard_params
 from ds_ext.meter import CommMeter
 from ds_ext.registry import REDUCERS, load_builtin
 from tests import harness

@@ -49,7 +49,7 @@ def reference(name: str, options: dict, shapes, node_grads, local_size: int, dty
     reverse order, then ``finish``). Returns
     ``{"applied": [node][t] {i: grad}, "state": [node][shard], "bytes": [node][shard] by_kind}``."""
     from ds_ext.testing import LoopbackWorld
-    from ds_ext.hierarchy import shard_params
+    from ds_ext.topology import shard_params
     from ds_ext.meter import CommMeter
     from ds_ext.registry import REDUCERS, load_builtin
 
@@ -90,7 +90,8 @@ def hier_loopback(name: str, options: dict, shapes, grads, local_size: int, flat
     ``grads[t][rank]``; per rank: applied gradients per step, inner state, meter kinds, local rank. With
     ``flat_too`` the flat method runs next to it on the same gradients (its own parameters and meter)."""
     from ds_ext.testing import LoopbackWorld
-    from ds_ext.hierarchy import Topology, build_hierarchical
+    from ds_ext.hierarchy import build_hierarchical
+    from ds_ext.topology import Topology
     from ds_ext.meter import CommMeter
     from ds_ext.registry import REDUCERS
 
