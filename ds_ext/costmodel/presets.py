@@ -110,6 +110,26 @@ NOT_MODELLED: Dict[Tuple[str, str], str] = {
     ("order", "*"): "a data order changes which samples a step sees; the model prices gradient and parameter traffic",
 }
 
+
+
+def declared_presets() -> Dict[str, Preset]:
+    """Presets a reducer declares on its class (``preset``: a dict with ``label``, optionally ``options`` and
+    ``overlaps_backward``), so a new method is modelled and benchmarked without an edit here. Its built-in
+    compression time is unmeasured until a preset here records one: 0 ms, and the label says so."""
+    from ..registry import REDUCERS
+
+    out = {}
+    for name in REDUCERS.names():
+        decl = getattr(REDUCERS.get(name).factory, "preset", None)
+        if name in PRESETS or not decl:
+            continue
+        label = f"{decl['label']} (compression not measured)"
+        out[name] = Preset(label, label, name, "none", lambda o, opts=dict(decl.get("options", {})): (opts, {}),
+                           Compression("constant", 0.0), overlaps_backward=bool(decl.get("overlaps_backward")))
+    return out
+
+
+PRESETS.update(declared_presets())
 LABELS: Dict[str, str] = {m: p.label for m, p in PRESETS.items()}
 ALL_METHODS: Tuple[str, ...] = tuple(PRESETS)
 OVERLAPS_BACKWARD = {m for m, p in PRESETS.items() if p.overlaps_backward}

@@ -44,6 +44,9 @@ class HalfOptions(AllreduceOptions):
 class HalfReducer(AllreduceReducer):
     """Half-precision gradient allreduce (DDP's fp16/bf16 compress hooks), bucketed, during backward."""
 
+    #: what the cost model prices and the benchmarks run (ds_ext/costmodel/presets.py ``declared_presets``)
+    preset = {"label": "fp16 allreduce", "options": {"dtype": "fp16"}, "overlaps_backward": True}
+
     def __init__(self, named_params, options: HalfOptions, **kw):
         self.wire = _DTYPES[options.dtype]
         super().__init__(named_params, options, **kw)

@@ -9,6 +9,8 @@ and log the event with the step and the rank. With ``nonfinite=raise`` every ran
 import pytest
 import torch
 
+from tests.roster import exchanging_reducers
+
 from tests import harness
 from tests.dist import workers_nonfinite as wn
 
@@ -30,6 +32,9 @@ SYNCED = [  # (label, method, order, precision, gas): gradients averaged every s
     ("topk-zero2", {"reducer": {"name": "topk", "density": 0.05}}, None, "bf16", 2, 2),
     ("cdgrab-zero1", {"reducer": "cdgrab"}, "cdgrab", "fp32", 2, 1),
 ]
+# every other reducer with its own exchange (the registry's, tests/roster.py) once, with its defaults
+SYNCED += [(n, {"reducer": {"name": n}}, None, "fp32", 1) for n in exchanging_reducers()
+           if n not in {case[0] for case in SYNCED}]
 LOCAL = [  # parameter averaging: step 3 is a local step (averaging after steps 2, 4, 6)
     ("local", {"reducer": "none", "sync": {"name": "local", "h": 2}}, None, "fp32", 1),
     ("dssync", {"reducer": "none", "sync": {"name": "dssync", "groups": 1, "h": 2}}, None, "fp32", 1),

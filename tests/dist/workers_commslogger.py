@@ -20,15 +20,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-REDUCERS = {
-    "allreduce": {"name": "allreduce"},
-    "powersgd": {"name": "powersgd", "start_powerSGD_iter": 0},
-    "acpsgd": {"name": "acpsgd"},
-    "topk": {"name": "topk"},
-    "exdyna": {"name": "exdyna"},
-    "signsgd": {"name": "signsgd"},
-    "deepspeed": {"name": "deepspeed"},
-}
+from tests.roster import exchanging_reducers
+
+#: every reducer with its own exchange (the registry's), plus DeepSpeed's own as the control
+REDUCERS = {**{n: {"name": n} for n in exchanging_reducers()},
+            "powersgd": {"name": "powersgd", "start_powerSGD_iter": 0}, "deepspeed": {"name": "deepspeed"}}
 
 
 def _engine(world: int, micro: int = 8):

@@ -3,17 +3,21 @@ from __future__ import annotations
 
 import torch
 
+from tests.roster import exchanging_reducers
+
 from .workers import flat_params, make_engine, train_steps
 
-#: every gradient reducer, with options small enough for the tiny model (tests/workers.tiny_model)
-REDUCERS = {
-    "allreduce": {"name": "allreduce", "bucket_mb": 0.002},
-    "powersgd": {"name": "powersgd", "matrix_approximation_rank": 2, "start_powerSGD_iter": 2},
-    "acpsgd": {"name": "acpsgd", "rank": 2},
-    "topk": {"name": "topk", "density": 0.1},
-    "exdyna": {"name": "exdyna", "density": 0.1},
-    "signsgd": {"name": "signsgd"},
+#: options small enough for the tiny model (tests/dist/workers.tiny_model), where a method's defaults are not
+SMALL = {
+    "allreduce": {"bucket_mb": 0.002},
+    "powersgd": {"matrix_approximation_rank": 2, "start_powerSGD_iter": 2},
+    "acpsgd": {"rank": 2},
+    "topk": {"density": 0.1},
+    "exdyna": {"density": 0.1},
+    "half": {"bucket_mb": 0.002},
 }
+#: every gradient reducer with its own exchange (the registry's, tests/roster.py)
+REDUCERS = {n: {"name": n, **SMALL.get(n, {})} for n in exchanging_reducers()}
 
 
 def zero_vs_stage0(rank, world, reducers, stages=(1, 2), precisions=("fp32",), steps=10, gas=1, clip=0.0,

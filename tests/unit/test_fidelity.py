@@ -275,7 +275,7 @@ def test_rank_takes_both_names_on_both_low_rank_reducers():
             REDUCERS.validated(name, {"rank": 2, "matrix_approximation_rank": 3})
 
 
-@pytest.mark.parametrize("reducer", ["powersgd", "topk", "exdyna", "signsgd"])
+@pytest.mark.parametrize("reducer", [n for n in REDUCERS.names() if "error_feedback" in REDUCERS.get(n).options.model_fields])
 def test_use_error_feedback_is_accepted_wherever_error_feedback_is(reducer):
     assert REDUCERS.validated(reducer, {"use_error_feedback": False}).error_feedback is False
     assert REDUCERS.get(reducer).options.field_of("use_error_feedback") == "error_feedback"

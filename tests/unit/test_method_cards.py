@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from ds_ext import methods
+from ds_ext.reducers.base import error_feedback_reducers
 from ds_ext.registry import MethodView
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -174,7 +175,7 @@ def test_dgrab_drops_each_ranks_remainder():
     assert o.shard_size == 51 and steps == 25 and o.dropped_examples == 1 and "not used" in note
 
 
-@pytest.mark.parametrize("reducer", ["powersgd", "acpsgd", "topk", "exdyna", "signsgd"])
+@pytest.mark.parametrize("reducer", error_feedback_reducers())
 def test_fp16_dynamic_loss_scaling(reducer):
     view = MethodView(names={"reducer": reducer, "sync": "none", "order": "rr"},
                       deepspeed={"fp16": {"enabled": True}})
