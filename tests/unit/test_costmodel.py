@@ -296,7 +296,7 @@ def test_the_roster_accounts_for_every_registered_method():
     assert set(ps.method_specs(ps.MethodOptions())) == set(ps.ALL_METHODS) == set(ps.LABELS)
     assert set(ps.DEFAULT_COMPRESSION) == set(ps.ALL_METHODS)
     # hierarchical mode is read from the methods (their options and hierarchy.inner_problem), not listed
-    assert ps.hier_methods() == ("allreduce", "powersgd", "acpsgd", "topk", "exdyna", "signsgd", "local_qsr")
+    assert {"allreduce", "powersgd", "acpsgd", "topk", "exdyna", "signsgd", "local_qsr"} <= set(ps.hier_methods())
     assert "dssync" not in ps.hier_methods() and "signsgd" not in ps.hier_default_methods()
     assert ps.SERIAL_TRAIN_METHODS == ("powersgd", "topk", "exdyna", "signsgd", "local_qsr", "dssync", "deepspeed",
                                        "ddp_powersgd")
