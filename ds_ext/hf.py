@@ -1,37 +1,9 @@
 """Hugging Face ``transformers.Trainer`` and Accelerate: ds_ext's methods on the DeepSpeed engine they build.
 
-Install the optional extra (``pip install 'ds_ext[hf]'``: transformers, accelerate). The method goes in the
-``ds_ext`` block of the ordinary DeepSpeed config the Trainer is given (the schema of a recipe's ``method``
-section; ``ds_ext.spec.method_section`` validates it with the recipe's messages)::
-
-    ds_config = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
-                 "gradient_accumulation_steps": "auto", "zero_optimization": {"stage": 1},
-                 "ds_ext": {"reducer": {"name": "powersgd", "rank": 4}}}
-    trainer = Trainer(model=model, args=TrainingArguments(..., deepspeed=ds_config), ...)
-    callback = ds_ext.hf.attach_to_trainer(trainer)     # attaches when training begins
-    trainer.train()
-    callback.attachment.meter                            # the bytes it sent
-
-``attach_to_trainer`` calls ``ds_ext.attach(engine)`` (which reads the ``ds_ext`` block, or the ``method``
-given here) as soon as the Trainer's accelerator has built the DeepSpeed engine, before the Trainer loads a
-checkpoint to resume from, and adds a ``TrainerCallback`` that checks it when training begins. The Trainer's own loop then drives the engine: Accelerate's
-``DeepSpeedEngineWrapper.backward`` marks the accumulation boundary, calls ``engine.backward`` and, at the
-boundary, ``engine.step``, which is the attachment's. The Trainer's checkpoints go through
-``engine.save_checkpoint`` / ``load_checkpoint``, which keep every rank's method state while attached
-(``ds_ext/deepspeed/attach.py: Attachment.save_checkpoint``), so ``resume_from_checkpoint`` resumes the methods too.
-
-Accelerate users with their own loop: after ``accelerator.prepare(model, optimizer, ...)``,
-``attach_accelerator(accelerator)`` attaches to ``accelerator.deepspeed_engine_wrapped.engine``.
-
-What cannot work here, refused with the reason (``hf_problem``): a data order other than ``rr``
-(``dgrab`` reorders the examples, so it must own the sampler, and the Trainer / Accelerate build their
-own data loader; and D-GraB sees every micro-batch gradient through ``engine.step``, which Accelerate
-calls only at accumulation boundaries) and reducer ``cdgrab`` (it needs the ``cdgrab`` order). Use the
-ds_ext trainer (``python -m ds_ext.train``) for those.
-
-Without a GPU (tests, this CPU machine) Accelerate does not pair DeepSpeed with a CPU-only process group;
-``cpu_deepspeed_state()`` sets Accelerate's state up with gloo first and returns the ``TrainingArguments``
-keyword that makes the Trainer use it. On GPUs it is not needed.
+``attach_to_trainer(trainer)`` (a Trainer) and ``attach_accelerator(accelerator)`` (an own Accelerate loop) attach
+the ``ds_ext`` block of the DeepSpeed config; ``hf_problem`` refuses what cannot work there (a data order other than
+``rr``, reducer ``cdgrab``); ``cpu_deepspeed_state()`` makes it run without a GPU. How to use it, what is checkpointed
+and what is refused, with the reasons: ``docs/guide/huggingface.md``.
 """
 from __future__ import annotations
 

@@ -1,58 +1,7 @@
 """Node-aware ("hierarchical") communication: exact averaging inside a node, the method's compressed
 exchange only between nodes, every rank of a node carrying a share of it.
 
-A cluster has several GPUs per node on fast links and a slow network between nodes. In hierarchical
-mode, per optimizer step:
-
-1. **node mean** (kind ``node_mean``): the ranks of a node average all their gradients exactly, one
-   fused fp32 ``all_reduce_mean`` over the node's communicator. The node then acts as one worker with
-   a node-sized batch.
-2. **cross-node exchange**: the parameters are split among the node's local ranks
-   (``shard_params``: balanced by numel, the same split on every node); local rank j runs the wrapped
-   method (any ``ds_ext/reducers`` reducer that communicates gradients itself:
-   ``wrappable_reducers()``) on shard j, over the communicator of
-   the ranks with local rank j on every node (``Topology.cross_members``). Each local rank carries
-   1/local_size of the cross-node traffic, so no rank idles. The method's kinds (``powersgd_p``, ...)
-   are metered unchanged: they are the cross-node bytes.
-3. **node gather** (kind ``node_gather``): one fused ``all_gather`` inside the node of every local
-   rank's shard result (padded to the largest shard), unpacked into every parameter's ``p.grad``.
-
-Ranks end bit-identical: ranks with the same local rank on different nodes hold the same shard result
-(the wrapped method's own guarantee) and the node gather copies bits.
-
-Layout: ``ds_ext/topology.py`` (node-major ranks from the launcher's variables, checked at attach; the
-node and cross-node communicators).
-
-Deliberate choices, named:
-
-* **No overlap with backward.** ``grad_ready`` does nothing (except with one rank per node, where
-  it forwards to the wrapped method, which then overlaps as it does alone): the node mean needs every
-  gradient. The wrapped method's ``grad_ready`` calls are replayed in ``finish()`` in the order
-  backward produces gradients (reverse parameter order), so ``allreduce`` / ``acpsgd`` launch their
-  buckets as they would, but after backward.
-* **fp32 node mean**, whatever the gradient dtype (it is exact traffic on fast links; summing bf16
-  in bf16 would lose bits), written back into ``p.grad`` in its own dtype before the wrapped method
-  reads it; no ``communication_data_type`` cast on the node links. The node gather is fp32 too
-  (lossless for fp32, bf16 and fp16 results).
-* **all_reduce + all_gather inside the node** (not reduce_scatter + all_gather: the communication
-  layer, ``ds_ext/comm.py``, has no reduce_scatter): intra-node bytes are the full gradient in the mean
-  plus the largest shard in the gather.
-* A missing gradient (``p.grad is None``) counts as zeros, as in the flat reducers
-  (``ds_ext/reducers/flat.py``, ``ds_ext/reducers/buckets.py``); every parameter has a ``p.grad``
-  after ``finish()``.
-* Sub-communicators come from ``Communicator.subgroup`` (collective: every rank makes every node's and
-  every local rank's group, in that order). A member set of one rank gets no process group (a
-  one-rank communicator that never communicates); the whole world reuses the parent communicator.
-  The parent's subgroup cap is raised, on that instance, so that these groups are never evicted by
-  each other.
-* ``stats()`` is this rank's shard's (ranks of one node log different shards).
-* **One node** (``n_nodes == 1``, several ranks): nothing crosses a node, so the exact node mean is the
-  result and the wrapped method is not built (no compression, no error feedback: the flat method would
-  compress needlessly there).
-
-``HierarchicalAveraging`` is the same two-level scheme for parameter-averaging synchronizers
-(``ds_ext/sync/averaging.py``: Local SGD / QSR): gradients averaged exactly inside the node every
-step, parameters averaged across nodes on the period, sharded over the local ranks and gathered back.
+Design notes (the reasons behind each choice, measurements, deviations): ``docs/dev/notes/hierarchy.md``.
 """
 from __future__ import annotations
 

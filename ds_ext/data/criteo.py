@@ -2,35 +2,7 @@
 RecSys benchmark (neurips10899/divide-and-shuffle ``RecSys/code/utils.py: CriteoDataset``, itself the
 pytorch-fm preprocessing after the competition winners' log-binning).
 
-On-disk layout under ``data.root`` (``file`` option, default ``criteo/train.txt``)::
-
-    <root>/criteo/train.txt     45,840,617 lines: label \\t I1..I13 \\t C1..C26   (tab-separated, fields may be empty)
-
-Get ``dac.tar.gz`` (the Criteo Display Advertising Challenge data set, ~4.3 GB) on a machine with internet,
-then ``mkdir -p <root>/criteo && tar xzf dac.tar.gz -C <root>/criteo`` (it unpacks ``train.txt``,
-``test.txt`` and ``readme.txt``; only ``train.txt`` has labels and is read).
-
-Preprocessing (as the seed): all 39 fields become categorical. An integer field value ``v`` becomes the
-token ``floor(ln(v)^2)`` if ``v > 2``, ``v - 2`` otherwise, and a separate token when empty; a categorical
-field keeps its string (empty included). Per field, tokens seen at least ``min_count`` (10) times get
-indices ``0..K-1`` (in sorted token order; the seed's order is that of a Python set), every rarer or unseen
-token shares index ``K``; so ``field_dims[f] = K + 1``. Lines without exactly 40 fields are skipped.
-The model is ``deepfm`` with these ``field_dims`` (``bundle.train.field_dims``; the reader logs them
-at INFO on the ``ds_ext.data.criteo`` logger, which the trainer shows on rank 0).
-
-Split: a random permutation from ``torch.Generator().manual_seed(split_seed)`` (42), first
-``int(train_fraction * N)`` (90%) rows train, the rest validation -- the seed's
-``random_split(data, [0.9N, N - 0.9N])`` after ``torch.manual_seed(42)``.
-
-Memory: the file is parsed in chunks of ``chunk_rows`` lines, twice (count tokens, then index them);
-byte-level numpy parsing (no per-line Python objects) turns each categorical string into a 64-bit token
-(its bytes when at most 8 long, as Criteo's 8-hex-digit hashes are; a polynomial hash of longer ones), and
-the result is a uint32 ``[N, 39]`` array + uint8 labels. With ``cache: true`` (default) those arrays are
-written once as ``.npy`` files under ``cache_dir`` (default ``<dir of file>/ds_ext_cache``) and
-memory-mapped afterwards, so ranks share the page cache; a file lock makes concurrent ranks on one host
-build it once. The full data set is ~7.2 GB of uint32 there; parsing took 5.8 s for 300k synthetic lines
-(both passes, one CPU core), i.e. roughly 15 minutes once for the full file. If the cache directory is
-not writable, the arrays are built in memory instead.
+Design notes (the reasons behind each choice, measurements, deviations): ``docs/dev/notes/criteo.md``.
 """
 from __future__ import annotations
 

@@ -1,62 +1,6 @@
 """ImageNet through FFCV (``.beton`` files): a writer CLI and the ``ffcv_imagenet`` data set.
 
-Follows the QSR seed's data setup (``hmgxr128/QSR`` ``prepare_data.py``, itself the recipe of FFCV's
-ImageNet example): training images go through ``RandomResizedCropRGBImageDecoder((res, res))`` (scale
-0.08-1, aspect 3/4-4/3) and ``RandomHorizontalFlip``; validation images through
-``CenterCropRGBImageDecoder((res, res), ratio=224/256)``; both are moved to the device, made channels-last
-(``ToTorchImage``) and normalised with the ImageNet mean/std there. Labels: ``IntDecoder``. The seed's
-files are written as FFCV's ImageNet example writes them (``train_500_0.50_90.ffcv``: longest side at
-most 500 px, half of the images JPEG-compressed at quality 90, the rest raw); those are the writer's
-defaults here.
-
-Writing (an ImageNet-style folder ``<src>/<split>/<class>/*.JPEG``; class index = position of the class
-folder in sorted order, as torchvision's ``ImageFolder`` numbers them)::
-
-    python -m ds_ext.data.ffcv_imagenet write --split train --src /data/imagenet \\
-        --out /data/ffcv/train_500_0.50_90.ffcv --max-resolution 500 --jpeg-quality 90
-
-The recipe block (paths relative to ``data.root``, which comes from the recipe or the per-host file)::
-
-    data: {name: ffcv_imagenet, root: /data, train_file: ffcv/train_500_0.50_90.ffcv,
-           val_file: ffcv/val_500_0.50_90.ffcv, train_resolution: 224, val_resolution: 224}
-
-How it plugs into the trainer: the factory returns a ``DataBundle`` whose ``train`` / ``val`` only know
-their length and labels (that is what orders need), plus a ``loader_factory``. The trainer asks
-``bundle.loader("train", order.epoch_indices(epoch), micro_batch)``; each rank therefore reads only its
-own shard, in exactly the order its ``ds_ext.order`` method chose, in batches of the recipe's micro batch.
-
-Deviations from the seed, and why:
-
-* **Order.** ffcv 1.0.2's ``Loader(order=<TraversalOrder subclass>)`` cannot work: it tests
-  ``isinstance(order, TraversalOrder)`` on the class (False) and would then call ``order(loader)``. The
-  seed's own orders (``XRandom`` etc.) were DistributedSampler-style shuffles. Here the order is given by
-  our ``ds_ext.order`` methods, and it is fed to FFCV as an *instance* of a ``TraversalOrder`` subclass
-  (which passes the ``isinstance`` test) whose ``__call__(loader)`` binds it to the loader and returns
-  itself; ``sample_order`` returns the index list last handed to ``set_indices``. One ``Loader`` (and
-  one numba compilation) is reused for every epoch with the same number of indices.
-* **Normalisation** is a torch op on the device after FFCV's ``ToDevice`` / ``ToTorchImage`` (uint8,
-  channels-last) rather than FFCV's ``NormalizeImage``: on a GPU the latter imports ``cupy``, a large
-  CUDA-version-specific dependency. Same arithmetic ((x - mean) / std, computed in float32 and cast to
-  ``dtype``); the output keeps the channels-last memory format. ``dtype`` defaults to float32 (the
-  trainer casts inputs to the model's parameter dtype anyway); the seed used float16.
-* **Augmentation randomness** comes from numba's per-thread generators inside FFCV's compiled decoders,
-  which FFCV does not seed: a resumed run sees the same images in the same order, but not bit-identical
-  crops. (Same as the seed.)
-* **Validation** uses the given indices (the trainer passes a strided shard per rank) with
-  ``drop_last=False``; the seed used a DistributedSampler (which pads by repeating examples).
-
-numba/ffcv noise: ffcv re-jits ``ffcv.libffcv.imdecode`` for every pipeline it compiles; when an old
-pipeline is garbage-collected, numba's ``Dispatcher`` finalizer (``numba/core/dispatcher.py``,
-``_make_finalizer``) iterates the dead dispatcher's ``overloads`` ``OrderedDict``, which raises a
-``KeyError`` for imdecode's literal-typed signature, and Python prints it as "Exception ignored in:
-<finalize object ...>" (harmless: it only skips unregistering compiled functions). ``_quiet_numba_finalizer``
-installs a ``sys.unraisablehook`` that drops exactly that case (a ``KeyError`` whose innermost frame is
-``finalizer`` in ``numba/core/dispatcher.py``) and passes everything else to the previous hook.
-
-Missing pieces are reported, never papered over: a missing ffcv raises ImportError naming the module
-that failed and how to install it (``bash run/setup.sh``); a missing ``.beton`` raises FileNotFoundError
-and a ``.beton`` with other fields raises ``BetonMismatch`` (a ValueError), both naming the path and the
-exact writer command that makes the file.
+Design notes (the reasons behind each choice, measurements, deviations): ``docs/dev/notes/ffcv-imagenet.md``.
 """
 from __future__ import annotations
 

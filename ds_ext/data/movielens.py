@@ -1,39 +1,7 @@
 """MovieLens-20M implicit feedback for NCF (He et al., WWW 2017), prepared as the ExDyna seed's NCF benchmark
 (kljp/exdyna ``ncf/convert.py`` + ``ncf/dataloading.py``, i.e. the MLPerf NCF reference).
 
-On-disk layout under ``data.root`` (what ``ml-20m.zip`` from https://grouplens.org/datasets/movielens/20m/
-unzips to; only ``ratings.csv`` is read)::
-
-    <root>/ml-20m/ratings.csv        header "userId,movieId,rating,timestamp", 20,000,263 rows
-
-``run/prepare-ml20m.sh`` checks a root and prints where to put the archive; nothing downloads.
-
-Preparation (as the seed, vectorised in numpy):
-1. keep users with at least ``min_ratings`` (20) ratings; every rating is a positive interaction;
-2. number users and items 0.. in order of first appearance in the file (``pandas.factorize`` in the seed);
-   MovieLens-20M gives 138,493 users and 26,744 items (the published MLPerf NCF sizes, ``ncf``'s
-   defaults; not re-counted here, no copy of the data on this machine);
-3. sort by timestamp (stable here; the seed's sort is not, so equal timestamps may order differently),
-   drop repeated (user, item) pairs, and hold out each user's **last** interaction as the test positive
-   (leave-one-out); everything else is training data.
-
-Training examples: the positives plus ``negatives`` (4) negatives per positive whose items are drawn
-uniformly from all items (as the seed: a sampled "negative" may be an item the user rated). The seed
-redraws them every epoch; here they come from a generator seeded with ``(seed, epoch)``: epoch 0 at
-construction, and ``bundle.train.set_epoch(e)`` redraws them for epoch ``e`` (a trainer that never calls it
-keeps epoch 0's negatives, a deliberate deviation until it does). Example ``j < P`` is positive ``j``
-(label 1); example ``P + r*P + j`` is the ``r``-th negative of positive ``j`` (label 0). ``x`` is the int64
-pair ``[user, item]``, ``y`` the label, matching ``ncf``'s 2-logit output.
-
-Validation: per user, ``test_negatives`` (100) distinct items the user never rated, drawn once with a
-generator seeded by ``seed``, followed by the held-out positive (101 candidates, positive last, as the
-seed's ``create_test_data``). The seed samples the 100 with replacement from items outside the user's
-training set (so the held-out item itself can be drawn) and masks duplicates when ranking; here they are
-distinct and exclude every rated item, the NCF paper's protocol (100 items the user did not interact with).
-The trainer's val loss/accuracy over these pairs is a proxy; the paper's metrics are HR@10 and NDCG@10:
-``ranking_metrics(model, bundle.val)``.
-
-Memory: about 20M int32 (user, item) positives + 80M int32 negative items (~0.5 GB); no per-example objects.
+Design notes (the reasons behind each choice, measurements, deviations): ``docs/dev/notes/movielens.md``.
 """
 from __future__ import annotations
 

@@ -1,58 +1,6 @@
 """DeepSpeed op builders for the compressed-allreduce kernels (``ds_ext/csrc``).
 
-Two builders, subclasses of DeepSpeed's own (``deepspeed.ops.op_builder``):
-
-==================  ====================  =====================  ==================================
-builder             op name (unique)      build variable         sources
-==================  ====================  =====================  ==================================
-``CommCPUBuilder``  ``ds_ext_comm_cpu``   ``DS_BUILD_DS_EXT_COMM_CPU``   ``csrc/cpu/comm_kernels.cpp``
-``CommCUDABuilder`` ``ds_ext_comm_cuda``  ``DS_BUILD_DS_EXT_COMM_CUDA``  ``csrc/cuda/comm_kernels.cu`` + ``bindings.cpp``
-==================  ====================  =====================  ==================================
-
-Each op module exposes the same functions (``threshold_select``, ``threshold_count``, ``scatter_add_``,
-``sign_pack``, ``sign_unpack``, ``sign_pack_segments``, ``sign_unpack_segments``, ``pack_values``,
-``torch_version``); ``ds_ext.ops`` picks the one for a tensor's device. The kernels are instantiated for
-fp32, fp16 and bf16 only.
-
-Names start with ``ds_ext_``: DeepSpeed keeps one loaded-op cache for every builder
-(``OpBuilder._loaded_ops``, keyed by name) and one JIT build directory per name. ``NAME`` names the op
-(the prebuilt module, the build variable, ``python -m ds_ext.report``); the JIT extension (``self.name``)
-is ``NAME`` plus ``CHECKOUT_TAG``, a short hash of this package's directory and the torch version, so two
-checkouts (or two torch versions) keep separate JIT builds under ``$TORCH_EXTENSIONS_DIR`` instead of
-rebuilding over each other.
-
-Loading (``load()``), in order:
-
-1. already loaded in this process (DeepSpeed's cache);
-2. **prebuilt**: the module ``absolute_name()`` (``ds_ext.op_builder.<NAME>``) imports, i.e. it was
-   compiled at install time because ``DS_BUILD_OPS=1`` or the op's ``DS_BUILD_*`` variable was set (see
-   ``install_ext_modules``), and it was compiled against this torch (major.minor) -- otherwise it is
-   ignored and the reason kept in ``self.prebuilt_problem``;
-3. **JIT**: DeepSpeed's ``jit_load`` (torch ``cpp_extension.load`` with ninja, cached under
-   ``$TORCH_EXTENSIONS_DIR`` / ``~/.cache/torch_extensions``), after ``is_compatible()`` explains what is
-   missing.
-``ds_ext.ops`` turns a failure of both into the torch fallback with one logged message naming the reason
-(``ds_ext.ops.prepare`` loads at start-up and logs a line before a build; ``will_compile()`` tells).
-
-DeepSpeed's own ``load()`` looks for prebuilt ops only in *its* install record
-(``deepspeed.git_version_info.installed_ops``), which never lists ds_ext ops; that is why ``load()`` is
-overridden here (the JIT part is DeepSpeed's, unchanged).
-
-``TORCH_CUDA_ARCH_LIST``: DeepSpeed's ``compute_capability_args()`` parses every entry as
-``int(major).int(minor)`` and raises on arch-specific suffixes such as ``9.0a`` (set by H100 images).
-``CommCUDABuilder`` normalises the list first (``normalize_arch_list``: ``9.0a`` -> ``9.0``,
-``sm_90`` -> ``9.0``, duplicates dropped); the kernels use no arch-specific (``sm_90a``) instructions.
-A prebuilt CUDA op (``setup.py`` / ``DS_BUILD_*``) is built for ``PREBUILT_ARCH_LIST`` (``8.0;9.0+PTX``)
-when the variable is unset, and always carries PTX (``+PTX`` added to the highest arch when no entry has
-it, as DeepSpeed's JIT does), so it also runs on GPUs newer than its machine code (``prebuilt_arch_list``).
-A JIT build targets the variable, else the visible GPUs (DeepSpeed's rule, PTX for the highest).
-Without a GPU, DeepSpeed's ``jit_load`` builds "for CPU" (``torch.cuda.is_available()`` is False: no nvcc
-flags at all); ``run/cuda-build-check.sh`` shows how to compile the CUDA op on such a machine.
-
-Extra flags: ``DS_EXT_CXX_FLAGS`` (C++ compiler) and ``DS_EXT_NVCC_FLAGS`` (nvcc), shell-quoted, are
-appended to the builders' flags (``run/cuda-build-check.sh`` passes ``-Wall -Wextra`` this way).
-
-Importing this module needs no compiler, no CUDA and builds nothing.
+Design notes (the reasons behind each choice, measurements, deviations): ``docs/dev/notes/op-builder.md``.
 """
 from __future__ import annotations
 

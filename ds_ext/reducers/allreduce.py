@@ -10,7 +10,7 @@ DeepSpeed's ``buffered_allreduce_fallback`` with default settings. The buckets t
 sets it): a bf16 model whose config asks for fp32 communication sends fp32 buckets, as DeepSpeed does
 (then the cast to and from the wire dtype still copies each bucket).
 
-Zero-copy (issue 19): the gradients are views into the buckets (``buckets.BucketedCollective``, as DDP's
+Zero-copy: the gradients are views into the buckets (``buckets.BucketedCollective``, as DDP's
 ``gradient_as_bucket_view``). After ``finish()`` every ``p.grad`` is its slot of a bucket, so the average
 is never copied back. Whether backward also writes straight into the bucket depends on what happens
 to ``p.grad`` between steps: left in place and zeroed (``optimizer.zero_grad(set_to_none=False)``, the

@@ -20,7 +20,7 @@ is not an autograd view and DeepSpeed's ``p.grad.detach_()`` works on it). When 
 After the collective the result is already in ``p.grad``: nothing is copied back. A parameter that
 produced no gradient gets its zero-filled slot as ``p.grad``. A parameter with a non-dense layout
 (overlapping or gapped strides) keeps the copy path: copied in, copied back. ``views=False`` is the
-copy path for every parameter (the behaviour before issue 19; bit-identical results).
+copy path for every parameter (bit-identical results).
 
 With views, a gradient written into a bucket after its collective was launched (a second backward
 inside the same boundary micro-batch) would race with the collective; the copy path ignored such a

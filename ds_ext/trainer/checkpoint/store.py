@@ -1,67 +1,7 @@
 """Checkpoints that stay good: DeepSpeed's own checkpoint plus per-rank method and trainer state,
 written atomically, fingerprinted, verified on load, and chosen by every rank together.
 
-Layout of ``<dir>``::
-
-    .ds_ext.lock                 held (flock) by the one job using this directory; says who (pid, host, start)
-    latest                       name of the newest complete checkpoint (replaced atomically)
-    step_0000120/                one complete checkpoint (DeepSpeed files + ds_ext_rank<r>.pt + meta.json)
-    .staging-step_0000160-<job>/ a save in progress (never pointed at; removed by the next save)
-    .deleting-step_0000040/      an old checkpoint being pruned (removed by the next save)
-    .replaced-step_0000120/      the previous copy of a tag that is being saved again (see below)
-
-``save`` (collective) goes through these phases, each a fault-injection point of ``ds_ext.trainer.faults``
-(``ckpt_<phase>``); a process killed at any of them leaves ``latest`` naming a complete checkpoint:
-
-1. ``start``: rank 0 removes leftovers of interrupted saves (``.staging-*``, ``.deleting-*``, a
-   ``.replaced-<tag>`` whose tag is complete again; safe because the directory is locked by this job)
-   and creates ``.staging-<tag>-<job>/``; barrier.
-2. ``deepspeed``: every rank writes DeepSpeed's files (``engine.save_checkpoint``, no ``latest``).
-3. ``rankfile``: every rank writes ``ds_ext_rank<r>.pt`` (temporary name, fsync, rename), which
-   records its rank, the world size and the step. Then every rank's verdict is gathered: a write that
-   failed anywhere (disk full, read-only, I/O error) fails the save on every rank
-   (``CheckpointSaveError``, one line with the step, the path, the reason and the free space), the
-   staging directory is removed, and ``latest`` and every earlier checkpoint stay as they were.
-4. ``meta``: the files are fingerprinted (size, and SHA-256 unless ``integrity`` is ``size`` or
-   ``off``; each rank hashes a share, rank 0 gathers), rank 0 fsyncs DeepSpeed's files (DeepSpeed does
-   not), writes ``meta.json`` (the completion marker, holding the fingerprints and the step: a
-   directory without it is never loaded) and fsyncs the directory.
-5. ``rename`` (and ``replace``): rank 0 renames the staged ``<tag>`` to ``<tag>`` (one atomic ``rename``). If
-   ``<tag>`` already exists (a run resumed from an older checkpoint reaches the same step again), it
-   is first renamed to ``.replaced-<tag>``; ``latest`` falls back to that copy while ``<tag>`` is
-   missing, so even a ``latest`` that names this tag never points at nothing.
-6. ``latest``: rank 0 replaces ``latest`` (temporary file, fsync, ``os.replace``, directory fsync).
-7. ``prune``: rank 0 removes complete checkpoints beyond ``keep``, oldest step first (the step number
-   parsed from the tag, not the name's sort order), never the new one and never one with a higher step
-   than the new one (another timeline: a run resumed from an older checkpoint leaves the newer ones
-   alone). Each is first renamed to ``.deleting-<tag>`` (atomic), then deleted, so a half-deleted
-   checkpoint never looks complete. Every rank then learns rank 0's verdict (``end``).
-
-The directory must be on a file system shared by all nodes (DeepSpeed's assumption as well). The rank files
-and ``meta.json`` are written and read by ``ds_ext/deepspeed/checkpoint.py`` (``write_rank_file``,
-``read_rank_file``, ``write_meta``), as an own loop's ``engine.save_checkpoint`` writes them: the store adds
-the staging, ``latest``, pruning and the choice of the checkpoint to resume from.
-
-**Choosing the checkpoint to resume from** (``choose``, collective): ``checkpoint.resume: auto`` takes
-the checkpoint ``latest`` names. When ``latest`` is missing, empty, not UTF-8, not a plain tag name
-(e.g. a path outside the directory) or names a missing or incomplete checkpoint, it takes the newest
-complete ``step_*`` instead and says so; it starts from step 0 only when the directory holds no
-``latest`` and no complete checkpoint. A checkpoint that fails verification (``verify``: a file
-missing, of the wrong size or, with ``integrity: hash``, with the wrong SHA-256; ``meta.json``
-unreadable or not an object) is skipped with a warning naming the damaged file, and the next older one
-is tried. An explicit path (``checkpoint.resume: <dir or checkpoint>``) is used as given: any problem
-ends the run with ``EXIT_CHECKPOINT`` (5) naming the file. Every rank verifies a share of the files and
-the verdicts are gathered, so all ranks choose the same checkpoint or all stop.
-
-Verification cost (``integrity``): ``size`` is one ``stat`` per file; ``hash`` reads every file once
-at save (from the page cache) and once at load, split over the ranks (SHA-256, about 1.4 GB/s per
-core here). See the README for measured costs at ResNet-50 and ViT-B/16 sizes.
-
-Deviations from the previous version of this module, each found by ``tests/e2e/test_faults.py`` or
-``tests/e2e/test_reliability.py``: re-saving an existing tag used to delete the old copy before renaming
-the new one in, pruning deleted in place, pruning sorted by name (wrong past step 9,999,999), a
-missing ``latest`` meant a fresh start (whose saves then pruned the good checkpoints), and files were
-not fingerprinted.
+Design notes (the reasons behind each choice, measurements, deviations): ``docs/dev/notes/checkpoint-store.md``.
 """
 from __future__ import annotations
 

@@ -9,38 +9,7 @@ death by up to a second: the peer-lost line and exit 4 win then); SIGUSR1 and SI
 are recorded at once, by the main-thread handler, so the step the main thread is in already votes
 with them (``exit`` still waits, as for SIGTERM). Then, by ``on_signal``:
 
-* ``"exit"``: one line ``[ds_ext] rank R: at step S (what); stopped by SIGINT (exit 130)`` and exit
-  ``128 + signum`` (``EXIT_SIGTERM`` 143, ``EXIT_SIGINT`` 130, ``EXIT_SIGUSR1`` 138).
-* ``"save"``: the first signal records a stop request that the main thread polls with
-  ``stop_requested()`` (the signal's name, or None) and prints ``... SIGUSR1 at step S (what):
-  finishing this step, saving a checkpoint, then stopping (exit 75); send it again to stop at
-  once``. The ranks must agree on the request (a signal may reach only some): the trainer does it
-  with ``ds_ext.deepspeed.step_hooks.StopVote`` (each rank's request rides on the step's gradient control exchange); a
-  loop of one's own can all_reduce (max) ``stop_code()`` and call ``stop_agreed(code)``, which
-  prints the line on ranks without a request of their own (``tests/e2e/workers_signals.py``). Then every
-  rank saves and leaves with ``EXIT_PREEMPTED`` (75; resume with ``checkpoint.resume=auto``).
-
-In both modes a second signal less than ``REPEAT_S`` (2 s) after the first is the same request (the
-deepspeed launcher answers a Ctrl-C by sending SIGTERM to rank 0's process tree right after the
-SIGINT every rank received from the terminal; it then waits up to 30 s for that rank to exit before
-it does the same to the next rank, SIGKILLs what is left after 30 s, and exits 1 itself) and is
-ignored; one at least 2 s after the first stops the rank at once with the exit line (``... SIGTERM
-5 s after SIGINT, at step S (what); stopped by SIGTERM (exit 143)``). Without a watchdog (one rank,
-``DS_EXT_WATCHDOG=0``, or a failed set-up: ``Watchdog.start`` returned None)
-``install_signal_handlers(on_signal)`` gives the same behaviour from main-thread handlers, which then
-run only between Python bytecodes (not inside a C++ collective), without the verdict wait.
-``restore_signal_handlers()`` (and ``Watchdog.close``) put back the previous handlers.
-
-Forked children (DataLoader workers under the default ``fork`` start method) are in the rank's
-process group, so a Ctrl-C or Slurm's signals reach them too. A fork hook gives them do-nothing
-handlers for the three signals (their rank decides; they end with it), drops the inherited wakeup fd
-(their signals would otherwise be written into the rank's pipe and counted as the rank's) and closes
-their copies of the watchdog's sockets (a dead rank's connection would otherwise stay open for as
-long as its workers live). torch installs its own C-level SIGTERM handler in each worker, which
-kills it: ``ignore_stop_signals`` (as or inside the DataLoader's ``worker_init_fn``) undoes that, so
-that the launcher's tree-wide SIGTERM or ``scancel`` does not take the workers away from a rank
-that is finishing its step to save (its next batch would raise "DataLoader worker ... is killed by
-signal: Terminated").
+Design notes (the reasons behind each choice, measurements, deviations): ``docs/dev/notes/stop-signals.md``.
 """
 from __future__ import annotations
 

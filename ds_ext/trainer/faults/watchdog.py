@@ -4,38 +4,7 @@ rendezvous); every other rank connects once, says ``hello <rank> <pid> <host>`` 
 connection open for the life of the run. The operating system closes a process's sockets when it
 dies for any reason (SIGKILL, segfault, the OOM killer), so:
 
-* rank 0 sees end-of-file on rank r's connection. If rank r had said goodbye first (``left <rank>
-  <exit code> <reason>``, sent by ``Watchdog.close`` whenever ``train()`` returns or raises), it left
-  on purpose; otherwise it was lost. Rank 0 relays ``lost r`` / ``left r ...`` to every other rank.
-* every other rank sees end-of-file on its connection to rank 0 without rank 0's goodbye: rank 0
-  was lost (the store went with it, which is itself the evidence).
-
-No heartbeat-based verdicts and no timing guesses: a rank that is merely slow (a long checkpoint
-write, a long ``torch.save`` holding the GIL) keeps its connection and is never declared lost. A
-rank that is alive but stuck is not declared anything; the collective timeout
-(``train.collective_timeout_s``, given to ``deepspeed.init_distributed``) bounds that case, and the
-message then says that every rank is still connected.
-
-On a verdict a survivor prints one line naming the lost rank (pid, host), the step it was at and
-what it was doing, and leaves with ``os._exit(EXIT_PEER_LOST)`` from the watchdog thread: no
-traceback, no hang in gloo/NCCL destructors, and it works even when the main thread is blocked in a
-collective that will never return (NCCL). A peer that left on purpose with a non-zero code (a
-recipe, data or checkpoint error, or an exception) gets ``GRACE_S`` seconds for this rank to reach
-the same verdict itself before it is stopped too; a peer that left with 0 or ``EXIT_PREEMPTED``
-starts no countdown (every rank leaves by itself at the same step then; ``EXIT_DIVERGED`` does start
-it: a skip on a local step of Local SGD / DS-Sync is one rank's own). When the
-main thread's collective fails first (gloo), ``explain_failure`` waits briefly for the watchdog's
-verdict and prints the same line. ``DS_EXT_WATCHDOG=0`` turns the watchdog off (a firewall that only
-opens MASTER_PORT); failures are then reported from the main thread without the rank.
-
-Waiting lines (``Watchdog``): every rank other than 0 sends ``at <step> <what>`` (its ``progress``)
-to rank 0 every ``REPORT_S`` seconds (``DS_EXT_WAIT_REPORT_S``) from its watchdog thread; rank 0
-notes when each report arrived. When a rank's own ``progress`` record has not changed for ``WAIT_S``
-seconds (``DS_EXT_WAIT_S``; 0 turns the lines and the reports off) its watchdog prints
-``[ds_ext] rank R: waiting at step S (what) for N s``, on rank 0 followed by ``; rank K last
-reported N s ago at step S' (what')`` for each rank whose last report is older than ``WAIT_S`` (a
-SIGSTOPped rank stops reporting) or ``; every rank reported within the last N s``, and again every
-``WAIT_S`` while it stays there. These lines only inform; they never stop anything.
+Design notes (the reasons behind each choice, measurements, deviations): ``docs/dev/notes/watchdog.md``.
 """
 from __future__ import annotations
 
