@@ -93,7 +93,7 @@ def _own_loop_resume(rank: int, world: int, ckpt: str) -> dict:
 
 @pytest.fixture(scope="module")
 def hook_results():
-    return harness.run(_hook_worker, 2)
+    return harness.run_pooled(_hook_worker, 2)
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
@@ -131,7 +131,7 @@ def test_collectives_match_the_meter_on_loopback():
 
 
 def test_own_loop_resume_is_exact_and_halves_the_bytes(tmp_path):
-    out = harness.run(_own_loop_resume, 2, ckpt=str(tmp_path / "ckpt"))
+    out = harness.run_pooled(_own_loop_resume, 2, ckpt=str(tmp_path / "ckpt"))
     for r in out:
         assert torch.equal(r["straight"], r["resumed"])
         assert set(r["by_kind"]) == {"half"} and r["by_kind"]["half"] == 2 * r["numel"] * 4  # 4 steps, 2 B each
