@@ -108,7 +108,7 @@ class LRSchedule:
         raise ValueError(f"unknown schedule {c.name!r}")
 
     def _apply(self):
-        if self.optimizer is None:  # schedule-only use (python -m ds_ext.sync.schedules)
+        if self.optimizer is None:  # schedule-only use (ds-ext schedule)
             return
         factor = self.lr_at(self.last_step) / self.peak
         for g, base in zip(self.optimizer.param_groups, self.base_lrs):
