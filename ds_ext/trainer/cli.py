@@ -199,7 +199,7 @@ def _report(argv: List[str]) -> int:
 
 
 def _costmodel(argv: List[str]) -> int:
-    from ..costmodel.model import main as costmodel_main
+    from ..costmodel.project import main as costmodel_main
 
     return costmodel_main(argv)
 
