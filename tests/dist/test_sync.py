@@ -7,7 +7,7 @@ import torch
 
 from ds_ext.trainer.optim import LRSchedule
 from ds_ext.trainer.recipe import RecipeError, load_recipe
-from ds_ext.sync import schedules
+from ds_ext.trainer.cli import schedule_main
 from ds_ext.sync.averaging import DSSyncOptions, LocalOptions, default_patterns
 from ds_ext.sync.schedules import QSR, Constant, PostLocal, simulate
 from tests import harness
@@ -56,13 +56,13 @@ def test_vit_b_cosine_schedule_has_9711_rounds():
 
 
 def test_schedule_cli_prints_the_cost(capsys):
-    rc = schedules.main(["--recipe", str(QUICK), "--world-size", "2", "--set", "method.reducer={name: none}",
+    rc = schedule_main(["--recipe", str(QUICK), "--world-size", "2", "--set", "method.reducer={name: none}",
                          "--set", "method.sync={name: local, period: qsr, alpha: 0.2, h_base: 4}"])
     out = capsys.readouterr().out
     assert rc == 0
     assert "176 optimizer steps; 23 sync rounds; 13.07% of steps communicate" in out
     assert out.count("%") >= 11
-    rc = schedules.main(["--recipe", str(QUICK), "--world-size", "2", "--csv", "--set", "method.reducer={name: none}",
+    rc = schedule_main(["--recipe", str(QUICK), "--world-size", "2", "--csv", "--set", "method.reducer={name: none}",
                          "--set", "method.sync={name: local, period: constant, h: 8}"])
     rows = capsys.readouterr().out.strip().splitlines()
     assert rows[0] == "round,first_step,H,lr,data_parallel" and len(rows) == 1 + 22
@@ -202,7 +202,7 @@ def test_shipped_vit_recipe_schedule(capsys):
     """The recipe carrying the QSR seed's ViT-B hyper-parameters prints the 9,711-round schedule."""
     from tests.unit.test_recipe import ROOT
 
-    rc = schedules.main(["--recipe", str(ROOT / "recipes" / "qsr-vit-b-localadamw.yaml"), "--world-size", "16"])
+    rc = schedule_main(["--recipe", str(ROOT / "recipes" / "qsr-vit-b-localadamw.yaml"), "--world-size", "16"])
     out = capsys.readouterr().out
     assert rc == 0 and "93600 optimizer steps; 9711 sync rounds" in out
     assert out.strip().splitlines()[-1].split()[-1] == "8142"  # H of the last (clamped) round
