@@ -10,8 +10,8 @@
 # failed steps, 0 when all passed):
 #   1. environment: nvidia-smi, torch / CUDA / NCCL versions, compute capability
 #   2. build the CUDA op (ds_ext.ops.prepare, TORCH_CUDA_ARCH_LIST=<this GPU>, DeepSpeed's op builder)
-#   3. CUDA kernel tests against torch (tests/test_ops.py, DS_EXT_OPS=compiled)
-#   4. every method on CUDA tensors, 2-4 ranks sharing the GPU through gloo (tests/test_gpu.py)
+#   3. CUDA kernel tests against torch (tests/unit/test_ops.py, DS_EXT_OPS=compiled)
+#   4. every method on CUDA tensors, 2-4 ranks sharing the GPU through gloo (tests/dist/test_gpu.py)
 #   5. the trainer on the GPU with NCCL, world size 1 under the deepspeed launcher (quickstart recipe;
 #      allreduce, acpsgd, exdyna)
 #   6. benchmarks on CUDA: bench-compress (ResNet-50, rank 4), bench-sparse (25.6M, density 0.001),
@@ -84,8 +84,8 @@ from ds_ext import ops
 t = time.time(); st = ops.prepare('cuda'); print('ops.prepare(cuda):', st, f'{time.time() - t:.0f} s')
 assert st.get('in_use') == 'compiled', st
 "
-step "3 CUDA kernels vs torch (tests/test_ops.py)" 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_ops.py -k cuda
-step "4 every method on CUDA tensors, 2-4 ranks (tests/test_gpu.py)" 420 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
+step "3 CUDA kernels vs torch (tests/unit/test_ops.py)" 300 "$PY" -m pytest -q -p no:cacheprovider tests/unit/test_ops.py -k cuda
+step "4 every method on CUDA tensors, 2-4 ranks (tests/dist/test_gpu.py)" 420 "$PY" -m pytest -q -p no:cacheprovider tests/dist/test_gpu.py
 for red in allreduce acpsgd exdyna; do
   step "5 trainer, NCCL, world 1, reducer $red" 180 env DS_ACCELERATOR=cuda "$PY" -m deepspeed.launcher.runner \
     --num_gpus 1 --master_port 29517 --module ds_ext.train --recipe recipes/quickstart.yaml \

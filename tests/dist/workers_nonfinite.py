@@ -1,0 +1,84 @@
+"""Rank bodies for tests/dist/test_nonfinite.py: a NaN / inf injected into one rank's batch."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tests.dist.workers import flat_params, make_engine, rank_batches
+
+
+def _state_tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _state_tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _state_tensors(v)
+
+
+def _order(name, rank, world):
+    if name is None:
+        return None
+    from ds_ext.registry import ORDERS, load_builtin
+
+    load_builtin()
+    order = ORDERS.build(name, {}, 4096, rank, world, 0)
+    order.epoch_indices(0)
+    return order
+
+
+def inject(rank, world, cases, steps=6, bad_rank=1, bad_step=3, value=float("nan"), mode="skip"):
+    """For each case (label, method dict, order name, precision, gas[, ZeRO stage]): train ``steps`` optimizer
+    steps with rank-specific data, poisoning rank ``bad_rank``'s input on optimizer step ``bad_step``
+    (1-based; every microbatch of that window). Record parameters after every step, whether all
+    reducer / sync / order state tensors are finite at the end, and the skip events."""
+    import ds_ext
+    from ds_ext.deepspeed.attach import NonFiniteError
+
+    out = {}
+    for label, method, order_name, precision, gas, *zero in cases:  # optional 6th: the ZeRO stage
+        engine = make_engine(precision, gas, world=world, zero=zero[0] if zero else 0)
+        order = _order(order_name, rank, world)
+        att = ds_ext.attach(engine, method, order=order, nonfinite=mode, total_steps=steps)
+        dtype = next(engine.module.parameters()).dtype
+        record, err = [], None
+        try:
+            for i, (x, y) in enumerate(rank_batches(rank, steps * gas, 8, dtype)):
+                step = i // gas + 1
+                if rank == bad_rank and step == bad_step:
+                    x = x * value
+                loss = F.cross_entropy(engine(x).float(), y)
+                engine.backward(loss)
+                engine.step()
+                if (i + 1) % gas == 0:
+                    record.append(flat_params(engine))
+        except NonFiniteError as e:
+            err = str(e)
+        states = [att.reducer.state_dict(), att.sync.state_dict(), order.state_dict() if order is not None else {}]
+        finite = all(bool(torch.isfinite(t.float()).all()) for s in states for t in _state_tensors(s)
+                     if t.is_floating_point())
+        out[label] = {"record": record, "finite_state": finite, "events": list(att.nonfinite_events),
+                      "skipped": att.skipped_steps, "error": err}
+        att.detach()
+    return out
+
+
+def swapped_elements(rank, world):
+    """Rank 1 swaps two elements of one parameter (sum, sum of squares and first element unchanged):
+    the runtime consistency check must still name that parameter."""
+    from ds_ext.deepspeed.attach import DesyncError, check_consistency
+
+    engine = make_engine("fp32", 1, world=world)
+    check_consistency(engine.module, step=0)  # identical at start: no error
+    w = dict(engine.module.named_parameters())["3.weight"]
+    if rank == 1:
+        with torch.no_grad():
+            a, b = w.view(-1)[5].clone(), w.view(-1)[9].clone()
+            w.view(-1)[5], w.view(-1)[9] = b, a
+    try:
+        check_consistency(engine.module, step=7)
+    except DesyncError as e:
+        return str(e)
+    return None
