@@ -5,15 +5,30 @@ and calling ``fn(rank, world_size, **kw)``; return values come back per rank. A 
 makes the whole call raise with that rank's traceback (the others are terminated); a run past
 ``timeout`` seconds is terminated and raises ``TimeoutError``. Nothing sleeps: the parent blocks on
 the children's process sentinels.
+
+``run_pooled(fn, world_size, **kw)`` is the same call on a pool of ranks that stays up for the whole
+session (one pool per world size, as PyTorch's ``MultiProcContinuousTest``): each rank pays
+``import torch, deepspeed`` and the process-group start once, then runs one function after another.
+Before each call a rank puts back what a fresh interpreter would have (the environment, taken from the
+parent at each call, the working directory, torch's default generator state, default dtype,
+deterministic flag, thread count and grad mode, DeepSpeed's comms logger). A function that raises on any rank makes the call raise with that
+rank's traceback; a rank that dies or a call past ``timeout`` fails with the rank and the reason; in every
+failure the pool is torn down and the next call builds a new one. Functions must be importable (module
+level in a module under ``tests/``); see tests/README.md for what stays on ``run``.
 """
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import socket
 import sys
 import tempfile
 import time
+import traceback
+from multiprocessing import connection
 from pathlib import Path
+from typing import Dict, Tuple
 
 import torch
 import torch.multiprocessing as mp
@@ -61,6 +76,187 @@ def run(fn, world_size: int = 2, timeout: float = 300, **kwargs):
                     p.kill()
             raise TimeoutError(f"{fn.__name__} on {world_size} ranks did not finish within {timeout} s")
     return [torch.load(Path(outdir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+# ---- a pool of ranks kept for the session ----------------------------------------------------------
+
+# read when a rank starts (torch / DeepSpeed import, the accelerator): a pool only serves calls that agree
+_START_ENV = ("DS_ACCELERATOR", "DS_EXT_TEST_ONE_GPU", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "PYTHONPATH")
+
+
+def _rank_env(rank, world_size, port, base):
+    one_gpu = base.get("DS_EXT_TEST_ONE_GPU") == "1"
+    env = dict(base)
+    env.update(RANK=str(rank), LOCAL_RANK=str(0 if one_gpu else rank), WORLD_SIZE=str(world_size),
+               LOCAL_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return env
+
+
+def _copied(state: dict) -> dict:
+    return {k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v) for k, v in state.items()}
+
+
+def _pool_entry(rank, world_size, port, conn):
+    os.environ.update(_rank_env(rank, world_size, port, os.environ))
+    import torch.distributed as dist
+
+    from ds_ext.comm import init_distributed
+
+    init_distributed(120, backend="gloo")
+    import deepspeed.comm as dcomm
+
+    logger = dcomm.comms_logger  # an engine with "comms_logger" in its config turns it on for the process
+    logger_state = _copied(vars(logger))
+    cwd, rng = os.getcwd(), torch.random.get_rng_state()
+    dtype, det, threads = torch.get_default_dtype(), torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    conn.send_bytes(b"ready")
+    while True:
+        try:
+            msg = conn.recv_bytes()
+        except EOFError:
+            break
+        if msg == b"close":
+            break
+        buf = io.BytesIO()
+        try:
+            fn, kwargs, env = pickle.loads(msg)
+            os.environ.clear()
+            os.environ.update(_rank_env(rank, world_size, port, env))
+            os.chdir(cwd)
+            torch.random.set_rng_state(rng)
+            torch.set_default_dtype(dtype)
+            torch.use_deterministic_algorithms(det)
+            torch.set_num_threads(threads)
+            torch.set_grad_enabled(True)
+            vars(logger).clear()
+            vars(logger).update(_copied(logger_state))
+            result = fn(rank, world_size, **kwargs)
+            if not dist.is_initialized():
+                raise RuntimeError(f"{fn.__qualname__} left no process group: run it with harness.run (fresh ranks)")
+            torch.save(("ok", result), buf)
+        except BaseException:  # noqa: BLE001 -- reported to the parent, which raises
+            buf = io.BytesIO()
+            torch.save(("error", traceback.format_exc()), buf)
+        conn.send_bytes(buf.getvalue())
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # as _entry: no interpreter teardown after the process group is gone
+
+
+class RankPool:
+    """``world_size`` spawned ranks in one gloo process group (through ``deepspeed.init_distributed``)
+    that run function after function: ``pool.run(fn, timeout, **kw)``. Broken for good (``closed``) after
+    any failure."""
+
+    def __init__(self, world_size: int, timeout: float = 300):
+        ctx = mp.get_context("spawn")
+        self.world_size, self.closed = world_size, False
+        port = free_port()
+        self.conns, self.procs = [], []
+        for r in range(world_size):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_pool_entry, args=(r, world_size, port, child), daemon=True,
+                            name=f"ds_ext-test-rank{r}")
+            p.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(p)
+        self._collect("start-up", timeout)
+
+    def _collect(self, what: str, timeout: float) -> list:
+        """One message from every rank; raises (and closes the pool) on a death, an error or the deadline."""
+        out = [None] * self.world_size
+        pending = dict(enumerate(self.conns))
+        deadline = time.monotonic() + timeout
+        while pending:
+            left = deadline - time.monotonic()
+            ready = connection.wait(list(pending.values()) + [self.procs[r].sentinel for r in pending],
+                                    timeout=max(0.0, left))
+            if not ready:
+                self.close()
+                raise TimeoutError(f"{what} on a pool of {self.world_size} ranks did not finish within {timeout} s "
+                                   f"(ranks {sorted(pending)} still busy); the pool is closed")
+            for r, c in list(pending.items()):
+                if c in ready:
+                    try:
+                        raw = c.recv_bytes()
+                    except (EOFError, OSError):
+                        pass  # the rank is gone: its sentinel says so below
+                    else:
+                        del pending[r]
+                        out[r] = self._decode(what, r, raw)
+                        continue
+                if self.procs[r].sentinel in ready or not self.procs[r].is_alive():
+                    self.procs[r].join(timeout=5)
+                    code = self.procs[r].exitcode
+                    self.close()
+                    raise RuntimeError(f"{what}: rank {r} of a pool of {self.world_size} died (exit code {code}); "
+                                       f"the pool is closed")
+        return out
+
+    def run(self, fn, timeout: float = 300, **kwargs) -> list:
+        if self.closed:
+            raise RuntimeError("this pool is closed")
+        payload = pickle.dumps((fn, kwargs, dict(os.environ)))
+        for c in self.conns:
+            c.send_bytes(payload)
+        return self._collect(getattr(fn, "__qualname__", repr(fn)), timeout)
+
+    def _decode(self, what: str, rank: int, raw: bytes):
+        """A rank's reply; the first error to arrive fails the call at once (the other ranks may be
+        waiting for the failed one in a collective)."""
+        if raw == b"ready":
+            return None
+        status, value = torch.load(io.BytesIO(raw), weights_only=False)
+        if status == "error":
+            self.close()
+            raise RuntimeError(f"{what} raised on rank {rank} of {self.world_size} (the pool is closed):\n{value}")
+        return value
+
+    def close(self, graceful: bool = False) -> None:
+        """Stop the ranks: after a failure at once (a rank blocked in a collective never reads "close"),
+        at the session's end (``graceful``) they leave their process group first."""
+        if self.closed:
+            return
+        self.closed = True
+        for c in self.conns:
+            try:
+                c.send_bytes(b"close")
+            except (OSError, ValueError):
+                pass
+        for p in self.procs:
+            if graceful:
+                p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+            p.join(timeout=30)
+        for c in self.conns:
+            c.close()
+
+
+_POOLS: Dict[Tuple, RankPool] = {}
+
+
+def pool(world_size: int) -> RankPool:
+    """The session's pool of ``world_size`` ranks, built on first use or after a failure."""
+    key = (world_size, tuple(os.environ.get(k) for k in _START_ENV))
+    p = _POOLS.get(key)
+    if p is None or p.closed:
+        p = _POOLS[key] = RankPool(world_size)
+    return p
+
+
+def run_pooled(fn, world_size: int = 2, timeout: float = 300, **kwargs):
+    """``run`` on the session's pool: ``[fn(rank, world_size, **kwargs) for each rank]``."""
+    return pool(world_size).run(fn, timeout, **kwargs)
+
+
+def close_pools() -> None:
+    for p in _POOLS.values():
+        p.close(graceful=True)
+    _POOLS.clear()
 
 
 # ---- comparing trainer checkpoints (resume tests) ---------------------------------------------------

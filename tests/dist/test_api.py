@@ -16,7 +16,7 @@ def test_ds_ext_block_typed_options_and_dicts_are_one_method():
     """The ``ds_ext`` block of the engine's config, a dict and ``PowerSGDOptions(rank=2)`` give the same
     reducer and the same parameters after 3 steps, bit for bit (ranks identical); bad blocks name the key and
     list what is allowed, as the recipe check does."""
-    a, b = harness.run(W.config_routes, 2, timeout=240)
+    a, b = harness.run_pooled(W.config_routes, 2, timeout=240)
     for out in (a, b):
         for key in ("ds_config", "dict", "typed"):
             assert out[key]["reducer"] == "PowerSGDReducer" and out[key]["rank"] == 2, key
@@ -46,12 +46,12 @@ def test_own_loop_save_and_load_keep_the_methods_state(tmp_path):
     a new engine + attachment that ``engine.load_checkpoint``s and runs the same 3 steps ends bit-identical.
     Each rank's ``ds_ext_rank<r>.pt`` sits next to DeepSpeed's files and ``latest`` names the tag. The
     control: DeepSpeed's load alone (the methods fresh) does not end identical, so the test can fail."""
-    res = harness.run(W.own_loop_resume, 2, ckpt=str(tmp_path / "a"), timeout=240)
+    res = harness.run_pooled(W.own_loop_resume, 2, ckpt=str(tmp_path / "a"), timeout=240)
     for r, out in enumerate(res):
         assert torch.equal(out["resumed"], out["straight"]), r
         assert {"ds_ext_rank0.pt", "ds_ext_rank1.pt", "mp_rank_00_model_states.pt"} <= set(out["files"])
         assert out["latest"] == "mid"
-    ctl = harness.run(W.own_loop_resume, 2, ckpt=str(tmp_path / "b"), load=False, timeout=240)
+    ctl = harness.run_pooled(W.own_loop_resume, 2, ckpt=str(tmp_path / "b"), load=False, timeout=240)
     assert not torch.equal(ctl[0]["resumed"], ctl[0]["straight"])
 
 
@@ -72,7 +72,7 @@ def test_own_loop_load_refuses_what_does_not_belong_on_every_rank(tmp_path, capl
     step stop ``engine.load_checkpoint`` on every rank with the reason (the rank that has the problem names
     the file, the others the rank); no ds_ext files at all, or ``load_optimizer_states=False``, start the
     methods fresh without an error."""
-    a, b = harness.run(W.own_loop_refusals, 2, ckpt=str(tmp_path), timeout=240)
+    a, b = harness.run_pooled(W.own_loop_refusals, 2, ckpt=str(tmp_path), timeout=240)
     assert "has no ds_ext state for rank(s) 1" in a["missing"] and "has no ds_ext state for rank(s) 1" in b["missing"]
     assert "ds_ext_rank0.pt: cannot be loaded" in a["damaged"]
     assert "the ds_ext state of rank(s) 0" in b["damaged"] and "cannot be used" in b["damaged"]

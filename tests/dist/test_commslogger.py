@@ -21,7 +21,7 @@ CONTROL_BYTES_PER_STEP = 64  # the engine's two int64 non-finite flags (16 B) pl
 
 @pytest.fixture(scope="module")
 def runs():
-    res = harness.run(W.compare, 2, steps=STEPS, timeout=240)
+    res = harness.run_pooled(W.compare, 2, steps=STEPS, timeout=240)
     print("\n" + table(res))
     return res
 

@@ -332,7 +332,7 @@ def test_real_processes_two_nodes_of_two():
     loopback ranks); node kinds nonzero; cross-node bytes = the wrapped method's ``collectives`` for the shard.
     Through ``ds_ext.attach`` with ``hierarchical: true`` in the reducer block."""
     runs = {"powersgd": ("powersgd", {"rank": 2, "start_powerSGD_iter": 0}), "topk": ("topk", {"density": 0.05})}
-    res = harness.run(W.engine_run, WORLD, runs=runs, timeout=240)
+    res = harness.run_pooled(W.engine_run, WORLD, runs=runs, timeout=240)
     for key, (name, opts) in runs.items():
         recs = [r[key] for r in res]
         shapes = recs[0]["shapes"]
@@ -363,7 +363,7 @@ def test_hierarchical_local_sgd_through_attach_skips_a_nan_node_wide():
     1 rides on the node's gradient mean, so ranks 0 and 1 both skip that step (neither waits for the other)
     and node 1 steps; the two ranks of a node agree after every step; after the averaging at step 2 every
     rank agrees; the meter shows the node mean every step and the sharded cross-node average."""
-    res = harness.run(W.local_sgd_run, WORLD, timeout=180)
+    res = harness.run_pooled(W.local_sgd_run, WORLD, timeout=180)
     p = [r["params"] for r in res]
     for t in range(4):
         assert torch.equal(p[0][t], p[1][t]) and torch.equal(p[2][t], p[3][t]), t  # nodes move together
@@ -409,7 +409,7 @@ def test_zero_partitioned_within_the_node(stage):
     nodes), only the first node writes DeepSpeed's checkpoint files (its save flags, also after ``detach``),
     after ``detach`` the engine's ``step`` refuses (its own reduction would average one node only), and
     attaching again trains on with ranks identical."""
-    res = harness.run(W.zero_node_run, WORLD, stages=(stage,), timeout=300)
+    res = harness.run_pooled(W.zero_node_run, WORLD, stages=(stage,), timeout=300)
     for r, out in enumerate(res):
         zero, plain = out[stage], out[0]
         assert zero["group"] == Topology.explicit(r, WORLD, LOCAL).node_members()

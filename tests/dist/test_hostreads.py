@@ -70,7 +70,7 @@ def _over_budget(results, skip=()) -> list:
 
 
 def test_one_host_read_per_step_every_method():
-    results = harness.run(W.measure, 2, methods=W.methods_two_ranks(), timeout=240)
+    results = harness.run_pooled(W.measure, 2, methods=W.methods_two_ranks(), timeout=240)
     table = _table(results, "host reads per optimizer step in ds_ext's frames (2 ranks, gloo, DS_EXT_OPS=torch)")
     print("\n" + table)
     # the negative control reads the host for every parameter: the counter must see it, in ds_ext
@@ -84,7 +84,7 @@ def test_one_host_read_per_step_every_method():
 
 def test_one_host_read_per_step_dssync_subgroups():
     """DS-Sync with 2 groups (real subgroups; groups must divide the world, so 4 ranks)."""
-    results = harness.run(W.measure, 4, methods=W.methods_four_ranks(), timeout=240)
+    results = harness.run_pooled(W.measure, 4, methods=W.methods_four_ranks(), timeout=240)
     table = _table(results, "host reads per optimizer step in ds_ext's frames (4 ranks, gloo)")
     print("\n" + table)
     bad = _over_budget(results)

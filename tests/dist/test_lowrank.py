@@ -115,9 +115,9 @@ def test_low_precision_gradients_match_fp32(reducer, options):
 def test_bf16_engine_and_zero3_refusal():
     """Through DeepSpeed: bf16 training keeps ranks identical; a ZeRO-3 engine is refused with a reason."""
     for reducer in ("acpsgd", "powersgd"):
-        a, b = harness.run(workers.per_step_params, 2, reducer=reducer, steps=4, precision="bf16",
+        a, b = harness.run_pooled(workers.per_step_params, 2, reducer=reducer, steps=4, precision="bf16",
                            options={"start_powerSGD_iter": 1} if reducer == "powersgd" else {})
         assert len(a["record"]) == 4 and all(torch.equal(x, y) for x, y in zip(a["record"], b["record"]))
         assert all(torch.isfinite(x).all() for x in a["record"]) and not torch.equal(a["record"][0], a["record"][-1])
-    msg = harness.run(workers.zero3_refusal, 2, reducer="acpsgd")[0]
+    msg = harness.run_pooled(workers.zero3_refusal, 2, reducer="acpsgd")[0]
     assert msg is not None and "works with ZeRO stage 0, 1 or 2 (got 3)" in msg and "partitions the parameters" in msg

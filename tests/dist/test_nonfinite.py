@@ -38,7 +38,7 @@ LOCAL = [  # parameter averaging: step 3 is a local step (averaging after steps 
 
 @pytest.fixture(scope="module")
 def nan_runs():
-    return harness.run(wn.inject, 2, cases=SYNCED + LOCAL, timeout=600)
+    return harness.run_pooled(wn.inject, 2, cases=SYNCED + LOCAL, timeout=600)
 
 
 @pytest.mark.parametrize("label", [c[0] for c in SYNCED])
@@ -69,7 +69,7 @@ def test_nan_on_a_local_step_is_skipped_on_that_rank(nan_runs, label):
 
 
 def test_inf_is_handled_like_nan():
-    res = harness.run(wn.inject, 2, cases=SYNCED[2:3], value=float("inf"))
+    res = harness.run_pooled(wn.inject, 2, cases=SYNCED[2:3], value=float("inf"))
     r0, r1 = res[0]["powersgd"], res[1]["powersgd"]
     assert r0["events"] == r1["events"] == [(3, [1])]
     assert torch.equal(r0["record"][2], r0["record"][1]) and torch.equal(r0["record"][-1], r1["record"][-1])
@@ -79,7 +79,7 @@ def test_inf_is_handled_like_nan():
 def test_raise_mode_stops_every_rank():
     """(On a local step only the rank that saw it can know; it raises alone and its peers then fail at the
     next averaging, as for a dying rank: not exercised here.)"""
-    res = harness.run(wn.inject, 2, cases=SYNCED[:1], mode="raise")
+    res = harness.run_pooled(wn.inject, 2, cases=SYNCED[:1], mode="raise")
     for r in (0, 1):
         assert "step 3: non-finite gradient on rank(s) [1]" in res[r]["allreduce"]["error"]
         assert len(res[r]["allreduce"]["record"]) == 2

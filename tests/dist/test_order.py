@@ -136,7 +136,7 @@ def test_herding_kernels_match_numpy_reference():
 # ---- distributed (gloo ranks) -------------------------------------------------------------------
 
 def test_tables_identical_on_all_ranks_even_with_a_different_rank():
-    out = harness.run(workers_order.sorter_tables, 3, m=8, d=5, epochs=3, odd_rank=1)
+    out = harness.run_pooled(workers_order.sorter_tables, 3, m=8, d=5, epochs=3, odd_rank=1)
     for e in range(3):
         t0 = out[0]["tables"][e]
         assert all(torch.equal(o["tables"][e], t0) for o in out)
@@ -153,7 +153,7 @@ def test_tables_identical_on_all_ranks_even_with_a_different_rank():
 def test_engine_hooks_feed_microbatch_gradient_before_accumulation():
     """Through DeepSpeed (gas=2, per-example microbatches): what the order observes is exactly the
     change of p.grad over each backward; tables agree on both ranks although rank 1's loss is scaled."""
-    out = harness.run(workers_order.engine_dgrab, 2, gas=2, epochs=3, scale_rank1=7.0)
+    out = harness.run_pooled(workers_order.engine_dgrab, 2, gas=2, epochs=3, scale_rank1=7.0)
     for o in out:
         assert len(o["observed"]) == len(o["deltas"]) == 3 * 24
         for a, b in zip(o["observed"], o["deltas"]):
@@ -167,7 +167,7 @@ def test_engine_hooks_feed_microbatch_gradient_before_accumulation():
 
 
 def test_cdgrab_applies_the_allreduce_mean():
-    out = harness.run(workers_order.cdgrab_vs_allreduce, 2, gas=2, steps=6)
+    out = harness.run_pooled(workers_order.cdgrab_vs_allreduce, 2, gas=2, steps=6)
     for o in out:
         a, c = o["allreduce"], o["cdgrab"]
         assert len(a["grads"]) == len(c["grads"]) == 6

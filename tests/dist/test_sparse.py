@@ -185,12 +185,12 @@ CASES2 = {
 
 @pytest.fixture(scope="module")
 def two():
-    return harness.run(W.suite, 2, timeout=240, cases=CASES2)
+    return harness.run_pooled(W.suite, 2, timeout=240, cases=CASES2)
 
 
 @pytest.fixture(scope="module")
 def three():
-    return harness.run(W.suite, 3, timeout=240, cases={
+    return harness.run_pooled(W.suite, 3, timeout=240, cases={
         "ex": ("drive", dict(reducer="exdyna", options={"density": 0.01}, steps=6, prof="left")),
         "tk": ("drive", dict(reducer="topk", options={"density": 0.01}, steps=3)),
     })

@@ -97,7 +97,7 @@ def test_options_defaults():
 @pytest.fixture(scope="module")
 def local_adamw():
     sync = {"name": "local", "period": "constant", "h": 3}
-    return harness.run(workers_sync.local_run, 2, sync=sync, optimizer="adamw", steps=7, lr=0.01)
+    return harness.run_pooled(workers_sync.local_run, 2, sync=sync, optimizer="adamw", steps=7, lr=0.01)
 
 
 def test_local_sync_points_agree_and_local_steps_are_silent(local_adamw):
@@ -114,9 +114,9 @@ def test_local_sync_points_agree_and_local_steps_are_silent(local_adamw):
 
 
 def test_local_h1_plain_sgd_equals_synchronous_sgd():
-    loc = harness.run(workers_sync.local_run, 2, sync={"name": "local", "period": "constant", "h": 1},
+    loc = harness.run_pooled(workers_sync.local_run, 2, sync={"name": "local", "period": "constant", "h": 1},
                       steps=5, momentum=0.0)
-    ref = harness.run(workers_sync.local_run, 2, sync={"name": "none"}, reducer={"name": "allreduce"},
+    ref = harness.run_pooled(workers_sync.local_run, 2, sync={"name": "none"}, reducer={"name": "allreduce"},
                       steps=5, momentum=0.0)
     for t in range(5):
         assert torch.allclose(loc[0]["params"][t], ref[0]["params"][t], atol=1e-6, rtol=0), t
@@ -124,7 +124,7 @@ def test_local_h1_plain_sgd_equals_synchronous_sgd():
 
 
 def test_local_avg_m_averages_moments():
-    a, b = harness.run(workers_sync.local_run, 2, sync={"name": "local", "period": "constant", "h": 2,
+    a, b = harness.run_pooled(workers_sync.local_run, 2, sync={"name": "local", "period": "constant", "h": 2,
                                                         "avg_m": True, "avg_v": True},
                        optimizer="adamw", steps=4, lr=0.01)
     for sa, sb in zip(a["opt_state"], b["opt_state"]):
@@ -133,7 +133,7 @@ def test_local_avg_m_averages_moments():
 
 
 def test_postlocal_switches_from_gradient_to_parameter_averaging():
-    a, b = harness.run(workers_sync.local_run, 2, sync={"name": "local", "period": "postlocal", "switch_step": 3,
+    a, b = harness.run_pooled(workers_sync.local_run, 2, sync={"name": "local", "period": "postlocal", "switch_step": 3,
                                                         "h": 2}, reducer={"name": "allreduce"}, steps=7)
     n = a["params"][0].numel()
     assert a["comm"] == [True] * 3 + [False, True, False, True]
@@ -145,10 +145,10 @@ def test_postlocal_switches_from_gradient_to_parameter_averaging():
 @pytest.fixture(scope="module")
 def ds4():
     return {
-        "patterns": harness.run(workers_sync.dssync_direct, 4, options={"groups": 2, "grouping": "patterns"}, syncs=2),
-        "shuffle": harness.run(workers_sync.dssync_direct, 4, options={"groups": 2, "seed": 3}, syncs=4,
+        "patterns": harness.run_pooled(workers_sync.dssync_direct, 4, options={"groups": 2, "grouping": "patterns"}, syncs=2),
+        "shuffle": harness.run_pooled(workers_sync.dssync_direct, 4, options={"groups": 2, "seed": 3}, syncs=4,
                                local_update=True),
-        "g1": harness.run(workers_sync.dssync_direct, 4, options={"groups": 1}, syncs=1),
+        "g1": harness.run_pooled(workers_sync.dssync_direct, 4, options={"groups": 1}, syncs=1),
     }
 
 

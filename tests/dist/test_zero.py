@@ -30,7 +30,7 @@ ALL = list(workers_zero.REDUCERS)
 
 
 def test_every_reducer_at_zero_1_and_2_equals_stage_0():
-    res = harness.run(workers_zero.zero_vs_stage0, 2, timeout=240, reducers=ALL, precisions=("fp32", "bf16"),
+    res = harness.run_pooled(workers_zero.zero_vs_stage0, 2, timeout=240, reducers=ALL, precisions=("fp32", "bf16"),
                       gas=2)
     for (precision, name, stage), r in res[0].items():
         base = res[0][(precision, name, 0)]
@@ -53,7 +53,7 @@ def test_adamw_and_clipping_under_zero_deviate_from_stage_0_no_more_than_deepspe
     stage 0 (ZeRO's bf16 path is not BF16_Optimizer's: most elements differ by a bf16 rounding step after 10
     AdamW steps, and its ZeRO reduces bf16 gradients in fp32 where our methods, as at stage 0, reduce them in
     their own dtype); no method deviates from its stage 0 by more than DeepSpeed's own reduction does."""
-    res = harness.run(workers_zero.zero_vs_stage0, 2, timeout=240, reducers=["deepspeed", "allreduce", "powersgd",
+    res = harness.run_pooled(workers_zero.zero_vs_stage0, 2, timeout=240, reducers=["deepspeed", "allreduce", "powersgd",
                                                                               "exdyna"],
                       precisions=("fp32", "bf16"), gas=2, clip=0.05, adam=True)[0]
 
@@ -71,7 +71,7 @@ def test_adamw_and_clipping_under_zero_deviate_from_stage_0_no_more_than_deepspe
 
 def test_no_uncompressed_gradient_collective_under_zero():
     for stage, gas in ((1, 1), (2, 2)):
-        res = harness.run(workers_zero.zero_comms, 2, timeout=240, reducers=ALL + ["deepspeed"], stage=stage,
+        res = harness.run_pooled(workers_zero.zero_comms, 2, timeout=240, reducers=ALL + ["deepspeed"], stage=stage,
                           gas=gas, steps=3)[0]
         for name, r in res.items():
             theirs = {log: sizes for log, sizes in r["logged"].items() if not log.startswith("ds_ext/")}
@@ -122,7 +122,7 @@ def test_deepspeed_version_outside_the_bridge_range_is_refused():
 
 
 def test_detach_gives_zero_its_reduction_back_and_a_foreign_group_is_refused():
-    a, b = harness.run(workers_zero.detach_and_refusals, 2, timeout=120)
+    a, b = harness.run_pooled(workers_zero.detach_and_refusals, 2, timeout=120)
     assert a["hooks"][0] == 0 and a["hooks"][1] > 0  # removed while attached, restored by detach
     assert torch.equal(a["first"], b["first"]) and torch.equal(a["second"], b["second"])  # ZeRO's own averaging
     assert not torch.equal(a["first"], a["second"])

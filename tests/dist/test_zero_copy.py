@@ -82,7 +82,7 @@ CONFIGS = [("fp32", 1, 0), ("fp32", 2, 0), ("bf16", 2, 0), ("fp32", 2, 2)]
 @pytest.fixture(scope="module")
 def runs():
     """One 2-rank gloo run for the tests below (spawning ranks and building engines is most of the time)."""
-    return harness.run(W.all_runs, 2, configs=CONFIGS, timeout=400)
+    return harness.run_pooled(W.all_runs, 2, configs=CONFIGS, timeout=400)
 
 
 def test_deepspeed_engine_bit_identical_and_optimizer_reads_bucket_views(runs):
