@@ -11,7 +11,7 @@ from ds_ext.sync import schedules
 from ds_ext.sync.averaging import DSSyncOptions, LocalOptions, default_patterns
 from ds_ext.sync.schedules import QSR, Constant, PostLocal, simulate
 from tests import harness
-from tests.dist import workers_sync
+from tests.dist import workers, workers_sync
 from tests.unit.test_recipe import QUICK
 
 
@@ -144,11 +144,14 @@ def test_postlocal_switches_from_gradient_to_parameter_averaging():
 
 @pytest.fixture(scope="module")
 def ds4():
+    """DS-Sync's arithmetic on 4 loopback ranks (no DeepSpeed in it; real 4-rank subgroups:
+    tests/dist/test_hostreads.py and tests/dist/test_hierarchy.py)."""
     return {
-        "patterns": harness.run_pooled(workers_sync.dssync_direct, 4, options={"groups": 2, "grouping": "patterns"}, syncs=2),
-        "shuffle": harness.run_pooled(workers_sync.dssync_direct, 4, options={"groups": 2, "seed": 3}, syncs=4,
-                               local_update=True),
-        "g1": harness.run_pooled(workers_sync.dssync_direct, 4, options={"groups": 1}, syncs=1),
+        "patterns": workers.loopback(workers_sync.dssync_direct, 4, options={"groups": 2, "grouping": "patterns"},
+                                     syncs=2),
+        "shuffle": workers.loopback(workers_sync.dssync_direct, 4, options={"groups": 2, "seed": 3}, syncs=4,
+                                    local_update=True),
+        "g1": workers.loopback(workers_sync.dssync_direct, 4, options={"groups": 1}, syncs=1),
     }
 
 

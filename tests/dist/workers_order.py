@@ -5,16 +5,17 @@ import torch
 import torch.nn.functional as F
 
 
-def sorter_tables(rank, world, m=8, d=5, epochs=3, odd_rank=None, project_dim=0):
-    """Drive a ``dgrab`` order through real gloo all_gathers with random per-rank gradients; rank
-    ``odd_rank`` gets gradients of another scale and distribution. Returns every epoch's full table."""
+def sorter_tables(rank, world, m=8, d=5, epochs=3, odd_rank=None, project_dim=0, comm=None):
+    """Drive a ``dgrab`` order through all_gathers (the process group, or ``comm``: a ``LoopbackWorld``
+    rank) with random per-rank gradients; rank ``odd_rank`` gets gradients of another scale and
+    distribution. Returns every epoch's full table."""
     from ds_ext.meter import CommMeter
     from ds_ext.order.dgrab import DGrab, DGrabOptions
 
     order = DGrab(m * world, rank, world, seed=3, options=DGrabOptions(project_dim=project_dim))
     order.plan(1, 2, m // 2)
     meter = CommMeter()
-    order.bind(meter=meter, numel=d)
+    order.bind(meter=meter, numel=d, comm=None if comm is None else comm.with_meter(meter))
     g = torch.Generator().manual_seed(100 + rank)
     tables, local = [], []
     for epoch in range(epochs):

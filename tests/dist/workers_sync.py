@@ -75,9 +75,10 @@ def local_run(rank, world, sync, reducer=None, optimizer="sgd", steps=10, moment
     return out
 
 
-def dssync_direct(rank, world, options, syncs=2, local_update=False):
+def dssync_direct(rank, world, options, syncs=2, local_update=False, comm=None):
     """Drive ``dssync`` directly on rank-specific parameters: groups seen, parameters after each sync,
-    and the cross-rank sum before / after."""
+    and the cross-rank sum before / after. ``comm``: a communicator (``LoopbackWorld`` rank) instead of
+    the process group."""
     from ds_ext.meter import CommMeter
     from ds_ext.registry import SYNCS, load_builtin
 
@@ -85,7 +86,8 @@ def dssync_direct(rank, world, options, syncs=2, local_update=False):
     g = torch.Generator().manual_seed(10 + rank)
     params = [torch.nn.Parameter(torch.randn(5, 3, generator=g)), torch.nn.Parameter(torch.randn(4, generator=g))]
     meter = CommMeter()
-    sync = SYNCS.build("dssync", options, [(f"p{i}", p) for i, p in enumerate(params)], meter=meter)
+    sync = SYNCS.build("dssync", options, [(f"p{i}", p) for i, p in enumerate(params)], meter=meter,
+                       comm=None if comm is None else comm.with_meter(meter))
     rec = {"groups": [], "params": [], "bytes": [], "start": [p.detach().clone() for p in params]}
     for i in range(syncs):
         rec["groups"].append(sync.grouping(sync.rounds))

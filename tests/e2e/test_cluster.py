@@ -124,7 +124,7 @@ def test_model_payloads_equal_the_real_meter_on_two_ranks():
 
     kw = dict(rank=2, density=0.01, qsr_alpha=0.0, qsr_h_base=2, dssync_groups=1)
     methods = ["allreduce", "powersgd", "acpsgd", "topk", "exdyna", "signsgd", "local_qsr", "dssync"]
-    res = harness.run(workers_cluster.payloads, 2, methods=methods, opts=kw, steps=2)
+    res = harness.run_pooled(workers_cluster.payloads, 2, methods=methods, opts=kw, steps=2)
     shapes = cm.model_shapes("digits_cnn")
     opts = cm.MethodOptions(**kw)
     for rank_out in res:

@@ -382,28 +382,29 @@ def test_reducers_same_with_kernels_and_fallback(cpu_op, name, opts):
         assert sa.get(k) == sb.get(k)
 
 
-def _signsgd_worker(rank, world_size):
+def _signsgd_rank(comm):
+    """One loopback rank of signsgd: 3 steps of random gradients (seeded per rank), what it applied and
+    the error-feedback residual. ``DS_EXT_OPS`` is set by the caller, for all ranks at once."""
     from ds_ext.registry import REDUCERS, load_builtin
     load_builtin()
-    res = {}
+    g = torch.Generator().manual_seed(100 + comm.rank)
+    p = torch.nn.Parameter(torch.zeros(10_007))
+    q = torch.nn.Parameter(torch.zeros(3, 5))
+    red = REDUCERS.build("signsgd", {}, [("p", p), ("q", q)], comm=comm)
+    grads = []
+    for s in range(3):
+        p.grad, q.grad = torch.randn(p.shape, generator=g), torch.randn(q.shape, generator=g)
+        red.finish()
+        grads.append(torch.cat([p.grad.reshape(-1), q.grad.reshape(-1)]).clone())
+    return grads, red.error.clone()  # the error-feedback residual
+
+
+def test_signsgd_two_ranks_agree(cpu_op, monkeypatch):
+    from ds_ext.testing import LoopbackWorld
+    r0, r1 = {}, {}
     for m in ("compiled", "torch"):
-        os.environ[ops.ENV] = m
-        torch.manual_seed(100 + rank)
-        p = torch.nn.Parameter(torch.zeros(10_007))
-        q = torch.nn.Parameter(torch.zeros(3, 5))
-        red = REDUCERS.build("signsgd", {}, [("p", p), ("q", q)])
-        grads = []
-        for s in range(3):
-            p.grad, q.grad = torch.randn_like(p), torch.randn_like(q)
-            red.finish()
-            grads.append(torch.cat([p.grad.reshape(-1), q.grad.reshape(-1)]).clone())
-        res[m] = (grads, red.error.clone())  # the error-feedback residual
-    return res
-
-
-def test_signsgd_two_ranks_agree(cpu_op):
-    from tests import harness
-    r0, r1 = harness.run(_signsgd_worker, 2, timeout=180)
+        monkeypatch.setenv(ops.ENV, m)
+        r0[m], r1[m] = LoopbackWorld(2).run(_signsgd_rank)
     for m in ("compiled", "torch"):
         for a, b in zip(r0[m][0], r1[m][0]):
             assert torch.equal(a, b)  # every rank applies the same gradient
