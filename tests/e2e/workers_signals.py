@@ -39,7 +39,7 @@ if os.environ.get("WORLD_SIZE") == "1":
     import importlib.util
 
     _spec = importlib.util.spec_from_file_location("ds_ext_faults", Path(__file__).resolve().parents[2]
-                                                   / "ds_ext" / "faults.py")
+                                                   / "ds_ext" / "trainer" / "faults.py")
     faults = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(faults)
 else:
