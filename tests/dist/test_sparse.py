@@ -22,6 +22,7 @@ from ds_ext.reducers.sparse import (
     ExDynaOptions, TopKOptions, block_layout, initial_partitions, partition_loads, partition_range, reallocate,
     threshold_factor)
 from tests import harness
+from tests.dist import workers
 from tests.dist import workers_sparse as W
 
 N = W.NUMEL
@@ -190,7 +191,8 @@ def two():
 
 @pytest.fixture(scope="module")
 def three():
-    return harness.run_pooled(W.suite, 3, timeout=240, cases={
+    """The reducer arithmetic on 3 loopback ranks (no DeepSpeed in it; 2 real ranks: ``two``)."""
+    return workers.loopback(W.suite, 3, cases={
         "ex": ("drive", dict(reducer="exdyna", options={"density": 0.01}, steps=6, prof="left")),
         "tk": ("drive", dict(reducer="topk", options={"density": 0.01}, steps=3)),
     })

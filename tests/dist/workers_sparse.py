@@ -36,13 +36,14 @@ def raw_grads(rank: int, t: int, seed: int, scale: float, prof: torch.Tensor) ->
     return torch.randn(NUMEL, generator=g) * prof * scale
 
 
-def _build(reducer, options, dtype, meter):
+def _build(reducer, options, dtype, meter, comm=None):
     from ds_ext.registry import REDUCERS, load_builtin
 
     load_builtin()
     params = [torch.nn.Parameter(torch.zeros(s, dtype=dtype)) for s in SHAPES]
     named = [(f"p{i}", p) for i, p in enumerate(params)]
-    return params, REDUCERS.build(reducer, options, named, meter=meter)
+    return params, REDUCERS.build(reducer, options, named, meter=meter,
+                                  comm=None if comm is None else comm.with_meter(meter))
 
 
 def _set_grads(params, flat: torch.Tensor) -> None:
@@ -57,27 +58,43 @@ def _applied(params) -> torch.Tensor:
     return torch.cat([p.grad.detach().reshape(-1) for p in params])
 
 
-def _gather_list(t: torch.Tensor, world: int):
-    """Variable-length all_gather through a padded tensor (reference side, not metered)."""
+def _gather_list(t: torch.Tensor, world: int, comm=None):
+    """Variable-length all_gather through a padded tensor (reference side, not metered); ``comm``: a
+    ``LoopbackWorld`` rank instead of the process group."""
     n = torch.tensor([t.numel()])
-    ns = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(ns, n)
+    if comm is None:
+        ns = [torch.zeros_like(n) for _ in range(world)]
+        dist.all_gather(ns, n)
+    else:
+        ns = list(comm.all_gather(n))
     m = int(max(x.item() for x in ns))
     pad = torch.zeros(m, dtype=t.dtype)
     pad[:t.numel()] = t
-    out = [torch.zeros_like(pad) for _ in range(world)]
-    dist.all_gather(out, pad)
+    if comm is None:
+        out = [torch.zeros_like(pad) for _ in range(world)]
+        dist.all_gather(out, pad)
+    else:
+        out = list(comm.all_gather(pad))
     return [o[:int(k.item())] for o, k in zip(out, ns)]
 
 
+def _sum(t: torch.Tensor, comm=None) -> None:
+    """In-place sum over the ranks (reference side, not metered)."""
+    if comm is None:
+        dist.all_reduce(t)
+    else:
+        comm.all_reduce(t)
+
+
 def drive(rank, world, reducer, options, steps=8, dtype="fp32", prof="flat", scale=0.01, seed=0,
-          resume_at=None):
-    """Run ``steps`` reducer steps; record applied gradients and the exact references."""
+          resume_at=None, comm=None):
+    """Run ``steps`` reducer steps; record applied gradients and the exact references. ``comm``: a
+    ``LoopbackWorld`` rank instead of the process group (reducer and references)."""
     from ds_ext.meter import CommMeter
 
     dt = DTYPES[dtype]
     meter = CommMeter()
-    params, red = _build(reducer, options, dt, meter)
+    params, red = _build(reducer, options, dt, meter, comm)
     pr = profile(prof)
     rec = {k: [] for k in ("applied", "ref_applied", "mean_raw", "bytes", "stats", "local", "all_local",
                            "union", "ranges", "part", "partition", "threshold", "sel_match", "ks")}
@@ -95,22 +112,22 @@ def drive(rank, world, reducer, options, steps=8, dtype="fp32", prof="flat", sca
         rec["stats"].append(st)
         local = red.last["indices"].clone()
         rec["local"].append(local)
-        all_local = _gather_list(local, world)
+        all_local = _gather_list(local, world, comm)
         rec["all_local"].append(all_local)
         # the exact mean of the raw gradients
         m = raw.float().clone()
-        dist.all_reduce(m)
+        _sum(m, comm)
         rec["mean_raw"].append(m / world)
         # reference applied gradient from everyone's send buffers
         summed = g.clone()
-        dist.all_reduce(summed)
+        _sum(summed, comm)
         ref = torch.zeros(NUMEL)
         if reducer == "exdyna" or options.get("exchange") == "union":
             union = torch.unique(torch.cat(all_local))
             ref[union] = summed[union] / world
         else:
             vdt = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(options.get("value_dtype"), torch.float32)
-            vals = _gather_list(g[local].to(vdt).float(), world)
+            vals = _gather_list(g[local].to(vdt).float(), world, comm)
             for idx, v in zip(all_local, vals):
                 ref.index_add_(0, idx, v)
             ref /= world
@@ -147,7 +164,7 @@ def drive(rank, world, reducer, options, steps=8, dtype="fp32", prof="flat", sca
         rec["layout"] = (red.num_blocks, red.block_size, red.remainder)
         rec["min_blocks"] = red.min_blocks
     if saved is not None:
-        params2, red2 = _build(reducer, options, dt, None)
+        params2, red2 = _build(reducer, options, dt, None, comm)
         red2.load_state_dict(torch.load(io.BytesIO(saved), weights_only=False))
         rec["resumed"] = []
         for t in range(resume_at + 1, steps):
@@ -192,9 +209,9 @@ def engine_run(rank, world, reducer, options, steps=6):
             if reducer == "exdyna" else None}
 
 
-def suite(rank, world, cases):
-    """Several named runs in one spawned process group (spawning costs seconds on a small machine)."""
+def suite(rank, world, cases, comm=None):
+    """Several named runs in one process group (or on ``comm``, a ``LoopbackWorld`` rank: ``drive`` only)."""
     out = {}
     for name, (fn, kw) in cases.items():
-        out[name] = globals()[fn](rank, world, **kw)
+        out[name] = globals()[fn](rank, world, **kw) if comm is None else globals()[fn](rank, world, comm=comm, **kw)
     return out
