@@ -336,6 +336,8 @@ class Communicator:
     def _issue(self, op: str, kind: Optional[str], t: torch.Tensor, async_op: bool, issue: Callable[[], Any]):
         """Run ``issue`` (the backend primitive) through the process-wide observers (``observe``, outermost first)
         and then this communicator's own; returns what the primitive returned (its work, or None)."""
+        if not _OBSERVERS and self.observer is None:  # the training path: no benchmark is listening
+            return issue()
         observers = _OBSERVERS + ([self.observer] if self.observer is not None else [])
         for obs in reversed(observers):
             issue = functools.partial(obs, self, op, kind, t, async_op, issue)

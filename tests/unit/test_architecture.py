@@ -20,7 +20,7 @@ ABOVE_METHODS = ("ds_ext.deepspeed", "ds_ext.trainer", "ds_ext.costmodel", "ds_e
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 600, 120
 
 
-def _modules(root: Path, top: str) -> Dict[str, Path]:
+def _modules(root: Path) -> Dict[str, Path]:
     out = {}
     for p in sorted(root.rglob("*.py")):
         parts = list(p.relative_to(root.parent).with_suffix("").parts)
@@ -30,7 +30,7 @@ def _modules(root: Path, top: str) -> Dict[str, Path]:
     return out
 
 
-MODS = _modules(PKG, "ds_ext")
+MODS = _modules(PKG)
 
 
 def _targets(name: str, path: Path) -> Set[str]:
