@@ -13,7 +13,8 @@ from typing import Any, Dict, Optional
 
 from transformers import TrainerCallback
 
-from .deepspeed.attach import _block, attach, method_spec
+from .deepspeed.attach import attach, method_spec
+from .spec import block_parts
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +24,8 @@ __all__ = ["DsExtCallback", "attach_to_trainer", "attach_accelerator", "cpu_deep
 def hf_problem(method) -> Optional[str]:
     """Why a method cannot run under the Trainer / Accelerate (None when it can); ``method`` is a validated
     ``spec.MethodSection``."""
-    order, _ = _block(method.order, "rr")
-    reducer, _ = _block(method.reducer, "allreduce")
+    order, _ = block_parts(method.order, "rr")
+    reducer, _ = block_parts(method.reducer, "allreduce")
     if order != "rr":
         return (f"ds_ext.order {order!r} cannot run under the Hugging Face Trainer or Accelerate: it reorders the "
                 f"examples, so it must own the sampler, and the Trainer builds its own data loader (and it sees every "

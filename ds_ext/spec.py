@@ -191,3 +191,17 @@ def method_section(block: Any, source: str = "ds_config", prefix: str = "ds_ext"
     if problems:
         raise RecipeError(source, problems)
     return section
+
+
+def block_parts(spec, default: str):
+    """(name, options dict or Options) of one method block: a recipe ``NamedBlock``, a dict or a plain name
+    (``default`` when absent). Shared by ``attach()``, the trainer's set-up and the Hugging Face route."""
+    if spec is None:
+        return default, {}
+    if isinstance(spec, str):
+        return spec, {}
+    if isinstance(spec, dict):
+        spec = dict(spec)
+        return spec.pop("name", default), spec
+    opts = spec.checked if spec.checked is not None else spec.params
+    return spec.name, opts

@@ -23,7 +23,6 @@ engine from a recipe and calls ``attach``.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Any, Callable, Dict, Optional, Union
 
@@ -32,24 +31,12 @@ import torch
 from ..comm import Communicator
 from ..meter import CommMeter
 from ..registry import ORDERS, REDUCERS, SYNCS, MethodView, load_builtin
+from ..spec import block_parts
 from .step_hooks import (ConsistencyCheck, DesyncError, NonFiniteGuard, StepInfo, StopVote, check_consistency,
                          split_rows)
 from .zero import ZeroBridge, _node_partitioned_detached
 
 log = logging.getLogger(__name__)
-
-
-def _block(spec, default: str):
-    """(name, options dict or Options) from a recipe NamedBlock, a dict or a plain name."""
-    if spec is None:
-        return default, {}
-    if isinstance(spec, str):
-        return spec, {}
-    if isinstance(spec, dict):
-        spec = dict(spec)
-        return spec.pop("name", default), spec
-    opts = spec.checked if spec.checked is not None else spec.params
-    return spec.name, opts
 
 
 def _copy_into(view: torch.Tensor):
@@ -366,10 +353,10 @@ def attach(engine, method: Union[None, Dict[str, Any], Any] = None, meter: Optio
     """
     load_builtin()
     method = method_spec(engine, method)
-    rname, ropts = _block(method.reducer, "allreduce")
-    sname, sopts = _block(method.sync, "none")
+    rname, ropts = block_parts(method.reducer, "allreduce")
+    sname, sopts = block_parts(method.sync, "none")
     ropts, sopts = REDUCERS.validated(rname, ropts), SYNCS.validated(sname, sopts)
-    oname_spec = _block(method.order, "rr")[0]
+    oname_spec = block_parts(method.order, "rr")[0]
     if order is None and oname_spec in ORDERS and ORDERS.get(oname_spec).factory.observes_gradients:
         raise ValueError(f"method.order {oname_spec!r} sees every micro-batch gradient and orders the examples: pass "
                          f"the order object that drives your sampler (attach(..., order=ds_ext.ORDERS.build("
@@ -378,7 +365,7 @@ def attach(engine, method: Union[None, Dict[str, Any], Any] = None, meter: Optio
     comm = Communicator(group, device=engine.device, meter=meter,
                         wire_dtype=getattr(engine, "communication_data_type", None))
     if check:  # the methods' own rules, as the recipe check runs them
-        oname = ORDERS.name_of(order) if order is not None else _block(method.order, "rr")[0]
+        oname = ORDERS.name_of(order) if order is not None else block_parts(method.order, "rr")[0]
         view = MethodView(names={"reducer": rname, "sync": sname, "order": oname or "rr"},
                           options={"reducer": ropts, "sync": sopts, "order": order.options if order else None},
                           deepspeed=_deepspeed_settings(engine), world=comm.world_size)

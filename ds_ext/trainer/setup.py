@@ -6,7 +6,8 @@ from typing import Optional
 
 import torch
 
-from ..deepspeed.attach import _block, attach
+from ..deepspeed.attach import attach
+from ..spec import block_parts
 from ..deepspeed.zero import _scoped_mpu, node_mpu
 from ..meter import CommMeter
 from ..registry import OPTIMIZERS, REDUCERS, load_builtin
@@ -19,7 +20,7 @@ def hierarchical_zero(recipe) -> bool:
     load_builtin()
     method = recipe.method
     spec = method.get("reducer") if isinstance(method, dict) else getattr(method, "reducer", None)
-    rname, ropts = _block(spec, "allreduce")
+    rname, ropts = block_parts(spec, "allreduce")
     ropts = REDUCERS.validated(rname, ropts)
     return bool(getattr(ropts, "hierarchical", False)) and zero_stage_of(recipe.deepspeed) in (1, 2)
 
