@@ -104,13 +104,43 @@ def _dscomm():
     return dc
 
 
+def local_rank() -> int:
+    """This process's rank on its node (the launcher's ``LOCAL_RANK``; 0 without one)."""
+    try:
+        return int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def bind_device() -> None:
+    """Make this rank's own accelerator device (``LOCAL_RANK``) the current one, as DeepSpeed's engine
+    does in ``initialize``, but before any collective: torch's object collectives stage on the current
+    device, and DeepSpeed binds the default NCCL group to ``cuda:LOCAL_RANK``, so a collective made
+    before the engine exists (the trainer's start-up verdicts, ``node_mpu``) on cuda:0 is refused on
+    every rank but the first. Called by ``init_distributed`` and by every ``Communicator`` built on the
+    default device; the CPU accelerator's ``set_device`` does nothing. With one visible device per process
+    (``CUDA_VISIBLE_DEVICES`` narrowed by the launcher) the one device is used."""
+    try:
+        from deepspeed.accelerator import get_accelerator
+    except ImportError:  # deepspeed absent: CPU
+        return
+    acc = get_accelerator()
+    want = local_rank()
+    count = acc.device_count()
+    if count and want >= count:
+        want = want % count
+    if str(acc.current_device()) != str(want):
+        acc.set_device(want)
+
+
 def default_device() -> torch.device:
-    """The accelerator device DeepSpeed uses on this rank (``cpu`` with ``DS_ACCELERATOR=cpu``)."""
+    """This rank's accelerator device (``bind_device``; ``cpu`` with ``DS_ACCELERATOR=cpu``)."""
     try:
         from deepspeed.accelerator import get_accelerator
 
+        bind_device()
         return torch.device(get_accelerator().current_device_name())
-    except Exception:  # deepspeed absent or no accelerator: CPU
+    except ImportError:  # deepspeed absent: CPU
         return torch.device("cpu")
 
 
@@ -151,6 +181,10 @@ class Communicator:
     #: called around each of this communicator's collectives (``observe`` for the call; class default: none)
     observer: Optional["Observer"] = None
 
+    #: ``DS_EXT_FORCE_COLLECTIVES=1``: issue every collective even in a group of one (the GPU check pushes
+    #: every ds_ext collective through a 1-rank NCCL group this way; ``run/gpu-check.sh``)
+    force_collectives = False
+
     def __init__(self, group=None, device=None, meter=None, wire_dtype: Optional[torch.dtype] = None,
                  observer: Optional["Observer"] = None):
         self.group = group
@@ -163,6 +197,7 @@ class Communicator:
         self.world_size = dist.get_world_size(group) if live else 1
         self.rank = dist.get_rank(group) if live else 0
         self.global_rank = dist.get_rank() if live else 0
+        self.force_collectives = live and os.environ.get("DS_EXT_FORCE_COLLECTIVES", "") == "1"
         self._init_state()
 
     def _init_state(self) -> None:
@@ -175,7 +210,7 @@ class Communicator:
     # -- properties ---------------------------------------------------------------------------------
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.force_collectives
 
     def with_meter(self, meter) -> "Communicator":
         """The same group and device with another meter (``None``: unmetered)."""
@@ -458,6 +493,7 @@ def init_distributed(timeout_s: Optional[float] = None, backend: Optional[str] =
     import deepspeed
 
     standalone_env()
+    bind_device()
 
     kw = {}
     if timeout_s is not None:
