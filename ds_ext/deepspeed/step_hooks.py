@@ -304,7 +304,9 @@ class StopVote(StepHook):
     def control(self, info: StepInfo) -> Optional[torch.Tensor]:
         if self.source is None or not info.communicates:
             return None
-        return self.comm.tensor([1 if self.source() else 0], dtype=torch.int64)
+        # fill_ with a host scalar is a kernel argument; torch.tensor([v], device=cuda) would be a pageable
+        # host-to-device copy, which synchronises the stream (one hidden sync per step: issue 27 N3)
+        return self.comm.zeros(1, dtype=torch.int64).fill_(1 if self.source() else 0)
 
     def before_step(self, info: StepInfo, rows) -> bool:
         self.settle(info.communicates, rows)

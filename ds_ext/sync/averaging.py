@@ -30,6 +30,10 @@ Deliberate deviations from the reference code, named (Local SGD / QSR):
 * ``power`` defaults to 2 (eq. 3; the reference's command-line default is 1.0, its scripts pass 2) and
   ``init_h`` to ``h_base`` (the reference's: 1); an LR <= 0 gives H = the remaining steps (the reference
   divides by 0); every trainable parameter is averaged (the reference: those with a gradient).
+* ``avg_m`` / ``avg_v`` name the moments from the optimizer's parameter groups, and a rank without state
+  yet (its first step skipped for a non-finite gradient) sends zeros for them (``_Averaging._tensors``):
+  the reference has no skipped steps, and an average over whatever state each rank holds would be a
+  collective of different sizes on different ranks.
 
 Deliberate deviations from the reference code, named (DS-Sync):
 * Pattern counter at epoch boundaries (``pattern_restart``, ``DSSync.pattern_index``). The reference is
@@ -64,7 +68,7 @@ Deliberate deviations from the reference code, named (DS-Sync):
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, Iterable, List, Literal, Optional
+from typing import Callable, Dict, Iterable, List, Literal, Optional, Tuple
 
 import random
 
@@ -281,6 +285,7 @@ class _Averaging(Synchronizer):
             if p.dtype != torch.float32:
                 raise ValueError(f"{type(self).__name__} averages fp32 parameters; got {p.dtype} (use "
                                  "deepspeed.torch_autocast for mixed precision)")
+        self._moment_keys()  # an optimizer whose moments avg_m / avg_v cannot name is refused at attach
 
     # -- what the engine asks ---------------------------------------------------------------------
     def reduce_gradients_now(self) -> bool:
@@ -318,20 +323,45 @@ class _Averaging(Synchronizer):
         return float(opt.param_groups[0]["lr"]) if opt is not None else 0.0
 
     # -- what is averaged ---------------------------------------------------------------------------
+    def _moment_keys(self) -> List[Tuple[torch.nn.Parameter, str]]:
+        """``(parameter, state key)`` of every optimizer moment ``avg_m`` / ``avg_v`` averages, from the
+        optimizer's parameter groups only (never from its state: a rank whose first step was skipped has no
+        state yet while its peers do, and every rank must send the same list; issue 27 N2): Adam-family
+        groups (``betas``) ``exp_avg`` / ``exp_avg_sq``, SGD groups with ``momentum > 0`` ``momentum_buffer``."""
+        o, opt = self.options, self.optimizer
+        if opt is None or not (o.avg_m or o.avg_v):
+            return []
+        group_of = {id(q): g for g in opt.param_groups for q in g["params"]}
+        out = []
+        for p in self.params:
+            g = group_of.get(id(p))
+            if g is None:
+                continue
+            if "betas" in g:
+                out += [(p, k) for k, on in (("exp_avg", o.avg_m), ("exp_avg_sq", o.avg_v)) if on]
+            elif "momentum" in g:
+                if o.avg_v:
+                    raise ValueError(f"sync: avg_v averages Adam's exp_avg_sq; {type(opt).__name__} has none "
+                                     "(use avg_m for SGD's momentum buffer)")
+                if o.avg_m and g["momentum"]:
+                    out.append((p, "momentum_buffer"))
+            else:
+                raise ValueError(f"sync: avg_m / avg_v average Adam's exp_avg / exp_avg_sq or SGD's momentum_buffer; "
+                                 f"the parameter groups of {type(opt).__name__} have neither 'betas' nor 'momentum'")
+        return out
+
     def _tensors(self) -> List[torch.Tensor]:
+        """What one averaging sends: the parameters, the optimizer moments (``_moment_keys``), BatchNorm
+        buffers. The list is the same on every rank: a moment this rank has no state for yet (its first
+        step was skipped for a non-finite gradient) is sent as zeros, the value Adam and SGD start from,
+        into a scratch tensor that is dropped afterwards (the state stays absent and starts at this rank's
+        next step)."""
         ts = [p.data for p in self.params]
-        o = self.options
         opt = self.optimizer
-        if opt is not None and (o.avg_m or o.avg_v):
-            for p in self.params:
-                st = opt.state.get(p, {})
-                if o.avg_m:
-                    for key in ("exp_avg", "momentum_buffer"):
-                        if isinstance(st.get(key), torch.Tensor):
-                            ts.append(st[key])
-                if o.avg_v and isinstance(st.get("exp_avg_sq"), torch.Tensor):
-                    ts.append(st["exp_avg_sq"])
-        if o.avg_buffers:
+        for p, key in self._moment_keys():
+            t = opt.state.get(p, {}).get(key)
+            ts.append(t if isinstance(t, torch.Tensor) else torch.zeros_like(p.data))
+        if self.options.avg_buffers:
             ts += bn_buffers(self.module)
         return ts
 

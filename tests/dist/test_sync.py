@@ -132,6 +132,18 @@ def test_local_avg_m_averages_moments():
     assert a["bytes"][1] == 3 * 4 * a["params"][0].numel()  # params + m + v
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_avg_moments_after_a_rank_skipped_its_first_step(optimizer):
+    """Issue 27 N2: a rank whose first step was skipped (NaN input) has no optimizer state while its peer
+    has; the averaging still sends the same list on both ranks (gloo would abort with "Received data size
+    doesn't match expected size"; NCCL would not check) and the ranks agree after every sync."""
+    sync = {"name": "local", "period": "constant", "h": 1, "avg_m": True, "avg_v": optimizer == "adamw"}
+    a, b = harness.run_pooled(workers_sync.local_run, 2, sync=sync, optimizer=optimizer, steps=3, lr=0.01,
+                              nan_at=(1, 0))
+    assert (a["skipped"], b["skipped"]) == (0, 1)  # a local step: rank 1 alone skips, rank 0 has moments
+    assert a["bytes"] == b["bytes"] and a["calls"] == b["calls"]
+    for t in range(3):
+        assert torch.equal(a["params"][t], b["params"][t]), t
 def test_postlocal_switches_from_gradient_to_parameter_averaging():
     a, b = harness.run_pooled(workers_sync.local_run, 2, sync={"name": "local", "period": "postlocal", "switch_step": 3,
                                                         "h": 2}, reducer={"name": "allreduce"}, steps=7)

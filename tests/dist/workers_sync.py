@@ -53,13 +53,16 @@ def engine_with(sync: dict, reducer: dict, optimizer: str = "sgd", lr: float = 0
     return engine, att
 
 
-def local_run(rank, world, sync, reducer=None, optimizer="sgd", steps=10, momentum=0.9, lr=0.05):
+def local_run(rank, world, sync, reducer=None, optimizer="sgd", steps=10, momentum=0.9, lr=0.05, nan_at=None):
     """Train ``steps`` steps; per step: params, whether the step communicated, collectives issued,
-    bytes metered, H; plus the final optimizer state."""
+    bytes metered, H; plus the final optimizer state. ``nan_at``: ``(rank, step)`` whose input is all NaN
+    (that rank's guard skips the step)."""
     engine, att = engine_with(sync, reducer or {"name": "none"}, optimizer, lr=lr, momentum=momentum,
                               total_steps=steps)
     out = {"params": [], "comm": [], "calls": [], "bytes": [], "H": []}
-    for x, y in workers.rank_batches(rank, steps, 8, torch.float32):
+    for i, (x, y) in enumerate(workers.rank_batches(rank, steps, 8, torch.float32)):
+        if nan_at == (rank, i):
+            x = torch.full_like(x, float("nan"))
         with CollectiveCounter() as cc:
             loss = F.cross_entropy(engine(x), y)
             engine.backward(loss)
@@ -72,6 +75,7 @@ def local_run(rank, world, sync, reducer=None, optimizer="sgd", steps=10, moment
     opt = engine.optimizer
     out["opt_state"] = [{k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
                         for p in engine.module.parameters()]
+    out["skipped"] = att.skipped_steps
     return out
 
 
