@@ -172,6 +172,11 @@ def observe(observer: Observer) -> Callable[[], None]:
     return remove
 
 
+#: pinned subgroups of the world group (``Communicator.subgroup(pin=True)``), for the default process group in
+#: ``world``
+_PINNED: dict = {"world": None, "groups": {}}
+
+
 class Communicator:
     """Collectives over one process group, on one device, metered (see the module docstring)."""
 
@@ -346,12 +351,20 @@ class Communicator:
         return got
 
     # -- groups -----------------------------------------------------------------------------------------
-    def subgroup(self, members: Sequence[int]) -> Optional["Communicator"]:
+    def subgroup(self, members: Sequence[int], pin: bool = False) -> Optional["Communicator"]:
         """Collective (every rank calls it, in the same order, for every member set): a communicator
         over the given ranks of this group, ``None`` on ranks outside it. Cached; at most
         ``max_subgroups`` are kept (the least recently used one is destroyed past that, on every rank
-        alike, since every rank makes the same calls)."""
+        alike, since every rank makes the same calls). ``pin``: kept for the life of the process group and
+        never evicted; pinned subgroups of the world group are shared by every communicator of the
+        process (``node_mpu`` and ``attach`` make the node groups once, not once each)."""
         key = tuple(sorted(int(r) for r in members))
+        if pin:
+            store = self._pin_store()
+            if key not in store:
+                store[key] = self._new_subgroup(key)
+                self.subgroups_created += 1
+            return self._adopt(store[key])
         if key in self._subgroups:
             self._subgroups.move_to_end(key)
             return self._subgroups[key]
@@ -363,8 +376,29 @@ class Communicator:
             self._destroy_subgroup(old)
         return sub
 
+    def _pin_store(self) -> dict:
+        """Where pinned subgroups live: process-wide for the world group (reset when the default process group
+        is a new one), per communicator otherwise."""
+        if self.group is None:
+            world = _dist().group.WORLD
+            if _PINNED["world"] is not world:
+                _PINNED["world"], _PINNED["groups"] = world, {}
+            return _PINNED["groups"]
+        return self.__dict__.setdefault("_pinned", {})
+
+    def _adopt(self, sub: Optional["Communicator"]) -> Optional["Communicator"]:
+        """A pinned subgroup with this communicator's meter, observer and wire dtype (its own control slots)."""
+        if sub is None:
+            return None
+        c = object.__new__(type(sub))
+        c.__dict__.update(sub.__dict__)
+        c.meter, c.observer, c.wire_dtype = self.meter, self.observer, self.wire_dtype
+        c._init_state()
+        return c
+
     @property
     def live_subgroups(self) -> int:
+        """Subgroups alive in the cache (pinned ones not counted)."""
         return len(self._subgroups)
 
     # -- observers ----------------------------------------------------------------------------------------

@@ -116,3 +116,6 @@ class LoopbackComm(Communicator):
 
     def _destroy_subgroup(self, sub) -> None:
         pass
+
+    def _pin_store(self) -> dict:
+        return self.world.__dict__.setdefault("_pinned", {}).setdefault(self.rank, {})  # per rank, as per process

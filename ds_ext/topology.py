@@ -176,15 +176,17 @@ def _solo(comm: Communicator) -> Communicator:
     ``ds_ext/comm.py`` short-cuts at world size 1), so it needs no process group. Not for ``subgroup``."""
     c = comm.with_meter(comm.meter)
     c.world_size, c.rank = 1, 0
+    c.force_collectives = False  # its group is the world's: it must never issue a collective
     c._init_state()
     return c
 
 
 def node_communicators(comm: Communicator, topo: Topology) -> Tuple[Communicator, Communicator]:
     """Collective (every rank, same order): ``(node communicator, cross-node communicator)`` of this rank.
-    Makes every node's group, then every local rank's cross-node group, through ``comm.subgroup`` (cached
-    there, so a second call, e.g. by ``HierarchicalAveraging`` next to a ``HierarchicalReducer``, makes
-    none). One-rank sets get a one-rank communicator, the whole world is ``comm`` itself."""
+    Makes every node's group, then every local rank's cross-node group, through ``comm.subgroup`` (pinned
+    there, never evicted, so a second call, e.g. by ``HierarchicalAveraging`` next to a ``HierarchicalReducer``
+    or by ``attach`` after ``node_mpu``, makes none). One-rank sets get a one-rank communicator, the whole
+    world is ``comm`` itself."""
     if topo.world != comm.world_size or topo.rank != comm.rank:
         raise ValueError(f"hierarchical: topology for rank {topo.rank} of {topo.world}, communicator is rank "
                          f"{comm.rank} of {comm.world_size}")
@@ -193,14 +195,9 @@ def node_communicators(comm: Communicator, topo: Topology) -> Tuple[Communicator
         sets += [("node", k, topo.node_members(k)) for k in range(topo.n_nodes)]
     if topo.n_nodes > 1:
         sets += [("cross", j, topo.cross_members(j)) for j in range(topo.local_size)]
-    needed = sum(1 for _, _, m in sets if len(m) < topo.world)
-    if comm.live_subgroups + needed > comm.max_subgroups:  # never evict a group this rank keeps using
-        comm.max_subgroups = comm.live_subgroups + needed + type(comm).max_subgroups
-        log.info("hierarchical: subgroup cap of this communicator raised to %d (%d node-aware groups)",
-                 comm.max_subgroups, needed)
     node = cross = None
     for which, idx, members in sets:
-        c = comm if len(members) == topo.world else comm.subgroup(members)
+        c = comm if len(members) == topo.world else comm.subgroup(members, pin=True)
         if which == "node" and idx == topo.node:
             node = c
         if which == "cross" and idx == topo.local_rank:

@@ -274,7 +274,8 @@ def node_mpu(comm: Optional[Communicator] = None) -> Optional[NodeMPU]:
         return None
     log.info("hierarchical ZeRO: the optimizer state is partitioned within each node (%d ranks), one copy per "
              "node (%d nodes); ZeRO's parameter all-gather stays inside the node", topo.local_size, topo.n_nodes)
-    groups = [comm.subgroup(topo.node_members(k)) for k in range(topo.n_nodes)]  # collective, same order
+    # collective, same order; pinned: attach's node_communicators finds these, no second NCCL communicator
+    groups = [comm.subgroup(topo.node_members(k), pin=True) for k in range(topo.n_nodes)]
     return NodeMPU(topo, groups[topo.node].group)
 
 

@@ -1,7 +1,7 @@
 """Parameter synchronizers (``method.sync``): decide after each optimizer step whether, and with
 whom, to average parameters. ``none`` relies on the gradient reducer alone (data-parallel SGD).
-``local`` (Local SGD / Local AdamW with a constant, QSR or post-local period) and ``dssync``
-(divide-and-shuffle groups) live in ``averaging.py``; the periods in ``schedules.py``."""
+``local`` (Local SGD / Local AdamW with a constant, QSR or post-local period, ``averaging.py``) and ``dssync``
+(divide-and-shuffle groups, ``dssync.py``) build on ``averaging.py``; the periods live in ``schedules.py``."""
 import importlib
 import pkgutil
 

@@ -8,7 +8,8 @@ import torch
 from ds_ext.trainer.optim import LRSchedule
 from ds_ext.trainer.recipe import RecipeError, load_recipe
 from ds_ext.trainer.cli import schedule_main
-from ds_ext.sync.averaging import DSSyncOptions, LocalOptions, default_patterns
+from ds_ext.sync.averaging import LocalOptions
+from ds_ext.sync.dssync import DSSyncOptions, default_patterns
 from ds_ext.sync.schedules import QSR, Constant, PostLocal, simulate
 from tests import harness
 from tests.dist import workers, workers_sync

@@ -181,13 +181,14 @@ def test_control_exchange_one_read_with_piggyback():
 
 
 # ------------------------------------------------------------------------------------ DS-Sync bound
-def _dssync_rounds(n: int, syncs: int, pool: int, max_subgroups: int = 64):
+def _dssync_rounds(n: int, syncs: int, pool: int, max_subgroups: int = 64, groups: int = 2):
     from ds_ext.registry import SYNCS
 
     def fn(comm):
         comm.max_subgroups = max_subgroups
         p = torch.nn.Parameter(torch.full((3,), float(comm.rank)))
-        sync = SYNCS.build("dssync", {"groups": 2, "h": 1, "seed": 5, "shuffle_pool": pool}, [("p", p)], comm=comm)
+        sync = SYNCS.build("dssync", {"groups": groups, "h": 1, "seed": 5, "shuffle_pool": pool}, [("p", p)],
+                           comm=comm)
         for _ in range(syncs):
             sync.after_step()
         return comm.subgroups_created, comm.live_subgroups, p.detach().clone()
@@ -209,6 +210,40 @@ def test_dssync_communicators_bounded_world16():
     made, live = fresh[0][0], fresh[0][1]
     assert made > 100  # nearly every sync draws new member sets
     assert live <= 20 and all(r[1] == live for r in fresh)
+
+
+def test_dssync_pool_groups_are_made_once_and_never_destroyed():
+    """Issue 27 N5: world 16, G = 8 (groups of 2), the default pool of 16: up to 128 member sets, twice the
+    default cache of 64. Every group is made once, the first time it is used, and stays: as many made
+    as alive after 400 syncs (before the fix most syncs made a group and destroyed the oldest one)."""
+    res = _dssync_rounds(16, 400, pool=16, groups=8)
+    made, live = res[0][0], res[0][1]
+    assert 64 < made <= 16 * 8 and live == made and all(r[:2] == (made, live) for r in res)
+
+
+def test_pinned_subgroups_are_shared_by_the_communicators_of_a_rank():
+    """``subgroup(pin=True)`` over the world: a second communicator of the same rank (``attach`` after
+    ``node_mpu``) makes no second group, and keeps its own meter; pinned groups are never evicted."""
+    from ds_ext.meter import CommMeter
+
+    def fn(comm):
+        first = comm.subgroup([0, 1], pin=True)
+        other = comm.with_meter(CommMeter())
+        other._init_state()
+        again = other.subgroup([0, 1], pin=True)
+        other.max_subgroups = 1
+        other.subgroup([2, 3]), other.subgroup([0, 3])  # LRU traffic past the cap
+        kept = other.subgroup([0, 1], pin=True)
+        if first is None:
+            return comm.subgroups_created, other.subgroups_created, None, None
+        again.all_reduce(torch.ones(2), "grads")
+        return (comm.subgroups_created, other.subgroups_created, again.meter is other.meter,
+                kept.group is first.group if hasattr(first, "group") else kept.world is first.world)
+
+    res = LoopbackWorld(4).run(fn)
+    assert [r[0] for r in res] == [1] * 4  # the pinned set made once per rank, by the first communicator
+    assert [r[1] for r in res] == [2] * 4  # the second made only its two LRU groups
+    assert res[0][2] is True and res[0][3] is True
 
 
 def test_unknown_reduce_op_is_refused():

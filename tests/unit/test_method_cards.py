@@ -157,7 +157,7 @@ def test_constant_period_shortens_the_last_round():
 
 
 def test_dssync_patterns_follow_the_sync_count():
-    from ds_ext.sync.averaging import DSSync, default_patterns
+    from ds_ext.sync.dssync import DSSync, default_patterns
 
     fake = SimpleNamespace(options=SimpleNamespace(grouping="patterns", groups=2, seed=0), world_size=4, group_size=2,
                            patterns=default_patterns(4, 2), pool=[])
