@@ -144,6 +144,15 @@ def default_device() -> torch.device:
         return torch.device("cpu")
 
 
+def host_to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on ``device`` without a blocking pageable copy: pinned, then asynchronous on CUDA (a
+    pageable copy, as ``torch.tensor(data, device=cuda)`` makes, synchronises the stream)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 def _indexed(device: torch.device) -> torch.device:
     """``cuda`` -> ``cuda:<current>`` (a tensor's device always carries its index)."""
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
@@ -342,6 +351,17 @@ class Communicator:
             self._collected = [r[k:] for r in rows]
             self._posted = None
         return [r[:k] for r in rows]
+
+    def take_posted(self) -> Optional[torch.Tensor]:
+        """Take this step's posted vector over (None when nothing is posted), for a caller that carries it on
+        its own collectives (a hierarchical reducer relays it through the node and cross-node exchanges); that
+        caller hands every rank's rows back with ``deliver_control``."""
+        t, self._posted = self._posted, None
+        return t
+
+    def deliver_control(self, rows: List[List[int]]) -> None:
+        """Every rank's posted vector, relayed by the caller of ``take_posted``: ``collect_control`` returns it."""
+        self._collected = rows
 
     def collect_control(self) -> Optional[List[List[int]]]:
         """Every rank's posted vector (exchanged now unless a method's exchange already carried it)."""

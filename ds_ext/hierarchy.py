@@ -11,7 +11,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .comm import Collective, Communicator
+from .comm import Collective, Communicator, host_to_device
 from .reducers.base import Reducer
 from .registry import NoOptions
 from .topology import Topology, balanced_shards, node_communicators, numel_of, ranks_text
@@ -132,21 +132,35 @@ class HierarchicalReducer(Reducer):
             return
         if not self.params:
             return
+        # the engine's control data (non-finite flags, stop vote) posted on the world communicator rides on (a),
+        # the wrapped method's cross-node exchange and (c): one host read per step (issue 27 N4)
+        posted = self.comm.take_posted() if topo.n_nodes > 1 else None
+        slots = self._control_slots(posted)
         # (a) exact node mean of every gradient: one fused fp32 all_reduce inside the node
         _pack_grads(self._mean_views, self.params)
+        if posted is not None:
+            self._mean[self._n_grad:].copy_(slots)
         self.node_comm.all_reduce_mean(self._mean, self.kind_mean)
         if topo.n_nodes == 1:  # one node: the exact mean is every gradient's result
             for p, v in zip(self.params, self._mean_views):
                 _write(p, v)
             return
         # (b) the wrapped method on this rank's shard, across nodes, fed as backward would feed it
+        rows = None
         if self.inner is not None:
             for i in self.shard:
                 _write(self.params[i], self._mean_views[i])
+            if posted is not None:  # the node's sums of every rank's slot, aboard the cross-node exchange
+                node_sum = self._mean[self._n_grad:].mul(topo.local_size).round_().to(torch.int64)
+                self.cross_comm.post_control(node_sum)
             for i in reversed(self.shard):
                 self.inner.grad_ready(self.params[i])
             self.inner.finish()
             _pack_grads(self._send_views, [self.params[i] for i, _, _ in self._layouts[topo.local_rank]])
+            if posted is not None:
+                rows = [sum(col) for col in zip(*self.cross_comm.collect_control())]  # every node's sums added
+                self._send[self.max_shard:].copy_(host_to_device(torch.tensor(rows, dtype=torch.float32),
+                                                                 self._send.device))
         # (c) every local rank's shard result to every rank of the node: one fused all_gather
         got = self.node_comm.all_gather(self._send, self.kind_gather)  # [local_size, max_shard]
         for j, lay in enumerate(self._layouts):
@@ -154,6 +168,30 @@ class HierarchicalReducer(Reducer):
                 continue
             for i, off, n in lay:
                 _write(self.params[i], got[j, off:off + n])
+        if posted is not None:
+            if rows is None:  # no shard here: a node peer that has one brought the world's rows
+                rows = got[self._relay_from, self.max_shard:].round().to(torch.int64).tolist()
+            m = posted.numel()
+            self.comm.deliver_control([rows[r * m:(r + 1) * m] for r in range(self.comm.world_size)])
+
+    def _control_slots(self, posted: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """``posted`` in this rank's slot of a zero vector of ``world x len(posted)`` (fp32, exact for the small
+        counts posted); the node mean and the gather buffers grow a tail of that size the first time."""
+        if posted is None:
+            return None
+        m, world = posted.numel(), self.comm.world_size
+        if getattr(self, "_slot_m", None) != m:
+            self._slot_m, self._n_grad = m, sum(self.numels)
+            dev = self.comm.device
+            self._mean = torch.zeros(self._n_grad + world * m, device=dev)
+            self._mean_views = list(self._mean[:self._n_grad].split(self.numels))
+            self._send = torch.zeros(self.max_shard + world * m, device=dev)
+            mine = self._layouts[self.topology.local_rank]
+            self._send_views = [self._send[off:off + n] for _, off, n in mine]
+            self._relay_from = next(j for j, s in enumerate(self.shards) if s)
+        slots = self._mean.new_zeros(world * m)
+        slots[self.comm.rank * m:(self.comm.rank + 1) * m] = posted.reshape(-1)
+        return slots
 
     # -- state --------------------------------------------------------------------------------------
     def stats(self) -> dict:

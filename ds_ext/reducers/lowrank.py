@@ -51,6 +51,7 @@ from typing import Dict, List, NamedTuple, Optional
 import torch
 from pydantic import AliasChoices, Field
 
+from ..comm import host_to_device
 from ..registry import REDUCERS
 from .base import GradientOptions, Reducer, error_feedback_field
 from .buckets import fuse_reverse
@@ -77,15 +78,7 @@ def _seeded_randn(shape, seed: int, index: int, device=None) -> torch.Tensor:
     """Seeded factors from a CPU generator (identical on every rank), moved to ``device`` if given."""
     g = torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63))
     x = torch.randn(*shape, generator=g, dtype=torch.float32)
-    return x if device is None else _to_device(x, device)
-
-
-def _to_device(x: torch.Tensor, device) -> torch.Tensor:
-    """Host tensor to ``device`` without a blocking pageable copy (pinned, asynchronous on CUDA)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True)
-    return x.to(device)
+    return x if device is None else host_to_device(x, device)
 
 
 class _Meta:
@@ -362,7 +355,7 @@ class PowerSGDReducer(_LowRankBase):
         for c in cls:
             _accumulate(c.E, c.metas, o.error_feedback)  # E now holds M (+ E)
             if not o.warm_start:  # fresh seeded factors: drawn on the CPU generator, one copy to the device
-                c.Q.copy_(_to_device(torch.stack([_seeded_randn((c.key[1], c.key[2]), o.seed + self.steps,
+                c.Q.copy_(host_to_device(torch.stack([_seeded_randn((c.key[1], c.key[2]), o.seed + self.steps,
                                                                 2 * m.index + 1) for m in c.metas]), c.Q.device))
             Ps.append(torch.bmm(c.E, c.Q))
         # allreduce P together with the uncompressed tensors

@@ -354,7 +354,10 @@ def test_real_processes_two_nodes_of_two():
             m = CommMeter()
             m.by_kind.update(kinds)
             assert cross_node_bytes(m) == STEPS * cross > 0, (key, r)
-            assert intra_node_bytes(m) == STEPS * sum(nb for op, nb, g, cls in pred if cls == "NodeCollective")
+            # plus the engine's control data: every rank's 2 non-finite flags in a world-long fp32 slot vector, on
+            # the node mean and the node gather (the guard's one control exchange, relayed: issue 27 N4)
+            flags = 2 * (WORLD * 2 * 4)
+            assert intra_node_bytes(m) == STEPS * (sum(nb for op, nb, g, cls in pred if cls == "NodeCollective") + flags)
         assert not torch.equal(recs[0]["params"][0], recs[0]["params"][-1])
 
 
@@ -464,3 +467,20 @@ def test_resume_with_zero_partitioned_within_the_node_is_exact(tmp_path):
         assert_tree_equal(za["base_optimizer_state"], zb["base_optimizer_state"], name)
         assert_tree_equal(za["single_partition_of_fp32_groups"], zb["single_partition_of_fp32_groups"], name)
     assert ra[0]["attachment"]["meter"]["by_kind"]["node_zero_allgather"] > 0
+
+
+@pytest.mark.parametrize("reducer,options,one_param", [("exdyna", {"density": 0.05}, False),
+                                                       ("topk", {"density": 0.05}, True)])
+def test_engine_control_rides_the_hierarchical_exchanges(reducer, options, one_param):
+    """Issue 27 N4: the guard's flags and the stop vote, posted on the world communicator, reach every rank
+    through the node mean, the wrapped method's cross-node exchange (ExDyna's counts) and the node gather: a
+    NaN on one rank skips the step on all four, with ONE host read per step (was 2 for ExDyna: a second world
+    exchange). ``one_param``: a rank without a shard gets the verdict from its node peer."""
+    res = harness.run_pooled(W.control_relay_run, WORLD, reducer=reducer, options=options, one_param=one_param,
+                             timeout=240)
+    assert all(r["events"] == [(2, [3])] for r in res), [r["events"] for r in res]
+    assert all(r["reads"] == [1, 1, 1] for r in res), [r["reads"] for r in res]
+    assert [r["no_shard"] for r in res] == ([False, True, False, True] if one_param else [False] * 4)
+    for t in range(3):
+        assert all(torch.equal(r["params"][t], res[0]["params"][t]) for r in res), t
+    assert torch.equal(res[0]["params"][0], res[0]["params"][1])  # step 2 skipped everywhere

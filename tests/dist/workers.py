@@ -15,7 +15,7 @@ def tiny_model() -> nn.Module:
 
 
 def make_engine(precision: str = "fp32", gas: int = 1, micro: int = 8, world: int = 2, lr: float = 0.05, zero: int = 0,
-                clip: float = 0.0, adam: bool = False, extra: Optional[dict] = None, mpu=None):
+                clip: float = 0.0, adam: bool = False, extra: Optional[dict] = None, mpu=None, model=None):
     """The tiny model under DeepSpeed: SGD with momentum (``adam``: AdamW, lr 1e-3), DeepSpeed's gradient
     clipping at ``clip`` (0: off), ``extra`` merged into the config (e.g. the comms logger), ``mpu``
     (``ds_ext.deepspeed.zero.node_mpu()``: ZeRO partitioned within the node; DeepSpeed's batch counts its ranks)."""
@@ -23,7 +23,7 @@ def make_engine(precision: str = "fp32", gas: int = 1, micro: int = 8, world: in
 
     from ds_ext.deepspeed.zero import _scoped_mpu
 
-    model = tiny_model()
+    model = model if model is not None else tiny_model()
     opt = (torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01) if adam
            else torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9))
     dp = world if mpu is None else mpu.get_data_parallel_world_size()

@@ -243,3 +243,45 @@ def local_sgd_run(rank: int, world: int, steps: int = 4, h: int = 2, bad_rank: i
     out = {"params": rec, "events": list(att.nonfinite_events), "by_kind": dict(att.meter.by_kind)}
     att.detach()
     return out
+
+
+def control_relay_run(rank: int, world: int, reducer: str, options: dict, steps: int = 3, bad_rank: int = 3,
+                      bad_step: int = 2, one_param: bool = False, local_size: int = 2) -> dict:
+    """Hierarchical ``reducer`` through ``ds_ext.attach`` with the stop vote on (as the trainer), 4 ranks as
+    2 nodes x 2; rank ``bad_rank``'s input is NaN on step ``bad_step``; ``one_param``: a one-parameter model
+    (local rank 1 then has no shard and no wrapped method: the flags reach it through the node gather).
+    Records the parameters, the skip events and the ``tolist`` calls (host reads) of every step."""
+    import ds_ext
+    from tests.dist.workers import flat_params, make_engine, rank_batches
+
+    os.environ["DS_EXT_OPS"] = "torch"
+    _launcher_env(rank, world, local_size)
+    model = None
+    if one_param:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10, bias=False))
+    engine = make_engine("fp32", 1, world=world, model=model)
+    att = ds_ext.attach(engine, {"reducer": {"name": reducer, **options, "hierarchical": True}})
+    att.vote_stop(lambda: False)
+    reads, orig = [], torch.Tensor.tolist
+
+    def counted(self):
+        reads[-1] += 1
+        return orig(self)
+
+    rec = []
+    try:
+        torch.Tensor.tolist = counted
+        for i, (x, y) in enumerate(rank_batches(rank, steps, 8, torch.float32)):
+            if rank == bad_rank and i + 1 == bad_step:
+                x = x * float("nan")
+            reads.append(0)
+            engine.backward(F.cross_entropy(engine(x).float(), y))
+            engine.step()
+            rec.append(flat_params(engine))
+    finally:
+        torch.Tensor.tolist = orig
+    out = {"params": rec, "events": list(att.nonfinite_events), "reads": reads,
+           "no_shard": att.reducer.inner is None}
+    att.detach()
+    return out
