@@ -554,7 +554,10 @@ def init_distributed(timeout_s: Optional[float] = None, backend: Optional[str] =
         kw["timeout"] = timedelta(seconds=timeout_s)
     if backend is not None:
         kw["dist_backend"] = backend
-    deepspeed.init_distributed(**kw)
+    from .build_lock import watch  # a long wait (DeepSpeed's CPU comm op build, the rendezvous) says what it is
+    rdzv = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    with watch(f"deepspeed.init_distributed (rendezvous at {rdzv})"):
+        deepspeed.init_distributed(**kw)
     global _TIMEOUT
     _TIMEOUT = kw.get("timeout")
     release_shm_names()

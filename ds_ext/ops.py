@@ -43,6 +43,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .build_lock import watch
+
 _HALF = (torch.float16, torch.bfloat16)
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MODES = ("auto", "compiled", "torch")
@@ -97,7 +99,8 @@ def _load(dev: str) -> Tuple[Optional[object], str]:
         if b.will_compile():
             log.warning("compiling ds_ext's comm kernels for %s (%s), once, about %d s", dev, b.arch_description(),
                         _build_estimate(dev))
-        mod = b.load(verbose=False)
+        with watch(f"loading ds_ext's {dev} kernels ({b.name})"):  # says what a long wait waits for
+            mod = b.load(verbose=False)
         how = b.loaded_from
         if how == "jit" and b.prebuilt_problem and "torch" in b.prebuilt_problem:
             how += f" ({b.prebuilt_problem})"

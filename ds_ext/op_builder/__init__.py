@@ -117,9 +117,17 @@ class _DsExtOp:
             cache[self.name] = mod
             self.loaded_from = "prebuilt"
             return mod
-        mod = self.jit_load(verbose)
+        from ..build_lock import owned_build  # here: this file also loads alone (test_jit_build_cache_per_checkout)
+
+        self.before_build()
+        with owned_build(self.jit_build_dir()):  # a killed build's torch lock is cleared, not waited on
+            mod = self.jit_load(verbose)
         self.loaded_from = "jit"
         return mod
+
+    def before_build(self) -> None:
+        """Slow queries of the build's flags, made before ``owned_build``'s lock so that ranks loading the op
+        at once do not queue behind them (``docs/dev/notes/build-lock.md``)."""
 
     def jit_build_dir(self) -> Path:
         from torch.utils.cpp_extension import _get_build_directory
@@ -155,6 +163,9 @@ class _DsExtOp:
         return ""
 
 
+_NATIVE_FLAGS: Optional[List[str]] = None  # CommCPUBuilder.native_flags, once per process
+
+
 class CommCPUBuilder(_DsExtOp, CPUOpBuilder):
     NAME = "ds_ext_comm_cpu"
     BUILD_VAR = "DS_BUILD_DS_EXT_COMM_CPU"
@@ -165,8 +176,19 @@ class CommCPUBuilder(_DsExtOp, CPUOpBuilder):
         args = ["-O3", "-fopenmp", "-Wno-reorder"]
         # -march=native only for a JIT build (it runs where it was built); a prebuilt wheel stays portable
         if self.jit_mode:
-            args += [a for a in (self.cpu_arch(), self.simd_width()) if a]
+            args += self.native_flags()
         return args + extra_flags("DS_EXT_CXX_FLAGS")
+
+    def native_flags(self) -> List[str]:
+        """DeepSpeed's ``cpu_arch()`` and ``simd_width()`` flags, asked once per process (each runs py-cpuinfo,
+        about a second)."""
+        global _NATIVE_FLAGS
+        if _NATIVE_FLAGS is None:
+            _NATIVE_FLAGS = [a for a in (self.cpu_arch(), self.simd_width()) if a]
+        return list(_NATIVE_FLAGS)
+
+    def before_build(self) -> None:
+        self.native_flags()
 
     def arch_description(self) -> str:
         import platform

@@ -12,7 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PKG = ROOT / "ds_ext"
 
-GROUND = {"ds_ext.comm", "ds_ext.meter", "ds_ext.registry", "ds_ext.spec", "ds_ext.testing", "ds_ext.stop_signals"}
+GROUND = {"ds_ext.comm", "ds_ext.meter", "ds_ext.registry", "ds_ext.spec", "ds_ext.testing", "ds_ext.stop_signals",
+          "ds_ext.build_lock"}
 METHODS = ("ds_ext.reducers", "ds_ext.sync", "ds_ext.order", "ds_ext.hierarchy", "ds_ext.topology", "ds_ext.ops",
            "ds_ext.op_builder")
 ABOVE_METHODS = ("ds_ext.deepspeed", "ds_ext.trainer", "ds_ext.costmodel", "ds_ext.hf", "ds_ext.data", "ds_ext.models",

@@ -1,0 +1,289 @@
+"""JIT build locks: a start-up that waits on one says so, and ds_ext's own op never stays locked.
+
+torch's ``cpp_extension.load`` serialises builds of one extension with a lock file,
+``$TORCH_EXTENSIONS_DIR/<name>/lock`` (``torch.utils.file_baton.FileBaton``): the builder creates it, every
+other process polls until it is gone. A build killed mid-way leaves the file behind and every later load of
+that extension waits forever, silently. Two answers here (design notes: ``docs/dev/notes/build-lock.md``):
+
+* ``watch(what)``: a context manager around anything ds_ext runs that may JIT-build (``ds_ext/ops.py``
+  loading its kernels, ``ds_ext/comm.py`` ``init_distributed``, where DeepSpeed builds its CPU comm op). When
+  the block has not finished after ``DS_EXT_BUILD_LOCK_WARN_S`` seconds (default 30; 0: off) a daemon thread
+  logs one WARNING on the ``ds_ext.build_lock`` logger saying what the block waits for -- the lock file, its
+  age, which process holds it open, and ``rm <path>`` when none does -- and again every minute. It stops the
+  moment the block ends.
+* ``owned_build(build_dir)``: around a JIT build of ds_ext's own op (``ds_ext/op_builder/__init__.py``). It
+  takes an ``fcntl.flock`` on ``<build_dir>/ds_ext_build.flock`` for the build; the kernel drops that lock
+  when its holder dies, however it dies. Holding it, a torch ``lock`` file that no process on this host holds
+  open can only be left by a killed build: it is removed, with a WARNING naming it.
+
+Standard library and torch only (ground floor: ``tests/unit/test_architecture.py``).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+log = logging.getLogger("ds_ext.build_lock")
+
+ENV_WARN_S = "DS_EXT_BUILD_LOCK_WARN_S"
+DEFAULT_WARN_S = 30.0
+REPEAT_S = 60.0
+LOCK_NAME = "lock"                   # torch's FileBaton file in each extension's build directory
+FLOCK_NAME = "ds_ext_build.flock"    # ours, beside it; never removed (an flock lives on the open file)
+
+# thread ident -> the flock file that thread is blocked on (owned_build), for watch's message
+_flock_waits: Dict[int, Path] = {}
+
+
+def warn_after_s() -> float:
+    """``$DS_EXT_BUILD_LOCK_WARN_S`` (seconds before the first waiting line; 0 turns the lines off)."""
+    raw = os.environ.get(ENV_WARN_S, "").strip()
+    if not raw:
+        return DEFAULT_WARN_S
+    try:
+        return max(float(raw), 0.0)
+    except ValueError:
+        log.warning("%s=%r is not a number of seconds; using %g", ENV_WARN_S, raw, DEFAULT_WARN_S)
+        return DEFAULT_WARN_S
+
+
+def extensions_root() -> Path:
+    """Where torch builds JIT extensions: ``$TORCH_EXTENSIONS_DIR``, else torch's default root plus its
+    ``py<ver>_<accelerator>`` folder (the rule of ``torch.utils.cpp_extension._get_build_directory``,
+    without creating anything)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is not None:
+        return Path(root)
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root
+
+    if torch.version.hip is not None:
+        acc = f"rocm{torch.version.hip.replace('.', '')}"
+    elif torch.version.cuda is not None:
+        acc = f"cu{torch.version.cuda.replace('.', '')}"
+    else:
+        acc = "cpu"
+    py = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return Path(get_default_build_root()) / f"{py}_{acc}"
+
+
+def find_locks(root: Optional[Path] = None) -> List[Path]:
+    """Every torch build lock under ``root`` (default ``extensions_root()``): ``<root>/<name>/lock``."""
+    root = extensions_root() if root is None else Path(root)
+    try:
+        return sorted(p for p in root.glob(f"*/{LOCK_NAME}") if p.is_file())
+    except OSError:
+        return []
+
+
+def holders(path: Path) -> Optional[List[int]]:
+    """Pids of the processes on this host that hold ``path`` open (torch's builder keeps its lock file open
+    for the whole build), read from ``/proc/<pid>/fd``; None when this cannot be told (no ``/proc``).
+    Processes of other users are not readable and never listed."""
+    proc = Path("/proc")
+    if not (proc / "self" / "fd").is_dir():
+        return None
+    try:
+        target = os.path.realpath(path)
+    except OSError:
+        return []
+    out = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fds = os.listdir(entry / "fd")
+        except OSError:  # another user's process, or it just ended
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(entry / "fd" / fd) == target:
+                    out.append(int(entry.name))
+                    break
+            except OSError:
+                continue
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "?"
+    text = raw.replace(b"\0", b" ").decode(errors="replace").strip()
+    return text[:100] + ("..." if len(text) > 100 else "")
+
+
+def _age(path: Path) -> str:
+    try:
+        s = max(time.time() - path.stat().st_mtime, 0.0)
+    except OSError:
+        return "age unknown"
+    if s < 120:
+        return f"{s:.0f} s old"
+    if s < 7200:
+        return f"{s / 60:.0f} min old"
+    return f"{s / 3600:.1f} h old"
+
+
+def describe(path: Path) -> str:
+    """One sentence on a torch build lock: its age, who holds it, and how to clear it when nobody does."""
+    path = Path(path)
+    pids = holders(path)
+    head = f"torch's JIT build lock {path} ({_age(path)})"
+    if pids is None:
+        return (f"{head}, whose holder cannot be told here (no /proc). If no build of {path.parent.name} is "
+                f"running, delete it: rm {path}")
+    if os.getpid() in pids:
+        return f"{head}, held by this process, which is compiling {path.parent.name}"
+    if pids:
+        who = ", ".join(f"pid {p} ({_cmdline(p)})" for p in pids)
+        return f"{head}, held by {who}, which is compiling {path.parent.name}: waiting for that build"
+    return (f"{head}, which no process on this host holds open: probably left by a build killed mid-way. If "
+            f"no build of {path.parent.name} is running (on any host sharing {path.parent.parent}), delete it: "
+            f"rm {path}")
+
+
+def _thread_state(ident: int) -> Tuple[str, Optional[Path]]:
+    """What thread ``ident`` is doing: ("baton", lock) waiting in torch's FileBaton.wait, ("building", lock)
+    inside torch's ``_jit_compile`` holding the lock, ("flock", file) waiting in ``owned_build``, or
+    ("other", None)."""
+    if ident in _flock_waits:
+        return "flock", _flock_waits[ident]
+    frame = sys._current_frames().get(ident)
+    building = None
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "wait" and code.co_filename.endswith("file_baton.py"):
+            baton = frame.f_locals.get("self")
+            if baton is not None and getattr(baton, "lock_file_path", None):
+                return "baton", Path(baton.lock_file_path)
+        if code.co_name == "_jit_compile" and code.co_filename.endswith("cpp_extension.py") and building is None:
+            baton = frame.f_locals.get("baton")  # the builder's baton keeps its file open (fd set)
+            if getattr(baton, "fd", None) is not None and getattr(baton, "lock_file_path", None):
+                building = Path(baton.lock_file_path)
+        frame = frame.f_back
+    return ("building", building) if building is not None else ("other", None)
+
+
+def _flock_owner(path: Path) -> str:
+    try:
+        text = path.read_text(errors="replace").strip()
+    except OSError:
+        text = ""
+    return text or "unknown"
+
+
+def report(what: str, ident: int, waited_s: float) -> str:
+    """The waiting line for thread ``ident`` inside ``watch(what)`` after ``waited_s`` seconds."""
+    kind, path = _thread_state(ident)
+    rank = os.environ.get("RANK") if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else None
+    head = (f"rank {rank}: " if rank else "") + f"{what}: waiting for {waited_s:.0f} s"
+    if kind == "baton":
+        return f"{head} on {describe(path)}"
+    if kind == "building":
+        return f"{head}: this process is compiling {path.parent.name} (it holds {path})"
+    if kind == "flock":
+        return (f"{head} for ds_ext's build lock {path}, held by {_flock_owner(path)} while it builds or "
+                f"loads {path.parent.name} (the lock goes when that process ends)")
+    stale = [p for p in find_locks() if holders(p) == []]
+    extra = "; ".join(describe(p) for p in stale)
+    return f"{head}; not on a JIT build lock" + (f" (but {extra})" if extra else "")
+
+
+class _Watch:
+    def __init__(self, what: str, delay_s: float, repeat_s: float):
+        self.what, self.delay_s, self.repeat_s = what, delay_s, repeat_s
+        self.ident = threading.get_ident()
+        self.done = threading.Event()
+        self.t0 = time.monotonic()
+        self.thread = threading.Thread(target=self._run, name="ds_ext-build-lock-watch", daemon=True)
+
+    def _run(self) -> None:
+        wait = self.delay_s
+        while not self.done.wait(wait):
+            try:
+                line = report(self.what, self.ident, time.monotonic() - self.t0)
+            except Exception as e:  # noqa: BLE001 - a message must never break the start-up it describes
+                line = f"{self.what}: waiting for {time.monotonic() - self.t0:.0f} s ({type(e).__name__}: {e})"
+            if not self.done.is_set():
+                log.warning("%s", line)
+            wait = self.repeat_s
+
+
+@contextlib.contextmanager
+def watch(what: str, delay_s: Optional[float] = None, repeat_s: float = REPEAT_S) -> Iterator[None]:
+    """Run the block; if it is still running after ``delay_s`` seconds (default ``warn_after_s()``; 0: no
+    watch) log what it waits for (``report``) on ``ds_ext.build_lock``, and again every ``repeat_s``. The
+    watching thread is stopped and joined when the block ends, so no line follows it."""
+    delay = warn_after_s() if delay_s is None else delay_s
+    if delay <= 0:
+        yield
+        return
+    w = _Watch(what, delay, repeat_s)
+    w.thread.start()
+    try:
+        yield
+    finally:
+        w.done.set()
+        w.thread.join(timeout=10.0)
+
+
+def clear_stale(lock: Path) -> bool:
+    """Remove torch's build lock ``lock`` when no process on this host holds it open, with a WARNING naming
+    it; True when removed. Call only while holding ``owned_build``'s flock: then no ds_ext build of that
+    extension runs anywhere that shares the flock, and an unheld lock file is a killed build's."""
+    lock = Path(lock)
+    if not lock.exists():
+        return False
+    pids = holders(lock)
+    if pids:  # an open lock file is a running build (of something else than ds_ext): torch will wait for it
+        return False
+    age = _age(lock)
+    try:
+        lock.unlink()
+    except FileNotFoundError:
+        return False
+    log.warning("removed a stale JIT build lock %s (%s): the build of %s that made it was killed (no process "
+                "on this host holds it open, and ds_ext's build lock %s is free); loading or building again",
+                lock, age, lock.parent.name, lock.parent / FLOCK_NAME)
+    return True
+
+
+@contextlib.contextmanager
+def owned_build(build_dir: Path) -> Iterator[None]:
+    """Hold ds_ext's build lock for ``build_dir`` (an ``fcntl.flock`` on ``<build_dir>/ds_ext_build.flock``,
+    released by the kernel when this process ends however it ends) around a JIT build into it, after
+    clearing a stale torch ``lock`` there (``clear_stale``). Another process building the same op makes this
+    wait (``watch`` names it). Without ``fcntl`` (not POSIX) the block just runs."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    build_dir = Path(build_dir)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    path = build_dir / FLOCK_NAME
+    with open(path, "a+") as f:
+        ident = threading.get_ident()
+        _flock_waits[ident] = path
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        finally:
+            _flock_waits.pop(ident, None)
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            f.flush()
+            clear_stale(build_dir / LOCK_NAME)
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
