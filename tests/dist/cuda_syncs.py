@@ -255,8 +255,10 @@ def main(argv=None) -> int:
               f"{' (DS_EXT_FORCE_COLLECTIVES=1)' if os.environ.get('DS_EXT_FORCE_COLLECTIVES') == '1' and world == 1 else ''},"
               f" DS_EXT_OPS={os.environ.get('DS_EXT_OPS') or 'auto'}, {args.warmup} warm-up + {args.steps} counted steps")
         print(table(results, device))
-        for name, why in bad.items():
-            print(f"FAIL {name}: {why}" + (f"\n{results[name]['error']}" if results[name]["error"] else ""))
+    for name, why in bad.items():  # every rank's own failures (each counts its own syncs)
+        print(f"FAIL{f' (rank {rank})' if world > 1 else ''} {name}: {why}"
+              + (f"\n{results[name]['error']}" if results[name]["error"] else ""))
+    if rank == 0:
         if args.json:
             Path(args.json).write_text(json.dumps({"device": device, "world": world, "results": results}, indent=1))
     dist.destroy_process_group()
