@@ -14,9 +14,10 @@
 #   1. a SEPARATE virtualenv in $DS_EXT_CUDA_CHECK_DIR (default ~/.cache/ds_ext-cuda-check; never the
 #      repository's .venv, never inside the repository), reused on later runs, with PyPI's CUDA build of
 #      torch==2.13.0 (CUDA 13.0), cuda-toolkit[nvcc,cccl]==13.0.3.0 (nvcc, crt, nvvm, cccl), ninja and
-#      deepspeed. pip runs with --isolated: a pip.conf / PIP_FIND_LINKS pointing at a CPU torch wheel
-#      must not win. The pip CUDA runtime ships only libcudart.so.13, so an unversioned libcudart.so
-#      symlink goes on LIBRARY_PATH for the link step;
+#      deepspeed (the pins and the install live in run/cuda-venv.sh, shared with run/gpu-check.sh). pip runs
+#      with --isolated: a pip.conf / PIP_FIND_LINKS pointing at a CPU torch wheel must not win. The pip CUDA
+#      runtime ships only libcudart.so.13, so an unversioned libcudart.so symlink goes on LIBRARY_PATH for
+#      the link step;
 #   2. a from-scratch JIT build (its own TORCH_EXTENSIONS_DIR, wiped first) through ds_ext's op builder
 #      (ds_ext/op_builder: CommCUDABuilder -> DeepSpeed's jit_load -> torch cpp_extension + ninja), for
 #      TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX" ($DS_EXT_CUDA_CHECK_ARCHS), with -Xcompiler -Wall,-Wextra for
@@ -39,9 +40,12 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 W="${DS_EXT_CUDA_CHECK_DIR:-$HOME/.cache/ds_ext-cuda-check}"
 W="$(realpath -m "$W")"
 ARCHS="${DS_EXT_CUDA_CHECK_ARCHS:-8.0;9.0+PTX}"
-DS_REQ="${DS_EXT_CUDA_CHECK_DEEPSPEED:-deepspeed==0.19.8}"
-TORCH_REQ="torch==2.13.0"
-TK_REQ="cuda-toolkit[nvcc,cccl]==13.0.3.0"
+# shellcheck source=run/cuda-venv.sh
+source "$ROOT/run/cuda-venv.sh"
+DS_REQ="${DS_EXT_CUDA_CHECK_DEEPSPEED:-$DS_EXT_CUDA_DS_REQ}"
+DS_EXT_CUDA_DS_REQ="$DS_REQ"
+TORCH_REQ="$DS_EXT_CUDA_TORCH_REQ"
+TK_REQ="$DS_EXT_CUDA_TK_REQ"
 BASE_PY="${DS_EXT_PYTHON:-python3}"
 INSTALL_ONLY=0
 PREBUILT=0
@@ -64,9 +68,6 @@ VENV="$W/venv"
 VPY="$VENV/bin/python"
 
 # ------------------------------------------------------------------------------------------ 1. venv
-PIP=("$VPY" -m pip --isolated --disable-pip-version-check)
-CERT="${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}"
-[ -f "$CERT" ] && PIP+=(--cert "$CERT")
 STAMP="$W/installed.txt"
 WANT="$TORCH_REQ | $TK_REQ ninja numpy pyyaml | $DS_REQ | $("$BASE_PY" -c 'import sys; print(sys.version.split()[0])')"
 if [ -x "$VPY" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$WANT" ] \
@@ -74,32 +75,21 @@ if [ -x "$VPY" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$WANT" ] \
   log "reusing $VENV ($(cat "$STAMP"))"
 else
   T0=$(date +%s)
-  [ -x "$VPY" ] || { log "creating $VENV"; "$BASE_PY" -m venv "$VENV"; }
+  [ -x "$VPY" ] || { log "creating $VENV"; ds_ext_make_venv "$BASE_PY" "$VENV"; }
   rm -f "$STAMP"
   log "installing $TORCH_REQ (PyPI's CUDA build), then $TK_REQ, ninja, then $DS_REQ (several GB, first run only)"
-  "${PIP[@]}" install --quiet "$TORCH_REQ"
-  "${PIP[@]}" install --quiet "$TK_REQ" ninja numpy pyyaml
-  DS_BUILD_OPS=0 "${PIP[@]}" install --quiet "$DS_REQ"
+  ds_ext_cuda_install "$VPY" numpy pyyaml
   echo "$WANT" > "$STAMP"
   log "venv ready in $(( $(date +%s) - T0 )) s"
 fi
-SITE="$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-NV="$SITE/nvidia/cu13"
-[ -x "$NV/bin/nvcc" ] || { log "error: no nvcc at $NV/bin/nvcc (cuda-toolkit[nvcc] did not install it?)"; exit 1; }
-"$VPY" -c 'import torch, sys; sys.exit(0 if torch.version.cuda else 1)' \
-  || { log "error: the torch in $VENV is not a CUDA build ($("$VPY" -c 'import torch; print(torch.__version__)'))"; exit 1; }
-mkdir -p "$W/cudalib"
-CUDART="$(ls "$NV"/lib/libcudart.so.* 2>/dev/null | sort -V | tail -n 1)"
-[ -n "$CUDART" ] || { log "error: no libcudart.so.* under $NV/lib"; exit 1; }
-ln -sf "$CUDART" "$W/cudalib/libcudart.so"
+ds_ext_cuda_toolchain "$VPY" "$W/cudalib" || exit 1  # NV, CUDA_HOME, PATH, LIBRARY_PATH (run/cuda-venv.sh)
 log "torch $("$VPY" -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)'), " \
     "$("$NV/bin/nvcc" --version | grep -o 'release [0-9.]*, V[0-9.]*'), deepspeed $("$VPY" -c 'import deepspeed; print(deepspeed.__version__)' 2>/dev/null | tail -n 1)," \
     "host $(g++ --version | head -n 1)"
 [ "$INSTALL_ONLY" = 1 ] && { log "--install-only: done in $(( $(date +%s) - T_START )) s"; exit 0; }
 
 # ------------------------------------------------------------------------------------------ 2. build
-export CUDA_HOME="$NV" PATH="$NV/bin:$VENV/bin:$PATH" LIBRARY_PATH="$W/cudalib${LIBRARY_PATH:+:$LIBRARY_PATH}" \
-       MAX_JOBS="${MAX_JOBS:-2}" DS_NVCC_THREADS="${DS_NVCC_THREADS:-2}" \
+export MAX_JOBS="${MAX_JOBS:-2}" DS_NVCC_THREADS="${DS_NVCC_THREADS:-2}" \
        DS_EXT_NVCC_FLAGS="-Xcompiler -Wall,-Wextra" DS_EXT_CXX_FLAGS="-Wall -Wextra" \
        DS_EXT_REPO="$ROOT" DS_ACCELERATOR=cuda PYTHONUNBUFFERED=1
 unset DS_BUILD_OPS DS_BUILD_DS_EXT_COMM_CUDA DS_BUILD_DS_EXT_COMM_CPU

@@ -1,4 +1,5 @@
-"""Run a function on N real processes joined by gloo through ``deepspeed.init_distributed``.
+"""Run a function on N real processes joined by gloo through ``deepspeed.init_distributed``
+(``DS_EXT_TEST_BACKEND=nccl``: NCCL instead, as tests/dist/test_gpu.py does at world size 1).
 
 ``run(fn, world_size, **kw)`` spawns fresh interpreters, each setting RANK / WORLD_SIZE / MASTER_*
 and calling ``fn(rank, world_size, **kw)``; return values come back per rank. A rank that raises
@@ -40,6 +41,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _backend() -> str:
+    """The ranks' process-group backend: gloo, or ``$DS_EXT_TEST_BACKEND`` (tests/dist/test_gpu.py: nccl at world 1)."""
+    return os.environ.get("DS_EXT_TEST_BACKEND") or "gloo"
+
+
 def _entry(rank, fn, world_size, port, outdir, kwargs):
     one_gpu = os.environ.get("DS_EXT_TEST_ONE_GPU") == "1"  # tests/dist/test_gpu.py: every rank on cuda:0
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(0 if one_gpu else rank), WORLD_SIZE=str(world_size),
@@ -48,7 +54,7 @@ def _entry(rank, fn, world_size, port, outdir, kwargs):
 
     from ds_ext.comm import init_distributed
 
-    init_distributed(120, backend="gloo")
+    init_distributed(120, backend=_backend())
     try:
         result = fn(rank, world_size, **kwargs)
         torch.save(result, Path(outdir) / f"rank{rank}.pt")
@@ -81,7 +87,8 @@ def run(fn, world_size: int = 2, timeout: float = 300, **kwargs):
 # ---- a pool of ranks kept for the session ----------------------------------------------------------
 
 # read when a rank starts (torch / DeepSpeed import, the accelerator): a pool only serves calls that agree
-_START_ENV = ("DS_ACCELERATOR", "DS_EXT_TEST_ONE_GPU", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "PYTHONPATH")
+_START_ENV = ("DS_ACCELERATOR", "DS_EXT_TEST_ONE_GPU", "DS_EXT_TEST_BACKEND", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES",
+              "PYTHONPATH")
 
 
 def _rank_env(rank, world_size, port, base):
@@ -102,7 +109,7 @@ def _pool_entry(rank, world_size, port, conn):
 
     from ds_ext.comm import init_distributed
 
-    init_distributed(120, backend="gloo")
+    init_distributed(120, backend=_backend())
     import deepspeed.comm as dcomm
 
     logger = dcomm.comms_logger  # an engine with "comms_logger" in its config turns it on for the process
