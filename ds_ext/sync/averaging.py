@@ -136,7 +136,7 @@ def _averaging_collectives(shapes, group: int, options: AveragingOptions, lr: fl
 def average(tensors: List[torch.Tensor], comm, size: int, count: bool = True) -> None:
     """The averager: ``tensors`` averaged over ``comm``'s ranks (``size`` of them) in place, with one fused
     fp32 all_reduce; ``count=False``: evaluation-only traffic, not metered as training communication."""
-    if not tensors or size == 1 or comm is None:
+    if not tensors or comm is None or (size == 1 and not comm.distributed):  # forced: the GPU check
         return
     flat = torch.cat([t.reshape(-1).float() for t in tensors])
     comm.all_reduce(flat, "param_allreduce" if count else None)

@@ -17,10 +17,9 @@ from tests.dist import workers_gpu
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run/gpu-check.sh)")
 
-#: synchronizers whose averaging returns before its collective in a group of one (ds_ext/sync/averaging.py
-#: ``average``: ``size == 1``), so DS_EXT_FORCE_COLLECTIVES does not reach them: no parameter collective is
-#: expected from them yet (the test says so with an xfail, and passes once they issue one)
-NO_FORCED_AVERAGE = {"sync-local", "sync-dssync"}
+#: DS-Sync at world 1 has groups of one rank (``DSSync._average_now`` returns: nobody to average with), so
+#: DS_EXT_FORCE_COLLECTIVES does not reach it: no parameter collective is expected (said with an xfail)
+NO_FORCED_AVERAGE = {"sync-dssync"}
 
 
 @pytest.fixture()
@@ -64,7 +63,7 @@ def test_one_rank_nccl(monkeypatch, label, method, order, precision, zero):
     if label == "reducer-deepspeed":  # DeepSpeed's own allreduce: only ds_ext's control data is ours
         assert seen and not payload, seen
     elif label in NO_FORCED_AVERAGE and not payload:
-        pytest.xfail(f"{label}: ds_ext/sync/averaging.py average() skips its all_reduce in a group of one")
+        pytest.xfail(f"{label}: at world 1 DS-Sync's groups have one rank (ds_ext/sync/dssync.py _average_now)")
     else:
         assert payload, f"{label}: no gradient or parameter collective entered the backend: {seen}"
     if label == "allreduce-bf16":  # bf16 gradients go on the wire as they are
