@@ -185,30 +185,45 @@ class CountSketch:
     """Seeded CountSketch projection R^d -> R^k (same on every rank): y[h(i)] = sum_i s(i) x[i].
 
     Deterministic by construction: the coordinates are grouped by bucket once (a padded [k, L] gather
-    table, L the largest bucket, padding pointing at a zero), and each bucket is summed by one
-    reduction over its row, in increasing coordinate order; no atomic scatter, so every rank (and
-    every run) gets the same bits on a GPU too."""
+    table, L the largest bucket, padding pointing at coordinate 0 with sign 0), and each bucket is summed
+    by one reduction over its row, in increasing coordinate order; no atomic scatter, so every rank (and
+    every run) gets the same bits on a GPU too (a non-finite ``x[0]`` reaches the padded buckets too; the
+    engine's guard zeroes a non-finite gradient before an order sees it). Memory: the table (``k x L`` int64 and fp32 signs, about
+    12 bytes per coordinate) stays; a projection gathers at most ``chunk`` elements at a time (buckets in
+    slices), so its temporary is bounded (64 MiB) however many rows and coordinates there are (issue 27 N8:
+    one [rows, k, L] gather plus two [rows, d] copies per call, about 3 x rows x d x 4 bytes)."""
+
+    #: elements gathered at once by a projection (fp32: 64 MiB)
+    chunk = 1 << 24
 
     def __init__(self, d: int, k: int, seed: int, device=None):
         g = seeded_generator(seed, 0xC5, d, k)
         self.d, self.k = d, k
         bucket = torch.randint(0, k, (d,), generator=g)
-        self.sign = (torch.randint(0, 2, (d,), generator=g) * 2 - 1).float().to(device)
+        sign = (torch.randint(0, 2, (d,), generator=g) * 2 - 1).float()
         order = torch.sort(bucket, stable=True).indices  # coordinates grouped by bucket, increasing within
         counts = torch.bincount(bucket, minlength=k)
         width = int(counts.max()) if d else 0
         starts = torch.cumsum(counts, 0) - counts
         slot = torch.arange(d) - starts[bucket[order]]  # position of each sorted coordinate in its row
-        table = torch.full((k, max(width, 1)), d, dtype=torch.int64)  # d: the appended zero
+        table = torch.zeros((k, max(width, 1)), dtype=torch.int64)  # padding: coordinate 0 ...
+        signs = torch.zeros((k, max(width, 1)))  # ... with sign 0
         table[bucket[order], slot] = order
-        self.bucket = bucket.to(device)
-        self.table = table.to(device)
+        signs[bucket[order], slot] = sign[order]
+        self.table, self.signs = table.to(device), signs.to(device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Project the last dimension of ``x`` ([d] or [r, d])."""
-        xs = x.float() * self.sign
-        xs = torch.cat([xs, xs.new_zeros(xs.shape[:-1] + (1,))], dim=-1)
-        return xs[..., self.table].sum(-1)
+        x = x.float()
+        rows = x[..., :1].numel()
+        out = x.new_empty(x.shape[:-1] + (self.k,))
+        per = max(1, self.chunk // max(1, rows * self.table.shape[1]))  # buckets per slice
+        for b0 in range(0, self.k, per):
+            b1 = min(self.k, b0 + per)
+            part = x[..., self.table[b0:b1]]  # [..., buckets, L]
+            part.mul_(self.signs[b0:b1])
+            torch.sum(part, dim=-1, out=out[..., b0:b1])
+        return out
 
 
 class DGrabOptions(Options):
