@@ -191,9 +191,10 @@ class ZeroBridge(StepHook):
         opt = self.opt
         for i, (size, segs) in enumerate(self.segments):
             part = torch.zeros(size, dtype=opt.single_partition_of_fp32_groups[i].dtype, device=self.comm.device)
-            for p, src, dst, n in segs:
-                if p.grad is not None:
-                    part.narrow(0, dst, n).copy_(p.grad.reshape(-1).narrow(0, src, n))
+            dst = [part.narrow(0, d, n) for p, _, d, n in segs if p.grad is not None]
+            src = [p.grad.reshape(-1).narrow(0, s, n) for p, s, _, n in segs if p.grad is not None]
+            if dst:  # one fused copy per group, not one per parameter segment (issue 27 N9)
+                torch._foreach_copy_(dst, src)
             opt.averaged_gradients[i] = [part]
 
     def restore(self, keep_node_state: bool = True) -> None:
