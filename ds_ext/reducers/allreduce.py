@@ -21,16 +21,20 @@ hands over a fresh tensor and the ready hook copies it into the bucket once and 
 (one copy instead of two; DDP does the same then).
 
 Off by default (option ``bucket_view: false``): with views, the buckets' all_reduces, launched during
-backward, write into ``p.grad`` itself, so between the accumulation-boundary backward and
-``engine.step()`` a ``p.grad`` may hold a partly reduced value (DDP waits at the end of backward; here
-``finish()`` waits in ``step``). Code that reads gradients there (hand-made clipping or gradient-norm
-logging between ``engine.backward`` and ``engine.step``) would read in-flight data. With
-``bucket_view: true`` read gradients after ``step`` or from a data order's hooks. The copy path keeps
-each rank's local gradient in ``p.grad`` until ``step``. Both give bit-identical results
-(``tests/dist/test_zero_copy.py``). The class attribute ``force_bucket_view`` (tests) overrides the option.
+backward, write into ``p.grad`` itself (on NCCL, in place on the communication stream). So that no
+compute-stream access to ``p.grad`` between the accumulation-boundary backward and ``engine.step()``
+(hand-made clipping, gradient-norm logging) can race with them (issue 27 N10), the reduction is completed
+at the end of that backward, as DDP does: an autograd final callback flushes the buckets and waits for
+them (``work.wait()``: on NCCL the compute stream waits for the communication stream, the host does not),
+so ``p.grad`` holds the average once ``engine.backward`` returns; ``finish()`` then has nothing left to
+do. Where ``grad_ready`` is called outside a backward pass (the hierarchical wrapper feeds it from its
+own ``finish``) the reduction completes in ``finish()``. The copy path keeps each rank's local gradient in
+``p.grad`` until ``step``. Both give bit-identical results (``tests/dist/test_zero_copy.py``). The class
+attribute ``force_bucket_view`` (tests) overrides the option.
 """
 from __future__ import annotations
 
+import torch
 from pydantic import AliasChoices, Field
 
 from ..registry import REDUCERS
@@ -58,6 +62,7 @@ class AllreduceReducer(Reducer):
         super().__init__(named_params, options, **kw)
         views = options.bucket_view if self.force_bucket_view is None else self.force_bucket_view
         self.fusion = BucketedCollective(self.params, int(options.bucket_mb * 2**20), self._launch, views=views)
+        self._queued = self._completed = False
 
     def _launch(self, buf):
         return self.comm.all_reduce_mean(buf, "allreduce", async_op=True, wire=True)
@@ -71,7 +76,25 @@ class AllreduceReducer(Reducer):
 
     def grad_ready(self, p):
         self.fusion.ready(p)
+        if self.fusion.views and not self._queued:  # complete at the end of this backward (module docstring)
+            try:
+                torch.autograd.Variable._execution_engine.queue_callback(self._complete)
+                self._queued = True
+            except RuntimeError:  # not inside a backward pass: finish() completes it
+                pass
 
-    def finish(self):
+    def _complete(self):
+        """The autograd final callback of the boundary backward (bucket views)."""
+        self._queued = False
+        self._reduce()
+        self._completed = True
+
+    def _reduce(self):
         self.fusion.flush()
         self.fusion.wait_and_unpack()  # the handles divide by the world size
+
+    def finish(self):
+        if self._completed:  # done at the end of backward (bucket views)
+            self._completed = False
+            return
+        self._reduce()

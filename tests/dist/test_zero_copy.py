@@ -129,3 +129,11 @@ def test_own_loop_keeps_views_and_copies_nothing(runs, set_to_none):
         else:
             assert v["counts"] == [(n, 0)] + [(0, n)] * 4 and v["ptrs_stable"]
     assert torch.equal(res[0][True]["params"], res[1][True]["params"])
+
+
+def test_bucket_views_hold_the_mean_when_backward_returns():
+    """Issue 27 N10: with bucket views the buckets' all_reduces write into ``p.grad``; the reduction is
+    completed at the end of the boundary backward (an autograd final callback, as DDP), so a read of
+    ``p.grad`` between ``engine.backward`` and ``engine.step`` sees the exact mean, never in-flight data."""
+    for exact in harness.run_pooled(W.grads_after_backward, 2):
+        assert exact == [True, True, True], exact

@@ -100,3 +100,33 @@ def all_runs(rank, world, configs):
     """One spawn for tests/dist/test_zero_copy.py: ``engine_runs`` and ``own_loop`` with and without set_to_none."""
     return {"engine": engine_runs(rank, world, configs),
             "own": {none: own_loop(rank, world, set_to_none=none) for none in (False, True)}}
+
+
+def grads_after_backward(rank, world, steps=3):
+    """``allreduce`` with bucket views: at each step, whether every ``p.grad`` right after ``engine.backward``
+    (before ``engine.step``, where hand-made clipping or norm logging would read it) equals the exact
+    mean of the ranks' local gradients (computed beside on a twin module and a plain all_reduce)."""
+    import ds_ext
+    from ds_ext.comm import Communicator
+    from ds_ext.reducers.allreduce import AllreduceReducer
+
+    engine = workers.make_engine("fp32", 1, world=world)
+    AllreduceReducer.force_bucket_view = True
+    try:
+        att = ds_ext.attach(engine, {"reducer": {"name": "allreduce", "bucket_mb": 0.002}})
+    finally:
+        AllreduceReducer.force_bucket_view = None
+    params = att.reducer.params
+    plain = Communicator(device="cpu")
+    exact = []
+    twin = workers.tiny_model()
+    for x, y in workers.rank_batches(rank, steps, 8, torch.float32):
+        twin.load_state_dict(engine.module.state_dict())  # the same parameters, outside DeepSpeed's hooks
+        local = torch.autograd.grad(F.cross_entropy(twin(x), y), [p for p in twin.parameters() if p.requires_grad])
+        want = [plain.all_reduce(g.clone()).div_(world) for g in local]
+        loss = F.cross_entropy(engine(x), y)
+        engine.backward(loss)
+        exact.append(all(torch.equal(p.grad, w) for p, w in zip(params, want)))
+        engine.step()
+    att.detach()
+    return exact
