@@ -158,7 +158,7 @@ def test_postlocal_switches_from_gradient_to_parameter_averaging():
 @pytest.fixture(scope="module")
 def ds4():
     """DS-Sync's arithmetic on 4 loopback ranks (no DeepSpeed in it; real 4-rank subgroups:
-    tests/dist/test_hostreads.py and tests/dist/test_hierarchy.py)."""
+    tests/dist/test_syncs.py and tests/dist/test_hierarchy.py)."""
     return {
         "patterns": workers.loopback(workers_sync.dssync_direct, 4, options={"groups": 2, "grouping": "patterns"},
                                      syncs=2),

@@ -66,7 +66,7 @@ def test_fp16_policy_names_exactly_the_reducers_that_carry_scaled_state():
 
 
 def test_parametrized_method_tests_walk_the_registry():
-    from tests.dist import workers_commslogger, workers_zero
+    from tests.dist import workers_commslogger, workers_syncs, workers_zero
     from tests.e2e import test_resume_matrix as matrix
 
     exchanging = set(roster.exchanging_reducers())
@@ -76,4 +76,7 @@ def test_parametrized_method_tests_walk_the_registry():
         assert set((matrix.REDUCERS, matrix.SYNCS, matrix.ORDERS)[i]) == set(reg.names()), family
         accepted = {c[i] for c in matrix.ACCEPTED}
         assert accepted <= {c[i] for c in matrix.FAST}, f"{family}s without a fast resume case"
+    syncs_matrix = [workers_syncs.covers(s) for s in workers_syncs.scenarios_two_ranks().values()]
+    for family, reg in FAMILIES.items():  # the sync counter's scenarios (tests/dist/test_syncs.py)
+        assert {c[family] for c in syncs_matrix} == set(reg.names()), family
     assert "half" in exchanging and "allreduce" in exchanging and "none" not in exchanging  # the filter filters
