@@ -148,9 +148,9 @@ def host_to_device(x: torch.Tensor, device) -> torch.Tensor:
     """A host tensor on ``device`` without a blocking pageable copy: pinned, then asynchronous on CUDA (a
     pageable copy, as ``torch.tensor(data, device=cuda)`` makes, synchronises the stream)."""
     device = torch.device(device)
-    if device.type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True)
-    return x.to(device)
+    if device.type == "cuda":  # page-locked, so the copy is asynchronous (the caching host allocator keeps it)
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
 
 
 def _indexed(device: torch.device) -> torch.device:
