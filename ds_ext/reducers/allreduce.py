@@ -47,8 +47,8 @@ class AllreduceOptions(GradientOptions):
                              description="fusion bucket size in MiB of gradient (alias fusion_threshold_mb, as on "
                                          "acpsgd)")
     bucket_view: bool = Field(False, description=(
-        "gradients as views into the fusion buckets (zero-copy, as DDP's gradient_as_bucket_view); p.grad then "
-        "holds in-flight data between the boundary backward and engine.step()"))
+        "gradients as views into the fusion buckets (zero-copy, as DDP's gradient_as_bucket_view); the reduction "
+        "then completes at the end of the boundary backward, so p.grad holds the mean when engine.backward returns"))
 
 
 @REDUCERS.register("allreduce", AllreduceOptions)
