@@ -91,7 +91,7 @@ def main() -> int:
     code, out = quiet_main("tests/dist/cuda_syncs.py", ["--help"], path=True)
     check("tests/dist/cuda_syncs.py --help", code == 0 and "--cpu" in out)
     code, out = quiet_main("tests/dist/cuda_syncs.py", ["--list"], path=True)
-    check("tests/dist/cuda_syncs.py --list", code == 0 and "negative control" in out and "topk union" in out,
+    check("tests/dist/cuda_syncs.py --list", code == 0 and "negative control" in out and "topk exchange=union" in out,
           f"{len(out.splitlines())} methods")
 
     for line in filter(None, os.environ["DRY_BENCH"].splitlines()):

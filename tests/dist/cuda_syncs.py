@@ -17,11 +17,11 @@ one to the innermost Python frame outside torch (the call site, ``file:line func
 (the training loop here, the model). Counting starts after ``--warmup`` optimizer steps (first-step allocations,
 a Local SGD period); the batches are on the device before it starts.
 
-Budget (``budget``): ds_ext's syncs per optimizer step <= 1 for every method, 2 for ``topk union`` (the union of
+Budget (``budget``): ds_ext's syncs per optimizer step <= 1 for every method, 2 for ``topk exchange=union`` (the union of
 the ranks' indices has a data-dependent length). DeepSpeed's own syncs (under ZeRO 1/2: its overflow check and
 gradient norm) are reported in their own column and not budgeted. A negative control (the consistency check
 every step, which digests every parameter on the host) must exceed the budget: proof that syncs are seen at all.
-The method list is tests/dist/workers_hostreads.py's (the CPU host-read counter's), plus ZeRO 1 and 2 cases.
+The scenarios and budgets are the CPU counter's (tests/dist/workers_syncs.py), ZeRO 1 and 2 included.
 """
 from __future__ import annotations
 
@@ -37,28 +37,22 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-BUDGET = 1
-BUDGETS = {"topk union": 2}
-ZERO_CASES = {
-    "allreduce zero1": {"method": {"reducer": {"name": "allreduce"}}, "zero": 1},
-    "acpsgd zero1": {"method": {"reducer": {"name": "acpsgd"}}, "zero": 1},
-    "topk zero2": {"method": {"reducer": {"name": "topk"}}, "zero": 2},
-}
-
-
 def methods() -> dict:
-    from tests.dist.workers_hostreads import CONTROL, methods_two_ranks
+    """The scenarios of the CPU counter on 2 ranks (``tests/dist/workers_syncs.py``: every reducer, sync and
+    order, topk's exchanges, ZeRO 1 and 2, the negative control), run here on one rank."""
+    from tests.dist.workers_syncs import scenarios_two_ranks
 
-    out = {k: v for k, v in methods_two_ranks().items() if k != CONTROL}
-    out.update(ZERO_CASES)
-    out[CONTROL] = methods_two_ranks()[CONTROL]
-    return out
+    return scenarios_two_ranks()
+
+
+from tests.dist.workers_syncs import BUDGET  # noqa: E402  (after the sys.path line above)
 
 
 def budget(name: str):
-    from tests.dist.workers_hostreads import CONTROL
+    """The CPU counter's budget (one rule: ``tests/dist/workers_syncs.py``); None for the negative control."""
+    from tests.dist import workers_syncs
 
-    return None if name == CONTROL else BUDGETS.get(name, BUDGET)
+    return None if name == workers_syncs.CONTROL else workers_syncs.budget(name)
 
 
 class SyncCounter:
@@ -93,7 +87,10 @@ class SyncCounter:
         path = os.path.realpath(f.f_code.co_filename)
         owner = ("ds_ext" if path.startswith(self.pkg_dir) else
                  "DeepSpeed" if self.ds_dir and path.startswith(self.ds_dir) else "other")
-        short = os.path.relpath(path, ROOT) if path.startswith(str(ROOT)) else path.split("site-packages" + os.sep)[-1]
+        if "site-packages" + os.sep in path:  # an installed package (a venv inside the checkout too): from its name
+            short = path.split("site-packages" + os.sep)[-1]
+        else:
+            short = os.path.relpath(path, ROOT) if path.startswith(str(ROOT)) else path
         return owner, f"{short}:{f.f_lineno} {f.f_code.co_name}"
 
     def _hook(self, message, category, filename, lineno, file=None, line=None):

@@ -38,14 +38,14 @@ def test_sites_and_owners(tmp_path):
 
 def test_budgets_and_verdicts():
     names = cuda_syncs.methods()
-    assert cuda_syncs.budget("topk union") == 2 and cuda_syncs.budget("allreduce") == 1
-    assert {"allreduce zero1", "topk zero2", "acpsgd zero1", "topk union", "cdgrab", "local h=2"} <= set(names)
+    assert cuda_syncs.budget("topk exchange=union") == 2 and cuda_syncs.budget("allreduce") == 1
+    assert {"ZeRO-1 powersgd", "ZeRO-2 topk", "topk exchange=union", "order cdgrab + cdgrab", "sync local"} <= set(names)
     control = [n for n in names if cuda_syncs.budget(n) is None]
     assert len(control) == 1
     rec = {"error": None, "steps": 4, "sites": {"ds_ext|a.py:1 f": 4, "DeepSpeed|b.py:2 g": 40}, "unattributed": 0}
     assert cuda_syncs.verdict("allreduce", rec, "cuda") == ""  # DeepSpeed's syncs are not ds_ext's budget
     assert cuda_syncs.verdict("allreduce", {**rec, "sites": {"ds_ext|a.py:1 f": 8}}, "cuda").startswith("over budget")
-    assert cuda_syncs.verdict("topk union", {**rec, "sites": {"ds_ext|a.py:1 f": 8}}, "cuda") == ""
+    assert cuda_syncs.verdict("topk exchange=union", {**rec, "sites": {"ds_ext|a.py:1 f": 8}}, "cuda") == ""
     assert "NOT over budget" in cuda_syncs.verdict(control[0], rec, "cuda")
     assert cuda_syncs.verdict(control[0], {**rec, "sites": {"ds_ext|a.py:1 f": 40}}, "cuda") == ""
     assert "cpu" in cuda_syncs.table({"allreduce": rec}, "cpu") and "4.00" not in cuda_syncs.table({"allreduce": rec}, "cpu")
