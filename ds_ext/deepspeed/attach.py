@@ -224,24 +224,26 @@ class Attachment:
     # ---- DeepSpeed's checkpoint calls, with the methods' state ------------------------------------------
     def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest: bool = True,
                         exclude_frozen_parameters: bool = False):
-        """``engine.save_checkpoint`` while attached (collective): DeepSpeed's files, every rank's method state,
-        ``meta.json``, then ``latest``; ``CheckpointSaveError`` on every rank when a write failed anywhere
-        (``ds_ext/deepspeed/checkpoint.py``: ``save_checkpoint``). Returns what DeepSpeed's returns."""
-        from .checkpoint import save_checkpoint
+        """``engine.save_checkpoint`` while attached (collective): DeepSpeed's files, every rank's method state and
+        ``meta.json`` staged, renamed into place, then ``latest``; ``CheckpointSaveError`` on every rank when a
+        write failed anywhere (``ds_ext/deepspeed/engine_checkpoint.py``). Returns what DeepSpeed's returns."""
+        from .engine_checkpoint import save_checkpoint
 
         return save_checkpoint(self, save_dir, tag, client_state, save_latest, exclude_frozen_parameters)
 
     def load_checkpoint(self, load_dir, tag=None, **kwargs):
-        """``engine.load_checkpoint`` while attached (collective): DeepSpeed's files, then this rank's method
-        state, checked to be this rank's, this world size's and DeepSpeed's step; ``CheckpointError`` on every
-        rank otherwise (``ds_ext/deepspeed/checkpoint.py``: ``load_checkpoint``). Returns what DeepSpeed's returns."""
-        from .checkpoint import load_checkpoint
+        """``engine.load_checkpoint`` while attached (collective): every file verified against ``meta.json`` by
+        every rank, this rank's method state checked to be this rank's, this world size's and the step's, then
+        DeepSpeed's files and the state loaded; with ``tag=None`` a damaged checkpoint falls back to an older
+        intact one (a warning names both), else ``CheckpointError`` on every rank names the file
+        (``ds_ext/deepspeed/engine_checkpoint.py``). Returns what DeepSpeed's returns."""
+        from .engine_checkpoint import load_checkpoint
 
         return load_checkpoint(self, load_dir, tag=tag, **kwargs)
 
     def checkpoint_state(self) -> dict:
         """This rank's file of ``save_checkpoint``: the attachment's state, the order's, rank, world, step."""
-        from .checkpoint import checkpoint_state
+        from .engine_checkpoint import checkpoint_state
 
         return checkpoint_state(self)
 

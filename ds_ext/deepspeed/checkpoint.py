@@ -1,6 +1,7 @@
-"""What a ds_ext checkpoint holds besides DeepSpeed's files, written and read in one place: the per-rank
-method-state file ``ds_ext_rank<r>.pt`` and the completion marker ``meta.json``; and
-``engine.save_checkpoint`` / ``engine.load_checkpoint`` while a ds_ext attachment is on the engine.
+"""What a ds_ext checkpoint holds besides DeepSpeed's files, written, read and verified in one place for every
+door (the trainer's store, an own loop's and the Hugging Face Trainer's ``engine.save_checkpoint`` /
+``load_checkpoint`` while attached, ``engine_checkpoint.py``): the per-rank method-state file
+``ds_ext_rank<r>.pt`` and the manifest ``meta.json``.
 
 A checkpoint ``<dir>/<tag>/`` holds DeepSpeed's files, one rank file per rank and ``meta.json``:
 
@@ -8,9 +9,9 @@ A checkpoint ``<dir>/<tag>/`` holds DeepSpeed's files, one rank file per rank an
   ``torch.save`` dict with the attachment's state (``attachment``: reducer, synchronizer, meter, step
   counts), the order's (``order``), and ``rank``, ``world_size``, ``global_step``; the trainer adds its
   own entries (RNG streams, epoch position). Written under a temporary name, fsynced, renamed. Read
-  back only by the rank it names, for the same world size and DeepSpeed's step: another rank's file
-  (copied or renamed), one from a run of another size or from another step is refused with
-  ``CheckpointError`` naming the file.
+  back only by the rank it names, for the same world size and step: another rank's file (copied or
+  renamed), one from a run of another size or from another step is refused with ``CheckpointError``
+  naming the file.
 * ``meta.json`` (``write_meta``): written last by rank 0, after every rank's files are written and
   fingerprinted (size, and SHA-256 with ``integrity: hash``; each rank hashes a share) and DeepSpeed's
   files are fsynced. A directory without it is incomplete and never resumed from. It holds ``files``
@@ -19,11 +20,10 @@ A checkpoint ``<dir>/<tag>/`` holds DeepSpeed's files, one rank file per rank an
   records ``saved_by: engine.save_checkpoint`` instead (it has no recipe), so the trainer can name why
   it does not resume from it.
 
-While attached, ``engine.save_checkpoint`` (``save_checkpoint``) writes all three in that order and then
-``latest``; ``engine.load_checkpoint`` (``load_checkpoint``) loads DeepSpeed's files and every rank's
-state. The trainer's store (``ds_ext/trainer/checkpoint/store.py``) stages the same writes in a
-temporary directory and renames it into place; it calls DeepSpeed's own save and load
-(``deepspeed_own``) and writes the rank files and ``meta.json`` itself, through the functions here.
+On load every door applies the same rule (``verify``: ``read_meta``, ``manifest_problem``, the fingerprints
+of a share of the files on every rank; the caller gathers one verdict): a ``meta.json`` without ``format``,
+``files``, ``step``, ``world_size`` or without ``recipe`` / ``saved_by``, or whose ``files`` lack a rank's
+state file, is damaged, never "unverified".
 """
 from __future__ import annotations
 
@@ -152,9 +152,10 @@ def reason(e: BaseException, path: Path) -> str:
     return f"{path}: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
 
 
-def shared_verdict(err: Optional[str]) -> Optional[str]:
-    """Every rank's error (or None) gathered; the first one (lowest rank) is everybody's verdict."""
-    errs = gather_objects(err)
+def shared_verdict(err: Optional[str], comm=None) -> Optional[str]:
+    """Every rank's error (or None) gathered (over ``comm``, a ``Communicator``; default the world); the first
+    one (lowest rank) is everybody's verdict."""
+    errs = comm.all_gather_object(err) if comm is not None else gather_objects(err)
     return next((e for e in errs if e), None)
 
 
@@ -294,6 +295,76 @@ def write_meta(ckpt: Path, meta: dict, integrity: str, rank: int, world: int) ->
     return None
 
 
+def read_meta(path: Path) -> dict:
+    """``path/meta.json`` as a dict; ``CheckpointError`` naming it when it cannot be read or is not an object."""
+    f = Path(path) / META
+    try:
+        meta = json.loads(f.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{f}: cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{f}: not a JSON object (found {type(meta).__name__}): damaged or not a ds_ext file")
+    return meta
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def manifest_problem(path: Path, meta: dict, integrity: str = "hash") -> Optional[str]:
+    """The one rule for every door (trainer, own loop, Hugging Face Trainer): None when ``meta`` (``path``'s
+    ``meta.json``) is a whole manifest, else one line naming it and what is missing (damaged). Format 3 (every
+    save since fingerprints) needs ``format``, ``step``, ``world_size``, a non-empty ``files`` entry that lists
+    every rank's ``ds_ext_rank<r>.pt``, and ``recipe`` (the trainer's) or ``saved_by`` (an own loop's / the
+    Trainer's ``engine.save_checkpoint``). A format before 3 recorded no fingerprints: refused unless
+    ``integrity`` is ``off``."""
+    f = Path(path) / META
+    fmt = meta.get("format")
+    if not _int(fmt):
+        return f"{f}: no 'format' entry (damaged, or not written by ds_ext)"
+    if fmt > FORMAT:
+        return f"{f}: format {fmt} is newer than this ds_ext reads ({FORMAT}): written by a newer version"
+    if fmt < 3:
+        return None if integrity == "off" else (
+            f"{f}: format {fmt} predates fingerprints, so its files cannot be verified (checkpoint.integrity=off "
+            "resumes it unverified)")
+    if meta.get("saved_by") != OWN_LOOP and not isinstance(meta.get("recipe"), dict):
+        return f"{f}: no 'recipe' entry (damaged)"
+    files = meta.get("files")
+    if not isinstance(files, dict) or not files or not all(isinstance(v, dict) for v in files.values()):
+        return f"{f}: its 'files' entry (every file's size and SHA-256) is missing or malformed (damaged)"
+    for key in ("step", "world_size"):
+        if not _int(meta.get(key)) or meta[key] < 0:
+            return f"{f}: no valid '{key}' entry (damaged)"
+    missing = [rank_file(Path("."), r).name for r in range(meta["world_size"])
+               if rank_file(Path("."), r).name not in files]
+    if missing:
+        return f"{f}: lists no {', '.join(missing[:3])} (damaged: every rank's ds_ext state belongs to a checkpoint)"
+    return None
+
+
+def verify(path: Path, integrity: str = "hash", rank: int = 0, world: int = 1, own_file: bool = True
+           ) -> Optional[str]:
+    """This rank's share of a checkpoint's verification (every door calls this; the caller gathers every rank's
+    verdict): ``None`` when intact, else one line naming the damaged file. Reads ``meta.json`` and applies
+    ``manifest_problem``; checks that this rank's own rank file exists (``own_file``); checks size (and
+    SHA-256 where recorded and ``integrity`` is ``hash``) of this rank's share of the files ``meta.json`` lists."""
+    path = Path(path)
+    try:
+        meta = read_meta(path)
+    except CheckpointError as e:
+        return str(e)
+    problem = manifest_problem(path, meta, integrity)
+    if problem:
+        return problem
+    if own_file and not rank_file(path, rank).is_file():
+        return f"{rank_file(path, rank)}: missing (no state for rank {rank})"
+    files = meta.get("files")
+    if integrity == "off" or not files:
+        return None
+    return verify_files(path, share(sorted(files), rank, world), files, integrity)
+
+
 # ---- DeepSpeed's own save and load, and its writes' failures -------------------------------------------
 
 def deepspeed_own(engine, name: str) -> Callable:
@@ -357,106 +428,3 @@ def checkpoint_managed(engine):
     finally:
         if getattr(engine, "_ds_ext_attachment", None) is att:
             engine.save_checkpoint, engine.load_checkpoint = att.save_checkpoint, att.load_checkpoint
-
-
-# ---- engine.save_checkpoint / load_checkpoint while attached -----------------------------------------
-
-def save_checkpoint(att, save_dir, tag=None, client_state=None, save_latest: bool = True,
-                    exclude_frozen_parameters: bool = False):
-    """``engine.save_checkpoint`` while attached (collective, every rank): DeepSpeed's files, then every
-    rank's method state (``write_rank_file``), then ``meta.json`` (``write_meta``: fingerprints with
-    SHA-256, ``saved_by: engine.save_checkpoint``), then ``latest`` (so ``latest`` never names a checkpoint
-    without our state, and the trainer finds it complete). A tag saved again has no ``meta.json`` until
-    its new files are all written. A failed write on any rank (DeepSpeed's or ours, ``meta.json`` or
-    ``latest``) raises ``CheckpointSaveError`` on every rank and leaves ``latest`` as it was. Returns what
-    DeepSpeed's returns. A decoupled (asynchronous) DeepSpeed checkpoint engine is refused: it commits
-    after returning."""
-    engine = att.engine
-    ce = getattr(engine, "checkpoint_engine", None)
-    if ce is not None and callable(getattr(ce, "is_decoupled", None)) and ce.is_decoupled():
-        raise ValueError("ds_ext's engine.save_checkpoint needs DeepSpeed's synchronous checkpoint engine (a "
-                         "decoupled one commits after the call returns, so ds_ext could not order its state "
-                         "before 'latest'); turn the decoupled checkpoint engine off")
-    att.check_pending()
-    rank, world = att.comm.global_rank, att.comm.world_size
-    tag = str(tag) if tag is not None else f"global_step{engine.global_steps}"
-    where, step = Path(save_dir) / tag, int(getattr(engine, "global_steps", 0))
-    if rank == 0:
-        try:  # a tag saved again: incomplete until its new meta.json
-            (where / META).unlink(missing_ok=True)
-        except OSError:
-            pass  # then DeepSpeed's writes fail as well, and say why
-    with deferred_checkpoint_writes(engine) as failed:  # DeepSpeed's own barrier still runs everywhere
-        out = att._orig_save(save_dir, tag=tag, client_state=client_state or {}, save_latest=False,
-                             exclude_frozen_parameters=exclude_frozen_parameters)
-    err = reason(failed[0][1], failed[0][0]) if failed else None
-    if err is None:
-        err = write_rank_file(where, checkpoint_state(att), rank, world, step)
-    err = shared_verdict(err)
-    if err is None:
-        meta = {"format": FORMAT, "saved_by": OWN_LOOP, "tag": tag, "step": step, "world_size": world}
-        err = write_meta(where, meta, OWN_LOOP_INTEGRITY, rank, world)
-    if err is None and save_latest and rank == 0:
-        try:  # every file first, then latest: a crash in between leaves latest as it was
-            write_atomic(Path(save_dir) / "latest", tag.encode())
-        except OSError as e:
-            err = reason(e, Path(save_dir) / "latest")
-    err = shared_verdict(err)  # rank 0's verdict reaches every rank (and ends the save together)
-    if err is not None:
-        raise CheckpointSaveError(f"checkpoint {where} not saved, 'latest' left as it was: {err}")
-    return out
-
-
-def load_checkpoint(att, load_dir, tag=None, **kwargs):
-    """``engine.load_checkpoint`` while attached (collective): DeepSpeed's files, then this rank's method
-    state (``read_rank_file``: this rank's, this world size's, DeepSpeed's step), from an own loop's
-    checkpoint or the trainer's. A checkpoint without any rank's ds_ext state (saved before the
-    attachment existed) leaves the methods fresh, with a warning; so do ``load_module_only=True`` and
-    ``load_optimizer_states=False`` (the methods' state is optimizer-like state), without one. A file
-    missing on some ranks only, refused by ``read_rank_file`` or unreadable raises ``CheckpointError`` on
-    every rank (the rank with the problem names the file, the others that rank). Returns what DeepSpeed's
-    returns."""
-    engine = att.engine
-    path, client = att._orig_load(load_dir, tag=tag, **kwargs)
-    if path is None:
-        return path, client
-    if kwargs.get("load_module_only") or not kwargs.get("load_optimizer_states", True):
-        log.info("load_checkpoint(%s): module only / no optimizer states, so the ds_ext methods start fresh",
-                 load_dir)
-        return path, client
-    if tag is None:
-        universal = callable(getattr(engine, "load_universal_checkpoint", None)) and engine.load_universal_checkpoint()
-        tag = (Path(load_dir) / ("latest_universal" if universal else "latest")).read_text().strip()
-    where = Path(load_dir) / str(tag)
-    state, problem = None, None
-    try:
-        state = read_rank_file(where, att.comm.global_rank, att.comm.world_size, int(engine.global_steps))
-    except CheckpointError as e:
-        problem = str(e)
-    have_file = rank_file(where, att.comm.global_rank).is_file()
-    rows = att.comm.exchange_control(att.comm.tensor([int(have_file), int(problem is not None)], dtype=torch.int64))
-    have = [r for r, row in enumerate(rows) if row[0]]
-    bad = [r for r, row in enumerate(rows) if row[1]]
-    if problem is not None:
-        raise CheckpointError(problem)
-    if bad:
-        raise CheckpointError(f"the ds_ext state of rank(s) {', '.join(map(str, bad))} in {where} cannot be used "
-                              "(see that rank's error)")
-    if not have:
-        log.warning("%s holds no ds_ext state (saved without the attachment): the methods start fresh", where)
-        return path, client
-    if len(have) != len(rows):
-        missing = [r for r in range(len(rows)) if r not in have]
-        raise CheckpointError(f"{where} has no ds_ext state for rank(s) {', '.join(map(str, missing))} "
-                              "(ds_ext_rank<r>.pt): an incomplete checkpoint")
-    att.load_state_dict(state["attachment"])
-    if att.order is not None and state.get("order") is not None and hasattr(att.order, "load_state_dict"):
-        att.order.load_state_dict(state["order"])
-    return path, client
-
-
-def checkpoint_state(att) -> dict:
-    """This rank's file of ``save_checkpoint``: the attachment's state, the order's, rank, world, step."""
-    order = att.order.state_dict() if att.order is not None and hasattr(att.order, "state_dict") else None
-    return {"attachment": att.state_dict(), "order": order, "rank": att.comm.global_rank,
-            "world_size": att.comm.world_size, "global_step": int(getattr(att.engine, "global_steps", 0))}

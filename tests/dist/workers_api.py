@@ -108,8 +108,8 @@ def with_ds_only(engine, ckpt: str) -> None:
 
 def own_loop_refusals(rank: int, world: int, ckpt: str) -> dict:
     """``engine.save_checkpoint`` once (tag "t"), then what ``engine.load_checkpoint`` says on each rank when
-    rank 1's file is missing, rank 0's is damaged, the files are from another step, none exist (fresh, a
-    warning), and with ``load_optimizer_states=False`` (fresh, no error). Rank 0 edits the files between
+    rank 1's file is missing, rank 0's is damaged, the files are from another step, none exist, and with
+    ``load_optimizer_states=False`` on intact files (fresh, no error). Rank 0 edits the files between
     loads (barriers around it)."""
     import os
     import shutil
@@ -161,6 +161,7 @@ def own_loop_refusals(rank: int, world: int, ckpt: str) -> dict:
             torch.save(st, f)
     edit(restep)
     out["step"] = load()
+    restore_files()
     out["no_optimizer"] = load(load_optimizer_states=False)
     edit(lambda: [os.remove(os.path.join(d, f"ds_ext_rank{r}.pt")) for r in range(world)])
     out["none"] = load()

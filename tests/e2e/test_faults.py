@@ -172,8 +172,8 @@ class FakeEngine:
 
 
 def _save(root: Path, step: int, keep: int = 1) -> Path:
-    return ck.save(FakeEngine(step), str(root), f"step_{step:07d}", {"global_step": step}, {"world_size": 1},
-                   keep=keep)
+    return ck.save(FakeEngine(step), str(root), f"step_{step:07d}", {"global_step": step},
+                   {"format": ck.FORMAT, "world_size": 1, "recipe": {}}, keep=keep)
 
 
 def _interrupt_at(monkeypatch, phase: str, step: int):

@@ -128,6 +128,30 @@ def test_damaged_newest_falls_back_with_auto_and_stops_with_a_path(reference, tm
     same_as_reference(reference, run)
 
 
+@pytest.mark.parametrize("case", ["meta_without_files", pytest.param("meta_empty", marks=pytest.mark.slow)])
+def test_a_manifest_without_its_fingerprints_is_damaged_not_unverified(reference, tmp_path, case):
+    """M1: step 6's ``meta.json`` without its ``files`` entry (and step 6's model file bit-flipped, which that
+    used to let through: ``val loss nan``, exit 0), or ``meta.json`` = ``{}`` (was reported as "made by another
+    run", exit 5): ``resume: auto`` skips step 6 naming ``meta.json`` and ends as the uninterrupted run."""
+    run = tmp_path / "run"
+    ckd = copy_upto(reference, run, 6)
+    meta = ckd / tag(6) / ck.META
+    if case == "meta_without_files":
+        body = json.loads(meta.read_text())
+        del body["files"]
+        meta.write_text(json.dumps(body))
+        flip(ckd / tag(6) / "mp_rank_00_model_states.pt")
+        want = f"skipping damaged checkpoint {tag(6)}: {meta}: its 'files' entry"
+    else:
+        meta.write_text("{}")
+        want = f"skipping damaged checkpoint {tag(6)}: {meta}: no 'format' entry"
+    ranks = resume_ok(run, tmp_path, "auto")
+    out = ranks.text(0)
+    assert want in out, out[-3000:]
+    assert f"resumed from {ckd / tag(4)} at step 4" in out and "made by" not in out
+    same_as_reference(reference, run)
+
+
 @pytest.mark.parametrize("case", ["stale_rank_file", "swapped_rank_file", "meta_not_an_object"] + [
     pytest.param(c, marks=pytest.mark.slow) for c in ("truncated_deepspeed_file", "latest_not_utf8", "latest_outside")])
 def test_damaged_files_end_in_exit_5_naming_the_file(reference, tmp_path, case):
@@ -292,7 +316,8 @@ class FakeEngine:
 
 
 def _save(root: Path, step: int, keep: int = 10, integrity: str = "hash") -> Path:
-    return ck.save(FakeEngine(step), str(root), tag(step), {}, {"world_size": 1}, keep=keep, integrity=integrity)
+    return ck.save(FakeEngine(step), str(root), tag(step), {}, {"format": ck.FORMAT, "world_size": 1, "recipe": {}},
+                   keep=keep, integrity=integrity)
 
 
 @pytest.mark.parametrize("latest,note", [
@@ -352,6 +377,34 @@ def test_fingerprints(tmp_path, integrity, damage, caught):
     {"flip": lambda: flip(f, 40), "truncate": lambda: f.write_bytes(f.read_bytes()[:100]), "remove": f.unlink}[damage]()
     got = ck.verify(p, integrity)
     assert (got is None) if caught is None else (caught in got and str(f) in got), got
+
+
+@pytest.mark.parametrize("edit,says", [
+    (lambda m: {}, "no 'format' entry"),
+    (lambda m: {k: v for k, v in m.items() if k != "files"}, "its 'files' entry"),
+    (lambda m: {**m, "files": {}}, "its 'files' entry"),
+    (lambda m: {k: v for k, v in m.items() if k != "format"}, "no 'format' entry"),
+    (lambda m: {k: v for k, v in m.items() if k != "recipe"}, "no 'recipe' entry"),
+    (lambda m: {k: v for k, v in m.items() if k != "step"}, "no valid 'step' entry"),
+    (lambda m: {**m, "files": {k: v for k, v in m["files"].items() if not k.startswith("ds_ext_rank")}},
+     "lists no ds_ext_rank0.pt"),
+    (lambda m: {**m, "format": 2}, "predates fingerprints"),
+])
+def test_an_incomplete_manifest_is_damaged_and_auto_falls_back(tmp_path, edit, says):
+    """The one rule for every door (``ds_ext/deepspeed/checkpoint.py``: ``manifest_problem``): a ``meta.json``
+    missing what a format-3 save always writes is damaged, so ``auto`` takes the older intact checkpoint and an
+    explicit path is refused naming ``meta.json``; never "unverified", never "made by another run"."""
+    root = tmp_path / "ck"
+    for s in (2, 4):
+        _save(root, s)
+    meta = root / tag(4) / ck.META
+    meta.write_text(json.dumps(edit(json.loads(meta.read_text()))))
+    notes = []
+    assert ck.choose("auto", str(root), warn=notes.append) == root / tag(2)
+    assert f"skipping damaged checkpoint {tag(4)}: {meta}: " in notes[0] and says in notes[0], notes
+    with pytest.raises(ck.CheckpointError) as ei:
+        ck.choose(str(root / tag(4)), str(root))
+    assert str(ei.value).startswith(f"{meta}: ") and says in str(ei.value), ei.value
 
 
 def test_size_only_checkpoints_record_no_hash(tmp_path):

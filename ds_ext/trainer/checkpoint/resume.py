@@ -8,8 +8,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict
 
-from ...deepspeed.checkpoint import FORMAT, OWN_LOOP, CheckpointError
-from .store import read_meta
+from ...deepspeed.checkpoint import FORMAT, OWN_LOOP, CheckpointError, read_meta
 
 
 class CheckpointMismatch(CheckpointError):

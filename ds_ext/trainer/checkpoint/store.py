@@ -1,11 +1,12 @@
 """Checkpoints that stay good: DeepSpeed's own checkpoint plus per-rank method and trainer state,
-written atomically, fingerprinted, verified on load, and chosen by every rank together.
+written atomically, fingerprinted, verified on load, and chosen by every rank together. What a ``meta.json``
+must hold and how a checkpoint is verified is one rule for every door (``ds_ext/deepspeed/checkpoint.py``:
+``manifest_problem``, ``verify``); this module chooses among the trainer's checkpoints and stages its saves.
 
 Design notes (the reasons behind each choice, measurements, deviations): ``docs/dev/notes/checkpoint-store.md``.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -17,7 +18,7 @@ from .. import faults
 from ...comm import world
 from ...deepspeed.checkpoint import (INTEGRITY, META, CheckpointError, CheckpointSaveError,
                                      deepspeed_own, deferred_checkpoint_writes, free_space, fsync_dir,
-                                     rank_file, read_rank_file, reason, share, shared_verdict, verify_files,
+                                     rank_file, read_meta, read_rank_file, reason, shared_verdict, verify,
                                      write_atomic, write_meta, write_rank_file)
 
 from ..exit_codes import ExitCode
@@ -237,35 +238,6 @@ def candidates(resume, ckpt_dir: str) -> Tuple[List[Path], bool, List[str]]:
     if not (path / META).is_file():
         raise CheckpointError(f"{path} is not a complete ds_ext checkpoint (no {META}) and holds no 'latest' file")
     return [path], False, []
-
-
-def read_meta(path: Path) -> dict:
-    f = path / META
-    try:
-        meta = json.loads(f.read_bytes().decode("utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{f}: cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{f}: not a JSON object (found {type(meta).__name__}): damaged or not a ds_ext file")
-    files = meta.get("files")
-    if files is not None and not (isinstance(files, dict) and all(isinstance(v, dict) for v in files.values())):
-        raise CheckpointError(f"{f}: its 'files' entry is malformed")
-    return meta
-
-
-def verify(path: Path, integrity: str = "hash", rank: int = 0, world: int = 1) -> Optional[str]:
-    """This rank's share of a checkpoint's verification: ``None`` when intact, else one line naming the
-    damaged file. Rank 0 also reads ``meta.json``; every rank checks that its own rank file exists."""
-    try:
-        meta = read_meta(path)
-    except CheckpointError as e:
-        return str(e)
-    if not rank_file(path, rank).is_file():
-        return f"{rank_file(path, rank)}: missing (no state for rank {rank})"
-    files = meta.get("files")
-    if integrity == "off" or not files:
-        return None
-    return verify_files(path, share(sorted(files), rank, world), files, integrity)
 
 
 def choose(resume, ckpt_dir: str, integrity: str = "hash", warn: Callable[[str], None] = log.warning
