@@ -9,8 +9,9 @@ that extension waits forever, silently. Two answers here (design notes: ``docs/d
   loading its kernels, ``ds_ext/comm.py`` ``init_distributed``, where DeepSpeed builds its CPU comm op). When
   the block has not finished after ``DS_EXT_BUILD_LOCK_WARN_S`` seconds (default 30; 0: off) a daemon thread
   logs one WARNING on the ``ds_ext.build_lock`` logger saying what the block waits for -- the lock file, its
-  age, which process holds it open, and ``rm <path>`` when none does -- and again every minute. It stops the
-  moment the block ends.
+  age, which process holds it open, and ``rm <path>`` when none does; or, in torch.distributed's rendezvous,
+  MASTER_ADDR:MASTER_PORT, the world size and the ranks seen waiting there (``rendezvous_wait``) -- again every
+  minute, and at once when the wait changes. It stops the moment the block ends.
 * ``owned_build(build_dir)``: around a JIT build of ds_ext's own op (``ds_ext/op_builder/__init__.py``). It
   takes an ``fcntl.flock`` on ``<build_dir>/ds_ext_build.flock`` for the build; the kernel drops that lock
   when its holder dies, however it dies. Holding it, a torch ``lock`` file that no process on this host holds
@@ -153,14 +154,16 @@ def describe(path: Path) -> str:
 
 def _thread_state(ident: int) -> Tuple[str, Optional[Path]]:
     """What thread ``ident`` is doing: ("baton", lock) waiting in torch's FileBaton.wait, ("building", lock)
-    inside torch's ``_jit_compile`` holding the lock, ("flock", file) waiting in ``owned_build``, or
-    ("other", None)."""
+    inside torch's ``_jit_compile`` holding the lock, ("flock", file) waiting in ``owned_build``,
+    ("rendezvous", None) inside torch.distributed's rendezvous or process-group start-up, or ("other", None)."""
     if ident in _flock_waits:
         return "flock", _flock_waits[ident]
     frame = sys._current_frames().get(ident)
-    building = None
+    building, rendezvous = None, False
     while frame is not None:
         code = frame.f_code
+        if code.co_name in _RDZV_FUNCS and code.co_filename.endswith(_RDZV_FILES):
+            rendezvous = True
         if code.co_name == "wait" and code.co_filename.endswith("file_baton.py"):
             baton = frame.f_locals.get("self")
             if baton is not None and getattr(baton, "lock_file_path", None):
@@ -170,7 +173,9 @@ def _thread_state(ident: int) -> Tuple[str, Optional[Path]]:
             if getattr(baton, "fd", None) is not None and getattr(baton, "lock_file_path", None):
                 building = Path(baton.lock_file_path)
         frame = frame.f_back
-    return ("building", building) if building is not None else ("other", None)
+    if building is not None:
+        return "building", building
+    return ("rendezvous", None) if rendezvous else ("other", None)
 
 
 def _flock_owner(path: Path) -> str:
@@ -179,6 +184,76 @@ def _flock_owner(path: Path) -> str:
     except OSError:
         text = ""
     return text or "unknown"
+
+
+# ---- the rendezvous ------------------------------------------------------------------------------------------
+# torch.distributed's env:// rendezvous (``rendezvous.py`` ``_create_c10d_store``: rank 0 hosts a TCPStore at
+# MASTER_ADDR:MASTER_PORT, every rank connects, and the store waits until all have) and the process group's own
+# start-up (``distributed_c10d.py``: the backend connects the ranks through that store) wait for the other ranks.
+_RDZV_FILES = tuple(os.path.join("torch", "distributed", f) for f in ("rendezvous.py", "distributed_c10d.py"))
+_RDZV_FUNCS = {"_create_c10d_store", "_env_rendezvous_handler", "_tcp_rendezvous_handler", "init_process_group",
+               "_new_process_group_helper", "_store_based_barrier"}
+LIST_UP_TO = 64  # ranks named one by one up to this world size; a count beyond
+_announced: set = set()
+
+
+def _store_prefix() -> str:
+    """ds_ext's keys in the rendezvous store, per torchelastic run and restart (an agent's store outlives a
+    restart; the store rank 0 hosts lives as long as the job)."""
+    return (f"ds_ext/startup/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/"
+            f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}")
+
+
+def _ranks(rs: List[int]) -> str:
+    return ", ".join(str(r) for r in rs) if rs else "none"
+
+
+def _arrivals(addr: str, port: int, world: str, timeout_s: float) -> str:
+    """Connect to the rendezvous store from the side (a client that does not count as a worker: torch's store
+    counts those that join with ``wait_for_workers``), say that this rank is waiting (``<prefix>/rank<R>`` and a
+    counter, once per process), and read which ranks have said so."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    store = dist.TCPStore(addr, port, is_master=False, wait_for_workers=False, timeout=timedelta(seconds=timeout_s))
+    key = _store_prefix()
+    if key not in _announced:
+        store.set(f"{key}/rank{os.environ.get('RANK', '?')}", f"pid {os.getpid()} on {socket.gethostname()}")
+        store.add(f"{key}/count", 1)
+        _announced.add(key)
+    n = store.add(f"{key}/count", 0)
+    if not world.isdigit() or int(world) > LIST_UP_TO:
+        return f"; {n} of {world} ranks seen waiting there"
+    here = [r for r in range(int(world)) if store.check([f"{key}/rank{r}"])]
+    missing = [r for r in range(int(world)) if r not in here]
+    if not missing:
+        return (f"; all {world} ranks have reached it: waiting while the process group connects them (a rank whose "
+                f"network interface or port is unreachable from the others, or a firewall)")
+    return (f"; ranks seen waiting there: {_ranks(here)} ({len(here)} of {world}); not seen: {_ranks(missing)} "
+            f"(not started, still starting, or arrived less than {warn_after_s():g} s ago)")
+
+
+def rendezvous_wait(timeout_s: float = 3.0) -> str:
+    """What a rank waiting in the rendezvous waits for, ``for the other ranks at ADDR:PORT (world N); ...``: the
+    address (MASTER_ADDR:MASTER_PORT), the world size and, when the store there answers, the ranks seen waiting
+    there (each rank's watch says so through the store when its own wait has lasted ``warn_after_s``)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    world = os.environ.get("WORLD_SIZE", "?")
+    where = f"{addr or '?'}:{port or '?'}"
+    head = f"for the other ranks at {where} (world {world})"
+    if not addr or not port.isdigit():
+        return f"{head}; MASTER_ADDR / MASTER_PORT are not set in this process's environment"
+    try:
+        with socket.create_connection((addr, int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        return (f"{head}; nothing answers at {where} yet ({e.strerror or e}): rank 0 hosts the rendezvous store "
+                f"there, and it has not started, is still starting, or MASTER_ADDR / MASTER_PORT is wrong")
+    try:
+        return head + _arrivals(addr, int(port), world, timeout_s)
+    except Exception as e:  # noqa: BLE001 - a store error: say what is known
+        return f"{head}; the store there answers, but the ranks that arrived cannot be read ({type(e).__name__}: {e})"
 
 
 def report(what: str, ident: int, waited_s: float) -> str:
@@ -193,6 +268,8 @@ def report(what: str, ident: int, waited_s: float) -> str:
     if kind == "flock":
         return (f"{head} for ds_ext's build lock {path}, held by {_flock_owner(path)} while it builds or "
                 f"loads {path.parent.name} (the lock goes when that process ends)")
+    if kind == "rendezvous":
+        return f"{head} {rendezvous_wait()}"
     stale = [p for p in find_locks() if holders(p) == []]
     extra = "; ".join(describe(p) for p in stale)
     return f"{head}; not on a JIT build lock" + (f" (but {extra})" if extra else "")
@@ -207,15 +284,24 @@ class _Watch:
         self.thread = threading.Thread(target=self._run, name="ds_ext-build-lock-watch", daemon=True)
 
     def _run(self) -> None:
-        wait = self.delay_s
-        while not self.done.wait(wait):
+        """A line after ``delay_s``, then every ``repeat_s``, and (looked at every ``delay_s``) as soon as the wait
+        has changed (e.g. from DeepSpeed's op build to the rendezvous), so a new wait is named within ``delay_s``."""
+        last, said_at = None, 0.0
+        while not self.done.wait(self.delay_s if last is None else min(self.delay_s, self.repeat_s)):
             try:
-                line = report(self.what, self.ident, time.monotonic() - self.t0)
+                state = _thread_state(self.ident)
+            except Exception:  # noqa: BLE001 - report() says what went wrong
+                state = None
+            now = time.monotonic()
+            if last is not None and state == last and now - said_at < self.repeat_s * 0.99:
+                continue
+            try:
+                line = report(self.what, self.ident, now - self.t0)
             except Exception as e:  # noqa: BLE001 - a message must never break the start-up it describes
-                line = f"{self.what}: waiting for {time.monotonic() - self.t0:.0f} s ({type(e).__name__}: {e})"
+                line = f"{self.what}: waiting for {now - self.t0:.0f} s ({type(e).__name__}: {e})"
             if not self.done.is_set():
                 log.warning("%s", line)
-            wait = self.repeat_s
+            last, said_at = state or ("?", None), now
 
 
 @contextlib.contextmanager

@@ -4,6 +4,19 @@ if [ -z "${DS_ACCELERATOR:-}" ]; then
     export DS_ACCELERATOR=cpu
   fi
 fi
+# JIT builds (DeepSpeed's deepspeed_shm_comm, ds_ext's op) go to a torch extensions directory inside the venv
+# ($PY's, from run/setup.sh, else the active $VIRTUAL_ENV) unless TORCH_EXTENSIONS_DIR is set: a build killed in
+# one venv (torch's lock file left behind) never blocks another venv's start-up. tests/conftest.py does the same.
+if [ -z "${TORCH_EXTENSIONS_DIR:-}" ]; then
+  _ds_ext_venv="${VIRTUAL_ENV:-}"
+  if [ -n "${PY:-}" ] && [ -f "$(dirname "$(dirname "$PY")")/pyvenv.cfg" ]; then
+    _ds_ext_venv="$(cd "$(dirname "$(dirname "$PY")")" && pwd)"
+  fi
+  if [ -n "$_ds_ext_venv" ]; then
+    export TORCH_EXTENSIONS_DIR="$_ds_ext_venv/torch_extensions"
+  fi
+  unset _ds_ext_venv
+fi
 # Do not let every rank spin OpenMP threads on all cores of a small machine.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 ds_ext_free_port() {

@@ -10,6 +10,10 @@ if str(ROOT) not in sys.path:
 os.environ["DS_ACCELERATOR"] = os.environ.get("DS_EXT_TEST_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# JIT builds in the venv's own torch extensions directory, as run/env.sh sets for the run scripts (a build killed
+# in one venv never blocks another); an explicit TORCH_EXTENSIONS_DIR wins.
+if sys.prefix != sys.base_prefix:
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -496,6 +496,7 @@ class Trainer:
         el = None if step_in_epoch == 0 or loss_sum is None else (loss_sum.detach().cpu().clone(), count)
         st = {"rng": _rng_state(), "epoch": epoch, "step_in_epoch": step_in_epoch, "attachment": att.state_dict(),
               "order": self.order.state_dict(), "global_step": engine.global_steps, "epoch_loss": el}
+        ckpt.verify_all(self.locks)  # rank 0: a deleted lock file is put back (issue 28, M2)
         try:
             path = ckpt.save(engine, ce.dir, f"step_{engine.global_steps:07d}", st, self.meta, keep=ce.keep,
                              integrity=ce.integrity, job=self.job["job"])

@@ -207,6 +207,33 @@ def test_second_job_on_the_same_directory_is_refused(tmp_path):
         a.kill_all()
 
 
+def test_second_job_after_the_lock_files_were_deleted_is_refused(tmp_path):
+    """Issue 28 M2: the lock file left by every run looks stale; a user deletes it (here while job A runs,
+    held at step 3). Job B on the same directory is still refused with exit 6 naming A's rank-0 pid (the
+    directory itself is locked), and A, released, puts its lock file back at its next save and ends as an
+    undisturbed run does."""
+    run = tmp_path / "run"
+    a = wf.Ranks(2, args(run), tmp_path / "a", fault="data:0:3:stop")
+    try:
+        a.wait_stopped(0)
+        for f in (run / ck.LOCK, run / "checkpoints" / ck.LOCK):
+            f.unlink()
+        ranks, codes = wf.run_ranks(2, args(run, "checkpoint.resume=auto"), tmp_path / "b")
+        assert codes == [ck.EXIT_BUSY] * 2, (codes, ranks.text(0)[-3000:], ranks.text(1)[-3000:])
+        out = ranks.text(0)
+        assert f"is in use by another job (pid {a.procs[0].pid} on " in out, out[-3000:]
+        no_traceback(ranks)
+        assert (run / "checkpoints" / "latest").read_text() == tag(2)  # A's first save, untouched by B
+        a.procs[0].send_signal(signal.SIGCONT)
+        codes = a.wait_all(300)
+        assert codes == [0, 0], (codes, a.text(0)[-3000:])
+        assert "lock file" in a.text(0) and "was deleted" in a.text(0), a.text(0)[-3000:]
+        assert (run / "checkpoints" / ck.LOCK).exists() and (run / ck.LOCK).exists()
+        assert (run / "checkpoints" / "latest").read_text() == tag(STEPS)
+    finally:
+        a.kill_all()
+
+
 # ---- 5. save failures -----------------------------------------------------------------------------------
 
 def _small_files():
@@ -440,6 +467,40 @@ def test_directory_lock_names_the_holder_and_is_released(tmp_path):
     for h in held:
         h.release()
     ck.DirLock.acquire(tmp_path / "run" / "checkpoints", job).release()
+
+
+def test_directory_lock_holds_after_its_lock_file_is_deleted(tmp_path):
+    """Issue 28 M2, without DeepSpeed: another process holds the lock; its lock file deleted, a second acquire
+    is still refused (the directory itself is locked), naming the holder's pid; the holder's ``verify`` (at
+    its next save) puts the file back with its identity and a warning."""
+    import subprocess
+    import sys
+
+    d = tmp_path / "run"
+    code = ("import logging, sys\nlogging.basicConfig(format='%(levelname)s %(message)s')\n"
+            "from ds_ext.trainer import checkpoint as ck\n"
+            f"held = ck.lock_dirs([{str(d)!r}], ck.job_identity())\nprint('ready', flush=True)\n"
+            "sys.stdin.readline()\nck.verify_all(held)\nprint('verified', flush=True)\nsys.stdin.readline()\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(wf.ROOT)})
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        (d / ck.LOCK).unlink()
+        with pytest.raises(ck.DirectoryBusy, match=rf"in use by another job \(pid {child.pid} on "):
+            ck.DirLock.acquire(d, ck.job_identity())
+        assert not (d / ck.LOCK).exists()  # a refused job creates no lock file
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "verified"
+        assert json.loads((d / ck.LOCK).read_text())["pid"] == child.pid  # put back, naming its holder
+        with pytest.raises(ck.DirectoryBusy, match=rf"pid {child.pid} on .*started "):
+            ck.DirLock.acquire(d, ck.job_identity())
+    finally:
+        child.stdin.close()
+        assert child.wait(60) == 0
+    err = child.stderr.read()
+    assert f"the lock file {d / ck.LOCK} was deleted" in err and "directory lock was held throughout" in err, err
+    ck.DirLock.acquire(d, ck.job_identity()).release()  # the kernel released it with its holder
 
 
 @pytest.mark.slow

@@ -264,3 +264,46 @@ def test_prepare_after_a_killed_build_does_not_hang(built_cpu_op, ext_root):
     assert f"WARNING ds_ext.build_lock: removed a stale JIT build lock {lock} " in r.stderr, r.stderr[-3000:]
     assert not lock.exists()
     print(f"\n[test_build_lock] prepare with a stale lock: {took:.1f} s ({st['seconds']} s in prepare)")
+
+
+def test_a_rank_waiting_for_the_others_names_the_rendezvous(tmp_path):
+    """Issue 28: rank 0 of a 2-rank world started alone (the trainer, as the deepspeed launcher starts it) waits in
+    the rendezvous for rank 1; with the delay at 1 s it says so, naming MASTER_ADDR:MASTER_PORT, that rank 0 is
+    seen there and rank 1 is not, within the deadline after DeepSpeed's op is loaded (a JIT build of it, when
+    needed, is given its own time: its end is DeepSpeed's "built successfully" line). Then it is killed."""
+    import queue
+
+    from tests import harness
+
+    port = harness.free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled",
+           "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), build_lock.ENV_WARN_S: "1"}
+    cmd = [sys.executable, "-u", "-m", "ds_ext.train", "--local_rank=0", "--recipe", str(ROOT / "recipes" /
+           "quickstart.yaml"), "--set", f"log.dir={tmp_path / 'run'}", "--set", "log.wandb.mode=disabled"]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out: "queue.Queue[str]" = queue.Queue()
+    threading.Thread(target=lambda: [out.put(ln) for ln in p.stdout], daemon=True).start()
+    seen, want = [], f"for the other ranks at 127.0.0.1:{port} (world 2)"
+    try:
+        t0, deadline = time.monotonic(), 600.0  # covers a JIT build of DeepSpeed's op in a fresh extensions dir
+        while True:
+            left = deadline - (time.monotonic() - t0)
+            assert left > 0, f"no rendezvous line within {deadline:.0f} s:\n" + "".join(seen[-40:])
+            try:
+                line = out.get(timeout=left)
+            except queue.Empty:
+                continue
+            seen.append(line)
+            if "built successfully" in line:  # DeepSpeed's op is loaded: the rendezvous comes next
+                t0, deadline = time.monotonic(), DEADLINE_S
+            if want in line:
+                break
+        took = time.monotonic() - t0
+        assert p.poll() is None  # still waiting: nothing gave up
+    finally:
+        p.kill()
+        p.wait(DEADLINE_S)
+    assert line.startswith("[ds_ext] rank 0: deepspeed.init_distributed (rendezvous at "), line
+    assert "ranks seen waiting there: 0 (1 of 2); not seen: 1 " in line, line
+    print(f"\n[test_build_lock] rendezvous line {took:.1f} s after the op was loaded: {line.strip()}")
