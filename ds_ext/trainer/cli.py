@@ -49,17 +49,20 @@ def build_parser(prog: str = "python -m ds_ext.train") -> argparse.ArgumentParse
 
 
 def check(recipe, world_size: int) -> int:
-    from .recipe import data_problems, path_problems
+    from .recipe import data_problems, model_line, model_problems, parameter_count, path_problems
 
     micro, gas = recipe.check_world(world_size)
-    # missing paths are warnings here (a recipe may be linted where its data is not mounted); a run refuses them
-    for key, msg in path_problems(recipe) + data_problems(recipe):
+    count = parameter_count(recipe)
+    # missing paths and a model larger than this host's memory are warnings here (a recipe may be linted where
+    # its data is not mounted, on a smaller machine); a run refuses them
+    for key, msg in path_problems(recipe) + data_problems(recipe) + model_problems(recipe, count):
         print(f"warning: {recipe.source}: {key}: {msg}", file=sys.stderr)
     names = recipe.method_names()
     print(f"ok: {recipe.source}: model={recipe.model.name} data={recipe.data.name} "
           f"reducer={names['reducer']} sync={names['sync']} order={names['order']} precision={recipe.precision()} "
           f"zero={recipe.zero_stage()}; world {world_size}: micro batch {micro} x accumulation {gas} "
           f"= global {recipe.train.global_batch_size}")
+    print(model_line(recipe, count))
     return 0
 
 

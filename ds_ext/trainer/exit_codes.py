@@ -28,16 +28,20 @@ class ExitCode(IntEnum):
     OK = 0, "finished", "done"
     FAILED = 1, "exception", "an exception (its traceback is printed)"
     RECIPE = 2, "recipe error", ("recipe error (also a bad DS_EXT_OPS, a YAML alias bomb, train.seed outside "
-                                 "0..2**31-1, train.collective_timeout_s over 7 days, a malformed DS_EXT_FAULT)")
-    DATA = 3, "data error", "data error"
+                                 "0..2**31-1, train.collective_timeout_s outside 1 s..7 days, optimizer.lr over 1e6, "
+                                 "a deepspeed_config that is not UTF-8 JSON, a model too large for the host's "
+                                 "memory, a malformed DS_EXT_FAULT)")
+    DATA = 3, "data error", ("data error (also a label outside the model's classes, non-finite inputs in the "
+                             "validation set)")
     PEER_LOST = 4, "peer lost", "another rank was lost or stopped, or a collective failed"
     CHECKPOINT = 5, "checkpoint error", ("checkpoint cannot be resumed from (mismatch, missing, damaged: the file is "
                                          "named)")
     BUSY = 6, "directory in use by another job", ("the run or checkpoint directory is in use by another job (the "
                                                    "holder is named)")
-    SAVE = 7, "checkpoint save failed", "a checkpoint save failed (the previous checkpoint is intact)"
+    SAVE = 7, "checkpoint save failed", ("a checkpoint save failed (the previous checkpoint is intact), or "
+                                         "summary.json could not be written at the end")
     DIVERGED = 8, "training diverged", ("training diverged (train.max_consecutive_skips skipped steps in a "
-                                        "row)")
+                                        "row, or a non-finite validation loss)")
     PREEMPTED = 75, "saved and stopped on a signal", ("saved a checkpoint and stopped on a signal "
                                                       "(checkpoint.on_signal: save); resume with "
                                                       "checkpoint.resume=auto")

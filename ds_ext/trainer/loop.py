@@ -6,6 +6,7 @@ run directory's other records are ``ds_ext.trainer.records``.
 from __future__ import annotations
 
 import json
+import math
 import random
 import sys
 import time
@@ -15,15 +16,15 @@ from typing import List, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
 from . import faults
-from ..comm import Communicator, gather_objects
+from ..comm import gather_objects
 from . import setup
 from ..meter import CommMeter, purpose_key
+from ..data.base import nonfinite_inputs
 from ..registry import DATASETS, MODELS, ORDERS
-from ..stop_signals import ignore_stop_signals
+from .evaluation import _batch_loader, evaluate
 from .exit_codes import ExitCode
 from .records import RunRecords, StepWindow
 
@@ -55,39 +56,6 @@ def _set_rng_state(st: dict) -> None:
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state(st["cuda"])
-
-
-def _batch_loader(dataset, batches, num_workers: int, seed: int):
-    """A ``DataLoader`` yielding one microbatch per list of ``batches`` (example indices; the lists may differ
-    in length: ``remainder: visit`` of the dgrab orders), with ``make_loader``'s settings otherwise."""
-    return DataLoader(dataset, batch_sampler=[list(b) for b in batches], num_workers=num_workers,
-                      persistent_workers=False, generator=torch.Generator().manual_seed(seed),
-                      pin_memory=torch.cuda.is_available(),
-                      worker_init_fn=ignore_stop_signals if num_workers > 0 else None)
-
-
-def evaluate(engine, bundle, batch_size: int, rank: int, world: int, comm=None) -> dict:
-    """Each rank scores a strided shard of the validation set; the sums stay on the communication
-    device (no host read per batch), are all-reduced there and read once."""
-    comm = comm if comm is not None else Communicator()
-    module = engine.module
-    p0 = next(module.parameters())
-    was_training = module.training
-    module.eval()
-    stats = comm.zeros(3, dtype=torch.float64)
-    with torch.no_grad():
-        for x, y in bundle.loader("val", range(rank, len(bundle.val), world), batch_size, drop_last=False):
-            x = x.to(p0.device, dtype=p0.dtype if x.is_floating_point() else x.dtype, non_blocking=True)
-            out = module(x).float()
-            y = y.to(out.device, non_blocking=True)
-            stats[0] += F.cross_entropy(out, y, reduction="sum").to(stats.device, torch.float64)
-            stats[1] += (out.argmax(1) == y).sum().to(stats.device, torch.float64)
-            stats[2] += y.numel()  # tokens for a language model
-    comm.all_reduce(stats)
-    module.train(was_training)
-    loss_sum, correct, total = stats.tolist()
-    n = max(total, 1.0)
-    return {"val_loss": loss_sum / n, "val_acc": correct / n, "val_correct": int(correct), "val_total": int(total)}
 
 
 def train(recipe) -> int:
@@ -241,8 +209,12 @@ class Trainer:
             self.bundle = DATASETS.build(recipe.data.name, recipe.data.options, root=recipe.data.root)
         except (FileNotFoundError, ImportError, ValueError) as e:  # same files on every rank: every rank exits
             raise _Exit(ExitCode.DATA, f"data error: {recipe.source}: data ({recipe.data.name}): {e}") from None
-        # sizes from the data (vocab, fields)
-        self.model = MODELS.build(recipe.model.name, recipe.model.options, data=self.bundle)
+        self.model = self._build_model()
+        error, warning = setup.check_data(self.bundle, self.model)  # same data on every rank: every rank exits
+        if error:
+            raise _Exit(ExitCode.DATA, f"data error: {recipe.source}: data ({recipe.data.name}): {error}")
+        if warning:
+            self.records.say(f"[ds_ext] warning: data ({recipe.data.name}): {warning}")
         order = self.order = ORDERS.build(recipe.method.order.name, recipe.method.order.options, len(self.bundle.train),
                                           self.rank, world, t.seed)
         steps_per_epoch = order.shard_size // micro // gas
@@ -267,6 +239,24 @@ class Trainer:
                         f"the {order.shard_size * world} training examples usable on {world} ranks")
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = steps_per_epoch * t.epochs
+
+    def _build_model(self):
+        """The model, sized from the data where it needs to be (vocab, fields); an allocation failure on any
+        rank is one recipe error on every rank, naming the model's options and its size."""
+        from .recipe import model_line, parameter_count
+
+        recipe, model, err = self.recipe, None, None
+        try:
+            model = MODELS.build(recipe.model.name, recipe.model.options, data=self.bundle)
+        except (MemoryError, RuntimeError) as e:
+            if not setup.out_of_memory(e):
+                raise
+            err = (f"{model_line(recipe, parameter_count(recipe))}: cannot be allocated on rank {self.rank} "
+                   f"({setup.out_of_memory(e)}); make the model smaller")
+        err = next((e for e in gather_objects(err) if e), None)
+        if err:
+            raise _Exit(ExitCode.RECIPE, f"recipe error:\n{recipe.source}: model: {err}")
+        return model
 
     # ---- resume -----------------------------------------------------------------------------------
     def resume(self) -> None:
@@ -310,6 +300,7 @@ class Trainer:
         self.records.open(recipe, line, self.total_steps, self.engine.global_steps, self.resume_path is not None)
         self.att.vote_stop(lambda: faults.stop_requested() is not None)
         self.skip_streak = [0, 0]  # consecutive skipped steps on this rank, the last step that was not skipped
+        self.data_skips: list = [0, None]  # skips of the streak whose examples had non-finite inputs, the first
         # what the bytes were for, naming the method that sent them (meter.PURPOSES; the rest is the reducer's)
         self.who = {"gradient exchange": f"reducer={names['reducer']}", "parameter averaging": f"sync={names['sync']}",
                     "order balancing": f"order={names['order']}"}
@@ -328,9 +319,18 @@ class Trainer:
         loader_seed = (self.t.seed * 1_000_003 + epoch) * 4099 + self.rank
         if self.variable_units:  # microbatches of different sizes: one list of indices per microbatch
             units = order.epoch_batches(epoch)[: self.steps_per_epoch * gas]
+            self.visit = [list(u) for u in units[skip * gas:]]
             return _batch_loader(self.bundle.train, units[skip * gas:], recipe.data.num_workers, loader_seed)
         idx = order.epoch_indices(epoch)[: self.steps_per_epoch * gas * micro]
+        self.visit = idx[skip * gas * micro:]  # microbatch k of this loader: visit[k * micro:(k + 1) * micro]
         return self.bundle.loader("train", idx[skip * gas * micro:], micro, recipe.data.num_workers, seed=loader_seed)
+
+    def step_examples(self) -> List[int]:
+        """The training examples (indices into the data set) of this rank's last optimizer step."""
+        first, end = self.step_micro
+        if self.variable_units:
+            return [i for u in self.visit[first:end] for i in u]
+        return [int(i) for i in self.visit[first * self.micro:end * self.micro]]
 
     def run_epoch(self, epoch: int) -> bool:
         """Train ``epoch`` (from the resumed position in the first one); True when the run stops here
@@ -346,6 +346,7 @@ class Trainer:
         if epoch == self.start_epoch and skip and self.resumed_epoch_loss is not None:
             self.epoch_loss = [self.resumed_epoch_loss[0].to(p0.device), int(self.resumed_epoch_loss[1])]
         batches = iter(loader)
+        k = 0  # microbatches taken from this loader
         while True:
             step = engine.global_steps + 1  # the optimizer step this micro-batch belongs to
             faults.progress(step, "data loading")
@@ -366,10 +367,11 @@ class Trainer:
                 faults.point("collective", step)
             engine.step()
             loss_acc = loss.detach() if loss_acc is None else loss_acc + loss.detach()
-            n_micro += 1
+            n_micro, k = n_micro + 1, k + 1
             if not boundary:
                 continue
             step_in_epoch += 1
+            self.step_micro = (k - n_micro, k)
             if self.on_step(epoch, step_in_epoch, loss_acc, n_micro):
                 return True
             loss_acc, n_micro = None, 0
@@ -414,16 +416,40 @@ class Trainer:
         t, att, streak = self.t, self.att, self.skip_streak
         if att.skipped_steps > self.skips_seen:
             streak[0] += 1
+            self._name_the_data(gstep)  # the skip path (it read the guard's flags already): host data only
         else:
             streak[:] = [0, gstep]
+            self.data_skips = [0, None]
         self.skips_seen = att.skipped_steps
         if t.max_consecutive_skips and streak[0] >= t.max_consecutive_skips:
+            n, first = self.data_skips
+            advice = (f"{n} of them drew training examples with non-finite input values on rank {self.rank} "
+                      f"(first: {first}): the data, not the learning rate; fix or drop those examples"
+                      if n else "Lower optimizer.lr, add warm-up or deepspeed.gradient_clipping (or, where a rank "
+                                "named non-finite input data above, fix the data)")
             raise _Exit(ExitCode.DIVERGED,
                         f"[ds_ext] error: training diverged: {streak[0]} optimizer steps in a row (up to step "
                         f"{gstep}) had non-finite gradients and were skipped (train.max_consecutive_skips="
                         f"{t.max_consecutive_skips}); last finite step {streak[1]}; no checkpoint was saved "
-                        f"since then. Lower optimizer.lr, add warm-up or deepspeed.gradient_clipping, and resume "
-                        f"from the last checkpoint (exit {ExitCode.DIVERGED})")
+                        f"since then. {advice}, and resume from the last checkpoint (exit {ExitCode.DIVERGED})")
+
+    def _name_the_data(self, gstep: int) -> None:
+        """A skipped step: whether this rank's examples of the step hold non-finite input values, read again
+        from the data set on the host (nothing on the device; skipped steps only). The first such step of a
+        streak is named in one line by the rank that drew them."""
+        try:
+            bad = nonfinite_inputs(self.bundle.train, self.step_examples())
+        except Exception:  # noqa: BLE001 -- a data set that cannot be indexed (ffcv): nothing to name
+            return
+        if not bad:
+            return
+        self.data_skips[0] += 1
+        if self.data_skips[1] is None:
+            self.data_skips[1] = f"training example {bad[0]} at step {gstep}"
+            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+            print(f"[ds_ext] rank {self.rank}: step {gstep}: non-finite values in the input batch (data "
+                  f"{self.recipe.data.name}: training example {bad[0]}{more}), not the learning rate; the "
+                  f"optimizer step was skipped", file=sys.stderr, flush=True)
 
     def _log_step(self, epoch: int, step_in_epoch: int, gstep: int, lr: float) -> None:
         meter, att = self.meter, self.att
@@ -517,8 +543,20 @@ class Trainer:
 
         faults.progress(self.engine.global_steps, "evaluation")
         with self.att.sync.eval_view(self.engine.module, train_batches):
-            return evaluate(self.engine, self.bundle, recipe.data.eval_micro_batch_size or 2 * micro, self.rank,
-                            self.world, self.att.comm)
+            res = evaluate(self.engine, self.bundle, recipe.data.eval_micro_batch_size or 2 * micro, self.rank,
+                           self.world, self.att.comm)
+        if math.isfinite(res["val_loss"]):
+            return res
+        # the same all-reduced value on every rank: every rank stops; the parameters say why (read once, here)
+        finite = all(bool(torch.isfinite(p).all()) for p in self.engine.module.parameters())
+        why = ("the parameters are finite, so non-finite validation inputs (the data) or outputs that overflow "
+               "are the cause" if finite else
+               "the parameters hold non-finite values: lower optimizer.lr, add warm-up or deepspeed.gradient_clipping")
+        raise _Exit(ExitCode.DIVERGED,
+                    f"[ds_ext] error: training diverged: validation loss {res['val_loss']} after epoch {epoch + 1} "
+                    f"(step {self.engine.global_steps}; {res.get('val_nonfinite', 0)} of {res['val_total']} "
+                    f"validation losses non-finite); {why}; resume from a checkpoint saved before it diverged "
+                    f"(exit {ExitCode.DIVERGED})")
 
     def finish(self) -> int:
         """The end of the last epoch: the final evaluation (when the last epoch had none), the summary (wandb,
@@ -541,6 +579,11 @@ class Trainer:
                              **{f"summary/comm_bytes/{purpose_key(k)}": v for k, v in meter.by_purpose().items()}},
                             step=engine.global_steps)
         self.records.finish()
-        self.records.summary(summary, parts, meter)
-        att.comm.barrier()
+        err = self.records.summary(summary, parts, meter)  # rank 0 writes; a failed write: the reason
+        err = gather_objects(err)[0]  # rank 0's verdict for every rank (the barrier this was)
+        if err:
+            saved = ckpt.complete_checkpoints(self.ce.dir)
+            kept = f"the newest checkpoint is {saved[0]}" if saved else "no checkpoint was taken"
+            raise _Exit(ExitCode.SAVE, f"[ds_ext] error: the run finished but its summary could not be written: "
+                                       f"{err}; the results are in the lines above, {kept} (exit {ExitCode.SAVE})")
         return 0

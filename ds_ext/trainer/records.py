@@ -20,6 +20,7 @@ to its checkpoint's step and drops later ones),
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -298,11 +299,9 @@ def _history_start(run_dir: str, upto: Optional[int]) -> List[dict]:
             if step <= upto:
                 kept[step] = rec
     out = [kept[k] for k in sorted(kept)]
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in out))
-        os.replace(tmp, path)
-    except OSError as e:  # the records stay in memory (summary.json); only this file is missing
+        write_atomically(path, "".join(json.dumps(r) + "\n" for r in out))
+    except OSError as e:  # the records stay in memory (summary.json); the file keeps what it held
         _history_warn(path, e)
     return out
 
@@ -318,12 +317,37 @@ def _history_warn(path: Path, e: OSError) -> None:
 
 
 def _history_append(run_dir: str, rec: dict) -> None:
+    """One record appended; a write the file system refuses is cut back off (no half line stays for a
+    later record to join) and warned about once."""
     path = Path(run_dir, HISTORY_FILE)
     try:
-        with open(path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        with open(path, "ab", buffering=0) as f:
+            end = f.seek(0, os.SEEK_END)
+            data = memoryview((json.dumps(rec) + "\n").encode())
+            try:
+                while data:  # a raw write may take part of it and refuse the rest on the next call
+                    data = data[f.write(data):]
+            except OSError:
+                os.ftruncate(f.fileno(), end)
+                raise
     except OSError as e:
         _history_warn(path, e)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """``text`` into ``path`` through a temporary file beside it (written, fsynced, renamed over ``path``):
+    ``path`` holds the old content or the new, never a part. A failed write removes the temporary file and
+    raises the ``OSError``."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(text.encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 SUMMARY_FILE = "summary.json"
@@ -381,21 +405,30 @@ class RunRecords:
     def finish(self) -> None:
         self.wb.finish()
 
-    def summary(self, summary: dict, parts: dict, meter) -> None:
-        """Rank 0: ``summary.json`` (``summary`` and the history) and the final lines: validation, the bytes per
-        rank of ``meter`` (split by ``parts``: its purposes named by method), the train time, skipped steps."""
+    def summary(self, summary: dict, parts: dict, meter) -> Optional[str]:
+        """Rank 0: ``summary.json`` (``summary`` and the history, written atomically: a failed write leaves the
+        previous file, if any, whole) and the final lines: validation, the bytes per rank of ``meter`` (split by
+        ``parts``: its purposes named by method), the train time, skipped steps. Returns why ``summary.json``
+        could not be written (the file and the operating system's reason), else None."""
         if not self.is0:
-            return
+            return None
+        from ..deepspeed.checkpoint import free_space
         from ..meter import human_bytes
 
-        Path(self.run_dir, SUMMARY_FILE).write_text(json.dumps({**summary, "history": self.history}, indent=1))
+        path, err = Path(self.run_dir, SUMMARY_FILE), None
+        try:
+            write_atomically(path, json.dumps({**summary, "history": self.history}, indent=1))
+        except OSError as e:
+            code = errno.errorcode.get(e.errno, e.errno) if e.errno is not None else type(e).__name__
+            err = f"{path}: {e.strerror or e} (errno {code}); {free_space(path.parent)} on that file system"
         print(f"[ds_ext] final: val accuracy {summary['val_acc']:.4f} ({summary['val_correct']}/"
               f"{summary['val_total']}), val loss {summary['val_loss']:.4f}, {summary['steps']} steps")
         split = ", ".join(f"{k} {human_bytes(v / max(meter.steps, 1))}" for k, v in parts.items()) \
             if len(parts) > 1 else next(iter(parts), "nothing metered")
         print(f"[ds_ext] communicated {human_bytes(meter.total_bytes)} per rank over {meter.steps} steps "
               f"({human_bytes(summary['comm_bytes_per_step'])}/step; {split}), "
-              f"train time {summary['train_seconds']:.1f} s; summary {Path(self.run_dir, SUMMARY_FILE)}")
+              f"train time {summary['train_seconds']:.1f} s; summary {'not written' if err else path}")
         if summary["skipped_steps"]:
             print(f"[ds_ext] {summary['skipped_steps']} optimizer step(s) skipped for non-finite gradients (rank 0's "
                   f"count; summary.json lists step and ranks)")
+        return err

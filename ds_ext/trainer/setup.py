@@ -70,3 +70,67 @@ def initialize(recipe, model: torch.nn.Module, steps_per_epoch: int, meter: Opti
                         total_steps=total, order=order, nonfinite=getattr(recipe.train, "nonfinite", "skip"),
                         steps_per_epoch=steps_per_epoch)
     return engine, attachment, schedule
+
+
+# ---- the data against the model (before the engine is built; host data, once) --------------------------
+
+def output_classes(model: torch.nn.Module, bundle) -> int:
+    """The classes ``model`` scores (dim 1 of its output, what ``cross_entropy`` reads), from a forward pass
+    of two training examples on torch's meta device (shapes only; the model and the RNG are untouched); the
+    data set's ``num_classes`` when the model cannot run there or the data set cannot be indexed."""
+    import itertools
+
+    try:
+        with torch.random.fork_rng(devices=[]):
+            x = bundle.train[0][0]
+        x = torch.as_tensor(x).unsqueeze(0).expand(2, *x.shape).to("meta")
+        state = {k: torch.empty_like(v, device="meta")
+                 for k, v in itertools.chain(model.named_parameters(), model.named_buffers())}
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = torch.func.functional_call(model, state, (x,))
+        finally:
+            model.train(was)
+        return int(out.shape[1])
+    except Exception:  # noqa: BLE001 -- no meta kernel, an ffcv split, ...: the data set's own count
+        return int(bundle.num_classes)
+
+
+def check_data(bundle, model: torch.nn.Module):
+    """``(error, warning)`` about the data a run loaded, each a sentence or None, from the examples held in
+    memory: a label outside the model's classes in either split or a non-finite input in the validation set
+    (errors: the run would fail at the first such batch, or report a nan validation loss every epoch);
+    non-finite inputs in the training set (a warning: the steps that draw them are skipped,
+    ``train.nonfinite``)."""
+    from ..data.base import label_problem, nonfinite_examples
+
+    classes = output_classes(model, bundle)
+    for split, ds in (("training", bundle.train), ("validation", bundle.val)):
+        problem = label_problem(ds, classes, split)
+        if problem:
+            return problem, None
+    n, first = nonfinite_examples(bundle.val)
+    if n:
+        return (f"{n} of {len(bundle.val)} validation examples hold non-finite input values (first: validation "
+                f"example {first}); every validation loss would be nan"), None
+    n, first = nonfinite_examples(bundle.train)
+    if n:
+        return None, (f"{n} of {len(bundle.train)} training examples hold non-finite input values (first: "
+                      f"training example {first}); the optimizer steps that draw them get non-finite gradients "
+                      f"(train.nonfinite: skip skips them)")
+    return None, None
+
+
+def out_of_memory(e: BaseException) -> Optional[str]:
+    """The allocator's own words when ``e`` is an allocation failure (host or device), else None."""
+    import re
+
+    text = " ".join(str(e).split())
+    m = re.search(r"(can't allocate memory|not enough memory|out of memory)[^.]*", text, re.IGNORECASE)
+    if m and isinstance(e, RuntimeError):
+        return m.group(0)[:160]
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return (m.group(0)[:160] if m else None) or type(e).__name__
+    return None

@@ -276,10 +276,11 @@ def _out_of_range():
         ("train.micro_batch_size", None, neg_or_zero),
         ("train.label_smoothing", None, st.one_of(st.floats(max_value=0, exclude_max=True), st.floats(min_value=1))),
         ("train.seed", None, st.one_of(st.integers(max_value=-1), st.integers(min_value=2**31))),
-        ("train.collective_timeout_s", None, st.one_of(st.floats(max_value=0.0),
+        ("train.collective_timeout_s", None, st.one_of(st.floats(max_value=1.0, exclude_max=True),
                                                        st.floats(min_value=604800, exclude_min=True))),
         ("train.max_consecutive_skips", None, st.integers(max_value=-1)),
-        ("optimizer.lr", None, st.one_of(st.floats(max_value=0.0), st.just(math.inf))),
+        ("optimizer.lr", None, st.one_of(st.floats(max_value=0.0), st.just(math.inf),
+                                         st.floats(min_value=1e6, exclude_min=True, allow_infinity=False))),
         ("optimizer.momentum", None, st.one_of(st.floats(max_value=0, exclude_max=True), st.floats(min_value=1))),
         ("schedule.min_lr", None, st.floats(min_value=0.1, exclude_min=True)),  # above the peak lr 0.1
         ("data.val_fraction", None, st.one_of(st.floats(max_value=0.0), st.floats(min_value=1.0))),

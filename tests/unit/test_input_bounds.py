@@ -2,8 +2,8 @@
 
 * new recipe fields (``checkpoint.integrity``, ``checkpoint.on_signal``, ``train.max_consecutive_skips``):
   defaults, allowed values, refusals, and free to change on resume;
-* ``train.seed`` in [0, 2**31 - 1] and ``train.collective_timeout_s`` at most 7 days, refused when the recipe
-  is read (2**100 overflowed in torch.manual_seed, 1e300 in init_distributed);
+* ``train.seed`` in [0, 2**31 - 1] and ``train.collective_timeout_s`` from 1 s to 7 days, refused when the
+  recipe is read (2**100 overflowed in torch.manual_seed, 1e300 in init_distributed, 1e-9 was a 0 ms timeout);
 * YAML alias bombs ("billion laughs") in the recipe, in a ``--set`` value and in the per-host file: refused
   without being expanded (a 9 x 9 bomb is 387 million values once expanded);
 * ``DS_EXT_OPS`` checked by the trainer's preflight (before any process group), not at the first step;
@@ -179,14 +179,16 @@ def test_trainer_runs_with_the_max_seed(tmp_path, host):
     assert (tmp_path / "run" / "summary.json").is_file()
 
 
-@pytest.mark.parametrize("value", [1e-3, 600, COLLECTIVE_TIMEOUT_MAX_S])
+@pytest.mark.parametrize("value", [1, 600, COLLECTIVE_TIMEOUT_MAX_S])
 def test_collective_timeout_accepted(host, value):
     assert load_recipe(QUICK, [f"train.collective_timeout_s={value}"], host).train.collective_timeout_s == value
 
 
 @pytest.mark.parametrize("value, fragment", [("604800.5", "less than or equal to 604800"),
                                              ("1.0e+300", "less than or equal to 604800"),
-                                             ("0", "greater than 0"), (".inf", "finite"), (".nan", "finite")])
+                                             ("0", "greater than or equal to 1"),
+                                             ("1e-9", "greater than or equal to 1"),
+                                             (".inf", "finite"), (".nan", "finite")])
 def test_collective_timeout_refused(host, value, fragment):
     err = refusal(QUICK, [f"train.collective_timeout_s={value}"], host)
     assert [k for k, _ in err.problems] == ["train.collective_timeout_s"] and fragment in str(err), str(err)

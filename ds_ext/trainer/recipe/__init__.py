@@ -25,20 +25,23 @@ is ``ds_ext/spec.py``.
 """
 from ...spec import RecipeError
 from .schema import (
-    COLLECTIVE_TIMEOUT_MAX_S, SEED_MAX, CheckpointSection, DataSection, HostConfig, LogSection, ModelSection,
-    OptimizerSection, Recipe, ScheduleSection, TrainSection, WandbSection, check_combination, method_problems)
+    COLLECTIVE_TIMEOUT_MAX_S, COLLECTIVE_TIMEOUT_MIN_S, LR_MAX, SEED_MAX, CheckpointSection, DataSection, HostConfig,
+    LogSection, ModelSection, OptimizerSection, Recipe, ScheduleSection, TrainSection, WandbSection, check_combination,
+    method_problems)
 from .ds_config import ds_config_problems
 from .load import (
     YAML_MAX_CHARS, YAML_MAX_VALUES, apply_overrides, find_host_config, load_host_config, load_recipe,
     parse_overrides, recipe_from_dict)
 from .preflight import (
-    DataPathError, data_problems, environment_problems, path_problems, preflight, world_size_from)
+    DataPathError, data_problems, environment_problems, host_memory, model_line, model_problems, parameter_count,
+    path_problems, preflight, world_size_from)
 
 __all__ = [
     "RecipeError", "DataPathError", "Recipe", "HostConfig", "ModelSection", "DataSection", "OptimizerSection",
     "ScheduleSection", "TrainSection", "WandbSection", "LogSection", "CheckpointSection", "SEED_MAX",
-    "COLLECTIVE_TIMEOUT_MAX_S", "YAML_MAX_VALUES", "YAML_MAX_CHARS", "load_recipe", "recipe_from_dict",
+    "COLLECTIVE_TIMEOUT_MAX_S", "COLLECTIVE_TIMEOUT_MIN_S", "LR_MAX", "YAML_MAX_VALUES", "YAML_MAX_CHARS",
+    "load_recipe", "recipe_from_dict",
     "parse_overrides", "apply_overrides", "find_host_config", "load_host_config", "ds_config_problems",
     "method_problems", "check_combination", "preflight", "world_size_from", "path_problems", "data_problems",
-    "environment_problems",
+    "environment_problems", "parameter_count", "host_memory", "model_line", "model_problems",
 ]

@@ -126,7 +126,10 @@ def ds_config_problems(raw: dict, source: str, applied: Optional[Mapping[str, st
         return [("deepspeed_config", f"must be the path of a DeepSpeed JSON config (got {_short(ref)})")]
     path = _ds_config_path(ref, source)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")  # JSON is UTF-8 (RFC 8259), whatever the locale says
+    except UnicodeDecodeError as e:
+        return [("deepspeed_config", f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); a JSON file "
+                                     f"must be UTF-8")]
     except OSError as e:
         return [("deepspeed_config", f"{path}: cannot be read ({e.strerror or e})")]
     import json

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import List, Mapping, Optional, Tuple
 
-from ...registry import DATASETS
+from ...registry import DATASETS, MODELS
 from ...spec import RecipeError
 from .schema import Recipe
 
@@ -102,6 +102,68 @@ def data_problems(recipe: Recipe) -> List[Tuple[str, str]]:
     return []  # the reader found its files after all
 
 
+# ---- the model's size ------------------------------------------------------------------------------
+
+def parameter_count(recipe: Recipe) -> Optional[int]:
+    """The parameters of the recipe's model, counted on torch's meta device (shapes only, no memory); None
+    when the model takes its sizes from the data set (built without one it refuses) or cannot be built
+    there."""
+    import torch
+
+    m = recipe.model
+    if m._options is None or m.name not in MODELS:
+        return None
+    try:
+        with torch.device("meta"):
+            model = MODELS.build(m.name, m.options, data=None)
+        return sum(p.numel() for p in model.parameters())
+    except Exception:  # noqa: BLE001 -- sizes from the data set, or an op with no meta kernel: not counted
+        return None
+
+
+def host_memory() -> Optional[int]:
+    """Bytes this process can hold at most: the host's physical memory, or the address-space limit
+    (``ulimit -v``) when that is lower; None when neither is known."""
+    import resource
+
+    limits = []
+    try:
+        limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        pass
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if soft != resource.RLIM_INFINITY:
+        limits.append(soft)
+    return min(limits) if limits else None
+
+
+def model_line(recipe: Recipe, count: Optional[int]) -> str:
+    """``model digits_cnn (width=16, hidden=64, ...): 1,234 parameters (4.8 KiB as fp32)``, for ``--check``
+    and for the messages about a model too large to build."""
+    from ...meter import human_bytes
+
+    m = recipe.model
+    given = m.options.model_dump() if m._options is not None else {}
+    opts = ", ".join(f"{k}={v}" for k, v in given.items() if v is not None)
+    head = f"model {m.name} ({opts})" if opts else f"model {m.name}"
+    if count is None:
+        return f"{head}: size known once the data set is loaded"
+    return f"{head}: {count:,} parameters ({human_bytes(4 * count)} as fp32)"
+
+
+def model_problems(recipe: Recipe, count: Optional[int] = None, memory: Optional[int] = None) -> List[Tuple[str, str]]:
+    """A model whose fp32 weights alone exceed this host's memory (``host_memory``): it cannot be built
+    (``model.width=200000`` asked for 2.9 TB and ended in an allocator traceback on every rank)."""
+    from ...meter import human_bytes
+
+    count = parameter_count(recipe) if count is None else count
+    memory = host_memory() if memory is None else memory
+    if count is None or memory is None or 4 * count <= memory:
+        return []
+    return [("model", f"{model_line(recipe, count)}: the weights alone exceed this host's {human_bytes(memory)} "
+                      f"of memory; make the model smaller")]
+
+
 def environment_problems(environ: Mapping[str, str]) -> List[Tuple[str, str]]:
     """Environment variables the run reads later, checked up front: ``DS_EXT_OPS`` (the kernel mode,
     otherwise a ValueError at the first training step)."""
@@ -114,14 +176,15 @@ def environment_problems(environ: Mapping[str, str]) -> List[Tuple[str, str]]:
 def preflight(recipe: Recipe, world_size: Optional[int], environ: Optional[Mapping[str, str]] = None) -> None:
     """What the trainer checks before ``init_distributed``: the environment (``environment_problems``,
     ``environ`` default ``os.environ``; a ``RecipeError`` from the source "environment"), the world-size
-    rules (when the world size is known), the paths it writes and resumes from (``RecipeError``), then the
+    rules (when the world size is known), the paths it writes and resumes from, a model too large for this
+    host's memory (``model_problems``; ``RecipeError``), then the
     data files (``DataPathError``). Every rank runs it on its own files, so a rank with a bad per-host file
     stops before any process group exists."""
     problems = environment_problems(os.environ if environ is None else environ)
     if problems:
         raise RecipeError("environment", problems)
     problems = recipe.world_problems(world_size) if world_size is not None else []
-    problems += path_problems(recipe)
+    problems += path_problems(recipe) + model_problems(recipe)
     if problems:
         raise RecipeError(recipe.source, problems)
     problems = data_problems(recipe)

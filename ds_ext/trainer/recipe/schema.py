@@ -53,8 +53,17 @@ class ScheduleSection(Section):
 # train.seed (loader seeds about seed x 4.1e9; a larger seed overflowed in torch.manual_seed), and
 # init_distributed turns the timeout into a datetime.timedelta (1e300 s was an OverflowError there); a
 # collective that waits longer than 7 days is a hang, not a slow peer.
+# The floor of 1 s: c10d counts whole milliseconds (1e-9 s became a 0 ms timeout that failed the first
+# collective at start-up) and start-up waits at a collective for the slowest rank's imports and model build,
+# which take seconds; below 1 s a timeout is an instant failure, not a bound on a stuck rank.
 SEED_MAX = 2**31 - 1
+COLLECTIVE_TIMEOUT_MIN_S = 1.0
 COLLECTIVE_TIMEOUT_MAX_S = 7 * 24 * 3600  # 604800 s, 7 days
+# The largest peak learning rate: far above any working rate of SGD / Adam / AdamW (published large-batch
+# SGD rates stay below 50, Adam's below 1), so no real recipe is refused, and lr x gradient stays inside
+# float32 (3.4e38) for gradients up to 1e32: a rate that passes --check can diverge (the non-finite guard
+# then stops the run with exit 8) but not crash in torch's optimizer (1e300 overflowed converting to float).
+LR_MAX = 1e6
 
 
 class TrainSection(Section):
@@ -70,8 +79,9 @@ class TrainSection(Section):
         "spans train.epochs (time-limited cluster jobs)"))
     eval_every_epochs: int = Field(1, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    collective_timeout_s: float = Field(600.0, gt=0, le=COLLECTIVE_TIMEOUT_MAX_S, allow_inf_nan=False, description=(
-        "seconds a collective may wait for the other ranks before it fails; at most 604800 (7 days)"))
+    collective_timeout_s: float = Field(600.0, ge=COLLECTIVE_TIMEOUT_MIN_S, le=COLLECTIVE_TIMEOUT_MAX_S,
+                                        allow_inf_nan=False, description=(
+        "seconds a collective may wait for the other ranks before it fails; 1 to 604800 (7 days)"))
     check_consistency_every: int = Field(0, ge=0, description="steps between cross-rank parameter checks (0: off)")
     nonfinite: Literal["skip", "raise", "off"] = Field(
         "skip", description="a NaN/inf in any rank's gradient: 'skip' the update on every rank (zeroed before any "
@@ -80,6 +90,11 @@ class TrainSection(Section):
     max_consecutive_skips: int = Field(20, ge=0, description=(
         "stop the run (exit 8) after this many optimizer steps in a row were skipped for non-finite gradients "
         "(train.nonfinite: skip); 0 = no limit"))
+
+    @field_validator("nonfinite", mode="before")
+    @classmethod
+    def _off_is_false_in_yaml(cls, v):
+        return "off" if v is False else v  # YAML 1.1 reads an unquoted off as false
 
 
 # DeepSpeed keys that the recipe owns elsewhere.
@@ -308,8 +323,12 @@ def _non_finite(recipe: Recipe) -> List[Tuple[str, str]]:
 
 
 def _cross_section(recipe: Recipe) -> List[Tuple[str, str]]:
-    """Rules between sections: the schedule's floor must not exceed the optimizer's peak rate."""
+    """Rules between sections: the optimizer's peak rate at most ``LR_MAX``; the schedule's floor must not
+    exceed it."""
     lr, floor = getattr(recipe.optimizer.options, "lr", None), recipe.schedule.min_lr
+    if _finite_number(lr) and lr > LR_MAX:
+        return [("optimizer.lr", f"{lr:g} is outside the allowed range 0 < lr <= {LR_MAX:g} (a larger rate "
+                                 f"overflows in the optimizer's float32 arithmetic)")]
     if _finite_number(lr) and _finite_number(floor) and floor > lr:
         return [("schedule.min_lr", f"{recipe.schedule.min_lr:g} is above the peak optimizer.lr {lr:g}; the "
                                     f"schedule would raise the rate while it 'decays' (allowed: <= {lr:g})")]
