@@ -70,7 +70,7 @@
 # OUT, TORCH_CUDA_ARCH_LIST (plain X.Y values only; default: the GPU's), MAX_JOBS (nproc), TORCH_EXTENSIONS_DIR
 # (${DS_EXT_GPU_VENV}/torch_extensions), DS_EXT_GPU_FORCE_OFFLINE (1: offline without probing; 0: online without
 # probing), DS_EXT_GPU_NVCC (PATH of the nvcc the offline path uses, or none), PIP_INDEX_URL (probed and used
-# only with DS_EXT_PIP_ISOLATED=0, run/cuda-venv.sh). --dry-run only: DS_EXT_GPU_DRY_HOST_CUDA=X.Y (or none)
+# only with DS_EXT_PIP_ISOLATED=0, run/cuda-venv.sh). --dry-run only: DS_EXT_GPU_DRY_PY=0 (skip the Python checks), DS_EXT_GPU_DRY_HOST_CUDA=X.Y (or none)
 # pretends the host's torch is that CUDA build, to show the offline plan on a CPU host.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -355,6 +355,12 @@ if [ "$DRY" = 1 ]; then
   esac
   # the Python side, in one interpreter (the one that has torch and deepspeed here): every pytest selection
   # collects tests, the scripts' arguments parse, the trainer's overrides validate, the pins agree
+  # (DS_EXT_GPU_DRY_PY=0: the plan and the shell checks only; the Python side does not depend on the install path)
+  if [ "${DS_EXT_GPU_DRY_PY:-1}" = 0 ]; then
+    echo "[dry-run] Python checks skipped (DS_EXT_GPU_DRY_PY=0)"
+    [ "$fail" = 0 ] && echo "dry run: OK" || echo "dry run: FAILED"
+    exit "$fail"
+  fi
   out="$(DRY_SELECTIONS="$(q "${SEL_OPS[@]}")"$'\n'"$(q "${SEL_METHODS[@]}")"$'\n'"$(q "${SEL_NCCL[@]}")" \
          DRY_TRAIN="$(q "${TRAIN[@]}")" DRY_BENCH="$(printf '%s\n' "${BENCH[@]}")" DRY_DS_REQ="$DS_EXT_CUDA_DS_REQ" \
          "$BASE_PY" "$ROOT/run/gpu_check_dry.py" 2>&1)"

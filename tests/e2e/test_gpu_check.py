@@ -50,12 +50,13 @@ def _fake_nvcc(tmp: Path, release: str) -> str:
 def offline(tmp_path_factory):
     """The offline plans: host CUDA torch 13.0 with a matching nvcc, with none, with a CUDA 12 one; no CUDA torch."""
     tmp = tmp_path_factory.mktemp("gpu-check-offline")
-    off = dict(DS_EXT_GPU_FORCE_OFFLINE="1", DS_EXT_GPU_DRY_HOST_CUDA="13.0")
+    # the Python checks do not depend on the install path: the online run (``dry``) makes them once
+    off = dict(DS_EXT_GPU_FORCE_OFFLINE="1", DS_EXT_GPU_DRY_HOST_CUDA="13.0", DS_EXT_GPU_DRY_PY="0")
     return {
         "nvcc": _dry_run(tmp / "a", **off, DS_EXT_GPU_NVCC=_fake_nvcc(tmp, "13.0")),
         "no-nvcc": _dry_run(tmp / "b", **off, DS_EXT_GPU_NVCC="none"),
         "nvcc-12": _dry_run(tmp / "c", **off, DS_EXT_GPU_NVCC=_fake_nvcc(tmp, "12.4")),
-        "none": _dry_run(tmp / "d", DS_EXT_GPU_FORCE_OFFLINE="1", DS_EXT_GPU_DRY_HOST_CUDA="none"),
+        "none": _dry_run(tmp / "d", DS_EXT_GPU_FORCE_OFFLINE="1", DS_EXT_GPU_DRY_HOST_CUDA="none", DS_EXT_GPU_DRY_PY="0"),
     }
 
 
