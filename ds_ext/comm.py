@@ -352,6 +352,16 @@ class Communicator:
             self._posted = None
         return [r[:k] for r in rows]
 
+    def amend_posted(self, t: torch.Tensor) -> bool:
+        """Append ``t`` (int64-convertible, device) to this step's posted vector if it has not been exchanged
+        yet (True: it rides on the same collective and host read), else False (nothing posted, or a method's
+        exchange already carried it)."""
+        if self._posted is None:
+            return False
+        self._check(t, None)
+        self._posted = torch.cat([self._posted.reshape(-1).to(torch.int64), t.reshape(-1).to(torch.int64)])
+        return True
+
     def take_posted(self) -> Optional[torch.Tensor]:
         """Take this step's posted vector over (None when nothing is posted), for a caller that carries it on
         its own collectives (a hierarchical reducer relays it through the node and cross-node exchanges); that

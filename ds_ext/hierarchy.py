@@ -197,6 +197,12 @@ class HierarchicalReducer(Reducer):
     def stats(self) -> dict:
         return self.inner.stats() if self.inner is not None else {}
 
+    def reset_nonfinite(self) -> None:
+        """A skipped step (the guard's local view: every rank's flag rode on the node and cross-node exchanges):
+        the wrapped method's state, which may have absorbed the value, reset."""
+        if self.inner is not None:
+            self.inner.reset_nonfinite()
+
     def state_dict(self) -> dict:
         t = self.topology
         return {"inner": self.inner.state_dict() if self.inner is not None else None, "shard": list(self.shard_names),

@@ -48,7 +48,7 @@ def _copy_into(view: torch.Tensor):
 
 class Attachment:
     """The methods attached to one engine; hold on to it (it owns the hooks). It only wires: gradient
-    hooks to the reducer (and the non-finite screen), microbatch gradients to a gradient-driven order,
+    hooks to the reducer, microbatch gradients (screened by the non-finite guard) to a gradient-driven order,
     and ``engine.step`` to the step sequence: the step hooks' control vectors posted, the reducer's
     ``finish()`` (or, on a local step in hierarchical mode, the synchronizer's node exchange), the hooks'
     ``before_step``, the synchronizer's ``before_step``, DeepSpeed's step wrapped by the hooks, the
@@ -78,7 +78,8 @@ class Attachment:
             ops.prepare(comm.device)
         self.guard = NonFiniteGuard(engine, reducer.params, comm, nonfinite, method or type(reducer).__name__,
                                     engine_reduces=not reducer.replaces_engine_allreduce,
-                                    sharers=topology.node_members() if topology is not None else None)
+                                    sharers=topology.node_members() if topology is not None else None,
+                                    reducer=reducer)
         # ZeRO stage 1/2: the method's exchange replaces ZeRO's reduction (see ZeroBridge)
         self.zero = (ZeroBridge(engine, comm, replace=reducer.replaces_engine_allreduce, topology=topology)
                      if engine.zero_optimization_stage() in (1, 2) else None)
@@ -155,16 +156,15 @@ class Attachment:
             self._handles.append(p.register_hook(_copy_into(view)))
             off += p.numel()
         order.bind(comm=self.comm, numel=self._flat.numel(), device=self._flat.device)
+        self.guard.microbatches = True  # the guard screens each flat microbatch gradient before the order
         if reducer.observes_microbatches:
             reducer.bind_order(order)
             self._feed = reducer.microbatch
         else:
             self._feed = order.observe_microbatch
 
-    def _hook(self, p):
+    def _hook(self, p):  # nothing else runs here: the non-finite guard reads the reduced data after finish()
         if self.engine.is_gradient_accumulation_boundary() and self.sync.reduce_gradients_now():
-            if self.guard.on and p.grad is not None:
-                self.guard.screen(p.grad)
             self.reducer.grad_ready(p)
 
     def step(self, *args, **kwargs):
@@ -183,7 +183,12 @@ class Attachment:
             self.comm.post_control(torch.cat(sent) if len(sent) > 1 else sent[0])
         if reduced:
             self.reducer.finish()
+        late = self.guard.after_finish(info)  # the guard's reduced-data flag: aboard the exchange if one is to run
+        aboard = late is not None and bool(sent) and self.comm.amend_posted(late)
         rows = self.comm.collect_control() if sent else None
+        if aboard:
+            self.guard.take_reduced(any(r[-1] for r in rows))
+            rows = [r[:-1] for r in rows]
         if not reduced and self.sync.hierarchy is not None:  # the node's exact gradient mean, flag aboard
             info.shared = self.sync.local_gradient_exchange(self.guard.local_input_flag())
         for hook, mine in zip(self.hooks, split_rows(rows, posted)):
@@ -344,8 +349,9 @@ def attach(engine, method: Union[None, Dict[str, Any], Any] = None, meter: Optio
     rank's method state (``Attachment.save_checkpoint``).
 
     ``nonfinite`` (the recipe's ``train.nonfinite``) says what a NaN or inf in any rank's gradient does:
-    ``skip`` (default) zeroes it before any reducer, order or error-feedback buffer sees it and skips the
-    optimizer update on every rank (two int64 flags per rank on the step's control all_gather),
+    ``skip`` (default) skips the optimizer update on every rank and resets the reducer's error-feedback state,
+    read from what the method already produces (the reduced buckets, the all-reduced P / Q factors, the
+    gathered sparse values or sign scales; ``step_hooks.NonFiniteGuard`` says how each method is covered),
     ``raise`` stops every rank with ``NonFiniteError``, ``off`` does neither (DeepSpeed's fp16 loss
     scaler still skips overflowing steps). Under ZeRO (reducer ``deepspeed``) it is always ``off``.
 

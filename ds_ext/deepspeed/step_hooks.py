@@ -18,6 +18,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from ..comm import Communicator
+from ..reducers.base import any_nonfinite
 
 log = logging.getLogger(__name__)
 
@@ -122,144 +123,194 @@ def check_consistency(module: torch.nn.Module, comm: Optional[Communicator] = No
 
 
 class NonFiniteGuard(StepHook):
-    """Step hook: a NaN or inf in any rank's gradient never reaches a method's state, and the update is
-    skipped on every rank (``mode``: ``skip``, ``raise`` or ``off``; see ``attach``).
+    """Step hook: a NaN or inf in any rank's gradient skips the update on every rank (``mode``: ``skip``,
+    ``raise`` or ``off``; see ``attach``), read from data the method already produces (``Reducer.nonfinite_view``):
 
-    Host reads per optimizer step: at most one. The screen keeps its flags on the device; on a step that
-    communicates gradients every rank's flags are posted to the communicator and ride on the step's one
-    control exchange (a method's own, e.g. ExDyna's counts, or a two-element all_gather of the guard's);
-    on a local step (Local SGD / DS-Sync between averagings) this rank's flag is read alone."""
+    * ``reduced`` (allreduce, half, powersgd, acpsgd, topk, signsgd, deepspeed): after ``finish()`` one
+      fused check of the buffers the reducer's collectives returned (the reduced buckets, the all-reduced
+      P / Q factors, the gathered sparse values or sign scales). A non-finite value of any rank propagates
+      into them and they are identical on every rank, so every rank reaches the same verdict with no
+      collective of its own; the reduced data does not say which rank it came from (the event's ranks are
+      None). Nothing runs inside the gradient hooks.
+    * ``exchange`` (exdyna): each rank checks its own ``grad + e`` (one fused reduction) and the flag rides on
+      the reducer's counts exchange; the event names the ranks.
+    * ``local`` (hierarchical wrappers, cdgrab, a reducer that declares nothing): each rank checks its own
+      gradients with one fused reduction before ``finish()`` and the flag rides on the step's control exchange.
+    * A gradient-driven order (D-GraB, CD-GraB) consumes every microbatch gradient: the attachment screens that
+      flat buffer (``screen``: one fused check, zeroed when non-finite, so the order's state stays finite) and
+      its flags ride on the step's control exchange as well (they name the ranks).
+    * A local step (Local SGD / DS-Sync between averagings): this rank's gradients, one fused check, read alone
+      (or summed over the node by a hierarchical synchronizer's exchange).
+
+    On a skipped step the reducer's ``reset_nonfinite()`` drops the state that absorbed the value (error
+    feedback, warm-start factors) on every rank. Host reads per optimizer step: one (the control exchange's,
+    with the reduced-data flag aboard when an exchange runs, else the flag's own)."""
 
     def __init__(self, engine, params, comm: Communicator, mode: str = "skip", method: str = "reducer",
-                 engine_reduces: bool = False, sharers: Optional[Sequence[int]] = None):
+                 engine_reduces: bool = False, sharers: Optional[Sequence[int]] = None, reducer=None):
         """``method``: the reducer's name in messages; ``sharers``: the ranks a synchronizer's node exchange
-        sums this rank's flag over on a local step (hierarchical mode: this rank's node), else None."""
+        sums this rank's flag over on a local step (hierarchical mode: this rank's node), else None;
+        ``reducer``: whose ``nonfinite_view`` the guard reads (None: ``local``)."""
         if mode not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {mode!r}")
         if mode != "off" and engine_reduces and engine.zero_optimization_stage() != 0:
             mode = "off"  # ZeRO reduces inside its own hooks (reducer deepspeed): DeepSpeed's overflow handling
         self.engine, self.params, self.comm, self.mode, self.method = engine, params, comm, mode, method
         self.sharers = None if sharers is None else list(sharers)
-        self._bad = []  # 0-dim bool device flags of the current window's screened gradients
-        self._out_bad = None  # the last communicating step's "non-finite result" flag (device), checked next step
-        self._out_step = 0
+        self.reducer = reducer
+        self.view = getattr(reducer, "nonfinite_view", "local")
+        self.microbatches = False  # set by the attachment when it screens every microbatch gradient (orders)
+        if self.on and reducer is not None:
+            reducer.watch_nonfinite()
+        self._bad = []  # 0-dim bool device flags of the current window's screened microbatch gradients
+        self._posted = False  # this step's local flag rides on the control exchange
+        self._late = None  # this step's reduced-data flag (device), None: none
+        self._late_bad: Optional[bool] = None  # ... read from the control exchange it rode on
         self.skipped_steps = 0
-        self.events = []  # (optimizer step, ranks) of every skipped step, newest last
+        self.events = []  # (optimizer step, ranks or None when the reduced data cannot name them), newest last
 
     @property
     def on(self) -> bool:
         return self.mode != "off"
 
     def screen(self, g: torch.Tensor) -> None:
-        """Flag a non-finite ``g`` and zero it in place, before any reducer, order or error-feedback
-        buffer sees it. The test is the largest magnitude (``inf``-norm, exact: NaN and inf propagate,
-        no finite gradient is flagged). Device operations only: nothing is read on the host here."""
+        """A microbatch gradient (one flat buffer) for a gradient-driven order: flag it and zero it in place
+        when non-finite, before the order sees it. One fused check (the ``inf``-norm: NaN and inf propagate,
+        no finite gradient is flagged); nothing is read on the host here."""
         if g.numel() == 0:
             return
-        bad = ~torch.isfinite(torch.linalg.vector_norm(g, float("inf")))
+        bad = any_nonfinite([g])
         g.masked_fill_(bad, 0)
         self._bad.append(bad)
 
-    def _local_flag(self) -> torch.Tensor:
-        """This rank's "non-finite input" flag of the window, 0-dim bool on the device."""
-        flag = torch.stack(self._bad).any() if self._bad else self.comm.zeros((), dtype=torch.bool)
-        self._bad = []
-        return flag.to(self.comm.device)
-
-    def _result_flag(self) -> torch.Tensor:
-        """Whether a reduced gradient is non-finite (0-dim bool, device): finite inputs everywhere but
-        a non-finite result means the method itself failed."""
-        grads = [p.grad for p in self.params if p.grad is not None and p.grad.numel()]
-        if not grads:
+    def _local_flag(self, grads: bool) -> torch.Tensor:
+        """This rank's flag of the window (0-dim bool, device): its screened microbatches, and with ``grads``
+        its gradients (one fused check over every ``p.grad``)."""
+        flags, self._bad = self._bad, []
+        if grads:
+            flags = flags + [any_nonfinite([p.grad for p in self.params if p.grad is not None], self.comm.device)]
+        if not flags:
             return self.comm.zeros((), dtype=torch.bool)
-        return ~torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf"))).float()).all().to(self.comm.device)
+        return (torch.stack(flags).any() if len(flags) > 1 else flags[0]).to(self.comm.device)
+
+    def _needs_grads(self) -> bool:
+        """Whether this rank's own gradients must be checked before ``finish``: the reducer cannot see them
+        and no microbatch screen did."""
+        return self.view == "local" and not self.microbatches
 
     def control(self, info: StepInfo) -> Optional[torch.Tensor]:
-        """Before the reducer's ``finish``: this rank's two flags (int64, device) to ride on the step's one
-        control exchange (``Attachment.step`` posts them), or None when there is nothing to send."""
-        if not self.on or not info.communicates:
+        """Before the reducer's ``finish``: this rank's local flag (int64 [1], device) to ride on the step's
+        one control exchange, when the method's own data cannot show it (module docstring), else None."""
+        self._posted, self._late, self._late_bad = False, None, None
+        if not self.on or not info.communicates or not (self.microbatches or self._needs_grads()):
             return None
-        out = self._out_bad if self._out_bad is not None else self.comm.zeros((), dtype=torch.bool)
-        return torch.stack([self._local_flag(), out]).to(torch.int64)
+        self._posted = True
+        return self._local_flag(self._needs_grads()).to(torch.int64).reshape(1)
+
+    def after_finish(self, info: StepInfo) -> Optional[torch.Tensor]:
+        """After the reducer's ``finish``: the reduced-data flag (0-dim, device, not read) that ``Attachment.step``
+        puts aboard the step's control exchange when one is still to run (``take_reduced``), else None."""
+        if not self.on or not info.reduced or self.view != "reduced":
+            return None
+        self._late = self.reducer.nonfinite_flag()
+        return self._late
+
+    def take_reduced(self, value: int) -> None:
+        """The reduced-data flag as it came back from the control exchange it rode on (the same on every rank)."""
+        self._late_bad = bool(value)
 
     def local_input_flag(self) -> torch.Tensor:
-        """On a step where the reducer did not run: screen this rank's gradients now and return its
-        "non-finite input" flag (0-dim fp32, device, not read), for a synchronizer's own gradient exchange
-        to carry (``Synchronizer.local_gradient_exchange``). Zeros with the guard off."""
+        """On a step where the reducer did not run: this rank's "non-finite input" flag (0-dim fp32, device, not
+        read; one fused check), for a synchronizer's own gradient exchange to carry
+        (``Synchronizer.local_gradient_exchange``). Zeros with the guard off."""
         if not self.on:
             return self.comm.zeros(())
-        for p in self.params:
-            if p.grad is not None:
-                self.screen(p.grad)
-        return self._local_flag().float()
+        return self._local_flag(True).float()
 
     def before_step(self, info: StepInfo, rows) -> bool:
-        return self.verdict(info.reduced, info.communicates, rows, shared=info.shared, sharers=self.sharers)
+        return self.verdict(info, rows)
 
     def wrap(self, step: Callable, info: StepInfo) -> Callable:
         return functools.partial(self.skipped_step, step) if info.skip else step
 
-    def verdict(self, reduced: bool, communicates: bool, rows=None, shared=None, sharers=None) -> bool:
-        """Whether this step's optimizer update is skipped. After a gradient reduction the verdict is
-        shared (every rank's flags come back from the step's control exchange), so every rank skips or
-        none does; on a local step (no gradient communication) each rank decides alone, which is safe
-        because ranks hold different parameters there anyway and the step counters that decide the next
-        averaging still advance on every rank. A non-finite result from finite inputs (a method failure)
-        is detected one communicating step later, or at ``check_pending()`` (the trainer calls it before
-        every checkpoint and at the end)."""
+    def verdict(self, info: StepInfo, rows=None) -> bool:
+        """Whether this step's optimizer update is skipped. After a gradient reduction the verdict is the same
+        on every rank (it comes from reduced data or from every rank's flags), so every rank skips or none
+        does, and the reducer's state is reset on every rank; on a local step (no gradient communication) each
+        rank decides alone, which is safe because ranks hold different parameters there anyway and the step
+        counters that decide the next averaging still advance on every rank."""
         if not self.on:
             return False
         step = self.engine.global_steps + 1
-        if shared is not None:  # a local step whose flag a synchronizer's exchange summed over ``sharers``
-            inp = bool(shared > 0)  # the step's one host read
+        if info.shared is not None:  # a local step whose flag a synchronizer's exchange summed over ``sharers``
+            inp = bool(info.shared > 0)  # the step's one host read
             if inp:
-                self._skip_event(step, list(sharers), shared=False, report=self.comm.global_rank == min(sharers),
+                self._skip_event(step, list(self.sharers), shared=False,
+                                 report=self.comm.global_rank == min(self.sharers),
                                  where="on every rank of this node (local step)")
             return inp
-        if not communicates:
-            if not reduced:  # local step: screen the local gradient now
-                for p in self.params:
-                    if p.grad is not None:
-                        self.screen(p.grad)
-            inp = bool(self._local_flag())  # the step's one host read
-            if inp:
+        if not info.reduced:  # local step: this rank's gradients
+            if bool(self._local_flag(True)):  # the step's one host read
                 self._skip_event(step, [self.comm.global_rank], shared=False)
-            return inp
-        # rows: every rank's [input bad, last result bad], from the step's control exchange
-        self._raise_if_method_failed(rows)
-        self._out_bad, self._out_step = self._result_flag(), step
-        bad_in = [r for r, f in enumerate(rows) if f[0]]
-        if bad_in:
-            self._skip_event(step, bad_in, shared=True)
-            return True
-        return False
+                return True
+            return False
+        ranks, named = self._named_ranks(info, rows)
+        reduced_bad = self._reduced_bad()
+        if ranks:
+            self._skip_event(step, ranks, shared=True)
+        elif reduced_bad:
+            if named:  # every rank's inputs were checked and finite: the method itself failed
+                raise NonFiniteError(f"step {step}: reducer {self.method} produced a non-finite gradient from "
+                                     f"finite inputs on every rank")
+            self._skip_event(step, None, shared=True)
+        else:
+            return False
+        if self.reducer is not None:
+            self.reducer.reset_nonfinite()
+        return True
 
-    def _raise_if_method_failed(self, rows) -> None:
-        bad_out = [r for r, f in enumerate(rows) if f[1]]
-        if bad_out:
-            raise NonFiniteError(f"step {self._out_step}: reducer {self.method} produced a non-finite "
-                                 f"gradient on rank(s) {bad_out} from finite inputs on every rank")
+    def _named_ranks(self, info: StepInfo, rows):
+        """``(ranks whose own check found a non-finite value, whether every rank's inputs were checked)``."""
+        if self.view == "exchange":
+            got = self.reducer.nonfinite_ranks()
+            if got is not None:
+                return got, True
+        if self._posted:  # every rank's flag came back from the control exchange
+            return [r for r, f in enumerate(rows) if f[0]], True
+        if info.communicates or not (self.microbatches or self._needs_grads()):
+            return [], False
+        # one rank (nothing exchanged): its own flag, read together with the reduced one (one host read)
+        flag = self._local_flag(self._needs_grads())
+        if self._late is not None and self._late_bad is None:
+            flag, self._late_bad = (bool(x) for x in torch.stack([flag, self._late.to(flag.device)]).tolist())
+        return ([self.comm.global_rank] if bool(flag) else []), True
+
+    def _reduced_bad(self) -> bool:
+        if self._late is None:
+            return False
+        if self._late_bad is None:
+            self._late_bad = bool(self._late)  # the step's one host read (no control exchange ran)
+        bad, self._late, self._late_bad = self._late_bad, None, None
+        return bad
 
     def check_pending(self) -> None:
-        """Collective. Settle the last communicating step's "non-finite result" check now."""
-        if not self.on or self._out_bad is None or not self.comm.distributed:
-            return
-        rows = self.comm.exchange_control(torch.stack([self.comm.zeros((), dtype=torch.bool), self._out_bad])
-                                          .to(torch.int64))
-        self._out_bad = None
-        self._raise_if_method_failed(rows)
+        """Kept for callers (the trainer before every checkpoint and at the end): a non-finite result is now
+        seen on the step that made it (reduced-data check), so nothing is pending."""
 
     def _skip_event(self, step: int, ranks, shared: bool, report: Optional[bool] = None,
                     where: Optional[str] = None) -> None:
+        """``ranks``: the ranks that had it, or None when only the reduced data showed it (every rank's)."""
         where = where or ("on all ranks" if shared else "on this rank only (local step)")
+        who = (f"rank(s) {list(ranks)}" if ranks is not None else
+               f"a rank (seen in the reduced data of {self.method}, which does not say which)")
         if self.mode == "raise":
-            raise NonFiniteError(f"step {step}: non-finite gradient on rank(s) {ranks} (train.nonfinite=raise)")
+            raise NonFiniteError(f"step {step}: non-finite gradient on {who} (train.nonfinite=raise)")
         self.skipped_steps += 1
-        self.events.append((step, list(ranks)))
+        self.events.append((step, None if ranks is None else list(ranks)))
         show = report if report is not None else (not shared or self.comm.global_rank == 0)  # local: its own rank
         if show:
-            log.warning("step %d: non-finite gradient on rank(s) %s; optimizer step skipped %s (error-feedback and "
-                        "order state saw zeros instead)", step, list(ranks), where)
+            log.warning("step %d: non-finite gradient on %s; optimizer step skipped %s (error-feedback state "
+                        "reset, order state saw zeros)", step, who, where)
 
     def skipped_step(self, orig_step, *args, **kwargs):
         """Run DeepSpeed's step (counters, LR schedule, zeroing of gradients, loss-scale bookkeeping)

@@ -38,7 +38,7 @@ import torch
 from pydantic import AliasChoices, Field
 
 from ..registry import REDUCERS
-from .base import GradientOptions, Reducer
+from .base import GradientOptions, Reducer, any_nonfinite
 from .buckets import BucketedCollective, bucket_sizes
 
 
@@ -57,6 +57,8 @@ class AllreduceReducer(Reducer):
 
     #: tests: force the views on (True) or off (False) whatever the option says; None: the option decides
     force_bucket_view = None
+    #: a NaN / inf of any rank reaches the reduced buckets (a sum): the guard checks them (``base.Reducer``)
+    nonfinite_view = "reduced"
 
     def __init__(self, named_params, options: AllreduceOptions, **kw):
         super().__init__(named_params, options, **kw)
@@ -92,6 +94,10 @@ class AllreduceReducer(Reducer):
     def _reduce(self):
         self.fusion.flush()
         self.fusion.wait_and_unpack()  # the handles divide by the world size
+
+    def nonfinite_flag(self):
+        """The reduced buckets (the mean, identical on every rank after ``finish``) hold a NaN or inf."""
+        return any_nonfinite([b.buffer for b in self.fusion.buckets], self.comm.device)
 
     def finish(self):
         if self._completed:  # done at the end of backward (bucket views)

@@ -69,6 +69,11 @@ class FlatReducer(Reducer):
     def stats(self) -> dict:
         return dict(self._stats)
 
+    def reset_nonfinite(self) -> None:
+        """After a skipped step: the residual (which absorbed the non-finite value) to zero, on every rank."""
+        if self.error is not None:
+            self.error.zero_()
+
     def _base_state(self) -> dict:
         return {"numel": self.numel, "world_size": self.world_size, "iteration": self.iteration,
                 "error": None if self.error is None else self.error.detach().cpu().clone()}

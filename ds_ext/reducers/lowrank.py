@@ -221,6 +221,9 @@ class _LowRankBase(Reducer):
     #: error feedback E (fp32, in the scale of the gradients it saw): the fp16 policy of
     #: ``base.fp16_loss_scaling_problem`` (dynamic loss scaling refused, static accepted) applies
     keeps_scaled_state = True
+    #: a NaN / inf of any rank reaches the all-reduced P / Q buffers (P = (M + E) Q: NaN * anything is NaN),
+    #: 1-D tensors and warm-up allreduces included: the guard checks them (``_allreduce`` watches every one)
+    nonfinite_view = "reduced"
 
     def _setup(self, rank: int, seed: int, compress_rule) -> None:
         self.metas: List[_Meta] = []
@@ -256,7 +259,17 @@ class _LowRankBase(Reducer):
         return res
 
     def _allreduce(self, buf: torch.Tensor, kind: str, async_op: bool = False):
+        self._watch(buf)  # the non-finite guard checks it after finish() (base.Reducer.nonfinite_flag)
         return self.comm.all_reduce(buf, kind, async_op=async_op)
+
+    def reset_nonfinite(self) -> None:
+        """After a skipped step: E to zero, P and Q to their initial seeded factors, on every rank."""
+        seed = self.options.seed
+        for c in self.classes.values():
+            c.E.zero_()
+            n, m, r = c.key
+            c.P.copy_(torch.stack([_seeded_randn((n, r), seed, 2 * mt.index, c.P.device) for mt in c.metas]))
+            c.Q.copy_(torch.stack([_seeded_randn((m, r), seed, 2 * mt.index + 1, c.Q.device) for mt in c.metas]))
 
     def compressed_fraction(self) -> float:
         return sum(m.p.numel() for m in self.metas if m.compressed) / max(1, sum(m.p.numel() for m in self.metas))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..registry import REDUCERS
-from .base import Reducer
+from .base import Reducer, any_nonfinite
 
 
 @REDUCERS.register("deepspeed")
@@ -17,10 +17,16 @@ class DeepSpeedReducer(Reducer):
     all-gather as ``zero_allgather``)."""
 
     replaces_engine_allreduce = False
+    #: DeepSpeed's allreduce has written the mean into every ``p.grad`` by ``finish()`` (ZeRO 0; under ZeRO the
+    #: guard is off for this reducer): the guard checks them (one fused pass)
+    nonfinite_view = "reduced"
 
     @classmethod
     def check(cls, view) -> list:
         return []  # DeepSpeed's own reduction: every ZeRO stage is DeepSpeed's to handle
+
+    def nonfinite_flag(self):
+        return any_nonfinite([p.grad for p in self.params if p.grad is not None], self.comm.device)
 
     def finish(self):
         if self.world_size == 1:

@@ -53,6 +53,9 @@ class SignSGDReducer(FlatReducer):
     """EF-SignSGD (Karimireddy et al. 2019) over signSGD's 1-bit sign compression (Bernstein et al. 2018)."""
 
     keeps_scaled_state = True  # the residual e: base.fp16_loss_scaling_problem applies
+    #: ``scale = mean |p|`` of a segment holding a NaN / inf is NaN / inf (sign() alone would hide it): the
+    #: gathered scales, identical on every rank, show any rank's non-finite value (``base.Reducer``)
+    nonfinite_view = "reduced"
 
     def __init__(self, named_params, options: SignSGDOptions, **kw):
         super().__init__(named_params, options, **kw)
@@ -83,6 +86,7 @@ class SignSGDReducer(FlatReducer):
             all_s = self.comm.all_gather(scales, "signsgd_scales")  # [n, segments], stays on the device
         else:
             all_p, all_s = packed.unsqueeze(0), scales.unsqueeze(0)
+        self._watch(all_s)
         out = self._output()
         for r in range(all_p.shape[0]):  # rank order, the same on every rank
             ops.sign_unpack_segments(all_p[r], all_s[r], self.offsets, out, accumulate=True)

@@ -107,7 +107,7 @@ from pydantic import Field, model_validator
 
 from .. import ops
 from ..registry import REDUCERS
-from .base import GradientOptions, error_feedback_field
+from .base import GradientOptions, any_nonfinite, error_feedback_field
 from .flat import FlatReducer
 
 # constants of the reference code, written as it writes them
@@ -154,7 +154,13 @@ _VALUE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfl
 
 @REDUCERS.register("topk", TopKOptions)
 class TopKReducer(_SparseBase):
-    """Top-k sparsification with error feedback; reports the union size of the n top-k sets."""
+    """Top-k sparsification with error feedback; reports the union size of the n top-k sets.
+
+    Non-finite guard (``base.Reducer``): ``torch.topk`` ranks NaN above every number and ``|inf|`` is the
+    largest magnitude, so a NaN or inf anywhere in ``g = grad + e`` is among the k values a rank sends; the
+    gathered values (all-reduced at the union with ``exchange: union``), identical on every rank, show it."""
+
+    nonfinite_view = "reduced"
 
     def finish(self) -> None:
         g = self._send_buffer()
@@ -164,12 +170,14 @@ class TopKReducer(_SparseBase):
         ef = g if self.error is not None else None
         gathered = None
         if not self.distributed:
+            self._watch(vals)
             ops.scatter_add_(dense, idx, vals, zero_in=ef)  # EF zeroing of what was sent, same pass
         elif self.options.exchange == "allgather":
             vdt = _VALUE_DTYPES[self.options.value_dtype]
             sent = vals if vdt == torch.float32 else ops.pack_values(g, vdt, idx)  # gather + convert, one pass
             gathered = self.comm.all_gather(idx, "topk_indices")  # [n, k]
             all_vals = self.comm.all_gather(sent, "topk_values")
+            self._watch(all_vals)  # the non-finite guard's view: every rank's sent values (class docstring)
             # rank by rank, in rank order: indices are unique within a rank, so no two additions of one
             # call hit the same coordinate and the sums do not depend on the order of atomic additions
             for r in range(n):
@@ -183,7 +191,9 @@ class TopKReducer(_SparseBase):
         else:
             gathered = self.comm.all_gather(idx, "topk_indices")
             union = torch.unique(gathered)  # sorted, unique (its size is data-dependent: a device sync on a GPU)
-            ops.scatter_add_(dense, union, self.comm.all_reduce(g[union], "topk_values").div_(n), zero_in=ef)
+            summed = self.comm.all_reduce(g[union], "topk_values").div_(n)
+            self._watch(summed)
+            ops.scatter_add_(dense, union, summed, zero_in=ef)
         self._write_back(dense)
         self.iteration += 1
         self.last = {"indices": idx, "gathered": gathered}
@@ -330,7 +340,13 @@ class ExDynaOptions(GradientOptions):
 @REDUCERS.register("exdyna", ExDynaOptions)
 class ExDynaReducer(_SparseBase):
     """ExDyna (Yoon & Oh, CCGrid 2024): block partitions, dynamic allocation, exclusive
-    partition-wise threshold selection, online threshold scaling."""
+    partition-wise threshold selection, online threshold scaling.
+
+    Non-finite guard (``base.Reducer``): a NaN never passes ``|g| >= threshold`` and a rank scans only its
+    own partition, so what is sent need not show it; each rank checks its whole ``g = grad + e`` (one fused
+    reduction) and the flag rides on the counts exchange, the step's one host read (``nonfinite_ranks``)."""
+
+    nonfinite_view = "exchange"
 
     def __init__(self, named_params, options: ExDynaOptions, **kw):
         super().__init__(named_params, options, **kw)
@@ -342,6 +358,14 @@ class ExDynaReducer(_SparseBase):
         self.threshold = 0.0
         self.k_prev = 1
         self.ks_prev: List[int] = []
+        self._check_nonfinite, self._bad_ranks = False, []
+
+    def watch_nonfinite(self) -> None:
+        self._check_nonfinite = True
+
+    def nonfinite_ranks(self) -> Optional[List[int]]:
+        bad, self._bad_ranks = self._bad_ranks, []
+        return bad if self._check_nonfinite else None
 
     @classmethod
     def collectives(cls, shapes, world: int, options: ExDynaOptions, imbalance: float = 0.0, **_) -> list:
@@ -387,7 +411,13 @@ class ExDynaReducer(_SparseBase):
         # the count first (on the device), then every rank's count in one exchange: the step's one host
         # read (the engine's non-finite flags ride along); the selection is then sized without a sync
         cnt = ops.threshold_count(g, self.threshold, st, en)
-        ks_raw = [row[0] for row in self.comm.exchange_control(cnt.reshape(1), "exdyna_counts")]
+        if self._check_nonfinite:  # NaN never passes the threshold: this rank's own check rides along
+            rows = self.comm.exchange_control(torch.stack([cnt.reshape(()).to(torch.int64),
+                                                           any_nonfinite([g]).to(torch.int64)]), "exdyna_counts")
+            self._bad_ranks = [r for r, row in enumerate(rows) if row[1]]
+        else:
+            rows = self.comm.exchange_control(cnt.reshape(1), "exdyna_counts")
+        ks_raw = [row[0] for row in rows]
         ks = [max(1, k) for k in ks_raw]  # an empty selection sends one element (the reference's fallback)
         fallback = ks_raw[self.rank] == 0
         if fallback:

@@ -3,8 +3,12 @@
 Rank 1's input is multiplied by NaN (or inf) on optimizer step 3, so its gradient is non-finite
 there. With ``nonfinite=skip`` (the default) every rank must: skip that step's parameter update
 (parameters after step 3 equal those after step 2, bit for bit), keep identical parameters (methods
-that average gradients every step), keep every reducer / synchronizer / order state tensor finite,
-and log the event with the step and the rank. With ``nonfinite=raise`` every rank stops at step 3.
+that average gradients every step), keep every reducer / synchronizer / order state tensor finite
+(error feedback reset on a hit), and log the event with the step and the rank where the guard's view can
+name it (``exchange`` / ``local`` / a microbatch screen; ``reduced`` data cannot: None). The same holds
+when the value appears in what a method sends rather than in the gradient: an S-SGD bucket, a PowerSGD P or
+Q factor, an ACP-SGD P buffer, top-k's sent values, signsgd's scales, ExDyna's residual. With the guard on,
+finite steps are bit-identical to the guard off. With ``nonfinite=raise`` every rank stops at step 3.
 """
 import pytest
 import torch
@@ -57,7 +61,51 @@ def test_nan_on_one_rank_skips_the_step_everywhere(nan_runs, label):
     assert torch.equal(r0["record"][2], r0["record"][1])  # step 3 applied nothing
     assert not torch.equal(r0["record"][3], r0["record"][2])  # training goes on afterwards
     assert r0["finite_state"] and r1["finite_state"]  # error feedback / order state not poisoned
-    assert r0["events"] == r1["events"] == [(3, [1])]
+    assert r0["events"] == r1["events"] == [(3, _named(r0))]
+
+
+def _named(r):
+    """The ranks the event names: rank 1, unless only the reduced data (identical on every rank) showed it."""
+    return None if r["view"] == "reduced" and not r["microbatches"] else [1]
+
+
+SENT = [  # (label, method, where): the value appears in what the method sends, not in the gradient
+    ("bucket", {"reducer": {"name": "allreduce", "bucket_mb": 0.002}}, "bucket"),
+    ("powersgd-p", SYNCED[2][1], "p"),
+    ("powersgd-q", SYNCED[2][1], "q"),
+    ("acpsgd-p", SYNCED[3][1], "acp"),
+    ("topk-values", SYNCED[4][1], "topk_values"),
+    ("signsgd-scales", SYNCED[6][1], "sign_scales"),
+    ("exdyna-residual", SYNCED[5][1], "residual"),
+]
+
+
+@pytest.mark.parametrize("label,method,where", SENT, ids=[c[0] for c in SENT])
+def test_nan_in_what_a_method_sends_skips_the_step_everywhere(label, method, where):
+    gas = 2 if where == "acp" else 1
+    res = harness.run_pooled(wn.inject, 2, cases=[(label, method, None, "fp32", gas)], where=where)
+    r0, r1 = res[0][label], res[1][label]
+    assert r0["error"] is None and r1["error"] is None
+    for a, b in zip(r0["record"], r1["record"]):
+        assert torch.equal(a, b) and torch.isfinite(a).all()
+    assert torch.equal(r0["record"][2], r0["record"][1])  # step 3 applied nothing
+    assert not torch.equal(r0["record"][3], r0["record"][2])
+    assert r0["finite_state"] and r1["finite_state"]  # P / Q / E / residual reset on the hit
+    assert r0["events"] == r1["events"] == [(3, _named(r0))]
+
+
+FINITE = [c for c in SYNCED if c[0] in ("allreduce", "powersgd", "acpsgd", "topk", "exdyna", "signsgd", "dgrab")]
+
+
+def test_guard_on_is_bit_identical_to_guard_off_on_finite_data():
+    on = harness.run_pooled(wn.inject, 2, cases=FINITE, bad_rank=-1, mode="skip")
+    off = harness.run_pooled(wn.inject, 2, cases=FINITE, bad_rank=-1, mode="off")
+    for label in (c[0] for c in FINITE):
+        for r in (0, 1):
+            assert on[r][label]["events"] == [] and on[r][label]["error"] is None
+            assert len(on[r][label]["record"]) == 6
+            for a, b in zip(on[r][label]["record"], off[r][label]["record"]):
+                assert torch.equal(a, b), label
 
 
 @pytest.mark.parametrize("label", [c[0] for c in LOCAL])
@@ -76,7 +124,7 @@ def test_nan_on_a_local_step_is_skipped_on_that_rank(nan_runs, label):
 def test_inf_is_handled_like_nan():
     res = harness.run_pooled(wn.inject, 2, cases=SYNCED[2:3], value=float("inf"))
     r0, r1 = res[0]["powersgd"], res[1]["powersgd"]
-    assert r0["events"] == r1["events"] == [(3, [1])]
+    assert r0["events"] == r1["events"] == [(3, None)]  # the all-reduced factors show it, not which rank
     assert torch.equal(r0["record"][2], r0["record"][1]) and torch.equal(r0["record"][-1], r1["record"][-1])
     assert r0["finite_state"] and r1["finite_state"]
 
@@ -86,7 +134,7 @@ def test_raise_mode_stops_every_rank():
     next averaging, as for a dying rank: not exercised here.)"""
     res = harness.run_pooled(wn.inject, 2, cases=SYNCED[:1], mode="raise")
     for r in (0, 1):
-        assert "step 3: non-finite gradient on rank(s) [1]" in res[r]["allreduce"]["error"]
+        assert "step 3: non-finite gradient on a rank (seen in the reduced data" in res[r]["allreduce"]["error"]
         assert len(res[r]["allreduce"]["record"]) == 2
 
 

@@ -29,11 +29,34 @@ def _order(name, rank, world):
     return order
 
 
-def inject(rank, world, cases, steps=6, bad_rank=1, bad_step=3, value=float("nan"), mode="skip"):
+#: where ``inject`` puts the value (``where``): the input batch, or what a method sends, by the kind of the
+#: collective that carries it (the communicator's method, the kind), poisoned on the sending rank just before
+POISON = {"bucket": ("all_reduce_mean", "allreduce"), "p": ("all_reduce", "powersgd_p"),
+          "q": ("all_reduce", "powersgd_q"), "acp": ("all_reduce", "acpsgd_p"),
+          "topk_values": ("all_gather", "topk_values"), "sign_scales": ("all_gather", "signsgd_scales")}
+
+
+def _poison(comm, where, value, now):
+    """Wrap ``comm``'s collective for ``where`` (``POISON``): while ``now()``, element 0 of the tensor this rank
+    sends becomes ``value``."""
+    name, kind = POISON[where]
+    orig = getattr(comm, name)
+
+    def wrapped(t, k=None, *a, **kw):
+        if k == kind and now():
+            t.view(-1)[0] = value
+        return orig(t, k, *a, **kw)
+
+    setattr(comm, name, wrapped)
+
+
+def inject(rank, world, cases, steps=6, bad_rank=1, bad_step=3, value=float("nan"), mode="skip", where="input"):
     """For each case (label, method dict, order name, precision, gas[, ZeRO stage]): train ``steps`` optimizer
     steps with rank-specific data, poisoning rank ``bad_rank``'s input on optimizer step ``bad_step``
-    (1-based; every microbatch of that window). Record parameters after every step, whether all
-    reducer / sync / order state tensors are finite at the end, and the skip events."""
+    (1-based; every microbatch of that window), or with ``where`` another place (``POISON``, or ``residual``:
+    element 7 of the flat reducers' error-feedback vector before that step). Record parameters after every
+    step, whether all reducer / sync / order state tensors are finite at the end, the skip events and the
+    guard's view."""
     import ds_ext
     from ds_ext.deepspeed.step_hooks import NonFiniteError
 
@@ -43,12 +66,16 @@ def inject(rank, world, cases, steps=6, bad_rank=1, bad_step=3, value=float("nan
         order = _order(order_name, rank, world)
         att = ds_ext.attach(engine, method, order=order, nonfinite=mode, total_steps=steps)
         dtype = next(engine.module.parameters()).dtype
-        record, err = [], None
+        record, err, at = [], None, [0]
+        if where in POISON and rank == bad_rank:
+            _poison(att.comm, where, value, lambda: at[0] == bad_step)
         try:
             for i, (x, y) in enumerate(rank_batches(rank, steps * gas, 8, dtype)):
-                step = i // gas + 1
-                if rank == bad_rank and step == bad_step:
+                step = at[0] = i // gas + 1
+                if rank == bad_rank and step == bad_step and where == "input":
                     x = x * value
+                if rank == bad_rank and step == bad_step and where == "residual" and (i + 1) % gas == 0:
+                    att.reducer.error[7] = value
                 loss = F.cross_entropy(engine(x).float(), y)
                 engine.backward(loss)
                 engine.step()
@@ -60,7 +87,8 @@ def inject(rank, world, cases, steps=6, bad_rank=1, bad_step=3, value=float("nan
         finite = all(bool(torch.isfinite(t.float()).all()) for s in states for t in _state_tensors(s)
                      if t.is_floating_point())
         out[label] = {"record": record, "finite_state": finite, "events": list(att.nonfinite_events),
-                      "skipped": att.skipped_steps, "error": err}
+                      "skipped": att.skipped_steps, "error": err, "view": att.guard.view,
+                      "microbatches": att.guard.microbatches}
         att.detach()
     return out
 
