@@ -208,11 +208,12 @@ def test_powersgd_groups_launch_during_grad_ready_in_order():
     assert [c.nbytes for c in colls] == [4 * n for _, n, _ in log[0]]
 
 
-def test_powersgd_first_collective_before_backward_ends_on_gloo():
-    """Through DeepSpeed on 2 gloo ranks: the first all_reduce of each step (plain at step 1, P afterwards) is
-    issued before the step's last grad_ready, and the pipelined run's parameters equal the serial run's bit for
-    bit."""
-    a, b = harness.run_pooled(workers.powersgd_launch_order, 2, steps=3)
+@pytest.mark.parametrize("gas", [1, 2])
+def test_powersgd_first_collective_before_backward_ends_on_gloo(gas):
+    """Through DeepSpeed on 2 gloo ranks (1 and 2 micro-batches per step): the first all_reduce of each step (plain
+    at step 1, P afterwards) is issued before the step's last grad_ready, and the pipelined run's parameters equal
+    the serial run's bit for bit."""
+    a, b = harness.run_pooled(workers.powersgd_launch_order, 2, steps=3, gas=gas)
     for res in (a, b):
         assert res[True]["groups"] >= 3
         for x, y in zip(res[True]["record"], res[False]["record"]):

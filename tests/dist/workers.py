@@ -166,8 +166,9 @@ def loopback(fn, world, **kw):
     return LoopbackWorld(world).run(lambda comm: fn(comm.rank, world, comm=comm, **kw))
 
 
-def powersgd_launch_order(rank, world, steps=3, bucket_mb=0.001):
-    """PowerSGD through DeepSpeed (start_powerSGD_iter 1, small fusion groups), pipelined and serial: the
+def powersgd_launch_order(rank, world, steps=3, bucket_mb=0.001, gas=1):
+    """PowerSGD through DeepSpeed (start_powerSGD_iter 1, small fusion groups, ``gas`` micro-batches per step),
+    pipelined and serial: the
     parameters after every step, and per step of the pipelined run the sequence of events on this rank --
     ``ready`` (each ``grad_ready``), ``finish`` and the meter kind of each collective as it is issued
     (``ds_ext.comm.observe``; None: control data)."""
@@ -176,7 +177,7 @@ def powersgd_launch_order(rank, world, steps=3, bucket_mb=0.001):
 
     out = {}
     for pipelined in (True, False):
-        engine = make_engine("fp32", 1, world=world)
+        engine = make_engine("fp32", gas, world=world)
         opts = {"name": "powersgd", "rank": 2, "start_powerSGD_iter": 1, "bucket_mb": bucket_mb,
                 "pipelined": pipelined}
         att = ds_ext.attach(engine, {"reducer": opts})
@@ -199,7 +200,7 @@ def powersgd_launch_order(rank, world, steps=3, bucket_mb=0.001):
         remove = observe(observer)
         record = []
         try:
-            train_steps(engine, att, rank, steps, 1, 8, record)
+            train_steps(engine, att, rank, steps, gas, 8, record)
         finally:
             remove()
         out[pipelined] = {"record": record, "events": events, "groups": len(red.pipeline.groups) if pipelined else 1}
