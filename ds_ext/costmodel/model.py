@@ -30,12 +30,12 @@ def bucket_sizes(shapes: Sequence[Sequence[int]], bucket_mb: float, elem: int = 
 
 
 def powersgd_bytes(shapes, rank: int, min_rate: float = 2.0) -> Tuple[int, int]:
-    """(P bytes incl. the uncompressed tensors, Q bytes) of one PowerSGD step (``PowerSGDReducer.collectives``)."""
+    """(P bytes incl. the uncompressed tensors, Q bytes) of one PowerSGD step, summed over its fusion groups
+    (``PowerSGDReducer.group_bytes``)."""
     from ..reducers.lowrank import PowerSGDOptions, PowerSGDReducer
 
-    p, q = PowerSGDReducer.collectives(shapes, 1, PowerSGDOptions(rank=rank,
-                                                                   min_compression_rate=min_rate))
-    return int(p.nbytes), int(q.nbytes)
+    p, q = PowerSGDReducer.group_bytes(shapes, PowerSGDOptions(rank=rank, min_compression_rate=min_rate))
+    return int(sum(p)), int(sum(q))
 
 
 def acpsgd_groups(shapes, rank: int, fusion_mb: float = 25.0) -> Tuple[List[int], List[int]]:

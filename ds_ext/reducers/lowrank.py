@@ -40,8 +40,11 @@ Deliberate choices, named:
 * ACP-SGD's per-group compression runs when the whole fused group's gradients are ready (at the
   accumulation boundary), then its allreduce is launched asynchronously -- the reference compresses
   per tensor in each hook and launches when the group is complete; results are identical.
-* PowerSGD's two dependent allreduces run after backward in ``finish()`` (as the reference), with the
-  uncompressed tensors fused into the P allreduce.
+* PowerSGD runs per fusion group during backward (``pipelined``, the default; ``powersgd_pipeline``):
+  a group's P all_reduce is launched as soon as its gradients are ready, its Q all_reduce when the next
+  group launches, the uncompressed tensors riding in the group's P all_reduce; as PyTorch's per-bucket
+  ``powerSGD_hook``, with the same results as the whole-model path. ``pipelined: false`` keeps that path:
+  the two dependent allreduces after backward in ``finish()`` (as epfml's reference).
 """
 from __future__ import annotations
 
@@ -55,104 +58,9 @@ from ..comm import host_to_device
 from ..registry import REDUCERS
 from .base import GradientOptions, Reducer, error_feedback_field
 from .buckets import fuse_reverse
-
-
-def orthogonalize(x: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
-    """Orthonormal columns for a batch [B, n, r]: QR (r > 1, eps == 0), normalisation (r == 1), or
-    Gram-Schmidt with ``eps`` added to each norm (PyTorch PowerSGD's ``orthogonalization_epsilon``)."""
-    r = x.shape[-1]
-    if r == 1:
-        return x / (x.norm(dim=-2, keepdim=True) + (eps if eps > 0 else 1e-30))
-    if eps == 0.0:
-        return torch.linalg.qr(x).Q
-    cols = []
-    for i in range(r):
-        c = x[..., i:i + 1]
-        for q in cols:
-            c = c - (q * c).sum(-2, keepdim=True) * q
-        cols.append(c / (c.norm(dim=-2, keepdim=True) + eps))
-    return torch.cat(cols, dim=-1)
-
-
-def _seeded_randn(shape, seed: int, index: int, device=None) -> torch.Tensor:
-    """Seeded factors from a CPU generator (identical on every rank), moved to ``device`` if given."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63))
-    x = torch.randn(*shape, generator=g, dtype=torch.float32)
-    return x if device is None else host_to_device(x, device)
-
-
-class _Meta:
-    __slots__ = ("index", "p", "compressed", "n", "m", "r", "key", "pos")
-
-    def __init__(self, index, p, compressed, n, m, r):
-        self.index, self.p, self.compressed, self.n, self.m, self.r = index, p, compressed, n, m, r
-        self.key, self.pos = None, -1
-
-
-class _ShapeClass:
-    """E, P, Q of every compressed matrix of one (n, m, r), batched; ``metas[j]`` owns row j."""
-
-    def __init__(self, key, metas: List[_Meta], seed: int, device):
-        n, m, r = key
-        self.key, self.metas = key, metas
-        self.E = torch.zeros(len(metas), n, m, device=device)
-        self.P = torch.stack([_seeded_randn((n, r), seed, 2 * mt.index, device) for mt in metas])
-        self.Q = torch.stack([_seeded_randn((m, r), seed, 2 * mt.index + 1, device) for mt in metas])
-        for j, mt in enumerate(metas):
-            mt.key, mt.pos = key, j
-
-
-def _flat_grad(meta: _Meta) -> torch.Tensor:
-    """The gradient as a flat fp32 vector (zeros when this rank produced none)."""
-    g = meta.p.grad
-    if g is None:
-        return torch.zeros(meta.p.numel(), device=meta.p.device)
-    return g.detach().reshape(-1).float()
-
-
-def _grad_matrix(meta: _Meta) -> torch.Tensor:
-    """The gradient as an (n, m) matrix in its own dtype (a view when contiguous)."""
-    g = meta.p.grad
-    if g is None:
-        return torch.zeros(meta.n, meta.m, device=meta.p.device)
-    return g.detach().reshape(meta.n, meta.m)
-
-
-def _write_grad(meta: _Meta, value: torch.Tensor) -> None:
-    p = meta.p
-    v = value.reshape(p.shape).to(p.dtype)
-    if p.grad is None:
-        p.grad = v.clone()
-    else:
-        p.grad.copy_(v)
-
-
-def _accumulate(E: torch.Tensor, metas: List[_Meta], error_feedback: bool = True) -> None:
-    """E[j] <- E[j] + grad_j (or grad_j alone), in place, for a batch slice E [B, n, m]."""
-    rows, grads = list(E.unbind(0)), [_grad_matrix(m) for m in metas]
-    if error_feedback:
-        torch._foreach_add_(rows, grads)
-    else:
-        torch._foreach_copy_(rows, grads)
-
-
-def _decompress(metas: List[_Meta], P: torch.Tensor, Q: torch.Tensor) -> None:
-    """p.grad <- P_j Q_j^T. On CPU straight into fp32 gradients (no temporary); on accelerators one
-    ``bmm`` and one multi-tensor copy (a few kernel launches instead of one per tensor)."""
-    if P.device.type == "cpu":
-        for j, m in enumerate(metas):
-            g = m.p.grad
-            if g is not None and g.dtype == torch.float32 and g.is_contiguous():
-                torch.mm(P[j], Q[j].T, out=g.view(m.n, m.m))
-            else:
-                _write_grad(m, P[j] @ Q[j].T)
-        return
-    approx = torch.bmm(P, Q.transpose(1, 2))
-    if all(m.p.grad is not None and m.p.grad.is_contiguous() for m in metas):  # channels_last: not a view
-        torch._foreach_copy_([m.p.grad.view(m.n, m.m) for m in metas], list(approx.unbind(0)))
-    else:
-        for j, m in enumerate(metas):
-            _write_grad(m, approx[j])
+from .lowrank_common import (_accumulate, _decompress, _flat_grad, _Meta, _seeded_randn, _ShapeClass, _write_grad,
+                             orthogonalize)
+from .powersgd_pipeline import PowerSGDPipeline, group_sizes, launch_order
 
 
 def matrix_dims(shape, rank: int) -> tuple:
@@ -323,17 +231,25 @@ class PowerSGDOptions(GradientOptions):
     warm_start: bool = True
     orthogonalization_epsilon: float = Field(0.0, ge=0)
     seed: int = 0
+    bucket_mb: float = Field(25.0, gt=0, validation_alias=AliasChoices("bucket_mb", "fusion_threshold_mb"),
+                             description="MiB of fp32 gradient per fusion group (DDP's bucket_cap_mb; alias as on "
+                                         "allreduce and acpsgd: fusion_threshold_mb)")
+    pipelined: bool = Field(True, description="launch per fusion group during backward (P, then Q when the next "
+                                              "group launches); false: one P and one Q all_reduce after backward")
 
 
 @REDUCERS.register("powersgd", PowerSGDOptions)
 class PowerSGDReducer(_LowRankBase):
-    """PowerSGD (Vogels et al. 2019, Algorithm 1): rank-r power iteration, error feedback, warm start."""
+    """PowerSGD (Vogels et al. 2019, Algorithm 1): rank-r power iteration, error feedback, warm start; per
+    fusion group during backward (``powersgd_pipeline``), or with ``pipelined: false`` for the whole model in
+    ``finish()`` (``_finish_serial``, the reference the pipeline is tested against, bit for bit)."""
 
     def __init__(self, named_params, options: PowerSGDOptions, **kw):
         super().__init__(named_params, options, **kw)
         rate = options.min_compression_rate
         self._setup(options.rank, options.seed, lambda n, m, r: self.compresses(n, m, r, rate))
         self.plain = [m for m in self.metas if not m.compressed]
+        self.pipeline = PowerSGDPipeline(self) if options.pipelined else None
 
     @staticmethod
     def compresses(n: int, m: int, r: int, rate: float) -> bool:
@@ -344,20 +260,38 @@ class PowerSGDReducer(_LowRankBase):
         return (n + m) * r * rate < n * m
 
     @classmethod
+    def group_bytes(cls, shapes, options: PowerSGDOptions) -> tuple:
+        """fp32 bytes of each P all_reduce (P factors and the uncompressed tensors) and of each Q all_reduce,
+        per fusion group (``pipelined: false``: one group)."""
+        dims = [matrix_dims(s, options.rank) for s in shapes]
+        comp = [bool(r) and cls.compresses(n, m, r, options.min_compression_rate) for n, m, r, _ in dims]
+        cap = options.bucket_mb * 2**20 / 4 if options.pipelined else float("inf")
+        _, p, q = group_sizes(dims, comp, cap)
+        return [4 * x for x in p], [4 * x for x in q]
+
+    @classmethod
     def collectives(cls, shapes, world: int, options: PowerSGDOptions, **_) -> list:
-        """After ``start_powerSGD_iter``: the P all_reduce (P factors and the uncompressed tensors) and the
-        Q all_reduce, fp32."""
+        """After ``start_powerSGD_iter``: per fusion group its P all_reduce (P factors and the uncompressed
+        tensors) and its Q all_reduce, fp32, in issue order (``powersgd_pipeline.launch_order``)."""
         from ..comm import Collective
 
-        p = q = 0
-        for n, m, r, numel in (matrix_dims(s, options.rank) for s in shapes):
-            if r and cls.compresses(n, m, r, options.min_compression_rate):
-                p, q = p + 4 * n * r, q + 4 * m * r
-            else:
-                p += 4 * numel
-        return [Collective("all_reduce", p, world), Collective("all_reduce", q, world)]
+        p, q = cls.group_bytes(shapes, options)
+        by = {"p": p, "q": q}
+        return [Collective("all_reduce", by[ph][k], world) for ph, k in launch_order(p, q)]
+
+    def grad_ready(self, p):
+        if self.pipeline is not None:
+            self.pipeline.ready(p)
 
     def finish(self):
+        if self.pipeline is not None:
+            self.pipeline.finish()
+            self.steps += 1
+            return
+        self._finish_serial()
+
+    def _finish_serial(self):
+        """The whole model after backward: one P all_reduce (with the uncompressed tensors), one Q all_reduce."""
         o = self.options
         self.steps += 1
         if self.steps <= o.start_powerSGD_iter:

@@ -121,3 +121,113 @@ def test_bf16_engine_and_zero3_refusal():
         assert all(torch.isfinite(x).all() for x in a["record"]) and not torch.equal(a["record"][0], a["record"][-1])
     msg = harness.run_pooled(workers.zero3_refusal, 2, reducer="acpsgd")[0]
     assert msg is not None and "works with ZeRO stage 0, 1 or 2 (got 3)" in msg and "partitions the parameters" in msg
+
+
+# ------------------------------------------------------------------ PowerSGD per fusion group (pipelined)
+# repeated shapes, so a shape class (one batched E, P, Q) is split over several fusion groups: at 0.0006 MiB
+# (157 fp32 elements) per group the 11 tensors form 7 groups, some holding rows of two classes or 1-D tensors
+PIPE_SHAPES = [(16, 8), (16, 8), (6,), (16, 8), (4, 3, 3, 3), (5, 5), (4, 3, 3, 3), (7,), (16, 8), (1, 12), (5, 5)]
+PIPE_CASES = {
+    "rank2": {"rank": 2, "start_powerSGD_iter": 2},
+    "rank1": {"rank": 1, "start_powerSGD_iter": 0},
+    "cold_eps": {"rank": 3, "start_powerSGD_iter": 0, "warm_start": False, "orthogonalization_epsilon": 1e-8,
+                 "min_compression_rate": 1},
+    "no_ef": {"rank": 2, "start_powerSGD_iter": 1, "error_feedback": False, "min_compression_rate": 0},
+}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_powersgd_pipelined_is_bit_identical_to_serial(world):
+    """Per-group launches during backward give exactly the whole-model path's results (applied gradients, P, Q,
+    E, bytes per step), on 2 ranks (a + b, as gloo) and 3 loopback ranks (sums in rank order): the same
+    operations on the same inputs (ds_ext/reducers/powersgd_pipeline.py)."""
+    runs = {}
+    for name, opts in PIPE_CASES.items():
+        for pipelined in (True, False):
+            runs[(name, pipelined)] = dict(reducer="powersgd", steps=5, shapes=PIPE_SHAPES,
+                                          options={**opts, "bucket_mb": 0.0006, "pipelined": pipelined})
+    res = workers.loopback(workers.lowrank_dtypes, world, runs=runs)
+    for name in PIPE_CASES:
+        for rank_res in res:
+            got, ref = rank_res[(name, True)], rank_res[(name, False)]
+            assert got["bytes"] == ref["bytes"], name
+            for t in range(5):
+                for i in range(len(PIPE_SHAPES)):
+                    assert torch.equal(got["applied"][t][i], ref["applied"][t][i]), (name, t, i)
+                for k in ref["P"][t]:
+                    assert torch.equal(got["P"][t][k], ref["P"][t][k]) and torch.equal(got["Q"][t][k], ref["Q"][t][k])
+            for k in ref["E"]:
+                assert torch.equal(got["E"][k], ref["E"][k]), (name, k)
+
+
+def test_powersgd_groups_launch_during_grad_ready_in_order():
+    """Group k's P all_reduce is issued by the grad_ready that completes group k, group k-1's Q right after it;
+    only the last group's Q waits for finish(). Issue order P0 P1 Q0 P2 Q1 ... (``launch_order``); ranks agree."""
+    from ds_ext.comm import observe
+    from ds_ext.reducers.lowrank import PowerSGDOptions, PowerSGDReducer
+    from ds_ext.reducers.powersgd_pipeline import launch_order
+
+    def run(comm):
+        params = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
+        red = PowerSGDReducer([(f"p{i}", p) for i, p in enumerate(params)],
+                              PowerSGDOptions(rank=2, start_powerSGD_iter=0, bucket_mb=0.0002), comm=comm)
+        g = torch.Generator().manual_seed(comm.rank)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        issued = []
+        for p in reversed(params):
+            red.grad_ready(p)
+            issued.append(len(log.get(comm.rank, [])))
+        red.finish()
+        return issued, red
+
+    log = {}
+
+    def observer(comm, op, kind, t, async_op, issue):
+        log.setdefault(comm.rank, []).append((kind, t.numel(), async_op))
+        return issue()
+
+    remove = observe(observer)
+    try:
+        res = workers.loopback(lambda rank, world, comm: run(comm), 2)
+    finally:
+        remove()
+    assert log[0] == log[1]
+    (issued, red), _ = res
+    groups = red.pipeline.groups
+    assert len(groups) >= 4 and all(async_op for _, _, async_op in log[0])
+    expect = [("powersgd_" + ph, groups[k].p_total if ph == "p" else groups[k].q_total) for ph, k in
+              launch_order([g.p_total for g in groups], [g.q_total for g in groups])]
+    assert [(k, n) for k, n, _ in log[0]] == expect
+    # every collective but the last Q was issued inside a grad_ready, the first one before the last gradient
+    assert issued[-1] == len(expect) - 1 and issued[-2] >= 1
+    shapes = [tuple(s) for s in SHAPES]
+    p_bytes, q_bytes = PowerSGDReducer.group_bytes(shapes, red.options)
+    assert p_bytes == [4 * g.p_total for g in groups] and q_bytes == [4 * g.q_total for g in groups]
+    colls = PowerSGDReducer.collectives(shapes, 2, red.options)
+    assert [c.nbytes for c in colls] == [4 * n for _, n, _ in log[0]]
+
+
+@pytest.mark.parametrize("gas", [1, 2])
+def test_powersgd_first_collective_before_backward_ends_on_gloo(gas):
+    """Through DeepSpeed on 2 gloo ranks (1 and 2 micro-batches per step): the first all_reduce of each step (plain
+    at step 1, P afterwards) is issued before the step's last grad_ready, and the pipelined run's parameters equal
+    the serial run's bit for bit."""
+    a, b = harness.run_pooled(workers.powersgd_launch_order, 2, steps=3, gas=gas)
+    for res in (a, b):
+        assert res[True]["groups"] >= 3
+        for x, y in zip(res[True]["record"], res[False]["record"]):
+            assert torch.equal(x, y)
+        steps, cur = [], []
+        for e in res[True]["events"]:
+            if e == "finish":
+                steps.append(cur)
+                cur = []
+            else:
+                cur.append(e)
+        assert len(steps) == 3
+        for t, ev in enumerate(steps):
+            first = "allreduce" if t == 0 else "powersgd_p"
+            last_ready = max(i for i, e in enumerate(ev) if e == "ready")
+            assert first in ev and ev.index(first) < last_ready, (t, ev)
+    assert all(torch.equal(x, y) for x, y in zip(a[True]["record"], b[True]["record"]))

@@ -108,16 +108,18 @@ LOWRANK_SHAPES = [(16, 8), (8, 16), (6,), (4, 3, 3, 3), (5, 5), (7,), (1, 12), (
 
 
 def lowrank_invariants(rank, world, reducer, options, steps=6, seed_per_rank=False, dtype=torch.float32,
-                       round_to=None, comm=None):
+                       round_to=None, comm=None, shapes=None):
     """Drive a low-rank reducer directly with random per-rank gradients; record what it applies
     and the exact mean gradient computed by a plain all_reduce next to it. Gradients are held in
     ``dtype``; ``round_to`` first rounds the random gradients to that dtype (to compare runs).
-    ``comm``: a communicator (``LoopbackWorld`` rank) instead of the process group."""
+    ``comm``: a communicator (``LoopbackWorld`` rank) instead of the process group; ``shapes``: the
+    parameters' shapes (default ``LOWRANK_SHAPES``)."""
     from ds_ext.comm import Communicator
     from ds_ext.meter import CommMeter
     from ds_ext.registry import REDUCERS
 
-    params = [torch.nn.Parameter(torch.zeros(s, dtype=dtype)) for s in LOWRANK_SHAPES]
+    shapes = LOWRANK_SHAPES if shapes is None else shapes
+    params = [torch.nn.Parameter(torch.zeros(s, dtype=dtype)) for s in shapes]
     named = [(f"p{i}", p) for i, p in enumerate(params)]
     opts = dict(options)
     if seed_per_rank:
@@ -129,7 +131,7 @@ def lowrank_invariants(rank, world, reducer, options, steps=6, seed_per_rank=Fal
     g = torch.Generator().manual_seed(500 + rank)
     rec = {"applied": [], "mean": [], "bytes": [], "P": [], "Q": []}
     for t in range(steps):
-        raw = [torch.randn(s, generator=g) for s in LOWRANK_SHAPES]
+        raw = [torch.randn(s, generator=g) for s in shapes]
         if round_to is not None:
             raw = [r.to(round_to).float() for r in raw]
         for p, r in zip(params, raw):
@@ -162,6 +164,47 @@ def loopback(fn, world, **kw):
     from ds_ext.testing import LoopbackWorld
 
     return LoopbackWorld(world).run(lambda comm: fn(comm.rank, world, comm=comm, **kw))
+
+
+def powersgd_launch_order(rank, world, steps=3, bucket_mb=0.001, gas=1):
+    """PowerSGD through DeepSpeed (start_powerSGD_iter 1, small fusion groups, ``gas`` micro-batches per step),
+    pipelined and serial: the
+    parameters after every step, and per step of the pipelined run the sequence of events on this rank --
+    ``ready`` (each ``grad_ready``), ``finish`` and the meter kind of each collective as it is issued
+    (``ds_ext.comm.observe``; None: control data)."""
+    import ds_ext
+    from ds_ext.comm import observe
+
+    out = {}
+    for pipelined in (True, False):
+        engine = make_engine("fp32", gas, world=world)
+        opts = {"name": "powersgd", "rank": 2, "start_powerSGD_iter": 1, "bucket_mb": bucket_mb,
+                "pipelined": pipelined}
+        att = ds_ext.attach(engine, {"reducer": opts})
+        events, red = [], att.reducer
+        ready, finish = red.grad_ready, red.finish
+
+        def on_ready(p, ready=ready, events=events):
+            events.append("ready")
+            ready(p)
+
+        def on_finish(finish=finish, events=events):
+            events.append("finish")
+            finish()
+
+        def observer(comm, op, kind, t, async_op, issue, events=events):
+            events.append(kind)
+            return issue()
+
+        red.grad_ready, red.finish = on_ready, on_finish
+        remove = observe(observer)
+        record = []
+        try:
+            train_steps(engine, att, rank, steps, gas, 8, record)
+        finally:
+            remove()
+        out[pipelined] = {"record": record, "events": events, "groups": len(red.pipeline.groups) if pipelined else 1}
+    return out
 
 
 def zero3_refusal(rank, world, reducer):
