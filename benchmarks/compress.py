@@ -12,9 +12,9 @@ feedback -- plus a world-1 collective. Rows:
 * ``allreduce`` (S-SGD), ``powersgd``, ``acpsgd``: ours, driven exactly as the engine drives them
   (``grad_ready`` for every parameter in reverse order, then ``finish``), on fixed random gradients.
   Before each step the gradients are written into the existing ``p.grad`` (as a backward after
-  ``zero_grad(set_to_none=False)`` accumulates). ``allreduce`` is the default copy path (copied into its
-  buckets and back); ``allreduce_view`` has ``bucket_view: true`` (issue 19): the gradients are views into
-  its buckets, so it copies nothing. ``--fresh-grads`` gives every ``p.grad`` a new tensor instead, as
+  ``zero_grad(set_to_none=False)`` accumulates). ``allreduce`` is the copy path (``bucket_view: false``: copied
+  into its buckets and back); ``allreduce_view`` has ``bucket_view: true`` (issue 19; the default since issue 29):
+  the gradients are views into its buckets, so it copies nothing. ``--fresh-grads`` gives every ``p.grad`` a new tensor instead, as
   DeepSpeed's ``zero_grad`` (set to None after every step) leaves them: then the view path copies each
   gradient into its bucket once.
 * ``torch powerSGD_hook`` / ``torch batched_powerSGD_hook`` / ``torch allreduce_hook``: PyTorch DDP
@@ -201,7 +201,7 @@ def main(argv=None) -> int:
 
     rows: List[tuple] = []
     rows.append(("copy", bench_copy(model, args.steps, args.warmup, device)))
-    ours = [("allreduce", "allreduce", {}),
+    ours = [("allreduce", "allreduce", {"bucket_view": False}),
             ("allreduce_view", "allreduce", {"bucket_view": True}),
             ("powersgd", "powersgd", {"matrix_approximation_rank": args.rank, "start_powerSGD_iter": 0}),
             ("acpsgd", "acpsgd", {"rank": args.rank})]

@@ -24,9 +24,11 @@ def wire_factor(op: str, group: int) -> float:
 _numel = numel_of
 
 
-def bucket_sizes(shapes: Sequence[Sequence[int]], bucket_mb: float, elem: int = 4) -> List[int]:
-    """Bytes per allreduce bucket (``reducers.buckets.bucket_sizes``: the rule of ``build_buckets``)."""
-    return _bucket_sizes(shapes, bucket_mb, elem)
+def bucket_sizes(shapes: Sequence[Sequence[int]], bucket_mb: float, elem: int = 4,
+                 first_bucket_mb: Optional[float] = 1.0) -> List[int]:
+    """Bytes per allreduce bucket (``reducers.buckets.bucket_sizes``: the rule of ``build_buckets``, first bucket
+    capped at ``first_bucket_mb`` as ``allreduce``'s default; reverse registration order, the first step's layout)."""
+    return _bucket_sizes(shapes, bucket_mb, elem, first_bucket_mb)
 
 
 def powersgd_bytes(shapes, rank: int, min_rate: float = 2.0) -> Tuple[int, int]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable, List, Sequence, Tuple
 
 from ..comm import Collective
-from ..reducers.buckets import fuse_reverse, numel_of
+from ..reducers.buckets import fuse_ordered, fuse_reverse, numel_of
 from .model import collectives
 from .presets import MethodOptions
 
@@ -66,7 +66,8 @@ def ddp_powersgd_bytes(shapes, rank: int, min_rate: float = 2.0) -> Tuple[int, i
 def backward_schedule(method: str, shapes, n: int, opts: MethodOptions, ddp_one_bucket: bool = True
                       ) -> List[Tuple[float, List[Launch], List[Collective]]]:
     """Per variant of a step (weight, collectives launched during backward in launch order, collectives after
-    backward): ``allreduce`` one all_reduce per bucket (``reducers/buckets.py``'s layout) and ``acpsgd`` one per
+    backward): ``allreduce`` one all_reduce per bucket (``reducers/buckets.py``'s layout: first bucket 1 MiB, reverse
+    registration order; the measured ready order it is rebuilt in after step 1 is not known here) and ``acpsgd`` one per
     fusion group (a P-step and a Q-step, weight 1/2 each) wait for their gradients; ``ddp_allreduce`` per DDP
     bucket (first 1 MiB, then 25 MiB); ``ddp_powersgd`` with one bucket (what bench-train runs: PyTorch's hook
     races on gloo with more, ``benchmarks.train.DDP_POWERSGD_ONE_BUCKET``) all_reduces the uncompressed
@@ -74,7 +75,7 @@ def backward_schedule(method: str, shapes, n: int, opts: MethodOptions, ddp_one_
     one flat all_reduce of every gradient after backward; every other method after backward (``collectives``)."""
     sizes = [4 * numel_of(s) for s in shapes]
     if method == "allreduce":
-        groups = fuse_reverse(sizes, int(opts.bucket_mb * 2**20))
+        groups = fuse_ordered(sizes, int(opts.bucket_mb * 2**20), int(opts.first_bucket_mb * 2**20))
         return [(1.0, [Launch(g, [Collective("all_reduce", sum(sizes[i] for i in g), n)]) for g in groups], [])]
     if method == "acpsgd":
         from ..reducers.lowrank import _phase_sizes, fusion_caps, matrix_dims

@@ -22,6 +22,7 @@ class MethodOptions:
     qsr_h_base: int = 4            # H = max(4, floor((0.0175 / 0.008)^2)) = 4
     dssync_groups: int = 2
     bucket_mb: float = 25.0
+    first_bucket_mb: float = 1.0   # allreduce's first bucket (as DDP's)
 
     @property
     def qsr_h(self) -> int:

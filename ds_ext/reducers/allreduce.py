@@ -20,17 +20,31 @@ fp32 ZeRO-0, ``optimizer.zero_grad()`` with ``set_to_none=True`` for bf16/fp16 a
 hands over a fresh tensor and the ready hook copies it into the bucket once and rebinds ``p.grad``
 (one copy instead of two; DDP does the same then).
 
-Off by default (option ``bucket_view: false``): with views, the buckets' all_reduces, launched during
-backward, write into ``p.grad`` itself (on NCCL, in place on the communication stream). So that no
-compute-stream access to ``p.grad`` between the accumulation-boundary backward and ``engine.step()``
-(hand-made clipping, gradient-norm logging) can race with them (issue 27 N10), the reduction is completed
-at the end of that backward, as DDP does: an autograd final callback flushes the buckets and waits for
-them (``work.wait()``: on NCCL the compute stream waits for the communication stream, the host does not),
-so ``p.grad`` holds the average once ``engine.backward`` returns; ``finish()`` then has nothing left to
-do. Where ``grad_ready`` is called outside a backward pass (the hierarchical wrapper feeds it from its
-own ``finish``) the reduction completes in ``finish()``. The copy path keeps each rank's local gradient in
-``p.grad`` until ``step``. Both give bit-identical results (``tests/dist/test_zero_copy.py``). The class
-attribute ``force_bucket_view`` (tests) overrides the option.
+On by default (option ``bucket_view``; ``false``: the copy path, every gradient copied into its bucket and
+the result copied back). With views, the buckets' all_reduces, launched during backward, write into
+``p.grad`` itself (on NCCL, in place on the communication stream). So that no compute-stream access to
+``p.grad`` between the accumulation-boundary backward and ``engine.step()`` (hand-made clipping,
+gradient-norm logging) can race with them (issue 27 N10), the reduction is completed at the end of that
+backward, as DDP does: an autograd final callback flushes the buckets and waits for them (``work.wait()``:
+on NCCL the compute stream waits for the communication stream, the host does not), so ``p.grad`` holds the
+average once ``engine.backward`` returns, as with DeepSpeed's own reduction (run in ``engine.backward``'s
+epilogue) and DDP; ``finish()`` then has nothing left to do. Where ``grad_ready`` is called outside a
+backward pass (the hierarchical wrapper feeds it from its own ``finish``) the reduction completes in
+``finish()``. The copy path instead keeps each rank's local gradient in ``p.grad`` until ``engine.step()``.
+Nothing in ds_ext reads that local gradient: a gradient-driven order (D-GraB) takes each microbatch's
+gradient from its own tensor hook, before accumulation into ``p.grad`` and before any bucket is filled
+(``ds_ext/deepspeed/attach.py``), so its tables are the same either way (``tests/dist/test_order.py``).
+Both paths give bit-identical results (``tests/dist/test_zero_copy.py``). The class attribute
+``force_bucket_view`` (tests) overrides the option.
+
+Buckets as DDP's (``buckets.py``, "Layout"): the first holds at most ``first_bucket_mb`` (1 MiB), the others
+``bucket_mb``, filled in reverse registration order on the first step. That step records the order in which
+the gradients of its boundary micro-batch became ready; rank 0's order is broadcast once (one control
+collective in the run, unmetered) and every rank rebuilds its buckets in it, so the layout, and with it the
+order of the collectives, is the same on every rank (autograd's order can differ between ranks). The order is
+in ``state_dict()`` and restored on resume (no collective); a checkpoint without it (saved before the first
+step, or by an older version) records it again on the first step after the resume. ``rebuild_buckets:
+false`` keeps the first step's layout.
 """
 from __future__ import annotations
 
@@ -46,9 +60,15 @@ class AllreduceOptions(GradientOptions):
     bucket_mb: float = Field(25.0, gt=0, validation_alias=AliasChoices("bucket_mb", "fusion_threshold_mb"),
                              description="fusion bucket size in MiB of gradient (alias fusion_threshold_mb, as on "
                                          "acpsgd)")
-    bucket_view: bool = Field(False, description=(
+    first_bucket_mb: float = Field(1.0, gt=0, description=(
+        "cap of the first bucket in MiB (DDP's 1 MiB), so the first all_reduce starts early in backward"))
+    bucket_view: bool = Field(True, description=(
         "gradients as views into the fusion buckets (zero-copy, as DDP's gradient_as_bucket_view); the reduction "
-        "then completes at the end of the boundary backward, so p.grad holds the mean when engine.backward returns"))
+        "completes at the end of the boundary backward, so p.grad holds the mean when engine.backward returns; "
+        "false: each gradient is copied into its bucket and back, p.grad keeps the local gradient until step"))
+    rebuild_buckets: bool = Field(True, description=(
+        "after the first step, rebuild the buckets in the measured gradient-ready order (rank 0's, broadcast "
+        "once; kept in the checkpoint), as DDP"))
 
 
 @REDUCERS.register("allreduce", AllreduceOptions)
@@ -63,7 +83,9 @@ class AllreduceReducer(Reducer):
     def __init__(self, named_params, options: AllreduceOptions, **kw):
         super().__init__(named_params, options, **kw)
         views = options.bucket_view if self.force_bucket_view is None else self.force_bucket_view
-        self.fusion = BucketedCollective(self.params, int(options.bucket_mb * 2**20), self._launch, views=views)
+        self.fusion = BucketedCollective(self.params, int(options.bucket_mb * 2**20), self._launch, views=views,
+                                         first_bytes=int(options.first_bucket_mb * 2**20))
+        self.fusion.record = options.rebuild_buckets  # until the buckets are rebuilt in the ready order
         self._queued = self._completed = False
 
     def _launch(self, buf):
@@ -74,7 +96,8 @@ class AllreduceReducer(Reducer):
         """One all_reduce per bucket (fp32 gradients)."""
         from ..comm import Collective
 
-        return [Collective("all_reduce", b, world) for b in bucket_sizes(shapes, options.bucket_mb)]
+        return [Collective("all_reduce", b, world)
+                for b in bucket_sizes(shapes, options.bucket_mb, first_bucket_mb=options.first_bucket_mb)]
 
     def grad_ready(self, p):
         self.fusion.ready(p)
@@ -94,6 +117,25 @@ class AllreduceReducer(Reducer):
     def _reduce(self):
         self.fusion.flush()
         self.fusion.wait_and_unpack()  # the handles divide by the world size
+        if self.fusion.record and self.fusion.ready_order is not None:  # the first window: rebuild (docstring)
+            self._rebuild(self._agreed(self.fusion.ready_order))
+
+    def _agreed(self, order) -> list:
+        """Rank 0's ready order on every rank (one broadcast, once; a host read of it, once)."""
+        t = self.comm.tensor(order, dtype=torch.int32)
+        return self.comm.broadcast(t, 0).tolist()
+
+    def _rebuild(self, order) -> None:
+        self.fusion.record = False
+        self.fusion.rebuild(order)
+
+    def state_dict(self) -> dict:
+        return {"bucket_order": self.fusion.order}
+
+    def load_state_dict(self, state: dict) -> None:
+        order = state.get("bucket_order")
+        if order is not None:  # the layout the saved run had (same on every rank): no collective
+            self._rebuild(order)
 
     def nonfinite_flag(self):
         """The reduced buckets (the mean, identical on every rank after ``finish``) hold a NaN or inf."""

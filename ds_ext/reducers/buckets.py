@@ -25,6 +25,19 @@ copy path for every parameter (bit-identical results).
 With views, a gradient written into a bucket after its collective was launched (a second backward
 inside the same boundary micro-batch) would race with the collective; the copy path ignored such a
 late gradient (it was overwritten by the copy back). Neither is supported: one backward per micro-batch.
+
+**Layout** (as torch DDP's reducer): the first bucket is small (``first_bytes``, DDP's 1 MiB), so the
+link starts almost as soon as backward does; the others hold up to ``bucket_bytes``. The first cap
+applies until the closed buckets hold more than it: the tensor that did not fit into the first bucket
+starts a second one under the same cap, alone when it is larger (ResNet-50: ``fc.bias`` 4 KB, then
+``fc.weight`` 8.2 MB alone, then 25 MiB buckets; DDP's first bucket is those two together, closed at the
+tensor that reaches 1 MiB). ``fuse_ordered`` is the rule on sizes alone. The fill order is reverse
+registration order until ``rebuild(order)`` is given another one: the order in which the gradients
+became ready (``ready_order``, recorded while ``record`` is set), as DDP rebuilds its buckets after the
+first iteration. ``rebuild`` moves gradients that are bucket views into the new buckets (one copy each,
+once). The arithmetic of each element (sum over ranks, then division) does not depend on the layout;
+with ring algorithms over 3 or more ranks the order in which the ranks' values are added can depend on
+the element's position in its bucket (last-bit differences), so exact resume restores the layout.
 """
 from __future__ import annotations
 
@@ -112,23 +125,55 @@ def numel_of(shape: Sequence[int]) -> int:
     return n
 
 
-def bucket_sizes(shapes: Sequence[Sequence[int]], bucket_mb: float, elem: int = 4) -> List[int]:
+def fuse_ordered(sizes: Sequence[float], cap: float, first_cap: Optional[float] = None,
+                 order: Optional[Sequence[int]] = None) -> List[List[int]]:
+    """The bucket rule of ``build_buckets`` on sizes alone: indices into ``sizes`` taken in ``order`` (default:
+    reverse order), a bucket closed when the next size would take it past its cap. The cap is
+    ``min(first_cap, cap)`` until the closed buckets hold more than that together, then ``cap`` (module
+    docstring, "Layout"); a size larger than the cap is a bucket of its own. ``first_cap=None`` and the default
+    order: exactly ``fuse_reverse``."""
+    first = cap if first_cap is None else min(first_cap, cap)
+    groups: List[List[int]] = []
+    cur: List[int] = []
+    acc = closed = 0
+    for i in (reversed(range(len(sizes))) if order is None else order):
+        if cur and acc + sizes[i] > (first if closed <= first else cap):
+            groups.append(cur)
+            closed += acc
+            cur, acc = [], 0
+        cur.append(i)
+        acc += sizes[i]
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def bucket_sizes(shapes: Sequence[Sequence[int]], bucket_mb: float, elem: int = 4,
+                 first_bucket_mb: Optional[float] = None) -> List[int]:
     """Bytes per bucket for parameters of these shapes (one dtype of ``elem`` bytes): ``build_buckets``'s
-    rule on sizes alone (greedy in reverse order, a tensor larger than the cap alone)."""
+    rule on sizes alone, in reverse order (the layout of the first step; ``fuse_ordered``)."""
     sizes = [numel_of(shp) * elem for shp in shapes]
-    return [sum(sizes[i] for i in g) for g in fuse_reverse(sizes, int(bucket_mb * 2**20))]
+    first = None if first_bucket_mb is None else int(first_bucket_mb * 2**20)
+    return [sum(sizes[i] for i in g) for g in fuse_ordered(sizes, int(bucket_mb * 2**20), first)]
 
 
-def build_buckets(params: List[torch.nn.Parameter], bucket_bytes: int) -> List[Bucket]:
-    """Greedy fusion in reverse order; a tensor larger than the cap gets a bucket of its own."""
+def build_buckets(params: List[torch.nn.Parameter], bucket_bytes: int, first_bytes: Optional[int] = None,
+                  order: Optional[Sequence[int]] = None) -> List[Bucket]:
+    """``fuse_ordered``'s rule applied separately per dtype/device, parameters taken in ``order`` (indices into
+    ``params``; default reverse order); buckets numbered in the order they close."""
+    first = bucket_bytes if first_bytes is None else min(first_bytes, bucket_bytes)
     open_: Dict[tuple, List[torch.nn.Parameter]] = {}
     sizes: Dict[tuple, int] = {}
+    closed: Dict[tuple, int] = {}
     groups: List[List[torch.nn.Parameter]] = []
-    for p in reversed(params):
+    for k in (reversed(range(len(params))) if order is None else order):
+        p = params[k]
         key = (p.dtype, p.device)
         nbytes = p.numel() * p.element_size()
-        if open_.get(key) and sizes[key] + nbytes > bucket_bytes:
+        done = closed.get(key, 0)
+        if open_.get(key) and sizes[key] + nbytes > (first if done <= first else bucket_bytes):
             groups.append(open_.pop(key))
+            closed[key] = done + sizes[key]
         if key not in open_:
             open_[key], sizes[key] = [], 0
         open_[key].append(p)
@@ -141,14 +186,34 @@ class BucketedCollective:
     """Gathers ready gradients into bucket buffers and launches ``launch(buffer)`` per bucket in order.
 
     ``views`` (default): gradients become views into the buckets (module docstring); False: every
-    gradient is copied into its bucket and the result copied back. ``copied`` / ``in_place``: how many
-    gradients the last completed window (``wait_and_unpack``) copied into a bucket / found already there
-    (host-side counters, for tests and benchmarks)."""
+    gradient is copied into its bucket and the result copied back. ``first_bytes``: the cap of the first
+    bucket (None: ``bucket_bytes``); ``order``: the fill order (indices into ``params``; default reverse).
+    ``copied`` / ``in_place``: how many gradients the last completed window (``wait_and_unpack``) copied into
+    a bucket / found already there (host-side counters, for tests and benchmarks). With ``record`` set, each
+    window notes the order in which its gradients became ready (``ready_order`` after ``wait_and_unpack``:
+    indices into ``params``, the ones that never became ready last, in bucket order)."""
 
     def __init__(self, params: List[torch.nn.Parameter], bucket_bytes: int,
-                 launch: Callable[[torch.Tensor], object], views: bool = True):
-        self.buckets = build_buckets(params, bucket_bytes)
+                 launch: Callable[[torch.Tensor], object], views: bool = True, first_bytes: Optional[int] = None,
+                 order: Optional[Sequence[int]] = None):
+        self.params = list(params)
+        self.index = {p: k for k, p in enumerate(self.params)}
+        self.bucket_bytes, self.first_bytes = bucket_bytes, first_bytes
         self.views = views
+        self.launch_fn = launch
+        self.record = False
+        self.ready_order: Optional[List[int]] = None
+        self._seen: List[int] = []
+        self.copied = self.in_place = 0
+        self._copied = self._in_place = 0  # of the current window
+        self._layout(order)
+
+    def _layout(self, order: Optional[Sequence[int]]) -> None:
+        if order is not None and sorted(order) != list(range(len(self.params))):
+            raise ValueError(f"bucket order: expected a permutation of the {len(self.params)} parameter indices, got "
+                             f"{len(order)} indices")
+        self.order = None if order is None else [int(k) for k in order]
+        self.buckets = build_buckets(self.params, self.bucket_bytes, self.first_bytes, self.order)
         self.where = {}
         for b in self.buckets:
             b.buffer = torch.empty(b.numel, dtype=b.dtype, device=b.device)
@@ -157,17 +222,21 @@ class BucketedCollective:
                 slot = b.buffer.narrow(0, b.offsets[i], p.numel())
                 b.slots.append(slot)
                 b.ptrs.append(slot.data_ptr())
-                b.aliases.append(_alias(b.buffer, b.offsets[i], p) if views else None)
-        self.launch_fn = launch
+                b.aliases.append(_alias(b.buffer, b.offsets[i], p) if self.views else None)
         self.next_launch = 0
-        self.copied = self.in_place = 0
-        self._copied = self._in_place = 0  # of the current window
-        if views:  # gradients that exist already move into their buckets now (as DDP does at construction)
+        if self.views:  # gradients that exist already move into their buckets now (as DDP does at construction)
             for b in self.buckets:
                 for i, p in enumerate(b.params):
                     if p.grad is not None and b.aliases[i] is not None:
-                        self._take(b, i, p)
-            self._copied = self._in_place = 0
+                        b.aliases[i].copy_(p.grad)
+                        p.grad = b.aliases[i]
+
+    def rebuild(self, order: Sequence[int]) -> None:
+        """New buckets filled in ``order`` (indices into ``params``, e.g. a measured ``ready_order``), between two
+        windows (nothing in flight); gradients that exist move into them (views: one copy each, once)."""
+        if any(b.launched or b.filled for b in self.buckets):
+            raise RuntimeError("bucket rebuild inside a window (a bucket is filled or launched)")
+        self._layout(order)
 
     def _buffer(self, b: Bucket) -> torch.Tensor:
         return b.buffer
@@ -213,6 +282,8 @@ class BucketedCollective:
             return
         self._take(b, i, p)
         b.filled.add(i)
+        if self.record:
+            self._seen.append(self.index[p])
         self._launch_ready()
 
     def _launch_ready(self) -> None:
@@ -229,6 +300,8 @@ class BucketedCollective:
                 if i not in b.filled:
                     self._take(b, i, p)
                     b.filled.add(i)
+                    if self.record:
+                        self._seen.append(self.index[p])
         self._launch_ready()
 
     def wait_and_unpack(self, post: Optional[Callable[[torch.Tensor], None]] = None) -> None:
@@ -252,3 +325,5 @@ class BucketedCollective:
         self.next_launch = 0
         self.copied, self.in_place = self._copied, self._in_place
         self._copied = self._in_place = 0
+        if self.record:
+            self.ready_order, self._seen = self._seen, []

@@ -59,4 +59,5 @@ class HalfReducer(AllreduceReducer):
     @classmethod
     def collectives(cls, shapes, world: int, options: HalfOptions, **_) -> list:
         """One all_reduce per bucket, 2 bytes per fp32 gradient element."""
-        return [Collective("all_reduce", b // 2, world) for b in bucket_sizes(shapes, options.bucket_mb)]
+        return [Collective("all_reduce", b // 2, world)
+                for b in bucket_sizes(shapes, options.bucket_mb, first_bucket_mb=options.first_bucket_mb)]

@@ -150,15 +150,29 @@ def test_tables_identical_on_all_ranks_even_with_a_different_rank():
     assert all(not (a & b) for i, a in enumerate(shards) for b in shards[i + 1:])
 
 
-def test_engine_hooks_feed_microbatch_gradient_before_accumulation():
+@pytest.mark.parametrize("bucket_view", [True, False])
+def test_engine_hooks_feed_microbatch_gradient_before_accumulation(bucket_view):
     """Through DeepSpeed (gas=2, per-example microbatches): what the order observes is exactly the
-    change of p.grad over each backward; tables agree on both ranks although rank 1's loss is scaled."""
-    out = harness.run_pooled(workers_order.engine_dgrab, 2, gas=2, epochs=3, scale_rank1=7.0)
+    change of p.grad over each backward, read right after autograd accumulated it (a post-accumulate hook
+    ahead of the reducer's); tables agree on both ranks although rank 1's loss is scaled. With the copy path
+    (``bucket_view: false``) p.grad keeps that local sum until ``engine.step()``, so the change is also seen
+    after ``engine.backward``; with bucket views (the default) the boundary microbatch's p.grad holds the
+    ranks' mean by then (the same on both ranks), and the order still sees the rank's own gradient."""
+    out = harness.run_pooled(workers_order.engine_dgrab, 2, gas=2, epochs=3, scale_rank1=7.0,
+                             options={"bucket_view": bucket_view})
     for o in out:
-        assert len(o["observed"]) == len(o["deltas"]) == 3 * 24
-        for a, b in zip(o["observed"], o["deltas"]):
+        assert len(o["observed"]) == len(o["deltas"]) == len(o["local"]) == 3 * 24
+        for a, b in zip(o["observed"], o["local"]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
         assert all(x.abs().sum() > 0 for x in o["observed"])
+        assert o["views"] == [bucket_view] * 3 * 12  # at every boundary, after engine.backward
+        for a, b, last in zip(o["observed"], o["deltas"], o["boundary"]):
+            if last and bucket_view:  # p.grad holds the mean: not this rank's gradient (rank 1's is 7 x)
+                assert not torch.allclose(a, b, rtol=1e-3, atol=1e-5)
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    for a, b, last in zip(out[0]["after"], out[1]["after"], out[0]["boundary"]):
+        assert torch.equal(a, b) == (last and bucket_view)  # the mean, or each rank's own (different) sum
     for e in range(3):
         assert torch.equal(out[0]["tables"][e], out[1]["tables"][e])
         assert all(is_perm(r, 24) for r in out[0]["tables"][e])

@@ -31,9 +31,14 @@ def sorter_tables(rank, world, m=8, d=5, epochs=3, odd_rank=None, project_dim=0,
     return {"tables": tables, "local": local, "shard": order.shard, "bytes": meter.step_bytes}
 
 
-def engine_dgrab(rank, world, gas=2, epochs=2, order_name="dgrab", reducer="allreduce", scale_rank1=1.0):
+def engine_dgrab(rank, world, gas=2, epochs=2, order_name="dgrab", reducer="allreduce", scale_rank1=1.0,
+                 options=None):
     """A real DeepSpeed engine (tiny CNN, per-example microbatches) with a gradient-driven order
-    attached; records what the order observes next to the change of ``p.grad`` over each backward."""
+    attached; records what the order observes next to the change of ``p.grad`` over each backward, twice:
+    ``deltas`` read after ``engine.backward`` returns (with bucket views the boundary microbatch's ``p.grad``
+    then holds the ranks' mean), ``local`` read by a post-accumulate hook registered before ``attach``'s, i.e.
+    right after autograd accumulated the microbatch and before any reducer saw it. ``boundary``: whether each
+    microbatch closed its window; ``options``: the reducer's options."""
     from ds_ext.deepspeed.attach import attach
     from ds_ext.registry import ORDERS
     from tests.dist.workers import make_engine
@@ -44,7 +49,11 @@ def engine_dgrab(rank, world, gas=2, epochs=2, order_name="dgrab", reducer="allr
     engine = make_engine(gas=gas, micro=1, world=world)
     order = ORDERS.build(order_name, {}, n_ex, rank, world, 0)
     steps, note = order.plan(1, gas, order.shard_size // gas)
-    att = attach(engine, {"reducer": {"name": reducer}}, order=order)
+    params = list(engine.module.parameters())
+    accumulated = {}
+    for k, p in enumerate(params):  # runs before attach's hook (registered first)
+        p.register_post_accumulate_grad_hook(lambda p, k=k: accumulated.__setitem__(k, p.grad.detach().clone()))
+    att = attach(engine, {"reducer": {"name": reducer, **(options or {})}}, order=order)
     observed = []
     feed = att._feed
     if order_name == "dgrab":
@@ -52,24 +61,32 @@ def engine_dgrab(rank, world, gas=2, epochs=2, order_name="dgrab", reducer="allr
             observed.append(flat.clone())
             feed(flat)
         att._feed = spy
-    params = list(engine.module.parameters())
-    deltas, tables = [], []
+
+    def grads():
+        return [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone() for p in params]
+
+    deltas, local, tables, boundaries, afters, views = [], [], [], [], [], []
     for epoch in range(epochs):
         idx = order.epoch_indices(epoch)[: steps * gas]
         tables.append(order.sorter.orders.clone())
         for i in idx:
-            before = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]).clone()
+            before = grads()
+            accumulated.clear()
             loss = F.cross_entropy(engine(X[i:i + 1]), Y[i:i + 1]) * (scale_rank1 if rank == 1 else 1.0)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.backward(loss)
-            after = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]).clone()
-            deltas.append(after - before)
+            if boundary and reducer == "allreduce":
+                views.append(all(att.reducer.fusion.is_view(p) for p in params))
+            after = grads()
+            deltas.append(torch.cat([(a - b).reshape(-1) for a, b in zip(after, before)]))
+            local.append(torch.cat([(accumulated.get(k, b) - b).reshape(-1) for k, b in enumerate(before)]))
+            boundaries.append(boundary)
+            afters.append(torch.cat([a.reshape(-1) for a in after]))
             engine.step()
-            if boundary:
-                pass
     flat = torch.cat([p.detach().reshape(-1) for p in params]).clone()
-    return {"observed": observed, "deltas": deltas, "tables": tables, "params": flat, "note": note,
-            "state": order.state_dict()}
+    return {"observed": observed, "deltas": deltas, "local": local, "boundary": boundaries, "after": afters,
+            "tables": tables, "params": flat, "note": note, "state": order.state_dict(),
+            "views": views}
 
 
 def cdgrab_vs_allreduce(rank, world, gas=2, steps=6):
