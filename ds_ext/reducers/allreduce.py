@@ -87,6 +87,7 @@ class AllreduceReducer(Reducer):
                                          first_bytes=int(options.first_bucket_mb * 2**20))
         self.fusion.record = options.rebuild_buckets  # until the buckets are rebuilt in the ready order
         self._queued = self._completed = False
+        self._reduced_flag = None
 
     def _launch(self, buf):
         return self.comm.all_reduce_mean(buf, "allreduce", async_op=True, wire=True)
@@ -118,6 +119,9 @@ class AllreduceReducer(Reducer):
         self.fusion.flush()
         self.fusion.wait_and_unpack()  # the handles divide by the world size
         if self.fusion.record and self.fusion.ready_order is not None:  # the first window: rebuild (docstring)
+            # the guard's check of this window reads the buckets that were reduced, not the new ones (on the copy
+            # path those hold no gradient yet); once per run
+            self._reduced_flag = any_nonfinite([b.buffer for b in self.fusion.buckets], self.comm.device)
             self._rebuild(self._agreed(self.fusion.ready_order))
 
     def _agreed(self, order) -> list:
@@ -139,6 +143,9 @@ class AllreduceReducer(Reducer):
 
     def nonfinite_flag(self):
         """The reduced buckets (the mean, identical on every rank after ``finish``) hold a NaN or inf."""
+        if self._reduced_flag is not None:  # the window that rebuilt the buckets (_reduce)
+            flag, self._reduced_flag = self._reduced_flag, None
+            return flag
         return any_nonfinite([b.buffer for b in self.fusion.buckets], self.comm.device)
 
     def finish(self):
