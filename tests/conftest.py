@@ -2,6 +2,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -14,6 +16,16 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 # in one venv never blocks another); an explicit TORCH_EXTENSIONS_DIR wins.
 if sys.prefix != sys.base_prefix:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+
+
+@pytest.fixture
+def host(tmp_path):
+    """An empty per-host file with log_root in the test's directory (no .config_<hostname>.yml leaks in)."""
+    import yaml
+
+    p = tmp_path / "host.yml"
+    p.write_text(yaml.safe_dump({"log_root": str(tmp_path / "logs")}))
+    return str(p)
 
 
 def pytest_sessionfinish(session, exitstatus):

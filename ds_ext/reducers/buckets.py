@@ -104,18 +104,7 @@ def fuse_reverse(sizes: Sequence[float], cap: float) -> List[List[int]]:
     group closed when the next size would take it past ``cap`` (so a size larger than ``cap`` is a group
     of its own). ACP-SGD's fusion groups (``lowrank.greedy_groups``) and the cost model's buckets use it;
     ``build_buckets`` applies the same rule separately per dtype/device."""
-    groups: List[List[int]] = []
-    cur: List[int] = []
-    acc = 0
-    for i in reversed(range(len(sizes))):
-        if cur and acc + sizes[i] > cap:
-            groups.append(cur)
-            cur, acc = [], 0
-        cur.append(i)
-        acc += sizes[i]
-    if cur:
-        groups.append(cur)
-    return groups
+    return fuse_ordered(sizes, cap)
 
 
 def numel_of(shape: Sequence[int]) -> int:

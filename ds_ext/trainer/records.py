@@ -337,17 +337,10 @@ def _history_append(run_dir: str, rec: dict) -> None:
 def write_atomically(path: Path, text: str) -> None:
     """``text`` into ``path`` through a temporary file beside it (written, fsynced, renamed over ``path``):
     ``path`` holds the old content or the new, never a part. A failed write removes the temporary file and
-    raises the ``OSError``."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(text.encode())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    raises the ``OSError`` (``ds_ext.deepspeed.checkpoint.write_atomic``, the checkpoints' own rule)."""
+    from ..deepspeed.checkpoint import write_atomic
+
+    write_atomic(path, text.encode())
 
 
 SUMMARY_FILE = "summary.json"

@@ -35,13 +35,6 @@ ROOT = Path(__file__).resolve().parents[2]
 QUICK = ROOT / "recipes" / "quickstart.yaml"
 
 
-@pytest.fixture
-def host(tmp_path):
-    """An empty per-host file with log_root in the test's directory (no .config_<hostname>.yml leaks in)."""
-    p = tmp_path / "host.yml"
-    p.write_text(yaml.safe_dump({"log_root": str(tmp_path / "logs")}))
-    return str(p)
-
 
 def refusal(path, overrides=(), host=None):
     with pytest.raises(RecipeError) as ei:

@@ -23,7 +23,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
 from torch.utils.data import TensorDataset
 
 import ds_ext.trainer.loop as loop
@@ -36,12 +35,6 @@ from ds_ext.trainer.recipe import (
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = ROOT / "recipes" / "quickstart.yaml"
 
-
-@pytest.fixture
-def host(tmp_path):
-    p = tmp_path / "host.yml"
-    p.write_text(yaml.safe_dump({"log_root": str(tmp_path / "logs")}))
-    return str(p)
 
 
 def refusal(overrides, host):
