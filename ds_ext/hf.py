@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any, Dict, Optional
 
 from transformers import TrainerCallback
 
+from .deepspeed.announce import ensure_console, wandb_lines
 from .deepspeed.attach import attach, method_spec
 from .spec import block_parts
 
@@ -82,9 +84,9 @@ class DsExtCallback(TrainerCallback):
         max_steps = int(getattr(state, "max_steps", 0) or 0)
         if max_steps > 0:
             kwargs.setdefault("total_steps", max_steps)
-        self.attachment = _attach_checked(engine, self.method, **kwargs)
-        log.info("ds_ext attached to the Trainer's DeepSpeed engine: reducer %s, sync %s",
-                 type(self.attachment.reducer).__name__, type(self.attachment.sync).__name__)
+        self.attachment = _attach_checked(engine, self.method, **kwargs)  # rank 0 logs what each method does
+        log.debug("ds_ext attached to the Trainer's DeepSpeed engine: reducer %s, sync %s",
+                  type(self.attachment.reducer).__name__, type(self.attachment.sync).__name__)
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.trainer is None:
@@ -101,10 +103,16 @@ class DsExtCallback(TrainerCallback):
                             "trainer.train() to resume it", state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
+        """Rank 0 logs the attachment's ``summary()`` and, when a wandb run is active, where it is."""
         att = self.attachment
-        if att is not None and att.meter.steps:
-            log.info("ds_ext: %d bytes per rank over %d steps (%s)", att.meter.total_bytes, att.meter.steps,
-                     ", ".join(f"{k} {v}" for k, v in sorted(att.meter.by_kind.items())) or "nothing metered")
+        if att is None or att.comm.global_rank != 0:
+            return
+        ensure_console()
+        for line in att.summary().splitlines():
+            log.info("%s", line)
+        wandb = sys.modules.get("wandb")
+        for line in wandb_lines(getattr(wandb, "run", None)):
+            log.info("%s", line)
 
 
 def attach_to_trainer(trainer, method=None, **attach_kwargs: Any) -> DsExtCallback:

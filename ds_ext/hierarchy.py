@@ -193,6 +193,26 @@ class HierarchicalReducer(Reducer):
         slots[self.comm.rank * m:(self.comm.rank + 1) * m] = posted.reshape(-1)
         return slots
 
+    # -- what attach says -----------------------------------------------------------------------------
+    @property
+    def registered_name(self) -> str:
+        from .registry import REDUCERS
+
+        return REDUCERS.name_of_class(self.inner_cls) or self.inner_cls.__name__
+
+    def warmup(self):
+        return self.inner.warmup() if self.inner is not None else None
+
+    def describe(self, total_steps=None) -> str:
+        """Attach's line: the node mean, then the wrapped method's own line for this rank's shard between nodes."""
+        t = self.topology
+        head = (f"hierarchical {self.registered_name}: exact gradient mean inside each node ({t.local_size} ranks "
+                f"x {t.n_nodes} nodes)")
+        if self.inner is None:
+            return head + (f"; {self.registered_name} not used (one node)" if t.n_nodes == 1 else
+                           "; this rank's shard is empty")
+        return f"{head}; between nodes, this rank's shard: {self.inner.describe(total_steps)}"
+
     # -- state --------------------------------------------------------------------------------------
     def stats(self) -> dict:
         return self.inner.stats() if self.inner is not None else {}

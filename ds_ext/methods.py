@@ -8,6 +8,7 @@ its failure modes and its deviations from the papers' reference code.
     python -m ds_ext.methods list              # name, kind, one line per card
     python -m ds_ext.methods show NAME         # print a card (a card name, or a registered name it covers)
     python -m ds_ext.methods options NAME      # the Options table as the code defines it (for card authors)
+    python -m ds_ext.methods compose           # which methods compose: docs/guide/composing.md's tables
 
 Card layout (parsed here):
 
@@ -226,13 +227,14 @@ def same_default(written: Any, actual: Any) -> bool:
     return written == actual
 
 
-def generated_table(fields: Sequence[Tuple[str, Any]]) -> str:
+def generated_table(fields: Sequence[Tuple[str, Any]], meanings: Optional[Dict[str, str]] = None) -> str:
     """Markdown ``| option | default | meaning |`` for ``(name, FieldInfo)`` pairs (meaning: the field's
-    description and aliases)."""
+    description, else ``meanings[name]`` (the card's), and the aliases the meaning does not already name)."""
     rows = ["| option | default | meaning |", "|---|---|---|"]
     for fname, finfo in fields:
-        meaning = (finfo.description or "").replace("|", "\\|")
-        choices = [a for a in (getattr(finfo.validation_alias, "choices", ()) or ()) if a != fname]
+        meaning = finfo.description.replace("|", "\\|") if finfo.description else (meanings or {}).get(fname, "")
+        choices = [a for a in (getattr(finfo.validation_alias, "choices", ()) or ())
+                   if a != fname and not re.search(rf"\b{re.escape(a)}\b", meaning)]
         if choices:
             meaning += f" (alias: {', '.join(choices)})"
         rows.append(f"| `{fname}` | `{format_default(field_default(finfo))}` | {meaning} |")
@@ -277,6 +279,75 @@ def option_problems(card: Card) -> List[str]:
     return problems
 
 
+# ------------------------------------------------------------------------------ which methods compose
+#: the synchronizer settings the composition tables cover: (column, sync name, options)
+SYNC_SETTINGS = (
+    ("none", "none", {}),
+    ("local", "local", {}),
+    ("local, qsr", "local", {"period": "qsr", "alpha": 0.01}),
+    ("local, postlocal", "local", {"period": "postlocal", "switch_step": 100}),
+    ("dssync", "dssync", {}),
+    ("dssync, postlocal", "dssync", {"period": "postlocal", "switch_step": 100}),
+)
+
+
+def compose_problems(reducer: str, sync: Tuple[str, dict], order: str) -> List[str]:
+    """What the methods' own ``check`` rules (``registry.MethodView.problems``, as the recipe check and ``attach``
+    run them) say against this combination, default options otherwise, no DeepSpeed settings, any world size.
+    A method's quoted name reads ``<reducer>`` / ``<sync>`` / ``<order>`` (unless two roles share the name), so
+    that one message stands for every combination it refuses."""
+    from .registry import MethodView
+
+    regs = _registries()
+    names = {"reducer": reducer, "sync": sync[0], "order": order}
+    opts = {"reducer": regs["reducer"].validated(reducer), "sync": regs["sync"].validated(*sync),
+            "order": regs["order"].validated(order)}
+    out = []
+    for _, msg in MethodView(names=names, options=opts).problems():
+        for role, name in names.items():
+            if list(names.values()).count(name) == 1:  # "reducer 'x'", "got 'x'" -> "reducer <reducer>"
+                msg = re.sub(rf"(\b{role} |\bgot )'{re.escape(name)}'", rf"\1<{role}>", msg)
+        out.append(msg)
+    return out
+
+
+def _table(rows: List[str], cols: List[str], cell, what: str, notes: List[str]) -> List[str]:
+    """A markdown table of ``cell(row, col)`` problems: ``yes``, or ``no (n)`` with note n (collected in
+    ``notes``)."""
+    out = [f"| {what} | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for row in rows:
+        cells = []
+        for col in cols:
+            probs = cell(row, col)
+            for m in probs:
+                if m not in notes:
+                    notes.append(m)
+            cells.append("yes" if not probs else "no (" + ", ".join(str(notes.index(m) + 1) for m in probs) + ")")
+        out.append(f"| `{row}` | " + " | ".join(cells) + " |")
+    return out
+
+
+def compose_markdown() -> str:
+    """The composition tables of ``docs/guide/composing.md``, generated from the methods' rules (a test checks the
+    page holds exactly this text)."""
+    regs = _registries()
+    reducers, orders = regs["reducer"].names(), regs["order"].names()
+    syncs = {label: (name, opts) for label, name, opts in SYNC_SETTINGS}
+    notes: List[str] = []
+    lines = ["### Reducer and synchronizer (order `rr`)", ""]
+    lines += _table(reducers, list(syncs), lambda r, s: compose_problems(r, syncs[s], "cdgrab" if r == "cdgrab" else "rr"),
+                    "reducer", notes)
+    lines += ["", "(The `cdgrab` row is checked with its order `cdgrab`, which it needs.)", "",
+              "### Order and reducer (sync `none`)", ""]
+    lines += _table(orders, reducers, lambda o, r: compose_problems(r, syncs["none"], o), "order", notes)
+    lines += ["", "### Order and synchronizer (reducer `none`; `allreduce` for the post-local periods)", ""]
+    lines += _table(orders, [s for s in syncs if s != "none"], lambda o, s: compose_problems(
+        "allreduce" if "postlocal" in s else "none", syncs[s], o), "order", notes)
+    lines += ["", "### Why a combination is refused", ""]
+    lines += [f"{i}. {m}" for i, m in enumerate(notes, 1)]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------- CLI
 def _cmd_list(cards: Dict[str, Card]) -> int:
     width = max(len(n) for n in cards)
@@ -319,7 +390,8 @@ def _cmd_options(name: str, cards: Dict[str, Card]) -> int:
     if not seen:
         print(f"{name}: no options")
         return 0
-    print(generated_table(list(seen.items())))
+    meanings = {r.name: r.meaning for r in cards[found].options} if found is not None else {}
+    print(generated_table(list(seen.items()), meanings))
     return 0
 
 
@@ -333,7 +405,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("name")
     p = sub.add_parser("options", help="the Options table as the code defines it")
     p.add_argument("name")
+    sub.add_parser("compose", help="which methods compose (the tables of docs/guide/composing.md)")
     args = ap.parse_args(argv)
+    if args.cmd == "compose":
+        print(compose_markdown())
+        return 0
     cards = all_cards()
     if args.cmd == "list":
         return _cmd_list(cards)

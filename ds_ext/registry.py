@@ -136,6 +136,13 @@ class Registry:
                 return name
         return None
 
+    def name_of_class(self, cls) -> Optional[str]:
+        """The registered name of a class (None if it is not registered here)."""
+        for name, entry in self._entries.items():
+            if cls is entry.factory:
+                return name
+        return None
+
     def __contains__(self, name):
         return name in self._entries
 

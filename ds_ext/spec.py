@@ -193,6 +193,37 @@ def method_section(block: Any, source: str = "ds_config", prefix: str = "ds_ext"
     return section
 
 
+def near_miss_keys(config: Mapping) -> List[str]:
+    """The keys of a DeepSpeed config that look like a misspelled ``ds_ext`` block: the same letters once case,
+    ``-``, ``_``, ``.`` and spaces are ignored (``ds-ext``, ``DS_EXT``, ``dsext``, ``"ds_ext "``), or one edit away
+    (``ds_ect``, ``ds_exts``). ``ds_ext`` itself is not one."""
+    import difflib
+    import re
+
+    out = []
+    for key in config:
+        if not isinstance(key, str) or key == "ds_ext":
+            continue
+        squashed = re.sub(r"[\s._-]+", "", key.lower())
+        if squashed == "dsext" or difflib.SequenceMatcher(None, key.lower().strip(), "ds_ext").ratio() >= 0.8:
+            out.append(key)
+    return out
+
+
+def near_miss_block(config: Mapping, source: str = "DeepSpeed config", prefix: str = "") -> None:
+    """Raise ``RecipeError`` naming the key when a DeepSpeed config has no ``ds_ext`` block but a near miss
+    (``near_miss_keys``): ds_ext reads only ``ds_ext``, so the block would be ignored and plain allreduce
+    attached without a word. ``prefix``: where the config sits in the source (a recipe's ``deepspeed.``)."""
+    if not isinstance(config, Mapping) or "ds_ext" in config:
+        return
+    keys = near_miss_keys(config)
+    if keys:
+        raise RecipeError(source, [(f"{prefix}{k}", 'looks like the ds_ext block misspelled: ds_ext reads its methods only '
+                                             'from a key spelled exactly "ds_ext" (as written the block would be '
+                                             f'ignored and plain allreduce attached); rename {k!r} to "ds_ext"')
+                                   for k in keys])
+
+
 def block_parts(spec, default: str):
     """(name, options dict or Options) of one method block: a recipe ``NamedBlock``, a dict or a plain name
     (``default`` when absent). Shared by ``attach()``, the trainer's set-up and the Hugging Face route."""

@@ -31,7 +31,10 @@ import torch
 from ..comm import Communicator
 from ..meter import CommMeter
 from ..registry import ORDERS, REDUCERS, SYNCS, MethodView, load_builtin
-from ..spec import block_parts
+from ..spec import block_parts, near_miss_block
+from .announce import announce, ensure_console
+from .compat import quiet_all_gather
+from .threads import apply_default
 from .step_hooks import (ConsistencyCheck, DesyncError, NonFiniteGuard, StepInfo, StopVote, check_consistency,
                          split_rows)
 from .zero import ZeroBridge, _node_partitioned_detached
@@ -116,6 +119,15 @@ class Attachment:
         self._orig_save, self._orig_load = engine.save_checkpoint, engine.load_checkpoint
         engine.save_checkpoint, engine.load_checkpoint = self.save_checkpoint, self.load_checkpoint
         engine._ds_ext_attachment = self
+        #: one line per method, as ``attach`` logged them on rank 0 (``announce.method_lines``)
+        self.description: list = []
+
+    def summary(self) -> str:
+        """Readable: the methods, the bytes per rank in total and per step by kind (human units), skipped steps; at
+        world size 1 "nothing communicated (world size 1)" (``ds_ext/deepspeed/announce.py``)."""
+        from .announce import summary
+
+        return summary(self)
 
     # what the trainer and tests read
     @property
@@ -313,8 +325,10 @@ def method_spec(engine, method=None):
 
     if isinstance(method, MethodSection):
         return method
+    settings = _deepspeed_settings(engine)
+    near_miss_block(settings)  # a misspelled "ds_ext" block would otherwise be ignored without a word
     if method is None:
-        block = _deepspeed_settings(engine).get("ds_ext")
+        block = settings.get("ds_ext")
         if block is None:
             return MethodSection()
         return method_section(block, source="DeepSpeed config", prefix="ds_ext")
@@ -372,6 +386,12 @@ def attach(engine, method: Union[None, Dict[str, Any], Any] = None, meter: Optio
     meter = meter or CommMeter()
     comm = Communicator(group, device=engine.device, meter=meter,
                         wire_dtype=getattr(engine, "communication_data_type", None))
+    meter.world_size = None if comm.force_collectives else comm.world_size  # 1: nothing crosses a network
+    quiet_all_gather()  # before the first collective of the attachment
+    threads = apply_default()
+    if threads and comm.global_rank == 0:
+        ensure_console()
+        log.info("%s", threads)
     if check:  # the methods' own rules, as the recipe check runs them
         oname = ORDERS.name_of(order) if order is not None else block_parts(method.order, "rr")[0]
         view = MethodView(names={"reducer": rname, "sync": sname, "order": oname or "rr"},
@@ -400,5 +420,7 @@ def attach(engine, method: Union[None, Dict[str, Any], Any] = None, meter: Optio
                        total_steps=total_steps, hierarchy=hierarchy,
                        steps_per_epoch=steps_per_epoch if steps_per_epoch is not None
                        else getattr(sched, "steps_per_epoch", None))
-    return Attachment(engine, reducer, sync, comm, check_every=check_every, order=order, nonfinite=nonfinite,
-                      method=REDUCERS.get(rname).factory.__name__, topology=topology)
+    att = Attachment(engine, reducer, sync, comm, check_every=check_every, order=order, nonfinite=nonfinite,
+                     method=REDUCERS.get(rname).factory.__name__, topology=topology)
+    att.description = announce(att, total_steps)
+    return att

@@ -81,6 +81,17 @@ class Order:
         """What the trainer logs under ``order/`` on logging steps (host counters only)."""
         return {}
 
+    def describe(self) -> str:
+        """The line ``attach`` logs on rank 0 (``ds_ext/deepspeed/announce.py``): the registered name, the first
+        line of the class docstring, the shard and the options."""
+        from ..registry import ORDERS
+
+        doc = (type(self).__doc__ or "").strip().splitlines()
+        name = ORDERS.name_of(self) or type(self).__name__
+        opts = ", ".join(f"{k} {v}" for k, v in self.options.model_dump().items())
+        return (f"{name}: {doc[0].rstrip('.') if doc else type(self).__name__}; {self.shard_size} examples per rank"
+                + (f" ({opts})" if opts else ""))
+
     def state_dict(self) -> dict:
         return {}
 

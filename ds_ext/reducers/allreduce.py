@@ -100,6 +100,15 @@ class AllreduceReducer(Reducer):
         return [Collective("all_reduce", b, world)
                 for b in bucket_sizes(shapes, options.bucket_mb, first_bucket_mb=options.first_bucket_mb)]
 
+    def describe(self, total_steps=None) -> str:
+        """Attach's line: every gradient averaged exactly, in buckets launched during backward."""
+        from ..meter import human_bytes
+
+        buckets = len(type(self).collectives([tuple(p.shape) for p in self.params], self.world_size, self.options))
+        return (f"{self.registered_name}: every gradient averaged exactly, no compression ({len(self.params)} tensors "
+                f"in {buckets} bucket(s) of <= {self.options.bucket_mb:g} MiB, launched during backward), "
+                f"~{human_bytes(self.bytes_per_step())}/step")
+
     def grad_ready(self, p):
         self.fusion.ready(p)
         if self.fusion.views and not self._queued:  # complete at the end of this backward (module docstring)

@@ -12,6 +12,10 @@
 * ``state_dict()`` / ``load_state_dict()`` hold all state needed to resume exactly.
 * ``stats()`` returns scalar diagnostics of the last step (e.g. achieved density); the trainer logs
   them as ``reducer/<name>``.
+* ``describe(total_steps)`` is the one line ``attach`` logs on rank 0 (``ds_ext/deepspeed/announce.py``): what
+  the reducer is, what it compresses and its bytes per step against an uncompressed fp32 allreduce;
+  ``warmup()`` names a stretch of plain allreduce before compression starts (PowerSGD's
+  ``start_powerSGD_iter``).
 * The non-finite guard (``ds_ext.deepspeed.step_hooks.NonFiniteGuard``) reads what the reducer already makes
   (``nonfinite_view``): ``reduced``, a non-finite value on any rank reaches the buffers its collectives return,
   identical on every rank, so ``nonfinite_flag()`` (one fused check of the buffers it ``_watch``ed) gives
@@ -33,6 +37,7 @@ import torch
 from pydantic import AliasChoices, Field
 
 from ..comm import Communicator, for_params
+from ..meter import human_bytes
 from ..registry import REDUCERS, NoOptions, Options, precision_of, zero_stage_of
 
 
@@ -229,6 +234,36 @@ class Reducer:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    # -- what attach says (ds_ext/deepspeed/announce.py) ---------------------------------------------
+    @property
+    def registered_name(self) -> str:
+        return REDUCERS.name_of(self) or type(self).__name__
+
+    def bytes_per_step(self) -> float:
+        """Payload per rank per optimizer step in the steady state, from ``collectives`` (fp32 gradients)."""
+        shapes = [tuple(p.shape) for p in self.params]
+        return float(sum(c.nbytes * c.calls for c in type(self).collectives(shapes, self.world_size, self.options)))
+
+    def dense_bytes(self) -> int:
+        """One uncompressed fp32 gradient: what a plain allreduce sends per rank per step."""
+        return 4 * sum(p.numel() for p in self.params)
+
+    def traffic(self) -> str:
+        """``~13.0 KiB/step vs 97.0 MiB uncompressed``: ``bytes_per_step`` against ``dense_bytes``."""
+        return f"~{human_bytes(self.bytes_per_step())}/step vs {human_bytes(self.dense_bytes())} uncompressed"
+
+    def warmup(self) -> Optional[Tuple[int, str]]:
+        """``(steps, option)``: the first ``steps`` optimizer steps send a plain allreduce before the method
+        compresses, set by ``option``; None: the method runs from the first step."""
+        return None
+
+    def describe(self, total_steps: Optional[int] = None) -> str:
+        """One line for the attach announcement (``total_steps``: the run's, when known). Default: the registered
+        name, the first line of the class docstring, the tensors and ``traffic()``."""
+        doc = (type(self).__doc__ or "").strip().splitlines()
+        what = doc[0].rstrip(".") if doc else type(self).__name__
+        return f"{self.registered_name}: {what}; {len(self.params)} tensors, {self.traffic()}"
 
     @classmethod
     def collectives(cls, shapes, world: int, options, **model) -> list:

@@ -29,6 +29,14 @@ class CDGrabReducer(Reducer):
         self.order = None
         self.acc = None
 
+    def describe(self, total_steps=None) -> str:
+        """Attach's line: a gather of every microbatch gradient instead of the allreduce."""
+        from ..meter import human_bytes
+
+        return (f"{self.registered_name}: every microbatch gradient all_gathered ({len(self.params)} tensors, "
+                f"~{human_bytes(self.dense_bytes())} per microbatch per rank) instead of the allreduce; the "
+                f"gathered gradients feed order cdgrab")
+
     def bind_order(self, order) -> None:
         from ..order.dgrab import CDGrab
 

@@ -56,6 +56,11 @@ class HalfReducer(AllreduceReducer):
         work = self.comm.all_reduce(send, "half", async_op=True)
         return Handle(work, buf, post=lambda: buf.copy_(send))
 
+    def describe(self, total_steps=None) -> str:
+        """Attach's line: the buckets sent in fp16 / bf16."""
+        return (f"{self.registered_name} {self.options.dtype}: every gradient averaged in {self.options.dtype} on the "
+                f"wire ({len(self.params)} tensors, bucketed, during backward), {self.traffic()}")
+
     @classmethod
     def collectives(cls, shapes, world: int, options: HalfOptions, **_) -> list:
         """One all_reduce per bucket, 2 bytes per fp32 gradient element."""

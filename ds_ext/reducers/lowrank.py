@@ -179,6 +179,11 @@ class _LowRankBase(Reducer):
             c.P.copy_(torch.stack([_seeded_randn((n, r), seed, 2 * mt.index, c.P.device) for mt in c.metas]))
             c.Q.copy_(torch.stack([_seeded_randn((m, r), seed, 2 * mt.index + 1, c.Q.device) for mt in c.metas]))
 
+    def _compressed_text(self) -> str:
+        """``rank 4: 52 of 161 tensors compressed`` (attach's line)."""
+        c = sum(1 for m in self.metas if m.compressed)
+        return f"{self.registered_name} rank {self.options.rank}: {c} of {len(self.metas)} tensors compressed"
+
     def compressed_fraction(self) -> float:
         return sum(m.p.numel() for m in self.metas if m.compressed) / max(1, sum(m.p.numel() for m in self.metas))
 
@@ -279,6 +284,22 @@ class PowerSGDReducer(_LowRankBase):
         by = {"p": p, "q": q}
         return [Collective("all_reduce", by[ph][k], world) for ph, k in launch_order(p, q)]
 
+    def warmup(self):
+        s = self.options.start_powerSGD_iter
+        return (s, "start_powerSGD_iter") if s > 0 else None
+
+    def describe(self, total_steps=None) -> str:
+        """Attach's line: the matrices compressed, the bytes, and the plain-allreduce warm-up (PyTorch's
+        ``start_powerSGD_iter``; until then every gradient travels uncompressed)."""
+        line = f"{self._compressed_text()}, {self.traffic()}"
+        start = self.options.start_powerSGD_iter
+        if total_steps is not None and start >= total_steps:
+            return (line + f"; plain allreduce for all {total_steps} steps of this run: start_powerSGD_iter {start} "
+                           f">= {total_steps}, nothing is compressed (lower start_powerSGD_iter)")
+        if start:
+            line += f"; plain allreduce until step {start}: start_powerSGD_iter"
+        return line
+
     def grad_ready(self, p):
         if self.pipeline is not None:
             self.pipeline.ready(p)
@@ -376,6 +397,10 @@ class ACPSGDReducer(_LowRankBase):
         self.pindex = {id(p): i for i, p in enumerate(self.params)}
         self.where = {phase: {m.index: gi for gi, g in enumerate(gs) for m in g} for phase, gs in self.groups.items()}
         self._reset_round()
+
+    def describe(self, total_steps=None) -> str:
+        """Attach's line: every matrix compressed, P and Q steps alternating."""
+        return f"{self._compressed_text()} (P and Q steps alternate, one all_reduce each), {self.traffic()}"
 
     def _sent_elements(self) -> float:
         """The P and Q steps alternate: their mean (each phase's fused buffers, 1-D tensors included)."""

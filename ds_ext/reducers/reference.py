@@ -25,6 +25,13 @@ class DeepSpeedReducer(Reducer):
     def check(cls, view) -> list:
         return []  # DeepSpeed's own reduction: every ZeRO stage is DeepSpeed's to handle
 
+    def describe(self, total_steps=None) -> str:
+        """Attach's line: DeepSpeed reduces, ds_ext only meters."""
+        from ..meter import human_bytes
+
+        return (f"{self.registered_name}: DeepSpeed's own gradient allreduce, unchanged (ds_ext only meters it), "
+                f"{len(self.params)} tensors, ~{human_bytes(self.dense_bytes())}/step in fp32")
+
     def nonfinite_flag(self):
         return any_nonfinite([p.grad for p in self.params if p.grad is not None], self.comm.device)
 
@@ -47,6 +54,11 @@ class NoReducer(Reducer):
     synchronizers; alone, ranks diverge)."""
 
     communicates_gradients = False
+
+    def describe(self, total_steps=None) -> str:
+        """Attach's line: nothing sent per step."""
+        return (f"{self.registered_name}: no gradient communication; each rank steps on its own gradient "
+                f"(the synchronizer averages parameters)")
 
     @classmethod
     def check(cls, view) -> list:

@@ -78,6 +78,13 @@ class SignSGDReducer(FlatReducer):
         return [Collective("all_gather", sum((d + 7) // 8 for d in sizes), world),
                 Collective("all_gather", 4 * len(sizes), world)]
 
+    def describe(self, total_steps=None) -> str:
+        """Attach's line: 1 bit per element plus the scales."""
+        per = "tensor" if self.options.scale == "tensor" else "step (global)"
+        ef = "on" if self.options.error_feedback else "off"
+        return (f"{self.registered_name}: 1 bit per gradient element + one fp32 scale per {per}, all_gathered "
+                f"({len(self.params)} tensors), error feedback {ef}, {self.traffic()}")
+
     def finish(self) -> None:
         buf = self._send_buffer()  # p = grad + e; the pack leaves the residual in it
         packed, scales = ops.sign_pack_segments(buf, self.offsets, residual=buf)  # every segment, one call

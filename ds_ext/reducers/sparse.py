@@ -212,6 +212,15 @@ class TopKReducer(_SparseBase):
         vbytes = torch.empty((), dtype=_VALUE_DTYPES[options.value_dtype]).element_size()
         return [Collective("all_gather", 8 * k, world), Collective("all_gather", vbytes * k, world)]
 
+    def describe(self, total_steps=None) -> str:
+        """Attach's line: k of N elements per rank, how they travel."""
+        o = self.options
+        how = ("(index, value) pairs all_gathered" if o.exchange == "allgather" else
+               "indices all_gathered, values all_reduced at their union")
+        vals = f", values in {o.value_dtype}" if o.value_dtype != "fp32" else ""
+        return (f"{self.registered_name} density {o.density:g}: {self.k:,} of {self.numel:,} gradient elements per "
+                f"rank, {how}{vals}, error feedback {'on' if o.error_feedback else 'off'}, {self.traffic()}")
+
     def union(self) -> torch.Tensor:
         """The union of the last step's n top-k index sets (computed on demand: it needs a sort)."""
         g = self.last.get("gathered")
@@ -362,6 +371,13 @@ class ExDynaReducer(_SparseBase):
 
     def watch_nonfinite(self) -> None:
         self._check_nonfinite = True
+
+    def describe(self, total_steps=None) -> str:
+        """Attach's line: the target k over all ranks, the partitions, the traffic."""
+        o = self.options
+        return (f"{self.registered_name} density {o.density:g}: ~{self.k:,} of {self.numel:,} gradient elements "
+                f"selected per step over all ranks by a threshold in each rank's partition ({self.num_blocks} blocks), "
+                f"error feedback {'on' if o.error_feedback else 'off'}, {self.traffic()}")
 
     def nonfinite_ranks(self) -> Optional[List[int]]:
         bad, self._bad_ranks = self._bad_ranks, []

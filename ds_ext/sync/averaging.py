@@ -227,6 +227,26 @@ class _Averaging(Synchronizer):
                                  "deepspeed.torch_autocast for mixed precision)")
         self._moment_keys()  # an optimizer whose moments avg_m / avg_v cannot name is refused at attach
 
+    # -- what attach says --------------------------------------------------------------------------
+    def partners(self) -> str:
+        """With whom an averaging happens, for ``describe`` (the subclass's grouping)."""
+        return f"over all {self.world_size} ranks"
+
+    def describe(self) -> Optional[str]:
+        """Attach's line: what is averaged, with whom, on which period, and the first round's H."""
+        from ..meter import human_bytes
+
+        o = self.options
+        name = SYNCS.name_of(self) or type(self).__name__
+        extra = [w for w, on in (("Adam exp_avg / momentum", o.avg_m), ("exp_avg_sq", o.avg_v),
+                                 ("BatchNorm statistics", o.avg_buffers)) if on]
+        what = f"parameters ({human_bytes(4 * sum(p.numel() for p in self.params))}" + \
+            (f" + {', '.join(extra)})" if extra else ")")
+        line = f"{name}: {what} averaged {self.partners()}; period {self.period.describe()}, first round H={self.h}"
+        if self.hierarchy is not None:
+            line += "; hierarchical: the exact gradient mean inside each node every step"
+        return line
+
     # -- what the engine asks ---------------------------------------------------------------------
     def reduce_gradients_now(self) -> bool:
         return self.period.data_parallel(self.step_ctr)
@@ -368,6 +388,10 @@ class _Averaging(Synchronizer):
 class LocalSync(_Averaging):
     """Local SGD / Local AdamW: average over the whole data-parallel group every H steps (constant, QSR
     or post-local)."""
+
+    def partners(self) -> str:
+        return (f"across the {self.hierarchy.topology.n_nodes} nodes" if self.hierarchy is not None
+                else f"over all {self.world_size} ranks")
 
     def _average_now(self) -> None:
         if self.hierarchy is not None:  # sharded over the node's ranks, across nodes, then gathered in the node

@@ -9,7 +9,8 @@
   methods evaluate the averaged model);
 * every collective goes through ``self.comm`` (``ds_ext.comm``);
 * its counters (and, for methods whose ranks diverge, each rank's own parameters and optimizer
-  state) live in ``state_dict()``.
+  state) live in ``state_dict()``;
+* ``describe()`` is the line ``attach`` logs on rank 0 (``ds_ext/deepspeed/announce.py``; None: nothing to say).
 """
 from __future__ import annotations
 
@@ -82,6 +83,12 @@ class Synchronizer:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def describe(self) -> Optional[str]:
+        """One line for the attach announcement: the registered name and the first line of the class docstring."""
+        doc = (type(self).__doc__ or "").strip().splitlines()
+        name = SYNCS.name_of(self) or type(self).__name__
+        return f"{name}: {doc[0].rstrip('.') if doc else type(self).__name__}"
+
     @classmethod
     def collectives(cls, shapes, world: int, options, **model) -> list:
         """The collectives one rank issues per optimizer step (averaged over a period), as
@@ -97,3 +104,6 @@ class Synchronizer:
 @SYNCS.register("none")
 class NoSync(Synchronizer):
     """No parameter averaging: parameters stay identical because gradients are averaged every step."""
+
+    def describe(self) -> Optional[str]:
+        return None  # the reducer's line says it all

@@ -110,6 +110,13 @@ class DSSync(_Averaging):
         self.count_epoch, self.epoch_syncs = 0, 0
         self.last_grouping: Optional[List[List[int]]] = None
 
+    def partners(self) -> str:
+        o = self.options
+        how = (f"shuffled at every sync (seeded, a pool of {o.shuffle_pool})" if o.grouping == "shuffle" and o.shuffle_pool
+               else "shuffled at every sync (seeded)" if o.grouping == "shuffle"
+               else f"cycling through {len(self.patterns)} pattern(s)")
+        return f"within {o.groups} groups of {self.group_size} ranks, {how}"
+
     def _size_group_cache(self, n: int, g: int) -> None:
         """Every grouping of a bounded sequence (patterns, or the shuffle pool) keeps its process groups for the
         run: each is made once, the first time it is used, and none is destroyed mid-run (issue 27 N5: a pool

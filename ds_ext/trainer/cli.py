@@ -29,6 +29,7 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence
 
+from ..spec import near_miss_block
 from .exit_codes import ExitCode
 from .records import console_logging
 
@@ -46,6 +47,23 @@ def build_parser(prog: str = "python -m ds_ext.train") -> argparse.ArgumentParse
     ap.add_argument("--world-size", type=int, default=None, help="world size assumed by --check")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return ap
+
+
+def missing_recipe_hint(name: str) -> str:
+    """For a ``--recipe`` that is neither a file nor a bundled name: the bundled names, with the closest as a
+    did-you-mean ("" when the file exists)."""
+    import difflib
+    from pathlib import Path
+
+    from .recipe.bundled import bundled
+
+    names = list(bundled())
+    stem = Path(name).name.removesuffix(".yaml")
+    if Path(name).is_file() or not names or (stem == name.removesuffix(".yaml") and stem in names):
+        return ""
+    close = difflib.get_close_matches(stem, names, n=1)
+    mean = f"did you mean --recipe {close[0]}? " if close else ""
+    return f"\n{mean}bundled recipes: {', '.join(names)} (a bundled name or the path of a recipe file)"
 
 
 def check(recipe, world_size: int) -> int:
@@ -78,6 +96,7 @@ def _train(argv: Optional[List[str]], prog: str) -> int:
     args = build_parser(prog).parse_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides, args.host_config)
+        near_miss_block(recipe.deepspeed, source=recipe.source, prefix="deepspeed.")
         world = world_size_from(args.world_size, os.environ)  # the launcher sets WORLD_SIZE per process
         if args.check:
             return check(recipe, world or 1)
@@ -86,7 +105,7 @@ def _train(argv: Optional[List[str]], prog: str) -> int:
         print(f"data error:\n{e}", file=sys.stderr)
         return ExitCode.DATA
     except RecipeError as e:
-        print(f"recipe error:\n{e}", file=sys.stderr)
+        print(f"recipe error:\n{e}{missing_recipe_hint(args.recipe)}", file=sys.stderr)
         return ExitCode.RECIPE
     try:
         from . import loop

@@ -27,6 +27,7 @@ from ..registry import DATASETS, MODELS, ORDERS
 from .evaluation import _batch_loader, evaluate
 from .exit_codes import ExitCode
 from .records import RunRecords, StepWindow
+from . import saying
 
 
 class _Exit(Exception):
@@ -80,6 +81,7 @@ def train(recipe) -> int:
 
     init_distributed(recipe.train.collective_timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
+    saying.thread_default(rank)  # OMP_NUM_THREADS unset: cores / local ranks (ds_ext/deepspeed/threads.py)
     try:
         faults.load_fault_plan(rank)
     except faults.FaultSpecError as e:  # the same environment on every rank
@@ -160,6 +162,7 @@ class Trainer:
         self._choose_checkpoint()
         self._build()
         self.meter = CommMeter()
+        self.sent = saying.reported(self.meter, self.world)  # world size 1: nothing communicated
         self.engine, self.att, self.schedule = setup.initialize(self.recipe, self.model, self.steps_per_epoch, self.meter,
                                                           order=self.order)
         _seed_all(self.t.seed + 1 + self.rank)  # per-rank stream for dropout / augmentation
@@ -298,6 +301,7 @@ class Trainer:
                 f"reducer={names['reducer']} sync={names['sync']} order={names['order']} "
                 f"precision={recipe.precision()}; {f'{rem}; ' if rem else ''}run dir {recipe.log.dir}")
         self.records.open(recipe, line, self.total_steps, self.engine.global_steps, self.resume_path is not None)
+        self.records.say(saying.prefixed(saying.start_lines(self.att, self.world, recipe.source)))
         self.att.vote_stop(lambda: faults.stop_requested() is not None)
         self.skip_streak = [0, 0]  # consecutive skipped steps on this rank, the last step that was not skipped
         self.data_skips: list = [0, None]  # skips of the streak whose examples had non-finite inputs, the first
@@ -452,7 +456,7 @@ class Trainer:
                   f"optimizer step was skipped", file=sys.stderr, flush=True)
 
     def _log_step(self, epoch: int, step_in_epoch: int, gstep: int, lr: float) -> None:
-        meter, att = self.meter, self.att
+        meter, att = self.sent, self.att
         step_time, samples_per_s = self.window.read()  # after the loss read: the window's device work is done
         rec = {"train/loss": self.last_loss, "train/lr": lr, "train/step_time_s": step_time,
                "train/samples_per_s": samples_per_s, "comm/bytes_step": meter.last_step_bytes,
@@ -560,14 +564,15 @@ class Trainer:
 
     def finish(self) -> int:
         """The end of the last epoch: the final evaluation (when the last epoch had none), the summary (wandb,
-        ``summary.json``, the final lines)."""
-        engine, meter, att = self.engine, self.meter, self.att
+        ``summary.json``, the final lines: ``saying``'s around the result)."""
+        engine, meter, att = self.engine, self.sent, self.att
+        meter.steps = self.meter.steps  # world size 1: the steps of the run, nothing communicated in them
         self.records.close()
         att.check_pending()
         elapsed = time.perf_counter() - self.t0
         if not self.last_eval:
             self.last_eval = self.evaluate(self.t.epochs - 1)
-        parts = {f"{k} ({self.who[k]})" if k in self.who else k: v for k, v in meter.by_purpose().items()}
+        parts = saying.parts(meter, self.who, self.world)
         summary = {"recipe": self.recipe.source, "world_size": self.world, "steps": engine.global_steps,
                    "epochs": self.t.epochs, **self.names, **self.last_eval,
                    "epoch_losses": self.records.epoch_losses(), "comm_bytes_total": meter.total_bytes,
@@ -578,7 +583,10 @@ class Trainer:
                              "summary/comm_bytes": meter.total_bytes,
                              **{f"summary/comm_bytes/{purpose_key(k)}": v for k, v in meter.by_purpose().items()}},
                             step=engine.global_steps)
+        last = saying.last_lines(self.world, self.recipe.source, self.records.wb.run)  # before finish() ends the run
         self.records.finish()
+        if self.is0:
+            print(saying.prefixed(att.summary()))
         err = self.records.summary(summary, parts, meter)  # rank 0 writes; a failed write: the reason
         err = gather_objects(err)[0]  # rank 0's verdict for every rank (the barrier this was)
         if err:
@@ -586,4 +594,6 @@ class Trainer:
             kept = f"the newest checkpoint is {saved[0]}" if saved else "no checkpoint was taken"
             raise _Exit(ExitCode.SAVE, f"[ds_ext] error: the run finished but its summary could not be written: "
                                        f"{err}; the results are in the lines above, {kept} (exit {ExitCode.SAVE})")
+        if self.is0 and last:
+            print(saying.prefixed(last), flush=True)
         return 0
