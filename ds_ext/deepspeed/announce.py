@@ -38,13 +38,19 @@ def world_one_line(launch: str = OWN_LOOP_LAUNCH) -> str:
 
 def method_lines(att, total_steps: Optional[int] = None) -> List[str]:
     """Each method's own line (``describe`` hooks): the reducer, the synchronizer (when it has something to
-    say), the order (when one is attached)."""
-    lines = [att.reducer.describe(total_steps)]
-    sync = att.sync.describe()
-    if sync:
-        lines.append(sync)
+    say), the order (when one is attached). Host arithmetic only; a hook that fails costs its line, never the run."""
+    hooks = [lambda: att.reducer.describe(total_steps), att.sync.describe]
     if att.order is not None:
-        lines.append(att.order.describe())
+        hooks.append(att.order.describe)
+    lines = []
+    for hook in hooks:
+        try:
+            line = hook()
+        except Exception as e:  # noqa: BLE001 -- a description is not worth stopping a run for
+            log.debug("a method's describe() failed: %s: %s", type(e).__name__, e)
+            line = f"{type(getattr(hook, '__self__', att.reducer)).__name__} (no description: {type(e).__name__})"
+        if line:
+            lines.append(line)
     return lines
 
 

@@ -32,6 +32,16 @@ def test_deepspeed_launcher_trains_and_reports(tmp_path):
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-3000:]
     assert "[ds_ext] final: val accuracy" in out and "communicated" in out
+    # what runs, in the first lines (issue 30): the method's own line, once (rank 0)
+    assert out.count("[ds_ext] allreduce: every gradient averaged exactly, no compression (8 tensors in ") == 1, out
+    # the end: the attachment's summary by kind, then the wandb run and how to upload it; no FutureWarning for
+    # ds_ext's control all_gather (ds_ext/deepspeed/compat.py)
+    assert "[ds_ext] ds_ext (allreduce, order rr): " in out and "per rank over 66 steps" in out
+    lines = p.stdout.splitlines()
+    last = next(i for i, x in enumerate(lines) if x.startswith("[ds_ext] wandb run quickstart (id "))
+    assert last > next(i for i, x in enumerate(lines) if x.startswith("[ds_ext] final: val accuracy"))
+    assert f": offline; upload it with: wandb sync {tmp_path}/wandb/offline-run-" in lines[last], lines[last]
+    assert "FutureWarning" not in out, out
     import json
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 66
@@ -62,3 +72,14 @@ def test_runs_without_a_launcher_as_world_size_1(tmp_path):
     assert p.returncode == 0, out[-3000:]
     assert "world 1," in out and "[ds_ext] final: val accuracy" in out
     assert "mpi4py" not in out
+    # nothing was communicated, and the run says so instead of a payload no network carried (issue 30, item 9),
+    # naming the launcher command for data parallel at the start and as its last line
+    hint = ("[ds_ext] world size 1: nothing communicated (the methods run, their collectives are skipped); for data "
+            "parallel start every process with the launcher: deepspeed --num_gpus 2 --module ds_ext.train --recipe "
+            "quickstart")
+    assert out.count(hint) == 2 and p.stdout.rstrip().splitlines()[-1] == hint, out
+    assert "[ds_ext] ds_ext (allreduce, order rr): nothing communicated (world size 1) over 22 steps" in out
+    import json
+
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["comm_bytes_total"] == 0 and s["comm_bytes_by_kind"] == {} and s["world_size"] == 1

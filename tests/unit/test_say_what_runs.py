@@ -351,3 +351,28 @@ def test_deepspeed_backend_is_bound_to_the_non_deprecated_collectives(monkeypatc
     assert quiet_all_gather() == []  # bound already
     monkeypatch.setitem(sys.modules, "deepspeed.comm.comm", types.SimpleNamespace(cdb=None))
     assert quiet_all_gather() == []
+
+
+def _hierarchical(comm):
+    from ds_ext.hierarchy import build_hierarchical
+    from ds_ext.topology import Topology
+
+    named = list(model().named_parameters())
+    topo = Topology.explicit(comm.rank, 4, 2)
+    return build_hierarchical("powersgd", {"rank": 4, "start_powerSGD_iter": 0}, named, comm, topo).describe()
+
+
+def test_hierarchical_mode_names_the_node_mean_and_the_wrapped_method():
+    said = LoopbackWorld(4).run(_hierarchical)
+    assert all(s.startswith("hierarchical powersgd: exact gradient mean inside each node (2 ranks x 2 nodes); "
+                            "between nodes, this rank's shard: powersgd rank 4: ") for s in said), said
+
+
+def test_a_failing_describe_costs_its_line_not_the_run():
+    att = attach(StandIn(), {"reducer": "allreduce"})
+
+    def broken(total_steps=None):
+        raise RuntimeError("boom")
+
+    att.reducer.describe = broken
+    assert announce.method_lines(att) == ["AllreduceReducer (no description: RuntimeError)"]
