@@ -240,7 +240,8 @@ def test_cli_overlap_launch_prints_its_assumption(capsys):
     assert pj.main(SMALL + ["--overlap", "launch", "--image-size", "8"]) == 0
     out = capsys.readouterr().out
     block = _assumptions(out)
-    assert "# overlap: launch term: allreduce buckets and acpsgd fusion groups are launched during backward" in block
+    assert "# overlap: launch term: each method's collectives that its schedule launches during backward" in block
+    assert "# ring model (NCCL's ring algorithm" in out and "# launch points at N = " in out
     assert "readiness estimated from multiply-accumulates (digits_cnn, 8px)" in block
     assert "## projection A" in out
 
