@@ -259,7 +259,7 @@ def print_train_check(check: dict) -> None:
               f"{x['compress_post_ms']:6.0f}" + ("  (constants fitted on it)" if x["serial_fit"] else ""))
     errs = [abs(x["err"]) for x in rows.values()]
     print(f"# largest |error| {100 * max(errs):.1f}%; within 15%: {sum(e <= 0.15 for e in errs)}/{len(errs)} methods")
-    for m in ("allreduce", "acpsgd", "ddp_allreduce"):
+    for m in TRAIN_METHODS:
         x = rows.get(m)
         if x and x["launch_ready"]:
             print(f"# {m}: launches ready at " + ", ".join(f"{v:.2f}" for v in x["launch_ready"])
