@@ -150,10 +150,10 @@ def print_check(results: List[dict], consts: Constants, compute_ms: float) -> No
 
 def train_inputs(method: str, row: dict) -> Tuple[float, float, float]:
     """(work added to forward, to backward, and after backward) of one bench-train row, ms, from CPU time beyond
-    the compute alone's (measured right before the method): in forward, the main thread's (the engine's or DDP's
-    wrappers); in backward, the main thread's (compression or bucket copies in the gradient hooks) plus the other
-    threads' (gloo's socket and reduction work for collectives launched during backward takes the same pinned
-    core from autograd); after backward, the main thread's beyond the optimizer's, plus, for
+    the compute alone's (the rounds' compute-alone entries, pooled): in forward, the main thread's (the engine's
+    or DDP's wrappers); in backward, the main thread's (compression or bucket copies in the gradient hooks) plus
+    the other threads' (gloo's socket and reduction work for collectives launched during backward takes the same
+    pinned core from autograd); after backward, the main thread's beyond the optimizer's, plus, for
     ``CALLBACK_COMPRESSION``, the other threads' (its callbacks sit between its collectives). Other-thread CPU
     after backward is otherwise not added: it happens while the main thread waits for the link."""
     al = row["alone"]
@@ -243,7 +243,7 @@ def print_train_check(check: dict) -> None:
         return
     print(f"## cost model vs bench-train (launch-during-backward overlap term; alpha {check['alpha_us']:.0f} us per "
           f"hop, eta {check['eta']:.3f}: {check['constants']})")
-    print("# model step = compute alone (fwd + bwd + opt, measured right before the method) + CPU beyond it "
+    print("# model step = compute alone (fwd + bwd + opt; the rounds' compute-alone entries, pooled) + CPU beyond it "
           "(train_inputs: +fwd, +bwd, +post) + communication not overlapped (queue of launches against backward); "
           "window = the earlier term (comm beyond 2/3 of compute overlapped for allreduce/acpsgd/ddp_allreduce)")
     print(f"{'method':<14} {'step meas':>9} {'model':>8} {'err':>7} {'window':>8} {'err':>7} {'comm meas':>9} "

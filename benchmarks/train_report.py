@@ -117,9 +117,9 @@ def report(args) -> int:
 
 def compare_markdown(shaped: dict, unshaped: dict) -> str:
     """Step time with the links shaped against unshaped (the same methods, both merged): the extra communication
-    shaping adds and how much of it reaches the step (the rest overlapped). Each step is taken above its own
-    compute alone (measured right before the method), so that a change of the machine's speed between the two
-    runs does not read as communication."""
+    shaping adds and how much of it reaches the step (the rest overlapped). Each step is taken above the compute
+    alone of its round (``over_alone_ms``; files before the rounds: the one measured right before the method), so
+    that a change of the machine's speed between the two runs does not read as communication."""
     lines = [f"## Shaping on ({shaped['bandwidth']}) vs off ({unshaped['bandwidth']}): step time above compute alone, "
              f"and communication", "",
              "| method | step - compute alone, ms, shaped | unshaped | added | comm ms shaped | unshaped | added | "
@@ -128,8 +128,8 @@ def compare_markdown(shaped: dict, unshaped: dict) -> str:
         a, b = shaped["rows"].get(m), unshaped["rows"].get(m)
         if a is None or b is None:
             continue
-        oa = a["step_ms"] - a["alone"].get("step_ms", 0.0)
-        ob = b["step_ms"] - b["alone"].get("step_ms", 0.0)
+        oa, ob = (r["over_alone_ms"] if r.get("over_alone_ms") is not None
+                  else r["step_ms"] - r["alone"].get("step_ms", 0.0) for r in (a, b))
         ds, dc = oa - ob, a["comm_ms"] - b["comm_ms"]
         hid = f"{100 * (1 - ds / dc):.0f} %" if dc > 50.0 else "- (added comm < 50 ms)"
         lines.append(f"| `{m}` | {oa:.0f} | {ob:.0f} | {ds:+.0f} | {a['comm_ms']:.0f} | {b['comm_ms']:.0f} | "
