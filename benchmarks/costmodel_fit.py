@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ds_ext.comm import Collective
 from ds_ext.costmodel.model import EMULATION_FIT_ALPHA_SOURCE, EMULATION_FIT_CONSTANTS, Constants, collectives, comm_seconds, fmt_bw, step_ms
-from ds_ext.costmodel.overlap import backward_schedule, launch_ready, overlap_step
+from ds_ext.costmodel.overlap import Launch, backward_schedule, launch_ready, overlap_step
 from benchmarks.results import has_results, load_dir, load_results, merged, parse_rate, read_compress_file
 from ds_ext.costmodel.project import DEFAULT_COMPUTE_MS, write_constants, write_readiness
 from ds_ext.costmodel.project import main as project_main
@@ -150,10 +150,10 @@ def print_check(results: List[dict], consts: Constants, compute_ms: float) -> No
 
 def train_inputs(method: str, row: dict) -> Tuple[float, float, float]:
     """(work added to forward, to backward, and after backward) of one bench-train row, ms, from CPU time beyond
-    the compute alone's (measured right before the method): in forward, the main thread's (the engine's or DDP's
-    wrappers); in backward, the main thread's (compression or bucket copies in the gradient hooks) plus the other
-    threads' (gloo's socket and reduction work for collectives launched during backward takes the same pinned
-    core from autograd); after backward, the main thread's beyond the optimizer's, plus, for
+    the compute alone's (the rounds' compute-alone entries, pooled): in forward, the main thread's (the engine's
+    or DDP's wrappers); in backward, the main thread's (compression or bucket copies in the gradient hooks) plus
+    the other threads' (gloo's socket and reduction work for collectives launched during backward takes the same
+    pinned core from autograd); after backward, the main thread's beyond the optimizer's, plus, for
     ``CALLBACK_COMPRESSION``, the other threads' (its callbacks sit between its collectives). Other-thread CPU
     after backward is otherwise not added: it happens while the main thread waits for the link."""
     al = row["alone"]
@@ -166,11 +166,24 @@ def train_inputs(method: str, row: dict) -> Tuple[float, float, float]:
     return c_fwd, c_bwd, c_post
 
 
+def train_schedule(method: str, shapes, n: int, opts: MethodOptions):
+    """``overlap.backward_schedule`` for a bench-train row: DDP's PowerSGD hook with DDP's buckets
+    (``ddp_powersgd``) or one bucket (``ddp_powersgd_1b``), DDP's fp16 hook as ``ddp_allreduce`` at 2 bytes a
+    value; every other method as ``backward_schedule`` prices it."""
+    if method in ("ddp_powersgd", "ddp_powersgd_1b"):
+        return backward_schedule("ddp_powersgd", shapes, n, opts, ddp_one_bucket=method == "ddp_powersgd_1b")
+    if method == "ddp_fp16":
+        return [(w, [Launch(la.members, [replace(c, nbytes=c.nbytes // 2) for c in la.colls]) for la in launches],
+                 [replace(c, nbytes=c.nbytes // 2) for c in after])
+                for w, launches, after in backward_schedule("ddp_allreduce", shapes, n, opts)]
+    return backward_schedule(method, shapes, n, opts)
+
+
 def train_check(mg: dict, consts: Optional[Constants] = None, ready: Optional[Sequence[float]] = None) -> dict:
     """The overlap model against a merged bench-train result (``benchmarks.train.merged``): per method the
     modelled step (compute alone + compression + communication, the launch term for collectives launched during
     backward) and its error, the window term's (``step_ms``, 2/3 of compute) for comparison, and the modelled
-    hidden communication. ``consts`` None: alpha and eta fitted on the measured communication of the methods that
+    communication inside backward (overlap). ``consts`` None: alpha and eta fitted on the measured communication of the methods that
     communicate after backward (``SERIAL_TRAIN_METHODS``); ``ready`` None: the measured readiness profile."""
     rows = mg["rows"]
     shapes = [tuple(s) for s in mg["shapes"]]
@@ -188,7 +201,7 @@ def train_check(mg: dict, consts: Optional[Constants] = None, ready: Optional[Se
             r = rows.get(m)
             if r is None or r["comm_ms"] <= 0:
                 continue
-            colls = [c for _, la, after in backward_schedule(m, shapes, n, opts) for c in after]
+            colls = [c for _, la, after in train_schedule(m, shapes, n, opts) for c in after]
             if sum(c.wire_bytes() for c in colls) > 0:
                 pts.append((colls, bw, r["comm_ms"] / 1e3))
         consts = fit_constants(pts) if len(pts) >= 2 else replace(EMULATION_FIT_CONSTANTS)
@@ -203,18 +216,18 @@ def train_check(mg: dict, consts: Optional[Constants] = None, ready: Optional[Se
     for m, r in rows.items():
         al = r["alone"]
         c_fwd, c_bwd, c_post = train_inputs(m, r)
-        sched = backward_schedule(m, shapes, n, opts)
+        sched = train_schedule(m, shapes, n, opts)
         mod = overlap_step(al["fwd_ms"] + c_fwd, al["bwd_ms"], al["opt_ms"], prof, sched, comm_ms_of, c_bwd, c_post)
         # the window term (before issue 19): compute + compression + comm beyond 2/3 of compute for allreduce/acpsgd
         comm_all = sum(w * comm_ms_of([c for la in launches for c in la.colls] + after) for w, launches, after in sched)
         compute = al["fwd_ms"] + al["bwd_ms"] + al["opt_ms"]
-        win = step_ms("allreduce" if m in ("allreduce", "acpsgd", "ddp_allreduce") else "powersgd", comm_all / 1e3,
+        win = step_ms("allreduce" if m in ("allreduce", "acpsgd", "ddp_allreduce", "half", "ddp_fp16") else "powersgd", comm_all / 1e3,
                       compute, c_fwd + c_bwd + c_post, True, 2.0 / 3.0)
         out[m] = {"meas_step_ms": r["step_ms"], "model_step_ms": mod["step_ms"],
                   "err": (mod["step_ms"] - r["step_ms"]) / r["step_ms"], "window_step_ms": win,
                   "window_err": (win - r["step_ms"]) / r["step_ms"], "meas_comm_ms": r["comm_ms"],
-                  "model_comm_ms": mod["comm_ms"], "meas_hidden_ms": r["hidden_ms"],
-                  "model_hidden_ms": mod["hidden_ms"],
+                  "model_comm_ms": mod["comm_ms"], "meas_overlap_ms": r["overlap_ms"],
+                  "model_overlap_ms": mod["hidden_ms"],
                   "extra_fwd_ms": c_fwd, "compress_bwd_ms": c_bwd, "compress_post_ms": c_post,
                   "serial_fit": m in SERIAL_TRAIN_METHODS, "alone_step_ms": al.get("step_ms", 0.0),
                   "launch_ready": launch_ready(sched, prof) if sched[0][1] else [],
@@ -230,23 +243,23 @@ def print_train_check(check: dict) -> None:
         return
     print(f"## cost model vs bench-train (launch-during-backward overlap term; alpha {check['alpha_us']:.0f} us per "
           f"hop, eta {check['eta']:.3f}: {check['constants']})")
-    print("# model step = compute alone (fwd + bwd + opt, measured right before the method) + CPU beyond it "
-          "(train_inputs: +fwd, +bwd, +post) + communication not hidden (queue of launches against backward); "
-          "window = the earlier term (comm beyond 2/3 of compute hidden for allreduce/acpsgd/ddp_allreduce)")
+    print("# model step = compute alone (fwd + bwd + opt; the rounds' compute-alone entries, pooled) + CPU beyond it "
+          "(train_inputs: +fwd, +bwd, +post) + communication not overlapped (queue of launches against backward); "
+          "window = the earlier term (comm beyond 2/3 of compute overlapped for allreduce/acpsgd/ddp_allreduce)")
     print(f"{'method':<14} {'step meas':>9} {'model':>8} {'err':>7} {'window':>8} {'err':>7} {'comm meas':>9} "
-          f"{'model':>8} {'hidden meas':>11} {'model':>8} {'alone':>6} {'+fwd':>5} {'+bwd':>5} {'+post':>6}")
+          f"{'model':>8} {'overlap meas':>12} {'model':>8} {'alone':>6} {'+fwd':>5} {'+bwd':>5} {'+post':>6}")
     for m in TRAIN_METHODS:
         x = rows.get(m)
         if x is None:
             continue
         print(f"{m:<14} {x['meas_step_ms']:9.0f} {x['model_step_ms']:8.0f} {100 * x['err']:+6.1f}% "
               f"{x['window_step_ms']:8.0f} {100 * x['window_err']:+6.1f}% {x['meas_comm_ms']:9.0f} "
-              f"{x['model_comm_ms']:8.0f} {x['meas_hidden_ms']:11.0f} {x['model_hidden_ms']:8.0f} "
+              f"{x['model_comm_ms']:8.0f} {x['meas_overlap_ms']:12.0f} {x['model_overlap_ms']:8.0f} "
               f"{x['alone_step_ms']:6.0f} {x['extra_fwd_ms']:5.0f} {x['compress_bwd_ms']:5.0f} "
               f"{x['compress_post_ms']:6.0f}" + ("  (constants fitted on it)" if x["serial_fit"] else ""))
     errs = [abs(x["err"]) for x in rows.values()]
     print(f"# largest |error| {100 * max(errs):.1f}%; within 15%: {sum(e <= 0.15 for e in errs)}/{len(errs)} methods")
-    for m in ("allreduce", "acpsgd", "ddp_allreduce"):
+    for m in TRAIN_METHODS:
         x = rows.get(m)
         if x and x["launch_ready"]:
             print(f"# {m}: launches ready at " + ", ".join(f"{v:.2f}" for v in x["launch_ready"])

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
-from ds_ext.costmodel.presets import TRAIN_METHODS as METHODS
+from benchmarks.train_stats import BASELINES
 
 
 # ------------------------------------------------------------------------------- measured results
@@ -85,90 +84,8 @@ def parse_rate(s: str) -> float:
 
 
 # ---------------------------------------------------------------------------------------- bench-train
-def union_length(intervals: Sequence[Sequence[float]], lo: float = float("-inf"), hi: float = float("inf")) -> float:
-    """Length of the union of [a, b] intervals clipped to [lo, hi]."""
-    iv = sorted((max(a, lo), min(b, hi)) for a, b in intervals if min(b, hi) > max(a, lo))
-    total, cur_a, cur_b = 0.0, None, None
-    for a, b in iv:
-        if cur_b is None or a > cur_b:
-            if cur_b is not None:
-                total += cur_b - cur_a
-            cur_a, cur_b = a, b
-        else:
-            cur_b = max(cur_b, b)
-    if cur_b is not None:
-        total += cur_b - cur_a
-    return total
-
-
-# ------------------------------------------------------------------------------------ the training loop
-
-
-# ------------------------------------------------------------------------------------------ summaries
-def step_values(smp: dict) -> dict:
-    """Per-step derived values (ms) of one sample."""
-    iv = [(c[2], c[3]) for c in smp["colls"]]
-    comm = union_length(iv)
-    hidden = union_length(iv, smp["t_fwd"], smp["t_ready"])
-    return {"step_ms": smp["t_end"], "fwd_ms": smp["t_fwd"], "bwd_ms": smp["t_ready"] - smp["t_fwd"],
-            "tail_ms": smp["t_end"] - smp["t_ready"], "comm_ms": comm, "hidden_ms": hidden,
-            "exposed_ms": comm - hidden, "cpu_bwd_ms": smp["cpu_bwd"], "cpu_tail_ms": smp["cpu_tail"],
-            "cpu_process_ms": smp["cpu_process"], "cpu_fwd_ms": smp["cpu_fwd"],
-            "payload_bytes": float(sum(c[1] for c in smp["colls"])), "collectives": float(len(smp["colls"])),
-            "other_fwd_ms": smp.get("other_fwd", 0.0), "other_bwd_ms": smp.get("other_bwd", 0.0),
-            "other_tail_ms": smp.get("other_tail", 0.0)}
-
-
-def summarize_rank(rec: dict) -> dict:
-    """Median over steps (whole periods: the mean per step of each period, median over periods)."""
-    period = rec["period"]
-    vals = [step_values(s) for s in rec["samples"]]
-    n = len(vals)
-    out = {}
-    for key in vals[0]:
-        col = [v[key] for v in vals]
-        chunks = [sum(col[j:j + period]) / len(col[j:j + period]) for j in range(0, n, period)]
-        out[key] = statistics.median(chunks)
-    tot_c = sum(v["comm_ms"] for v in vals)
-    out["hidden_frac"] = sum(v["hidden_ms"] for v in vals) / tot_c if tot_c > 0 else 0.0
-    out["mean_step_ms"] = sum(v["step_ms"] for v in vals) / n
-    # launch of each during-backward collective as a fraction of backward (median over steps, by index)
-    fr = []
-    for s in rec["samples"]:
-        b0, b1 = s["t_fwd"], s["t_ready"]
-        fr.append([(c[2] - b0) / (b1 - b0) for c in s["colls"] if b0 <= c[2] <= b1 and b1 > b0])
-    k = min((len(f) for f in fr), default=0)
-    out["launch_frac"] = [statistics.median(f[i] for f in fr) for i in range(k)] if period == 1 else []
-    return out
-
-
-def summarize(result: dict) -> Dict[str, dict]:
-    """Per method: the mean over ranks of each rank's summary; samples/s from the median step."""
-    out = {}
-    methods = [m for m in METHODS if all(m in r["methods"] for r in result["ranks"])]
-    for m in methods:
-        per = [summarize_rank(r["methods"][m]) for r in result["ranks"]]
-        s = {k: sum(p[k] for p in per) / len(per) for k in per[0] if k != "launch_frac"}
-        s["launch_frac"] = per[0]["launch_frac"]
-        s["samples_per_s"] = result["world"] * result["batch"] / (s["step_ms"] / 1e3)
-        s["info"] = result["ranks"][0]["methods"][m]["info"]
-        s["period"] = result["ranks"][0]["methods"][m]["period"]
-        out[m] = s
-    return out
-
-
-def alone_summary(result: dict, method: Optional[str] = None) -> dict:
-    """Compute alone, mean over ranks: the run's first measurement (with the readiness profile), or, for
-    ``method``, the one taken right before it (the readiness profile from the first)."""
-    first = [r["alone"] for r in result["ranks"]]
-    al = first
-    if method is not None and all("alone" in r["methods"].get(method, {}) for r in result["ranks"]):
-        al = [r["methods"][method]["alone"] for r in result["ranks"]]
-    keys = [k for k in al[0] if isinstance(al[0][k], (int, float))]
-    out = {k: sum(a[k] for a in al) / len(al) for k in keys}
-    n = len(first[0]["ready_frac"])
-    out["ready_frac"] = [sum(a["ready_frac"][i] for a in first) / len(first) for i in range(n)]
-    return out
+# the per-step and per-round arithmetic: benchmarks/train_stats.py
+from benchmarks.train_stats import alone_summary, summarize, union_length  # noqa: E402,F401
 
 
 def load_dir(path) -> List[dict]:
@@ -194,8 +111,15 @@ def merged(results: List[dict]) -> dict:
         for m, s in summarize(r).items():
             rows[m] = dict(s, alone=alone_summary(r, m), file=Path(r["_file"]).name, world=r["world"],
                            batch=r["batch"])
+    # a baseline measured in another file of the directory (results written before the rounds): its ratio from the
+    # medians (no per-round pairing)
+    for m, row in rows.items():
+        for base, _ in BASELINES:
+            if row.get(f"x_{base}") is None and base in rows and rows[base]["file"] != row["file"]:
+                row[f"x_{base}"] = row["samples_per_s"] / rows[base]["samples_per_s"]
     base = results[0]
-    return {"world": base["world"], "local_size": base["local_size"], "bandwidth": base["bandwidth"],
+    return {"world": base["world"], "rounds": base.get("rounds", 1), "sequence": base.get("sequence", []),
+            "local_size": base["local_size"], "bandwidth": base["bandwidth"],
             "model": base["model"], "image_size": base["image_size"], "batch": base["batch"], "steps": base["steps"],
             "warmup": base["warmup"], "shapes": base["shapes"], "options": base["options"], "rows": rows,
             "files": {Path(r["_file"]).name: {"ddp": r["ddp"], "deepspeed_imported": r["deepspeed_imported"],

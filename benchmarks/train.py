@@ -1,73 +1,58 @@
-"""Real training steps of every method on the emulated cluster, beside PyTorch DDP's own hooks (the body of
-``run/bench-train.sh``; the cluster run is root only, ``--local`` is not).
+"""Real training steps of every method on the emulated cluster, beside PyTorch DDP's own hooks, alternated in one
+sequence (the body of ``run/bench-train.sh``; the cluster run is root only, ``--local`` is not; the method and
+every column: docs/dev/notes/bench-train.md).
 
-    deepspeed --hostfile H --module benchmarks.train run --out DIR/ds.json [--methods ...] [--model resnet50]
-        [--image-size 128] [--batch 4] [--steps 8] [--warmup 2] [--bandwidth 500mbit]
-    deepspeed --hostfile H --module benchmarks.train run --ddp --out DIR/ddp.json      # PyTorch DDP, no DeepSpeed
+    deepspeed --hostfile H --module benchmarks.train run --out DIR/train.json [--methods ...] [--rounds 3]
+        [--steps 3] [--warmup 2] [--model resnet50] [--image-size 128] [--batch 4] [--bandwidth 500mbit]
+    deepspeed --hostfile H --module benchmarks.train run --ddp --out DIR/ddp.json   # DDP's hooks only, no DeepSpeed
     python -m benchmarks.train report DIR                   # DIR/table.md, DIR/results.json, the model check
 
 ``run`` (every rank, one process per emulated host, started by the DeepSpeed launcher through pdsh/ssh, or
 locally by ``tests/harness.run``) trains a real model -- forward, cross-entropy loss, backward, optimizer step
 (SGD, lr 0.008, momentum 0.9, fp32) -- on a fixed synthetic batch per rank (``--batch`` images of
-``--image-size`` pixels, seeded by rank; the same batch every step), once per method, each from the same
-initial weights:
+``--image-size`` pixels, seeded by rank; the same batch every step), with each method from the same initial
+weights:
 
 * ds_ext's methods through DeepSpeed (``deepspeed.initialize`` + ``ds_ext.attach``, ZeRO 0, the user loop
-  ``loss = f(engine(x)); engine.backward(loss); engine.step()`` unchanged): ``allreduce`` (S-SGD, 25 MiB
-  buckets launched during backward), ``powersgd`` rank 4, ``acpsgd`` rank 4, ``topk`` and ``exdyna`` at
-  density 0.001, ``signsgd``, ``local_qsr`` (reducer ``none`` + ``local``, period ``qsr``, alpha 0.0175 at
-  lr 0.008: H = 4; timed over whole periods), ``dssync`` (2 groups; needs 4 ranks) -- the settings of
-  ``ds_ext.costmodel.presets.method_specs`` -- and ``deepspeed``: DeepSpeed's own ZeRO-0 reduction (one flat
+  ``loss = f(engine(x)); engine.backward(loss); engine.step()`` unchanged), at the settings of
+  ``ds_ext.costmodel.presets.method_specs``, and ``deepspeed``: DeepSpeed's own ZeRO-0 reduction (one flat
   all_reduce inside ``engine.backward``, after autograd);
-* with ``--ddp``: PyTorch ``DistributedDataParallel`` without DeepSpeed (the process group from
-  ``torch.distributed.init_process_group("gloo")``; ``deepspeed`` is not imported while measuring, which the result
-  records as ``deepspeed_imported``, and no barrier is added: DDP's own collectives keep the ranks in step;
-  afterwards DeepSpeed's comm layer is started over the same process group only to gather the results, because
-  every collective of ds_ext goes through ``ds_ext.comm``)
-  and its defaults (25 MiB buckets, first bucket 1 MiB, buffers broadcast at forward), with
-  ``ddp.register_comm_hook`` given PyTorch's own hook functions, unmodified:
-  ``default_hooks.allreduce_hook`` (``ddp_allreduce``) and ``powerSGD_hook.powerSGD_hook`` (``ddp_powersgd``,
-  ``PowerSGDState(matrix_approximation_rank=4, start_powerSGD_iter=2)``, otherwise PyTorch's defaults: error
-  feedback, warm start, min_compression_rate 2, the same rule as ours; one DDP bucket, because PyTorch's hook
-  races on gloo with more: ``DDP_POWERSGD_ONE_BUCKET``); the registered hook is checked to be the very function
-  object (``ddp._comm_hooks``) and recorded.
+* PyTorch ``DistributedDataParallel`` (its defaults: 25 MiB buckets, first bucket 1 MiB, rebuilt in the ready
+  order after step 1, buffers broadcast at forward) on the same gloo process group, never calling DeepSpeed,
+  with ``ddp.register_comm_hook`` given PyTorch's own hook functions, unmodified (``ddp_hook``):
+  ``default_hooks.allreduce_hook`` (``ddp_allreduce``), ``default_hooks.fp16_compress_hook`` (``ddp_fp16``, beside
+  our ``half``), and ``powerSGD_hook.powerSGD_hook`` at rank 4, ``start_powerSGD_iter`` 2, otherwise PyTorch's
+  defaults (error feedback, warm start, min_compression_rate 2: our compression rule) twice: ``ddp_powersgd``
+  with DDP's default buckets, each bucket's call made after the previous bucket's future completed
+  (``benchmarks.ddp_powersgd_gloo.serialized_hook``: without it PyTorch's hook aborts on gloo with several
+  buckets, a race between its callbacks' collectives and backward's, reproduced in that module), and
+  ``ddp_powersgd_1b`` in one bucket (the chain after backward). The registered hook is checked to be (or to
+  wrap) the very function object (``ddp._comm_hooks``) and recorded.
+
+**Alternation.** The methods and a ``compute alone`` entry (the plain model, no communication) run in ``--rounds``
+rounds; every round runs each of them once: a fresh engine from the same weights, ``--warmup`` untimed steps (the
+PowerSGD hooks: at least ``start_powerSGD_iter`` + 1, so its first compressed step, which allocates, is untimed),
+a barrier, ``--steps`` timed steps (``local_qsr``: whole periods). The order is ``ORDER`` (each method next to its
+baseline) rotated by round / rounds of its length, and reversed in every other round (A B, B A: a drift that is
+linear in time hits both alike). ``--ddp`` runs DDP's hooks alone without importing DeepSpeed (a check that
+DeepSpeed in the process changes nothing; its ratios then come from medians, not rounds).
 
 Each rank is pinned to one core (``--no-pin`` leaves it): ``os.sched_setaffinity`` on every thread of the
 process (``/proc/self/task``), core = its global rank modulo the cores it may use, before the process group
 starts (gloo's threads inherit it) and again after every engine is built; the threads' masks are recorded.
-With 2 hosts x 1 rank on 2 cores every rank has a core of its own; 4 ranks on 2 cores put 2 ranks on each
-core (oversubscribed: compute and communication of two ranks share it).
 
-Measured per step and rank (``time.perf_counter``; timed steps only, after ``--warmup`` untimed ones):
+Measured per step and rank (``benchmarks.train_measure``): forward end, gradients ready (the last
+``post_accumulate_grad`` hook), step end; the main thread's and the process's CPU time per phase; every
+collective's launch and completion (ds_ext's through ``ds_ext.comm.observe``, DDP's and DeepSpeed's through a
+wrapped ``torch.distributed.all_reduce``; completion = the work's future). No barrier inside the timed steps. The
+report's arithmetic (medians over rounds, spreads, ratios within a round, overlap, first launch, tail):
+``benchmarks.train_stats``.
 
-* the step's timestamps: forward start, forward end (loss computed), gradients ready (the last
-  ``post_accumulate_grad`` hook of any parameter: autograd's work is done), backward call returns, step
-  returns (``engine.step()`` / ``optimizer.step()`` + ``zero_grad``); the main thread's CPU time
-  (``time.thread_time``) of each phase and the process's (every thread: gloo's too);
-* every collective's launch and completion: ds_ext's all_reduces and all_gathers through the communication
-  layer's observer (``ds_ext.comm.observe``), DeepSpeed's reduction and both DDP hooks through a wrapped
-  ``torch.distributed.all_reduce`` (the hooks themselves are not touched): launch = the call, completion = the work's future
-  completing (a callback on ``work.get_future()``), or the return of a synchronous call. Nothing is made
-  synchronous and no barrier runs inside the timed steps (one untimed barrier after the warm-up, DeepSpeed
-  launches only): the collectives run as the methods launch them, so a collective's time includes waiting for a
-  slower peer, as in real training;
-* **communication** = the length of the union of the collectives' [launch, completion] intervals;
-  **hidden behind backward** = the part of that union inside [forward end, gradients ready]; exposed =
-  the rest (after backward: waits in ``finish``, DDP's end-of-backward wait, post-backward methods).
-
-Before the methods, ``compute alone``: the same model, batch and optimizer in plain PyTorch (no process group
-use at all) on the same pinned core, ``--warmup`` + ``--steps`` steps: forward, backward and optimizer times,
-and the fraction of backward elapsed when each parameter's gradient was ready (the readiness profile the cost
-model's overlap term reads); and again, 1 + ``--alone-steps`` steps, right before each method (its reference:
-the machine's speed can drift between methods when it is shared). ``exdyna`` starts at the threshold that
-selects its target density of the compute-alone gradients (mean over ranks of a 1M-value sample quantile; the
-seed's ``1/(2 sqrt k)`` start is far off for real gradient magnitudes and adapts over ~1,000 steps) -- a
-deliberate deviation, as in ``benchmarks.cluster``.
-
-Summaries (``summarize``): per rank the median over timed steps (``local_qsr``: the mean per step of each
-whole period, median over periods), then the mean over ranks; samples/s = world x batch / median step time.
-``report`` merges the result files of one directory into ``table.md`` / ``results.json`` and runs the cost
-model's check (``benchmarks.costmodel_fit.train_check``).
+Before the rounds, a longer compute alone (``--warmup`` + ``--steps`` x ``--rounds`` steps) measures the readiness
+profile (when each gradient is ready, as a fraction of backward: the cost model's overlap input) and ``exdyna``'s
+starting threshold: the |g| quantile of its target density (mean over ranks of a 1M-value sample quantile; the
+seed's ``1/(2 sqrt k)`` start is far off for real gradient magnitudes) -- a deliberate deviation, as in
+``benchmarks.cluster``.
 """
 from __future__ import annotations
 
@@ -77,44 +62,67 @@ import json
 import os
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from benchmarks.results import merged
+from benchmarks.train_measure import (CollectiveRecorder, ReadyClock, _loop, pin_threads,  # noqa: F401
+                                      thread_masks)
+from benchmarks.train_report import compare, report, table_markdown
+from benchmarks.train_stats import rank_round
 from ds_ext.comm import barrier as world_barrier
 from ds_ext.comm import world as comm_world
-from benchmarks.results import merged, summarize_rank
-from benchmarks.train_report import compare, report, table_markdown
 from ds_ext.costmodel.presets import ALL_METHODS, DDP_METHODS, TRAIN_METHODS, MethodOptions, applicable, method_specs
 
 #: ds_ext's methods (the presets and DeepSpeed's own reduction) and PyTorch DDP's hooks, from the one roster
 DS_METHODS = tuple(m for m in TRAIN_METHODS if m not in DDP_METHODS)
 METHODS = TRAIN_METHODS
+#: the run order of one round before rotation: each method next to the baseline it is compared with
+ORDER = ("allreduce", "ddp_allreduce", "powersgd", "ddp_powersgd", "acpsgd", "ddp_powersgd_1b", "half", "ddp_fp16",
+         "topk", "exdyna", "signsgd", "local_qsr", "dssync", "deepspeed")
+ALONE = "alone"     #: the compute-alone entry of each round
 LR = 0.008           # the QSR recipe's peak LR: H = max(4, floor((0.0175 / 0.008)^2)) = 4
 MOMENTUM = 0.9
 DDP_START_POWERSGD_ITER = 2  # PyTorch's minimum with error feedback / warm start (its first 2 steps: allreduce)
-#: Why ``ddp_powersgd`` runs with one DDP bucket (``bucket_cap_mb`` above the gradient size): PyTorch's
-#: ``powerSGD_hook`` launches each bucket's P and Q all_reduces from future callbacks (``.then``), which gloo runs
-#: on its own threads, while the main thread's backward launches the next bucket's all_reduce; gloo tags
-#: collectives in the order they are enqueued, so with more than one bucket the order can differ between ranks.
-#: Measured with DDP's default buckets (2 ranks, ResNet-18): ``gloo::EnforceNotMet ... Received data size doesn't
-#: match expected size`` at the first compressed step, and the process aborts. With one bucket the chain is the
-#: only collective in flight (the main thread waits for it at the end of backward), so no overlap with backward.
-DDP_POWERSGD_ONE_BUCKET = True
+DDP_POWERSGD = ("ddp_powersgd", "ddp_powersgd_1b")
+
+
+def default_methods(ddp: bool = False) -> List[str]:
+    """Every method of the roster in ``ORDER`` (then any other preset), or DDP's alone."""
+    known = list(DDP_METHODS if ddp else METHODS)
+    return [m for m in ORDER if m in known] + [m for m in known if m not in ORDER]
+
+
+def sequence(methods: List[str], rounds: int) -> List[List[str]]:
+    """The run order of every round: compute alone and ``methods``, rotated by ``round * len // rounds`` and
+    reversed in odd rounds."""
+    entries = [ALONE] + list(methods)
+    n = len(entries)
+    out = []
+    for r in range(rounds):
+        k = (r * n) // rounds
+        order = entries[k:] + entries[:k]
+        out.append(order[::-1] if r % 2 else order)
+    return out
 
 
 def ddp_hook(method: str, process_group=None, rank: int = 4):
-    """(hook, state) handed to ``DistributedDataParallel.register_comm_hook`` for a DDP method: PyTorch's
-    own hook functions, unmodified."""
+    """(hook, state) handed to ``DistributedDataParallel.register_comm_hook`` for a DDP method: PyTorch's own hook
+    functions, unmodified (``ddp_powersgd``: called through ``serialized_hook``)."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+    from benchmarks.ddp_powersgd_gloo import serialized_hook
 
     if method == "ddp_allreduce":
         return default_hooks.allreduce_hook, process_group
-    if method == "ddp_powersgd":
+    if method == "ddp_fp16":
+        return default_hooks.fp16_compress_hook, process_group
+    if method in DDP_POWERSGD:
         state = powerSGD_hook.PowerSGDState(process_group=process_group, matrix_approximation_rank=rank,
                                             start_powerSGD_iter=DDP_START_POWERSGD_ITER)
-        return powerSGD_hook.powerSGD_hook, state
+        hook = powerSGD_hook.powerSGD_hook
+        return (serialized_hook(hook) if method == "ddp_powersgd" else hook), state
     raise ValueError(f"not a DDP method: {method!r} (known: {', '.join(DDP_METHODS)})")
 
 
@@ -124,168 +132,6 @@ def method_block(method: str, opts: MethodOptions) -> dict:
         return {"reducer": {"name": "deepspeed"}, "sync": {"name": "none"}}
     rname, ropts, sname, sopts = method_specs(opts)[method]
     return {"reducer": {"name": rname, **ropts}, "sync": {"name": sname, **sopts}}
-
-
-# ------------------------------------------------------------------------------------------ pinning
-def pin_threads(core: int) -> None:
-    """Every thread of this process (and the threads it starts later) on ``core``."""
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            os.sched_setaffinity(int(tid), {core})
-        except OSError:  # a thread that just ended
-            pass
-
-
-def thread_masks() -> List[List[int]]:
-    """The distinct CPU masks of this process's threads."""
-    out = set()
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            out.add(tuple(sorted(os.sched_getaffinity(int(tid)))))
-        except OSError:
-            pass
-    return [list(m) for m in sorted(out)]
-
-
-# ------------------------------------------------------------------------------------- collectives
-class CollectiveRecorder:
-    """Launch and completion times of every collective (module docstring): ds_ext's own through the communication
-    layer's observer (``ds_ext.comm.observe``), and DDP's and DeepSpeed's own reductions, which do not pass a
-    ``Communicator``, by wrapping ``torch.distributed.all_reduce`` (an all_reduce inside an observed call is not
-    counted twice)."""
-
-    def __init__(self):
-        self.records: List[list] = []   # [op, payload bytes, launch, completion (None until done)]
-        self.active = False
-        self._local = threading.local()
-        self._orig = {}
-        self._remove = None
-
-    def _note(self, op, nbytes, fn, args, kwargs, async_op):
-        if not self.active or getattr(self._local, "inside", False):
-            return fn(*args, **kwargs)
-        rec = [op, int(nbytes), time.perf_counter(), None]
-        self.records.append(rec)
-        self._local.inside = True
-        try:
-            work = fn(*args, **kwargs)
-        finally:
-            self._local.inside = False
-        if not async_op or work is None:
-            rec[3] = time.perf_counter()
-            return work
-        try:
-            fut = work.get_future()
-        except Exception:  # a backend without futures: completion when waited for
-            fut = None
-        if fut is None:
-            rec[3] = rec[2]
-            return work
-
-        def done(_f, rec=rec):
-            rec[3] = time.perf_counter()
-
-        fut.add_done_callback(done)
-        return work
-
-    def __call__(self, comm, op, kind, t, async_op, issue):
-        """The ``Communicator`` observer: ds_ext's all_reduce and all_gather calls (broadcasts are not recorded)."""
-        if op == "broadcast":
-            return issue()
-        return self._note(op, t.numel() * t.element_size(), issue, (), {}, async_op)
-
-    def install(self) -> None:
-        import torch.distributed as dist
-
-        from ds_ext.comm import observe  # imports no DeepSpeed
-
-        orig_ar = dist.all_reduce
-        self._orig["all_reduce"] = orig_ar
-        rec = self
-
-        def all_reduce(tensor, *args, **kwargs):  # DDP's hooks and DeepSpeed's own reduction: not ours
-            async_op = kwargs.get("async_op", args[2] if len(args) > 2 else False)
-            return rec._note("all_reduce", tensor.numel() * tensor.element_size(), orig_ar, (tensor,) + args, kwargs,
-                             async_op)
-
-        dist.all_reduce = all_reduce
-        self._remove = observe(self)
-
-    def uninstall(self) -> None:
-        import torch.distributed as dist
-
-        if "all_reduce" in self._orig:
-            dist.all_reduce = self._orig.pop("all_reduce")
-        if self._remove is not None:
-            self._remove()
-            self._remove = None
-
-    def take(self) -> List[list]:
-        out, self.records = self.records, []
-        return out
-
-
-class ReadyClock:
-    """``post_accumulate_grad`` hooks on every parameter: when each gradient was ready (and the main thread's CPU
-    time at the last one)."""
-
-    def __init__(self, params):
-        self.params = list(params)
-        self.times = [0.0] * len(self.params)
-        self.last = 0.0
-        self.last_cpu = 0.0
-        self.last_proc = 0.0
-        self.handles = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)]
-
-    def _hook(self, i):
-        def hook(_p):
-            t = time.perf_counter()
-            self.times[i] = t
-            if t > self.last:
-                self.last, self.last_cpu, self.last_proc = t, time.thread_time(), time.process_time()
-        return hook
-
-    def reset(self):
-        self.times = [0.0] * len(self.params)
-        self.last = 0.0
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-
-def _loop(step_parts, clock: ReadyClock, recorder: Optional[CollectiveRecorder], n: int) -> List[dict]:
-    """``n`` steps of ``step_parts = (forward -> loss, backward(loss), step())``; one sample per step."""
-    fwd, bwd, opt_step = step_parts
-    samples = []
-    for _ in range(n):
-        clock.reset()
-        if recorder is not None:
-            recorder.take()
-        t0, c0, p0 = time.perf_counter(), time.thread_time(), time.process_time()
-        loss = fwd()
-        t1, c1, p1 = time.perf_counter(), time.thread_time(), time.process_time()
-        bwd(loss)
-        t2, c2, p2 = time.perf_counter(), time.thread_time(), time.process_time()
-        opt_step()
-        t3, c3, p3 = time.perf_counter(), time.thread_time(), time.process_time()
-        ready = clock.last if clock.last > 0 else t2
-        ready_cpu = clock.last_cpu if clock.last > 0 else c2
-        ready_proc = clock.last_proc if clock.last > 0 else p2
-        colls = recorder.take() if recorder is not None else []
-        ms = lambda t: 1e3 * (t - t0)  # noqa: E731
-        samples.append({
-            "t_fwd": ms(t1), "t_ready": ms(ready), "t_bwd": ms(t2), "t_end": ms(t3),
-            "cpu_fwd": 1e3 * (c1 - c0), "cpu_bwd": 1e3 * (ready_cpu - c1), "cpu_tail": 1e3 * (c3 - ready_cpu),
-            "cpu_process": 1e3 * (p3 - p0), "loss": float(loss.detach()),
-            # CPU of the process's other threads (gloo's: sockets, reductions, future callbacks) in each phase
-            "other_fwd": 1e3 * ((p1 - p0) - (c1 - c0)), "other_bwd": 1e3 * ((ready_proc - p1) - (ready_cpu - c1)),
-            "other_tail": 1e3 * ((p3 - ready_proc) - (c3 - ready_cpu)),
-            "ready_frac": ([(t - t1) / (ready - t1) if ready > t1 and t > 0 else 1.0 for t in clock.times]
-                           if recorder is None else None),
-            "colls": [[op, b, ms(a), ms(d if d is not None else t3)] for op, b, a, d in colls]})
-    return samples
 
 
 def make_batch(rank: int, batch: int, image: int, classes: int):
@@ -306,9 +152,10 @@ def build_model(name: str, classes: int):
     return MODELS.build(name, opts)
 
 
-def compute_alone(cfg, x, y, warmup: Optional[int] = None, steps: Optional[int] = None, grad: bool = True):
+def compute_alone(cfg, x, y, warmup: Optional[int] = None, steps: Optional[int] = None, grad: bool = True,
+                  raw: bool = False):
     """Forward, backward and optimizer of the plain model on this core, no communication (``warmup`` + ``steps``
-    steps; default the run's)."""
+    steps; default the run's): the medians and the readiness profile, or with ``raw`` the timed samples."""
     import torch
 
     model = build_model(cfg["model"], cfg["classes"])
@@ -326,6 +173,11 @@ def compute_alone(cfg, x, y, warmup: Optional[int] = None, steps: Optional[int] 
 
     _loop((fwd, lambda loss: loss.backward(), step), clock, None, cfg["warmup"] if warmup is None else warmup)
     samples = _loop((fwd, lambda loss: loss.backward(), step), clock, None, cfg["steps"] if steps is None else steps)
+    if raw:
+        clock.remove()
+        for s in samples:
+            s["ready_frac"] = None
+        return samples, None
     grad_abs = None
     if grad:  # one more gradient, for exdyna's starting threshold
         loss = fwd()
@@ -339,7 +191,6 @@ def compute_alone(cfg, x, y, warmup: Optional[int] = None, steps: Optional[int] 
            "cpu_fwd_ms": med("cpu_fwd"), "cpu_bwd_ms": med("cpu_bwd"), "cpu_opt_ms": med("cpu_tail"),
            "other_bwd_ms": med("other_bwd"), "other_tail_ms": med("other_tail"),
            "ready_frac": ready, "steps": len(samples)}
-    del model, opt
     return out, grad_abs
 
 
@@ -393,14 +244,20 @@ def _ddp_method(method, cfg, opts, x, y, world):
 
     model = build_model(cfg["model"], cfg["classes"])
     kw = {}
-    if method == "ddp_powersgd" and not cfg.get("ddp_default_buckets"):
-        # one bucket: the only race-free layout of PyTorch's hook on gloo (DDP_POWERSGD_ONE_BUCKET)
+    if method == "ddp_powersgd_1b":  # one bucket: the whole gradient (the chain runs after backward)
         grad_mib = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / 2**20
         kw["bucket_cap_mb"] = int(grad_mib) + 1
     ddp = DistributedDataParallel(model, **kw)
     hook, state = ddp_hook(method, None, opts.rank)
-    ddp.register_comm_hook(state, hook)
+    buckets: Dict[int, int] = {}
+
+    def counted(st, bucket, hook=hook):  # the bucket layout the hook sees (DDP's logging keeps the first one)
+        buckets[bucket.index()] = bucket.buffer().numel() * bucket.buffer().element_size()
+        return hook(st, bucket)
+
+    ddp.register_comm_hook(state, counted)
     registered = ddp._comm_hooks[-1][0]
+    torch_fn = getattr(hook, "__wrapped__", hook)
     opt = torch.optim.SGD(ddp.parameters(), lr=LR, momentum=MOMENTUM)
     ce = torch.nn.functional.cross_entropy
 
@@ -408,8 +265,9 @@ def _ddp_method(method, cfg, opts, x, y, world):
         opt.step()
         opt.zero_grad()
 
-    info = {"hook": f"{registered.__module__}.{registered.__qualname__}", "hook_is_torch_function": registered is hook,
-            "state": type(state).__name__ if state is not None else None,
+    info = {"hook": f"{torch_fn.__module__}.{torch_fn.__qualname__}", "serialized": hasattr(hook, "__wrapped__"),
+            "hook_is_torch_function": registered is counted and torch_fn.__module__.startswith("torch."),
+            "state": type(state).__name__ if state is not None and not hasattr(state, "size") else None,
             "matrix_approximation_rank": getattr(state, "matrix_approximation_rank", None),
             "start_powerSGD_iter": getattr(state, "start_powerSGD_iter", None),
             "min_compression_rate": getattr(state, "min_compression_rate", None),
@@ -418,12 +276,8 @@ def _ddp_method(method, cfg, opts, x, y, world):
             "bucket_cap_mb_given": kw.get("bucket_cap_mb")}
 
     def stats():
-        try:
-            data = ddp._get_ddp_logging_data()
-            return {"bucket_sizes": str(data.get("bucket_sizes", "")),
-                    "iteration": float(getattr(state, "iter", 0) or 0)}
-        except Exception:
-            return {}
+        return {"bucket_bytes": [buckets[k] for k in sorted(buckets)],
+                "iteration": float(getattr(state, "iter", 0) or 0)}
 
     def close():
         pass
@@ -431,9 +285,34 @@ def _ddp_method(method, cfg, opts, x, y, world):
     return ddp, (lambda: ce(ddp(x), y), lambda loss: loss.backward(), step), info, stats, close
 
 
+def _measure(m, cfg, opts, x, y, world, rec, align, core) -> dict:
+    """One method once (one round): build, warm up, align, time ``cfg["steps"]`` steps (periods), close."""
+    if m == ALONE:
+        s, _ = compute_alone(cfg, x, y, cfg["warmup"], cfg["steps"], grad=False, raw=True)
+        return {"samples": s, "period": 1}
+    build = _ddp_method if m in DDP_METHODS else _ds_method
+    module, parts, info, stats, close = build(m, cfg, opts, x, y, world)
+    if core is not None:
+        pin_threads(core)
+    clock = ReadyClock([p for p in module.parameters() if p.requires_grad])
+    period = opts.qsr_h if m == "local_qsr" else 1
+    warm = max(cfg["warmup"], DDP_START_POWERSGD_ITER + 1 if m in DDP_POWERSGD else 0) * period
+    rec.active = False
+    _loop(parts, clock, None, warm)
+    align()
+    rec.active = True
+    samples = _loop(parts, clock, rec, cfg["steps"] * period)
+    rec.active = False
+    clock.remove()
+    info.update(stats())
+    close()
+    del module, parts
+    return {"samples": samples, "period": period, "info": info, "masks": thread_masks()}
+
+
 def bench(cfg: dict) -> Optional[dict]:
-    """Every method of ``cfg["methods"]`` on this rank (the process group is up); rank 0 returns the result
-    (every rank's samples), the others None."""
+    """Every method of ``cfg["methods"]`` on this rank, in ``cfg["rounds"]`` rounds (module docstring; the process
+    group is up); rank 0 returns the result (every rank's samples), the others None."""
     import torch
     import torch.distributed as dist
 
@@ -441,68 +320,67 @@ def bench(cfg: dict) -> Optional[dict]:
     core = cfg.get("core")
     torch.set_num_threads(1)
     opts = MethodOptions()
+    rounds = int(cfg.get("rounds", 1))
     x, y = make_batch(rank, cfg["batch"], cfg["image_size"], cfg["classes"] or 1000)
-    alone, grad_abs = compute_alone(cfg, x, y)
+    alone, grad_abs = compute_alone(cfg, x, y, steps=cfg["steps"] * rounds)
     thr = None
     if any(m == "exdyna" for m in cfg["methods"]):
         t = torch.tensor([exdyna_threshold(grad_abs, opts.density)], dtype=torch.float64)
         thr = float(comm_world().all_reduce(t)) / world
     del grad_abs
     cfg = dict(cfg, exdyna_threshold=thr)
-    # ds_ext's collectives (barriers, the result gather) go through ds_ext.comm, i.e. DeepSpeed's comm layer: a DDP
-    # launch has none while it measures (DDP's own collectives keep its ranks in step) and imports DeepSpeed only
-    # afterwards, to gather the results
+    # a DDP-only launch (--ddp) has no DeepSpeed comm layer while it measures (DDP's collectives keep its ranks in
+    # step) and imports DeepSpeed only afterwards, to gather the results
     align = (lambda: None) if cfg["ddp"] else world_barrier
+    say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    skipped = {m: applicable(m, world, opts) for m in cfg["methods"] if m in ALL_METHODS}
+    methods = [m for m in cfg["methods"] if not skipped.get(m)]
+    order = sequence(methods, rounds)
+    say(f"# bench-train: {world} ranks ({os.environ.get('LOCAL_SIZE', '?')} per host), link {cfg['bandwidth']}, "
+        f"{cfg['model']} {cfg['image_size']}px batch {cfg['batch']}/rank, {rounds} rounds of {cfg['warmup']} warm-up "
+        f"+ {cfg['steps']} timed steps per method, {'DDP only (no DeepSpeed)' if cfg['ddp'] else 'ds_ext + DDP'}, "
+        f"torch {torch.__version__}; compute alone: fwd {alone['fwd_ms']:.0f} bwd {alone['bwd_ms']:.0f} opt "
+        f"{alone['opt_ms']:.0f} ms")
+    for m, why in skipped.items():
+        if why:
+            say(f"  {m}: skipped ({why})")
     rec = CollectiveRecorder()
     rec.install()
     per_method: Dict[str, dict] = {}
-    say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    say(f"# bench-train: {world} ranks ({os.environ.get('LOCAL_SIZE', '?')} per host), link {cfg['bandwidth']}, "
-        f"{cfg['model']} {cfg['image_size']}px batch {cfg['batch']}/rank, {cfg['warmup']} warm-up + {cfg['steps']} "
-        f"timed steps, {'DDP (no DeepSpeed)' if cfg['ddp'] else 'DeepSpeed + ds_ext'}, torch {torch.__version__}; "
-        f"compute alone: fwd {alone['fwd_ms']:.0f} bwd {alone['bwd_ms']:.0f} opt {alone['opt_ms']:.0f} ms")
+    reference = {"samples": [], "period": 1}
+    seq_log: List[list] = []
+    t_start = time.perf_counter()
     try:
-        for m in cfg["methods"]:
-            why = applicable(m, world, opts) if m in ALL_METHODS else None
-            if why:
-                say(f"  {m}: skipped ({why})")
-                continue
-            # compute alone again right before the method: the reference of its step, at the machine's load now
-            m_alone, _ = compute_alone(cfg, x, y, 1, cfg.get("alone_steps", 3), grad=False)
-            m_alone.pop("ready_frac")
-            build = _ddp_method if m in DDP_METHODS else _ds_method
-            module, parts, info, stats, close = build(m, cfg, opts, x, y, world)
-            if core is not None:
-                pin_threads(core)
-            clock = ReadyClock([p for p in module.parameters() if p.requires_grad])
-            period = opts.qsr_h if m == "local_qsr" else 1
-            warm = max(cfg["warmup"], DDP_START_POWERSGD_ITER if m == "ddp_powersgd" else 0) * period
-            rec.active = False
-            _loop(parts, clock, None, warm)
-            align()
-            rec.active = True
-            samples = _loop(parts, clock, rec, cfg["steps"] * period)
-            rec.active = False
-            clock.remove()
-            info.update(stats())
-            close()
-            per_method[m] = {"samples": samples, "period": period, "info": info, "masks": thread_masks(),
-                             "alone": m_alone}
-            del module, parts, close, stats
-            gc.collect()
-            if rank == 0:
-                s = summarize_rank(per_method[m])
-                say(f"  {m:<13} rank 0: step {s['step_ms']:8.1f} ms  fwd {s['fwd_ms']:6.1f}  bwd {s['bwd_ms']:7.1f}  "
-                    f"after bwd {s['tail_ms']:7.1f}  comm {s['comm_ms']:8.1f}  hidden {s['hidden_ms']:7.1f} ms")
-            align()
+        for r, names in enumerate(order):
+            for m in names:
+                t0 = time.perf_counter()
+                got = _measure(m, cfg, opts, x, y, world, rec, align, core)
+                for s in got["samples"]:
+                    s["round"] = r
+                seq_log.append([r, m, round(t0 - t_start, 3), round(time.perf_counter() - t0, 3),
+                                round(os.getloadavg()[0], 2)])
+                if m == ALONE:
+                    reference["samples"] += got["samples"]
+                else:
+                    have = per_method.setdefault(m, dict(got, samples=[], info={}))
+                    have["samples"] += got["samples"]
+                    have["info"] = got["info"]
+                gc.collect()
+                if rank == 0:
+                    s = rank_round(got["samples"], got["period"])
+                    say(f"  {m:<15} rank 0 round {r}: step {s['step_ms']:8.1f} ms  fwd {s['fwd_ms']:6.1f}  bwd "
+                        f"{s['bwd_ms']:7.1f}  after bwd {s['tail_ms']:7.1f}  comm {s['comm_ms']:8.1f}  overlap "
+                        f"{s['overlap_ms']:7.1f} ms")
+                align()
     finally:
         rec.uninstall()
     deepspeed_imported = "deepspeed" in sys.modules  # while measuring
-    mine = {"rank": rank, "core": core, "masks": thread_masks(), "alone": alone, "methods": per_method}
+    mine = {"rank": rank, "core": core, "masks": thread_masks(), "alone": alone, "methods": per_method,
+            "reference": reference}
     if world > 1:
         import deepspeed.comm as dc
 
-        if not dc.is_initialized():  # a DDP launch: DeepSpeed's comm layer over the existing process group
+        if not dc.is_initialized():  # a DDP-only launch: DeepSpeed's comm layer over the existing process group
             from ds_ext.comm import init_distributed
 
             init_distributed(timeout_s=1800)
@@ -512,6 +390,7 @@ def bench(cfg: dict) -> Optional[dict]:
     return {"kind": "benchmarks.train", "world": world, "local_size": int(os.environ.get("LOCAL_SIZE", "1")),
             "bandwidth": cfg["bandwidth"], "model": cfg["model"], "image_size": cfg["image_size"],
             "batch": cfg["batch"], "classes": cfg["classes"] or 1000, "steps": cfg["steps"], "warmup": cfg["warmup"],
+            "rounds": rounds, "order": order, "sequence": seq_log,
             "ddp": cfg["ddp"], "deepspeed_imported": deepspeed_imported, "pinned": core is not None,
             "options": opts.__dict__, "lr": LR, "momentum": MOMENTUM, "exdyna_threshold": thr,
             "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -523,14 +402,13 @@ def bench(cfg: dict) -> Optional[dict]:
 def _cfg(args) -> dict:
     return {"methods": [m for m in args.methods.split(",") if m], "model": args.model, "image_size": args.image_size,
             "batch": args.batch, "classes": args.classes, "steps": args.steps, "warmup": args.warmup,
-            "bandwidth": args.bandwidth, "ddp": args.ddp, "ddp_default_buckets": args.ddp_default_buckets,
-            "alone_steps": args.alone_steps}
+            "rounds": args.rounds, "bandwidth": args.bandwidth, "ddp": args.ddp}
 
 
 def worker(rank: int, world: int, **cfg) -> Optional[dict]:
     """``tests/harness.run`` entry (the process group is up): ``bench`` with ``cfg`` (keys of ``_cfg``; the
     defaults of ``main``'s ``run``)."""
-    base = {"model": "resnet18", "image_size": 32, "batch": 2, "classes": 10, "steps": 2, "warmup": 2,
+    base = {"model": "resnet18", "image_size": 32, "batch": 2, "classes": 10, "steps": 2, "warmup": 2, "rounds": 1,
             "bandwidth": "local", "ddp": False, "core": None}
     base.update(cfg)
     if base.get("pin"):
@@ -549,11 +427,10 @@ def run(args) -> int:
         cores = sorted(os.sched_getaffinity(0))
         core = cores[rank % len(cores)]
         pin_threads(core)
-    if args.ddp:  # PyTorch alone: no DeepSpeed in this process
-        from datetime import timedelta
+    from datetime import timedelta
 
-        dist.init_process_group("gloo", timeout=timedelta(seconds=1800))
-    else:
+    dist.init_process_group("gloo", timeout=timedelta(seconds=1800))  # torch's own group: DDP's and DeepSpeed's
+    if not args.ddp:  # DeepSpeed's comm layer over it (a DDP-only launch imports no DeepSpeed while measuring)
         from ds_ext.comm import init_distributed
 
         init_distributed(timeout_s=1800)
@@ -576,20 +453,18 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="one measurement (every rank; under the deepspeed launcher)")
-    r.add_argument("--methods", default=None, help=f"comma list (default: {','.join(DS_METHODS)}; with --ddp: "
-                                                   f"{','.join(DDP_METHODS)})")
-    r.add_argument("--ddp", action="store_true", help="PyTorch DDP with its own hooks, no DeepSpeed")
+    r.add_argument("--methods", default=None, help=f"comma list, run in this order before rotation (default: "
+                                                   f"{','.join(default_methods())}; with --ddp: {','.join(DDP_METHODS)})")
+    r.add_argument("--ddp", action="store_true", help="DDP's hooks only, without importing DeepSpeed")
     r.add_argument("--model", default="resnet50")
     r.add_argument("--image-size", type=int, default=128)
     r.add_argument("--batch", type=int, default=4, help="images per rank and step")
     r.add_argument("--classes", type=int, default=0, help="model classes (0: the model's default)")
-    r.add_argument("--steps", type=int, default=8, help="timed steps per method (local_qsr: periods)")
-    r.add_argument("--warmup", type=int, default=2, help="untimed steps first (local_qsr: periods)")
+    r.add_argument("--rounds", type=int, default=3, help="alternations: every method runs once per round")
+    r.add_argument("--steps", type=int, default=3, help="timed steps per method and round (local_qsr: periods)")
+    r.add_argument("--warmup", type=int, default=2, help="untimed steps per method and round (local_qsr: periods)")
     r.add_argument("--bandwidth", default="unknown", help="link rate label of this run (tc syntax: 500mbit)")
-    r.add_argument("--alone-steps", type=int, default=3, help="compute-alone steps right before each method")
     r.add_argument("--no-pin", action="store_true", help="do not pin each rank to a core")
-    r.add_argument("--ddp-default-buckets", action="store_true",
-                   help="ddp_powersgd with DDP's default buckets (races on gloo: see DDP_POWERSGD_ONE_BUCKET)")
     r.add_argument("--out", default=None, help="JSON result file (written by rank 0)")
     r.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p = sub.add_parser("report", help="table.md, results.json and the cost model's check of a result directory")
@@ -604,15 +479,16 @@ def main(argv=None) -> int:
         ap.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.cmd == "run":
         if args.methods is None:
-            args.methods = ",".join(DDP_METHODS if args.ddp else DS_METHODS)
+            args.methods = ",".join(default_methods(args.ddp))
         ms = [m for m in args.methods.split(",") if m]
         bad = [m for m in ms if m not in METHODS]
         if bad:
             ap.error(f"--methods: unknown {', '.join(bad)}; known: {', '.join(METHODS)}")
-        wrong = [m for m in ms if (m in DDP_METHODS) != args.ddp]
-        if wrong:
-            ap.error(f"--methods: {', '.join(wrong)} {'need' if not args.ddp else 'cannot run with'} --ddp "
-                     f"(DDP runs in its own launch, without DeepSpeed)")
+        if args.ddp and any(m not in DDP_METHODS for m in ms):
+            ap.error(f"--methods: {', '.join(m for m in ms if m not in DDP_METHODS)} cannot run with --ddp "
+                     f"(DDP's hooks only, without DeepSpeed)")
+        if args.rounds < 1 or args.steps < 1 or args.warmup < 0:
+            ap.error("--rounds and --steps must be >= 1, --warmup >= 0")
         return run(args)
     if args.cmd == "compare":
         return compare(args)

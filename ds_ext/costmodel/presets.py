@@ -97,7 +97,11 @@ class Peer:
 PEERS: Dict[str, Peer] = {
     "deepspeed": Peer("DeepSpeed ZeRO-0 reduction"),
     "ddp_allreduce": Peer("DDP allreduce_hook", ddp=True, overlaps_backward=True),
-    "ddp_powersgd": Peer("DDP powerSGD_hook r{rank}", ddp=True, callback_compression=True),
+    # DDP's default buckets; on gloo each bucket's call waits for the previous bucket's chain (the hook aborts
+    # otherwise: benchmarks/ddp_powersgd_gloo.py)
+    "ddp_powersgd": Peer("DDP powerSGD_hook r{rank}", ddp=True, overlaps_backward=True, callback_compression=True),
+    "ddp_powersgd_1b": Peer("DDP powerSGD_hook r{rank}, one bucket", ddp=True, callback_compression=True),
+    "ddp_fp16": Peer("DDP fp16_compress_hook", ddp=True, overlaps_backward=True),
 }
 
 #: registered methods with no preset, and why (``covers``); a family key covers every member of that family

@@ -324,13 +324,38 @@ def _launch_inputs(args, shapes, opts) -> tuple:
         ready = flop_ready_fractions(args.model, args.image_size)
         src = f"estimated from multiply-accumulates ({args.model}, {args.image_size}px)"
     sched = backward_schedule("allreduce", shapes, 2, opts)
-    text = (f"launch term: allreduce buckets and acpsgd fusion groups are launched during backward "
-            f"(= {args.backward_fraction:.2f} x compute, input) when their gradients are ready (readiness "
+    text = (f"launch term: each method's collectives that its schedule launches during backward (launch points "
+            f"below) start during backward (= {args.backward_fraction:.2f} x compute, input) when their gradients "
+            f"are ready (readiness "
             f"{src}; allreduce's {len(sched[0][1])} buckets ready at "
             + ", ".join(f"{v:.2f}" for v in launch_ready(sched, ready))
             + " of backward), the link serves launches in order and what remains at the end of backward "
-              "is exposed; compression after backward; the other methods communicate after backward")
+              "is exposed; compression after backward; the rest of each method's collectives after backward")
     return ready, text
+
+
+RING_MODEL = ("# ring model (NCCL's ring algorithm, one ring over the N GPUs, each hop a network hop): all_reduce = "
+              "2(N-1) x alpha + 2(N-1)/N x bytes / (eta x BW); all_gather = (N-1) x alpha + (N-1) x bytes / (eta x "
+              "BW); collectives of one step share the link one after another (no two at once, no tree algorithm, no "
+              "NVLink inside a node, no congestion)")
+
+
+def launch_point_lines(methods, shapes, n: int, opts: MethodOptions, ready: Sequence[float]) -> List[str]:
+    """Where the launch term places each method's collectives (``overlap.backward_schedule`` at ``n`` ranks): the
+    launches during backward, each at the readiness of its last gradient, and what is left after backward."""
+    lines = [f"# launch points at N = {n} (fraction of backward when each launch's gradients are ready; from "
+             f"ds_ext/costmodel/overlap.py's schedule of each method):"]
+    for m in methods:
+        sched = backward_schedule(m, shapes, n, opts)
+        w, launches, after = sched[0]
+        during = launch_ready(sched, ready) if launches else []
+        text = (f"{len(launches)} during backward at " + ", ".join(f"{v:.2f}" for v in during)
+                if launches else "none during backward")
+        text += f"; {len(after)} collective(s) after backward" if after else ""
+        if len(sched) > 1:
+            text += f" (first of {len(sched)} alternating step variants)"
+        lines.append(f"#   {m:<10} {text}")
+    return lines
 
 
 def _print_compression(methods, gpus, compression, comp_src) -> None:
@@ -384,6 +409,12 @@ def _run(args) -> int:
     if args.hierarchical:
         print(f"# local_qsr: H = {opts.qsr_h}; rank {opts.rank}; density {opts.density}")
         return _main_hierarchical(args, methods, gpus, bws, shapes, opts, consts, given, overlap)
+    print(RING_MODEL)
+    if ready is not None and overlap:
+        print("\n".join(launch_point_lines(methods, shapes, gpus[0], opts, ready)))
+        print(f"# backward = {args.backward_fraction:.2f} x compute (input); forward + optimizer the rest; compression "
+              f"runs after backward on the critical path (projection A), or is free (B); S-SGD buckets: first "
+              f"{opts.first_bucket_mb:g} MiB, then {opts.bucket_mb:g} MiB; DDP's hooks are not projected")
     _print_compression(methods, gpus, compression, comp_src)
     print(f"# local_qsr: H = {opts.qsr_h}; dssync: {opts.dssync_groups} groups, every step; rank {opts.rank}; "
           f"density {opts.density}")

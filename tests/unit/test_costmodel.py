@@ -240,7 +240,8 @@ def test_cli_overlap_launch_prints_its_assumption(capsys):
     assert pj.main(SMALL + ["--overlap", "launch", "--image-size", "8"]) == 0
     out = capsys.readouterr().out
     block = _assumptions(out)
-    assert "# overlap: launch term: allreduce buckets and acpsgd fusion groups are launched during backward" in block
+    assert "# overlap: launch term: each method's collectives that its schedule launches during backward" in block
+    assert "# ring model (NCCL's ring algorithm" in out and "# launch points at N = " in out
     assert "readiness estimated from multiply-accumulates (digits_cnn, 8px)" in block
     assert "## projection A" in out
 
@@ -299,7 +300,7 @@ def test_the_roster_accounts_for_every_registered_method():
     assert {"allreduce", "powersgd", "acpsgd", "topk", "exdyna", "signsgd", "local_qsr"} <= set(ps.hier_methods())
     assert "dssync" not in ps.hier_methods() and "signsgd" not in ps.hier_default_methods()
     assert ps.SERIAL_TRAIN_METHODS == ("powersgd", "topk", "exdyna", "signsgd", "local_qsr", "dssync", "deepspeed",
-                                       "ddp_powersgd")
+                                       "ddp_powersgd_1b")   # DDP's powerSGD_hook with DDP's buckets: during backward
     assert ps.label_of("local_qsr") == "Local SGD + QSR (H=4)" and ps.label_of("ddp_powersgd") == "DDP powerSGD_hook r4"
 
 
