@@ -16,7 +16,8 @@ last step; ``train/loss`` is rank 0's) and the logged ``history`` of the whole r
 ``history.jsonl`` (one logged record per line, appended on logging steps; a resumed run keeps the records up
 to its checkpoint's step and drops later ones),
 ``wandb_run_id`` (a resumed run continues that wandb run), ``wandb/`` and, at the end, ``curves.png`` (the run's
-loss, bytes and step time: ``ds_ext.trainer.compare``; needs matplotlib, the ``plots`` extra).
+loss, bytes and step time: ``ds_ext.trainer.compare``; needs matplotlib, the ``plots`` extra; ``DS_EXT_CURVES=0``:
+not drawn).
 """
 from __future__ import annotations
 
@@ -279,6 +280,9 @@ def run_name(recipe) -> Optional[str]:
             or (Path(src).stem if src and not src.startswith("<") else None))
 
 
+CURVES_ENV = "DS_EXT_CURVES"
+
+
 def run_name_of(summary: dict, run_dir: str) -> str:
     """A title for a run's picture: its directory and method, e.g. ``my: reducer=powersgd sync=none``."""
     method = " ".join(f"{k}={summary[k]}" for k in ("reducer", "sync", "order") if k in summary)
@@ -407,8 +411,9 @@ class RunRecords:
 
     def curves(self, summary: dict) -> None:
         """Rank 0: ``<run_dir>/curves.png`` (``ds_ext.trainer.compare.write_curves``) from the history and
-        ``summary``. Without matplotlib, or when it cannot be drawn, one line says so; never an exception."""
-        if not self.is0:
+        ``summary``. Without matplotlib, or when it cannot be drawn, one line says so; never an exception.
+        ``DS_EXT_CURVES=0`` leaves it out (the test suite does: about 1 s of CPU per run for matplotlib)."""
+        if not self.is0 or os.environ.get(CURVES_ENV, "1").strip() == "0":
             return
         from .compare import INSTALL_HINT, write_curves
 

@@ -19,9 +19,10 @@ def _argv(recipe, host, *sets):
     return ["--recipe", str(recipe), "--host-config", host, *[a for s in base for a in ("--set", s)]]
 
 
-def test_copy_run_twice_then_compare(tmp_path, host, capsys):
+def test_copy_run_twice_then_compare(tmp_path, host, capsys, monkeypatch):
     from ds_ext.trainer.cli import main
 
+    monkeypatch.setenv("DS_EXT_CURVES", "1")  # tests/conftest.py turns the pictures off for every other run
     recipe = tmp_path / "my.yaml"
     assert main(["recipes", "copy", "quickstart", str(recipe)]) == 0
     first = tmp_path / "logs" / "my"  # log_root (the host file) / the copy's name

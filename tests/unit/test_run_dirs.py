@@ -98,6 +98,7 @@ def test_curves_without_matplotlib_is_one_line(tmp_path, monkeypatch, capsys):
     from ds_ext.trainer.records import RunRecords
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    monkeypatch.setenv("DS_EXT_CURVES", "1")
     rec = RunRecords(True, str(tmp_path))
     rec.history = [{"step": 1, "train/loss": 2.0}]
     rec.curves({"reducer": "allreduce"})
@@ -106,6 +107,8 @@ def test_curves_without_matplotlib_is_one_line(tmp_path, monkeypatch, capsys):
                    "install matplotlib)"]
     assert not (tmp_path / "curves.png").exists()
     RunRecords(False, str(tmp_path)).curves({})  # other ranks: nothing
+    monkeypatch.setenv("DS_EXT_CURVES", "0")
+    rec.curves({})  # turned off: nothing
     assert capsys.readouterr().err == ""
 
 
