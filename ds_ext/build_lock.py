@@ -354,7 +354,7 @@ def _noticed_wait(self) -> None:
     notices off (0), torch's own loop runs."""
     delay = warn_after_s()
     if delay <= 0 or threading.get_ident() in _watched:
-        return _ORIGINAL_WAIT(self)
+        return self._ds_ext_original_wait()
     import warnings
 
     t0 = time.monotonic()
@@ -374,20 +374,16 @@ def _noticed_wait(self) -> None:
             next_at = now + REPEAT_S
 
 
-_ORIGINAL_WAIT = None
-
-
 def install_wait_notice() -> bool:
-    """Replace ``FileBaton.wait`` by ``_noticed_wait`` (once per process; True when it is in place). Called when
-    this module is imported; torch's class keeps working as before for every caller."""
-    global _ORIGINAL_WAIT
+    """Replace ``FileBaton.wait`` by ``_noticed_wait`` (True when it is in place). Called when this module is
+    imported; torch's own function is kept on the class as ``_ds_ext_original_wait`` (once per process, so a
+    reloaded module never wraps its own wrapper), and the class keeps working as before for every caller."""
     try:
         from torch.utils.file_baton import FileBaton
     except ImportError:  # no torch: nothing waits on its batons
         return False
-    if getattr(FileBaton.wait, "_ds_ext_notice", False):
-        return True
-    _ORIGINAL_WAIT = FileBaton.wait
+    if not hasattr(FileBaton, "_ds_ext_original_wait"):
+        FileBaton._ds_ext_original_wait = FileBaton.wait
     _noticed_wait._ds_ext_notice = True
     FileBaton.wait = _noticed_wait
     return True
