@@ -211,7 +211,7 @@ def _resolve_paths(recipe: Recipe, host: HostConfig, source: str, host_file: Opt
     if recipe.log.dir:
         log_dir = Path(recipe.log.dir).expanduser()
     else:
-        log_dir = Path(host.log_root).expanduser() / stem
+        log_dir = Path(host.log_root) / stem
         recipe._origin["log.dir"] = f"log_root ({host.log_root}) in {host_name}"
         if not recipe.checkpoint.dir:
             recipe._origin["checkpoint.dir"] = recipe._origin["log.dir"]
