@@ -12,6 +12,12 @@ that extension waits forever, silently. Two answers here (design notes: ``docs/d
   age, which process holds it open, and ``rm <path>`` when none does; or, in torch.distributed's rendezvous,
   MASTER_ADDR:MASTER_PORT, the world size and the ranks seen waiting there (``rendezvous_wait``) -- again every
   minute, and at once when the wait changes. It stops the moment the block ends.
+* ``install_wait_notice()`` (done when this module is imported, i.e. by ``import ds_ext``): every wait on a
+  torch build lock in this process says so, wherever it happens, from the earliest point -- DeepSpeed building or
+  loading its ``deepspeed_shm_comm`` op inside ``deepspeed.initialize`` / ``deepspeed.init_distributed`` (own
+  loops, the Hugging Face Trainer, Accelerate), before ds_ext's own ``watch`` exists. ``FileBaton.wait``, torch's
+  poll loop, is replaced by the same loop plus a WARNING after ``DS_EXT_BUILD_LOCK_WARN_S`` naming the lock file
+  and the fix (``describe``), again every minute; a wait inside ``watch`` is left to the watch's lines.
 * ``owned_build(build_dir)``: around a JIT build of ds_ext's own op (``ds_ext/op_builder/__init__.py``). It
   takes an ``fcntl.flock`` on ``<build_dir>/ds_ext_build.flock`` for the build; the kernel drops that lock
   when its holder dies, however it dies. Holding it, a torch ``lock`` file that no process on this host holds
@@ -41,6 +47,8 @@ FLOCK_NAME = "ds_ext_build.flock"    # ours, beside it; never removed (an flock 
 
 # thread ident -> the flock file that thread is blocked on (owned_build), for watch's message
 _flock_waits: Dict[int, Path] = {}
+# thread ident -> how many watch blocks that thread is inside (their lines cover a baton wait there)
+_watched: Dict[int, int] = {}
 
 
 def warn_after_s() -> float:
@@ -149,7 +157,7 @@ def describe(path: Path) -> str:
         return f"{head}, held by {who}, which is compiling {path.parent.name}: waiting for that build"
     return (f"{head}, which no process on this host holds open: probably left by a build killed mid-way. If "
             f"no build of {path.parent.name} is running (on any host sharing {path.parent.parent}), delete it: "
-            f"rm {path}")
+            f"rm {path} (or give each virtual environment its own directory: export TORCH_EXTENSIONS_DIR=...)")
 
 
 def _thread_state(ident: int) -> Tuple[str, Optional[Path]]:
@@ -314,12 +322,71 @@ def watch(what: str, delay_s: Optional[float] = None, repeat_s: float = REPEAT_S
         yield
         return
     w = _Watch(what, delay, repeat_s)
+    _watched[w.ident] = _watched.get(w.ident, 0) + 1
     w.thread.start()
     try:
         yield
     finally:
         w.done.set()
         w.thread.join(timeout=10.0)
+        if _watched.get(w.ident, 0) <= 1:
+            _watched.pop(w.ident, None)
+        else:
+            _watched[w.ident] -= 1
+
+
+# ---- every baton wait of the process -------------------------------------------------------------------------
+
+def wait_line(path: Path, waited_s: float) -> str:
+    """The line of a baton wait outside ``watch``: who waits (the rank, under a launcher), for which JIT
+    extension, and ``describe(path)``."""
+    path = Path(path)
+    rank = os.environ.get("RANK") if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else None
+    return ((f"rank {rank}: " if rank else "") + f"loading the JIT extension {path.parent.name} (torch.utils."
+            f"cpp_extension, e.g. DeepSpeed's op at process-group start): waiting for {waited_s:.0f} s on "
+            f"{describe(path)}")
+
+
+def _noticed_wait(self) -> None:
+    """``torch.utils.file_baton.FileBaton.wait`` with notices: the same poll (every ``wait_seconds`` until the lock
+    file is gone; torch's own ``warn_after_seconds`` warning kept), plus a WARNING on ``ds_ext.build_lock`` after
+    ``warn_after_s()`` seconds and every ``REPEAT_S`` after (``wait_line``). Inside ``watch``, or with the
+    notices off (0), torch's own loop runs."""
+    delay = warn_after_s()
+    if delay <= 0 or threading.get_ident() in _watched:
+        return self._ds_ext_original_wait()
+    import warnings
+
+    t0 = time.monotonic()
+    next_at, torch_warn = t0 + delay, getattr(self, "warn_after_seconds", None)
+    while os.path.exists(self.lock_file_path):
+        time.sleep(self.wait_seconds)
+        now = time.monotonic()
+        if torch_warn is not None and now - t0 > torch_warn:
+            warnings.warn(f'Waited on lock file "{self.lock_file_path}" for {torch_warn} seconds.', stacklevel=2)
+            torch_warn = None
+        if now >= next_at:
+            try:
+                line = wait_line(Path(self.lock_file_path), now - t0)
+            except Exception as e:  # noqa: BLE001 - a message must never break the start-up it describes
+                line = f"waiting for {now - t0:.0f} s on torch's JIT build lock {self.lock_file_path} ({e})"
+            log.warning("%s", line)
+            next_at = now + REPEAT_S
+
+
+def install_wait_notice() -> bool:
+    """Replace ``FileBaton.wait`` by ``_noticed_wait`` (True when it is in place). Called when this module is
+    imported; torch's own function is kept on the class as ``_ds_ext_original_wait`` (once per process, so a
+    reloaded module never wraps its own wrapper), and the class keeps working as before for every caller."""
+    try:
+        from torch.utils.file_baton import FileBaton
+    except ImportError:  # no torch: nothing waits on its batons
+        return False
+    if not hasattr(FileBaton, "_ds_ext_original_wait"):
+        FileBaton._ds_ext_original_wait = FileBaton.wait
+    _noticed_wait._ds_ext_notice = True
+    FileBaton.wait = _noticed_wait
+    return True
 
 
 def clear_stale(lock: Path) -> bool:
@@ -373,3 +440,6 @@ def owned_build(build_dir: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+install_wait_notice()

@@ -12,6 +12,8 @@ if str(ROOT) not in sys.path:
 os.environ["DS_ACCELERATOR"] = os.environ.get("DS_EXT_TEST_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# no curves.png at the end of every trainer run (~1 s of CPU each for matplotlib); tests/e2e/test_run_dirs.py turns it on
+os.environ.setdefault("DS_EXT_CURVES", "0")
 # JIT builds in the venv's own torch extensions directory, as run/env.sh sets for the run scripts (a build killed
 # in one venv never blocks another); an explicit TORCH_EXTENSIONS_DIR wins.
 if sys.prefix != sys.base_prefix:

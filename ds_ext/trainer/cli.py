@@ -220,6 +220,12 @@ def _report(argv: List[str]) -> int:
     return report_main(argv)
 
 
+def _compare(argv: List[str]) -> int:
+    from .compare import main as compare_main
+
+    return compare_main(argv)
+
+
 def _costmodel(argv: List[str]) -> int:
     from ..costmodel.project import main as costmodel_main
 
@@ -236,6 +242,7 @@ SUBCOMMANDS: Dict[str, tuple] = {
     "report": ("environment and kernel (op) report", _report),
     "schedule": ("print a recipe's synchronisation (Local SGD / QSR) schedule", schedule_main),
     "costmodel": ("the step-time cost model's projections", _costmodel),
+    "compare": ("compare runs: loss against step and bytes, bytes by kind, step time (PNG) and a table", _compare),
 }
 
 

@@ -30,7 +30,8 @@ class ExitCode(IntEnum):
     RECIPE = 2, "recipe error", ("recipe error (also a bad DS_EXT_OPS, a YAML alias bomb, train.seed outside "
                                  "0..2**31-1, train.collective_timeout_s outside 1 s..7 days, optimizer.lr over 1e6, "
                                  "a deepspeed_config that is not UTF-8 JSON, a model too large for the host's "
-                                 "memory, a malformed DS_EXT_FAULT)")
+                                 "memory, a malformed DS_EXT_FAULT, a log.dir holding another run's records while this run starts "
+                                 "afresh: another log.dir, checkpoint.resume=auto or log.overwrite=true)")
     DATA = 3, "data error", ("data error (also a label outside the model's classes, non-finite inputs in the "
                              "validation set)")
     PEER_LOST = 4, "peer lost", "another rank was lost or stopped, or a collective failed"

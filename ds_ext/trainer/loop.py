@@ -588,6 +588,7 @@ class Trainer:
         if self.is0:
             print(saying.prefixed(att.summary()))
         err = self.records.summary(summary, parts, meter)  # rank 0 writes; a failed write: the reason
+        self.records.curves(summary)  # rank 0: <log.dir>/curves.png
         err = gather_objects(err)[0]  # rank 0's verdict for every rank (the barrier this was)
         if err:
             saved = ckpt.complete_checkpoints(self.ce.dir)

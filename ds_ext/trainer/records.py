@@ -15,7 +15,9 @@ training loss of every epoch averaged over ALL ranks, logged as ``train/epoch_lo
 last step; ``train/loss`` is rank 0's) and the logged ``history`` of the whole run, across resumes),
 ``history.jsonl`` (one logged record per line, appended on logging steps; a resumed run keeps the records up
 to its checkpoint's step and drops later ones),
-``wandb_run_id`` (a resumed run continues that wandb run) and ``wandb/``.
+``wandb_run_id`` (a resumed run continues that wandb run), ``wandb/`` and, at the end, ``curves.png`` (the run's
+loss, bytes and step time: ``ds_ext.trainer.compare``; needs matplotlib, the ``plots`` extra; ``DS_EXT_CURVES=0``:
+not drawn).
 """
 from __future__ import annotations
 
@@ -278,6 +280,15 @@ def run_name(recipe) -> Optional[str]:
             or (Path(src).stem if src and not src.startswith("<") else None))
 
 
+CURVES_ENV = "DS_EXT_CURVES"
+
+
+def run_name_of(summary: dict, run_dir: str) -> str:
+    """A title for a run's picture: its directory and method, e.g. ``my: reducer=powersgd sync=none``."""
+    method = " ".join(f"{k}={summary[k]}" for k in ("reducer", "sync", "order") if k in summary)
+    return f"{Path(run_dir).name}: {method}" if method else Path(run_dir).name
+
+
 def _history_start(run_dir: str, upto: Optional[int]) -> List[dict]:
     """Rank 0, before the first step: the logged records this run continues. A fresh run (``upto`` None)
     starts empty; a resumed one keeps ``<run_dir>/history.jsonl``'s records up to step ``upto`` (its
@@ -397,6 +408,21 @@ class RunRecords:
 
     def finish(self) -> None:
         self.wb.finish()
+
+    def curves(self, summary: dict) -> None:
+        """Rank 0: ``<run_dir>/curves.png`` (``ds_ext.trainer.compare.write_curves``) from the history and
+        ``summary``. Without matplotlib, or when it cannot be drawn, one line says so; never an exception.
+        ``DS_EXT_CURVES=0`` leaves it out (the test suite does: about 1 s of CPU per run for matplotlib)."""
+        if not self.is0 or os.environ.get(CURVES_ENV, "1").strip() == "0":
+            return
+        from .compare import INSTALL_HINT, write_curves
+
+        try:
+            write_curves(self.run_dir, self.history, summary, title=run_name_of(summary, self.run_dir))
+        except ImportError:
+            print(f"[ds_ext] no curves.png: matplotlib is not installed; {INSTALL_HINT}", file=sys.stderr)
+        except Exception as e:  # noqa: BLE001 -- a picture must never fail a finished run
+            print(f"[ds_ext] curves.png not drawn: {type(e).__name__}: {e}", file=sys.stderr)
 
     def summary(self, summary: dict, parts: dict, meter) -> Optional[str]:
         """Rank 0: ``summary.json`` (``summary`` and the history, written atomically: a failed write leaves the

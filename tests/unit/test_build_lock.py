@@ -307,3 +307,79 @@ def test_a_rank_waiting_for_the_others_names_the_rendezvous(tmp_path):
     assert line.startswith("[ds_ext] rank 0: deepspeed.init_distributed (rendezvous at "), line
     assert "ranks seen waiting there: 0 (1 of 2); not seen: 1 " in line, line
     print(f"\n[test_build_lock] rendezvous line {took:.1f} s after the op was loaded: {line.strip()}")
+
+
+# ---- every baton wait of a process that imported ds_ext (issue 30, item 10) ---------------------------------
+
+def test_a_baton_wait_outside_watch_names_the_lock_and_ends_when_it_goes(ext_root, lines, monkeypatch):
+    """``import ds_ext`` puts the notice into torch's own ``FileBaton.wait``: a wait on a leftover lock anywhere in
+    the process (here the test thread, no ``watch`` around it) logs, after ``DS_EXT_BUILD_LOCK_WARN_S``, the lock
+    file and the fix; removing the file, as the line says, ends the wait. Inside ``watch`` the watch speaks alone."""
+    assert getattr(FileBaton.wait, "_ds_ext_notice", False) and build_lock.install_wait_notice()
+    monkeypatch.setenv(build_lock.ENV_WARN_S, "0.05")
+    lock = ext_root / "deepspeed_shm_comm" / LOCK_NAME
+    lock.parent.mkdir()
+    lock.touch()
+
+    class Fix(logging.Handler):  # the user reading the line and running its rm
+        def emit(self, record):
+            if f"rm {lock}" in record.getMessage():
+                lock.unlink(missing_ok=True)
+
+    fix = Fix()
+    logging.getLogger("ds_ext.build_lock").addHandler(fix)
+    try:
+        FileBaton(str(lock), wait_seconds=0.01).wait()  # returns only once the line has been logged
+    finally:
+        logging.getLogger("ds_ext.build_lock").removeHandler(fix)
+    assert len(lines.msgs) == 1, lines.msgs
+    assert lines.msgs[0].startswith("loading the JIT extension deepspeed_shm_comm (")
+    assert f"on torch's JIT build lock {lock} (" in lines.msgs[0] and "TORCH_EXTENSIONS_DIR" in lines.msgs[0]
+    lock.touch()
+    t = _guarded_wait(lock, delay_s=0.2, repeat_s=0.2)  # inside watch: the watch's lines only
+    line = lines.wait_for(lambda m: m.startswith("test start-up: "), start=1)
+    assert str(lock) in line and not any(m.startswith("loading the JIT") for m in lines.msgs[1:])
+    lock.unlink()
+    t.join(DEADLINE_S)
+    assert not t.is_alive()
+
+
+@pytest.mark.slow  # ~10 s on 2 idle cores: torch, DeepSpeed and ds_ext imported in a fresh process
+def test_deepspeed_init_on_a_stale_lock_says_so_before_any_ds_ext_call(tmp_path):
+    """The audit's hang (a 2-rank HF run silent for 10 minutes): DeepSpeed's own ``init_distributed``, as an own loop
+    or the HF Trainer reaches it, waits on a stale ``deepspeed_shm_comm/lock`` left in the torch extensions
+    directory. With only ``import ds_ext`` before it, the process now prints the lock file and the fix within
+    ``DS_EXT_BUILD_LOCK_WARN_S``; it is then killed (torch alone would wait forever)."""
+    import queue
+
+    from tests import harness
+
+    lock = tmp_path / "ext" / "deepspeed_shm_comm" / LOCK_NAME
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(lock.parent.parent),
+           "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(harness.free_port()), build_lock.ENV_WARN_S: "1"}
+    code = "import ds_ext, deepspeed\ndeepspeed.init_distributed(dist_backend='gloo')\nprint('initialized')\n"
+    p = subprocess.Popen([sys.executable, "-u", "-c", code], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    out: "queue.Queue[str]" = queue.Queue()
+    threading.Thread(target=lambda: [out.put(ln) for ln in p.stdout], daemon=True).start()
+    seen: list = []
+    try:
+        t0, deadline = time.monotonic(), 120.0  # imports on a loaded machine; the line itself comes 1 s into the wait
+        while not any(f"rm {lock}" in ln for ln in seen):
+            left = deadline - (time.monotonic() - t0)
+            assert left > 0 and p.poll() is None, "no stale-lock line:\n" + "".join(seen[-40:])
+            try:
+                seen.append(out.get(timeout=left))
+            except queue.Empty:
+                continue
+        line = next(ln for ln in seen if f"rm {lock}" in ln)
+        assert "loading the JIT extension deepspeed_shm_comm" in line and "waiting for 1 s" in line, line
+        assert "which no process on this host holds open" in line or "cannot be told here" in line
+        assert not any("initialized" in ln for ln in seen)
+    finally:
+        p.kill()
+        p.wait(timeout=DEADLINE_S)
+    assert lock.exists()  # never removed behind DeepSpeed's back: the user decides

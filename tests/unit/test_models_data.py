@@ -3,6 +3,7 @@ written in the real on-disk formats."""
 import math
 import pickle
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -464,3 +465,19 @@ def test_missing_split_file_is_named(tmp_path):
 def test_reader_options_refuse_unknown_keys():
     with pytest.raises(Exception, match="extra"):
         DATASETS.build("cifar10", {"augmentation": True}, root="/nonexistent")
+
+
+def test_digits_are_read_without_importing_scikit_learn(monkeypatch):
+    """Issue 30, item 10 (start-up): the digits come from scikit-learn's own ``digits.csv.gz`` without importing
+    scikit-learn (2.4-3.7 s per rank, scipy included), and are exactly what ``load_digits`` returns."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from ds_ext.data.digits import digits_arrays
+
+    d = load_digits()
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "sklearn.datasets", None)  # load_digits (the fallback) now raises ImportError
+        images, target = digits_arrays()
+    assert np.array_equal(images, d.images) and images.dtype == d.images.dtype
+    assert np.array_equal(target, d.target) and target.dtype == d.target.dtype

@@ -9,11 +9,16 @@ The repository's top-level ``recipes/*.yaml`` are the source: a wheel carries co
 editable install reads ``recipes/`` itself. ``ds_ext.load_recipe("quickstart")`` resolves a bare bundled
 name through ``bundled_path`` when no file of that name exists.
 
+``copy`` sets the copy's top-level ``name:`` to the destination's file name without ``.yaml`` (``copy quickstart
+my.yaml`` writes ``name: my``): the run directory defaults to ``<log_root>/<name>``, so an edited copy never
+writes into the runs of the recipe it came from.
+
 Exit codes: 0 done, 2 unknown recipe name, a destination that exists (never overwritten) or cannot be written.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import sys
@@ -91,6 +96,20 @@ def describe(text: str, width: int = DESCRIPTION_WIDTH) -> str:
     return cut.rstrip(" ,;:(") + "..."
 
 
+_NAME_LINE = re.compile(r"^name:[^\n]*$", re.MULTILINE)
+
+
+def renamed(text: str, name: str) -> str:
+    """``text`` (a recipe's YAML) with its top-level ``name:`` set to ``name``: the line replaced in place (the
+    comments around it kept), or added after the leading comment block when there is none."""
+    line = f"name: {name}" if re.fullmatch(r"[A-Za-z0-9_.-]+", name) else f"name: {json.dumps(name)}"
+    if _NAME_LINE.search(text):
+        return _NAME_LINE.sub(lambda _: line, text, count=1)
+    lines = text.splitlines(keepends=True)
+    head = len(leading_comment(text))
+    return "".join(lines[:head] + [line + "\n"] + lines[head:])
+
+
 def _unknown(name: str, known: Sequence[str]) -> str:
     return f"unknown recipe {name!r}; known: {', '.join(known) if known else '(none bundled)'}"
 
@@ -128,16 +147,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dest = Path(a.dest) if a.dest else Path(f"{path.stem}.yaml")
     if dest.is_dir():
         dest = dest / f"{path.stem}.yaml"
+    name = dest.name[:-5] if dest.name.endswith(".yaml") else dest.stem
     try:
         with open(dest, "x", encoding="utf-8") as f:  # "x": never replaces an existing file
-            f.write(text)
+            f.write(renamed(text, name))
     except FileExistsError:
         print(f"{dest} exists; not overwritten (remove it or give another DEST)", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"cannot write {dest}: {e.strerror or e}", file=sys.stderr)
         return 2
-    print(f"wrote {dest} (recipe {path.stem}); run it with: python -m ds_ext.train --recipe {dest}")
+    print(f"wrote {dest} (from recipe {path.stem}, with name: {name}: its runs go to <log_root>/{name}); run it on 2 "
+          f"processes with: deepspeed --num_gpus 2 --module ds_ext.train --recipe {dest}")
     return 0
 
 

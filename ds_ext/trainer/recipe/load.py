@@ -206,15 +206,18 @@ def _resolve_paths(recipe: Recipe, host: HostConfig, source: str, host_file: Opt
     if recipe.data.root is None and host.data_root is not None:
         recipe.data.root = host.data_root
         recipe._origin["data.root"] = f"data_root in {host_name}"
-    log_dir = Path(recipe.log.dir or stem)
-    if not log_dir.is_absolute():
-        log_dir = Path(host.log_root) / log_dir
-        recipe._origin["log.dir"] = recipe._origin["checkpoint.dir"] = f"log_root ({host.log_root}) in {host_name}"
+    # a log.dir / checkpoint.dir that is given is used as given (relative: to the working directory, as every
+    # other path on the command line); only the default run directory is put under the host's log_root
+    if recipe.log.dir:
+        log_dir = Path(recipe.log.dir).expanduser()
+    else:
+        log_dir = Path(host.log_root) / stem
+        recipe._origin["log.dir"] = f"log_root ({host.log_root}) in {host_name}"
+        if not recipe.checkpoint.dir:
+            recipe._origin["checkpoint.dir"] = recipe._origin["log.dir"]
     log_dir = log_dir.absolute()
     recipe.log.dir = str(log_dir)
-    ck = Path(recipe.checkpoint.dir) if recipe.checkpoint.dir else log_dir / "checkpoints"
-    if not ck.is_absolute():
-        ck = Path(host.log_root) / ck
+    ck = Path(recipe.checkpoint.dir).expanduser() if recipe.checkpoint.dir else log_dir / "checkpoints"
     recipe.checkpoint.dir = str(ck.absolute())
 
 

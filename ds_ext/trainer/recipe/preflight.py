@@ -66,7 +66,84 @@ def path_problems(recipe: Recipe) -> List[Tuple[str, str]]:
     if isinstance(r, str) and r not in ("false", "no", "auto", "latest", "true") and not Path(r).exists():
         problems.append(("checkpoint.resume", f"{r}: no such checkpoint (allowed: false, auto = the newest "
                                               f"checkpoint in checkpoint.dir if any, or an existing path)"))
+    clash = records_problem(recipe)
+    if clash:
+        problems.append(("log.dir", clash))
     return problems
+
+
+RECORD_FILES = ("summary.json", "history.jsonl")  # what rank 0 writes into log.dir (ds_ext/trainer/records.py)
+
+
+def _resumes(ck) -> bool:
+    """Whether the run continues a checkpoint: an explicit ``checkpoint.resume`` path, or ``auto`` with a
+    complete checkpoint in ``checkpoint.dir`` (``auto`` over a directory of damaged ones is refused when the
+    checkpoint is chosen, exit 5)."""
+    r = ck.resume
+    if r in (False, None, "false", "no"):
+        return False
+    if r in (True, "true", "auto", "latest"):
+        from ..checkpoint import complete_checkpoints
+
+        return bool(complete_checkpoints(ck.dir))
+    return True
+
+
+def _earlier_run(run_dir: Path, found: List[str]) -> str:
+    """A few words on the run whose records ``run_dir`` holds, from its ``summary.json`` (a finished run) or
+    the last line of its ``history.jsonl``."""
+    import json
+
+    try:
+        s = json.loads((run_dir / RECORD_FILES[0]).read_text())
+        return (f"a finished run of {Path(str(s.get('recipe', '?'))).name} (reducer={s.get('reducer', '?')} "
+                f"sync={s.get('sync', '?')}, {s.get('steps', '?')} steps)")
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        with open(run_dir / RECORD_FILES[1], "rb") as f:
+            last = f.read()[-65536:].splitlines()[-1]
+        return f"a run that logged up to step {json.loads(last)['step']}"
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return f"an earlier run ({', '.join(found)})"
+
+
+def free_run_dir(run_dir: Path) -> Path:
+    """``<run_dir>-2``, ``-3``, ...: the first that does not exist (the suggestion of ``records_problem``)."""
+    n = 2
+    while Path(f"{run_dir}-{n}").exists():
+        n += 1
+    return Path(f"{run_dir}-{n}")
+
+
+def records_problem(recipe: Recipe) -> Optional[str]:
+    """Why this run may not start in ``log.dir``, or None: the directory holds another run's records
+    (``summary.json``, or a non-empty ``history.jsonl``) and this run starts afresh, so it would replace them
+    (Composer's ``save_overwrite=False`` rule). A run that resumes a checkpoint continues those records and is
+    let through, and ``log.overwrite: true`` lets a fresh run replace them."""
+    if recipe.log.overwrite:
+        return None
+    run_dir = Path(recipe.log.dir)
+    found = []
+    for name in RECORD_FILES:
+        try:
+            if (run_dir / name).stat().st_size > 0:
+                found.append(name)
+        except OSError:
+            continue
+    if not found or _resumes(recipe.checkpoint):
+        return None
+    ck = recipe.checkpoint
+    how, resume = f"no complete checkpoint in {ck.dir}", ""
+    if ck.resume in (False, "false", "no"):
+        from ..checkpoint import complete_checkpoints
+
+        how = "checkpoint.resume=false"
+        if complete_checkpoints(ck.dir):
+            resume = ", continue that run with --set checkpoint.resume=auto"
+    return (f"{run_dir} holds the records ({', '.join(found)}) of {_earlier_run(run_dir, found)}; this run starts "
+            f"afresh ({how}) and would replace them. Give it its own directory (--set log.dir={free_run_dir(run_dir)}, "
+            f"or another name: in the recipe){resume}, or replace them on purpose with --set log.overwrite=true")
 
 
 def data_problems(recipe: Recipe) -> List[Tuple[str, str]]:

@@ -116,14 +116,19 @@ class WandbSection(Section):
 
 
 class LogSection(Section):
-    dir: Optional[str] = Field(None, description="run directory; relative paths are under the host log_root")
+    dir: Optional[str] = Field(None, description=(
+        "run directory, used as given (a relative path is relative to the working directory); default "
+        "<log_root>/<name>, log_root from the per-host file"))
+    overwrite: bool = Field(False, description=(
+        "let a run that starts afresh replace the records (summary.json, history.jsonl) of an earlier run in "
+        "log.dir; false: such a run is refused before it starts (a run resuming a checkpoint continues them)"))
     every_steps: int = Field(10, ge=1)
     progress: bool = True
     wandb: WandbSection = Field(default_factory=WandbSection)
 
 
 class CheckpointSection(Section):
-    dir: Optional[str] = Field(None, description="default: <log.dir>/checkpoints")
+    dir: Optional[str] = Field(None, description="used as given; default: <log.dir>/checkpoints")
     every_steps: int = Field(0, ge=0)
     every_epochs: int = Field(0, ge=0)
     keep: int = Field(2, ge=1, description="number of most recent checkpoints kept")
