@@ -444,9 +444,11 @@ class RunRecords:
               f"{summary['val_total']}), val loss {summary['val_loss']:.4f}, {summary['steps']} steps")
         split = ", ".join(f"{k} {human_bytes(v / max(meter.steps, 1))}" for k, v in parts.items()) \
             if len(parts) > 1 else next(iter(parts), "nothing metered")
-        print(f"[ds_ext] communicated {human_bytes(meter.total_bytes)} per rank over {meter.steps} steps "
-              f"({human_bytes(summary['comm_bytes_per_step'])}/step; {split}), "
-              f"train time {summary['train_seconds']:.1f} s; summary {'not written' if err else path}")
+        sent = (f"communicated {human_bytes(meter.total_bytes)} per rank over {meter.steps} steps "
+                f"({human_bytes(summary['comm_bytes_per_step'])}/step; {split})"
+                if summary.get("world_size", 2) > 1 else f"{split} over {meter.steps} steps")
+        print(f"[ds_ext] {sent}, train time {summary['train_seconds']:.1f} s; "
+              f"summary {'not written' if err else path}")
         if summary["skipped_steps"]:
             print(f"[ds_ext] {summary['skipped_steps']} optimizer step(s) skipped for non-finite gradients (rank 0's "
                   f"count; summary.json lists step and ranks)")
