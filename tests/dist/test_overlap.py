@@ -102,6 +102,7 @@ def test_sparse_work_in_the_hooks_is_bit_identical_to_finish_alone(world):
                 assert [s["bad"] for s in new] == [[], [], [], [1], []]
 
 
+@pytest.mark.slow
 def test_signsgd_first_collective_before_backward_ends_on_gloo():
     """Through DeepSpeed on 2 gloo ranks: every step's first signsgd all_gather is issued before that step's last
     grad_ready, and the per-bucket run's parameters equal ``pipelined: false``'s bit for bit (2 micro-batches)."""
