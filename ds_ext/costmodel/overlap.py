@@ -87,8 +87,8 @@ def ddp_powersgd_bytes(shapes, rank: int, min_rate: float = 2.0) -> Tuple[int, i
 #: 0.001, rank 4): CPU time of the hooks / (hooks + ``finish()``), ResNet-50 gradients, 4 loopback ranks on this
 #: 2-core CPU under load 13 (``python -m benchmarks.overlap_share --world 4``, 2026-12-07: hooks / finish ms
 #: topk 26.7 / 517.1, exdyna 27.8 / 20.2, signsgd 81.1 / 70.2, powersgd 165.6 / 55.3; at 2 ranks 0.05 / 0.60 /
-#: 0.62 / 0.76). Methods not listed: nothing in the hooks (``allreduce`` and ``acpsgd``: their hook work is in
-#: the measured backward already).
+#: 0.62 / 0.76). Methods not listed: 0 (``allreduce`` and ``acpsgd`` are priced by their launch points alone;
+#: the others start nothing in the hooks).
 HOOK_SHARE = {"topk": 0.05, "exdyna": 0.58, "signsgd": 0.54, "powersgd": 0.75}
 
 
