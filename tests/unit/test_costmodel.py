@@ -223,8 +223,13 @@ def test_backward_schedule_matches_the_methods_own_traffic():
     # every launch waits for its own gradients: its readiness is that of its last member (reverse order)
     ready = ov.flop_ready_fractions("resnet18", 64)
     for m in ("powersgd", "signsgd"):
-        got = ov.launch_ready(ov.backward_schedule(m, shapes, 4, opts), ready)
+        sched = ov.backward_schedule(m, shapes, 4, opts)
+        got = ov.launch_ready(sched, ready)
         assert got == sorted(got) and got[0] < 0.5 and got[-1] == pytest.approx(1.0), m
+        # priced as launched during backward: some of its communication hides behind it (1 ms per KB here)
+        step = ov.overlap_step(10.0, 100.0, 5.0, ready, sched, lambda cs: sum(c.nbytes for c in cs) / 1e3)
+        assert step["hidden_ms"] > 0 and step["comm_ms"] == pytest.approx(
+            sum(c.nbytes for c in cm.collectives(m, shapes, 4, opts)) / 1e3), m
     # post-backward methods: their collectives, after backward; the hooks' share of their compression stretches
     # backward, the rest follows it
     for m in ("topk", "exdyna"):
