@@ -8,13 +8,12 @@ values (per rank). Times are CPU time of the rank's thread (``time.thread_time``
 not counted, and a loaded machine inflates it less than wall time), averaged over the ranks. Per method, ``--reps``
 steps each way, median:
 
-* ``before``: no ``grad_ready`` call, everything in ``finish()`` (ExDyna with ``select_on_host = False``, the
-  count-then-select arithmetic of ``finish()`` before the change; signsgd and powersgd with ``pipelined: false``);
+* ``before``: no ``grad_ready`` call, everything in ``finish()`` (signsgd and powersgd with ``pipelined: false``);
 * ``after``: ``grad_ready`` for every parameter in reverse registration order (as backward), then ``finish()``.
 
 Printed per method: finish before / after, the hooks' total and their last call (work in the last hook ends with
 backward, so it is not overlapped with it), and the share of ``finish()`` moved out of it,
-``1 - after / before``. At world size 1 ExDyna's partition is the whole vector, so its partition pass runs in the
+``1 - after / before``. At world size 1 ExDyna's partition is the whole vector, so its partition count runs in the
 last hook; with W ranks rank r's partition completes when its last gradient does. ExDyna's threshold starts at
 3.29 (|N(0,1)| >= 3.29 holds for 0.1 % of the values: density 0.001); every step starts from a zero residual
 and ExDyna from its first step, so every repetition does the same work."""
@@ -39,8 +38,6 @@ def measure(name: str, shapes, reps: int, hooks: bool, comm=None) -> dict:
         opts["pipelined"] = False
     params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
     red = REDUCERS.build(name, opts, [(f"p{i}", p) for i, p in enumerate(params)], comm=comm)
-    if not hooks and name == "exdyna":
-        red.select_on_host = False
     g = torch.Generator().manual_seed(0 if comm is None else comm.rank)
     grads = [torch.randn(s, generator=g) for s in shapes]
     fin, hook, last = [], [], []

@@ -20,7 +20,7 @@ reducer cannot drift apart):
   S-SGD layout) the all_gathers of its packed signs and of its scales when it fills; ``scale: global`` after.
 * ``topk`` and ``exdyna``: every collective after backward -- the selection is global (module docstring of
   ``reducers/sparse.py``); what they start in the gradient hooks is computation (error-feedback accumulation,
-  ExDyna's partition pass), not a launch. ``compression_split`` says which share of a method's compression
+  ExDyna's partition count), not a launch. ``compression_split`` says which share of a method's compression
   time runs in the hooks (measured, ``HOOK_SHARE``); in ``overlap_step`` that share lengthens backward
   (``compress_bwd_ms``: the hooks run on the device that runs backward) and the rest follows it
   (``compress_post_ms``). So moving topk / ExDyna work into the hooks changes no step time here; it only
@@ -85,11 +85,10 @@ def ddp_powersgd_bytes(shapes, rank: int, min_rate: float = 2.0) -> Tuple[int, i
 
 #: share of a method's compression time that runs in its gradient-ready hooks, with its default options (density
 #: 0.001, rank 4): CPU time of the hooks / (hooks + ``finish()``), ResNet-50 gradients, 4 loopback ranks on this
-#: 2-core CPU under load 13 (``python -m benchmarks.overlap_share --world 4``, 2026-12-07: hooks / finish ms
-#: topk 26.7 / 517.1, exdyna 27.8 / 20.2, signsgd 81.1 / 70.2, powersgd 165.6 / 55.3; at 2 ranks 0.05 / 0.60 /
-#: 0.62 / 0.76). Methods not listed: 0 (``allreduce`` and ``acpsgd`` are priced by their launch points alone;
-#: the others start nothing in the hooks).
-HOOK_SHARE = {"topk": 0.05, "exdyna": 0.58, "signsgd": 0.54, "powersgd": 0.75}
+#: 2-core CPU under load 8-13 (``python -m benchmarks.overlap_share --world 4``, 2026-12-07: hooks / finish ms
+#: topk 22.0 / 486.5, exdyna 25.2 / 21.3, signsgd 81.1 / 70.2, powersgd 165.6 / 55.3). Methods not listed: 0
+#: (``allreduce`` and ``acpsgd`` are priced by their launch points alone; the others start nothing in the hooks).
+HOOK_SHARE = {"topk": 0.04, "exdyna": 0.54, "signsgd": 0.54, "powersgd": 0.75}
 
 
 def compression_split(method: str, compress_ms: float) -> Tuple[float, float]:

@@ -12,9 +12,9 @@ and keep what was not applied in ``e``:
 The selection needs the whole vector, so every collective waits for ``finish()``; what can start earlier
 starts in the gradients' ready hooks (``flat_overlap``): each gradient's addition into ``e`` and the zeroing of
 the dense output (both methods), and for ExDyna the step's partition and threshold (known from the last step),
-the threshold pass over this rank's partition once every gradient in it is in (CPU: the selection itself; an
-accelerator: the count, kept on the device, since sizing the selection needs a host read), and the non-finite
-check of the accumulated part of ``g`` in chunks. All of it is the same arithmetic on the same data as after
+the threshold count over this rank's partition once every gradient in it is in (kept on the device: the selection
+it sizes waits for the counts exchange, the step's one host read), and the non-finite check of the accumulated
+part of ``g`` in chunks. All of it is the same arithmetic on the same data as after
 backward: results are bit-identical to accumulating in ``finish()`` (tests/dist/test_overlap.py). Not started:
 topk's selection (the k-th magnitude is global; a per-block top-k merged later picks the same set only without
 ties at the k-th value, and costs more in total), ExDyna's counts exchange (the step's control exchange, which
@@ -358,9 +358,6 @@ class ExDynaReducer(_SparseBase):
     reduction) and the flag rides on the counts exchange, the step's one host read (``nonfinite_ranks``)."""
 
     nonfinite_view = "exchange"
-    #: the partition pass selects (reading its count on the host) rather than only counting: None = on the CPU,
-    #: where the read costs nothing; False is the accelerator's count-then-select path (tests compare both)
-    select_on_host: Optional[bool] = None
 
     def __init__(self, named_params, options: ExDynaOptions, **kw):
         super().__init__(named_params, options, **kw)
@@ -427,7 +424,7 @@ class ExDynaReducer(_SparseBase):
         last = bisect.bisect_left(self.starts, en) - 1
         self._plan = (p, st, en, first, last)
         self._waiting = sum(1 for i in range(first, last + 1) if not self._added[i])
-        self._selected: Optional[tuple] = None  # (count tensor, indices or None)
+        self._count: Optional[torch.Tensor] = None  # this rank's count over its partition, on the device
         self._exts: List[torch.Tensor] = []
         self._checked = self.numel  # g[_checked:] has its non-finite extremes in _exts
 
@@ -436,30 +433,26 @@ class ExDynaReducer(_SparseBase):
         if first <= i <= last:
             self._waiting -= 1
             if not self._waiting:
-                self._select()
+                self._count_partition()
         if self._check_nonfinite and self._checked - self.suffix_start >= max(1, self.numel // 8):
             self._exts.append(extremes(self.error[self.suffix_start:self._checked] if self.error is not None
                                        else self._send[self.suffix_start:self._checked]))
             self._checked = self.suffix_start
 
-    def _select(self) -> None:
-        """The threshold pass over this rank's partition: on the CPU the selection (its count read there, as
-        ``threshold_select`` does without ``count``), elsewhere only the count, on the device."""
+    def _count_partition(self) -> None:
+        """The threshold count over this rank's partition, kept on the device (no host read: the selection it
+        sizes waits for the counts exchange)."""
         g = self.error if self.error is not None else self._send
         _, st, en, _, _ = self._plan
-        if g.device.type == "cpu" if self.select_on_host is None else self.select_on_host:
-            idx, _, count = ops.threshold_select(g, self.threshold, st, en)
-            self._selected = (torch.tensor(count, dtype=torch.int64), idx)
-        else:
-            self._selected = (ops.threshold_count(g, self.threshold, st, en), None)
+        self._count = ops.threshold_count(g, self.threshold, st, en)
 
     def finish(self) -> None:
         t, n, o = self.iteration, self.world_size, self.options
         g = self._send_buffer()  # every gradient in (the plan made at the step's first hook, or now)
         p, st, en, _, _ = self._plan
-        if self._selected is None:
-            self._select()
-        cnt, early_idx = self._selected
+        if self._count is None:
+            self._count_partition()
+        cnt = self._count
         # the count first, then every rank's count in one exchange: the step's one host read (the engine's
         # non-finite flags ride along); the selection is then sized without a sync
         if self._check_nonfinite:  # NaN never passes the threshold: this rank's own check rides along
@@ -474,8 +467,6 @@ class ExDynaReducer(_SparseBase):
         fallback = ks_raw[self.rank] == 0
         if fallback:
             idx = torch.full((1,), st + t % (en - st), dtype=torch.int64, device=g.device)
-        elif early_idx is not None:
-            idx = early_idx
         else:
             idx, _, _ = ops.threshold_select(g, self.threshold, st, en, count=ks_raw[self.rank])
         count = ks[self.rank]

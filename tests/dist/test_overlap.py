@@ -76,8 +76,8 @@ def test_signsgd_launches_each_bucket_from_its_last_ready_hook():
 def test_sparse_work_in_the_hooks_is_bit_identical_to_finish_alone(world):
     """topk (both exchanges, fp16 values) and ExDyna (several steps: reallocation and threshold scaling, a rank
     whose partition completes early and one whose partition completes last) with the accumulation, the dense
-    zeroing and ExDyna's partition pass (the selection, on the CPU) started in the hooks, against no hooks at all
-    and ExDyna's count-then-select (the arithmetic of ``finish()`` before the change); ExDyna's non-finite flag
+    zeroing and ExDyna's partition count started in the hooks, against no hooks at all (everything in ``finish()``,
+    the path before the change); ExDyna's non-finite flag
     (chunked during backward) alike, and a NaN on one rank named by both."""
     cases = {"topk": ("topk", {"density": 0.02}), "topk_union": ("topk", {"density": 0.02, "exchange": "union"}),
              "topk_fp16": ("topk", {"density": 0.05, "value_dtype": "fp16"}),
@@ -91,7 +91,7 @@ def test_sparse_work_in_the_hooks_is_bit_identical_to_finish_alone(world):
             for hooks in ("reverse", "shuffled"):
                 kw = dict(steps=5, watch=True, missing=(4,), poison=(3, 1, 7) if name == "exdyna" else None)
                 out[(label, hooks)] = (wo.drive(comm, name, opts, hooks=hooks, **kw),
-                                       wo.drive(comm, name, opts, hooks="none", host_select=False, **kw))
+                                       wo.drive(comm, name, opts, hooks="none", **kw))
         return out
 
     for res in workers.loopback(lambda rank, world, comm: body(comm), world):

@@ -9,13 +9,12 @@ from tests.dist.workers import make_engine, train_steps
 SHAPES = [(40, 30), (30,), (17, 9), (200,), (16, 8, 3, 3), (64,), (5, 7), (90, 100), (33,), (8, 8)]
 
 
-def drive(comm, name, options, steps=4, hooks="reverse", missing=(), seed=0, watch=False, poison=None,
-          host_select=None):
+def drive(comm, name, options, steps=4, hooks="reverse", missing=(), seed=0, watch=False, poison=None):
     """``name`` built on ``SHAPES`` over ``comm``, driven directly for ``steps`` steps of random per-rank gradients:
     ``hooks`` ``reverse`` (grad_ready in reverse registration order, as backward), ``shuffled`` (a per-step
     permutation, the same on every rank) or ``none`` (no grad_ready: everything in ``finish()``, the whole-model
     path); parameters in ``missing`` get no gradient. ``watch``: the non-finite guard is on; ``poison``
-    ``(step, rank, index)`` puts a NaN there; ``host_select`` sets ExDyna's ``select_on_host``. Returns per step the applied gradients, the residual, the guard's
+    ``(step, rank, index)`` puts a NaN there. Returns per step the applied gradients, the residual, the guard's
     verdict, and the collectives issued during the hooks (kind) and in ``finish()``."""
     from ds_ext.comm import observe
     from ds_ext.registry import REDUCERS, load_builtin
@@ -25,8 +24,6 @@ def drive(comm, name, options, steps=4, hooks="reverse", missing=(), seed=0, wat
     red = REDUCERS.build(name, options, [(f"p{i}", p) for i, p in enumerate(params)], comm=comm)
     if watch:
         red.watch_nonfinite()
-    if host_select is not None:
-        red.select_on_host = host_select
     g = torch.Generator().manual_seed(seed + 17 * comm.rank)
     order_gen = torch.Generator().manual_seed(seed)
     log = []
