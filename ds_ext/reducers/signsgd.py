@@ -111,7 +111,9 @@ class SignSGDReducer(OverlappedFlatReducer):
     def _reset_buckets(self) -> None:
         self._ready = [0] * len(self.bucket_size)
         self._next = 0
-        self._sent: List[tuple] = []  # per launched bucket: (bits, scales) handles (or tensors), local scales
+        # per launched bucket: the (bits, scales) handles (or tensors) and this rank's packed bits and scales (the
+        # inputs of the asynchronous all_gathers, held until they complete)
+        self._sent: List[tuple] = []
 
     @classmethod
     def collectives(cls, shapes, world: int, options: SignSGDOptions, **_) -> list:
@@ -148,14 +150,14 @@ class SignSGDReducer(OverlappedFlatReducer):
                     self.comm.all_gather(scales, "signsgd_scales", async_op=True))  # [n, segments], on the device
         else:
             sent = (packed.unsqueeze(0), scales.unsqueeze(0))
-        self._sent.append((sent, scales))
+        self._sent.append((sent, packed, scales))
 
     # -- after backward ----------------------------------------------------------------------------------
     def finish(self) -> None:
         self._send_buffer()  # the gradients no hook announced
         self._launch_ready(force=True)
         out = self._output()
-        for b, ((bits, scales), _) in enumerate(self._sent):  # launch order, the same on every rank
+        for b, ((bits, scales), _, _) in enumerate(self._sent):  # launch order, the same on every rank
             all_p = bits.wait() if self.distributed else bits
             all_s = scales.wait() if self.distributed else scales
             self._watch(all_s)
@@ -166,7 +168,7 @@ class SignSGDReducer(OverlappedFlatReducer):
                 out[offs[0]:offs[-1]].div_(self.world_size)
         self._write_back(out)
         self.iteration += 1
-        local = [s for _, s in reversed(self._sent)]  # buckets run backwards: segments back in index order
+        local = [s for _, _, s in reversed(self._sent)]  # buckets run backwards: segments back in index order
         self._scales = local[0] if len(local) == 1 else torch.cat(local)
         self._reset_buckets()
         self._end_step()
