@@ -8,8 +8,8 @@ that average gradients every step), keep every reducer / synchronizer / order st
 name it (``exchange`` / ``local`` / a microbatch screen; ``reduced`` data cannot: None). The same holds
 when the value appears in what a method sends rather than in the gradient: an S-SGD bucket, a PowerSGD P or
 Q factor, an ACP-SGD P buffer, top-k's sent values, signsgd's scales (of every bucket, or of one of five launched
-during backward), ExDyna's residual. With the guard on,
-finite steps are bit-identical to the guard off. With ``nonfinite=raise`` every rank stops at step 3.
+during backward), ExDyna's residual. With the guard on, finite steps are bit-identical to the guard off. With
+``nonfinite=raise`` every rank stops at step 3.
 """
 import pytest
 import torch
@@ -98,8 +98,8 @@ def test_nan_in_what_a_method_sends_skips_the_step_everywhere(label, method, whe
     assert r0["events"] == r1["events"] == [(3, _named(r0))]
 
 
-FINITE = [c for c in SYNCED if c[0] in ("allreduce", "powersgd", "acpsgd", "topk", "exdyna", "signsgd", "signsgd-buckets",
-                                         "dgrab")]
+FINITE = [c for c in SYNCED if c[0] in ("allreduce", "powersgd", "acpsgd", "topk", "exdyna", "signsgd",
+                                         "signsgd-buckets", "dgrab")]
 
 
 def test_guard_on_is_bit_identical_to_guard_off_on_finite_data():

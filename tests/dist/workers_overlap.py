@@ -66,8 +66,8 @@ def drive(comm, name, options, steps=4, hooks="reverse", missing=(), seed=0, wat
 
 def launch_events(rank, world, spec, steps=3, gas=1):
     """``spec`` (a reducer dict) through DeepSpeed on the tiny model: the parameters after every step, and the
-    sequence of events on this rank -- ``ready`` (each ``grad_ready``), ``finish`` (after it ran) and the meter kind of each
-    collective as it is issued (``ds_ext.comm.observe``; None: control data)."""
+    sequence of events on this rank -- ``ready`` (each ``grad_ready``), ``finish`` (after it ran) and the meter
+    kind of each collective as it is issued (``ds_ext.comm.observe``; None: control data)."""
     import ds_ext
     from ds_ext.comm import observe
 
