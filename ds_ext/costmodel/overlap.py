@@ -5,7 +5,27 @@ have: a collective launched during backward waits for its last gradient, the lin
 one after another, and whatever is still on the link when backward ends is exposed. ``overlap_step`` is that
 queue; ``backward_schedule`` says, per method, which collectives wait for which gradients; the readiness profile
 (the fraction of backward elapsed when each parameter's gradient is ready) is measured (bench-train's compute
-alone) or estimated from the layers' multiply-accumulates (``flop_ready_fractions``)."""
+alone) or estimated from the layers' multiply-accumulates (``flop_ready_fractions``).
+
+Launch points per method (``backward_schedule``; each method's own layout function, so the model and the
+reducer cannot drift apart):
+
+* ``allreduce``: one all_reduce per bucket as it fills (``reducers/buckets.py``: first bucket 1 MiB).
+* ``acpsgd``: one all_reduce per fusion group as it fills, a P-step and a Q-step variant.
+* ``powersgd`` (``pipelined``, its default; ``reducers/powersgd_pipeline.py``): per fusion group, the group's
+  P all_reduce when the group fills and the previous group's Q all_reduce right behind it (Q(k-1) is computed
+  from P(k-1)'s result when group k launches), so launch k carries [P(k), Q(k-1)]; the last group's Q is issued
+  after backward. ``pipelined: false``: P and Q after backward.
+* ``signsgd`` (``pipelined`` with ``scale: tensor``, its default; ``reducers/signsgd.py``): per bucket (the
+  S-SGD layout) the all_gathers of its packed signs and of its scales when it fills; ``scale: global`` after.
+* ``topk`` and ``exdyna``: every collective after backward -- the selection is global (module docstring of
+  ``reducers/sparse.py``); what they start in the gradient hooks is computation (error-feedback accumulation,
+  ExDyna's partition count), not a launch. ``compression_split`` says which share of a method's compression
+  time runs in the hooks (measured, ``HOOK_SHARE``); in ``overlap_step`` that share lengthens backward
+  (``compress_bwd_ms``: the hooks run on the device that runs backward) and the rest follows it
+  (``compress_post_ms``). So moving topk / ExDyna work into the hooks changes no step time here; it only
+  shortens the step where the hook work runs beside backward (another stream or core), which the model does
+  not assume."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -63,6 +83,60 @@ def ddp_powersgd_bytes(shapes, rank: int, min_rate: float = 2.0) -> Tuple[int, i
     return 4 * unc, 4 * p, 4 * q
 
 
+#: share of a method's compression time that runs in its gradient-ready hooks, with its default options (density
+#: 0.001, rank 4): CPU time of the hooks / (hooks + ``finish()``), ResNet-50 gradients, 4 loopback ranks on this
+#: 2-core CPU under load 8-13 (``python -m benchmarks.overlap_share --world 4``, 2026-12-07: hooks / finish ms
+#: topk 22.0 / 486.5, exdyna 25.2 / 21.3, signsgd 81.1 / 70.2, powersgd 165.6 / 55.3). Methods not listed: 0
+#: (``allreduce`` and ``acpsgd`` are priced by their launch points alone; the others start nothing in the hooks).
+HOOK_SHARE = {"topk": 0.04, "exdyna": 0.54, "signsgd": 0.54, "powersgd": 0.75}
+
+
+def compression_split(method: str, compress_ms: float) -> Tuple[float, float]:
+    """``(in the hooks, after backward)`` ms of ``compress_ms`` (``HOOK_SHARE``): ``overlap_step``'s
+    ``compress_bwd_ms`` and ``compress_post_ms``."""
+    share = HOOK_SHARE.get(method, 0.0)
+    return share * compress_ms, (1.0 - share) * compress_ms
+
+
+def _reducer_options(method: str, opts: MethodOptions):
+    from ..registry import REDUCERS, load_builtin
+
+    from .presets import method_specs
+
+    load_builtin()
+    rname, ropts, _, _ = method_specs(opts)[method]
+    entry = REDUCERS.get(rname)
+    return entry.factory, entry.options(**ropts)
+
+
+def _powersgd_launches(shapes, n: int, opts: MethodOptions) -> List[Tuple[float, List[Launch], List[Collective]]]:
+    """Per fusion group: launch k = [P(k), Q(k-1)] when group k fills, Q(last) after backward (module docstring)."""
+    from ..reducers.lowrank import matrix_dims
+    from ..reducers.powersgd_pipeline import group_sizes
+
+    cls, o = _reducer_options("powersgd", opts)
+    if not o.pipelined:
+        return [(1.0, [], cls.collectives(shapes, n, o))]
+    dims = [matrix_dims(s, o.rank) for s in shapes]
+    comp = [bool(r) and cls.compresses(nn, m, r, o.min_compression_rate) for nn, m, r, _ in dims]
+    groups, p, q = group_sizes(dims, comp, o.bucket_mb * 2**20 / 4)
+    ar = lambda elems: Collective("all_reduce", 4 * elems, n)  # noqa: E731
+    launches = [Launch(g, [ar(p[k])] + ([ar(q[k - 1])] if k and q[k - 1] else [])) for k, g in enumerate(groups)]
+    return [(1.0, launches, [ar(q[-1])] if groups and q[-1] else [])]
+
+
+def _signsgd_launches(shapes, n: int, opts: MethodOptions) -> List[Tuple[float, List[Launch], List[Collective]]]:
+    """Per bucket: the all_gathers of its signs and scales when it fills (module docstring)."""
+    from ..reducers.signsgd import bucket_groups
+
+    cls, o = _reducer_options("signsgd", opts)
+    colls = cls.collectives(shapes, n, o)
+    if not o.pipelined or o.scale != "tensor":
+        return [(1.0, [], colls)]
+    groups = bucket_groups([numel_of(s) for s in shapes], o)
+    return [(1.0, [Launch(g, colls[2 * b:2 * b + 2]) for b, g in enumerate(groups)], [])]
+
+
 def backward_schedule(method: str, shapes, n: int, opts: MethodOptions, ddp_one_bucket: bool = True
                       ) -> List[Tuple[float, List[Launch], List[Collective]]]:
     """Per variant of a step (weight, collectives launched during backward in launch order, collectives after
@@ -71,8 +145,9 @@ def backward_schedule(method: str, shapes, n: int, opts: MethodOptions, ddp_one_
     fusion group (a P-step and a Q-step, weight 1/2 each) wait for their gradients; ``ddp_allreduce`` per DDP
     bucket (first 1 MiB, then 25 MiB); ``ddp_powersgd`` with one bucket (what bench-train runs: PyTorch's hook
     races on gloo with more, ``benchmarks.train.DDP_POWERSGD_ONE_BUCKET``) all_reduces the uncompressed
-    tensors, P and Q after backward (with DDP's buckets: that chain per bucket, during backward); ``deepspeed``
-    one flat all_reduce of every gradient after backward; every other method after backward (``collectives``)."""
+    tensors, P and Q after backward (with DDP's buckets: that chain per bucket, during backward); ``powersgd``
+    [P(k), Q(k-1)] per fusion group and ``signsgd`` per bucket (module docstring); ``deepspeed`` one flat
+    all_reduce of every gradient after backward; every other method after backward (``collectives``)."""
     sizes = [4 * numel_of(s) for s in shapes]
     if method == "allreduce":
         groups = fuse_ordered(sizes, int(opts.bucket_mb * 2**20), int(opts.first_bucket_mb * 2**20))
@@ -88,6 +163,10 @@ def backward_schedule(method: str, shapes, n: int, opts: MethodOptions, ddp_one_
             out.append((0.5, [Launch(g, [Collective("all_reduce", 4 * sum(ph[i] for i in g), n)])
                               for g in fuse_reverse(ph, cap)], []))
         return out
+    if method == "powersgd":
+        return _powersgd_launches(shapes, n, opts)
+    if method == "signsgd":
+        return _signsgd_launches(shapes, n, opts)
     if method == "ddp_allreduce":
         groups = ddp_bucket_groups(sizes, DDP_FIRST_BUCKET_MB * 2**20, DDP_BUCKET_MB * 2**20)
         return [(1.0, [Launch(g, [Collective("all_reduce", sum(sizes[i] for i in g), n)]) for g in groups], [])]

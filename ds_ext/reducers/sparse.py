@@ -9,7 +9,16 @@ and keep what was not applied in ``e``:
     e_r <- g_r with the coordinates counted as sent set to 0
     sum_t applied_t + mean_r e_r  ==  sum_t mean_r grad_r,t      (error-feedback conservation)
 
-The work happens in ``finish()`` (the selection needs the whole vector); ``grad_ready`` does nothing.
+The selection needs the whole vector, so every collective waits for ``finish()``; what can start earlier
+starts in the gradients' ready hooks (``flat_overlap``): each gradient's addition into ``e`` and the zeroing of
+the dense output (both methods), and for ExDyna the step's partition and threshold (known from the last step),
+the threshold count over this rank's partition once every gradient in it is in (kept on the device: the selection
+it sizes waits for the counts exchange, the step's one host read), and the non-finite check of the accumulated
+part of ``g`` in chunks. All of it is the same arithmetic on the same data as after
+backward: results are bit-identical to accumulating in ``finish()`` (tests/dist/test_overlap.py). Not started:
+topk's selection (the k-th magnitude is global; a per-block top-k merged later picks the same set only without
+ties at the k-th value, and costs more in total), ExDyna's counts exchange (the step's control exchange, which
+carries the step hooks' vectors posted when ``engine.step()`` runs), and everything after it.
 Memory per rank: two persistent N-element fp32 vectors (the residual, which doubles as the
 send buffer, and the dense output; a send buffer replaces the residual without error feedback).
 The inner loops go through ``ds_ext.ops`` (``threshold_count``, ``threshold_select``, ``topk_select``,
@@ -99,6 +108,7 @@ Deliberate deviations from the reference code, named:
 """
 from __future__ import annotations
 
+import bisect
 import math
 from typing import List, Literal, Optional, Sequence, Tuple
 
@@ -107,8 +117,8 @@ from pydantic import Field, model_validator
 
 from .. import ops
 from ..registry import REDUCERS
-from .base import GradientOptions, any_nonfinite, error_feedback_field
-from .flat import FlatReducer
+from .base import GradientOptions, error_feedback_field
+from .flat_overlap import OverlappedFlatReducer, extremes, nonfinite_of
 
 # constants of the reference code, written as it writes them
 ALLOC_HI, ALLOC_LO = 1.05, 0.95238          # partition load bounds (1.05 and ~1/1.05)
@@ -116,7 +126,7 @@ THRESH_HI, THRESH_LO = 1.1, 0.909           # k_prev / k bounds (1.1 and ~1/1.1)
 SF_UP, SF_ON_TARGET, SF_DOWN = 1.005, 1.00125, 0.995
 
 
-class _SparseBase(FlatReducer):
+class _SparseBase(OverlappedFlatReducer):
     """A flat reducer with a target count ``k = density * N`` and the last selection (diagnostics)."""
 
     keeps_scaled_state = True  # the residual e: base.fp16_loss_scaling_problem applies
@@ -197,6 +207,7 @@ class TopKReducer(_SparseBase):
         self._write_back(dense)
         self.iteration += 1
         self.last = {"indices": idx, "gathered": gathered}
+        self._end_step()
 
     @classmethod
     def collectives(cls, shapes, world: int, options: TopKOptions, **_) -> list:
@@ -410,7 +421,10 @@ class ExDynaReducer(_SparseBase):
         return [partition_range(p, self.part, self.pos, self.block_size, self.remainder)
                 for p in range(self.world_size)]
 
-    def finish(self) -> None:
+    # -- started during backward (module docstring) --------------------------------------------------------
+    def _begin_step(self) -> None:
+        """This step's partition and threshold: known before any gradient (from the last step's counts)."""
+        super()._begin_step()
         t, n, o = self.iteration, self.world_size, self.options
         if t > 0:
             self.part, self.pos = reallocate(self.part, self.pos, partition_loads(self.ks_prev, t - 1),
@@ -422,14 +436,45 @@ class ExDynaReducer(_SparseBase):
                               else float(o.initial_threshold))
         else:
             self.threshold *= threshold_factor(self.k_prev / self.k, o.threshold_rule)
+        first = bisect.bisect_right(self.starts, st) - 1  # the gradients that overlap [st, en)
+        last = bisect.bisect_left(self.starts, en) - 1
+        self._plan = (p, st, en, first, last)
+        self._waiting = sum(1 for i in range(first, last + 1) if not self._added[i])
+        self._count: Optional[torch.Tensor] = None  # this rank's count over its partition, on the device
+        self._exts: List[torch.Tensor] = []
+        self._checked = self.numel  # g[_checked:] has its non-finite extremes in _exts
 
-        g = self._send_buffer()
-        # the count first (on the device), then every rank's count in one exchange: the step's one host
-        # read (the engine's non-finite flags ride along); the selection is then sized without a sync
-        cnt = ops.threshold_count(g, self.threshold, st, en)
+    def _accumulated(self, i: int) -> None:
+        _, _, _, first, last = self._plan
+        if first <= i <= last:
+            self._waiting -= 1
+            if not self._waiting:
+                self._count_partition()
+        if self._check_nonfinite and self._checked - self.suffix_start >= max(1, self.numel // 8):
+            self._exts.append(extremes(self.error[self.suffix_start:self._checked] if self.error is not None
+                                       else self._send[self.suffix_start:self._checked]))
+            self._checked = self.suffix_start
+
+    def _count_partition(self) -> None:
+        """The threshold count over this rank's partition, kept on the device (no host read: the selection it
+        sizes waits for the counts exchange)."""
+        g = self.error if self.error is not None else self._send
+        _, st, en, _, _ = self._plan
+        self._count = ops.threshold_count(g, self.threshold, st, en)
+
+    def finish(self) -> None:
+        t, n, o = self.iteration, self.world_size, self.options
+        g = self._send_buffer()  # every gradient in (the plan made at the step's first hook, or now)
+        p, st, en, _, _ = self._plan
+        if self._count is None:
+            self._count_partition()
+        cnt = self._count
+        # the count first, then every rank's count in one exchange: the step's one host read (the engine's
+        # non-finite flags ride along); the selection is then sized without a sync
         if self._check_nonfinite:  # NaN never passes the threshold: this rank's own check rides along
+            parts = self._exts + ([extremes(g[:self._checked])] if self._checked else [])
             rows = self.comm.exchange_control(torch.stack([cnt.reshape(()).to(torch.int64),
-                                                           any_nonfinite([g]).to(torch.int64)]), "exdyna_counts")
+                                                           nonfinite_of(parts).to(torch.int64)]), "exdyna_counts")
             self._bad_ranks = [r for r, row in enumerate(rows) if row[1]]
         else:
             rows = self.comm.exchange_control(cnt.reshape(1), "exdyna_counts")
@@ -463,6 +508,7 @@ class ExDynaReducer(_SparseBase):
         self._stats = {"density": total / self.numel, "target_density": o.density, "union_size": total,
                        "k_local": count, "imbalance": max(ks) * n / total - 1.0, "threshold": self.threshold,
                        "partition": p}
+        self._end_step()
 
     def state_dict(self) -> dict:
         return {**self._base_state(), "threshold": self.threshold, "k_prev": self.k_prev,

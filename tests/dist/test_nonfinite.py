@@ -7,8 +7,9 @@ that average gradients every step), keep every reducer / synchronizer / order st
 (error feedback reset on a hit), and log the event with the step and the rank where the guard's view can
 name it (``exchange`` / ``local`` / a microbatch screen; ``reduced`` data cannot: None). The same holds
 when the value appears in what a method sends rather than in the gradient: an S-SGD bucket, a PowerSGD P or
-Q factor, an ACP-SGD P buffer, top-k's sent values, signsgd's scales, ExDyna's residual. With the guard on,
-finite steps are bit-identical to the guard off. With ``nonfinite=raise`` every rank stops at step 3.
+Q factor, an ACP-SGD P buffer, top-k's sent values, signsgd's scales (of every bucket, or of one of five launched
+during backward), ExDyna's residual. With the guard on, finite steps are bit-identical to the guard off. With
+``nonfinite=raise`` every rank stops at step 3.
 """
 import pytest
 import torch
@@ -27,6 +28,8 @@ SYNCED = [  # (label, method, order, precision, gas): gradients averaged every s
     ("topk", {"reducer": {"name": "topk", "density": 0.05}}, None, "fp32", 1),
     ("exdyna", {"reducer": {"name": "exdyna", "density": 0.05}}, None, "fp32", 1),
     ("signsgd", {"reducer": "signsgd"}, None, "fp32", 1),
+    # 5 buckets, each launched during backward (tests/dist/test_overlap.py)
+    ("signsgd-buckets", {"reducer": {"name": "signsgd", "bucket_mb": 0.01, "first_bucket_mb": 0.001}}, None, "fp32", 1),
     ("dgrab", {"reducer": {"name": "allreduce"}}, "dgrab", "fp32", 2),
     ("cdgrab", {"reducer": "cdgrab"}, "cdgrab", "fp32", 2),
     ("bf16", {"reducer": {"name": "allreduce"}}, None, "bf16", 1),
@@ -76,6 +79,7 @@ SENT = [  # (label, method, where): the value appears in what the method sends, 
     ("acpsgd-p", SYNCED[3][1], "acp"),
     ("topk-values", SYNCED[4][1], "topk_values"),
     ("signsgd-scales", SYNCED[6][1], "sign_scales"),
+    ("signsgd-bucket", SYNCED[7][1], "sign_bucket"),  # only one bucket of five holds it
     ("exdyna-residual", SYNCED[5][1], "residual"),
 ]
 
@@ -94,7 +98,8 @@ def test_nan_in_what_a_method_sends_skips_the_step_everywhere(label, method, whe
     assert r0["events"] == r1["events"] == [(3, _named(r0))]
 
 
-FINITE = [c for c in SYNCED if c[0] in ("allreduce", "powersgd", "acpsgd", "topk", "exdyna", "signsgd", "dgrab")]
+FINITE = [c for c in SYNCED if c[0] in ("allreduce", "powersgd", "acpsgd", "topk", "exdyna", "signsgd",
+                                         "signsgd-buckets", "dgrab")]
 
 
 def test_guard_on_is_bit_identical_to_guard_off_on_finite_data():

@@ -33,18 +33,22 @@ def _order(name, rank, world):
 #: collective that carries it (the communicator's method, the kind), poisoned on the sending rank just before
 POISON = {"bucket": ("all_reduce_mean", "allreduce"), "p": ("all_reduce", "powersgd_p"),
           "q": ("all_reduce", "powersgd_q"), "acp": ("all_reduce", "acpsgd_p"),
-          "topk_values": ("all_gather", "topk_values"), "sign_scales": ("all_gather", "signsgd_scales")}
+          "topk_values": ("all_gather", "topk_values"), "sign_scales": ("all_gather", "signsgd_scales"),
+          "sign_bucket": ("all_gather", "signsgd_scales", 2)}  # the 2nd signsgd bucket's scales only
 
 
 def _poison(comm, where, value, now):
     """Wrap ``comm``'s collective for ``where`` (``POISON``): while ``now()``, element 0 of the tensor this rank
-    sends becomes ``value``."""
-    name, kind = POISON[where]
+    sends becomes ``value`` (in every such collective of the step, or only the n-th when ``POISON`` names one)."""
+    name, kind, *nth = POISON[where]
     orig = getattr(comm, name)
+    seen = [0]
 
     def wrapped(t, k=None, *a, **kw):
         if k == kind and now():
-            t.view(-1)[0] = value
+            seen[0] += 1
+            if not nth or seen[0] == nth[0]:
+                t.view(-1)[0] = value
         return orig(t, k, *a, **kw)
 
     setattr(comm, name, wrapped)

@@ -211,9 +211,33 @@ def test_backward_schedule_matches_the_methods_own_traffic():
     gp, gq = cm.acpsgd_groups(shapes, opts.rank, opts.bucket_mb)
     assert (p[0], q[0]) == (0.5, 0.5)
     assert [la.colls[0].nbytes for la in p[1]] == gp and [la.colls[0].nbytes for la in q[1]] == gq
-    # post-backward methods: their collectives, after backward
-    (_, la, after), = ov.backward_schedule("powersgd", shapes, 4, opts)
-    assert la == [] and after == cm.collectives("powersgd", shapes, 4, opts)
+    # PowerSGD per fusion group: launch k = [P(k), Q(k-1)], the last Q after backward -- in issue order, exactly the
+    # reducer's own collectives; signsgd per bucket (signs, scales), nothing after backward
+    for m, tail in (("powersgd", 1), ("signsgd", 0)):
+        (_, la, after), = ov.backward_schedule(m, shapes, 4, opts)
+        assert len(la) >= 2 and len(after) == tail, m
+        assert [c for x in la for c in x.colls] + after == cm.collectives(m, shapes, 4, opts), m
+        assert sorted(i for x in la for i in x.members) == list(range(len(shapes))), m
+    (_, la, _), = ov.backward_schedule("powersgd", shapes, 4, opts)
+    assert [len(x.colls) for x in la] == [1] + [2] * (len(la) - 1)
+    # every launch waits for its own gradients: its readiness is that of its last member (reverse order)
+    ready = ov.flop_ready_fractions("resnet18", 64)
+    for m in ("powersgd", "signsgd"):
+        sched = ov.backward_schedule(m, shapes, 4, opts)
+        got = ov.launch_ready(sched, ready)
+        assert got == sorted(got) and got[0] < 0.5 and got[-1] == pytest.approx(1.0), m
+        # priced as launched during backward: some of its communication hides behind it (1 ms per KB here)
+        step = ov.overlap_step(10.0, 100.0, 5.0, ready, sched, lambda cs: sum(c.nbytes for c in cs) / 1e3)
+        assert step["hidden_ms"] > 0 and step["comm_ms"] == pytest.approx(
+            sum(c.nbytes for c in cm.collectives(m, shapes, 4, opts)) / 1e3), m
+    # post-backward methods: their collectives, after backward; the hooks' share of their compression stretches
+    # backward, the rest follows it
+    for m in ("topk", "exdyna"):
+        (_, la, after), = ov.backward_schedule(m, shapes, 4, opts)
+        assert la == [] and after == cm.collectives(m, shapes, 4, opts)
+        bwd, post = ov.compression_split(m, 100.0)
+        assert bwd == pytest.approx(100.0 * ov.HOOK_SHARE[m]) and bwd + post == pytest.approx(100.0)
+    assert ov.compression_split("allreduce", 50.0) == (0.0, 50.0)
     (_, la, after), = ov.backward_schedule("deepspeed", shapes, 4, opts)
     assert la == [] and [c.nbytes for c in after] == [4 * sum(cm.numel_of(s) for s in shapes)]
     # DDP: first bucket closes once it reaches 1 MiB, then 25 MiB, in reverse order

@@ -90,8 +90,8 @@ REDUCER_SAYS = {
     "topk": f"topk density 0.001: 9 of 9,610 gradient elements per rank, (index, value) pairs all_gathered, "
             f"error feedback on, ~108 B/step vs {DENSE} uncompressed",
     "exdyna": "exdyna density 0.001: ~9 of 9,610 gradient elements selected per step over all ranks",
-    "signsgd": f"signsgd: 1 bit per gradient element + one fp32 scale per tensor, all_gathered (4 tensors), error "
-               f"feedback on, ~1.2 KiB/step vs {DENSE} uncompressed",
+    "signsgd": f"signsgd: 1 bit per gradient element + one fp32 scale per tensor, all_gathered (4 tensors; 1 "
+               f"bucket(s) launched during backward), error feedback on, ~1.2 KiB/step vs {DENSE} uncompressed",
     "cdgrab": "cdgrab: every microbatch gradient all_gathered (4 tensors, ~37.5 KiB per microbatch per rank)",
 }
 
