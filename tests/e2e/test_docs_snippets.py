@@ -7,6 +7,7 @@ A block is marked by an HTML comment on the line before its fence (invisible on 
     <!-- test: python -->          a Python file run by the interpreter, one process
     ... slow                       only in the slow suite
     ... expect=TEXT                the output must contain TEXT (e.g. proof that a method compressed)
+    <!-- test: skip REASON -->     deliberately not run here (e.g. a pip install; REASON says what covers it)
 
 Every block runs on CPU (``DS_ACCELERATOR=cpu``, ``OMP_NUM_THREADS=1``, as the README's CPU line says) in its own
 temporary directory, with the venv's ``bin`` on ``PATH`` (last: a ``ninja`` found earlier stays the one that builds
@@ -33,7 +34,7 @@ from tests.harness import free_port
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 MARK = re.compile(r"^<!--\s*test:\s*(?P<spec>.*?)\s*-->\s*$")
-MODES = ("bash", "launch", "python")
+MODES = ("bash", "launch", "python", "skip")
 TIMEOUT = 600
 
 
@@ -65,6 +66,10 @@ def parse(path: Path, root: Path = ROOT) -> List[Snippet]:
         end = next((j for j in range(i + 2, len(lines)) if lines[j].startswith("```")), None)
         assert end is not None, f"{where}: the fence never closes"
         s = Snippet(f"{path.relative_to(root).as_posix()}:{i + 2}", words[0], "\n".join(lines[i + 2:end]) + "\n")
+        if s.mode == "skip":
+            assert len(words) > 1, f"{where}: 'skip' needs a reason"
+            out.append(s)
+            continue
         for w in words[1:]:
             if w == "slow":
                 s.slow = True
@@ -76,7 +81,8 @@ def parse(path: Path, root: Path = ROOT) -> List[Snippet]:
     return out
 
 
-SNIPPETS = [s for f in doc_files() for s in parse(f)]
+MARKED = [s for f in doc_files() for s in parse(f)]
+SNIPPETS = [s for s in MARKED if s.mode != "skip"]
 
 
 def _wrappers(d: Path, port: int) -> Path:
@@ -147,3 +153,38 @@ def test_marks_are_parsed(tmp_path):
     bad.write_text("<!-- test: bash -->\n\n```bash\nx\n```\n")
     with pytest.raises(AssertionError, match="must precede a fence"):
         parse(bad, tmp_path)
+
+
+def test_cpu_state_without_a_launcher_says_how_to_launch(monkeypatch):
+    """In-process: with the launcher's variables missing, ``cpu_deepspeed_state`` raises one line naming both
+    launch commands before Accelerate is asked for a process group (torch's "Default process group has not been
+    initialized" before)."""
+    pytest.importorskip("accelerate")
+    import ds_ext.hf
+
+    for k in ("LOCAL_RANK", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(RuntimeError) as e:
+        ds_ext.hf.cpu_deepspeed_state()
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("ds_ext.hf.cpu_deepspeed_state: LOCAL_RANK/WORLD_SIZE unset"), msg
+    assert "`deepspeed --num_gpus N script.py`" in msg and "`accelerate launch --use_deepspeed --num_processes N" in msg
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(RuntimeError, match="WORLD_SIZE unset"):
+        ds_ext.hf.cpu_deepspeed_state()
+
+
+@pytest.mark.slow
+def test_plain_accelerate_launch_on_cpu_says_how_to_launch(tmp_path):
+    """``accelerate launch`` without ``--use_deepspeed`` starts one process without the launcher's environment on
+    CPU: the example stops with ``cpu_deepspeed_state``'s one line naming both launch commands, without a traceback
+    of its own (accelerate's launcher then prints its own ``CalledProcessError`` for any child's non-zero exit)."""
+    pytest.importorskip("accelerate")
+    s = Snippet("plain accelerate", "bash", "accelerate launch --num_processes 2 -m ds_ext.examples.hf_trainer --steps 2\n")
+    r = run_snippet(s, tmp_path / "work")
+    text = r.stdout + r.stderr
+    assert r.returncode != 0, text[-3000:]
+    line = next((ln for ln in text.splitlines() if "cpu_deepspeed_state" in ln), "")
+    assert line.startswith("error: ds_ext.hf.cpu_deepspeed_state: LOCAL_RANK/WORLD_SIZE unset"), text[-3000:]
+    assert "`deepspeed --num_gpus N script.py`" in line and "`accelerate launch --use_deepspeed" in line, line
+    assert "ds_ext/" not in "".join(ln for ln in text.splitlines() if ln.lstrip().startswith('File "')), text[-3000:]
