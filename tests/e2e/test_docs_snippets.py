@@ -188,3 +188,29 @@ def test_plain_accelerate_launch_on_cpu_says_how_to_launch(tmp_path):
     assert line.startswith("error: ds_ext.hf.cpu_deepspeed_state: LOCAL_RANK/WORLD_SIZE unset"), text[-3000:]
     assert "`deepspeed --num_gpus N script.py`" in line and "`accelerate launch --use_deepspeed" in line, line
     assert "ds_ext/" not in "".join(ln for ln in text.splitlines() if ln.lstrip().startswith('File "')), text[-3000:]
+
+
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+IN_HOUSE = re.compile(r"\bissue \d|\bthe seed\b|\bseed's\b|\bround \d|\bour machines\b", re.I)
+
+
+def _prose(text: str) -> str:
+    """The text outside fenced code blocks."""
+    return "\n".join(ln for i, ln in enumerate(re.split(r"^```.*$", text, flags=re.M)) if i % 2 == 0)
+
+
+def test_links_resolve_and_no_in_house_words():
+    """Every relative link of README.md and docs/ names a file or folder that exists (anchors aside), and the text
+    speaks of the reference code and of files, not of this project's own history ("issue 19", "the seed")."""
+    problems = []
+    for f in doc_files():
+        text = f.read_text(encoding="utf-8")
+        for target in LINK.findall(_prose(text)):
+            path = target.split("#", 1)[0]
+            if not path or re.match(r"^[a-z]+:", path):
+                continue
+            if not (f.parent / path).exists():
+                problems.append(f"{f.relative_to(ROOT)}: link to {target} (missing)")
+        for m in IN_HOUSE.finditer(text):
+            problems.append(f"{f.relative_to(ROOT)}: in-house wording {m.group(0)!r}")
+    assert problems == [], "\n".join(problems)
