@@ -86,13 +86,16 @@ SNIPPETS = [s for s in MARKED if s.mode != "skip"]
 
 
 def _wrappers(d: Path, port: int) -> Path:
-    """``d/bin`` with ``deepspeed`` and ``accelerate`` wrappers that add a free port to the real commands."""
+    """``d/bin`` with ``deepspeed`` and ``accelerate`` wrappers that add a free port to the real commands, and
+    ``python`` / ``python3`` as this suite's interpreter."""
     b = d / "bin"
     b.mkdir()
     (b / "deepspeed").write_text(f'#!/usr/bin/env bash\nexec "{BIN}/deepspeed" --master_port {port} "$@"\n')
     (b / "accelerate").write_text(
         f'#!/usr/bin/env bash\nif [ "${{1:-}}" = launch ]; then shift; exec "{BIN}/accelerate" launch '
         f'--main_process_port {port} "$@"; fi\nexec "{BIN}/accelerate" "$@"\n')
+    for name in ("python", "python3"):  # the interpreter of this suite, whatever else PATH holds
+        (b / name).write_text(f'#!/usr/bin/env bash\nexec "{sys.executable}" "$@"\n')
     for f in b.iterdir():
         f.chmod(0o755)
     return b
@@ -123,6 +126,24 @@ def test_snippet_runs_as_written(snippet: Snippet, tmp_path):
     assert r.returncode == 0, f"{snippet.name} ({snippet.mode}) exited {r.returncode}:\n{text[-6000:]}"
     for want in snippet.expect:
         assert want in text, f"{snippet.name}: {want!r} not in the output:\n{text[-6000:]}"
+
+
+def test_every_docs_code_block_is_marked():
+    """Every Python and shell block of docs/ (design notes aside) carries a test mark: run, or skipped with the
+    reason. Transcripts (``$`` prompts and output) use a ``console`` or ``text`` fence instead."""
+    unmarked = []
+    for f in sorted((ROOT / "docs").rglob("*.md")):
+        if "notes" in f.relative_to(ROOT / "docs").parts:
+            continue
+        lines = f.read_text(encoding="utf-8").splitlines()
+        inside = False
+        for i, ln in enumerate(lines):
+            if ln.startswith("```"):
+                if not inside and re.match(r"^```(python|bash|sh)\b", ln) and not (i and MARK.match(lines[i - 1])):
+                    unmarked.append(f"{f.relative_to(ROOT)}:{i + 1}")
+                inside = not inside
+    assert unmarked == [], "code blocks without a test mark (<!-- test: MODE --> or <!-- test: skip REASON -->): " + \
+        ", ".join(unmarked)
 
 
 def test_every_readme_code_block_is_run_and_fast():
