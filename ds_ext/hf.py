@@ -156,9 +156,16 @@ def cpu_deepspeed_state() -> Dict[str, Any]:
     """Without a GPU: set Accelerate's process state up for DeepSpeed over gloo (the launcher's environment,
     ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``, must be set) and return the ``TrainingArguments`` keyword
     (``accelerator_config``) that makes the Trainer use that state. Accelerate otherwise treats a CPU-only
-    process as not distributed when DeepSpeed is asked for. Call it before building ``TrainingArguments``."""
+    process as not distributed when DeepSpeed is asked for. Call it before building ``TrainingArguments``.
+    Without the launcher's environment (``python script.py``; on CPU, ``accelerate launch`` without
+    ``--use_deepspeed``) it raises ``RuntimeError`` with one line naming the two launch commands that work."""
     from accelerate import PartialState
 
+    missing = [k for k in ("LOCAL_RANK", "WORLD_SIZE") if k not in os.environ]
+    if missing:  # plain `python script.py`, or `accelerate launch` without --use_deepspeed on CPU: one process, no group
+        raise RuntimeError(f"ds_ext.hf.cpu_deepspeed_state: {'/'.join(missing)} unset: no multi-process "
+                           "launcher started this process; launch with `deepspeed --num_gpus N script.py` or `accelerate launch "
+                           "--use_deepspeed --num_processes N script.py`")
     before = os.environ.get("ACCELERATE_USE_DEEPSPEED")
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     try:

@@ -141,10 +141,10 @@ DEFAULT_CONSTANTS = Constants(alpha_s=NCCL_NET_ALPHA_S, eta=EMULATION_ETA,
                               alpha_source=NCCL_ALPHA_SOURCE, eta_source=EMULATION_ETA_SOURCE)
 
 
-# The fit of the run recorded in the README (`sudo bash run/bench-cluster.sh` on this project's 2-core CPU
+# The fit recorded in docs/results/costmodel.md (`sudo bash run/bench-cluster.sh` on this project's 2-core CPU
 # machine, gloo over TCP, N = 4 emulated hosts at 1 Gbit/s, 8 methods), used only by ``benchmarks.costmodel_fit --fit`` when
 # there are no results to fit. Measured 2026-11-23 with 8 timed steps while other jobs kept the load average at
-# 5-9 on the 2 cores: the latency constant is mostly scheduling delay (see the README), not network latency.
+# 5-9 on the 2 cores: the latency constant is mostly scheduling delay (docs/results/costmodel.md), not network latency.
 EMULATION_FIT_ALPHA_SOURCE = ("fitted on the CPU emulation: gloo/TCP software overhead and CPU scheduling delay on "
                               "2 oversubscribed cores, not network latency")
 

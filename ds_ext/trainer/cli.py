@@ -35,8 +35,23 @@ from .records import console_logging
 
 
 def build_parser(prog: str = "python -m ds_ext.train") -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=prog, description="Train a recipe on every rank (--check: validate it only).",
-                                 epilog="exit codes:\n" + "\n".join(f"  {line}" for line in ExitCode.table()),
+    import textwrap
+
+    from .recipe.bundled import bundled
+
+    description = (
+        "Train a recipe on every rank (--check: validate it only). For data parallel, start it with DeepSpeed's "
+        "launcher:\n  deepspeed --num_gpus N --module ds_ext.train --recipe R       (one machine, N processes)\n"
+        "  deepspeed --hostfile H --module ds_ext.train --recipe R        (several machines)\n"
+        "Without a launcher it runs as one process (world size 1, nothing communicated). On CPU set "
+        "DS_ACCELERATOR=cpu.")
+    names = textwrap.fill(", ".join(sorted(bundled())), width=100, initial_indent="  ", subsequent_indent="  ",
+                          break_on_hyphens=False)
+    others = ", ".join(n for n in SUBCOMMANDS if n != "train")
+    epilog = (f"bundled recipes (--recipe NAME; `ds-ext recipes show NAME` prints one):\n{names}\n\n"
+              f"the other ds-ext subcommands (also python -m ds_ext SUBCOMMAND): {others}\n\n"
+              "exit codes:\n" + "\n".join(f"  {line}" for line in ExitCode.table()))
+    ap = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", required=True, help="recipe YAML")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -1,5 +1,5 @@
 """Launched by tests/e2e/test_hf.py under the real ``deepspeed`` launcher (2 processes): Hugging Face Trainer runs
-of run/hf_trainer.py's tiny GPT-2 in the same processes, each rank's results to ``OUT/rank<r>.pt``:
+of ds_ext/examples/hf_trainer.py's tiny GPT-2 in the same processes, each rank's results to ``OUT/rank<r>.pt``:
 ``deepspeed`` (no ds_ext block: DeepSpeed's own reduction), ``allreduce`` (ds_ext block), ``powersgd``
 (saving a Trainer checkpoint at step 3) and ``resumed`` (powersgd from that checkpoint); then, for each damage
 case named after ``OUT`` (``tests/dist/workers_ckpt.damage``), a copy of that checkpoint damaged by rank 0 and
@@ -7,7 +7,6 @@ resumed from (what ``trainer.train`` raised, or the parameters it ended with). `
 ``deepspeed`` and ``allreduce`` runs."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import sys
@@ -21,10 +20,9 @@ if str(ROOT) not in sys.path:  # tests.dist.workers_ckpt (the damage cases)
 
 
 def _example():
-    spec = importlib.util.spec_from_file_location("hf_trainer_example", ROOT / "run" / "hf_trainer.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from ds_ext.examples import hf_trainer
+
+    return hf_trainer
 
 
 def _params(model) -> torch.Tensor:

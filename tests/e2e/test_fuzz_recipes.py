@@ -386,7 +386,7 @@ PRECISION = {"fp32": {}, "bf16": {"bf16": {"enabled": True}}, "fp16": {"fp16": {
 
 
 def _combination_rules(red, sync, period, order, prec, zero, clip):
-    """The combination rules the README documents, written out independently of the code under test."""
+    """The combination rules docs/guide/recipes.md documents, written out independently of the code under test."""
     rules = []
     if red != "deepspeed" and zero >= 3:
         rules.append("zero-3")

@@ -1,5 +1,5 @@
 """Hugging Face ``transformers.Trainer`` with a ds_ext method (``ds_ext/hf.py``, issue 18): 2 processes under
-the real ``deepspeed`` launcher on CPU (gloo), the tiny GPT-2 of ``run/hf_trainer.py`` (2 layers, built from a
+the real ``deepspeed`` launcher on CPU (gloo), the tiny GPT-2 of ``ds_ext/examples/hf_trainer.py`` (2 layers, built from a
 config, no download), 6 optimizer steps with gradient accumulation 2, driven by ``tests/e2e/hf_driver.py``."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Issue 28, the low findings, as the trainer's user meets them: one trainer process (world 1, about 10 s each)
 on a tiny ``glue_embeddings`` data set written by the test (8-d inputs, 2 classes, a linear model), damaged the
-way the audit damaged it. Each run ends in one line and its README exit code, without a traceback. The
+way the audit damaged it. Each run ends in one line and its documented exit code, without a traceback. The
 in-process proofs of every finding are ``tests/unit/test_low_findings.py``."""
 from __future__ import annotations
 

@@ -21,7 +21,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
-BUILD_INPUTS = ("setup.py", "setup.cfg", "pyproject.toml", "MANIFEST.in", "README.md", "recipes")
+BUILD_INPUTS = ("setup.py", "setup.cfg", "pyproject.toml", "MANIFEST.in", "README.md", "DESCRIPTION.md", "LICENSE",
+                "recipes")
 CLI_TIMEOUT = 120
 
 
@@ -111,6 +112,21 @@ def test_sdist_contains_recipes(source_copy, tmp_path):
     for f in RECIPES:
         assert f"recipes/{f.name}" in names
     assert {"ds_ext/py.typed", "MANIFEST.in", "setup.py"} <= names
+
+
+def test_description_and_license(wheel):
+    """A pip user's page is DESCRIPTION.md (not the README, which opens with the checkout's scripts), with the pip
+    install lines; the Apache-2.0 text ships in the wheel; the HF example and ``python -m ds_ext`` are installed."""
+    meta = _metadata(wheel)
+    body = meta.split("\n\n", 1)[1]
+    assert body.startswith("# ds_ext") and "bash run/" not in body.split("```")[0], body[:300]
+    assert "download.pytorch.org/whl/cpu" in body
+    assert re.search(r"^License(-Expression)?: Apache-2.0$", meta, re.M), meta[:800]
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        lic = [n for n in names if n.endswith("LICENSE") and ".dist-info/" in n]
+        assert lic and "Apache License" in z.read(lic[0]).decode(), names
+        assert {"ds_ext/__main__.py", "ds_ext/examples/hf_trainer.py"} <= set(names)
 
 
 def _zero_bridge_range():

@@ -378,7 +378,7 @@ def test_without_watchdog_repeat_signal_stops_at_once():
 def test_exit_codes():
     assert (faults.EXIT_SIGTERM, faults.EXIT_SIGINT, faults.EXIT_SIGUSR1) == (143, 130, 138)
     assert (faults.EXIT_PREEMPTED, faults.EXIT_DIVERGED, faults.EXIT_PEER_LOST) == (75, 8, 4)
-    # the one table (ds_ext/trainer/exit_codes.py): every code of the README's "Exit codes" section, once
+    # the one table (ds_ext/trainer/exit_codes.py): every code of docs/guide/failures-and-exit-codes.md's "Exit codes" table, once
     assert [int(c) for c in ExitCode] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 75, 130, 138, 143]
     assert faults.EXIT_PEER_LOST is ExitCode.PEER_LOST and f"{ExitCode.SAVE}" == "7"
     assert ExitCode.reason_of(6, "x") == "directory in use by another job"

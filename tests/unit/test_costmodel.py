@@ -80,7 +80,7 @@ def _result(world, shapes, comm_ms):
 
 
 def test_fit_flag_uses_the_cpu_fit(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)  # no runs/bench-cluster here: --fit takes the fit recorded in the README
+    monkeypatch.chdir(tmp_path)  # no runs/bench-cluster here: --fit takes the fit recorded in docs/results/costmodel.md
     assert fit.main(SMALL + ["--fit"]) == 0
     out = capsys.readouterr().out
     block = _assumptions(out)

@@ -1,4 +1,4 @@
-"""Issue 28, the low findings of the reliability re-audit: each ends in one line with a README exit code, and
+"""Issue 28, the low findings of the reliability re-audit: each ends in one line with a documented exit code, and
 nothing good is lost. In-process, no process group (the trainer's own runs are in
 ``tests/e2e/test_low_findings.py``):
 

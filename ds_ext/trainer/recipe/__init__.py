@@ -2,8 +2,8 @@
 
 A recipe has the sections ``model``, ``data``, ``optimizer``, ``schedule``, ``train``, ``method``
 (``reducer`` / ``sync`` / ``order`` blocks), ``deepspeed`` (passed through to DeepSpeed), ``log`` and
-``checkpoint``; the README documents every key. Machine-specific paths (``data_root``, ``log_root``)
-live in a per-host file ``.config_<hostname>.yml`` (as the QSR seed's ``--config-pth``), so one recipe
+``checkpoint``; docs/guide/recipes.md documents every key. Machine-specific paths (``data_root``, ``log_root``)
+live in a per-host file ``.config_<hostname>.yml`` (as the QSR reference code's ``--config-pth``), so one recipe
 runs on any cluster.
 
 Every problem is reported before training as ``RecipeError`` naming the file, the dotted key and

@@ -2,11 +2,13 @@
 an ordinary DeepSpeed config (see ``ds_ext/hf.py``). A 2-layer GPT-2 built from a config (no download) learns
 a synthetic next-token task; the method's bytes are printed at the end.
 
-    bash run/hf-trainer.sh                                   # powersgd rank 2, 2 processes, CPU or GPU
-    bash run/hf-trainer.sh --method '{"reducer": {"name": "acpsgd", "rank": 4}}' --steps 40 --zero 1
-    bash run/hf-trainer.sh --method none                     # DeepSpeed's own gradient reduction
+    deepspeed --num_gpus 2 --module ds_ext.examples.hf_trainer            # powersgd rank 2, CPU or GPU
+    accelerate launch --use_deepspeed --num_processes 2 -m ds_ext.examples.hf_trainer --steps 8
+    deepspeed --num_gpus 2 --module ds_ext.examples.hf_trainer --method '{"reducer": {"name": "acpsgd", "rank": 4}}' --zero 1
+    deepspeed --num_gpus 2 --module ds_ext.examples.hf_trainer --method none   # DeepSpeed's own reduction
+    bash run/hf-trainer.sh [same options]                                  # in a checkout: the same, set up first
 
-Needs ``pip install 'ds_ext[hf]'`` (``run/setup.sh`` installs it).
+On CPU set ``DS_ACCELERATOR=cpu``. Needs ``pip install 'ds_ext[hf]'`` (``run/setup.sh`` installs it).
 """
 from __future__ import annotations
 
@@ -90,6 +92,14 @@ def main(argv=None) -> int:
     except json.JSONDecodeError as e:
         print(f"--method: not JSON ({e}); e.g. '{{\"reducer\": {{\"name\": \"acpsgd\", \"rank\": 4}}}}'",
               file=sys.stderr)
+        return 2
+    try:
+        if not torch.cuda.is_available():
+            import ds_ext.hf
+
+            ds_ext.hf.cpu_deepspeed_state()  # here only for its one-line error when no launcher started us
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         trainer, cb = build_trainer(a.out, method, a.steps, zero=a.zero)
