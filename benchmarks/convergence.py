@@ -13,7 +13,8 @@ validation after every epoch. Cells run one after the other; a cell whose ``summ
 Clipping under one meaning for every method: the recipe's threshold ``deepspeed.gradient_clipping`` with its
 ``method.clip`` (the pytext recipes: ``before``, each rank clips its own gradient before compression;
 ``ds_ext/deepspeed/clipping.py``); the parameter-averaging methods (Local SGD, DS-Sync), which refuse DeepSpeed's
-clipping, get the same threshold as ``method.sync.clip_grad_norm`` (their local gradient: the ``before`` meaning).
+clipping, get the same threshold as ``method.sync.clip_grad_norm`` (their local gradient: the ``before`` meaning);
+CD-GraB, whose reducer exchanges each microbatch gradient during backward, clips ``after`` (``before`` is refused).
 
 Printed (and written to ``DIR/report.txt``; every number in ``DIR/results.json``): per method the final validation
 loss in bits per byte (mean and sample sd over seeds), the paired comparison against the baseline by seed
@@ -92,7 +93,9 @@ METHODS: Dict[str, Method] = {m.label: m for m in [
     Method("DS-Sync", (_r("none"), "method.sync={name: dssync, groups: 2, grouping: patterns, h: 1}"), "dssync",
            {"dssync_groups": 2}, sync=True),
     Method("D-GraB", (_r("allreduce"), "method.order={name: dgrab}"), None, baseline="D-RR", order_gather=1),
-    Method("CD-GraB", (_r("cdgrab"), "method.order={name: cdgrab}"), None, baseline="D-RR", order_gather=2),
+    # CD-GraB exchanges every microbatch gradient during backward: it can only clip the mean it applies
+    Method("CD-GraB", (_r("cdgrab"), "method.order={name: cdgrab}", "method.clip=after"), None, baseline="D-RR",
+           order_gather=2),
 ]}
 ALIASES = {"D-RR": "S-SGD"}  # the orders' baseline is the S-SGD cell (allreduce + random reshuffling)
 
@@ -375,6 +378,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"benchmarks.convergence: {e}", file=sys.stderr)
         return 2
+    if args.world_size < 4 and any(m.label == "DS-Sync" for m in methods):  # 2 groups of one rank: no exchange
+        print(f"DS-Sync left out: its 2 groups need >= 4 ranks (--world-size {args.world_size})", flush=True)
+        methods = [m for m in methods if m.label != "DS-Sync"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cells = [Cell(m, s, out / m.label / f"seed{s}", clip) for m in methods for s in seeds]
@@ -387,7 +393,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     header = [f"benchmarks.convergence: {args.recipe} {' '.join(budget + args.sets)}; world {args.world_size}; "
               f"seeds {','.join(map(str, seeds))}; clipping at {clip:g} ({meaning}: "
               f"{'each rank its own gradient' if meaning == 'before' else 'the reduced gradient'}; Local SGD / "
-              f"DS-Sync: sync.clip_grad_norm); data Python {', '.join(pythons) or 'unknown'}; load average "
+              f"DS-Sync: sync.clip_grad_norm; CD-GraB: after); data Python {', '.join(pythons) or 'unknown'}; load average "
               f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f} at the report; {time.perf_counter() - t0:.0f} s",
               "final validation loss in bits per byte (lower is better); ratio = method / baseline per seed"]
     t_lines, t_out = table(cells, methods, seeds)

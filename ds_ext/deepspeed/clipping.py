@@ -19,7 +19,8 @@ than the dense mean's and the same threshold clips it less: a larger effective s
 ``before`` needs the whole local gradient before clipping, so the reducer's per-parameter work, which otherwise
 starts from the gradient-ready hooks during backward, starts at ``engine.step()`` instead (in the order the
 gradients became ready): no communication overlaps backward. It needs a reducer that replaces the engine's
-allreduce (not ``deepspeed``: the engine reduces during backward), ZeRO stage 0 and fp32 parameters without a
+allreduce (not ``deepspeed``: the engine reduces during backward) and sends this accumulated gradient (not
+``cdgrab``, which exchanges every microbatch gradient during backward), ZeRO stage 0 and fp32 parameters without a
 gradient scaler (DeepSpeed's fp16 / bf16 / ZeRO optimizers clip inside their own step); anything else is refused
 by ``clip_problem``. With no threshold (``gradient_clipping`` 0) the two are the same: nothing is clipped and
 nothing is deferred.
@@ -34,7 +35,7 @@ CLIP_MODES = ("after", "before")
 
 
 def clip_problem(mode: str, reducer_name: str, replaces_allreduce: bool, zero_stage: int, precision: str,
-                 threshold: float, autocast: bool = False) -> Optional[str]:
+                 threshold: float, autocast: bool = False, microbatches: bool = False) -> Optional[str]:
     """Why ``method.clip: <mode>`` cannot run with these settings (one sentence), or None."""
     if mode not in CLIP_MODES:
         return f"method.clip must be one of {', '.join(CLIP_MODES)}, not {mode!r}"
@@ -43,6 +44,10 @@ def clip_problem(mode: str, reducer_name: str, replaces_allreduce: bool, zero_st
     if not replaces_allreduce:
         return (f"method.clip: before clips each rank's local gradient before the reducer, but reducer "
                 f"{reducer_name!r} lets DeepSpeed reduce during backward; use reducer allreduce or clip: after")
+    if microbatches:
+        return (f"method.clip: before clips each rank's accumulated gradient, but reducer {reducer_name!r} applies the "
+                f"mean of the microbatch gradients it gathered during backward, so nothing it sends would be "
+                f"clipped; use clip: after")
     if zero_stage != 0 or precision != "fp32" or autocast:
         return (f"method.clip: before needs ZeRO stage 0 and fp32 without a gradient scaler (got ZeRO stage "
                 f"{zero_stage}, {precision}{', torch_autocast' if autocast else ''}): DeepSpeed's fp16/bf16/ZeRO "
@@ -67,7 +72,7 @@ class LocalClip:
         precision = "fp16" if engine.fp16_enabled() else "bf16" if engine.bfloat16_enabled() else "fp32"
         autocast = bool(getattr(engine, "torch_autocast_z0_gradscaler", None))
         why = clip_problem(mode, name, reducer.replaces_engine_allreduce, engine.zero_optimization_stage(),
-                           precision, threshold, autocast)
+                           precision, threshold, autocast, bool(getattr(reducer, "observes_microbatches", False)))
         if why:
             raise ValueError(why)
         return cls(engine, threshold) if mode == "before" and threshold > 0 else None
