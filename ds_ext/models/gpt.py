@@ -4,7 +4,7 @@ Token and learned position embeddings, ``num_layers`` pre-LayerNorm blocks (caus
 ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)``, then a 4x-wide GELU MLP, each with a residual),
 a final LayerNorm and a decoder tied to the token embedding; weights N(0, 0.02), residual projections scaled by
 1/sqrt(2 num_layers) as GPT-2 does, biases 0. Defaults (width 192, 3 layers, 4 heads, context 128, vocabulary 256 for
-``pytext``'s bytes): 1.39M parameters, of which the 192 x 576 attention and 192 x 768 MLP matrices are where low-rank
+``pytext``'s bytes): 1,408,704 parameters, of which the 192 x 576 attention and 192 x 768 MLP matrices are where low-rank
 and sparse compression act.
 
 Shapes as ``lstm_lm`` (see that module): ``x`` ``[B, T]`` token ids (T <= ``context``) -> logits ``[B, V, T]``, so the
