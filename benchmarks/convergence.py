@@ -340,23 +340,35 @@ def _methods(text: str) -> List[Method]:
     return [METHODS[n] for n in names] + [METHODS[b] for b in sorted(need - set(names))]  # baselines always run
 
 
-def _recipe_numbers(recipe: str, sets: Sequence[str], world: int) -> Tuple[float, int, str]:
-    """The clipping threshold, microbatches per step per rank and the clipping meaning of the recipe."""
+def _recipe_numbers(recipe: str, sets: Sequence[str], world: int) -> Tuple[float, int, str, Optional[int]]:
+    """The clipping threshold, microbatches per step per rank, the clipping meaning of the recipe and its optimizer
+    steps (None without ``train.steps_per_epoch``)."""
     from ds_ext.trainer.recipe import load_recipe
 
     r = load_recipe(recipe, list(sets))
     gas = max(1, r.train.global_batch_size // (world * r.train.micro_batch_size))
-    return float(r.deepspeed.get("gradient_clipping", 0) or 0), gas, r.method.clip
+    steps = r.train.epochs * r.train.steps_per_epoch if r.train.steps_per_epoch else None
+    return float(r.deepspeed.get("gradient_clipping", 0) or 0), gas, r.method.clip, steps
 
 
 def run_cells(cells: List[Cell], args, budget: List[str]) -> None:
+    """Train (or reuse) every cell in turn, one progress line before and after each. Each cell's ``settings.json``
+    keeps what it was launched with (recipe, overrides, world size); a reused cell launched otherwise is an error
+    (``--fresh`` reruns it, or use another ``--out``), so one report never mixes budgets."""
     total = len(cells)
     for i, c in enumerate(cells, 1):
         done = (c.dir / "summary.json").is_file() and not args.fresh
+        settings = {"recipe": args.recipe, "sets": c.sets() + budget + args.sets, "world": args.world_size}
         if not done and not args.report_only:
             print(f"[{i}/{total}] {c.method.label} seed {c.seed}: training ({c.dir})", flush=True)
+            c.dir.mkdir(parents=True, exist_ok=True)
+            (c.dir / "settings.json").write_text(json.dumps(settings))
             execute(c, args.recipe, budget + args.sets, args.world_size, args.launcher, args.timeout)
         read_cell(c)
+        kept = c.dir / "settings.json"
+        if done and c.summary is not None and kept.is_file() and json.loads(kept.read_text()) != settings:
+            c.error = f"stale cell: launched with other settings ({kept}); --fresh reruns it, or use another --out"
+            c.summary = None
         state = ("reused" if done else "missing" if args.report_only else f"{c.seconds:.0f} s")
         what = (f"error: {c.error} (log {c.log})" if c.error else
                 f"final {c.curve[-1][1]:.4f} bits/byte, {c.summary['comm_bytes_per_step']:,.0f} B/rank/step, "
@@ -373,7 +385,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         budget = ([f"train.epochs={args.epochs}"] if args.epochs else []) + \
                  ([f"train.steps_per_epoch={args.steps_per_epoch}"] if args.steps_per_epoch else [])
         budget += ["log.every_steps=" + str(min(10, args.steps_per_epoch or 10))]
-        clip, gas, meaning = _recipe_numbers(args.recipe, budget + args.sets, args.world_size)
+        clip, gas, meaning, _ = _recipe_numbers(args.recipe, budget + args.sets, args.world_size)
         shapes = model_shapes_of(args.recipe, budget + args.sets)
     except (ValueError, FileNotFoundError) as e:
         print(f"benchmarks.convergence: {e}", file=sys.stderr)
