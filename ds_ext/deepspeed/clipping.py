@@ -95,3 +95,18 @@ class LocalClip:
         """Give DeepSpeed its threshold back (``Attachment.detach``)."""
         self.engine._config.gradient_clipping = self.max_norm
         self.pending.clear()
+
+
+def settings_problem(mode: str, reducer_name: str, deepspeed: dict) -> Optional[str]:
+    """``clip_problem`` read from a recipe: the registered reducer's class and the DeepSpeed section (the recipe
+    check runs it before launch, so a refused setting is one line, not a failure inside ``attach``)."""
+    from ..registry import REDUCERS, precision_of, zero_stage_of
+
+    if reducer_name not in REDUCERS:
+        return None  # the recipe reports the unknown name itself
+    cls = REDUCERS.get(reducer_name).factory
+    autocast = bool((deepspeed.get("torch_autocast") or {}).get("enabled", False))
+    return clip_problem(mode, reducer_name, bool(getattr(cls, "replaces_engine_allreduce", True)),
+                        zero_stage_of(deepspeed), precision_of(deepspeed),
+                        float(deepspeed.get("gradient_clipping", 0) or 0), autocast,
+                        bool(getattr(cls, "observes_microbatches", False)))

@@ -2,6 +2,8 @@
 arithmetic of both meanings is tests/dist/test_clip.py."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from ds_ext.deepspeed.clipping import clip_problem
@@ -25,3 +27,14 @@ def test_the_method_section_takes_clip():
     assert method_section({"reducer": "topk"}).clip == "after"
     with pytest.raises(RecipeError, match="ds_ext.clip"):
         method_section({"reducer": "topk", "clip": "sometimes"})
+
+
+def test_the_recipe_check_refuses_clip_before_where_it_cannot_run(tmp_path):
+    from ds_ext.trainer.recipe import load_recipe
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "pytext-gpt.yaml"
+    with pytest.raises(RecipeError, match=r"method.clip: method.clip: before .*'cdgrab'.*use clip: after"):
+        load_recipe(recipe, ["method.reducer={name: cdgrab}", "method.order={name: cdgrab}"])
+    load_recipe(recipe, ["method.reducer={name: cdgrab}", "method.order={name: cdgrab}", "method.clip=after"])
+    load_recipe(recipe, ["method.reducer={name: cdgrab}", "method.order={name: cdgrab}",
+                         "deepspeed.gradient_clipping=0.0"])
