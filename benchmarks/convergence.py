@@ -243,7 +243,8 @@ def table(cells: List[Cell], methods: List[Method], seeds: List[int]) -> Tuple[L
     return lines, out
 
 
-def time_to_loss(cells, methods, seeds, shapes, bws, gpus, compute_ms, micro_per_step) -> Tuple[List[str], dict]:
+def time_to_loss(cells, methods, seeds, shapes, bws, gpus, compute_ms, micro_per_step,
+                 compute_source: str = "given") -> Tuple[List[str], dict]:
     """Modelled seconds until each method's mean validation curve reaches the S-SGD final mean loss."""
     curves = {m.label: mean_curve([c for c in cells if c.method.label == m.label and c.summary is not None
                                    and c.curve]) for m in methods}
@@ -252,7 +253,8 @@ def time_to_loss(cells, methods, seeds, shapes, bws, gpus, compute_ms, micro_per
         return ["time-to-loss: no finished S-SGD cell, no target"], {}
     target = base[-1][1]
     lines = [f"time to reach S-SGD's final mean loss {target:.4f} bits/byte (modelled seconds; compute "
-             f"{compute_ms:.1f} ms/step, cost-model default constants, compression time not included)"]
+             f"{compute_ms:.1f} ms/step ({compute_source}), cost-model default constants, compression time not "
+             f"included)"]
     head = f"{'method':<14} " + " ".join(f"{f'{bw:g}G/{n}':>10}" for bw in bws for n in gpus)
     lines.append(head)
     out = {"target_bpb": target, "compute_ms": compute_ms, "rows": {}}
@@ -409,7 +411,9 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f} at the report; {time.perf_counter() - t0:.0f} s",
               "final validation loss in bits per byte (lower is better); ratio = method / baseline per seed"]
     t_lines, t_out = table(cells, methods, seeds)
-    l_lines, l_out = time_to_loss(cells, methods, seeds, shapes, bws, gpus, compute_ms, gas)
+    source = ("--compute-ms" if args.compute_ms is not None else
+              "the median S-SGD step measured here" if base else "no S-SGD step measured: a placeholder")
+    l_lines, l_out = time_to_loss(cells, methods, seeds, shapes, bws, gpus, compute_ms, gas, source)
     failed = [c for c in cells if c.error]
     text = "\n".join(header + [""] + t_lines + [""] + l_lines
                      + [f"failed: {c.method.label} seed {c.seed}: {c.error} ({c.log})" for c in failed])
