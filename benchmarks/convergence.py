@@ -364,6 +364,8 @@ def run_cells(cells: List[Cell], args, budget: List[str]) -> None:
         if not done and not args.report_only:
             print(f"[{i}/{total}] {c.method.label} seed {c.seed}: training ({c.dir})", flush=True)
             c.dir.mkdir(parents=True, exist_ok=True)
+            for stale in ("history.jsonl", "summary.json"):  # a failed or --fresh cell's records: this run's own
+                (c.dir / stale).unlink(missing_ok=True)
             (c.dir / "settings.json").write_text(json.dumps(settings))
             execute(c, args.recipe, budget + args.sets, args.world_size, args.launcher, args.timeout)
         read_cell(c)
@@ -397,6 +399,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         methods = [m for m in methods if m.label != "DS-Sync"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("DS_EXT_CURVES", "0")  # the trainer's per-run curves.png: this command draws its own
     cells = [Cell(m, s, out / m.label / f"seed{s}", clip) for m in methods for s in seeds]
     t0 = time.perf_counter()
     run_cells(cells, args, budget)
