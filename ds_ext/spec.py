@@ -11,7 +11,7 @@ from __future__ import annotations
 import reprlib
 import types
 import typing
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Type, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator
 
@@ -82,6 +82,9 @@ class MethodSection(Section):
     reducer: NamedBlock = Field(default_factory=lambda: NamedBlock(name="allreduce"))
     sync: NamedBlock = Field(default_factory=lambda: NamedBlock(name="none"))
     order: NamedBlock = Field(default_factory=lambda: NamedBlock(name="rr"))
+    #: what deepspeed.gradient_clipping clips: the reduced gradient (after) or each rank's local one (before);
+    #: ds_ext/deepspeed/clipping.py
+    clip: Literal["after", "before"] = "after"
 
 
 # ---- errors from pydantic, with the allowed values spelled out ---------------------------------
@@ -182,7 +185,7 @@ def method_section(block: Any, source: str = "ds_config", prefix: str = "ds_ext"
     if not isinstance(block, Mapping):
         raise RecipeError(source, [(prefix, "must be a mapping with the keys reducer, sync, order "
                                             f"(got {_short(block)})")])
-    raw = {k: ({"name": v} if isinstance(v, str) else v) for k, v in block.items()}
+    raw = {k: ({"name": v} if isinstance(v, str) and k != "clip" else v) for k, v in block.items()}
     try:
         section = MethodSection.model_validate(raw)
     except ValidationError as e:

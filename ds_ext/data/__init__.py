@@ -21,3 +21,4 @@ from . import movielens
 from . import criteo
 from . import glue
 from . import ffcv_imagenet
+from . import pytext

@@ -35,6 +35,7 @@ from ..spec import block_parts, near_miss_block
 from .announce import announce, ensure_console
 from .compat import quiet_all_gather
 from .threads import apply_default
+from .clipping import LocalClip
 from .step_hooks import (ConsistencyCheck, DesyncError, NonFiniteGuard, StepInfo, StopVote, check_consistency,
                          split_rows)
 from .zero import ZeroBridge, _node_partitioned_detached
@@ -65,7 +66,7 @@ class Attachment:
     and a local step's node exchange shares the non-finite verdict over the node's ranks."""
 
     def __init__(self, engine, reducer, sync, comm: Communicator, check_every: int = 0, order=None,
-                 nonfinite: str = "skip", method: Optional[str] = None, topology=None):
+                 nonfinite: str = "skip", method: Optional[str] = None, topology=None, clip: str = "after"):
         self.engine, self.reducer, self.sync, self.comm = engine, reducer, sync, comm
         self.meter = comm.meter
         self.order = order
@@ -97,6 +98,9 @@ class Attachment:
                                   f"(DeepSpeed broadcasts them inside a node only; seed the model alike on every "
                                   f"rank or broadcast it before deepspeed.initialize): {e}") from None
         self.check = ConsistencyCheck(engine.module, comm, check_every)
+        # method.clip: before -> each rank's local gradient is clipped before the reducer sees it (clipping.py)
+        self.clip = LocalClip.for_engine(engine, clip, reducer,
+                                         REDUCERS.name_of(reducer) or method or type(reducer).__name__)
         self.vote = StopVote(comm)
         #: the step hooks, run in this order in every phase of ``step``
         self.hooks = [h for h in (self.guard, self.vote, self.zero, self.check) if h is not None]
@@ -177,7 +181,10 @@ class Attachment:
 
     def _hook(self, p):  # nothing else runs here: the non-finite guard reads the reduced data after finish()
         if self.engine.is_gradient_accumulation_boundary() and self.sync.reduce_gradients_now():
-            self.reducer.grad_ready(p)
+            if self.clip is not None:
+                self.clip.ready(p)
+            else:
+                self.reducer.grad_ready(p)
 
     def step(self, *args, **kwargs):
         if self._flat is not None:  # one microbatch backward has run: the order sees its gradient
@@ -194,6 +201,8 @@ class Attachment:
         if sent:  # rides on the step's one control exchange (a method's own, or one all_gather)
             self.comm.post_control(torch.cat(sent) if len(sent) > 1 else sent[0])
         if reduced:
+            if self.clip is not None:
+                self.clip.flush(self.reducer)
             self.reducer.finish()
         late = self.guard.after_finish(info)  # the guard's reduced-data flag: aboard the exchange if one is to run
         aboard = late is not None and bool(sent) and self.comm.amend_posted(late)
@@ -233,6 +242,8 @@ class Attachment:
             h.remove()
         self._handles.clear()
         self.engine.enable_backward_allreduce = self._orig_allreduce_flag
+        if self.clip is not None:
+            self.clip.restore()
         self.engine.step = self._orig_step
         self.engine.save_checkpoint, self.engine.load_checkpoint = self._orig_save, self._orig_load
         if self.zero is not None and self.zero.node_partitioned:
@@ -333,7 +344,8 @@ def method_spec(engine, method=None):
             return MethodSection()
         return method_section(block, source="DeepSpeed config", prefix="ds_ext")
     if isinstance(method, dict):
-        return method_section({k: _typed_block(k, v) for k, v in method.items()}, source="ds_ext.attach",
+        return method_section({k: v if k == "clip" else _typed_block(k, v) for k, v in method.items()},
+                              source="ds_ext.attach",
                               prefix="method")
     if all(hasattr(method, k) for k in ("reducer", "sync", "order")):  # a recipe's method section (duck-typed)
         return method
@@ -421,6 +433,7 @@ def attach(engine, method: Union[None, Dict[str, Any], Any] = None, meter: Optio
                        steps_per_epoch=steps_per_epoch if steps_per_epoch is not None
                        else getattr(sched, "steps_per_epoch", None))
     att = Attachment(engine, reducer, sync, comm, check_every=check_every, order=order, nonfinite=nonfinite,
-                     method=REDUCERS.get(rname).factory.__name__, topology=topology)
+                     method=REDUCERS.get(rname).factory.__name__, topology=topology,
+                     clip=getattr(method, "clip", "after"))
     att.description = announce(att, total_steps)
     return att

@@ -18,3 +18,4 @@ from . import vgg
 from . import vit
 from . import lstm_lm
 from . import recsys
+from . import gpt

@@ -27,7 +27,7 @@ def test_ds_ext_block_typed_options_and_dicts_are_one_method():
     assert "start_powerSGD_iter" in e["option"] and "error_feedback" in e["option"]
     assert "--set" not in e["option"]
     assert "ds_ext.reducer.name: unknown reducer 'powersdg'; allowed: " in e["name"] and "powersgd" in e["name"]
-    assert "ds_ext.reducr: unknown key; allowed keys: order, reducer, sync" in e["section"]
+    assert "ds_ext.reducr: unknown key; allowed keys: clip, order, reducer, sync" in e["section"]
     assert "options of type NoOptions serve reducers" in e["ambiguous"] and "('<name>', options)" in e["ambiguous"]
     assert "method.reducer.densty: unknown option for reducer 'topk'; allowed: " in e["dict_option"]
 

@@ -342,8 +342,11 @@ def _cross_section(recipe: Recipe) -> List[Tuple[str, str]]:
 
 def method_problems(recipe: Recipe, world_size: Optional[int]) -> List[Tuple[str, str]]:
     """What the three methods' ``check(view)`` classmethods say about this recipe (the same checks
-    ``engine.attach`` runs on an engine)."""
-    return recipe.method_view(world_size).problems()
+    ``engine.attach`` runs on an engine), and whether ``method.clip`` can run (``ds_ext/deepspeed/clipping.py``)."""
+    from ...deepspeed.clipping import settings_problem
+
+    clip = settings_problem(recipe.method.clip, recipe.method.reducer.name, recipe.deepspeed)
+    return recipe.method_view(world_size).problems() + ([("method.clip", clip)] if clip else [])
 
 
 def check_combination(recipe: Recipe) -> List[Tuple[str, str]]:

@@ -1,0 +1,69 @@
+"""``benchmarks.convergence``'s report on hand-made cells (issue 31): the paired comparison against each method's
+baseline (S-SGD; D-RR, which is the S-SGD cell, for the orders), bytes, step time and time-to-loss."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks import convergence as C
+from benchmarks.orders import compare
+
+SHAPES = [(256, 128), (128, 384), (384,), (128, 512), (512, 128)]
+
+
+def _cell(label, seed, curve, bytes_per_step=1000.0, step_ms=50.0):
+    c = C.Cell(C.METHODS[label], seed, Path("/nonexistent"))
+    c.summary = {"steps": curve[-1][0], "comm_bytes_total": bytes_per_step * curve[-1][0],
+                 "comm_bytes_per_step": bytes_per_step}
+    c.curve, c.step_ms = curve, step_ms
+    return c
+
+
+def _cells():
+    out = []
+    for s in range(3):
+        out.append(_cell("S-SGD", s, [(10, 4.0 + s * 0.01), (20, 3.0 + s * 0.01)], 1e6))
+        out.append(_cell("topk-0.01", s, [(10, 4.2 + s * 0.01), (20, 3.3 + s * 0.01)], 2e4))
+        out.append(_cell("D-GraB", s, [(10, 3.9), (20, 2.9 + s * 0.02)], 1e6))
+    return out
+
+
+def test_table_pairs_each_method_with_its_baseline():
+    cells = _cells()
+    methods = [C.METHODS[m] for m in ("S-SGD", "topk-0.01", "D-GraB")]
+    lines, out = C.table(cells, methods, [0, 1, 2])
+    assert out["S-SGD"]["compare"] is None and out["S-SGD"]["n"] == 3
+    want = compare([3.0 + s * 0.01 for s in range(3)], [3.3 + s * 0.01 for s in range(3)], False)
+    assert out["topk-0.01"]["compare"] == want and want["wins"] == 0 and want["ratio_mean"] > 1.09
+    assert out["D-GraB"]["baseline"] == "D-RR" and out["D-GraB"]["compare"]["wins"] == 3
+    assert out["topk-0.01"]["bytes_per_rank_step"] == 2e4
+    assert any(line.startswith("topk-0.01") and "0/3" in line for line in lines)
+    assert any(line.startswith("D-GraB") and "D-RR" in line and "3/3" in line for line in lines)
+
+
+def test_time_to_loss_and_never():
+    cells = _cells()
+    methods = [C.METHODS[m] for m in ("S-SGD", "topk-0.01", "D-GraB")]
+    lines, out = C.time_to_loss(cells, methods, [0, 1, 2], SHAPES, [1.0, 100.0], [8, 64], 20.0, 2)
+    assert out["target_bpb"] == pytest.approx(3.01)
+    assert out["rows"]["S-SGD"]["step"] == 20 and out["rows"]["topk-0.01"]["step"] is None
+    assert out["rows"]["D-GraB"]["step"] == 20
+    ssgd = out["rows"]["S-SGD"]["1G/64"]
+    assert ssgd["seconds"] == pytest.approx(20 * ssgd["step_ms"] / 1e3)
+    # D-GraB sends the S-SGD traffic plus its all_gather: never faster; slower on slow links
+    assert out["rows"]["D-GraB"]["1G/64"]["step_ms"] > ssgd["step_ms"]
+    assert out["rows"]["D-GraB"]["100G/8"]["step_ms"] >= out["rows"]["S-SGD"]["100G/8"]["step_ms"]
+    assert any(line.startswith("topk-0.01") and "never" in line for line in lines)
+    # DS-Sync's 2 groups cannot run on fewer than 4 ranks: n/a, not a number
+    assert C.modelled_step_ms(C.METHODS["DS-Sync"], SHAPES, 2, 1.0, 20.0, 1) is None
+
+
+def test_sync_methods_clip_through_the_synchronizer():
+    sets = C.METHODS["LocalSGD-H4"].sets_for(0.5)
+    assert "method.sync={name: local, period: constant, h: 4, clip_grad_norm: 0.5}" in sets
+    assert "deepspeed.gradient_clipping=0.0" in sets
+    assert C.METHODS["topk-0.01"].sets_for(0.5) == ["method.reducer={name: topk, density: 0.01}"]
+    assert [m.label for m in C._methods("D-GraB")] == ["D-GraB", "S-SGD"]  # its baseline always runs
+    with pytest.raises(ValueError, match="unknown method"):
+        C._methods("nope")
