@@ -68,6 +68,8 @@ class LocalClip:
     def for_engine(cls, engine, mode: str, reducer, name: str) -> Optional["LocalClip"]:
         """The ``LocalClip`` for ``clip: before`` with a threshold, None otherwise; ``ValueError`` when the
         settings cannot run (``clip_problem``)."""
+        if mode == "after":  # DeepSpeed's own meaning: nothing to hold or check (clip_problem)
+            return None
         threshold = float(engine.gradient_clipping() or 0.0)
         precision = "fp16" if engine.fp16_enabled() else "bf16" if engine.bfloat16_enabled() else "fp32"
         autocast = bool(getattr(engine, "torch_autocast_z0_gradscaler", None))
