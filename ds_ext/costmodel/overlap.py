@@ -144,7 +144,7 @@ def backward_schedule(method: str, shapes, n: int, opts: MethodOptions, ddp_one_
     registration order; the measured ready order it is rebuilt in after step 1 is not known here) and ``acpsgd`` one per
     fusion group (a P-step and a Q-step, weight 1/2 each) wait for their gradients; ``ddp_allreduce`` per DDP
     bucket (first 1 MiB, then 25 MiB); ``ddp_powersgd`` with one bucket (what bench-train runs: PyTorch's hook
-    races on gloo with more, ``benchmarks.train.DDP_POWERSGD_ONE_BUCKET``) all_reduces the uncompressed
+    one of bench-train's two rows; ``ddp_one_bucket=False`` the other) all_reduces the uncompressed
     tensors, P and Q after backward (with DDP's buckets: that chain per bucket, during backward); ``powersgd``
     [P(k), Q(k-1)] per fusion group and ``signsgd`` per bucket (module docstring); ``deepspeed`` one flat
     all_reduce of every gradient after backward; every other method after backward (``collectives``)."""

@@ -13,7 +13,7 @@ from . import model as _model
 from .model import (DEFAULT_CONSTANTS, EMULATION_ETA, INTRA_ALPHA_S, INTRA_BW_BITS, INTRA_SOURCE,
                     NCCL_NET_ALPHA_S, Constants, _numel, collectives, comm_seconds, model_shapes, project_hierarchical,
                     step_ms)
-from .overlap import backward_schedule, flop_ready_fractions, launch_ready, overlap_step
+from .overlap import backward_schedule, compression_split, flop_ready_fractions, launch_ready, overlap_step
 from .presets import (ALL_METHODS, DEFAULT_COMPRESSION, LABELS, Compression, MethodOptions,
                       applicable, hier_default_methods, hier_methods)
 
@@ -22,8 +22,8 @@ from .presets import (ALL_METHODS, DEFAULT_COMPRESSION, LABELS, Compression, Met
 def project(methods, gpus, bws, shapes, opts, consts, compression: Dict[str, Compression], compute_ms: float,
             overlap: bool, backward_fraction: float, ready: Optional[Sequence[float]] = None) -> Dict[tuple, float]:
     """(Gbit/s, N, method) -> modelled step time in ms. ``ready`` (a readiness profile): the launch-during-backward
-    term (``overlap_step``: backward = ``backward_fraction`` x compute, the rest before it, compression after
-    backward) instead of the window term (``step_ms``)."""
+    term (``overlap_step``: backward = ``backward_fraction`` x compute, the rest before it, compression split
+    between the gradient hooks and after backward by ``compression_split``) instead of the window term (``step_ms``)."""
     table = {}
     for bw in bws:
         for n in gpus:
@@ -36,7 +36,8 @@ def project(methods, gpus, bws, shapes, opts, consts, compression: Dict[str, Com
                     fn = lambda colls, bw=bw: 1e3 * comm_seconds(colls, bw * 1e9, consts)  # noqa: E731
                     table[(bw, n, m)] = overlap_step((1 - backward_fraction) * compute_ms,
                                                      backward_fraction * compute_ms, 0.0, ready,
-                                                     backward_schedule(m, shapes, n, opts), fn, 0.0, cms)["step_ms"]
+                                                     backward_schedule(m, shapes, n, opts), fn,
+                                                     *compression_split(m, cms))["step_ms"]
                     continue
                 t = comm_seconds(collectives(m, shapes, n, opts), bw * 1e9, consts)
                 table[(bw, n, m)] = step_ms(m, t, compute_ms, cms, overlap, backward_fraction)

@@ -323,7 +323,7 @@ def test_the_roster_accounts_for_every_registered_method():
     # hierarchical mode is read from the methods (their options and hierarchy.inner_problem), not listed
     assert {"allreduce", "powersgd", "acpsgd", "topk", "exdyna", "signsgd", "local_qsr"} <= set(ps.hier_methods())
     assert "dssync" not in ps.hier_methods() and "signsgd" not in ps.hier_default_methods()
-    assert ps.SERIAL_TRAIN_METHODS == ("powersgd", "topk", "exdyna", "signsgd", "local_qsr", "dssync", "deepspeed",
+    assert ps.SERIAL_TRAIN_METHODS == ("topk", "exdyna", "local_qsr", "dssync", "deepspeed",
                                        "ddp_powersgd_1b")   # DDP's powerSGD_hook with DDP's buckets: during backward
     assert ps.label_of("local_qsr") == "Local SGD + QSR (H=4)" and ps.label_of("ddp_powersgd") == "DDP powerSGD_hook r4"
 
