@@ -1,8 +1,13 @@
 """Run a function on N real processes joined by gloo through ``deepspeed.init_distributed``
 (``DS_EXT_TEST_BACKEND=nccl``: NCCL instead, as tests/dist/test_gpu.py does at world size 1).
 
-``run(fn, world_size, **kw)`` spawns fresh interpreters, each setting RANK / WORLD_SIZE / MASTER_*
-and calling ``fn(rank, world_size, **kw)``; return values come back per rank. A rank that raises
+``run(fn, world_size, **kw)`` starts fresh processes, each setting RANK / WORLD_SIZE / MASTER_*
+and calling ``fn(rank, world_size, **kw)``; return values come back per rank. They are forked from a
+``multiprocessing`` forkserver, a fresh interpreter started once per session that has imported torch,
+DeepSpeed, ds_ext and the trainer's modules and nothing else (no process group, no test state; one thread):
+each rank skips those imports (about 3 to 6 CPU-s) and gets, as a spawned one does, the parent's environment
+and working directory at the call. A call whose start-up variables (``_START_ENV``) differ from the ones the
+forkserver started with, or ``DS_EXT_TEST_START=spawn``, spawns fresh interpreters instead. A rank that raises
 makes the whole call raise with that rank's traceback (the others are terminated); a run past
 ``timeout`` seconds is terminated and raises ``TimeoutError``. Nothing sleeps: the parent blocks on
 the children's process sentinels.
@@ -46,7 +51,12 @@ def _backend() -> str:
     return os.environ.get("DS_EXT_TEST_BACKEND") or "gloo"
 
 
-def _entry(rank, fn, world_size, port, outdir, kwargs):
+def _entry(rank, fn, world_size, port, outdir, kwargs, env=None, cwd=None):
+    if env is not None:  # the parent's, at the call (a forkserver child starts with the forkserver's)
+        os.environ.clear()
+        os.environ.update(env)
+    if cwd is not None:
+        os.chdir(cwd)
     one_gpu = os.environ.get("DS_EXT_TEST_ONE_GPU") == "1"  # tests/dist/test_gpu.py: every rank on cuda:0
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(0 if one_gpu else rank), WORLD_SIZE=str(world_size),
                       LOCAL_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -70,10 +80,31 @@ def _entry(rank, fn, world_size, port, outdir, kwargs):
     os._exit(0)
 
 
+#: what the forkserver of ``run`` imports before it forks ranks: what every rank, and every trainer rank, imports
+_PRELOAD = ["torch", "deepspeed", "deepspeed.comm", "ds_ext", "ds_ext.comm", "ds_ext.trainer.cli",
+            "ds_ext.trainer.loop", "sklearn.datasets", "torch._dynamo", "tests.harness", "tests.dist.workers"]
+_forkserver_env = None  # the start-up variables the session's forkserver was started with
+
+
+def _start_method() -> str:
+    """``forkserver`` when the session's forkserver has (or will have) this call's start-up variables, else
+    ``spawn`` (see the module docstring)."""
+    global _forkserver_env
+    if os.environ.get("DS_EXT_TEST_START", "forkserver") == "spawn":
+        return "spawn"
+    now = tuple(os.environ.get(k) for k in _START_ENV)
+    if _forkserver_env is None:
+        import multiprocessing
+
+        multiprocessing.set_forkserver_preload(_PRELOAD)
+        _forkserver_env = now
+    return "forkserver" if now == _forkserver_env else "spawn"
+
+
 def run(fn, world_size: int = 2, timeout: float = 300, **kwargs):
     outdir = tempfile.mkdtemp(prefix="ds_ext_test_")
-    ctx = mp.start_processes(_entry, args=(fn, world_size, free_port(), outdir, kwargs), nprocs=world_size,
-                             join=False, start_method="spawn")
+    ctx = mp.start_processes(_entry, args=(fn, world_size, free_port(), outdir, kwargs, dict(os.environ), os.getcwd()),
+                             nprocs=world_size, join=False, start_method=_start_method())
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=max(0.0, deadline - time.monotonic())):
         if time.monotonic() >= deadline:
