@@ -7,7 +7,8 @@ and calling ``fn(rank, world_size, **kw)``; return values come back per rank. Th
 DeepSpeed, ds_ext and the trainer's modules and nothing else (no process group, no test state; one thread):
 each rank skips those imports (about 3 to 6 CPU-s) and gets, as a spawned one does, the parent's environment
 and working directory at the call. A call whose start-up variables (``_START_ENV``) differ from the ones the
-forkserver started with, or ``DS_EXT_TEST_START=spawn``, spawns fresh interpreters instead. Forked ranks share
+forkserver started with, a GPU run (``DS_ACCELERATOR`` not ``cpu``, ``DS_EXT_TEST_BACKEND``, ``DS_EXT_TEST_ONE_GPU``:
+no fork after imports that may touch CUDA) or ``DS_EXT_TEST_START=spawn`` spawns fresh interpreters instead. Forked ranks share
 the forkserver's ``str`` hash seed and numpy's global generator state, where spawned ones draw their own: a
 set-iteration order that differs between ranks shows in the pooled ranks (``run_pooled``, spawned) and in the
 e2e tests' trainer processes (``python -m ds_ext.train`` per rank, the ``deepspeed`` launcher), not here. A rank that raises
@@ -116,6 +117,8 @@ def _start_method() -> str:
     global _forkserver_env
     if os.environ.get("DS_EXT_TEST_START", "forkserver") == "spawn":
         return "spawn"
+    if os.environ.get("DS_ACCELERATOR") != "cpu" or _backend() != "gloo" or os.environ.get("DS_EXT_TEST_ONE_GPU"):
+        return "spawn"  # a GPU: no fork of a process whose imports may have touched CUDA
     now = tuple(os.environ.get(k) for k in _START_ENV)
     if _forkserver_env is None:
         import multiprocessing
