@@ -1,8 +1,17 @@
 """Run a function on N real processes joined by gloo through ``deepspeed.init_distributed``
 (``DS_EXT_TEST_BACKEND=nccl``: NCCL instead, as tests/dist/test_gpu.py does at world size 1).
 
-``run(fn, world_size, **kw)`` spawns fresh interpreters, each setting RANK / WORLD_SIZE / MASTER_*
-and calling ``fn(rank, world_size, **kw)``; return values come back per rank. A rank that raises
+``run(fn, world_size, **kw)`` starts fresh processes, each setting RANK / WORLD_SIZE / MASTER_*
+and calling ``fn(rank, world_size, **kw)``; return values come back per rank. They are forked from a
+``multiprocessing`` forkserver, a fresh interpreter started once per session that has imported torch,
+DeepSpeed, ds_ext and the trainer's modules and nothing else (no process group, no test state; one thread):
+each rank skips those imports (about 3 to 6 CPU-s) and gets, as a spawned one does, the parent's environment
+and working directory at the call. A call whose start-up variables (``_START_ENV``) differ from the ones the
+forkserver started with, a GPU run (``DS_ACCELERATOR`` not ``cpu``, ``DS_EXT_TEST_BACKEND``, ``DS_EXT_TEST_ONE_GPU``:
+no fork after imports that may touch CUDA) or ``DS_EXT_TEST_START=spawn`` spawns fresh interpreters instead. Forked ranks share
+the forkserver's ``str`` hash seed and numpy's global generator state, where spawned ones draw their own: a
+set-iteration order that differs between ranks shows in the pooled ranks (``run_pooled``, spawned) and in the
+e2e tests' trainer processes (``python -m ds_ext.train`` per rank, the ``deepspeed`` launcher), not here. A rank that raises
 makes the whole call raise with that rank's traceback (the others are terminated); a run past
 ``timeout`` seconds is terminated and raises ``TimeoutError``. Nothing sleeps: the parent blocks on
 the children's process sentinels.
@@ -46,7 +55,33 @@ def _backend() -> str:
     return os.environ.get("DS_EXT_TEST_BACKEND") or "gloo"
 
 
-def _entry(rank, fn, world_size, port, outdir, kwargs):
+class _ParentFd:
+    """The parent's file descriptor ``fd`` at the call, passed to a rank as multiprocessing passes descriptors (a
+    forkserver child otherwise writes to the forkserver's stdout / stderr: where pytest's capture of the test that
+    started the forkserver was)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __reduce__(self):  # pickled while the rank is being started: the start method's own descriptor passing
+        from multiprocessing import reduction
+
+        return (_detach, (reduction.DupFd(self.fd),))
+
+
+def _detach(dup) -> int:
+    return dup.detach()
+
+
+def _entry(rank, fn, world_size, port, outdir, kwargs, env=None, cwd=None, fds=None):
+    if env is not None:  # the parent's, at the call (a forkserver child starts with the forkserver's)
+        os.environ.clear()
+        os.environ.update(env)
+    if cwd is not None:
+        os.chdir(cwd)
+    for target, fd in zip((1, 2), fds or ()):  # the parent's stdout / stderr at the call (capfd sees the ranks)
+        os.dup2(fd, target)
+        os.close(fd)
     one_gpu = os.environ.get("DS_EXT_TEST_ONE_GPU") == "1"  # tests/dist/test_gpu.py: every rank on cuda:0
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(0 if one_gpu else rank), WORLD_SIZE=str(world_size),
                       LOCAL_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -70,10 +105,37 @@ def _entry(rank, fn, world_size, port, outdir, kwargs):
     os._exit(0)
 
 
+#: what the forkserver of ``run`` imports before it forks ranks: what every rank, and every trainer rank, imports
+_PRELOAD = ["torch", "deepspeed", "deepspeed.comm", "ds_ext", "ds_ext.comm", "ds_ext.trainer.cli",
+            "ds_ext.trainer.loop", "sklearn.datasets", "torch._dynamo", "tests.harness", "tests.dist.workers"]
+_forkserver_env = None  # the start-up variables the session's forkserver was started with
+
+
+def _start_method() -> str:
+    """``forkserver`` when the session's forkserver has (or will have) this call's start-up variables, else
+    ``spawn`` (see the module docstring)."""
+    global _forkserver_env
+    if os.environ.get("DS_EXT_TEST_START", "forkserver") == "spawn":
+        return "spawn"
+    if os.environ.get("DS_ACCELERATOR") != "cpu" or _backend() != "gloo" or os.environ.get("DS_EXT_TEST_ONE_GPU"):
+        return "spawn"  # a GPU: no fork of a process whose imports may have touched CUDA
+    now = tuple(os.environ.get(k) for k in _START_ENV)
+    if _forkserver_env is None:
+        import multiprocessing
+
+        multiprocessing.set_forkserver_preload(_PRELOAD)
+        _forkserver_env = now
+    return "forkserver" if now == _forkserver_env else "spawn"
+
+
 def run(fn, world_size: int = 2, timeout: float = 300, **kwargs):
     outdir = tempfile.mkdtemp(prefix="ds_ext_test_")
-    ctx = mp.start_processes(_entry, args=(fn, world_size, free_port(), outdir, kwargs), nprocs=world_size,
-                             join=False, start_method="spawn")
+    method = _start_method()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fds = (_ParentFd(1), _ParentFd(2)) if method == "forkserver" else None
+    ctx = mp.start_processes(_entry, args=(fn, world_size, free_port(), outdir, kwargs, dict(os.environ), os.getcwd(),
+                                           fds), nprocs=world_size, join=False, start_method=method)
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=max(0.0, deadline - time.monotonic())):
         if time.monotonic() >= deadline:

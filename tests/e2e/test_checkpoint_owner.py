@@ -1,6 +1,7 @@
 """One owner of the per-rank state file (``ds_ext/deepspeed/checkpoint.py``), through both routes: an own
 loop's ``engine.save_checkpoint`` / ``load_checkpoint`` while attached, and the trainer's store. 2 gloo ranks
-through DeepSpeed (own loops: ``tests/harness.py``; the trainer: ``tests/e2e/workers_faults.py``)."""
+through DeepSpeed (own loops: the session's rank pool, ``tests/harness.py``'s ``run_pooled``: they keep the process
+group and restore what they change; the trainer: fresh processes, ``tests/e2e/workers_faults.py``)."""
 from __future__ import annotations
 
 import json
@@ -20,8 +21,8 @@ def test_own_loop_checkpoint_is_complete_and_the_trainer_refuses_it_in_one_line(
     rank 1's) is refused on the own-loop route with ``CheckpointError`` on both ranks, naming the file."""
     run = tmp_path / "run"
     ckd = run / "checkpoints"
-    a, b = harness.run(workers.own_loop_save_and_swap, 2, trainer_dir=str(ckd), swap_dir=str(tmp_path / "swap"),
-                       timeout=300)
+    a, b = harness.run_pooled(workers.own_loop_save_and_swap, 2, trainer_dir=str(ckd), swap_dir=str(tmp_path / "swap"),
+                              timeout=300)
     meta = json.loads((ckd / "mid" / ck.META).read_text())
     assert meta["saved_by"] == ck.OWN_LOOP and meta["step"] == 2 and meta["world_size"] == 2, meta
     assert {"ds_ext_rank0.pt", "ds_ext_rank1.pt", "mp_rank_00_model_states.pt"} <= set(meta["files"])
@@ -51,8 +52,8 @@ def test_an_own_loop_loads_a_trainer_checkpoint(tmp_path):
     ranks, codes = wf.run_ranks(2, args, tmp_path / "logs")
     assert codes == [0, 0], ranks.text(0)[-3000:]
     sets = [a for a in args[2:] if a != "--set"]
-    res = harness.run(workers.own_loop_loads_trainer_checkpoint, 2, sets=sets, ckpt_dir=str(run / "checkpoints"),
-                      timeout=300)
+    res = harness.run_pooled(workers.own_loop_loads_trainer_checkpoint, 2, sets=sets,
+                             ckpt_dir=str(run / "checkpoints"), timeout=300)
     states, files = harness.load_ckpt(run, "step_0000004")
     for r, out in enumerate(res):
         assert out["global_steps"] == 4 and Path(out["path"]).parent.name == "step_0000004", out["path"]

@@ -189,6 +189,11 @@ def test_damaged_files_end_in_exit_5_naming_the_file(reference, tmp_path, case):
 
 # ---- 4. one job per directory -------------------------------------------------------------------------
 
+# Slow (fast-suite budget): the fast test below refuses job B the same way (exit 6 naming A's rank-0 pid, no
+# traceback, A's files untouched) in the harder case, lock files deleted; the message with the lock file present
+# ("started ...") is the fast in-process test_directory_lock_names_the_holder_and_is_released /
+# test_directory_lock_holds_after_its_lock_file_is_deleted.
+@pytest.mark.slow
 def test_second_job_on_the_same_directory_is_refused(tmp_path):
     """Job A is held at step 3 (its rank 0 stopped, alive); job B on the same run directory is refused
     before training with exit 6 naming A's rank-0 pid; A's files are untouched by B."""

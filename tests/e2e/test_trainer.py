@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests import harness
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,6 +54,10 @@ def test_deepspeed_launcher_trains_and_reports(tmp_path):
     assert (tmp_path / "checkpoints" / "latest").is_file()
 
 
+# Slow (fast-suite budget): the same batch rule's refusal, with the launcher's environment and before any process
+# group, is the fast tests/e2e/test_recipe_refusals.py::test_trainer_refuses_before_any_process_group ("batch vs
+# WORLD_SIZE"); the launcher door itself stays fast in test_deepspeed_launcher_trains_and_reports above.
+@pytest.mark.slow
 def test_deepspeed_launcher_refuses_bad_batch_on_every_rank(tmp_path):
     p = _launch("--set", "train.global_batch_size=48", "--set", f"log.dir={tmp_path}", timeout=120)
     out = p.stdout + p.stderr
