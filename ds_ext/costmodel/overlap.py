@@ -140,18 +140,20 @@ def _signsgd_launches(shapes, n: int, opts: MethodOptions) -> List[Tuple[float, 
 def backward_schedule(method: str, shapes, n: int, opts: MethodOptions, ddp_one_bucket: bool = True
                       ) -> List[Tuple[float, List[Launch], List[Collective]]]:
     """Per variant of a step (weight, collectives launched during backward in launch order, collectives after
-    backward): ``allreduce`` one all_reduce per bucket (``reducers/buckets.py``'s layout: first bucket 1 MiB, reverse
-    registration order; the measured ready order it is rebuilt in after step 1 is not known here) and ``acpsgd`` one per
-    fusion group (a P-step and a Q-step, weight 1/2 each) wait for their gradients; ``ddp_allreduce`` per DDP
-    bucket (first 1 MiB, then 25 MiB); ``ddp_powersgd`` with one bucket (what bench-train runs: PyTorch's hook
-    one of bench-train's two rows; ``ddp_one_bucket=False`` the other) all_reduces the uncompressed
-    tensors, P and Q after backward (with DDP's buckets: that chain per bucket, during backward); ``powersgd``
-    [P(k), Q(k-1)] per fusion group and ``signsgd`` per bucket (module docstring); ``deepspeed`` one flat
-    all_reduce of every gradient after backward; every other method after backward (``collectives``)."""
+    backward): ``allreduce`` and ``half`` (2 bytes per element) one all_reduce per bucket (``reducers/buckets.py``'s
+    layout: first bucket 1 MiB, reverse registration order; the measured ready order it is rebuilt in after step 1 is
+    not known here) and ``acpsgd`` one per fusion group (a P-step and a Q-step, weight 1/2 each) wait for their
+    gradients; ``ddp_allreduce`` per DDP bucket (first 1 MiB, then 25 MiB); ``ddp_powersgd`` with one bucket
+    (``ddp_one_bucket``, one of bench-train's two rows) all_reduces the uncompressed tensors, P and Q after backward
+    (with DDP's buckets, the other row: that chain per bucket, during backward); ``powersgd`` [P(k), Q(k-1)] per
+    fusion group and ``signsgd`` per bucket (module docstring); ``deepspeed`` one flat all_reduce of every gradient
+    after backward; every other method after backward (``collectives``)."""
     sizes = [4 * numel_of(s) for s in shapes]
-    if method == "allreduce":
+    if method in ("allreduce", "half"):  # half: S-SGD's buckets (HalfReducer is an AllreduceReducer), 2-byte wire
         groups = fuse_ordered(sizes, int(opts.bucket_mb * 2**20), int(opts.first_bucket_mb * 2**20))
-        return [(1.0, [Launch(g, [Collective("all_reduce", sum(sizes[i] for i in g), n)]) for g in groups], [])]
+        wire = 2 if method == "half" else 4
+        return [(1.0, [Launch(g, [Collective("all_reduce", wire * sum(sizes[i] for i in g) // 4, n)])
+                       for g in groups], [])]
     if method == "acpsgd":
         from ..reducers.lowrank import _phase_sizes, fusion_caps, matrix_dims
 

@@ -331,7 +331,8 @@ def _launch_inputs(args, shapes, opts) -> tuple:
             f"{src}; allreduce's {len(sched[0][1])} buckets ready at "
             + ", ".join(f"{v:.2f}" for v in launch_ready(sched, ready))
             + " of backward), the link serves launches in order and what remains at the end of backward "
-              "is exposed; compression after backward; the rest of each method's collectives after backward")
+              "is exposed; compression split by compression_split (the measured share in the gradient hooks "
+              "lengthens backward, the rest after it); the rest of each method's collectives after backward")
     return ready, text
 
 
@@ -414,7 +415,8 @@ def _run(args) -> int:
     if ready is not None and overlap:
         print("\n".join(launch_point_lines(methods, shapes, gpus[0], opts, ready)))
         print(f"# backward = {args.backward_fraction:.2f} x compute (input); forward + optimizer the rest; compression "
-              f"runs after backward on the critical path (projection A), or is free (B); S-SGD buckets: first "
+              f"is on the critical path (projection A: the share measured in the gradient hooks lengthens backward, "
+              f"ds_ext/costmodel/overlap.py HOOK_SHARE, the rest runs after it), or is free (B); S-SGD buckets: first "
               f"{opts.first_bucket_mb:g} MiB, then {opts.bucket_mb:g} MiB; DDP's hooks are not projected")
     _print_compression(methods, gpus, compression, comp_src)
     print(f"# local_qsr: H = {opts.qsr_h}; dssync: {opts.dssync_groups} groups, every step; rank {opts.rank}; "
