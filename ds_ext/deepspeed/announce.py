@@ -103,7 +103,8 @@ def wandb_lines(run) -> List[str]:
 
 # ---- the console of a program that configured no logging ------------------------------------------------
 
-def _rank_now() -> int:
+def rank_now() -> int:
+    """This process's rank: the process group's once it exists, else $RANK (the launcher's), else 0."""
     d = sys.modules.get("torch.distributed")
     if d is not None and d.is_available() and d.is_initialized():
         return d.get_rank()
@@ -134,7 +135,7 @@ class FallbackHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if self._others(logging.getLogger(record.name)):
             return
-        if record.levelno < logging.WARNING and _rank_now() != 0:
+        if record.levelno < logging.WARNING and rank_now() != 0:
             return
         try:
             sys.stderr.write(self.format(record) + "\n")

@@ -199,17 +199,6 @@ class Timer:
 CONSOLE_FORMAT = "[ds_ext] %(message)s"
 
 
-def _rank_now() -> int:
-    """This process's rank: the process group's once it exists, else $RANK (the launcher's), else 0."""
-    d = sys.modules.get("torch.distributed")
-    if d is not None and d.is_available() and d.is_initialized():
-        return d.get_rank()
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
-
-
 class ConsoleFilter(logging.Filter):
     """What the trainer shows of the library's records: WARNING and above from every rank; INFO from
     ``ds_ext.data`` (data set readers) on rank 0 only, as the trainer printed them before they were logged."""
@@ -218,7 +207,8 @@ class ConsoleFilter(logging.Filter):
         if record.levelno >= logging.WARNING:
             return True
         data = record.name == "ds_ext.data" or record.name.startswith("ds_ext.data.")
-        return record.levelno >= logging.INFO and data and _rank_now() == 0
+        from ..deepspeed.announce import rank_now  # the one rule, where the attach lines use it
+        return record.levelno >= logging.INFO and data and rank_now() == 0
 
 
 class ConsoleHandler(logging.Handler):
