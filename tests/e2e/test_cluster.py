@@ -91,7 +91,8 @@ def test_resnet50_payloads_match_the_compression_benchmark():
 def test_step_time_overlap_by_hand():
     # allreduce is launched during backward: 100 ms of communication, 2/3 x 30 ms hidden
     assert math.isclose(cm.step_ms("allreduce", 0.100, 30.0, 5.0, overlap=True), 30 + 5 + 80)
-    assert math.isclose(cm.step_ms("powersgd", 0.100, 30.0, 5.0, overlap=True), 30 + 5 + 100)
+    assert math.isclose(cm.step_ms("topk", 0.100, 30.0, 5.0, overlap=True), 30 + 5 + 100)  # sent after backward
+    assert math.isclose(cm.step_ms("powersgd", 0.100, 30.0, 5.0, overlap=True), 30 + 5 + 80)  # per group, in it
     assert math.isclose(cm.step_ms("acpsgd", 0.010, 30.0, 5.0, overlap=True), 35.0)   # fully hidden
     assert math.isclose(cm.step_ms("allreduce", 0.100, 30.0, 5.0, overlap=False), 135.0)
 
@@ -318,6 +319,8 @@ def test_three_host_quickstart_matches_one_host(cluster3, tmp_path):
 
 
 @pytest.mark.cluster
+@pytest.mark.slow  # 50 s in CI (a ResNet-50 DeepSpeed launch over pdsh on 3 hosts); the fast suite keeps the cluster's
+# set-up, shaping and teardown checks; wire bytes vs the meter (and 3-host training) run with --slow
 @pytest.mark.skipif(bool(WHY_NOT), reason=WHY_NOT or "ok")
 def test_interface_bytes_match_the_meter(cluster3, tmp_path):
     """ResNet-50 gradients over the 3 shaped links: per host, the bytes eth0 sent during the timed

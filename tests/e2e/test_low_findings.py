@@ -65,7 +65,8 @@ def test_summary_json_that_cannot_be_written_is_exit_7_and_nothing_is_emptied(tm
     the history file hits too). Before: an OSError traceback, exit 1, ``summary.json`` left at 0 bytes."""
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "summary.json").write_text('{"old": true}')
-    p = run(tmp_path, data(tmp_path / "data"), "log.every_steps=1", preexec_fn=_small_files)
+    # log.overwrite: replacing the earlier run's records on purpose (else the run is refused before it starts)
+    p = run(tmp_path, data(tmp_path / "data"), "log.every_steps=1", "log.overwrite=true", preexec_fn=_small_files)
     assert p.returncode == ExitCode.SAVE == 7, p.stderr[-3000:]
     line = last_line(p)
     assert line.startswith("[ds_ext] error: the run finished but its summary could not be written: ") and \
