@@ -20,7 +20,8 @@
 #    for the with/without-shaping comparison of step times;
 # 4. python -m benchmarks.train report OUT (OUT/table.md, OUT/results.json; the cost model's check of its
 #    overlap term against the measurement) and python -m benchmarks.costmodel_fit --overlap-from OUT (8-64 GPUs at
-#    10, 25, 100 Gbit/s with every assumption printed: OUT/projection.txt).
+#    10, 25, 100 Gbit/s with every assumption printed: OUT/projection.txt), and python -m benchmarks.train_chart
+#    OUT (samples/s per method, median and min-max over the rounds: OUT/chart.png).
 # The cluster is removed on exit, also after a failure. --report-only redoes step 4 from OUT.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -65,6 +66,7 @@ report() {
   "$PY" -m benchmarks.costmodel_fit --overlap-from "$OUT" --gpus 8,16,32,64 --bandwidth 10,25,100 --png '' \
     > "$OUT/projection.txt" || say "the cost model's projection failed (table without it)"
   say "projection (8-64 GPUs at 10/25/100 Gbit/s, launch term, readiness from this run): $OUT/projection.txt"
+  "$PY" -m benchmarks.train_chart "$OUT" --out "$OUT/chart.png" || say "no chart (matplotlib missing?): the table is complete"
 }
 if [ "$REPORT_ONLY" = 1 ]; then report; exit 0; fi
 

@@ -158,3 +158,18 @@ def test_projection_table_has_every_gpu_count_and_link(capsys):
         assert [(float(r[0]), int(r[1])) for r in rows] == [(b, n) for b in BWS for n in GPUS]
         assert all(len(r) == 2 + 2 * 3 for r in rows)              # step ms and speed-up per method
         assert all(r[3] == "1.00x" for r in rows)                  # S-SGD against itself
+
+
+def test_chart_draws_the_medians_of_a_report(tmp_path):
+    """``benchmarks.train_chart`` (the README's headline picture) on the synthetic result's ``results.json``."""
+    pytest.importorskip("matplotlib")
+    from benchmarks import train_chart
+
+    (tmp_path / "train.json").write_text(json.dumps(_result()))
+    assert bt.main(["report", str(tmp_path), "--no-check"]) == 0
+    med = train_chart.samples_per_s(json.loads((tmp_path / "results.json").read_text()))
+    assert med["allreduce"] == pytest.approx((8.0, 7.27, 8.89), abs=0.01)  # the table's "8.00 (7.27-8.89)"
+    png = tmp_path / "c.png"
+    assert train_chart.main([str(tmp_path), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert train_chart.main([str(tmp_path / "nothing"), "--out", str(png)]) == 2
