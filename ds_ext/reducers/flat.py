@@ -64,7 +64,7 @@ class FlatReducer(Reducer):
         return self.comm.distributed
 
     def grad_ready(self, p) -> None:
-        pass  # compression needs every gradient: all work is in finish()
+        pass  # here all work is in finish(); OverlappedFlatReducer (flat_overlap.py) starts what it can in the hooks
 
     def stats(self) -> dict:
         return dict(self._stats)
