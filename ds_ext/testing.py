@@ -119,3 +119,38 @@ class LoopbackComm(Communicator):
 
     def _pin_store(self) -> dict:
         return self.world.__dict__.setdefault("_pinned", {}).setdefault(self.rank, {})  # per rank, as per process
+
+
+class StandInEngine:
+    """What ``ds_ext.attach`` and ``Attachment`` touch of a DeepSpeed engine at ZeRO stage 0, every micro-batch a
+    boundary, for in-process tests: ``module``, an SGD optimizer at ``lr``, the DeepSpeed ``config`` dict (where
+    ``attach`` reads the ``ds_ext`` block), ``step()`` as the engine's (optimizer step, zero grads, count)."""
+
+    def __init__(self, module: torch.nn.Module, lr: float = 0.1, config: Optional[dict] = None):
+        self.module, self.global_steps, self.enable_backward_allreduce = module, 0, True
+        self.optimizer = torch.optim.SGD(module.parameters(), lr=lr)
+        self.device, self.lr_scheduler, self.config = torch.device("cpu"), None, dict(config or {})
+        self.communication_data_type = torch.float32
+
+    def zero_optimization_stage(self) -> int:
+        return 0
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return True
+
+    def fp16_enabled(self) -> bool:
+        return False
+
+    def gradient_accumulation_steps(self) -> int:
+        return 1
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.global_steps += 1
+
+    def save_checkpoint(self, *a, **k) -> None:
+        pass
+
+    def load_checkpoint(self, *a, **k) -> None:
+        pass

@@ -144,34 +144,6 @@ def test_raise_mode_stops_every_rank():
 
 
 # ------------------------------------------------------------------ the step-hook contract (in-process)
-class _FakeEngine:
-    """What ``Attachment`` touches of a DeepSpeed engine at ZeRO stage 0, every micro-batch a boundary."""
-
-    def __init__(self, module):
-        self.module, self.global_steps, self.enable_backward_allreduce = module, 0, True
-        self.optimizer = torch.optim.SGD(module.parameters(), lr=0.5)
-
-    def zero_optimization_stage(self):
-        return 0
-
-    def is_gradient_accumulation_boundary(self):
-        return True
-
-    def fp16_enabled(self):
-        return False
-
-    def step(self):
-        self.optimizer.step()
-        self.optimizer.zero_grad()
-        self.global_steps += 1
-
-    def save_checkpoint(self, *a, **k):
-        pass
-
-    def load_checkpoint(self, *a, **k):
-        pass
-
-
 def test_step_hooks_run_in_order_each_with_its_own_control_rows():
     """``Attachment.step`` runs its hooks [guard, vote, check] (+ a probe appended here) phase by phase; the
     probe posts its own vector and gets back exactly every rank's copy of it, behind the guard's flags and the
@@ -181,7 +153,7 @@ def test_step_hooks_run_in_order_each_with_its_own_control_rows():
     from ds_ext.deepspeed.step_hooks import NonFiniteGuard, StepHook, StopVote, ConsistencyCheck, split_rows
     from ds_ext.meter import CommMeter
     from ds_ext.registry import REDUCERS, SYNCS
-    from ds_ext.testing import LoopbackWorld
+    from ds_ext.testing import LoopbackWorld, StandInEngine
 
     assert split_rows([[1, 0, 5, 6], [0, 0, 7, 8]], [torch.zeros(2), None, torch.zeros(2)]) == \
         [[[1, 0], [0, 0]], None, [[5, 6], [7, 8]]]
@@ -211,7 +183,7 @@ def test_step_hooks_run_in_order_each_with_its_own_control_rows():
         with torch.no_grad():  # the same on both ranks (threads share the global generator)
             module.weight.copy_(torch.arange(6.0).view(2, 3) / 10)
             module.bias.zero_()
-        engine = _FakeEngine(module)
+        engine = StandInEngine(module, lr=0.5)
         named = list(module.named_parameters())
         att = Attachment(engine, REDUCERS.build("allreduce", {}, named, comm=comm, engine=engine),
                          SYNCS.build("none", {}, named, comm=comm), comm)

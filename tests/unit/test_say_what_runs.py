@@ -20,6 +20,7 @@ from ds_ext.deepspeed import announce, threads
 from ds_ext.deepspeed.attach import attach
 from ds_ext.meter import CommMeter
 from ds_ext.registry import ORDERS, REDUCERS, SYNCS
+from ds_ext.testing import StandInEngine
 from ds_ext.spec import RecipeError, near_miss_keys
 from ds_ext.testing import LoopbackWorld
 
@@ -37,37 +38,9 @@ def model():
 DENSE, POWERSGD = "37.5 KiB", "5.7 KiB"
 
 
-class StandIn:
-    """What ``attach`` touches of a DeepSpeed engine at ZeRO stage 0 (no process group: world size 1)."""
-
-    def __init__(self, config=None):
-        self.module, self.global_steps, self.enable_backward_allreduce = model(), 0, True
-        self.optimizer = torch.optim.SGD(self.module.parameters(), lr=0.1)
-        self.device, self.lr_scheduler, self.config = torch.device("cpu"), None, dict(config or {})
-        self.communication_data_type = torch.float32
-
-    def zero_optimization_stage(self):
-        return 0
-
-    def is_gradient_accumulation_boundary(self):
-        return True
-
-    def fp16_enabled(self):
-        return False
-
-    def gradient_accumulation_steps(self):
-        return 1
-
-    def step(self):
-        self.optimizer.step()
-        self.optimizer.zero_grad()
-        self.global_steps += 1
-
-    def save_checkpoint(self, *a, **k):
-        pass
-
-    def load_checkpoint(self, *a, **k):
-        pass
+def StandIn(config=None):
+    """A stand-in engine at world size 1 (no process group) over this file's model."""
+    return StandInEngine(model(), lr=0.1, config=config)
 
 
 def train_step(engine):
