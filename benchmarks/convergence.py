@@ -400,7 +400,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("DS_EXT_CURVES", "0")  # the trainer's per-run curves.png: this command draws its own
-    cells = [Cell(m, s, out / m.label / f"seed{s}", clip) for m in methods for s in seeds]
+    # seed-major: an interrupted run holds whole seeds of every method, not every seed of the first methods
+    cells = [Cell(m, s, out / m.label / f"seed{s}", clip) for s in seeds for m in methods]
     t0 = time.perf_counter()
     run_cells(cells, args, budget)
     base = [c.step_ms for c in cells if c.method.label == "S-SGD" and c.summary is not None]

@@ -269,8 +269,11 @@ def _env() -> Dict[str, str]:
 
 
 def train_args(recipe: str, run: Run, sets: Sequence[str]) -> List[str]:
-    base = [f"train.seed={run.seed}", *run.order.sets(), f"log.dir={run.dir}", "log.wandb.mode=disabled",
-            "log.progress=false", "checkpoint.every_epochs=0", "checkpoint.every_steps=0", "checkpoint.resume=false"]
+    # log.overwrite: a launched run replaces its own directory's earlier records on purpose (execute() deletes the
+    # stale summary.json first); without it the trainer refuses a fresh run over another run's history.jsonl
+    base = [f"train.seed={run.seed}", *run.order.sets(), f"log.dir={run.dir}", "log.overwrite=true",
+            "log.wandb.mode=disabled", "log.progress=false", "checkpoint.every_epochs=0", "checkpoint.every_steps=0",
+            "checkpoint.resume=false"]
     return ["--recipe", recipe] + [x for s in [*base, *sets] for x in ("--set", s)]
 
 

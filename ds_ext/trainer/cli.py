@@ -174,7 +174,7 @@ def schedule_main(argv: Optional[Sequence[str]] = None, prog: str = "ds-ext sche
     try:
         recipe = load_recipe(args.recipe, args.overrides, args.host_config)
     except RecipeError as e:
-        print(f"recipe error:\n{e}", file=sys.stderr)
+        print(f"recipe error:\n{e}{missing_recipe_hint(args.recipe)}", file=sys.stderr)
         return ExitCode.RECIPE
     sync = recipe.method.sync
     if sync.name not in ("local", "dssync"):

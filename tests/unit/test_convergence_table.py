@@ -67,3 +67,20 @@ def test_sync_methods_clip_through_the_synchronizer():
     assert [m.label for m in C._methods("D-GraB")] == ["D-GraB", "S-SGD"]  # its baseline always runs
     with pytest.raises(ValueError, match="unknown method"):
         C._methods("nope")
+
+
+def test_a_relaunched_cell_may_replace_its_own_records(tmp_path):
+    """``--fresh`` (and ``benchmarks.orders`` without ``--reuse``) launch a run again in the same directory: the
+    trainer's refusal of a fresh run over earlier records must not stop it (it did, before ``log.overwrite``)."""
+    from benchmarks.orders import train_args
+    from ds_ext.trainer.recipe import load_recipe
+    from ds_ext.trainer.recipe.preflight import records_problem
+
+    cell = C.Cell(C.METHODS["topk-0.01"], 0, tmp_path / "topk-0.01" / "seed0")
+    cell.dir.mkdir(parents=True)
+    (cell.dir / "history.jsonl").write_text('{"step": 1}\n')
+    argv = train_args("quickstart", cell, [])
+    sets = [argv[i + 1] for i in range(2, len(argv), 2)]
+    recipe = load_recipe("quickstart", sets)
+    assert recipe.log.dir == str(cell.dir) and records_problem(recipe) is None
+    assert records_problem(load_recipe("quickstart", sets + ["log.overwrite=false"])) is not None  # it can fail

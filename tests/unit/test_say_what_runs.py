@@ -293,6 +293,14 @@ def test_a_mistyped_recipe_name_lists_the_bundled_ones(capsys):
     assert "did you mean --recipe quickstart? bundled recipes: " in err and "digits-acpsgd" in err
 
 
+def test_schedule_names_the_recipe_a_typo_meant(capsys):
+    from ds_ext.trainer.cli import schedule_main
+
+    assert schedule_main(["--recipe", "qsr-vit-b-localadamv"]) == 2
+    err = capsys.readouterr().err
+    assert "recipe error" in err and "did you mean --recipe qsr-vit-b-localadamw?" in err
+
+
 def test_the_composition_page_is_the_code_s_rules():
     """docs/guide/composing.md holds ``python -m ds_ext.methods compose`` between its markers, and the tables say
     what the rules say (spot checks: the audit's acpsgd + local qsr refused, acpsgd + post-local allowed)."""
