@@ -168,43 +168,13 @@ def loopback(fn, world, **kw):
 
 def powersgd_launch_order(rank, world, steps=3, bucket_mb=0.001, gas=1):
     """PowerSGD through DeepSpeed (start_powerSGD_iter 1, small fusion groups, ``gas`` micro-batches per step),
-    pipelined and serial: the
-    parameters after every step, and per step of the pipelined run the sequence of events on this rank --
-    ``ready`` (each ``grad_ready``), ``finish`` and the meter kind of each collective as it is issued
-    (``ds_ext.comm.observe``; None: control data)."""
-    import ds_ext
-    from ds_ext.comm import observe
+    pipelined and serial: ``workers_overlap.launch_events`` of each (the parameters after every step and this
+    rank's sequence of ``ready`` / collective kinds / ``finish`` events) and its number of fusion groups."""
+    from tests.dist.workers_overlap import launch_events
 
-    out = {}
-    for pipelined in (True, False):
-        engine = make_engine("fp32", gas, world=world)
-        opts = {"name": "powersgd", "rank": 2, "start_powerSGD_iter": 1, "bucket_mb": bucket_mb,
-                "pipelined": pipelined}
-        att = ds_ext.attach(engine, {"reducer": opts})
-        events, red = [], att.reducer
-        ready, finish = red.grad_ready, red.finish
-
-        def on_ready(p, ready=ready, events=events):
-            events.append("ready")
-            ready(p)
-
-        def on_finish(finish=finish, events=events):
-            events.append("finish")
-            finish()
-
-        def observer(comm, op, kind, t, async_op, issue, events=events):
-            events.append(kind)
-            return issue()
-
-        red.grad_ready, red.finish = on_ready, on_finish
-        remove = observe(observer)
-        record = []
-        try:
-            train_steps(engine, att, rank, steps, gas, 8, record)
-        finally:
-            remove()
-        out[pipelined] = {"record": record, "events": events, "groups": len(red.pipeline.groups) if pipelined else 1}
-    return out
+    return {pipelined: launch_events(rank, world, {"name": "powersgd", "rank": 2, "start_powerSGD_iter": 1,
+                                                   "bucket_mb": bucket_mb, "pipelined": pipelined}, steps, gas)
+            for pipelined in (True, False)}
 
 
 def zero3_refusal(rank, world, reducer):

@@ -67,7 +67,8 @@ def drive(comm, name, options, steps=4, hooks="reverse", missing=(), seed=0, wat
 def launch_events(rank, world, spec, steps=3, gas=1):
     """``spec`` (a reducer dict) through DeepSpeed on the tiny model: the parameters after every step, and the
     sequence of events on this rank -- ``ready`` (each ``grad_ready``), ``finish`` (after it ran) and the meter
-    kind of each collective as it is issued (``ds_ext.comm.observe``; None: control data)."""
+    kind of each collective as it is issued (``ds_ext.comm.observe``; None: control data) -- and ``groups``, the
+    reducer's fusion groups launched during backward (1 when it has no pipeline)."""
     import ds_ext
     from ds_ext.comm import observe
 
@@ -95,8 +96,10 @@ def launch_events(rank, world, spec, steps=3, gas=1):
         train_steps(engine, att, rank, steps, gas, 8, record)
     finally:
         remove()
+    pipeline = getattr(red, "pipeline", None)
+    groups = len(pipeline.groups) if pipeline is not None and hasattr(pipeline, "groups") else 1
     att.detach()
-    return {"record": record, "events": events}
+    return {"record": record, "events": events, "groups": groups}
 
 
 def launch_runs(rank, world, specs, steps=3, gas=1):
