@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import sys
 import time
 from pathlib import Path
 from typing import List, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -28,6 +26,7 @@ from .evaluation import _batch_loader, evaluate
 from .exit_codes import ExitCode
 from .records import RunRecords, StepWindow
 from . import saying
+from .rng import rng_state, seed_all, set_rng_state
 
 
 class _Exit(Exception):
@@ -36,27 +35,6 @@ class _Exit(Exception):
     def __init__(self, code: int, message: str):
         super().__init__(message)
         self.code, self.message = code, message
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state()
-    return st
-
-
-def _set_rng_state(st: dict) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state(st["cuda"])
 
 
 def train(recipe) -> int:
@@ -165,7 +143,7 @@ class Trainer:
         self.sent = saying.reported(self.meter, self.world)  # world size 1: nothing communicated
         self.engine, self.att, self.schedule = setup.initialize(self.recipe, self.model, self.steps_per_epoch, self.meter,
                                                           order=self.order)
-        _seed_all(self.t.seed + 1 + self.rank)  # per-rank stream for dropout / augmentation
+        seed_all(self.t.seed + 1 + self.rank)  # per-rank stream for dropout / augmentation
         self.p0 = next(self.engine.module.parameters())
         self.names = self.recipe.method_names()
 
@@ -207,7 +185,7 @@ class Trainer:
     def _build(self) -> None:
         """The data, the model, the order and the steps per epoch."""
         recipe, t, micro, gas, world = self.recipe, self.t, self.micro, self.gas, self.world
-        _seed_all(t.seed)  # identical model initialisation on every rank
+        seed_all(t.seed)  # identical model initialisation on every rank
         try:
             self.bundle = DATASETS.build(recipe.data.name, recipe.data.options, root=recipe.data.root)
         except (FileNotFoundError, ImportError, ValueError) as e:  # same files on every rank: every rank exits
@@ -276,7 +254,7 @@ class Trainer:
             state = ckpt.load(self.engine, path, rank, self.world, step=ckpt.read_meta(path).get("step"))
             self.att.load_state_dict(state["attachment"])
             self.order.load_state_dict(state["order"])
-            _set_rng_state(state["rng"])
+            set_rng_state(state["rng"])
             self.start_epoch, self.start_step = state["epoch"], state["step_in_epoch"]
             self.resumed_epoch_loss = state.get("epoch_loss")  # absent in checkpoints of older versions
         except ckpt.CheckpointError as e:
@@ -524,7 +502,7 @@ class Trainer:
         # the epoch's running loss sum (read here, at a save, not per step): a resumed epoch's mean is exact
         loss_sum, count = self.epoch_loss
         el = None if step_in_epoch == 0 or loss_sum is None else (loss_sum.detach().cpu().clone(), count)
-        st = {"rng": _rng_state(), "epoch": epoch, "step_in_epoch": step_in_epoch, "attachment": att.state_dict(),
+        st = {"rng": rng_state(), "epoch": epoch, "step_in_epoch": step_in_epoch, "attachment": att.state_dict(),
               "order": self.order.state_dict(), "global_step": engine.global_steps, "epoch_loss": el}
         ckpt.verify_all(self.locks)  # rank 0: a deleted lock file is put back (issue 28, M2)
         try:

@@ -22,6 +22,7 @@ import torch
 import yaml
 
 import ds_ext.trainer.loop as trainer
+import ds_ext.trainer.rng as trainer_rng
 from ds_ext.trainer import cli
 from ds_ext import ops
 from ds_ext.trainer.checkpoint import resume_fields
@@ -134,8 +135,8 @@ def test_seed_bounds_refused(host, seed, fragment):
 
 
 def test_max_seed_is_usable_everywhere_it_flows():
-    """Every seed the trainer derives from train.seed (ds_ext/trainer/loop.py: ``_seed_all(seed)``,
-    ``_seed_all(seed + 1 + rank)``, the order's ``seeded_generator``, the loader seed
+    """Every seed the trainer derives from train.seed (ds_ext/trainer/rng.py: ``seed_all(seed)``,
+    ``seed_all(seed + 1 + rank)``, the order's ``seeded_generator``, the loader seed
     ``(seed * 1_000_003 + epoch) * 4099 + rank``) is accepted at the maximum seed, for a large epoch and
     rank. Before the bound, 2**100 raised "Overflow when unpacking long long" there. (The slow test below
     runs the trainer itself.)"""
@@ -144,10 +145,10 @@ def test_max_seed_is_usable_everywhere_it_flows():
 
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
     try:
-        trainer._seed_all(SEED_MAX)
-        trainer._seed_all(SEED_MAX + 1 + 4095)
+        trainer_rng.seed_all(SEED_MAX)
+        trainer_rng.seed_all(SEED_MAX + 1 + 4095)
         with pytest.raises((ValueError, OverflowError, RuntimeError)):
-            trainer._seed_all(2**100)  # what the bound keeps out
+            trainer_rng.seed_all(2**100)  # what the bound keeps out
     finally:
         random.setstate(states[0])
         np.random.set_state(states[1])
