@@ -25,7 +25,8 @@ method's step time modelled by the cost model (``ds_ext.costmodel.model.collecti
 default constants; compute ``--compute-ms``, default the measured S-SGD step; compression time not included;
 overlap with backward as ``step_ms``; D-GraB's and CD-GraB's per-microbatch all_gather of the gradient added here,
 the cost model has no preset for orders) at each link rate and GPU count, and the modelled time each method's mean
-validation curve first reaches the baseline's final mean loss ("never" within the budget otherwise). One PNG per
+validation curve first reaches the baseline's final mean loss, and the baseline's mean loss at the first validation
+at or after half the budget (a target the compressed methods can reach; "never" within the budget otherwise). One PNG per
 command (``DIR/convergence.png``): loss against step, bytes sent per rank and modelled time (10 Gbit/s, the largest
 ``--gpus``).
 """
@@ -244,20 +245,22 @@ def table(cells: List[Cell], methods: List[Method], seeds: List[int]) -> Tuple[L
 
 
 def time_to_loss(cells, methods, seeds, shapes, bws, gpus, compute_ms, micro_per_step,
-                 compute_source: str = "given") -> Tuple[List[str], dict]:
-    """Modelled seconds until each method's mean validation curve reaches the S-SGD final mean loss."""
+                 compute_source: str = "given", fraction: float = 1.0) -> Tuple[List[str], dict]:
+    """Modelled seconds until each method's mean validation curve reaches the S-SGD mean loss at ``fraction`` of
+    the budget (1.0: its final loss; 0.5: the first validation at or after half the steps)."""
     curves = {m.label: mean_curve([c for c in cells if c.method.label == m.label and c.summary is not None
                                    and c.curve]) for m in methods}
     base = curves.get("S-SGD") or []
     if not base:
         return ["time-to-loss: no finished S-SGD cell, no target"], {}
-    target = base[-1][1]
-    lines = [f"time to reach S-SGD's final mean loss {target:.4f} bits/byte (modelled seconds; compute "
+    at, target = next((s, v) for s, v in base if s >= fraction * base[-1][0])
+    what = "final mean loss" if at == base[-1][0] else f"mean loss at step {at} of {base[-1][0]}"
+    lines = [f"time to reach S-SGD's {what} {target:.4f} bits/byte (modelled seconds; compute "
              f"{compute_ms:.1f} ms/step ({compute_source}), cost-model default constants, compression time not "
              f"included)"]
     head = f"{'method':<14} " + " ".join(f"{f'{bw:g}G/{n}':>10}" for bw in bws for n in gpus)
     lines.append(head)
-    out = {"target_bpb": target, "compute_ms": compute_ms, "rows": {}}
+    out = {"target_bpb": target, "target_step": at, "compute_ms": compute_ms, "rows": {}}
     for m in methods:
         step = first_reach(curves.get(m.label) or [], target)
         row, cols = {}, []
@@ -418,6 +421,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     source = ("--compute-ms" if args.compute_ms is not None else
               "the median S-SGD step measured here" if base else "no S-SGD step measured: a placeholder")
     l_lines, l_out = time_to_loss(cells, methods, seeds, shapes, bws, gpus, compute_ms, gas, source)
+    h_lines, h_out = time_to_loss(cells, methods, seeds, shapes, bws, gpus, compute_ms, gas, source, fraction=0.5)
+    l_lines += [""] + h_lines
     failed = [c for c in cells if c.error]
     text = "\n".join(header + [""] + t_lines + [""] + l_lines
                      + [f"failed: {c.method.label} seed {c.seed}: {c.error} ({c.log})" for c in failed])
@@ -425,7 +430,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     (out / "report.txt").write_text(text + "\n")
     png = plot(cells, methods, shapes, out / "convergence.png", 10.0 if 10.0 in bws else bws[0], max(gpus),
                compute_ms, gas)
-    results = {"header": header, "methods": t_out, "time_to_loss": l_out, "python": pythons,
+    results = {"header": header, "methods": t_out, "time_to_loss": l_out, "time_to_loss_half": h_out, "python": pythons,
                "cells": [{"method": c.method.label, "seed": c.seed, "curve": c.curve, "error": c.error,
                           "step_ms": c.step_ms, "bytes_total": (c.summary or {}).get("comm_bytes_total")}
                          for c in cells]}

@@ -55,6 +55,11 @@ def test_time_to_loss_and_never():
     assert out["rows"]["D-GraB"]["1G/64"]["step_ms"] > ssgd["step_ms"]
     assert out["rows"]["D-GraB"]["100G/8"]["step_ms"] >= out["rows"]["S-SGD"]["100G/8"]["step_ms"]
     assert any(line.startswith("topk-0.01") and "never" in line for line in lines)
+    # the second target: S-SGD's mean loss at the first validation at or after half the budget (step 10: 4.01),
+    # which top-k reaches at step 20 and D-GraB at step 10
+    _, half = C.time_to_loss(cells, methods, [0, 1, 2], SHAPES, [1.0], [8], 20.0, 2, fraction=0.5)
+    assert half["target_step"] == 10 and half["target_bpb"] == pytest.approx(4.01)
+    assert half["rows"]["topk-0.01"]["step"] == 20 and half["rows"]["D-GraB"]["step"] == 10
     # DS-Sync's 2 groups cannot run on fewer than 4 ranks: n/a, not a number
     assert C.modelled_step_ms(C.METHODS["DS-Sync"], SHAPES, 2, 1.0, 20.0, 1) is None
 
