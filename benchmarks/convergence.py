@@ -16,9 +16,14 @@ Clipping under one meaning for every method: the recipe's threshold ``deepspeed.
 clipping, get the same threshold as ``method.sync.clip_grad_norm`` (their local gradient: the ``before`` meaning);
 CD-GraB, whose reducer exchanges each microbatch gradient during backward, clips ``after`` (``before`` is refused).
 
+Whole epochs for the orders: D-GraB and CD-GraB reorder the same examples every epoch, so they and their baseline
+D-RR train on ``data.max_train_windows`` = steps per epoch x global batch windows, one whole pass per epoch. (Under
+``train.steps_per_epoch`` alone the balanced order revisits the same first units every epoch while random
+reshuffling draws fresh windows: that measured data, not order.) The other methods see the whole training split.
+
 Printed (and written to ``DIR/report.txt``; every number in ``DIR/results.json``): per method the final validation
 loss in bits per byte (mean and sample sd over seeds), the paired comparison against the baseline by seed
-(``S-SGD``; ``D-RR`` for the data orders, which is the S-SGD cell: allreduce with random reshuffling) computed with
+(``S-SGD``; for the data orders ``D-RR``, allreduce with random reshuffling on the same whole-epoch data) computed with
 ``benchmarks.orders.compare`` (wins, mean ratio with its t-based 95 % interval, paired t and exact sign tests),
 bytes sent per rank per step (the trainer's meter) and the median step time on this machine. Time-to-loss: every
 method's step time modelled by the cost model (``ds_ext.costmodel.model.collectives`` and ``comm_seconds`` with the
@@ -26,8 +31,8 @@ default constants; compute ``--compute-ms``, default the measured S-SGD step; co
 overlap with backward as ``step_ms``; D-GraB's and CD-GraB's per-microbatch all_gather of the gradient added here,
 the cost model has no preset for orders) at each link rate and GPU count, and the modelled time each method's mean
 validation curve first reaches the baseline's final mean loss, and the baseline's mean loss at the first validation
-at or after half the budget (a target the compressed methods can reach; "never" within the budget otherwise). One PNG per
-command (``DIR/convergence.png``): loss against step, bytes sent per rank and modelled time (10 Gbit/s, the largest
+at or after half the budget (a target the compressed methods can reach; "never" within the budget otherwise). One PNG
+per command (``DIR/convergence.png``): loss against step, bytes sent per rank and modelled time (10 Gbit/s, the largest
 ``--gpus``).
 """
 from __future__ import annotations
@@ -49,6 +54,9 @@ from benchmarks.orders import compare, execute, mean_sd, parse_seeds, read_summa
 LN2 = math.log(2.0)
 VAL_LINE = re.compile(r"\[ds_ext\] epoch (\d+)/(\d+) step (\d+): val acc ([-\d.eE+naif]+) loss ([-\d.eE+naif]+)")
 PY_LINE = re.compile(r"pytext: Python (\S+),")
+#: the trainer's line when an order leaves examples of its epoch unvisited or drops an odd last step
+PARTIAL_EPOCH = re.compile(r"\d+ of the \d+ examples of each local shard are not used|the last step of every epoch is "
+                           r"dropped")
 
 
 @dataclass
@@ -60,6 +68,7 @@ class Method:
     baseline: str = "S-SGD"
     sync: bool = False          #: a parameter-averaging method (clips through sync.clip_grad_norm)
     order_gather: int = 0       #: D-GraB / CD-GraB: all_gathers of the gradient per microbatch pair (cost model)
+    full_epochs: bool = False   #: a data order and its D-RR baseline: every epoch one whole pass over the same data
 
     def sets_for(self, clip: float) -> List[str]:
         """The overrides of this cell (``benchmarks.orders.train_args`` calls ``order.sets()``)."""
@@ -93,12 +102,17 @@ METHODS: Dict[str, Method] = {m.label: m for m in [
            "local_qsr", {"qsr_alpha": 0.004, "qsr_h_base": 4, "qsr_lr": 1e-3}, sync=True),
     Method("DS-Sync", (_r("none"), "method.sync={name: dssync, groups: 2, grouping: patterns, h: 1}"), "dssync",
            {"dssync_groups": 2}, sync=True),
-    Method("D-GraB", (_r("allreduce"), "method.order={name: dgrab}"), None, baseline="D-RR", order_gather=1),
+    # The orders reorder the SAME examples every epoch, so they and their baseline (D-RR: allreduce with random
+    # reshuffling) train on data.max_train_windows = steps per epoch x global batch windows: each epoch is one whole
+    # pass. Under a bare train.steps_per_epoch cap the order would revisit its first units every epoch (the rest of
+    # its shard "not used") while rr draws fresh windows each epoch: not a comparison of orders.
+    Method("D-RR", (_r("allreduce"), "method.order={name: rr}"), "allreduce", baseline="D-RR", full_epochs=True),
+    Method("D-GraB", (_r("allreduce"), "method.order={name: dgrab}"), None, baseline="D-RR", order_gather=1,
+           full_epochs=True),
     # CD-GraB exchanges every microbatch gradient during backward: it can only clip the mean it applies
     Method("CD-GraB", (_r("cdgrab"), "method.order={name: cdgrab}", "method.clip=after"), None, baseline="D-RR",
-           order_gather=2),
+           order_gather=2, full_epochs=True),
 ]}
-ALIASES = {"D-RR": "S-SGD"}  # the orders' baseline is the S-SGD cell (allreduce + random reshuffling)
 
 
 @dataclass
@@ -115,13 +129,17 @@ class Cell:
     bytes_at: List[Tuple[int, float]] = field(default_factory=list)  #: (step, bytes sent per rank so far)
     step_ms: float = float("nan")
     python: Optional[str] = None
+    epoch_windows: Optional[int] = None  #: data.max_train_windows of a full-epochs method (``epoch_windows``)
 
     @property
     def order(self):
         return self
 
     def sets(self) -> List[str]:
-        return self.method.sets_for(self.clip)
+        extra = [f"data.max_train_windows={self.epoch_windows}"] if self.method.full_epochs else []
+        if self.method.full_epochs and not self.epoch_windows:
+            raise ValueError(f"{self.method.label} needs whole epochs: set train.steps_per_epoch (--steps-per-epoch)")
+        return self.method.sets_for(self.clip) + extra
 
     @property
     def log(self) -> Path:
@@ -136,6 +154,10 @@ def read_cell(cell: Cell) -> None:
         return
     text = cell.log.read_text(errors="replace") if cell.log.is_file() else ""
     cell.curve = [(int(m.group(3)), float(m.group(5)) / LN2) for m in VAL_LINE.finditer(text)]
+    partial = PARTIAL_EPOCH.search(text) if cell.method.full_epochs else None
+    if partial:  # the order trained on part of its epoch: not the whole-epoch comparison this row claims
+        cell.error, cell.summary = f"not whole epochs: {partial.group(0)} (an even --steps-per-epoch fixes it)", None
+        return
     py = PY_LINE.search(text)
     cell.python = py.group(1) if py else None
     hist = cell.dir / "history.jsonl"
@@ -221,7 +243,7 @@ def table(cells: List[Cell], methods: List[Method], seeds: List[int]) -> Tuple[L
              f"{'p(t)':>8} {'p(sign)':>8} {'bytes/rank/step':>16} {'step ms':>8}"]
     out = {}
     for m in methods:
-        base_label = ALIASES.get(m.baseline, m.baseline)
+        base_label = m.baseline
         mine = [by[(m.label, s)].curve[-1][1] for s in seeds if (m.label, s) in by]
         if not mine:
             lines.append(f"{m.label:<14}  no finished cell")
@@ -246,23 +268,32 @@ def table(cells: List[Cell], methods: List[Method], seeds: List[int]) -> Tuple[L
 
 def time_to_loss(cells, methods, seeds, shapes, bws, gpus, compute_ms, micro_per_step,
                  compute_source: str = "given", fraction: float = 1.0) -> Tuple[List[str], dict]:
-    """Modelled seconds until each method's mean validation curve reaches the S-SGD mean loss at ``fraction`` of
-    the budget (1.0: its final loss; 0.5: the first validation at or after half the steps)."""
+    """Modelled seconds until each method's mean validation curve reaches its baseline's mean loss (S-SGD; D-RR for
+    the orders) at ``fraction`` of the budget (1.0: the final loss; 0.5: the first validation at or after half the
+    steps)."""
     curves = {m.label: mean_curve([c for c in cells if c.method.label == m.label and c.summary is not None
                                    and c.curve]) for m in methods}
-    base = curves.get("S-SGD") or []
-    if not base:
+    targets = {}
+    for label in dict.fromkeys(m.baseline for m in methods):
+        base = curves.get(label) or []
+        if base:
+            at, v = next((s, v) for s, v in base if s >= fraction * base[-1][0])
+            targets[label] = (at, v, "final mean loss" if at == base[-1][0] else f"mean loss at step {at} of "
+                                                                                  f"{base[-1][0]}")
+    if "S-SGD" not in targets:
         return ["time-to-loss: no finished S-SGD cell, no target"], {}
-    at, target = next((s, v) for s, v in base if s >= fraction * base[-1][0])
-    what = "final mean loss" if at == base[-1][0] else f"mean loss at step {at} of {base[-1][0]}"
-    lines = [f"time to reach S-SGD's {what} {target:.4f} bits/byte (modelled seconds; compute "
+    at, target, what = targets["S-SGD"]
+    also = "".join(f"; for the orders {b}'s {w} {v:.4f}" for b, (_, v, w) in targets.items() if b != "S-SGD")
+    lines = [f"time to reach S-SGD's {what} {target:.4f} bits/byte{also} (modelled seconds; compute "
              f"{compute_ms:.1f} ms/step ({compute_source}), cost-model default constants, compression time not "
              f"included)"]
     head = f"{'method':<14} " + " ".join(f"{f'{bw:g}G/{n}':>10}" for bw in bws for n in gpus)
     lines.append(head)
-    out = {"target_bpb": target, "target_step": at, "compute_ms": compute_ms, "rows": {}}
+    out = {"target_bpb": target, "target_step": at, "compute_ms": compute_ms, "rows": {},
+           "targets": {b: {"step": t[0], "bpb": t[1]} for b, t in targets.items()}}
     for m in methods:
-        step = first_reach(curves.get(m.label) or [], target)
+        goal = targets.get(m.baseline)
+        step = first_reach(curves.get(m.label) or [], goal[1]) if goal else None
         row, cols = {}, []
         for bw in bws:
             for n in gpus:
@@ -270,7 +301,7 @@ def time_to_loss(cells, methods, seeds, shapes, bws, gpus, compute_ms, micro_per
                 sec = None if ms is None or step is None else step * ms / 1e3
                 row[f"{bw:g}G/{n}"] = {"step_ms": ms, "seconds": sec}
                 cols.append("n/a" if ms is None else "never" if step is None else f"{sec:.1f}")
-        out["rows"][m.label] = {"step": step, **row}
+        out["rows"][m.label] = {"step": step, "target": m.baseline, **row}
         lines.append(f"{m.label:<14} " + " ".join(f"{c:>10}" for c in cols))
     lines.append("never: the mean curve did not reach the target within the budget; n/a: the method cannot run "
                  "there (DS-Sync: 2 groups need >= 4 ranks)")
@@ -341,18 +372,18 @@ def _methods(text: str) -> List[Method]:
     bad = [n for n in names if n not in METHODS]
     if bad:
         raise ValueError(f"unknown method(s) {', '.join(bad)}; known: {', '.join(METHODS)}")
-    need = {ALIASES.get(METHODS[n].baseline, METHODS[n].baseline) for n in names} | {"S-SGD"}
+    need = {METHODS[n].baseline for n in names} | {"S-SGD"}
     return [METHODS[n] for n in names] + [METHODS[b] for b in sorted(need - set(names))]  # baselines always run
 
 
 def _recipe_numbers(recipe: str, sets: Sequence[str], world: int) -> Tuple[float, int, str, Optional[int]]:
-    """The clipping threshold, microbatches per step per rank, the clipping meaning of the recipe and its optimizer
-    steps (None without ``train.steps_per_epoch``)."""
+    """The clipping threshold, microbatches per step per rank, the clipping meaning of the recipe and the training
+    windows of one epoch, steps per epoch x global batch (None without ``train.steps_per_epoch``)."""
     from ds_ext.trainer.recipe import load_recipe
 
     r = load_recipe(recipe, list(sets))
     gas = max(1, r.train.global_batch_size // (world * r.train.micro_batch_size))
-    steps = r.train.epochs * r.train.steps_per_epoch if r.train.steps_per_epoch else None
+    steps = r.train.steps_per_epoch * r.train.global_batch_size if r.train.steps_per_epoch else None
     return float(r.deepspeed.get("gradient_clipping", 0) or 0), gas, r.method.clip, steps
 
 
@@ -392,7 +423,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         budget = ([f"train.epochs={args.epochs}"] if args.epochs else []) + \
                  ([f"train.steps_per_epoch={args.steps_per_epoch}"] if args.steps_per_epoch else [])
         budget += ["log.every_steps=" + str(min(10, args.steps_per_epoch or 10))]
-        clip, gas, meaning, _ = _recipe_numbers(args.recipe, budget + args.sets, args.world_size)
+        clip, gas, meaning, epoch_windows = _recipe_numbers(args.recipe, budget + args.sets, args.world_size)
         shapes = model_shapes_of(args.recipe, budget + args.sets)
     except (ValueError, FileNotFoundError) as e:
         print(f"benchmarks.convergence: {e}", file=sys.stderr)
@@ -404,7 +435,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("DS_EXT_CURVES", "0")  # the trainer's per-run curves.png: this command draws its own
     # seed-major: an interrupted run holds whole seeds of every method, not every seed of the first methods
-    cells = [Cell(m, s, out / m.label / f"seed{s}", clip) for s in seeds for m in methods]
+    cells = [Cell(m, s, out / m.label / f"seed{s}", clip, epoch_windows=epoch_windows) for s in seeds for m in methods]
     t0 = time.perf_counter()
     run_cells(cells, args, budget)
     base = [c.step_ms for c in cells if c.method.label == "S-SGD" and c.summary is not None]
@@ -414,8 +445,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     header = [f"benchmarks.convergence: {args.recipe} {' '.join(budget + args.sets)}; world {args.world_size}; "
               f"seeds {','.join(map(str, seeds))}; clipping at {clip:g} ({meaning}: "
               f"{'each rank its own gradient' if meaning == 'before' else 'the reduced gradient'}; Local SGD / "
-              f"DS-Sync: sync.clip_grad_norm; CD-GraB: after); data Python {', '.join(pythons) or 'unknown'}; load average "
-              f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f} at the report; {time.perf_counter() - t0:.0f} s",
+              f"DS-Sync: sync.clip_grad_norm; CD-GraB: after); data Python {', '.join(pythons) or 'unknown'}; "
+              f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} at the report; "
+              f"{time.perf_counter() - t0:.0f} s"
+              + (f"; D-RR / D-GraB / CD-GraB on data.max_train_windows={epoch_windows} (whole epochs)"
+                 if any(m.full_epochs for m in methods) else ""),
               "final validation loss in bits per byte (lower is better); ratio = method / baseline per seed"]
     t_lines, t_out = table(cells, methods, seeds)
     source = ("--compute-ms" if args.compute_ms is not None else

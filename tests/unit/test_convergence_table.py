@@ -1,5 +1,5 @@
 """``benchmarks.convergence``'s report on hand-made cells (issue 31): the paired comparison against each method's
-baseline (S-SGD; D-RR, which is the S-SGD cell, for the orders), bytes, step time and time-to-loss."""
+baseline (S-SGD; D-RR, random reshuffling on the same whole-epoch data, for the orders), bytes, step time and time-to-loss."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,18 +25,22 @@ def _cells():
     for s in range(3):
         out.append(_cell("S-SGD", s, [(10, 4.0 + s * 0.01), (20, 3.0 + s * 0.01)], 1e6))
         out.append(_cell("topk-0.01", s, [(10, 4.2 + s * 0.01), (20, 3.3 + s * 0.01)], 2e4))
+        out.append(_cell("D-RR", s, [(10, 4.1), (20, 3.2 + s * 0.01)], 1e6))
         out.append(_cell("D-GraB", s, [(10, 3.9), (20, 2.9 + s * 0.02)], 1e6))
     return out
 
 
 def test_table_pairs_each_method_with_its_baseline():
     cells = _cells()
-    methods = [C.METHODS[m] for m in ("S-SGD", "topk-0.01", "D-GraB")]
+    methods = [C.METHODS[m] for m in ("S-SGD", "topk-0.01", "D-RR", "D-GraB")]
     lines, out = C.table(cells, methods, [0, 1, 2])
     assert out["S-SGD"]["compare"] is None and out["S-SGD"]["n"] == 3
     want = compare([3.0 + s * 0.01 for s in range(3)], [3.3 + s * 0.01 for s in range(3)], False)
     assert out["topk-0.01"]["compare"] == want and want["wins"] == 0 and want["ratio_mean"] > 1.09
     assert out["D-GraB"]["baseline"] == "D-RR" and out["D-GraB"]["compare"]["wins"] == 3
+    # D-GraB is paired with the D-RR cells (same whole-epoch data), not with S-SGD's
+    assert out["D-GraB"]["compare"] == compare([3.2 + s * 0.01 for s in range(3)],
+                                               [2.9 + s * 0.02 for s in range(3)], False)
     assert out["topk-0.01"]["bytes_per_rank_step"] == 2e4
     assert any(line.startswith("topk-0.01") and "0/3" in line for line in lines)
     assert any(line.startswith("D-GraB") and "D-RR" in line and "3/3" in line for line in lines)
@@ -44,10 +48,12 @@ def test_table_pairs_each_method_with_its_baseline():
 
 def test_time_to_loss_and_never():
     cells = _cells()
-    methods = [C.METHODS[m] for m in ("S-SGD", "topk-0.01", "D-GraB")]
+    methods = [C.METHODS[m] for m in ("S-SGD", "topk-0.01", "D-RR", "D-GraB")]
     lines, out = C.time_to_loss(cells, methods, [0, 1, 2], SHAPES, [1.0, 100.0], [8, 64], 20.0, 2)
     assert out["target_bpb"] == pytest.approx(3.01)
     assert out["rows"]["S-SGD"]["step"] == 20 and out["rows"]["topk-0.01"]["step"] is None
+    # D-GraB's target is its own baseline's: D-RR's final mean 3.21, reached at step 20 (2.92; 3.9 at step 10)
+    assert out["targets"]["D-RR"]["bpb"] == pytest.approx(3.21) and out["rows"]["D-GraB"]["target"] == "D-RR"
     assert out["rows"]["D-GraB"]["step"] == 20
     ssgd = out["rows"]["S-SGD"]["1G/64"]
     assert ssgd["seconds"] == pytest.approx(20 * ssgd["step_ms"] / 1e3)
@@ -69,7 +75,14 @@ def test_sync_methods_clip_through_the_synchronizer():
     assert "method.sync={name: local, period: constant, h: 4, clip_grad_norm: 0.5}" in sets
     assert "deepspeed.gradient_clipping=0.0" in sets
     assert C.METHODS["topk-0.01"].sets_for(0.5) == ["method.reducer={name: topk, density: 0.01}"]
-    assert [m.label for m in C._methods("D-GraB")] == ["D-GraB", "S-SGD"]  # its baseline always runs
+    assert [m.label for m in C._methods("D-GraB")] == ["D-GraB", "D-RR", "S-SGD"]  # its baseline always runs
+    # the orders and D-RR train on whole epochs of the same windows; the other methods on the whole split
+    for label in ("D-RR", "D-GraB", "CD-GraB"):
+        assert "data.max_train_windows=1920" in C.Cell(C.METHODS[label], 0, Path("x"), epoch_windows=1920).sets()
+    ssgd = C.Cell(C.METHODS["S-SGD"], 0, Path("x"), epoch_windows=1920)
+    assert not any("max_train_windows" in x for x in ssgd.sets())
+    with pytest.raises(ValueError, match="whole epochs"):
+        C.Cell(C.METHODS["D-GraB"], 0, Path("x")).sets()
     with pytest.raises(ValueError, match="unknown method"):
         C._methods("nope")
 
