@@ -382,7 +382,7 @@ def _recipe_numbers(recipe: str, sets: Sequence[str], world: int) -> Tuple[float
     from ds_ext.trainer.recipe import load_recipe
 
     r = load_recipe(recipe, list(sets))
-    gas = max(1, r.train.global_batch_size // (world * r.train.micro_batch_size))
+    _, gas = r.batch_plan(world)  # a batch the world size cannot split: refused here, before any cell is launched
     steps = r.train.steps_per_epoch * r.train.global_batch_size if r.train.steps_per_epoch else None
     return float(r.deepspeed.get("gradient_clipping", 0) or 0), gas, r.method.clip, steps
 

@@ -102,3 +102,11 @@ def test_a_relaunched_cell_may_replace_its_own_records(tmp_path):
     recipe = load_recipe("quickstart", sets)
     assert recipe.log.dir == str(cell.dir) and records_problem(recipe) is None
     assert records_problem(load_recipe("quickstart", sets + ["log.overwrite=false"])) is not None  # it can fail
+
+
+def test_a_batch_the_world_size_cannot_split_is_refused_before_any_cell(tmp_path, capsys):
+    """pytext-gpt's global batch 32 at 4 ranks x micro 16: one line and exit 2, not one failed launch per cell."""
+    assert C.main(["--methods", "S-SGD", "--seeds", "0", "--world-size", "4", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "train.global_batch_size: 32 is not divisible by world size x micro batch = 4 x 16" in err
+    assert not list(tmp_path.iterdir())
