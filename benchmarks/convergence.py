@@ -55,8 +55,8 @@ LN2 = math.log(2.0)
 VAL_LINE = re.compile(r"\[ds_ext\] epoch (\d+)/(\d+) step (\d+): val acc ([-\d.eE+naif]+) loss ([-\d.eE+naif]+)")
 PY_LINE = re.compile(r"pytext: Python (\S+),")
 #: the trainer's line when an order leaves examples of its epoch unvisited or drops an odd last step
-PARTIAL_EPOCH = re.compile(r"\d+ of the \d+ examples of each local shard are not used|the last step of every epoch is "
-                           r"dropped")
+PARTIAL_EPOCH = re.compile(r"\b[1-9]\d* of the \d+ examples of each local shard are not used|the last step of every "
+                           r"epoch is dropped")
 
 
 @dataclass

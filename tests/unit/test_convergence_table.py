@@ -110,3 +110,15 @@ def test_a_batch_the_world_size_cannot_split_is_refused_before_any_cell(tmp_path
     err = capsys.readouterr().err
     assert "train.global_batch_size: 32 is not divisible by world size x micro batch = 4 x 16" in err
     assert not list(tmp_path.iterdir())
+
+
+def test_an_order_cell_that_skipped_part_of_its_epoch_is_named_not_reported():
+    """The trainer's start-up line for an order says how many shard examples an epoch leaves out; 0 is whole epochs
+    (the line is printed then too), anything else, or a dropped odd step, is not the comparison the row claims."""
+    ok = "[ds_ext] order dgrab: m=60 units of 16 example(s) per rank per epoch; 0 of the 960 examples of each local " \
+         "shard are not used"
+    assert C.PARTIAL_EPOCH.search(ok) is None
+    assert C.PARTIAL_EPOCH.search(ok.replace("0 of the 960", "79924 of the 80884"))
+    assert C.PARTIAL_EPOCH.search(ok.replace("0 of the 960", "10 of the 960"))
+    assert C.PARTIAL_EPOCH.search("... is odd and PairBalance pairs consecutive microbatches: the last step of every "
+                                  "epoch is dropped (2 steps per epoch)")
