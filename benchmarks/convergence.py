@@ -318,7 +318,8 @@ def plot(cells, methods, shapes, path: Path, bw: float, n: int, compute_ms: floa
     except ImportError:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
-    for m in methods:
+    colors = plt.get_cmap("tab20").colors  # up to 20 methods without a repeated colour (tab10 repeats at 11)
+    for i, m in enumerate(methods):
         cs = [c for c in cells if c.method.label == m.label and c.summary is not None and c.curve]
         curve = mean_curve(cs)
         if not curve:
@@ -326,11 +327,12 @@ def plot(cells, methods, shapes, path: Path, bw: float, n: int, compute_ms: floa
         steps, loss = [s for s, _ in curve], [v for _, v in curve]
         sent = [statistics.mean(bytes_at_step(c, s) for c in cs) / 2 ** 20 for s in steps]
         ms = modelled_step_ms(m, shapes, n, bw, compute_ms, micro_per_step)
-        style = "--" if m.baseline == "D-RR" else "-"
-        axes[0].plot(steps, loss, style, label=m.label)
-        axes[1].plot([max(b, 1e-3) for b in sent], loss, style, label=m.label)
+        kw = {"linestyle": "--" if m.baseline == "D-RR" else "-", "color": colors[(2 * i) % 20 + (2 * i) // 20 % 2],
+              "label": m.label, "linewidth": 2.2 if m.label in ("S-SGD", "D-RR") else 1.3}
+        axes[0].plot(steps, loss, **kw)
+        axes[1].plot([max(b, 1e-3) for b in sent], loss, **kw)
         if ms is not None:
-            axes[2].plot([s * ms / 1e3 for s in steps], loss, style, label=m.label)
+            axes[2].plot([s * ms / 1e3 for s in steps], loss, **kw)
     axes[0].set_xlabel("optimizer step")
     axes[1].set_xlabel("MiB sent per rank")
     axes[1].set_xscale("log")
