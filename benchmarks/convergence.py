@@ -136,10 +136,11 @@ class Cell:
         return self
 
     def sets(self) -> List[str]:
-        extra = [f"data.max_train_windows={self.epoch_windows}"] if self.method.full_epochs else []
-        if self.method.full_epochs and not self.epoch_windows:
+        if not self.method.full_epochs:
+            return self.method.sets_for(self.clip)
+        if not self.epoch_windows:
             raise ValueError(f"{self.method.label} needs whole epochs: set train.steps_per_epoch (--steps-per-epoch)")
-        return self.method.sets_for(self.clip) + extra
+        return self.method.sets_for(self.clip) + [f"data.max_train_windows={self.epoch_windows}"]
 
     @property
     def log(self) -> Path:
@@ -243,16 +244,15 @@ def table(cells: List[Cell], methods: List[Method], seeds: List[int]) -> Tuple[L
              f"{'p(t)':>8} {'p(sign)':>8} {'bytes/rank/step':>16} {'step ms':>8}"]
     out = {}
     for m in methods:
-        base_label = m.baseline
         mine = [by[(m.label, s)].curve[-1][1] for s in seeds if (m.label, s) in by]
         if not mine:
             lines.append(f"{m.label:<14}  no finished cell")
             continue
         mu, sd = mean_sd(mine)
-        pairs = [s for s in seeds if (m.label, s) in by and (base_label, s) in by]
+        pairs = [s for s in seeds if (m.label, s) in by and (m.baseline, s) in by]
         cmp = None
-        if m.label != base_label and pairs:
-            cmp = compare([by[(base_label, s)].curve[-1][1] for s in pairs], [by[(m.label, s)].curve[-1][1]
+        if m.label != m.baseline and pairs:
+            cmp = compare([by[(m.baseline, s)].curve[-1][1] for s in pairs], [by[(m.label, s)].curve[-1][1]
                                                                               for s in pairs], False)
         cs = [by[(m.label, s)] for s in seeds if (m.label, s) in by]
         bps = statistics.mean(float(c.summary["comm_bytes_per_step"]) for c in cs)
@@ -318,7 +318,7 @@ def plot(cells, methods, shapes, path: Path, bw: float, n: int, compute_ms: floa
     except ImportError:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
-    colors = plt.get_cmap("tab20").colors  # up to 20 methods without a repeated colour (tab10 repeats at 11)
+    colors = plt.get_cmap("tab20").colors  # 20 colours: the first 10 methods dark, the next 10 their light pairs
     for i, m in enumerate(methods):
         cs = [c for c in cells if c.method.label == m.label and c.summary is not None and c.curve]
         curve = mean_curve(cs)
@@ -327,7 +327,7 @@ def plot(cells, methods, shapes, path: Path, bw: float, n: int, compute_ms: floa
         steps, loss = [s for s, _ in curve], [v for _, v in curve]
         sent = [statistics.mean(bytes_at_step(c, s) for c in cs) / 2 ** 20 for s in steps]
         ms = modelled_step_ms(m, shapes, n, bw, compute_ms, micro_per_step)
-        kw = {"linestyle": "--" if m.baseline == "D-RR" else "-", "color": colors[(2 * i) % 20 + (2 * i) // 20 % 2],
+        kw = {"linestyle": "--" if m.baseline == "D-RR" else "-", "color": colors[2 * (i % 10) + (i // 10) % 2],
               "label": m.label, "linewidth": 2.2 if m.label in ("S-SGD", "D-RR") else 1.3}
         axes[0].plot(steps, loss, **kw)
         axes[1].plot([max(b, 1e-3) for b in sent], loss, **kw)
@@ -385,8 +385,8 @@ def _recipe_numbers(recipe: str, sets: Sequence[str], world: int) -> Tuple[float
 
     r = load_recipe(recipe, list(sets))
     _, gas = r.batch_plan(world)  # a batch the world size cannot split: refused here, before any cell is launched
-    steps = r.train.steps_per_epoch * r.train.global_batch_size if r.train.steps_per_epoch else None
-    return float(r.deepspeed.get("gradient_clipping", 0) or 0), gas, r.method.clip, steps
+    windows = r.train.steps_per_epoch * r.train.global_batch_size if r.train.steps_per_epoch else None
+    return float(r.deepspeed.get("gradient_clipping", 0) or 0), gas, r.method.clip, windows
 
 
 def run_cells(cells: List[Cell], args, budget: List[str]) -> None:

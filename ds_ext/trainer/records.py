@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
+from ..deepspeed.announce import rank_now  # the one rank rule, shared with the attach lines
+
 log = logging.getLogger(__name__)
 
 
@@ -207,7 +209,6 @@ class ConsoleFilter(logging.Filter):
         if record.levelno >= logging.WARNING:
             return True
         data = record.name == "ds_ext.data" or record.name.startswith("ds_ext.data.")
-        from ..deepspeed.announce import rank_now  # the one rule, where the attach lines use it
         return record.levelno >= logging.INFO and data and rank_now() == 0
 
 

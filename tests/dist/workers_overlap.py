@@ -97,7 +97,7 @@ def launch_events(rank, world, spec, steps=3, gas=1):
     finally:
         remove()
     pipeline = getattr(red, "pipeline", None)
-    groups = len(pipeline.groups) if pipeline is not None and hasattr(pipeline, "groups") else 1
+    groups = len(pipeline.groups) if pipeline is not None else 1  # PowerSGD's per-group pipeline, when on
     att.detach()
     return {"record": record, "events": events, "groups": groups}
 
