@@ -86,3 +86,7 @@ if __name__ == "__main__":
     only = "--only-powersgd" in args
     args = [a for a in args if a != "--only-powersgd"]
     main(args[0], cases=args[1:], only_powersgd=only)
+    # tear the process group down before interpreter exit, as the trainer does: left to the c10d / gloo destructors
+    # at exit, a finished run has aborted with "terminate called without an active exception" (exit 250)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
